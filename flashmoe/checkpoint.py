@@ -1,0 +1,115 @@
+"""Read a Hugging Face safetensors checkpoint lazily: headers first, one tensor (or one expert slice) at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import FlashMoeError
+
+# prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
+LANGUAGE_MODEL_PREFIX = "model.language_model."
+LEFT_OUT_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
+
+BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    source_name: str  # the name inside the file
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = BYTES_PER_DTYPE.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def canonical_name(name: str) -> str:
+    """Map the multimodal layout (model.language_model.*) onto the text-only one (model.*)."""
+    if name.startswith(LANGUAGE_MODEL_PREFIX):
+        return "model." + name[len(LANGUAGE_MODEL_PREFIX) :]
+    return name
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, by canonical name, read on demand."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.tensors: dict[str, TensorInfo] = {}
+        self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
+        self._handles: dict[Path, object] = {}
+        for file in self._shard_files():
+            self._index_file(file)
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise FlashMoeError(f"cannot read {index}: {exc}") from None
+            files = sorted({self.folder / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise FlashMoeError(f"{index.name} lists {f.name}, which is missing from {self.folder}")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise FlashMoeError(f"{self.folder} has no *.safetensors files")
+        return files
+
+    def _index_file(self, file: Path) -> None:
+        try:
+            handle = safe_open(str(file), "pt")
+            handle.__enter__()
+            keys = list(handle.keys())
+        except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
+            raise FlashMoeError(f"cannot read {file}: {exc}") from None
+        self._handles[file] = handle
+        for key in keys:
+            sl = handle.get_slice(key)
+            info = TensorInfo(file, key, sl.get_dtype(), tuple(sl.get_shape()))
+            left_out = next((what for p, what in LEFT_OUT_PREFIXES.items() if key.startswith(p)), None)
+            if left_out:
+                count = self.left_out.setdefault(left_out, [0, 0])
+                count[0] += 1
+                count[1] += info.nbytes
+                continue
+            self.tensors[canonical_name(key)] = info
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        try:
+            return self._handles[info.file].get_tensor(info.source_name)
+        except Exception as exc:
+            raise FlashMoeError(f"cannot read tensor {info.source_name} from {info.file}: {exc}") from None
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """One slice along the first axis (one expert of a fused [experts, ...] tensor) without reading the rest."""
+        info = self.tensors[name]
+        try:
+            return self._handles[info.file].get_slice(info.source_name)[index]
+        except Exception as exc:
+            raise FlashMoeError(f"cannot read {info.source_name}[{index}] from {info.file}: {exc}") from None
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()

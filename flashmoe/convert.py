@@ -1,0 +1,374 @@
+"""Hugging Face checkpoint -> flashmoe store, tensor by tensor, resumable (docs/FORMAT.md).
+
+Memory stays bounded by one resident shard (shard_bytes) plus one expert, so a checkpoint far
+larger than RAM converts. Progress is recorded in convert-state.json after every finished shard and
+layer; the manifest is written last, so an interrupted conversion never loads as a complete store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .checkpoint import FLOAT_DTYPES, Checkpoint
+from .config import ModelConfig, read_hf_config
+from .errors import FlashMoeError
+from .quant import check_quant_params, quantize
+from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST, BlobLayout, crc32, expert_file_name
+
+STATE_FILE = "convert-state.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "added_tokens.json", "config.json",
+)
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+@dataclass
+class ResidentItem:
+    """Store tensors made from source tensors (usually one to one)."""
+
+    sources: dict[str, tuple[int, ...]]  # source name -> expected shape
+    outputs: list[str]
+    make: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+    def source_bytes(self, ckpt: Checkpoint) -> int:
+        return sum(ckpt.info(s).nbytes for s in self.sources)
+
+
+def _identity(name: str, shape: tuple[int, ...]) -> ResidentItem:
+    return ResidentItem({name: shape}, [name], lambda ts: ts)
+
+
+def _split_qwen3_next_projections(cfg: ModelConfig, p: str) -> ResidentItem:
+    """Qwen3-Next interleaves q, k, v, z per key-head group (and b, a); store them in Qwen3.5's split layout."""
+    nk, nv, hk, hv, hidden = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                              cfg.linear_value_head_dim, cfg.hidden_size)
+    r = nv // nk
+
+    def make(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        qkvz, ba = ts
+        w = qkvz.reshape(nk, 2 * hk + 2 * r * hv, hidden)
+        q, k, v, z = torch.split(w, [hk, hk, r * hv, r * hv], dim=1)
+        qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
+        b, a = torch.split(ba.reshape(nk, 2 * r, hidden), [r, r], dim=1)
+        return [qkv.contiguous(), z.reshape(-1, hidden).contiguous(), b.reshape(-1, hidden).contiguous(),
+                a.reshape(-1, hidden).contiguous()]
+
+    return ResidentItem(
+        {p + "in_proj_qkvz.weight": (nk * (2 * hk + 2 * r * hv), hidden), p + "in_proj_ba.weight": (2 * nv, hidden)},
+        [p + "in_proj_qkv.weight", p + "in_proj_z.weight", p + "in_proj_b.weight", p + "in_proj_a.weight"],
+        make,
+    )
+
+
+def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
+    h = cfg.hidden_size
+    items = [_identity("model.embed_tokens.weight", (cfg.vocab_size, h))]
+    if not cfg.tie_word_embeddings or ckpt.has("lm_head.weight"):
+        items.append(_identity("lm_head.weight", (cfg.vocab_size, h)))
+    items.append(_identity("model.norm.weight", (h,)))
+    kd = cfg.linear_key_head_dim * cfg.linear_num_key_heads
+    vd = cfg.linear_value_head_dim * cfg.linear_num_value_heads
+    nv = cfg.linear_num_value_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        items += [_identity(p + "input_layernorm.weight", (h,)), _identity(p + "post_attention_layernorm.weight", (h,))]
+        if cfg.layer_types[i] == "full_attention":
+            a, nh, nkv, hd = p + "self_attn.", cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            items += [
+                _identity(a + "q_proj.weight", (nh * hd * 2, h)),
+                _identity(a + "k_proj.weight", (nkv * hd, h)),
+                _identity(a + "v_proj.weight", (nkv * hd, h)),
+                _identity(a + "o_proj.weight", (h, nh * hd)),
+                _identity(a + "q_norm.weight", (hd,)),
+                _identity(a + "k_norm.weight", (hd,)),
+            ]
+        else:
+            a = p + "linear_attn."
+            if cfg.family == "qwen3_next":
+                items.append(_split_qwen3_next_projections(cfg, a))
+            else:
+                items += [
+                    _identity(a + "in_proj_qkv.weight", (2 * kd + vd, h)),
+                    _identity(a + "in_proj_z.weight", (vd, h)),
+                    _identity(a + "in_proj_b.weight", (nv, h)),
+                    _identity(a + "in_proj_a.weight", (nv, h)),
+                ]
+            items += [
+                _identity(a + "conv1d.weight", (2 * kd + vd, 1, cfg.linear_conv_kernel_dim)),
+                _identity(a + "dt_bias", (nv,)),
+                _identity(a + "A_log", (nv,)),
+                _identity(a + "norm.weight", (cfg.linear_value_head_dim,)),
+                _identity(a + "out_proj.weight", (h, vd)),
+            ]
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            si = cfg.shared_expert_intermediate_size
+            items += [
+                _identity(m + "gate.weight", (cfg.num_experts, h)),
+                _identity(m + "shared_expert.gate_proj.weight", (si, h)),
+                _identity(m + "shared_expert.up_proj.weight", (si, h)),
+                _identity(m + "shared_expert.down_proj.weight", (h, si)),
+                _identity(m + "shared_expert_gate.weight", (1, h)),
+            ]
+        else:
+            di = cfg.intermediate_size
+            items += [_identity(m + "gate_proj.weight", (di, h)), _identity(m + "up_proj.weight", (di, h)),
+                      _identity(m + "down_proj.weight", (h, di))]
+    return items
+
+
+class ExpertSource:
+    """Reads one routed expert's gate, up and down weights, from per-expert tensors or fused [E, ...] ones."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, layer: int):
+        self.ckpt, self.p = ckpt, f"model.layers.{layer}.mlp.experts."
+        h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.fused = ckpt.has(self.p + "gate_up_proj")
+        if self.fused:
+            expect = {self.p + "gate_up_proj": (e, 2 * inter, h), self.p + "down_proj": (e, h, inter)}
+        else:
+            expect = {}
+            for x in range(e):
+                expect[f"{self.p}{x}.gate_proj.weight"] = (inter, h)
+                expect[f"{self.p}{x}.up_proj.weight"] = (inter, h)
+                expect[f"{self.p}{x}.down_proj.weight"] = (h, inter)
+        check_sources(ckpt, expect)
+        self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
+
+    def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (gate_up [2I, H] with gate rows first, down [H, I])"""
+        if self.fused:
+            return self.ckpt.get_row(self.p + "gate_up_proj", expert), self.ckpt.get_row(self.p + "down_proj", expert)
+        q = f"{self.p}{expert}."
+        gate_up = torch.cat([self.ckpt.get(q + "gate_proj.weight"), self.ckpt.get(q + "up_proj.weight")])
+        return gate_up, self.ckpt.get(q + "down_proj.weight")
+
+
+def check_sources(ckpt: Checkpoint, expect: dict[str, tuple[int, ...]]) -> None:
+    missing = [n for n in expect if not ckpt.has(n)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FlashMoeError(f"checkpoint {ckpt.folder} is missing tensor {', '.join(missing[:3])}{more}")
+    for name, shape in expect.items():
+        info = ckpt.info(name)
+        if info.shape != tuple(shape):
+            raise FlashMoeError(
+                f"tensor {name} has shape {list(info.shape)} but config.json implies {list(shape)}: "
+                "the checkpoint does not match its config"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise FlashMoeError(f"tensor {name} is {info.dtype}; flashmoe converts bf16, fp16 or fp32 checkpoints")
+
+
+def expert_tensors(gate_up: torch.Tensor, down: torch.Tensor, bits: int | None, group_size: int) -> dict[str, torch.Tensor]:
+    """The named tensors of one expert blob: quantized (packed, scales, biases) or in the source dtype."""
+    if bits is None:
+        return {"gate_up.weight": gate_up.contiguous(), "down.weight": down.contiguous()}
+    out = {}
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        q = quantize(w, bits, group_size)
+        out[f"{name}.packed"], out[f"{name}.scales"], out[f"{name}.biases"] = q.packed, q.scales, q.biases
+    return out
+
+
+def _write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _no_space(dst: Path) -> FlashMoeError:
+    free_gb = shutil.disk_usage(dst).free / 1e9
+    return FlashMoeError(
+        f"no space left on device writing {dst} ({free_gb:.2f} GB free); free some space and run the same "
+        "flashmoe convert command again: it resumes where it stopped"
+    )
+
+
+class Converter:
+    def __init__(self, src: Path, dst: Path, bits: int | None, group_size: int, shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.src, self.dst, self.bits, self.group_size, self.shard_bytes = Path(src), Path(dst), bits, group_size, shard_bytes
+        if not self.src.is_dir():
+            raise FlashMoeError(f"source checkpoint {self.src} is not a folder")
+        self.cfg, self.raw_config = read_hf_config(self.src)
+        if self.cfg.hidden_act != "silu":
+            raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
+        if bits is not None:
+            check_quant_params(bits, group_size, self.cfg.hidden_size, "gate/up")
+            check_quant_params(bits, group_size, self.cfg.moe_intermediate_size, "down")
+        self.ckpt = Checkpoint(self.src)
+        self.plan = resident_plan(self.cfg, self.ckpt)
+        check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
+        self.expert_sources = {i: ExpertSource(self.cfg, self.ckpt, i) for i in self.cfg.moe_layers}
+        gate_up, down = self.expert_sources[self.cfg.moe_layers[0]].read(0)
+        self.layout = BlobLayout.for_tensors(expert_tensors(gate_up, down, bits, group_size))
+        self.options = {"source": str(self.src.resolve()), "bits": bits, "group_size": group_size if bits else None}
+
+    # ---- planning -------------------------------------------------------------------------
+    def resident_shards(self) -> list[list[ResidentItem]]:
+        shards, current, size = [], [], 0
+        for item in self.plan:
+            nbytes = item.source_bytes(self.ckpt)
+            if current and size + nbytes > self.shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += nbytes
+        if current:
+            shards.append(current)
+        return shards
+
+    @property
+    def store_expert_bytes(self) -> int:
+        return self.layout.blob_bytes * self.cfg.num_experts * len(self.expert_sources)
+
+    @property
+    def store_resident_bytes(self) -> int:
+        return sum(item.source_bytes(self.ckpt) for item in self.plan)
+
+    # ---- state ----------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        if self.dst.exists() and (self.dst / MANIFEST).exists():
+            raise FlashMoeError(f"{self.dst} already holds a complete flashmoe store; remove it or choose another path")
+        state_path = self.dst / STATE_FILE
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("options") != self.options:
+                raise FlashMoeError(
+                    f"{self.dst} holds an interrupted conversion with other options ({state.get('options')}); "
+                    "remove it or use the same options to resume"
+                )
+            return state
+        if self.dst.exists() and any(self.dst.iterdir()):
+            raise FlashMoeError(f"destination {self.dst} exists and is not empty")
+        return {"options": self.options, "resident": {}, "layers": {}}
+
+    def _save_state(self, state: dict) -> None:
+        _write_atomic(self.dst / STATE_FILE, json.dumps(state))
+
+    # ---- the work -------------------------------------------------------------------------
+    def run(self, progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
+        progress = progress or (lambda n: None)
+        for what, (count, nbytes) in self.ckpt.left_out.items():
+            log(f"leaving out the {what}: {count} tensors, {nbytes / 1e9:.2f} GB (flashmoe runs the text decoder)")
+        try:
+            self.dst.mkdir(parents=True, exist_ok=True)
+            state = self._load_state()
+            (self.dst / "experts").mkdir(exist_ok=True)
+            self._check_space(state)
+            resident_files = self._write_resident(state, progress)
+            self._write_experts(state, progress)
+            self._copy_tokenizer()
+            self._write_manifest(state, resident_files)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _no_space(self.dst) from None
+            raise FlashMoeError(f"cannot write {self.dst}: {exc.strerror or exc}") from None
+        finally:
+            self.ckpt.close()
+        (self.dst / STATE_FILE).unlink(missing_ok=True)
+        return self.dst
+
+    def total_source_bytes(self) -> int:
+        return self.store_resident_bytes + sum(s.source_bytes for s in self.expert_sources.values())
+
+    def _check_space(self, state: dict) -> None:
+        done_layers = len(state["layers"])
+        need = self.store_resident_bytes + self.layout.blob_bytes * self.cfg.num_experts * (len(self.expert_sources) - done_layers)
+        free = shutil.disk_usage(self.dst).free
+        if free < need:
+            raise FlashMoeError(
+                f"not enough space for the store at {self.dst}: it needs about {need / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB is free"
+            )
+
+    def _write_resident(self, state: dict, progress) -> list[str]:
+        shards = self.resident_shards()
+        files = [f"resident-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(files, shards):
+            source_bytes = sum(item.source_bytes(self.ckpt) for item in shard)
+            if name in state["resident"] and (self.dst / name).is_file():
+                progress(source_bytes)
+                continue
+            tensors = {}
+            for item in shard:
+                made = item.make([self.ckpt.get(s) for s in item.sources])
+                tensors.update(zip(item.outputs, (t.contiguous() for t in made)))
+                progress(item.source_bytes(self.ckpt))
+            tmp = self.dst / (name + ".partial")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, self.dst / name)
+            state["resident"][name] = sum(t.numel() * t.element_size() for t in tensors.values())
+            self._save_state(state)
+        return files
+
+    def _write_experts(self, state: dict, progress) -> None:
+        blob_bytes = self.layout.blob_bytes
+        for layer, source in self.expert_sources.items():
+            rel = expert_file_name(layer)
+            if str(layer) in state["layers"] and (self.dst / rel).is_file():
+                progress(source.source_bytes)
+                continue
+            tmp = self.dst / (rel + ".partial")
+            offsets, sizes, sums = [], [], []
+            per_expert = source.source_bytes // self.cfg.num_experts
+            with open(tmp, "wb") as f:
+                for expert in range(self.cfg.num_experts):
+                    gate_up, down = source.read(expert)
+                    blob = self.layout.pack(expert_tensors(gate_up, down, self.bits, self.group_size))
+                    offsets.append(expert * blob_bytes)
+                    sizes.append(blob_bytes)
+                    sums.append(crc32(blob))
+                    f.write(blob)
+                    progress(per_expert)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dst / rel)
+            state["layers"][str(layer)] = {"file": rel, "offsets": offsets, "sizes": sizes, "crc32": sums}
+            self._save_state(state)
+
+    def _copy_tokenizer(self) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.src / name).is_file():
+                shutil.copyfile(self.src / name, self.dst / name)
+
+    def _write_manifest(self, state: dict, resident_files: list[str]) -> None:
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "complete": True,
+            "created_by": f"flashmoe {__version__}",
+            "architecture": self.cfg.architecture,
+            "config": self.cfg.to_dict(),
+            "quantization": {"bits": self.bits, "group_size": self.group_size if self.bits else None,
+                             "scheme": "affine" if self.bits else None,
+                             "source_dtype": self.ckpt.info("model.embed_tokens.weight").dtype},
+            "resident": {"files": resident_files, "bytes": sum(state["resident"].values())},
+            "experts": {
+                "blob_bytes": self.layout.blob_bytes,
+                "segments": self.layout.to_json(),
+                "layers": state["layers"],
+            },
+            "source": {"path": self.options["source"],
+                       "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}},
+        }
+        _write_atomic(self.dst / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 4, group_size: int = 64,
+            progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None,
+            shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Convert a Hugging Face checkpoint folder into a flashmoe store; bits=None keeps the source dtype."""
+    return Converter(Path(src), Path(dst), bits, group_size, shard_bytes).run(progress, log)

@@ -1,0 +1,198 @@
+"""Prefill and decode over a store: per layer, token mixing, then the router, then only the chosen experts.
+
+For a prompt, each layer's router runs over all tokens at once, every needed expert is fetched once,
+and all the tokens that chose it go through it together. The shared expert is computed while the
+routed experts are being read, so I/O overlaps compute.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import torch
+
+from .errors import FlashMoeError
+from .experts import ExpertFetcher
+from .kernels.moe import expert_weights, routed_experts
+from .models.qwen3_next import Qwen3NextModel, SequenceState
+from .sampling import sample
+from .store import Store
+
+TIMERS = ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")
+
+
+def default_cache_bytes() -> int:
+    """An eighth of physical RAM: room for the hottest experts, the rest left to the page cache."""
+    return psutil.virtual_memory().total // 8
+
+
+class Model:
+    def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
+                 cache_bytes: int, io_threads: int, verify_reads: bool):
+        self.store = store
+        self.config = store.config
+        self.device = torch.device(device)
+        cfg = self.config
+        if experts_per_token is not None and not 1 <= experts_per_token <= cfg.num_experts:
+            raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
+        self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
+        self.model = Qwen3NextModel(cfg, store.load_resident(dtype, str(self.device)))
+        self.fetcher = ExpertFetcher(store, cache_bytes, io_threads, verify_reads)
+        self.bits = store.quantization["bits"]
+        self.group_size = store.quantization["group_size"]
+        self._tokenizer = None
+        self._timers = dict.fromkeys(TIMERS, 0.0)
+        self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
+             cache_gb: float | None = None, dtype: torch.dtype | None = None, io_threads: int = 8,
+             verify_reads: bool = False) -> "Model":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        if cache_gb is not None and cache_gb < 0:
+            raise FlashMoeError(f"cache_gb must be >= 0, not {cache_gb}")
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+        cache_bytes = default_cache_bytes() if cache_gb is None else int(cache_gb * 1e9)
+        return cls(Store(path), device, dtype, experts_per_token, cache_bytes, io_threads, verify_reads)
+
+    # ---- tokenizer ------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers), with its chat template when it has one."""
+        if self._tokenizer is None:
+            if not (self.store.path / "tokenizer.json").is_file() and not (self.store.path / "tokenizer_config.json").is_file():
+                raise FlashMoeError(f"store {self.store.path} has no tokenizer files (the checkpoint had none)")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.store.path))
+        return self._tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set(self.config.eos_token_id)
+        gen = self.store.path / "generation_config.json"
+        if gen.is_file():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return sorted(ids)
+
+    # ---- forward --------------------------------------------------------------------------
+    def new_state(self) -> SequenceState:
+        return self.model.new_state()
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], state: SequenceState, all_logits: bool = True) -> torch.Tensor:
+        """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last."""
+        self._check_tokens(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        x = self.model.embed(ids)
+        timers = self._timers
+        for layer in range(self.config.num_hidden_layers):
+            t0 = time.perf_counter()
+            x = self.model.mix(layer, x, state)
+            h = self.model.moe_input(layer, x)
+            if not self.config.is_moe_layer(layer):
+                x = x + self.model.dense_mlp(layer, h)
+                timers["attention_ms"] += (time.perf_counter() - t0) * 1e3
+                continue
+            t1 = time.perf_counter()
+            timers["attention_ms"] += (t1 - t0) * 1e3
+            topk_ids, topk_weights = self.model.route(layer, h, self.experts_per_token)
+            chosen = topk_ids.unique().tolist()
+            t2 = time.perf_counter()
+            timers["routing_ms"] += (t2 - t1) * 1e3
+            pending = self.fetcher.fetch(layer, chosen)
+            out = self.model.shared_expert(layer, h)  # overlaps the reads
+            blobs, wait_ms = self.fetcher.complete(layer, pending)
+            timers["expert_io_ms"] += wait_ms
+            t3 = time.perf_counter()
+            weights = {e: expert_weights(self.store.layout.unpack(blob.to(self.device, non_blocking=True)), self.bits,
+                                         self.group_size, x.dtype) for e, blob in blobs.items()}
+            x = x + out + routed_experts(h, topk_ids, topk_weights, weights)
+            timers["expert_compute_ms"] += (time.perf_counter() - t3) * 1e3 + ((t3 - t2) * 1e3 - wait_ms)
+        state.position += len(token_ids)
+        self._tokens["tokens"] += len(token_ids)
+        return self.model.logits(x if all_logits else x[-1:])
+
+    def _check_tokens(self, token_ids: list[int]) -> None:
+        if len(token_ids) == 0:
+            raise FlashMoeError("no tokens given")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise FlashMoeError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of a fresh sequence: float32 [len(token_ids), vocab]."""
+        return self.forward(list(token_ids), self.new_state())
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None) -> Iterator[int]:
+        """Yield new token ids as they are made; stops after max_new_tokens or on a stop token (which is yielded).
+
+        stop_token_ids=None stops on the model's end-of-sequence tokens; [] never stops early.
+        """
+        if max_new_tokens < 0:
+            raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise FlashMoeError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        state = self.new_state()
+        t0 = time.perf_counter()
+        logits = self.forward(list(token_ids), state, all_logits=False)
+        self._tokens["prompt_tokens"] += len(token_ids)
+        self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
+        for i in range(max_new_tokens):
+            token = sample(logits[-1].cpu(), temperature, top_p, top_k, generator)
+            self._tokens["generated_tokens"] += 1
+            yield token
+            if token in stops or i == max_new_tokens - 1:
+                return
+            t0 = time.perf_counter()
+            logits = self.forward([token], state, all_logits=False)
+            self._tokens["decode_ms"] += (time.perf_counter() - t0) * 1e3
+
+    # ---- stats ----------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        s = self.fetcher.stats
+        t = self._tokens
+        lookups = s.cache_hits + s.cache_misses
+        decode_steps = max(t["generated_tokens"] - 1, 0)
+        return {
+            **t,
+            "expert_reads": s.expert_reads,
+            "expert_bytes_read": s.expert_bytes_read,
+            "cache_hits": s.cache_hits,
+            "cache_misses": s.cache_misses,
+            "cache_evictions": s.cache_evictions,
+            "cache_hit_rate": s.cache_hits / lookups if lookups else 0.0,
+            "cache_bytes": self.fetcher.cache.used_bytes,
+            **{k: round(v, 3) for k, v in self._timers.items()},
+            "decode_tokens_per_s": decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0,
+        }
+
+    def reset_stats(self) -> None:
+        self.fetcher.stats.__init__()
+        self._timers = dict.fromkeys(TIMERS, 0.0)
+        self._tokens = dict.fromkeys(self._tokens, 0)
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+    @property
+    def path(self) -> Path:
+        return self.store.path

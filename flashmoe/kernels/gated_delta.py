@@ -1,0 +1,76 @@
+"""The gated delta rule (Gated DeltaNet), chunked for prompts and recurrent for decode; torch reference.
+
+Shapes: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g (log decay, <= 0) and beta [B, T, Hv];
+state [B, Hv, Dk, Dv] in float32. Each q/k head serves Hv / Hk consecutive value heads.
+Same math as transformers' torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _prepare(q, k, v, g, beta):
+    hk, hv = k.shape[2], v.shape[2]
+    if hk != hv:
+        q = q.repeat_interleave(hv // hk, dim=2)
+        k = k.repeat_interleave(hv // hk, dim=2)
+    q, k, v, g, beta = (x.transpose(1, 2).float().contiguous() for x in (q, k, v, g, beta))
+    q, k = l2norm(q), l2norm(k)
+    q = q * q.shape[-1] ** -0.5
+    return q, k, v, g, beta
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None):
+    """One step at a time; returns (out [B, T, Hv, Dv] in v's dtype, final state)."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
+    out = torch.empty(b, h, t, dv, dtype=torch.float32, device=v.device)
+    for i in range(t):
+        s = s * g[:, :, i].exp()[..., None, None]
+        kv_mem = torch.einsum("bhkv,bhk->bhv", s, k[:, :, i])
+        delta = (v[:, :, i] - kv_mem) * beta[:, :, i, None]
+        s = s + k[:, :, i, :, None] * delta[:, :, None, :]
+        out[:, :, i] = torch.einsum("bhkv,bhk->bhv", s, q[:, :, i])
+    return out.transpose(1, 2).to(out_dtype), s
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None, chunk_size: int = 64):
+    """Chunk-parallel form (UT transform inside a chunk, a scan across chunks); equals the recurrent form."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    pad = (chunk_size - t % chunk_size) % chunk_size
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // chunk_size
+    v_beta = v * beta[..., None]
+    k_beta = k * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(b, h, n, chunk_size, -1) for x in (q, k, k_beta, v_beta))
+    g = g.reshape(b, h, n, chunk_size).cumsum(-1)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=v.device).triu(1)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # (I + strictly-lower part) is the UT system; unitriangular=True reads only that, whatever the diagonal holds
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * decay
+    s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
+    q_decayed = q * g.exp()[..., None]
+    k_decayed = k * (g[..., -1:] - g).exp()[..., None]
+    out = torch.empty(b, h, n, chunk_size, dv, dtype=torch.float32, device=v.device)
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ s
+        out[:, :, i] = q_decayed[:, :, i] @ s + attn[:, :, i] @ v_new
+        s = s * g[:, :, i, -1].exp()[..., None, None] + k_decayed[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(b, h, -1, dv)[:, :, :t]
+    return out.transpose(1, 2).to(out_dtype), s

@@ -1,0 +1,38 @@
+"""Routed-expert math, torch reference: dequantize an expert blob, SwiGLU through it, weighted sum over experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import QuantizedTensor, dequantize
+
+
+def expert_weights(views: dict[str, torch.Tensor], bits: int | None, group_size: int | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blob views (see store.BlobLayout) -> dense (gate_up [2I, H], down [H, I]) in `dtype`."""
+    if bits is None:
+        return views["gate_up.weight"].to(dtype), views["down.weight"].to(dtype)
+    dense = []
+    for name in ("gate_up", "down"):
+        q = QuantizedTensor(views[f"{name}.packed"], views[f"{name}.scales"], views[f"{name}.biases"], bits, group_size)
+        dense.append(dequantize(q, dtype))
+    return dense[0], dense[1]
+
+
+def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_k w[t, k] * expert_{ids[t, k]}(x[t]); each expert runs once over all the tokens that chose it."""
+    out = torch.zeros_like(x)
+    for expert, (gate_up, down) in weights.items():
+        token_idx, slot = torch.where(topk_ids == expert)
+        if token_idx.numel() == 0:
+            continue
+        y = swiglu_mlp(x[token_idx], gate_up, down) * topk_weights[token_idx, slot, None].to(x.dtype)
+        out.index_add_(0, token_idx, y)
+    return out

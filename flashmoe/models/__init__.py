@@ -1,0 +1,1 @@
+"""Layer math, one file per architecture family; nothing here touches files."""

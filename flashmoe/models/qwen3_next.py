@@ -1,0 +1,204 @@
+"""Qwen3-Next and Qwen3.5-MoE: hybrid Gated DeltaNet / gated full attention decoder with a sparse MoE.
+
+The math follows transformers' modeling_qwen3_next.py and modeling_qwen3_5_moe.py. The two families
+differ only in how the DeltaNet input projection is laid out; the converter stores both in Qwen3.5's
+split layout (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a), so one implementation serves both.
+Routed experts are not here: the engine fetches them and calls kernels.moe with this file's router output.
+Sequences are single (batch 1); tensors are [T, hidden].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..kernels.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..kernels.moe import swiglu_mlp
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero-centred RMSNorm: the stored weight is an offset from 1."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """DeltaNet output norm: plain-weight RMSNorm, then a SiLU gate."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one full-attention layer, [kv_heads, capacity, head_dim], grown by doubling."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[1]
+        if self.k is None or self.length + n > self.k.shape[1]:
+            capacity = max(256, 2 * (self.length + n))
+            new_k = k.new_empty(k.shape[0], capacity, k.shape[2])
+            new_v = v.new_empty(v.shape[0], capacity, v.shape[2])
+            if self.k is not None:
+                new_k[:, : self.length] = self.k[:, : self.length]
+                new_v[:, : self.length] = self.v[:, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, self.length : self.length + n] = k
+        self.v[:, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, : self.length], self.v[:, : self.length]
+
+
+@dataclass
+class DeltaNetState:
+    conv: torch.Tensor | None = None  # last (kernel - 1) inputs of the causal conv, [channels, kernel - 1]
+    recurrent: torch.Tensor | None = None  # [1, value_heads, key_dim, value_dim], float32
+
+
+@dataclass
+class SequenceState:
+    layers: list = field(default_factory=list)  # KVCache or DeltaNetState per layer
+    position: int = 0  # tokens seen so far
+
+
+class Qwen3NextModel:
+    """Resident weights (a name -> tensor dict, store names) and the math of every layer but the routed experts."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.w = weights
+        self.embed_weight = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
+        device = self.embed_weight.device
+        rot = cfg.rotary_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def new_state(self) -> SequenceState:
+        layers = [KVCache() if t == "full_attention" else DeltaNetState() for t in self.cfg.layer_types]
+        return SequenceState(layers=layers)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed_weight)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    # ---- token mixing: full attention or Gated DeltaNet, with the residual ---------------------
+    def mix(self, layer: int, x: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        p = f"model.layers.{layer}."
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.cfg.rms_norm_eps)
+        if self.cfg.layer_types[layer] == "full_attention":
+            h = self._attention(p + "self_attn.", h, state.layers[layer], state.position)
+        else:
+            h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
+        return x + h
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _attention(self, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, gate = F.linear(h, w[p + "q_proj.weight"]).view(t, nh, 2 * hd).chunk(2, dim=-1)
+        gate = gate.reshape(t, nh * hd)
+        q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(F.linear(h, w[p + "k_proj.weight"]).view(t, nkv, hd), w[p + "k_norm.weight"], cfg.rms_norm_eps)
+        v = F.linear(h, w[p + "v_proj.weight"]).view(t, nkv, hd)
+        cos, sin = self._rope(torch.arange(start, start + t, device=h.device))
+        rot = cfg.rotary_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = torch.cat([q[..., :rot] * cos + rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
+        k = torch.cat([k[..., :rot] * cos + rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
+        keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
+        q = q.transpose(0, 1)  # [heads, T, hd]
+        past = keys.shape[1] - t
+        mask = None
+        if t > 1:  # token i sees every cached key and the new ones up to itself
+            mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                             scale=hd**-0.5, enable_gqa=nh != nkv)[0]
+        out = out.transpose(0, 1).reshape(t, nh * hd) * torch.sigmoid(gate)
+        return F.linear(out, w[p + "o_proj.weight"])
+
+    def _delta_net(self, p: str, h: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        t = h.shape[0]
+        nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        mixed = F.linear(h, w[p + "in_proj_qkv.weight"]).transpose(0, 1)  # [channels, T]
+        z = F.linear(h, w[p + "in_proj_z.weight"]).view(t, nv, dv)
+        b = F.linear(h, w[p + "in_proj_b.weight"])
+        a = F.linear(h, w[p + "in_proj_a.weight"])
+
+        # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
+        conv_w = w[p + "conv1d.weight"]  # [channels, 1, kernel]
+        kernel = conv_w.shape[-1]
+        if state.conv is None:
+            state.conv = mixed.new_zeros(mixed.shape[0], kernel - 1)
+        full = torch.cat([state.conv, mixed], dim=1)
+        state.conv = full[:, -(kernel - 1):].clone()
+        mixed = F.silu(F.conv1d(full[None], conv_w, groups=full.shape[0])[0]).transpose(0, 1)  # [T, channels]
+
+        q, k, v = torch.split(mixed, [nk * dk, nk * dk, nv * dv], dim=-1)
+        q, k, v = q.view(1, t, nk, dk), k.view(1, t, nk, dk), v.view(1, t, nv, dv)
+        beta = torch.sigmoid(b)[None]
+        g = (-w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float()))[None]
+        rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
+        out, state.recurrent = rule(q, k, v, g, beta, state.recurrent)
+        out = gated_rms_norm(out[0], z, w[p + "norm.weight"], cfg.rms_norm_eps)
+        return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
+
+    # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
+    def moe_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.w[f"model.layers.{layer}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+
+    def route(self, layer: int, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax router -> (expert ids [T, K], weights [T, K] float32)."""
+        logits = F.linear(h, self.w[f"model.layers.{layer}.mlp.gate.weight"])
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        default_k = self.cfg.num_experts_per_tok
+        weights, ids = torch.topk(probs, max(top_k, default_k) if not self.cfg.norm_topk_prob else top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        elif top_k != default_k:
+            # unnormalised router with K overridden: keep the mass the default K would have had
+            mass = weights[:, :default_k].sum(-1, keepdim=True)
+            weights, ids = weights[:, :top_k], ids[:, :top_k]
+            weights = weights * mass / weights.sum(-1, keepdim=True)
+        return ids, weights
+
+    def shared_expert(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{layer}.mlp."
+        gate_up = self._gate_up(p + "shared_expert.")
+        y = swiglu_mlp(h, gate_up, self.w[p + "shared_expert.down_proj.weight"])
+        return torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * y
+
+    def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{layer}.mlp."
+        return swiglu_mlp(h, self._gate_up(p), self.w[p + "down_proj.weight"])
+
+    def _gate_up(self, p: str) -> torch.Tensor:
+        """Fuse gate and up once, so each MLP is two matmuls."""
+        key = p + "gate_up.fused"
+        if key not in self.w:
+            self.w[key] = torch.cat([self.w.pop(p + "gate_proj.weight"), self.w.pop(p + "up_proj.weight")])
+        return self.w[key]

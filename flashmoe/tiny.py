@@ -1,0 +1,95 @@
+"""Tiny random-weight checkpoints built with transformers' own classes: the demo's model and the tests' fixtures.
+
+They are saved with save_pretrained (sharded safetensors, bf16), byte for byte the format of the real
+Qwen3.5-MoE / Qwen3-Next checkpoints, with a small byte-level BPE tokenizer and a ChatML template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
+Only the experts the router picks are read from the disk, so a model far larger than memory still runs.
+The quick brown fox jumps over the lazy dog. Hello world! What is the capital of France? Paris.
+A fast SSD streams the weights; the page cache keeps the hottest ones; the GPU multiplies them.
+Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices, the tide keeps its time.
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "qwen3_5_moe", **overrides):
+    """A transformers config of the given family, small enough to build in a second."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig
+
+    text = dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        num_experts=16, num_experts_per_tok=4, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    )
+    text.update(overrides)
+    if arch == "qwen3_next":
+        text.setdefault("intermediate_size", 128)
+        return Qwen3NextConfig(**text)
+    if arch == "qwen3_5_moe":
+        return Qwen3_5MoeTextConfig(**text)
+    if arch == "qwen3_5_moe_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"])
+        return Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Give norms and DeltaNet parameters non-trivial values too, so the checks exercise them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "linear_attn.norm" in name else 0.0))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name.endswith("mlp.gate.weight"):  # a confident router, like a trained one
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
+                          max_shard_size: str = "200KB", **overrides) -> Path:
+    """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
+    from transformers import GenerationConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3NextForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
+           "qwen3_next": Qwen3NextForCausalLM}[arch]
+    model = cls(config)
+    _randomize(model, seed)
+    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(path)
+    return path
