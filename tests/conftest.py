@@ -1,0 +1,61 @@
+"""Fixtures: tiny random checkpoints built with transformers, converted once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmoe.convert import convert
+from flashmoe.tiny import build_tiny_checkpoint
+
+ARCHS = ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class Built:
+    """Checkpoints and stores made on first use and shared by every test of the session."""
+
+    def __init__(self, root):
+        self.root = root
+        self._done = {}
+
+    def checkpoint(self, arch: str):
+        key = ("ckpt", arch)
+        if key not in self._done:
+            self._done[key] = build_tiny_checkpoint(self.root / f"ckpt-{arch}", arch)
+        return self._done[key]
+
+    def store(self, arch: str, bits: int | None):
+        key = ("store", arch, bits)
+        if key not in self._done:
+            self._done[key] = convert(self.checkpoint(arch), self.root / f"store-{arch}-{bits}", bits=bits)
+        return self._done[key]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return Built(tmp_path_factory.mktemp("built"))
+
+
+def load_reference(checkpoint, arch: str, **config_overrides):
+    """transformers' own model for the checkpoint, in float32: our numerical reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3_5MoeForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    text = getattr(config, "text_config", config)
+    for k, v in config_overrides.items():
+        setattr(text, k, v)
+    cls = Qwen3_5MoeForConditionalGeneration if arch == "qwen3_5_moe_vl" else AutoModelForCausalLM
+    return cls.from_pretrained(checkpoint, config=config, dtype=torch.float32).eval()
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.float() - ref.float()).norm() / ref.float().norm())

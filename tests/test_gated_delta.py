@@ -1,0 +1,43 @@
+"""The chunked gated delta rule equals the recurrent one, and both equal transformers' reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashmoe.kernels.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+def inputs(t, hk=2, hv=4, dk=16, dv=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, t, hk, dk, generator=g)
+    k = torch.randn(1, t, hk, dk, generator=g)
+    v = torch.randn(1, t, hv, dv, generator=g)
+    decay = -F.softplus(torch.randn(1, t, hv, generator=g))
+    beta = torch.rand(1, t, hv, generator=g)
+    state = torch.randn(1, hv, dk, dv, generator=g) * 0.1
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("t", [1, 5, 63, 64, 65, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_equals_recurrent(t, with_state):
+    q, k, v, g, beta, state = inputs(t)
+    state = state if with_state else None
+    out_c, s_c = chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size=16)
+    out_r, s_r = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_c, s_r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 70])
+def test_matches_transformers(t):
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    q, k, v, g, beta, state = inputs(t, seed=1)
+    expected, expected_state = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state,
+                                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, s = chunk_gated_delta_rule(q, k, v, g, beta, state)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, expected_state, rtol=1e-4, atol=1e-4)
