@@ -113,17 +113,19 @@ class Model:
             t2 = time.perf_counter()
             timers["routing_ms"] += (t2 - t1) * 1e3
             pending = self.fetcher.fetch(layer, chosen)
-            out = self.model.shared_expert(layer, h)  # overlaps the reads
-            blobs, wait_ms = self.fetcher.complete(layer, pending)
-            timers["expert_io_ms"] += wait_ms
-            t3 = time.perf_counter()
-            weights = {e: expert_weights(self.store.layout.unpack(blob.to(self.device, non_blocking=True)), self.bits,
-                                         self.group_size, x.dtype) for e, blob in blobs.items()}
-            x = x + out + routed_experts(h, topk_ids, topk_weights, weights)
-            timers["expert_compute_ms"] += (time.perf_counter() - t3) * 1e3 + ((t3 - t2) * 1e3 - wait_ms)
+            out = self.model.shared_expert(layer, h)  # runs while the reads are in flight
+            arriving = ((e, self._dense(blob, x.dtype)) for e, blob in self.fetcher.iter_blobs(layer, pending))
+            x = x + out + routed_experts(h, topk_ids, topk_weights, arriving)
+            timers["expert_io_ms"] += pending.wait_ms
+            timers["expert_compute_ms"] += (time.perf_counter() - t2) * 1e3 - pending.wait_ms
         state.position += len(token_ids)
         self._tokens["tokens"] += len(token_ids)
         return self.model.logits(x if all_logits else x[-1:])
+
+    def _dense(self, blob: torch.Tensor, dtype: torch.dtype):
+        """A function that dequantizes the expert in `blob` when its turn comes."""
+        return lambda: expert_weights(self.store.layout.unpack(blob.to(self.device, non_blocking=True)),
+                                      self.bits, self.group_size, dtype)
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         if len(token_ids) == 0:

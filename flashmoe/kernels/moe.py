@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -26,13 +28,18 @@ def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> to
 
 
 def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """sum_k w[t, k] * expert_{ids[t, k]}(x[t]); each expert runs once over all the tokens that chose it."""
+                   experts: Iterable[tuple[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]]) -> torch.Tensor:
+    """sum_k w[t, k] * expert_{ids[t, k]}(x[t]); each expert runs once over all the tokens that chose it.
+
+    `experts` yields (expert id, a function giving its dense weights), so weights are materialised
+    one expert at a time, in whatever order they arrive.
+    """
     out = torch.zeros_like(x)
-    for expert, (gate_up, down) in weights.items():
+    for expert, dense in experts:
         token_idx, slot = torch.where(topk_ids == expert)
         if token_idx.numel() == 0:
             continue
+        gate_up, down = dense()
         y = swiglu_mlp(x[token_idx], gate_up, down) * topk_weights[token_idx, slot, None].to(x.dtype)
         out.index_add_(0, token_idx, y)
     return out
