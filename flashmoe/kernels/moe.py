@@ -32,14 +32,18 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     """sum_k w[t, k] * expert_{ids[t, k]}(x[t]); each expert runs once over all the tokens that chose it.
 
     `experts` yields (expert id, a function giving its dense weights), so weights are materialised
-    one expert at a time, in whatever order they arrive.
+    one expert at a time, in whatever order they arrive. The sum runs in expert order, so the result does
+    not depend on which read finished first.
     """
     out = torch.zeros_like(x)
+    partial = {}
     for expert, dense in experts:
         token_idx, slot = torch.where(topk_ids == expert)
         if token_idx.numel() == 0:
             continue
         gate_up, down = dense()
         y = swiglu_mlp(x[token_idx], gate_up, down) * topk_weights[token_idx, slot, None].to(x.dtype)
-        out.index_add_(0, token_idx, y)
+        partial[expert] = (token_idx, y)
+    for expert in sorted(partial):
+        out.index_add_(0, *partial[expert])
     return out
