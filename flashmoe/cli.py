@@ -83,10 +83,7 @@ def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperat
     model = load(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb)
     tok = model.tokenizer
     if chat:
-        if not model.chat_template:
-            raise FlashMoeError(f"--chat: the checkpoint behind {store} has no chat template")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        ids = model.encode_chat([{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt)["input_ids"]
     printer = StreamPrinter(tok)
@@ -182,22 +179,10 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # usage errors are typer's: a message and exit code 2
     except FlashMoeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ class Model:
     def chat_template(self) -> str | None:
         return getattr(self.tokenizer, "chat_template", None)
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of `messages` rendered by the checkpoint's own chat template."""
+        if not self.chat_template:
+            raise FlashMoeError(f"the checkpoint behind {self.store.path} has no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **template_kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     @property
     def eos_token_ids(self) -> list[int]:
         ids = set(self.config.eos_token_id)
