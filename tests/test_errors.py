@@ -31,6 +31,14 @@ def shard_with(ckpt, name):
     return ckpt / index["weight_map"][name]
 
 
+def edit_tensors(ckpt, name, edit):
+    """Rewrite the shard holding `name` after edit(tensors) changes its dict of tensors."""
+    shard = shard_with(ckpt, name)
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
 def test_missing_source(tmp_path):
     with pytest.raises(FlashMoeError, match="is not a folder"):
         convert(tmp_path / "nope", tmp_path / "out")
@@ -52,20 +60,14 @@ def test_unsupported_architecture_lists_supported(ckpt, tmp_path):
 
 def test_missing_tensor_is_named(ckpt, tmp_path):
     name = "model.layers.2.mlp.shared_expert_gate.weight"
-    shard = shard_with(ckpt, name)
-    tensors = load_file(shard)
-    del tensors[name]
-    save_file(tensors, shard, metadata={"format": "pt"})
+    edit_tensors(ckpt, name, lambda tensors: tensors.pop(name))
     with pytest.raises(FlashMoeError, match=f"missing tensor {name}"):
         convert(ckpt, tmp_path / "out")
 
 
 def test_wrong_shape_is_named(ckpt, tmp_path):
     name = "model.layers.1.mlp.gate.weight"
-    shard = shard_with(ckpt, name)
-    tensors = load_file(shard)
-    tensors[name] = tensors[name][:, :32].contiguous()
-    save_file(tensors, shard, metadata={"format": "pt"})
+    edit_tensors(ckpt, name, lambda tensors: tensors.update({name: tensors[name][:, :32].contiguous()}))
     with pytest.raises(FlashMoeError, match=rf"{name} has shape \[16, 32\] but config.json implies \[16, 64\]"):
         convert(ckpt, tmp_path / "out")
 
