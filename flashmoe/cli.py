@@ -15,7 +15,7 @@ from .errors import FlashMoeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts models larger than memory by streaming experts from SSD.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the terminal width
 
 
 def _bytes_progress() -> Progress:

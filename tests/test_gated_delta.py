@@ -35,7 +35,8 @@ def test_chunk_equals_recurrent(t, with_state):
 def test_matches_transformers(t):
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
-    q, k, v, g, beta, state = inputs(t, seed=1)
+    # equal q/k and v head counts: transformers before 5.2x expanded grouped heads outside this function
+    q, k, v, g, beta, state = inputs(t, hk=4, seed=1)
     expected, expected_state = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state,
                                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
     out, s = chunk_gated_delta_rule(q, k, v, g, beta, state)
