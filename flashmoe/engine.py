@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import torch
@@ -202,7 +201,3 @@ class Model:
 
     def close(self) -> None:
         self.fetcher.close()
-
-    @property
-    def path(self) -> Path:
-        return self.store.path

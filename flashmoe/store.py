@@ -172,13 +172,6 @@ class Store:
         entry = self._layers[layer]
         return ExpertLocation(self.path / entry["file"], entry["offsets"][expert], entry["sizes"][expert], entry["crc32"][expert])
 
-    def resident_names(self) -> list[str]:
-        names = []
-        for name in self.manifest["resident"]["files"]:
-            with safe_open(str(self.path / name), "pt") as f:
-                names.extend(f.keys())
-        return names
-
     def load_resident(self, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
         """All resident tensors, cast to `dtype` (integer tensors keep theirs)."""
         tensors = {}

@@ -77,3 +77,22 @@ def test_sampling_is_reproducible_with_a_seed(built):
     greedy = list(model.generate(PROMPT[:5], 12, stop_token_ids=[]))
     assert a == b and len(a) == 12
     assert a != greedy
+
+
+def test_unnormalised_router_matches_transformers_and_keeps_mass_under_override(tmp_path):
+    from flashmoe.convert import convert
+    from flashmoe.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "ckpt", "qwen3_next", norm_topk_prob=False)
+    store = convert(ckpt, tmp_path / "store", bits=None)
+    model = flashmoe.load(store)
+    with torch.no_grad():
+        expected = load_reference(ckpt, "qwen3_next")(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(model.logits(PROMPT), expected) < 1e-3
+
+    h = torch.randn(5, model.config.hidden_size)
+    ids4, w4 = model.model.route(1, h, 4)
+    ids2, w2 = model.model.route(1, h, 2)
+    assert torch.equal(ids2, ids4[:, :2])
+    torch.testing.assert_close(w2.sum(-1), w4.sum(-1))
+    assert torch.all(w4.sum(-1) < 1)

@@ -175,12 +175,13 @@ class Qwen3NextModel:
         """Softmax router -> (expert ids [T, K], weights [T, K] float32)."""
         logits = F.linear(h, self.w[f"model.layers.{layer}.mlp.gate.weight"])
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        default_k = self.cfg.num_experts_per_tok
-        weights, ids = torch.topk(probs, max(top_k, default_k) if not self.cfg.norm_topk_prob else top_k, dim=-1)
         if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        elif top_k != default_k:
-            # unnormalised router with K overridden: keep the mass the default K would have had
+            weights, ids = torch.topk(probs, top_k, dim=-1)
+            return ids, weights / weights.sum(dim=-1, keepdim=True)
+        default_k = self.cfg.num_experts_per_tok
+        weights, ids = torch.topk(probs, max(top_k, default_k), dim=-1)
+        if top_k != default_k:
+            # unnormalised router with K overridden: the kept experts share the mass the default K had
             mass = weights[:, :default_k].sum(-1, keepdim=True)
             weights, ids = weights[:, :top_k], ids[:, :top_k]
             weights = weights * mass / weights.sum(-1, keepdim=True)
