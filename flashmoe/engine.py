@@ -7,6 +7,7 @@ routed experts are being read, so I/O overlaps compute.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ class Model:
         self.bits = store.quantization["bits"]
         self.group_size = store.quantization["group_size"]
         self._tokenizer = None
+        self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
 
@@ -85,11 +87,13 @@ class Model:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        return self._eos_token_ids
+
+    def _read_eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from config.json and, where present, generation_config.json."""
         ids = set(self.config.eos_token_id)
         gen = self.store.path / "generation_config.json"
         if gen.is_file():
-            import json
-
             eos = json.loads(gen.read_text()).get("eos_token_id")
             ids.update([eos] if isinstance(eos, int) else (eos or []))
         return sorted(ids)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FlashMoeError
-from .store import Store, crc32
+from .store import ExpertLocation, Store, crc32
 
 
 @dataclass
@@ -98,8 +98,7 @@ class ExpertFetcher:
                 return self._spare.pop()
         return torch.empty(size, dtype=torch.uint8)
 
-    def _read(self, layer: int, expert: int, blob: torch.Tensor) -> torch.Tensor:
-        loc = self.store.expert_location(layer, expert)
+    def _read(self, layer: int, expert: int, loc: ExpertLocation, blob: torch.Tensor) -> torch.Tensor:
         got = os.preadv(self._fd(loc.path), [blob.numpy()], loc.offset)
         if got != loc.size:
             raise FlashMoeError(f"corrupt store: short read of layer {layer} expert {expert} ({got} of {loc.size} bytes)")
@@ -117,8 +116,8 @@ class ExpertFetcher:
                 ready[expert] = blob
             else:
                 self.stats.cache_misses += 1
-                buffer = self._buffer(self.store.expert_location(layer, expert).size)
-                reading[self._pool.submit(self._read, layer, expert, buffer)] = expert
+                loc = self.store.expert_location(layer, expert)
+                reading[self._pool.submit(self._read, layer, expert, loc, self._buffer(loc.size))] = expert
         return PendingExperts(ready, reading)
 
     def iter_blobs(self, layer: int, pending: PendingExperts) -> Iterator[tuple[int, torch.Tensor]]:
