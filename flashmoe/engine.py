@@ -17,8 +17,8 @@ import torch
 
 from .errors import FlashMoeError
 from .experts import ExpertFetcher
-from .kernels.moe import expert_weights, routed_experts
 from .models.qwen3_next import Qwen3NextModel, SequenceState
+from .routed import ExpertTimes, RoutedExperts
 from .sampling import sample
 from .store import Store
 
@@ -30,9 +30,16 @@ def default_cache_bytes() -> int:
     return psutil.virtual_memory().total // 8
 
 
+def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
+    """What VRAM is free after the resident weights, less 4 GB for activations and the KV cache; never more
+    than the store's experts."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, min(store.expert_bytes, int(free * 0.9) - (4 << 30)))
+
+
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
-                 cache_bytes: int, io_threads: int, verify_reads: bool):
+                 cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool):
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -41,25 +48,42 @@ class Model:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
         self.model = Qwen3NextModel(cfg, store.load_resident(dtype, str(self.device)))
-        self.fetcher = ExpertFetcher(store, cache_bytes, io_threads, verify_reads)
-        self.bits = store.quantization["bits"]
-        self.group_size = store.quantization["group_size"]
+        if self.device.type == "cuda" and vram_cache_bytes is None:
+            vram_cache_bytes = default_vram_cache_bytes(store, self.device)
+        batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
+        self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
+                                     direct_io, verify_reads)
+        self.routed = RoutedExperts(store, self.fetcher, self.device)
         self._tokenizer = None
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
+        self._expert_times = ExpertTimes()
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
-             cache_gb: float | None = None, dtype: torch.dtype | None = None, io_threads: int = 8,
-             verify_reads: bool = False) -> "Model":
+             cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
+             io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False) -> "Model":
+        """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
+        none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
+        the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
+        the page cache."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-        if cache_gb is not None and cache_gb < 0:
-            raise FlashMoeError(f"cache_gb must be >= 0, not {cache_gb}")
-        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-        cache_bytes = default_cache_bytes() if cache_gb is None else int(cache_gb * 1e9)
-        return cls(Store(path), device, dtype, experts_per_token, cache_bytes, io_threads, verify_reads)
+        for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb)):
+            if value is not None and value < 0:
+                raise FlashMoeError(f"{name} must be >= 0, not {value}")
+        if vram_cache_gb is not None and not device.startswith("cuda"):
+            raise FlashMoeError("vram_cache_gb needs device='cuda'")
+        on_gpu = device.startswith("cuda")
+        dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        if cache_gb is None:
+            cache_bytes = 0 if on_gpu else default_cache_bytes()
+        else:
+            cache_bytes = int(cache_gb * 1e9)
+        vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
+        return cls(Store(path), device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
+                   verify_reads)
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -102,41 +126,41 @@ class Model:
     def new_state(self) -> SequenceState:
         return self.model.new_state()
 
+    @property
+    def sync_timing(self) -> bool:
+        return self.routed.sync_timing
+
+    @sync_timing.setter
+    def sync_timing(self, on: bool) -> None:
+        """On a GPU, synchronize at the end of each phase so `stats` splits GPU time (slower; for benchmarks)."""
+        self.routed.sync_timing = on
+
     @torch.inference_mode()
     def forward(self, token_ids: list[int], state: SequenceState, all_logits: bool = True) -> torch.Tensor:
         """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last."""
         self._check_tokens(token_ids)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         x = self.model.embed(ids)
-        timers = self._timers
+        timers, clock = self._timers, self.routed._clock
         for layer in range(self.config.num_hidden_layers):
-            t0 = time.perf_counter()
+            t0 = clock()
             x = self.model.mix(layer, x, state)
             h = self.model.moe_input(layer, x)
             if not self.config.is_moe_layer(layer):
                 x = x + self.model.dense_mlp(layer, h)
-                timers["attention_ms"] += (time.perf_counter() - t0) * 1e3
+                timers["attention_ms"] += (clock() - t0) * 1e3
                 continue
-            t1 = time.perf_counter()
+            t1 = clock()
             timers["attention_ms"] += (t1 - t0) * 1e3
             topk_ids, topk_weights = self.model.route(layer, h, self.experts_per_token)
-            chosen = topk_ids.unique().tolist()
-            t2 = time.perf_counter()
-            timers["routing_ms"] += (t2 - t1) * 1e3
-            pending = self.fetcher.fetch(layer, chosen)
-            out = self.model.shared_expert(layer, h)  # runs while the reads are in flight
-            arriving = ((e, self._dense(blob, x.dtype)) for e, blob in self.fetcher.iter_blobs(layer, pending))
-            x = x + out + routed_experts(h, topk_ids, topk_weights, arriving)
-            timers["expert_io_ms"] += pending.wait_ms
-            timers["expert_compute_ms"] += (time.perf_counter() - t2) * 1e3 - pending.wait_ms
+            timers["routing_ms"] += (clock() - t1) * 1e3
+            x = x + self.routed(layer, h, topk_ids, topk_weights, lambda: self.model.shared_expert(layer, h),
+                                self._expert_times)
+        timers["expert_io_ms"] = self._expert_times.io_wait_ms
+        timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)
         self._tokens["tokens"] += len(token_ids)
         return self.model.logits(x if all_logits else x[-1:])
-
-    def _dense(self, blob: torch.Tensor, dtype: torch.dtype):
-        """A function that dequantizes the expert in `blob` when its turn comes."""
-        return lambda: expert_weights(self.store.layout.unpack(blob.to(self.device, non_blocking=True)),
-                                      self.bits, self.group_size, dtype)
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         if len(token_ids) == 0:
@@ -181,26 +205,40 @@ class Model:
     # ---- stats ----------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
-        s = self.fetcher.stats
+        f = self.fetcher
         t = self._tokens
-        lookups = s.cache_hits + s.cache_misses
         decode_steps = max(t["generated_tokens"] - 1, 0)
-        return {
+        out = {
             **t,
-            "expert_reads": s.expert_reads,
-            "expert_bytes_read": s.expert_bytes_read,
-            "cache_hits": s.cache_hits,
-            "cache_misses": s.cache_misses,
-            "cache_evictions": s.cache_evictions,
-            "cache_hit_rate": s.cache_hits / lookups if lookups else 0.0,
-            "cache_bytes": self.fetcher.cache.used_bytes,
-            **{k: round(v, 3) for k, v in self._timers.items()},
-            "decode_tokens_per_s": decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0,
+            "expert_reads": f.stats.expert_reads,
+            "expert_bytes_read": f.stats.expert_bytes_read,
+            "cache_hits": f.ram.stats.hits,
+            "cache_misses": f.ram.stats.misses,
+            "cache_evictions": f.ram.stats.evictions,
+            "cache_hit_rate": f.ram.stats.hit_rate,
+            "cache_bytes": len(f.ram) * self.store.expert_blob_bytes,
         }
+        if f.vram is not None:
+            out.update({
+                "vram_cache_hits": f.vram.stats.hits,
+                "vram_cache_misses": f.vram.stats.misses,
+                "vram_cache_evictions": f.vram.stats.evictions,
+                "vram_cache_hit_rate": f.vram.stats.hit_rate,
+                "vram_cache_bytes": len(f.vram) * self.store.expert_blob_bytes,
+                "expert_bytes_copied": f.stats.expert_bytes_copied,
+            })
+        out.update({k: round(v, 3) for k, v in self._timers.items()})
+        out["decode_tokens_per_s"] = decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0
+        return out
 
     def reset_stats(self) -> None:
-        self.fetcher.stats.__init__()
+        f = self.fetcher
+        f.stats = type(f.stats)()
+        for tier in (f.ram, f.vram):
+            if tier is not None:
+                tier.stats = type(tier.stats)()
         self._timers = dict.fromkeys(TIMERS, 0.0)
+        self._expert_times = ExpertTimes()
         self._tokens = dict.fromkeys(self._tokens, 0)
 
     def close(self) -> None:

@@ -1,23 +1,29 @@
-"""Expert fetching: parallel reads of expert blobs from the store, and a byte-budgeted LRU cache in RAM.
+"""Expert fetching: the blobs of a layer's chosen experts, from SSD to RAM and, on a GPU, on to VRAM.
 
-The OS page cache sits under this cache (Flash-MoE measured it to be a good expert cache); ours
-keeps the hottest blobs in process memory so a hit costs no syscall. Reads go through os.preadv
-from a thread pool: it releases the GIL, so K reads of one layer proceed in parallel.
+Tiers, fastest first: a VRAM slab (GPU only), a RAM slab (pinned on a GPU machine, so copies from it are
+asynchronous DMA), the OS page cache (Flash-MoE measured it to be a good expert cache), the SSD. Reads go
+through os.preadv from a thread pool (it releases the GIL, so the K reads of a layer run in parallel),
+straight into RAM slots; direct_io opens the files with O_DIRECT, so reads bypass the page cache and cost
+no second copy. On a GPU, copies of experts already in RAM start as soon as the router has chosen them,
+on a stream of their own, and the rest follow each read as it lands; compute waits on an event, not the host.
+
+Per layer: f = start(layer, experts); ... arrivals(f) (CPU) or gpu_slots(f) (GPU) ...; finish(f).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import FlashMoeError
+from .expert_cache import SlotCache, host_slab, release_host_slab
 from .store import ExpertLocation, Store, crc32
 
 
@@ -25,126 +31,170 @@ from .store import ExpertLocation, Store, crc32
 class ExpertStats:
     expert_reads: int = 0
     expert_bytes_read: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_evictions: int = 0
+    expert_bytes_copied: int = 0  # host -> VRAM
 
 
-class ExpertCache:
-    """Blobs keyed by (layer, expert), least recently used evicted first, never above capacity_bytes."""
+@dataclass
+class LayerFetch:
+    """One batch of one layer's experts on their way; `experts` is the order of gpu_slots()'s answer."""
 
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self._blobs: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-
-    def get(self, key: tuple[int, int]) -> torch.Tensor | None:
-        blob = self._blobs.get(key)
-        if blob is not None:
-            self._blobs.move_to_end(key)
-        return blob
-
-    def put(self, key: tuple[int, int], blob: torch.Tensor) -> int:
-        """Insert; returns how many blobs were evicted to make room, or -1 if the blob was not kept."""
-        size = blob.numel()
-        if size > self.capacity_bytes or key in self._blobs:
-            return -1
-        evicted = 0
-        while self.used_bytes + size > self.capacity_bytes:
-            _, old = self._blobs.popitem(last=False)
-            self.used_bytes -= old.numel()
-            evicted += 1
-        self._blobs[key] = blob
-        self.used_bytes += size
-        return evicted
-
-    def __len__(self) -> int:
-        return len(self._blobs)
-
-
-class PendingExperts:
-    """Blobs of one layer's chosen experts: some cached (ready now), some still being read."""
-
-    def __init__(self, ready: dict[int, torch.Tensor], reading: dict[Future, int]):
-        self.ready, self.reading = ready, reading
-        self.wait_ms = 0.0  # time spent blocked on reads
+    layer: int
+    experts: list[int]
+    ram_slot: dict[int, int] = field(default_factory=dict)  # expert -> RAM slot, for experts coming through RAM
+    vram_slot: dict[int, int] = field(default_factory=dict)
+    ready: list[int] = field(default_factory=list)  # in RAM now
+    reading: dict[Future, int] = field(default_factory=dict)
+    wait_ms: float = 0.0  # host time blocked on reads
 
 
 class ExpertFetcher:
-    def __init__(self, store: Store, cache_bytes: int, io_threads: int = 8, verify_reads: bool = False):
+    def __init__(self, store: Store, device: torch.device, ram_cache_bytes: int, vram_cache_bytes: int = 0,
+                 batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False):
         self.store = store
-        self.cache = ExpertCache(cache_bytes)
-        self.stats = ExpertStats()
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        self.batch_experts = batch_experts
+        self.direct_io = direct_io
         self.verify_reads = verify_reads
+        self.stats = ExpertStats()
+        blob = store.expert_blob_bytes
+        self.ram = SlotCache(ram_cache_bytes // blob, batch_experts)
+        self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
+        self.vram: SlotCache | None = None
+        if self.on_gpu:
+            self.vram = SlotCache(vram_cache_bytes // blob, batch_experts)
+            self.vram_slab = torch.empty(self.vram.n_slots, blob, dtype=torch.uint8, device=device)
+            self.copy_stream = torch.cuda.Stream(device)
+            self._copies_done: torch.cuda.Event | None = None
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        # read buffers of blobs the cache did not keep, reused so the allocator does not hoard freed ones
-        self._spare: list[torch.Tensor] = []
-        self._spare_limit = 2 * io_threads
 
+    # ---- reads -----------------------------------------------------------------------------
     def _fd(self, path) -> int:
         key = str(path)
         with self._lock:
             if key not in self._fds:
-                self._fds[key] = os.open(key, os.O_RDONLY)
+                flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
+                try:
+                    self._fds[key] = os.open(key, flags)
+                except OSError as exc:
+                    if self.direct_io and exc.errno == errno.EINVAL:
+                        raise FlashMoeError(f"the file system holding {key} does not support O_DIRECT; "
+                                            "run without direct_io (--direct-io)") from None
+                    raise FlashMoeError(f"cannot open {key}: {exc.strerror}") from None
             return self._fds[key]
 
-    def _buffer(self, size: int) -> torch.Tensor:
-        """A read buffer, allocated on the calling thread: buffers made in reader threads land in per-thread
-        malloc arenas that keep freed memory (measured: 8 threads grew RSS by ~20 MB more than 1 thread)."""
-        with self._lock:
-            if self._spare and self._spare[-1].numel() == size:
-                return self._spare.pop()
-        return torch.empty(size, dtype=torch.uint8)
-
-    def _read(self, layer: int, expert: int, loc: ExpertLocation, blob: torch.Tensor) -> torch.Tensor:
-        got = os.preadv(self._fd(loc.path), [blob.numpy()], loc.offset)
+    def _read(self, layer: int, expert: int, loc: ExpertLocation, slot: int) -> None:
+        buf = self.ram_slab[slot, : loc.size].numpy()
+        try:
+            got = os.preadv(self._fd(loc.path), [buf], loc.offset)
+        except OSError as exc:
+            raise FlashMoeError(f"cannot read layer {layer} expert {expert} from {loc.path}: {exc.strerror}") from None
         if got != loc.size:
             raise FlashMoeError(f"corrupt store: short read of layer {layer} expert {expert} ({got} of {loc.size} bytes)")
-        if self.verify_reads and crc32(blob.numpy()) != loc.crc32:
+        if self.verify_reads and crc32(buf) != loc.crc32:
             raise FlashMoeError(f"corrupt store: layer {layer} expert {expert} fails its checksum")
-        return blob
 
-    def fetch(self, layer: int, experts: list[int]) -> PendingExperts:
-        """Start fetching; cached blobs are ready at once, the rest are read in parallel."""
-        ready, reading = {}, {}
+    # ---- one batch of one layer ------------------------------------------------------------
+    def start(self, layer: int, experts: list[int]) -> LayerFetch:
+        """Look the experts up tier by tier; start reads of RAM misses and copies of what RAM already holds."""
+        if len(experts) > self.batch_experts:
+            raise ValueError(f"at most {self.batch_experts} experts per fetch, not {len(experts)}")
+        f = LayerFetch(layer, list(experts))
+        if self.on_gpu:
+            if self._copies_done is not None:  # RAM staging slots are reused only once their last copy is done
+                self._copies_done.synchronize()
+            # VRAM slots given up below may still feed kernels already queued: copies into them wait for those
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for expert in experts:
-            blob = self.cache.get((layer, expert))
-            if blob is not None:
-                self.stats.cache_hits += 1
-                ready[expert] = blob
-            else:
-                self.stats.cache_misses += 1
+            key = (layer, expert)
+            if self.vram is not None:
+                slot = self.vram.lookup(key)
+                if slot is not None:
+                    f.vram_slot[expert] = slot
+                    continue
+                f.vram_slot[expert] = self.vram.assign(key)
+            slot = self.ram.lookup(key)
+            if slot is None:
+                slot = self.ram.assign(key)
                 loc = self.store.expert_location(layer, expert)
-                reading[self._pool.submit(self._read, layer, expert, loc, self._buffer(loc.size))] = expert
-        return PendingExperts(ready, reading)
+                f.reading[self._pool.submit(self._read, layer, expert, loc, slot)] = expert
+            else:
+                f.ready.append(expert)
+            f.ram_slot[expert] = slot
+        if self.on_gpu:
+            for expert in f.ready:
+                self._copy_to_vram(f, expert)
+        return f
 
-    def iter_blobs(self, layer: int, pending: PendingExperts) -> Iterator[tuple[int, torch.Tensor]]:
-        """(expert, blob) pairs: cached ones first, then each read as soon as it lands, so compute overlaps I/O.
-
-        Holding only the blob in hand keeps memory to what is in flight, not a whole layer's experts.
-        """
-        yield from pending.ready.items()
-        remaining = set(pending.reading)
+    def _landed(self, f: LayerFetch) -> Iterator[int]:
+        """Experts whose reads completed, as they complete; a failed read leaves nothing behind in the caches."""
+        remaining = set(f.reading)
         while remaining:
             t0 = time.perf_counter()
             done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            pending.wait_ms += (time.perf_counter() - t0) * 1e3
+            f.wait_ms += (time.perf_counter() - t0) * 1e3
             for future in done:
-                expert, blob = pending.reading[future], future.result()
+                expert = f.reading[future]
+                if future.exception() is not None:
+                    self._forget(f)
+                    raise future.exception()
                 self.stats.expert_reads += 1
-                self.stats.expert_bytes_read += blob.numel()
-                kept = self.cache.put((layer, expert), blob)
-                self.stats.cache_evictions += max(kept, 0)
-                yield expert, blob  # the consumer is done with it when the loop comes back here
-                if kept < 0:
-                    with self._lock:
-                        if len(self._spare) < self._spare_limit:
-                            self._spare.append(blob)
+                self.stats.expert_bytes_read += self.store.expert_blob_bytes
+                yield expert
+
+    def _forget(self, f: LayerFetch) -> None:
+        for future in f.reading:
+            future.cancel()
+        wait(list(f.reading))
+        for expert in f.reading.values():
+            self.ram.forget((f.layer, expert))
+            if self.vram is not None:
+                self.vram.forget((f.layer, expert))
+        self.finish(f)
+
+    def arrivals(self, f: LayerFetch) -> Iterator[tuple[int, torch.Tensor]]:
+        """(expert, blob in RAM) pairs: those in RAM first, then each read as it lands, so compute overlaps I/O.
+        A blob is valid until finish(f)."""
+        for expert in f.ready:
+            yield expert, self.ram_slab[f.ram_slot[expert]]
+        for expert in self._landed(f):
+            yield expert, self.ram_slab[f.ram_slot[expert]]
+
+    def _copy_to_vram(self, f: LayerFetch, expert: int) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            self.vram_slab[f.vram_slot[expert]].copy_(self.ram_slab[f.ram_slot[expert]], non_blocking=True)
+        self.stats.expert_bytes_copied += self.store.expert_blob_bytes
+
+    def gpu_slots(self, f: LayerFetch) -> list[int]:
+        """VRAM slots of f.experts, in that order, once their copies are queued; the current stream waits for them."""
+        for expert in self._landed(f):
+            self._copy_to_vram(f, expert)
+        self._copies_done = torch.cuda.Event()
+        self._copies_done.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(self._copies_done)
+        return [f.vram_slot[e] for e in f.experts]
+
+    def wait_copies(self) -> None:
+        """Block the host until the last batch's copies are done (for timing)."""
+        if self.on_gpu and self._copies_done is not None:
+            self._copies_done.synchronize()
+
+    def finish(self, f: LayerFetch) -> None:
+        """The batch's compute is queued: its slots may be reused from the next start() on."""
+        self.ram.unlock_all()
+        if self.vram is not None:
+            self.vram.unlock_all()
 
     def close(self) -> None:
+        if self.ram_slab is None:
+            return
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+        release_host_slab(self._ram_backing, self.on_gpu)
+        self._ram_backing = self.ram_slab = None

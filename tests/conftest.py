@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from flashmoe.convert import convert
-from flashmoe.tiny import build_tiny_checkpoint
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (must be set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from flashmoe.convert import convert  # noqa: E402
+from flashmoe.tiny import build_tiny_checkpoint  # noqa: E402
 
 ARCHS = ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next"]
 

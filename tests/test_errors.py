@@ -175,9 +175,14 @@ def test_flipped_byte_fails_checksum(store_copy):
     assert len(problems) == 1 and problems[0].startswith("layer 2 expert 5: checksum")
     assert problems[0].endswith(f"manifest says {loc.crc32:08x}")
     model = flashmoe.load(store_copy, cache_gb=0, verify_reads=True)
-    list(model.fetcher.iter_blobs(1, model.fetcher.fetch(1, list(range(16)))))  # clean layer reads fine
+    fetcher = model.fetcher
+    clean = fetcher.start(1, list(range(16)))
+    assert len(list(fetcher.arrivals(clean))) == 16  # a clean layer reads fine
+    fetcher.finish(clean)
     with pytest.raises(FlashMoeError, match="layer 2 expert 5 fails its checksum"):
-        list(model.fetcher.iter_blobs(2, model.fetcher.fetch(2, list(range(16)))))
+        list(fetcher.arrivals(fetcher.start(2, list(range(16)))))
+    assert (2, 5) not in fetcher.ram  # the bad blob is not served from the cache later
+    model.close()
 
 
 def test_bad_generation_arguments(built):

@@ -74,3 +74,28 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None, chunk_s
         s = s * g[:, :, i, -1].exp()[..., None, None] + k_decayed[:, :, i].transpose(-1, -2) @ v_new
     out = out.reshape(b, h, -1, dv)[:, :, :t]
     return out.transpose(1, 2).to(out_dtype), s
+
+
+try:  # flash-linear-attention's Triton kernels (the fla-core package), used on CUDA when installed
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent
+except Exception:  # not installed, or no triton: the torch path serves
+    _fla_chunk = _fla_recurrent = None
+
+
+def fla_available() -> bool:
+    return _fla_chunk is not None
+
+
+def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None):
+    """The rule through fla-core on CUDA when it is installed, else the torch reference; same shapes and math
+    (fla normalises q and k in the kernel and takes the grouped value heads as they are)."""
+    t = q.shape[1]
+    if q.is_cuda and fla_available():
+        rule = _fla_recurrent if t == 1 else _fla_chunk
+        q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+        out, final = rule(q, k, v, g=g.float().contiguous(), beta=beta, scale=q.shape[-1] ** -0.5,
+                          initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return out.to(v.dtype), final
+    rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
+    return rule(q, k, v, g, beta, state)

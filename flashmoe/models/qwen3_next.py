@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..kernels.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.moe import swiglu_mlp
 
 
@@ -162,8 +162,7 @@ class Qwen3NextModel:
         q, k, v = q.view(1, t, nk, dk), k.view(1, t, nk, dk), v.view(1, t, nv, dv)
         beta = torch.sigmoid(b)[None]
         g = (-w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float()))[None]
-        rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
-        out, state.recurrent = rule(q, k, v, g, beta, state.recurrent)
+        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
         out = gated_rms_norm(out[0], z, w[p + "norm.weight"], cfg.rms_norm_eps)
         return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 

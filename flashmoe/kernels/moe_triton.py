@@ -1,0 +1,277 @@
+"""Routed experts on the GPU: Triton kernels that read 2/4/8-bit expert blobs straight from a slab of slots.
+
+Every expert blob sits whole in one slot of a uint8 slab (the VRAM expert cache), in the layout of
+store.BlobLayout; the kernels take the slab, each expert's slot and the segment offsets, and dequantize
+group by group in registers, so the weights cross HBM once, still packed.
+
+- gate_up_swiglu: act = silu(x @ gate^T) * (x @ up^T) for the tokens routed to each expert, gate and up
+  rows read in the same pass (prefill: tokens grouped by expert; decode: one token per expert).
+- down_weighted_sum: out = sum_k weight_k * act_k @ down_k^T for one token: the down projection, the
+  routing weight and the sum over the K experts in one launch, summed in slot-list order (deterministic).
+- down_grouped: weight * act @ down^T per (token, expert) pair for many tokens; the caller sums over K.
+
+The torch references are reference_* below; tests compare both over awkward shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import QuantizedTensor, dequantize
+from ..store import BlobLayout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves
+    triton = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+@dataclass(frozen=True)
+class QuantBlob:
+    """Where the quantized tensors of an expert lie inside its blob, plus the numbers the kernels need."""
+
+    hidden: int
+    intermediate: int
+    bits: int
+    group_size: int
+    blob_bytes: int
+    gate_up_packed: int
+    gate_up_scales: int
+    gate_up_biases: int
+    down_packed: int
+    down_scales: int
+    down_biases: int
+
+    @classmethod
+    def from_layout(cls, layout: BlobLayout, bits: int, group_size: int) -> "QuantBlob":
+        seg = {s.name: s for s in layout.segments}
+        two_i, packed_h = seg["gate_up.packed"].shape
+        return cls(
+            hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
+            blob_bytes=layout.blob_bytes,
+            **{name.replace(".", "_"): seg[name].offset for name in
+               ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases")},
+        )
+
+    @property
+    def block_k(self) -> int:
+        """The K step of the kernels: the largest power of two dividing the group size, at most 128, so one
+        step never straddles two groups (one scale and bias per row per step)."""
+        b = 128
+        while self.group_size % b:
+            b //= 2
+        return b
+
+    @property
+    def supported(self) -> bool:
+        return self.block_k >= 16  # tl.dot needs K >= 16
+
+
+# ---- torch references ----------------------------------------------------------------------
+def _expert_views(slab: torch.Tensor, slot: int, layout: BlobLayout, qb: QuantBlob, dtype: torch.dtype):
+    views = layout.unpack(slab[slot])
+    dense = []
+    for name in ("gate_up", "down"):
+        q = QuantizedTensor(views[f"{name}.packed"], views[f"{name}.scales"], views[f"{name}.biases"], qb.bits,
+                            qb.group_size)
+        dense.append(dequantize(q, torch.float32).to(dtype))
+    return dense
+
+
+def reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb):
+    """act[j] = silu(gate_e x[token_of[j]]) * up_e x[token_of[j]] for pairs j of expert e (rows expert_start[e]..)."""
+    act = x.new_empty(token_of.numel(), qb.intermediate)
+    starts = expert_start.tolist()
+    for e, slot in enumerate(slots.tolist()):
+        rows = slice(starts[e], starts[e + 1])
+        gate_up, _ = _expert_views(slab, slot, layout, qb, x.dtype)
+        g, u = F.linear(x[token_of[rows].long()].float(), gate_up.float()).chunk(2, dim=-1)
+        act[rows] = (F.silu(g) * u).to(x.dtype)
+    return act
+
+
+def reference_down_weighted_sum(act, slab, slots, weights, layout, qb):
+    """out[H] = sum_e weights[e] * down_e act[e] for one token (act [G, I], one row per slot)."""
+    out = torch.zeros(qb.hidden, dtype=torch.float32, device=act.device)
+    for e, slot in enumerate(slots.tolist()):
+        _, down = _expert_views(slab, slot, layout, qb, act.dtype)
+        out += weights[e].float() * F.linear(act[e].float(), down.float())
+    return out.to(act.dtype)
+
+
+def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, qb):
+    """y[j] = pair_weight[j] * down_e act[j] for pairs j of expert e."""
+    y = act.new_empty(act.shape[0], qb.hidden)
+    starts = expert_start.tolist()
+    for e, slot in enumerate(slots.tolist()):
+        rows = slice(starts[e], starts[e + 1])
+        _, down = _expert_views(slab, slot, layout, qb, act.dtype)
+        y[rows] = (F.linear(act[rows].float(), down.float()) * pair_weight[rows, None].float()).to(act.dtype)
+    return y
+
+
+# ---- Triton kernels -------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
+                      BITS: tl.constexpr, GROUP: tl.constexpr):
+        """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
+        per_byte: tl.constexpr = 8 // BITS
+        row_bytes = in_features // per_byte
+        packed = tl.load(base + packed_off + rows[:, None] * row_bytes + (k // per_byte)[None, :],
+                         mask=row_mask[:, None], other=0)
+        codes = (packed.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+        groups = in_features // GROUP
+        scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
+        bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        g = k0 // GROUP
+        scale = tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+        return codes.to(tl.float32) * scale[:, None] + bias[:, None]
+
+    @triton.jit
+    def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
+                               act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
+                               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + tile)
+        first = tl.load(tile_row_ptr + tile)
+        end = tl.load(expert_start_ptr + e + 1)
+        pairs = first + tl.arange(0, BLOCK_T)
+        pair_mask = pairs < end
+        tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
+        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < I
+        acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
+            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP)
+            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP)
+            if IEEE:
+                acc_g += tl.dot(xt, tl.trans(wg), input_precision="ieee")
+                acc_u += tl.dot(xt, tl.trans(wu), input_precision="ieee")
+            else:
+                acc_g += tl.dot(xt, tl.trans(wg.to(xt.dtype)))
+                acc_u += tl.dot(xt, tl.trans(wu.to(xt.dtype)))
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(act_ptr + pairs[:, None].to(tl.int64) * I + n[None, :], act.to(act_ptr.dtype.element_ty),
+                 mask=pair_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _down_weighted_sum_kernel(act_ptr, slab_ptr, slot_ptr, weight_ptr, out_ptr, n_experts, H, I, blob_bytes,
+                                  d_packed, d_scales, d_biases, BITS: tl.constexpr, GROUP: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < H
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for e in range(n_experts):
+            base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+            part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(act_ptr + e * I + k).to(tl.float32)
+                w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP)
+                part += tl.sum(w * a[None, :], axis=1)
+            out += tl.load(weight_ptr + e).to(tl.float32) * part
+        tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _down_grouped_kernel(act_ptr, slab_ptr, slot_ptr, pair_weight_ptr, tile_expert_ptr, tile_row_ptr,
+                             expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + tile)
+        first = tl.load(tile_row_ptr + tile)
+        end = tl.load(expert_start_ptr + e + 1)
+        pairs = first + tl.arange(0, BLOCK_T)
+        pair_mask = pairs < end
+        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < H
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
+            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+        acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=pair_mask[:, None] & n_mask[None, :])
+
+
+def _tiles(expert_start: list[int], block_t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each expert's run of pairs into tiles of block_t rows: (expert of tile, first row of tile)."""
+    tile_expert, tile_row = [], []
+    for e in range(len(expert_start) - 1):
+        for row in range(expert_start[e], expert_start[e + 1], block_t):
+            tile_expert.append(e)
+            tile_row.append(row)
+    return to_device_int32(tile_expert, device), to_device_int32(tile_row, device)
+
+
+def to_device_int32(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as an int32 device tensor, copied without stalling the host on CUDA (pinned source)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _block_t(expert_start: list[int]) -> int:
+    most = max(b - a for a, b in zip(expert_start, expert_start[1:]))
+    return 16 if most <= 16 else 64
+
+
+def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert_start_list=None, block_n=32):
+    """Triton version of reference_gate_up_swiglu (same arguments, all on the GPU; slots, token_of, expert_start int32)."""
+    starts = expert_start_list if expert_start_list is not None else expert_start.tolist()
+    block_t = _block_t(starts)
+    tile_expert, tile_row = _tiles(starts, block_t, x.device)
+    act = torch.empty(token_of.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
+    grid = (tile_expert.numel(), triton.cdiv(qb.intermediate, block_n))
+    _gate_up_swiglu_kernel[grid](
+        x, slab, slots, token_of, tile_expert, tile_row, expert_start, act, qb.hidden, qb.intermediate, qb.blob_bytes,
+        qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t,
+        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32)
+    return act
+
+
+def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n=32):
+    """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H]."""
+    out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
+    _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
+        act, slab, slots, weights, out, slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes,
+        qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
+        BLOCK_K=qb.block_k)
+    return out
+
+
+def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, expert_start_list=None, block_n=64):
+    """Triton version of reference_down_grouped: y [pairs, H], each row weighted by its routing weight."""
+    starts = expert_start_list if expert_start_list is not None else expert_start.tolist()
+    block_t = _block_t(starts)
+    tile_expert, tile_row = _tiles(starts, block_t, act.device)
+    y = torch.empty(act.shape[0], qb.hidden, dtype=act.dtype, device=act.device)
+    grid = (tile_expert.numel(), triton.cdiv(qb.hidden, block_n))
+    _down_grouped_kernel[grid](
+        act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
+        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32)
+    return y

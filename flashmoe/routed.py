@@ -1,0 +1,116 @@
+"""One layer's routed experts: fetch the chosen ones through the tiers and run them.
+
+CPU: each expert is dequantized and run (torch) as its read lands. GPU: the batch's blobs are copied
+into VRAM slots and two Triton launches run them all (gate+up with SwiGLU, then down with the routing
+weights and the sum over experts); unquantized stores and odd group sizes take the torch path over the
+same VRAM slots. The shared expert is queued while the reads are in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .experts import ExpertFetcher
+from .kernels import moe_triton
+from .kernels.moe import expert_weights, routed_experts
+from .store import Store
+
+
+@dataclass
+class ExpertTimes:
+    io_wait_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+class RoutedExperts:
+    def __init__(self, store: Store, fetcher: ExpertFetcher, device: torch.device, sync_timing: bool = False):
+        self.store, self.fetcher, self.device = store, fetcher, device
+        self.bits = store.quantization["bits"]
+        self.group_size = store.quantization["group_size"]
+        self.sync_timing = sync_timing  # synchronize the GPU at phase ends, so the timers split GPU time too
+        self.qb = None
+        if device.type == "cuda" and self.bits is not None and moe_triton.triton_available():
+            qb = moe_triton.QuantBlob.from_layout(store.layout, self.bits, self.group_size)
+            self.qb = qb if qb.supported else None
+        self._decode_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _clock(self) -> float:
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
+        """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router."""
+        ids_list = ids.tolist()  # the host decides what to move: one sync per layer
+        chosen = sorted({e for row in ids_list for e in row})
+        batch = self.fetcher.batch_experts
+        out = None
+        for i in range(0, len(chosen), batch):
+            t0 = self._clock()
+            f = self.fetcher.start(layer, chosen[i : i + batch])
+            if out is None:
+                out = shared()  # queued (GPU) or computed (CPU) while the reads are in flight
+            t1 = self._clock()
+            if self.device.type == "cuda":
+                slots = self.fetcher.gpu_slots(f)
+                if self.sync_timing:
+                    self.fetcher.wait_copies()
+                t2 = self._clock()
+                out = out + self._run_gpu(h, ids, ids_list, weights, f.experts, slots)
+            else:
+                arriving = ((e, self._dense(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
+                out = out + routed_experts(h, ids, weights, arriving)
+                t2 = t1 + f.wait_ms / 1e3
+            self.fetcher.finish(f)
+            t3 = self._clock()
+            times.io_wait_ms += (t2 - t1) * 1e3 if self.device.type == "cuda" else f.wait_ms
+            times.compute_ms += (t1 - t0) * 1e3 + (t3 - t2) * 1e3
+        return out
+
+    def _dense(self, blob: torch.Tensor, dtype: torch.dtype):
+        """A function that dequantizes the expert in `blob` when its turn comes."""
+        return lambda: expert_weights(self.store.layout.unpack(blob.to(self.device)), self.bits, self.group_size, dtype)
+
+    # ---- GPU -------------------------------------------------------------------------------
+    def _run_gpu(self, h, ids, ids_list, weights, experts: list[int], slots: list[int]) -> torch.Tensor:
+        slab = self.fetcher.vram_slab
+        if self.qb is None:  # torch over the VRAM slots
+            slot_of = dict(zip(experts, slots))
+            dense = ((e, self._dense(slab[slot_of[e]], h.dtype)) for e in experts)
+            return routed_experts(h, ids, weights, dense)
+        slots_t = moe_triton.to_device_int32(slots, self.device)
+        t, k = ids.shape
+        if t == 1 and len(experts) == k:  # decode: one token, its K experts in sorted order
+            token_of, expert_start = self._decode_indices(k)
+            w = weights[0][torch.argsort(ids[0])]
+            act = moe_triton.gate_up_swiglu(h, slab, slots_t, token_of, expert_start, self.qb,
+                                            expert_start_list=list(range(k + 1)))
+            return moe_triton.down_weighted_sum(act, slab, slots_t, w, self.qb)[None]
+        # many tokens: (token, k) pairs grouped by expert; each pair's output lands in row t*K + k
+        position = {e: i for i, e in enumerate(experts)}
+        pairs = sorted((position[e], tok, j) for tok, row in enumerate(ids_list) for j, e in enumerate(row) if e in position)
+        starts = [0] * (len(experts) + 1)
+        for p, _, _ in pairs:
+            starts[p + 1] += 1
+        for i in range(len(experts)):
+            starts[i + 1] += starts[i]
+        token_of = moe_triton.to_device_int32([tok for _, tok, _ in pairs], self.device)
+        pair_row = moe_triton.to_device_int32([tok * k + j for _, tok, j in pairs], self.device).long()
+        expert_start = moe_triton.to_device_int32(starts, self.device)
+        act = moe_triton.gate_up_swiglu(h, slab, slots_t, token_of, expert_start, self.qb, expert_start_list=starts)
+        pair_weight = weights.reshape(-1)[pair_row]
+        y = moe_triton.down_grouped(act, slab, slots_t, expert_start, pair_weight, self.qb, expert_start_list=starts)
+        out = torch.zeros(t * k, h.shape[1], dtype=torch.float32, device=h.device)
+        out.index_copy_(0, pair_row, y.float())
+        return out.view(t, k, -1).sum(1).to(h.dtype)
+
+    def _decode_indices(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k not in self._decode_index:
+            self._decode_index[k] = (torch.zeros(k, dtype=torch.int32, device=self.device),
+                                     torch.arange(k + 1, dtype=torch.int32, device=self.device))
+        return self._decode_index[k]
