@@ -68,19 +68,19 @@ class StreamPrinter:
 
 def stats_line(stats: dict) -> str:
     prefill = stats["prompt_tokens"] / (stats["prefill_ms"] / 1e3) if stats["prefill_ms"] else 0.0
+    vram = f", VRAM cache hit rate {stats['vram_cache_hit_rate']:.0%}" if "vram_cache_hit_rate" in stats else ""
     return (f"{stats['generated_tokens']} tokens, {stats['decode_tokens_per_s']:.2f} tok/s decode, "
             f"{prefill:.1f} tok/s prefill, {stats['expert_bytes_read'] / 1e6:.1f} MB of experts read, "
-            f"cache hit rate {stats['cache_hit_rate']:.0%} | attention {stats['attention_ms']:.0f} ms, "
+            f"cache hit rate {stats['cache_hit_rate']:.0%}{vram} | attention {stats['attention_ms']:.0f} ms, "
             f"routing {stats['routing_ms']:.0f} ms, expert I/O {stats['expert_io_ms']:.0f} ms, "
             f"expert compute {stats['expert_compute_ms']:.0f} ms")
 
 
 def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
-                 top_k: int, seed: Optional[int], experts_per_token: Optional[int], cache_gb: Optional[float],
-                 device: str = "cpu") -> dict:
+                 top_k: int, seed: Optional[int], **load_options) -> dict:
     from . import load
 
-    model = load(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb)
+    model = load(store, **load_options)
     tok = model.tokenizer
     if chat:
         ids = model.encode_chat([{"role": "user", "content": prompt}])
@@ -108,11 +108,19 @@ def generate(
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
     experts_per_token: Optional[int] = typer.Option(None, min=1, help="override the router's K (renormalised)"),
-    cache_gb: Optional[float] = typer.Option(None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM)"),
+    cache_gb: Optional[float] = typer.Option(
+        None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM on the CPU; on a GPU none, the page cache "
+                            "serves, and a set size is pinned)"),
+    vram_cache_gb: Optional[float] = typer.Option(
+        None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the resident weights leave, "
+                            "less 4 GB)"),
+    direct_io: bool = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
-    run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, experts_per_token, cache_gb, device)
+    run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, device=device,
+                 experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
+                 direct_io=direct_io)
 
 
 @app.command()
@@ -174,7 +182,7 @@ def demo(
         typer.echo(f"$ flashmoe info {store}")
         info(store, verify=False)
         console.print("generating (random weights, so the text is noise; the mechanics are real):")
-        run_generate(store, "Write a haiku about the sea.", True, max_tokens, 0.8, 0.95, 0, 0, None, 0.002)
+        run_generate(store, "Write a haiku about the sea.", True, max_tokens, 0.8, 0.95, 0, 0, cache_gb=0.002)
 
 
 def main() -> None:

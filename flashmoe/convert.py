@@ -345,26 +345,29 @@ class Converter:
                 shutil.copyfile(self.src / name, self.dst / name)
 
     def _write_manifest(self, state: dict, resident_files: list[str]) -> None:
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "complete": True,
-            "created_by": f"flashmoe {__version__}",
-            "architecture": self.cfg.architecture,
-            "config": self.cfg.to_dict(),
-            "quantization": {"bits": self.bits, "group_size": self.group_size if self.bits else None,
-                             "scheme": "affine" if self.bits else None,
-                             "source_dtype": self.ckpt.info("model.embed_tokens.weight").dtype},
-            "resident": {"files": resident_files, "bytes": sum(state["resident"].values())},
-            "experts": {
-                "blob_bytes": self.layout.blob_bytes,
-                "segments": self.layout.to_json(),
-                "layers": state["layers"],
-            },
-            "source": {"path": self.options["source"],
-                       "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}},
-        }
-        _write_atomic(self.dst / MANIFEST, json.dumps(manifest, indent=1))
+        source = {"path": self.options["source"],
+                  "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}}
+        write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,
+                       resident_files, sum(state["resident"].values()), self.layout, state["layers"], source)
+
+
+def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: int, source_dtype: str,
+                   resident_files: list[str], resident_bytes: int, layout: BlobLayout, layers: dict, source: dict) -> None:
+    """The manifest, written last and atomically: its presence is what makes a store complete."""
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "complete": True,
+        "created_by": f"flashmoe {__version__}",
+        "architecture": cfg.architecture,
+        "config": cfg.to_dict(),
+        "quantization": {"bits": bits, "group_size": group_size if bits else None,
+                         "scheme": "affine" if bits else None, "source_dtype": source_dtype},
+        "resident": {"files": resident_files, "bytes": resident_bytes},
+        "experts": {"blob_bytes": layout.blob_bytes, "segments": layout.to_json(), "layers": layers},
+        "source": source,
+    }
+    _write_atomic(dst / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 4, group_size: int = 64,

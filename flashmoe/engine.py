@@ -202,6 +202,23 @@ class Model:
             logits = self.forward([token], state, all_logits=False)
             self._tokens["decode_ms"] += (time.perf_counter() - t0) * 1e3
 
+    def warm_cache(self) -> None:
+        """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
+        budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in."""
+        f = self.fetcher
+        for layer in self.config.moe_layers:
+            for i in range(0, self.config.num_experts, f.batch_experts):
+                fetch = f.start(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts))))
+                if f.on_gpu:
+                    f.gpu_slots(fetch)
+                else:
+                    for _ in f.arrivals(fetch):
+                        pass
+                f.finish(fetch)
+        if f.on_gpu:
+            torch.cuda.synchronize(self.device)
+        self.reset_stats()
+
     # ---- stats ----------------------------------------------------------------------------
     @property
     def stats(self) -> dict:

@@ -58,11 +58,12 @@ class ExpertFetcher:
         self.verify_reads = verify_reads
         self.stats = ExpertStats()
         blob = store.expert_blob_bytes
-        self.ram = SlotCache(ram_cache_bytes // blob, batch_experts)
+        every_expert = store.expert_bytes // blob  # no cache needs more slots than the store has experts
+        self.ram = SlotCache(min(ram_cache_bytes // blob, every_expert), batch_experts)
         self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
         if self.on_gpu:
-            self.vram = SlotCache(vram_cache_bytes // blob, batch_experts)
+            self.vram = SlotCache(min(vram_cache_bytes // blob, every_expert), batch_experts)
             self.vram_slab = torch.empty(self.vram.n_slots, blob, dtype=torch.uint8, device=device)
             self.copy_stream = torch.cuda.Stream(device)
             self._copies_done: torch.cuda.Event | None = None

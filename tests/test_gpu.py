@@ -38,3 +38,65 @@ def test_cuda_4bit_matches_cpu_4bit(built):
     cpu = flashmoe.load(store).logits(PROMPT)
     gpu = flashmoe.load(store, device="cuda", dtype=torch.float32).logits(PROMPT).cpu()
     assert rel_error(gpu, cpu) < 1e-3
+
+
+def test_small_vram_cache_gives_the_same_answer_and_counts_its_tiers(built):
+    store = built.store("qwen3_5_moe", 4)
+    everything = flashmoe.load(store, device="cuda", dtype=torch.float32)
+    expected = everything.logits(PROMPT).cpu()
+    assert everything.stats["vram_cache_misses"] > 0 and everything.stats["vram_cache_evictions"] == 0
+    blob = everything.store.expert_blob_bytes
+    small = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=6 * blob / 1e9,
+                          cache_gb=20 * blob / 1e9)
+    assert rel_error(small.logits(PROMPT).cpu(), expected) < 1e-5
+    tokens = list(small.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    assert tokens == list(everything.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    s = small.stats
+    assert s["vram_cache_evictions"] > 0 and s["vram_cache_bytes"] <= 6 * blob
+    assert s["cache_hits"] > 0 and s["cache_bytes"] <= 20 * blob  # the pinned RAM tier served some misses
+    assert s["expert_bytes_copied"] == s["vram_cache_misses"] * blob
+    small.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_gpu_prefill_equals_chunked_decode(built, arch):
+    model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
+    whole = model.logits(PROMPT).cpu()
+    state = model.new_state()
+    parts = [model.forward(PROMPT[:30], state).cpu()]
+    parts += [model.forward([t], state).cpu() for t in PROMPT[30:40]]
+    parts.append(model.forward(PROMPT[40:], state).cpu())
+    assert rel_error(torch.cat(parts), whole) < 1e-4
+
+
+def test_gpu_bfloat16_4bit_is_close_to_cpu(built):
+    store = built.store("qwen3_next", 4)
+    cpu = flashmoe.load(store).logits(PROMPT)
+    gpu = flashmoe.load(store, device="cuda").logits(PROMPT).cpu()
+    assert rel_error(gpu, cpu) < 3e-2
+
+
+def test_gpu_direct_io(built):
+    store = built.store("qwen3_5_moe", 4)
+    expected = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0).logits(PROMPT).cpu()
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0, direct_io=True)
+    assert rel_error(model.logits(PROMPT).cpu(), expected) == 0.0
+
+
+@pytest.mark.parametrize("t", [1, 5, 130])
+def test_fla_gated_delta_rule_matches_torch(t):
+    from flashmoe.kernels import gated_delta as gd
+
+    if not gd.fla_available():
+        pytest.skip("fla-core is not installed")
+    gen = torch.Generator().manual_seed(t)
+    b, hk, hv, dk, dv = 1, 2, 4, 32, 32
+    q, k = (torch.randn(b, t, hk, dk, generator=gen) for _ in range(2))
+    v = torch.randn(b, t, hv, dv, generator=gen)
+    g = -torch.rand(b, t, hv, generator=gen)
+    beta = torch.rand(b, t, hv, generator=gen)
+    state = torch.randn(b, hv, dk, dv, generator=gen) * 0.1
+    rule = gd.recurrent_gated_delta_rule if t == 1 else gd.chunk_gated_delta_rule
+    ref_out, ref_state = rule(q, k, v, g, beta, state)
+    out, final = gd.gated_delta_rule(*(x.cuda() for x in (q, k, v, g, beta, state)))
+    assert rel_error(out.cpu(), ref_out) < 2e-3 and rel_error(final.cpu(), ref_state) < 2e-3

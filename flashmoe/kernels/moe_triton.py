@@ -216,8 +216,24 @@ if triton is not None:
                  mask=pair_mask[:, None] & n_mask[None, :])
 
 
+_TILE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _tiles(expert_start: list[int], block_t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split each expert's run of pairs into tiles of block_t rows: (expert of tile, first row of tile)."""
+    """Split each expert's run of pairs into tiles of block_t rows: (expert of tile, first row of tile).
+    Decode asks for the same few layouts every layer, so small ones are kept (no host-to-device copy)."""
+    key = (tuple(expert_start), block_t, str(device))
+    if key in _TILE_CACHE:
+        return _TILE_CACHE[key]
+    tiles = _make_tiles(expert_start, block_t, device)
+    if len(expert_start) <= 65:
+        if len(_TILE_CACHE) > 256:
+            _TILE_CACHE.clear()
+        _TILE_CACHE[key] = tiles
+    return tiles
+
+
+def _make_tiles(expert_start: list[int], block_t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     tile_expert, tile_row = [], []
     for e in range(len(expert_start) - 1):
         for row in range(expert_start[e], expert_start[e + 1], block_t):

@@ -1,0 +1,60 @@
+"""Expert kernels alone: time per layer of K experts at a model's geometry, achieved HBM bandwidth.
+
+    python benchmarks/kernels.py [--hidden 4096] [--inter 1024] [--k 4] [--bits 4] [--tokens 1]
+
+Times gate_up_swiglu + down (decode: the fused weighted sum; several tokens: the grouped kernels) with
+triton.testing.do_bench (CUDA events, median), over several block sizes, on experts spread across a slab
+larger than L2 so each run reads from HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from flashmoe.kernels import moe_triton as mt
+from flashmoe.synthetic import _random_blobs, expert_layout
+from flashmoe.config import ModelConfig
+from flashmoe.synthetic import QWEN3_5_397B
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1)
+    args = ap.parse_args()
+    cfg = ModelConfig.from_hf({**QWEN3_5_397B, "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
+                               "num_hidden_layers": 1})
+    layout = expert_layout(cfg, args.bits, 64)
+    qb = mt.QuantBlob.from_layout(layout, args.bits, 64)
+    n_slots = 64  # ~430 MB at the 397B geometry: far beyond L2
+    slab = _random_blobs(layout, n_slots, args.bits, torch.Generator("cuda").manual_seed(0), "cuda")
+    x = torch.randn(args.tokens, args.hidden, device="cuda", dtype=torch.bfloat16)
+    rotations = [torch.randperm(n_slots, device="cuda")[: args.k].sort().values.int() for _ in range(16)]
+    weights = torch.rand(args.k, device="cuda")
+    token_of = torch.zeros(args.k, dtype=torch.int32, device="cuda")
+    expert_start = torch.arange(args.k + 1, dtype=torch.int32, device="cuda")
+    starts = list(range(args.k + 1))
+    moved = args.k * layout.blob_bytes
+    print(f"{args.k} experts x {layout.blob_bytes / 1e6:.2f} MB = {moved / 1e6:.1f} MB per layer")
+    for bn_up in (16, 32, 64):
+        for bn_down in (16, 32, 64):
+            i = [0]
+
+            def step():
+                slots = rotations[i[0] % len(rotations)]
+                i[0] += 1
+                act = mt.gate_up_swiglu(x, slab, slots, token_of, expert_start, qb, expert_start_list=starts, block_n=bn_up)
+                return mt.down_weighted_sum(act, slab, slots, weights, qb, block_n=bn_down)
+
+            ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+            print(f"BLOCK_N gate_up {bn_up:3d} down {bn_down:3d}: {ms * 1e3:7.1f} us  {moved / ms / 1e6:7.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Random-weight stores of any geometry, written directly (no checkpoint): for benchmarks at real model sizes.
+
+A Qwen3.5-397B-shaped store holds hundreds of GB of experts; building it through transformers and
+`convert` would need four times that in bf16. Here resident tensors are drawn at random and expert blobs
+are filled with random codes and plausible scales, in exactly the store format that `convert` writes,
+so the engine cannot tell the difference. The numbers are meaningless; the bytes and shapes are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .convert import DEFAULT_SHARD_BYTES, resident_plan, write_manifest
+from .errors import FlashMoeError
+from .quant import SCALE_DTYPE
+from .store import BlobLayout, crc32, expert_file_name
+
+# Qwen3.5-397B-A17B's text config (its config.json); num_hidden_layers is set by the caller
+QWEN3_5_397B = dict(
+    architectures=["Qwen3_5MoeForCausalLM"], vocab_size=248320, hidden_size=4096, num_attention_heads=32,
+    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=64,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512,
+    num_experts_per_tok=10, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+    full_attention_interval=4, rms_norm_eps=1e-6, partial_rotary_factor=0.25, rope_theta=10_000_000,
+    max_position_embeddings=262144, tie_word_embeddings=False,
+)
+# Qwen3-Next-80B-A3B's config.json
+QWEN3_NEXT_80B = dict(
+    architectures=["Qwen3NextForCausalLM"], vocab_size=151936, hidden_size=2048, num_attention_heads=16,
+    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512,
+    num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512, intermediate_size=5120,
+    full_attention_interval=4, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+    partial_rotary_factor=0.25, rope_theta=10_000_000, max_position_embeddings=262144, tie_word_embeddings=False,
+    norm_topk_prob=True, num_hidden_layers=48,
+)
+
+
+class _EveryTensor:
+    """Stands in for a checkpoint in resident_plan: it has every optional tensor (an untied lm_head)."""
+
+    def has(self, name: str) -> bool:
+        return True
+
+
+def expert_layout(cfg: ModelConfig, bits: int, group_size: int) -> BlobLayout:
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    per_byte = 8 // bits
+    shapes = {"gate_up": (2 * i, h), "down": (h, i)}
+    tensors = {}
+    for name, (rows, cols) in shapes.items():
+        tensors[f"{name}.packed"] = torch.empty(rows, cols // per_byte, dtype=torch.uint8)
+        tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
+        tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
+    return BlobLayout.for_tensors(tensors)
+
+
+def _random_resident(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
+    if name.endswith("A_log"):
+        return torch.empty(shape, device=device).uniform_(0, 2.7, generator=gen).to(torch.bfloat16)
+    if name.endswith(("dt_bias", "linear_attn.norm.weight")):
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+    if name.endswith("norm.weight"):  # zero-centred norms: 0 is a scale of 1
+        return torch.zeros(shape, dtype=torch.bfloat16, device=device)
+    std = 0.1 if name.endswith("conv1d.weight") else 0.02
+    return (torch.randn(shape, generator=gen, device=device) * std).to(torch.bfloat16)
+
+
+def _random_blobs(layout: BlobLayout, n: int, bits: int, gen: torch.Generator, device: str) -> torch.Tensor:
+    """n blobs with uniform random codes and scales/biases that put weights at about N(0, 0.02) magnitude."""
+    blobs = torch.zeros(n, layout.blob_bytes, dtype=torch.uint8, device=device)
+    levels = (1 << bits) - 1
+    for s in layout.segments:
+        region = blobs[:, s.offset : s.offset + s.nbytes]
+        if s.name.endswith(".packed"):
+            region.random_(0, 256, generator=gen)
+        else:
+            scale = torch.empty(n, s.nbytes // 2, device=device).uniform_(0.06, 0.08, generator=gen) / levels
+            value = scale if s.name.endswith(".scales") else -scale * levels / 2
+            region.copy_(value.to(SCALE_DTYPE).view(torch.uint8).view(n, s.nbytes))
+    return blobs
+
+
+def write_random_store(dst: str | os.PathLike, hf_config: dict, bits: int = 4, group_size: int = 64, seed: int = 0,
+                       device: str = "cpu", progress: Callable[[int], None] | None = None) -> Path:
+    """Write a complete random-weight store for `hf_config` (a config.json dict) at `dst`; random numbers are
+    drawn on `device` (a GPU makes tens of GB in seconds)."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FlashMoeError(f"destination {dst} exists and is not empty")
+    progress = progress or (lambda n: None)
+    cfg = ModelConfig.from_hf(hf_config)
+    split_layout = dataclasses.replace(cfg, family="qwen3_5_moe")  # stores hold Qwen3.5's split DeltaNet layout
+    gen = torch.Generator(device).manual_seed(seed)
+    (dst / "experts").mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
+
+    names = [(out, shape) for item in resident_plan(split_layout, _EveryTensor()) for out, shape in
+             zip(item.outputs, item.sources.values())]
+    files, shard, shard_bytes, resident_bytes = [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"resident-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(dst / name), metadata={"format": "pt"})
+        files.append(name)
+        shard, shard_bytes = {}, 0
+
+    for name, shape in names:
+        t = _random_resident(name, shape, gen, device).cpu()
+        nbytes = t.numel() * t.element_size()
+        if shard and shard_bytes + nbytes > DEFAULT_SHARD_BYTES:
+            flush()
+        shard[name] = t
+        shard_bytes += nbytes
+        resident_bytes += nbytes
+        progress(nbytes)
+    flush()
+
+    layout = expert_layout(cfg, bits, group_size)
+    layers = {}
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        for layer in cfg.moe_layers:
+            blobs = _random_blobs(layout, cfg.num_experts, bits, gen, device).cpu().numpy()
+            sums = list(pool.map(crc32, blobs))
+            rel = expert_file_name(layer)
+            with open(dst / rel, "wb") as f:
+                f.write(blobs.data)
+            layers[str(layer)] = {"file": rel, "offsets": [e * layout.blob_bytes for e in range(cfg.num_experts)],
+                                  "sizes": [layout.blob_bytes] * cfg.num_experts, "crc32": sums}
+            progress(blobs.nbytes)
+    write_manifest(dst, cfg, bits, group_size, "BF16", files, resident_bytes, layout, layers,
+                   {"path": None, "synthetic": {"seed": seed}})
+    return dst

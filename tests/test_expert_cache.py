@@ -1,0 +1,63 @@
+"""Slot caches: LRU order, locking, staging slots, budgets; O_DIRECT reads through the fetcher."""
+
+from __future__ import annotations
+
+import pytest
+
+import flashmoe
+from flashmoe.errors import FlashMoeError
+from flashmoe.expert_cache import SlotCache, host_slab
+from flashmoe.store import BLOCK_BYTES
+from test_reference import PROMPT
+
+
+def test_lru_evicts_least_recently_used_unlocked_slot():
+    cache = SlotCache(cached_slots=2, staging_slots=1)
+    a = cache.assign((0, 1))
+    b = cache.assign((0, 2))
+    cache.unlock_all()
+    assert cache.lookup((0, 1)) == a  # (0, 1) is now the most recent
+    cache.unlock_all()
+    c = cache.assign((0, 3))  # evicts (0, 2)
+    assert c == b and (0, 2) not in cache and (0, 1) in cache
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 0, 1)
+    assert cache.lookup((0, 2)) is None and cache.stats.misses == 1
+
+
+def test_locked_slots_are_never_evicted_and_staging_takes_the_overflow():
+    cache = SlotCache(cached_slots=1, staging_slots=2)
+    kept = cache.assign((1, 0))
+    spill = [cache.assign((1, e)) for e in (1, 2)]  # the cached slot is locked: these go to staging
+    assert len({kept, *spill}) == 3 and len(cache) == 1 and (1, 0) in cache
+    with pytest.raises(RuntimeError, match="more experts in use at once"):
+        cache.assign((1, 3))
+    cache.unlock_all()  # staging slots come back; (1, 0) stays cached
+    assert cache.lookup((1, 0)) == kept
+
+
+def test_zero_budget_caches_nothing():
+    cache = SlotCache(cached_slots=0, staging_slots=4)
+    for layer in range(3):
+        slots = [cache.assign((layer, e)) for e in range(4)]
+        assert sorted(slots) == [0, 1, 2, 3]
+        cache.unlock_all()
+    assert len(cache) == 0 and cache.lookup((0, 0)) is None
+
+
+def test_host_slab_slots_are_block_aligned():
+    _, slab = host_slab(3, 2 * BLOCK_BYTES, pinned=False)
+    assert slab.shape == (3, 2 * BLOCK_BYTES)
+    assert all(slab[i].data_ptr() % BLOCK_BYTES == 0 for i in range(3))
+
+
+def test_direct_io_reads_the_same_bytes(built, tmp_path):
+    store = built.store("qwen3_5_moe", 4)
+    buffered = flashmoe.load(store, cache_gb=0).logits(PROMPT[:12])
+    try:
+        model = flashmoe.load(store, cache_gb=0, direct_io=True)
+        direct = model.logits(PROMPT[:12])
+    except FlashMoeError as exc:  # tmpfs and some overlay file systems refuse O_DIRECT: say so clearly
+        assert "does not support O_DIRECT" in str(exc)
+        pytest.skip(str(exc))
+    assert model.stats["expert_reads"] > 0
+    assert (direct == buffered).all()
