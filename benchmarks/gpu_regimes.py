@@ -142,6 +142,8 @@ def decode(store_path: Path, regime: str, tokens: int) -> dict:
             drop_page_cache()
         state = model.new_state()
         logits = model.forward(prompt, state, all_logits=False)
+        for _ in range(2):  # the first step compiles kernels eagerly, the second captures the CUDA graphs
+            logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
         model.reset_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()

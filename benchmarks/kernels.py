@@ -42,18 +42,28 @@ def main() -> None:
     starts = list(range(args.k + 1))
     moved = args.k * layout.blob_bytes
     print(f"{args.k} experts x {layout.blob_bytes / 1e6:.2f} MB = {moved / 1e6:.1f} MB per layer")
-    for bn_up in (16, 32, 64):
-        for bn_down in (16, 32, 64):
+    for bn_up in (4, 8, 16):
+        for bn_down in (4, 8, 16):
             i = [0]
 
             def step():
                 slots = rotations[i[0] % len(rotations)]
                 i[0] += 1
-                act = mt.gate_up_swiglu(x, slab, slots, token_of, expert_start, qb, expert_start_list=starts, block_n=bn_up)
+                act = mt.decode_gate_up_swiglu(x[:1], slab, slots, qb, block_n=bn_up)
                 return mt.down_weighted_sum(act, slab, slots, weights, qb, block_n=bn_down)
 
             ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
-            print(f"BLOCK_N gate_up {bn_up:3d} down {bn_down:3d}: {ms * 1e3:7.1f} us  {moved / ms / 1e6:7.0f} GB/s")
+            print(f"decode BLOCK_N gate_up {bn_up:3d} down {bn_down:3d}: {ms * 1e3:7.1f} us  {moved / ms / 1e6:7.0f} GB/s")
+    i = [0]
+
+    def grouped():
+        slots = rotations[i[0] % len(rotations)]
+        i[0] += 1
+        act = mt.gate_up_swiglu(x[:1], slab, slots, token_of, expert_start, qb, expert_start_list=starts)
+        return mt.down_grouped(act, slab, slots, expert_start, weights, qb, expert_start_list=starts)
+
+    ms = triton.testing.do_bench(grouped, warmup=50, rep=300, return_mode="median")
+    print(f"grouped (tl.dot) kernels on one token: {ms * 1e3:7.1f} us  {moved / ms / 1e6:7.0f} GB/s")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from .errors import FlashMoeError
 from .experts import ExpertFetcher
 from .models.qwen3_next import Qwen3NextModel, SequenceState
+from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import sample
 from .store import Store
@@ -39,7 +40,8 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
 
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
-                 cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool):
+                 cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
+                 use_cuda_graphs: bool = True):
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -54,6 +56,8 @@ class Model:
         self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
                                      direct_io, verify_reads)
         self.routed = RoutedExperts(store, self.fetcher, self.device)
+        self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
+            self.device.type == "cuda" and use_cuda_graphs) else None
         self._tokenizer = None
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
@@ -63,11 +67,12 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
-             io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False) -> "Model":
+             io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
+             cuda_graphs: bool = True) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
-        the page cache."""
+        the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
         for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb)):
@@ -83,7 +88,7 @@ class Model:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(Store(path), device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads)
+                   verify_reads, cuda_graphs)
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -142,7 +147,12 @@ class Model:
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         x = self.model.embed(ids)
         timers, clock = self._timers, self.routed._clock
+        # graphs from the second one-token step on: the first compiles every kernel eagerly
+        graphed = self.graphs is not None and len(token_ids) == 1 and state.decode_steps >= 1
         for layer in range(self.config.num_hidden_layers):
+            if graphed and self.graphs.layer_can_use(layer):
+                x = self.graphs.step(layer, x, state, timers, self._expert_times, clock)
+                continue
             t0 = clock()
             x = self.model.mix(layer, x, state)
             h = self.model.moe_input(layer, x)
@@ -159,6 +169,7 @@ class Model:
         timers["expert_io_ms"] = self._expert_times.io_wait_ms
         timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)
+        state.decode_steps += len(token_ids) == 1
         self._tokens["tokens"] += len(token_ids)
         return self.model.logits(x if all_logits else x[-1:])
 

@@ -33,10 +33,11 @@ class RoutedExperts:
         self.group_size = store.quantization["group_size"]
         self.sync_timing = sync_timing  # synchronize the GPU at phase ends, so the timers split GPU time too
         self.qb = None
+        self.decode_kernels = False
         if device.type == "cuda" and self.bits is not None and moe_triton.triton_available():
             qb = moe_triton.QuantBlob.from_layout(store.layout, self.bits, self.group_size)
             self.qb = qb if qb.supported else None
-        self._decode_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.decode_kernels = self.qb is not None and moe_triton.decode_supported(qb)
 
     def _clock(self) -> float:
         if self.sync_timing and self.device.type == "cuda":
@@ -85,12 +86,8 @@ class RoutedExperts:
             return routed_experts(h, ids, weights, dense)
         slots_t = moe_triton.to_device_int32(slots, self.device)
         t, k = ids.shape
-        if t == 1 and len(experts) == k:  # decode: one token, its K experts in sorted order
-            token_of, expert_start = self._decode_indices(k)
-            w = weights[0][torch.argsort(ids[0])]
-            act = moe_triton.gate_up_swiglu(h, slab, slots_t, token_of, expert_start, self.qb,
-                                            expert_start_list=list(range(k + 1)))
-            return moe_triton.down_weighted_sum(act, slab, slots_t, w, self.qb)[None]
+        if t == 1 and len(experts) == k and self.decode_kernels:  # decode: one token, its K experts in sorted order
+            return self.decode_compute(h, ids, weights, slots_t)
         # many tokens: (token, k) pairs grouped by expert; each pair's output lands in row t*K + k
         position = {e: i for i, e in enumerate(experts)}
         pairs = sorted((position[e], tok, j) for tok, row in enumerate(ids_list) for j, e in enumerate(row) if e in position)
@@ -109,8 +106,10 @@ class RoutedExperts:
         out.index_copy_(0, pair_row, y.float())
         return out.view(t, k, -1).sum(1).to(h.dtype)
 
-    def _decode_indices(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k not in self._decode_index:
-            self._decode_index[k] = (torch.zeros(k, dtype=torch.int32, device=self.device),
-                                     torch.arange(k + 1, dtype=torch.int32, device=self.device))
-        return self._decode_index[k]
+    def decode_compute(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
+        """One token's K experts, whose VRAM slots (in sorted expert order) are in `slots`: two launches, no host
+        work, so a CUDA graph can hold it."""
+        w = weights[0][torch.argsort(ids[0])]
+        slab = self.fetcher.vram_slab
+        act = moe_triton.decode_gate_up_swiglu(h, slab, slots, self.qb)
+        return moe_triton.down_weighted_sum(act, slab, slots, w, self.qb)[None]

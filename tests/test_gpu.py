@@ -100,3 +100,19 @@ def test_fla_gated_delta_rule_matches_torch(t):
     ref_out, ref_state = rule(q, k, v, g, beta, state)
     out, final = gd.gated_delta_rule(*(x.cuda() for x in (q, k, v, g, beta, state)))
     assert rel_error(out.cpu(), ref_out) < 2e-3 and rel_error(final.cpu(), ref_state) < 2e-3
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_cuda_graph_decode_equals_eager(built, arch):
+    store = built.store(arch, 4)
+    eager = flashmoe.load(store, device="cuda", dtype=torch.float32, cuda_graphs=False)
+    blob = eager.store.expert_blob_bytes
+    graphed = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    s_eager, s_graphed = eager.new_state(), graphed.new_state()
+    eager.forward(PROMPT[:8], s_eager)
+    graphed.forward(PROMPT[:8], s_graphed)
+    for t in PROMPT[8:24]:
+        assert rel_error(graphed.forward([t], s_graphed).cpu(), eager.forward([t], s_eager).cpu()) < 1e-5
+    assert s_graphed.decode_graphs and not s_eager.decode_graphs
+    assert graphed.stats["vram_cache_evictions"] > 0  # the graphs read slots the host refilled between replays
+    assert list(graphed.generate(PROMPT[:8], 16, stop_token_ids=[])) == list(eager.generate(PROMPT[:8], 16, stop_token_ids=[]))

@@ -36,7 +36,8 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("bits,hidden,inter,group", [(4, 96, 80, 16), (2, 64, 48, 16), (8, 128, 64, 32), (4, 256, 128, 64)])
+@pytest.mark.parametrize("bits,hidden,inter,group", [(4, 96, 80, 16), (2, 64, 48, 16), (8, 128, 64, 32), (4, 256, 128, 64),
+                                                     (4, 512, 192, 64), (2, 512, 256, 32), (8, 256, 320, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernels_match_reference(bits, hidden, inter, group, dtype):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
@@ -49,10 +50,13 @@ def test_decode_kernels_match_reference(bits, hidden, inter, group, dtype):
     act_ref = mt.reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert rel_error(act, act_ref) < tol
+    assert mt.decode_supported(qb)
+    assert rel_error(mt.decode_gate_up_swiglu(x, slab, slots, qb), act_ref) < tol
     weights = torch.rand(3, device=DEVICE)
-    out = mt.down_weighted_sum(act_ref, slab, slots, weights, qb)
-    ref = mt.reference_down_weighted_sum(act_ref, slab, slots, weights, layout, qb)
-    assert out.shape == (hidden,) and rel_error(out, ref) < tol
+    if mt.decode_supported(qb):
+        out = mt.down_weighted_sum(act_ref, slab, slots, weights, qb)
+        ref = mt.reference_down_weighted_sum(act_ref, slab, slots, weights, layout, qb)
+        assert out.shape == (hidden,) and rel_error(out, ref) < tol
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -77,6 +81,13 @@ def test_grouped_kernels_match_reference(bits, n_tokens):
     y = mt.down_grouped(act_ref, slab, slots, expert_start, pair_weight, qb)
     y_ref = mt.reference_down_grouped(act_ref, slab, slots, expert_start, pair_weight, layout, qb)
     assert rel_error(y, y_ref) < 1e-4
+
+
+def test_decode_step_covers_whole_groups():
+    qb = lambda bits, group, hidden, inter: mt.QuantBlob(hidden, inter, bits, group, 4096, 0, 0, 0, 0, 0, 0)  # noqa: E731
+    assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096) == 128  # 397B: a cache line of each row per step
+    assert mt.gemv_block_bytes(qb(4, 16, 96, 80), 80) == 8
+    assert not mt.decode_supported(qb(4, 24, 96, 72))  # 12-byte groups: the grouped kernels serve decode
 
 
 def test_block_k_never_straddles_a_group():

@@ -139,6 +139,49 @@ if triton is not None:
         return codes.to(tl.float32) * scale[:, None] + bias[:, None]
 
     @triton.jit
+    def _gemv_tile(base, packed_off, scales_off, biases_off, rows, row_mask, x_ptr, k0, in_features,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr):
+        """sum_k W[rows, k] x[k] over k in [k0, k0 + BLOCK_B * 8 / BITS), W dequantized on the fly -> [rows].
+
+        Decode is a matrix-vector product bound by bytes: each row's packed bytes are read as one contiguous
+        run, the codes of each bit position multiply the matching strided x, and scale and bias are applied
+        once per group: sum_g s_g (sum_k c_k x_k) + b_g (sum_k x_k)."""
+        per_byte: tl.constexpr = 8 // BITS
+        block_k: tl.constexpr = BLOCK_B * per_byte
+        n_groups: tl.constexpr = block_k // GROUP
+        b = tl.arange(0, BLOCK_B)
+        packed = tl.load(base + packed_off + rows[:, None] * (in_features // per_byte) + (k0 // per_byte + b)[None, :],
+                         mask=row_mask[:, None], other=0).to(tl.int32)
+        acc = tl.zeros(packed.shape, dtype=tl.float32)
+        for m in tl.static_range(per_byte):
+            xm = tl.load(x_ptr + k0 + b * per_byte + m).to(tl.float32)
+            acc += ((packed >> (m * BITS)) & ((1 << BITS) - 1)).to(tl.float32) * xm[None, :]
+        per_group = tl.sum(tl.reshape(acc, (acc.shape[0], n_groups, GROUP // per_byte)), axis=2)
+        x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
+        g = k0 // GROUP + tl.arange(0, n_groups)
+        groups = in_features // GROUP
+        scale = tl.load((base + scales_off).to(tl.pointer_type(tl.float16)) + rows[:, None] * groups + g[None, :],
+                        mask=row_mask[:, None], other=0.0).to(tl.float32)
+        bias = tl.load((base + biases_off).to(tl.pointer_type(tl.float16)) + rows[:, None] * groups + g[None, :],
+                       mask=row_mask[:, None], other=0.0).to(tl.float32)
+        return tl.sum(per_group * scale + bias * x_sum[None, :], axis=1)
+
+    @triton.jit
+    def _decode_gate_up_kernel(x_ptr, slab_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
+                               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+        e = tl.program_id(0)
+        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < I
+        gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_B * (8 // BITS)):
+            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B)
+            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
                                act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -173,18 +216,16 @@ if triton is not None:
     @triton.jit
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, slot_ptr, weight_ptr, out_ptr, n_experts, H, I, blob_bytes,
                                   d_packed, d_scales, d_biases, BITS: tl.constexpr, GROUP: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for e in range(n_experts):
+        for e in range(n_experts):  # in slot-list order: the sum is deterministic
             base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(act_ptr + e * I + k).to(tl.float32)
-                w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP)
-                part += tl.sum(w * a[None, :], axis=1)
+            for k0 in range(0, I, BLOCK_B * (8 // BITS)):
+                part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
+                                   BLOCK_B)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -269,13 +310,38 @@ def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert
     return act
 
 
-def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n=32):
+def gemv_block_bytes(qb: QuantBlob, in_features: int) -> int | None:
+    """Packed bytes per row per step of the decode kernels: whole groups, dividing in_features, up to 128 bytes
+    (one cache line per row); None if no such step exists (the grouped kernels then serve decode too)."""
+    per_byte = 8 // qb.bits
+    group_bytes = qb.group_size // per_byte
+    for block_b in (128, 64, 32, 16, 8, 4):
+        if block_b % group_bytes == 0 and in_features % (block_b * per_byte) == 0:
+            return block_b
+    return None
+
+
+def decode_supported(qb: QuantBlob) -> bool:
+    return gemv_block_bytes(qb, qb.hidden) is not None and gemv_block_bytes(qb, qb.intermediate) is not None
+
+
+def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int = 8):
+    """One token through G experts: x [1, H] -> act [G, I] (the decode case of gate_up_swiglu)."""
+    act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
+    grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
+    _decode_gate_up_kernel[grid](x, slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
+                                 qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
+                                 BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden))
+    return act
+
+
+def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int = 8):
     """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H]."""
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
         act, slab, slots, weights, out, slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes,
         qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
-        BLOCK_K=qb.block_k)
+        BLOCK_B=gemv_block_bytes(qb, qb.intermediate))
     return out
 
 

@@ -72,6 +72,8 @@ class DeltaNetState:
 class SequenceState:
     layers: list = field(default_factory=list)  # KVCache or DeltaNetState per layer
     position: int = 0  # tokens seen so far
+    decode_steps: int = 0  # forward calls of one token
+    decode_graphs: dict = field(default_factory=dict)  # layer -> captured CUDA graphs bound to this state's tensors
 
 
 class Qwen3NextModel:
@@ -155,14 +157,18 @@ class Qwen3NextModel:
         if state.conv is None:
             state.conv = mixed.new_zeros(mixed.shape[0], kernel - 1)
         full = torch.cat([state.conv, mixed], dim=1)
-        state.conv = full[:, -(kernel - 1):].clone()
+        state.conv.copy_(full[:, -(kernel - 1):])  # in place: a captured CUDA graph keeps these addresses
         mixed = F.silu(F.conv1d(full[None], conv_w, groups=full.shape[0])[0]).transpose(0, 1)  # [T, channels]
 
         q, k, v = torch.split(mixed, [nk * dk, nk * dk, nv * dv], dim=-1)
         q, k, v = q.view(1, t, nk, dk), k.view(1, t, nk, dk), v.view(1, t, nv, dv)
         beta = torch.sigmoid(b)[None]
         g = (-w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float()))[None]
-        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        out, final = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        if state.recurrent is None:
+            state.recurrent = final.float().clone()
+        else:
+            state.recurrent.copy_(final)
         out = gated_rms_norm(out[0], z, w[p + "norm.weight"], cfg.rms_norm_eps)
         return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 

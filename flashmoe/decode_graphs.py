@@ -1,0 +1,96 @@
+"""CUDA graphs for decode: the fixed part of a layer replays as one launch instead of dozens.
+
+A decode step of one Gated DeltaNet layer is ~60 small kernels (norms, projections, the conv, the delta
+rule, the router, the shared expert); launched from Python they cost far more host time than the GPU
+needs for them. Each such layer gets two graphs, bound to one sequence's state tensors:
+
+  front: x -> token mixing, MoE input norm, router, shared expert  (ids, weights, h, x, shared out)
+  back:  the routed experts from their VRAM slots (a static slot buffer the host fills) + the residual
+
+Between them the host reads the router's choice, fetches the experts (reads and copies) and writes
+their slots: that is the part no graph can hold. Full-attention layers (a KV cache that grows every
+step) run eagerly. Graphs are captured at a sequence's second decode step, after an eager step has
+compiled every kernel, and belong to that sequence's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .routed import ExpertTimes, RoutedExperts
+
+
+class Captured:
+    """A CUDA graph of fn over static inputs; `outputs` are its static results."""
+
+    def __init__(self, fn: Callable, inputs: list[torch.Tensor], pool):
+        self.inputs = [t.clone() for t in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(*self.inputs)
+
+    def replay(self, *inputs: torch.Tensor):
+        for static, new in zip(self.inputs, inputs):
+            if static.data_ptr() != new.data_ptr():
+                static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+class DecodeGraphs:
+    def __init__(self, model, routed: RoutedExperts, experts_per_token: int):
+        self.model, self.routed, self.k = model, routed, experts_per_token
+        self.pool = torch.cuda.graph_pool_handle()
+        self.enabled = routed.decode_kernels
+
+    def layer_can_use(self, layer: int) -> bool:
+        cfg = self.model.cfg
+        return self.enabled and cfg.layer_types[layer] == "linear_attention" and cfg.is_moe_layer(layer)
+
+    def _capture(self, layer: int, x: torch.Tensor, state) -> tuple[Captured, Captured]:
+        m, k = self.model, self.k
+
+        def front(x):
+            x = m.mix(layer, x, state)
+            h = m.moe_input(layer, x)
+            ids, weights = m.route(layer, h, k)
+            return x, h, ids, weights, m.shared_expert(layer, h)
+
+        torch.cuda.synchronize()
+        front_graph = Captured(front, [x], self.pool)
+        x_mid, h, ids, weights, shared = front_graph.outputs
+        slots = torch.zeros(k, dtype=torch.int32, device=x.device)
+
+        def back(slots):
+            return x_mid + shared + self.routed.decode_compute(h, ids, weights, slots)
+
+        back_graph = Captured(back, [slots], self.pool)
+        return front_graph, back_graph
+
+    def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
+             clock: Callable[[], float]) -> torch.Tensor:
+        """One decode step of `layer` through its graphs (captured on first use for this state)."""
+        graphs = state.decode_graphs.get(layer)
+        if graphs is None:
+            graphs = state.decode_graphs[layer] = self._capture(layer, x, state)
+        front, back = graphs
+        t0 = clock()
+        _, _, ids, _, _ = front.replay(x)
+        t1 = clock()
+        timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
+        chosen = sorted(ids[0].tolist())  # the one sync of the layer: the host needs the router's choice
+        fetcher = self.routed.fetcher
+        f = fetcher.start(layer, chosen)
+        slots = torch.tensor(fetcher.gpu_slots(f), dtype=torch.int32).pin_memory()
+        if self.routed.sync_timing:
+            fetcher.wait_copies()
+        t2 = clock()
+        x = back.replay(slots.to(x.device, non_blocking=True))
+        fetcher.finish(f)
+        t3 = clock()
+        timers["routing_ms"] += (t2 - t1) * 1e3 - f.wait_ms
+        times.io_wait_ms += f.wait_ms
+        times.compute_ms += (t3 - t2) * 1e3
+        return x
