@@ -83,7 +83,6 @@ def h2d_gbps(blob_bytes: int, n: int = 256) -> float:
                 dev[i].copy_(host[i], non_blocking=True)
         stream.synchronize()
         best = max(best, n * blob_bytes / (time.perf_counter() - t0) / 1e9)
-    torch.cuda.cudart().cudaHostUnregister(backing.data_ptr())
     return best
 
 

@@ -42,18 +42,26 @@ def main() -> None:
     starts = list(range(args.k + 1))
     moved = args.k * layout.blob_bytes
     print(f"{args.k} experts x {layout.blob_bytes / 1e6:.2f} MB = {moved / 1e6:.1f} MB per layer")
-    for bn_up in (4, 8, 16):
-        for bn_down in (4, 8, 16):
-            i = [0]
+    act = mt.decode_gate_up_swiglu(x[:1], slab, rotations[0], qb)
+    up_bytes = args.k * (layout.segments[3].offset)  # gate_up packed + scales + biases precede down
+    down_bytes = moved - up_bytes
+    for block_n in (2, 4, 8, 16):
+        for block_b in (128, 256, 512):
+            for warps in (2, 4, 8):
+                i = [0]
 
-            def step():
-                slots = rotations[i[0] % len(rotations)]
-                i[0] += 1
-                act = mt.decode_gate_up_swiglu(x[:1], slab, slots, qb, block_n=bn_up)
-                return mt.down_weighted_sum(act, slab, slots, weights, qb, block_n=bn_down)
+                def up():
+                    i[0] += 1
+                    return mt.decode_gate_up_swiglu(x[:1], slab, rotations[i[0] % 16], qb, block_n, block_b, warps)
 
-            ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
-            print(f"decode BLOCK_N gate_up {bn_up:3d} down {bn_down:3d}: {ms * 1e3:7.1f} us  {moved / ms / 1e6:7.0f} GB/s")
+                def down():
+                    i[0] += 1
+                    return mt.down_weighted_sum(act, slab, rotations[i[0] % 16], weights, qb, block_n, block_b, warps)
+
+                t_up = triton.testing.do_bench(up, warmup=20, rep=100, return_mode="median")
+                t_down = triton.testing.do_bench(down, warmup=20, rep=100, return_mode="median")
+                print(f"decode block_n {block_n:2d} block_b {block_b:3d} warps {warps}: gate_up {t_up * 1e3:6.1f} us "
+                      f"{up_bytes / t_up / 1e6:5.0f} GB/s | down {t_down * 1e3:6.1f} us {down_bytes / t_down / 1e6:5.0f} GB/s")
     i = [0]
 
     def grouped():

@@ -8,6 +8,7 @@ out); slots in use by the layer being computed are locked and never evicted.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -100,19 +101,19 @@ def host_slab(n_slots: int, slot_bytes: int, pinned: bool) -> tuple[torch.Tensor
     """(backing, slab): slab is [n_slots, slot_bytes] uint8 starting on a BLOCK_BYTES boundary (O_DIRECT needs it).
 
     Pinned slabs are registered with cudaHostRegister rather than allocated pinned: torch's pinned allocator
-    rounds sizes up to a power of two, which for a 36 GB cache would pin 64 GB. Untouched pages of an
-    unpinned slab cost no RAM, so a large budget that is never filled is free.
+    rounds sizes up to a power of two, which for a 36 GB cache would pin 64 GB. Only whole pages inside the
+    allocation are registered (slot_bytes is a multiple of the page), so no other buffer shares them, and they
+    are unregistered when the backing tensor goes away. Untouched pages of an unpinned slab cost no RAM.
     """
     backing = torch.empty(n_slots * slot_bytes + BLOCK_BYTES, dtype=torch.uint8)
     start = (-backing.data_ptr()) % BLOCK_BYTES
     slab = backing[start : start + n_slots * slot_bytes].view(n_slots, slot_bytes)
     if pinned and slab.numel():
-        rc = torch.cuda.cudart().cudaHostRegister(backing.data_ptr(), backing.numel(), 0)
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of {backing.numel() / 1e9:.1f} GB failed (error {int(rc)})")
+        cudart = torch.cuda.cudart()
+        ptr = slab.data_ptr()
+        rc = int(cudart.cudaHostRegister(ptr, slab.numel(), 0))
+        if rc != 0:
+            cudart.cudaGetLastError()  # clear it, or torch reports it at the next unrelated CUDA call
+            raise RuntimeError(f"cudaHostRegister of {slab.numel() / 1e9:.2f} GB failed (CUDA error {rc})")
+        weakref.finalize(backing, cudart.cudaHostUnregister, ptr)
     return backing, slab
-
-
-def release_host_slab(backing: torch.Tensor, pinned: bool) -> None:
-    if pinned and backing.numel():
-        torch.cuda.cudart().cudaHostUnregister(backing.data_ptr())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import FlashMoeError
-from .expert_cache import SlotCache, host_slab, release_host_slab
+from .expert_cache import SlotCache, host_slab
 from .store import ExpertLocation, Store, crc32
 
 
@@ -197,5 +197,4 @@ class ExpertFetcher:
         self._fds.clear()
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
-        release_host_slab(self._ram_backing, self.on_gpu)
-        self._ram_backing = self.ram_slab = None
+        self._ram_backing = self.ram_slab = None  # the last reference: its pages are unregistered and freed

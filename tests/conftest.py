@@ -10,6 +10,11 @@ if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import transformers.utils.import_utils as _hf_imports  # noqa: E402
+
+# transformers is the float32 CPU reference: where fla-core is installed (the GPU machine) it would swap in
+# fla's Triton kernels, which refuse CPU tensors. Hide fla from it before its model modules are imported.
+_hf_imports.is_flash_linear_attention_available = lambda: False
 
 from flashmoe.convert import convert  # noqa: E402
 from flashmoe.tiny import build_tiny_checkpoint  # noqa: E402

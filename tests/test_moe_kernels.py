@@ -85,7 +85,8 @@ def test_grouped_kernels_match_reference(bits, n_tokens):
 
 def test_decode_step_covers_whole_groups():
     qb = lambda bits, group, hidden, inter: mt.QuantBlob(hidden, inter, bits, group, 4096, 0, 0, 0, 0, 0, 0)  # noqa: E731
-    assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096) == 128  # 397B: a cache line of each row per step
+    assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096) == 512  # 397B: four cache lines of each row per step
+    assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096, most=128) == 128
     assert mt.gemv_block_bytes(qb(4, 16, 96, 80), 80) == 8
     assert not mt.decode_supported(qb(4, 24, 96, 72))  # 12-byte groups: the grouped kernels serve decode
 

@@ -310,12 +310,14 @@ def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert
     return act
 
 
-def gemv_block_bytes(qb: QuantBlob, in_features: int) -> int | None:
-    """Packed bytes per row per step of the decode kernels: whole groups, dividing in_features, up to 128 bytes
-    (one cache line per row); None if no such step exists (the grouped kernels then serve decode too)."""
+def gemv_block_bytes(qb: QuantBlob, in_features: int, most: int = 512) -> int | None:
+    """Packed bytes per row per step of the decode kernels: whole groups, dividing in_features, at most `most`
+    (several cache lines of each row in flight); None if no such step exists (the grouped kernels then serve)."""
     per_byte = 8 // qb.bits
     group_bytes = qb.group_size // per_byte
-    for block_b in (128, 64, 32, 16, 8, 4):
+    for block_b in (512, 256, 128, 64, 32, 16, 8, 4):
+        if block_b > most:
+            continue
         if block_b % group_bytes == 0 and in_features % (block_b * per_byte) == 0:
             return block_b
     return None
@@ -325,23 +327,32 @@ def decode_supported(qb: QuantBlob) -> bool:
     return gemv_block_bytes(qb, qb.hidden) is not None and gemv_block_bytes(qb, qb.intermediate) is not None
 
 
-def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int = 8):
+DECODE_TILE = dict(block_n=4, block_b=512, num_warps=4)  # measured on the H100: benchmarks/kernels.py
+
+
+def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
+                          num_warps: int | None = None):
     """One token through G experts: x [1, H] -> act [G, I] (the decode case of gate_up_swiglu)."""
+    block_n = block_n or DECODE_TILE["block_n"]
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
     _decode_gate_up_kernel[grid](x, slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
-                                 BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden))
+                                 BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"]),
+                                 num_warps=num_warps or DECODE_TILE["num_warps"])
     return act
 
 
-def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int = 8):
+def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
+                      num_warps: int | None = None):
     """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H]."""
+    block_n = block_n or DECODE_TILE["block_n"]
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
         act, slab, slots, weights, out, slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes,
         qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
-        BLOCK_B=gemv_block_bytes(qb, qb.intermediate))
+        BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
+        num_warps=num_warps or DECODE_TILE["num_warps"])
     return out
 
 
