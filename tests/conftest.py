@@ -9,12 +9,33 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (must be set before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import transformers.utils.import_utils as _hf_imports  # noqa: E402
+import sys  # noqa: E402
 
-# transformers is the float32 CPU reference: where fla-core is installed (the GPU machine) it would swap in
-# fla's Triton kernels, which refuse CPU tensors. Hide fla from it before its model modules are imported.
-_hf_imports.is_flash_linear_attention_available = lambda: False
+import pytest  # noqa: E402
+
+
+def _import_transformers_models_without_fla() -> None:
+    """transformers is our float32 CPU reference; where fla-core is installed (the GPU machine) it binds fla's
+    Triton kernels when its model modules are imported, and those refuse CPU tensors. Import them with fla
+    hidden, so they bind their torch paths; flashmoe itself still finds fla."""
+    import transformers.utils.import_utils as hf_imports
+
+    saved = sys.modules.get("fla")
+    sys.modules["fla"] = None  # import fla -> ImportError
+    available = hf_imports.is_flash_linear_attention_available
+    hf_imports.is_flash_linear_attention_available = lambda: False
+    try:
+        import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe  # noqa: F401
+        import transformers.models.qwen3_next.modeling_qwen3_next  # noqa: F401
+    finally:
+        hf_imports.is_flash_linear_attention_available = available
+        if saved is None:
+            del sys.modules["fla"]
+        else:
+            sys.modules["fla"] = saved
+
+
+_import_transformers_models_without_fla()
 
 from flashmoe.convert import convert  # noqa: E402
 from flashmoe.tiny import build_tiny_checkpoint  # noqa: E402
