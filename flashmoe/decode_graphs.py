@@ -42,7 +42,6 @@ class Captured:
 class DecodeGraphs:
     def __init__(self, model, routed: RoutedExperts, experts_per_token: int):
         self.model, self.routed, self.k = model, routed, experts_per_token
-        self.pool = torch.cuda.graph_pool_handle()
         self.enabled = routed.decode_kernels
 
     def layer_can_use(self, layer: int) -> bool:
@@ -59,14 +58,17 @@ class DecodeGraphs:
             return x, h, ids, weights, m.shared_expert(layer, h)
 
         torch.cuda.synchronize()
-        front_graph = Captured(front, [x], self.pool)
+        # one memory pool per sequence: a pool shared across sequences would outlive its graphs, and capturing
+        # into a pool whose graphs were all freed trips an internal assert in torch's allocator (seen on 2.11)
+        pool = state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        front_graph = Captured(front, [x], pool)
         x_mid, h, ids, weights, shared = front_graph.outputs
         slots = torch.zeros(k, dtype=torch.int32, device=x.device)
 
         def back(slots):
             return x_mid + shared + self.routed.decode_compute(h, ids, weights, slots)
 
-        back_graph = Captured(back, [slots], self.pool)
+        back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
 
     def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
@@ -81,16 +83,17 @@ class DecodeGraphs:
         t1 = clock()
         timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
         chosen = sorted(ids[0].tolist())  # the one sync of the layer: the host needs the router's choice
+        t2 = clock()
         fetcher = self.routed.fetcher
         f = fetcher.start(layer, chosen)
         slots = torch.tensor(fetcher.gpu_slots(f), dtype=torch.int32).pin_memory()
         if self.routed.sync_timing:
             fetcher.wait_copies()
-        t2 = clock()
+        t3 = clock()
         x = back.replay(slots.to(x.device, non_blocking=True))
         fetcher.finish(f)
-        t3 = clock()
-        timers["routing_ms"] += (t2 - t1) * 1e3 - f.wait_ms
-        times.io_wait_ms += f.wait_ms
-        times.compute_ms += (t3 - t2) * 1e3
+        t4 = clock()
+        timers["routing_ms"] += (t2 - t1) * 1e3
+        times.io_wait_ms += (t3 - t2) * 1e3  # reads, copies and the host's bookkeeping for them
+        times.compute_ms += (t4 - t3) * 1e3
         return x
