@@ -15,7 +15,6 @@ import datetime
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch
 import flashmoe
 from flashmoe.convert import convert
 from flashmoe.tiny import build_tiny_checkpoint
+from common import publish, timed_decode
 
 
 def machine() -> str:
@@ -39,17 +39,7 @@ def measure(store: Path, device: str, cache_gb: float, tokens: int, k: int | Non
     prompt = list(range(10, 42))
     if cache_gb > 0:  # warm: every expert in the cache
         model.warm_cache()
-    state = model.new_state()
-    logits = model.forward(prompt, state, all_logits=False)
-    for _ in range(2):  # on cuda the first step compiles kernels, the second captures the CUDA graphs
-        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-    model.reset_stats()
-    t0 = time.perf_counter()
-    for _ in range(tokens):
-        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3
+    wall_ms = timed_decode(model, prompt, tokens)
     s = model.stats
     model.close()
     per_layer = tokens * model.config.num_hidden_layers
@@ -92,10 +82,7 @@ def main() -> None:
             f"{args.bits}-bit ({datetime.date.today()})\n\n`{cmd}` on {machine()}. Decode only (after a 32-token "
             f"prefill), greedy; the split columns are ms per layer per token, host-side timers (on CUDA they include "
             f"kernel launches, not queued GPU work).\n\n{header}\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

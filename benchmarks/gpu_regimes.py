@@ -39,6 +39,7 @@ from flashmoe.expert_cache import host_slab
 from flashmoe.store import Store
 from flashmoe.synthetic import QWEN3_5_397B, expert_layout, write_random_store
 from flashmoe.config import ModelConfig
+from common import publish, timed_decode
 
 K = 4  # Flash-MoE's measured sweet spot for this model
 LAYERS_OF_REAL_MODEL = 60
@@ -139,18 +140,7 @@ def decode(store_path: Path, regime: str, tokens: int) -> dict:
         model.sync_timing = timing == "split"
         if spec["cold"]:
             drop_page_cache()
-        state = model.new_state()
-        logits = model.forward(prompt, state, all_logits=False)
-        for _ in range(2):  # the first step compiles kernels eagerly, the second captures the CUDA graphs
-            logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-        model.reset_stats()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(tokens):
-            logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
-        results[timing] = (wall_ms, model.stats)
+        results[timing] = (timed_decode(model, prompt, tokens), model.stats)
     model.close()
     layers = store.config.num_hidden_layers
     wall_ms, s = results["wall"]
@@ -233,11 +223,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         if args.json:  # after every regime, so a run cut short keeps what it measured
             args.json.write_text(json.dumps({"bandwidths": bw, "regimes": rows}, indent=1))
-    text = report(args, bw, rows, store, blob)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    publish(report(args, bw, rows, store, blob), args.out)
 
 
 def cgroup_run(args, regime: str, memory_max: str) -> dict:

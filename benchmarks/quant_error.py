@@ -31,7 +31,7 @@ def main() -> None:
         exact_model = flashmoe.load(convert(ckpt, root / "exact", bits=None))
         exact = exact_model.logits(PROMPT)
         exact_tokens = list(exact_model.generate(PROMPT[:8], 32, stop_token_ids=[]))
-        print(f"| bits | group | relative logit error | top-1 agreement (prompt) | greedy tokens equal (of 32) |")
+        print("| bits | group | relative logit error | top-1 agreement (prompt) | greedy tokens equal (of 32) |")
         print("|---|---|---|---|---|")
         for bits in (8, 4, 2):
             model = flashmoe.load(convert(ckpt, root / f"q{bits}", bits=bits, group_size=args.group_size))

@@ -22,6 +22,7 @@ import torch
 
 import flashmoe
 from flashmoe.synthetic import QWEN3_NEXT_80B, write_random_store
+from common import publish, timed_decode
 
 LAYERS = 48
 
@@ -59,16 +60,7 @@ def flashmoe_decode(store: Path, tokens: int) -> tuple[float, float]:
     """(ms per layer, tok/s) of flashmoe decode with every expert in VRAM."""
     model = flashmoe.load(store, device="cuda", vram_cache_gb=1000, cache_gb=0, io_threads=16)
     model.warm_cache()
-    state = model.new_state()
-    logits = model.forward(list(range(100, 116)), state, all_logits=False)
-    for _ in range(3):  # eager step, graph capture, one replay
-        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(tokens):
-        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) * 1e3
+    ms = timed_decode(model, list(range(100, 116)), tokens, warm_steps=3)  # eager, capture, one replay
     hit = model.stats["vram_cache_hit_rate"]
     model.close()
     assert hit == 1.0, f"expected every expert in VRAM, hit rate {hit}"
@@ -101,10 +93,7 @@ def main() -> None:
             "| engine | ms/layer | decode tok/s at 48 layers |\n|---|---|---|\n"
             f"| transformers, bf16, {args.hf_layers} layers measured | {hf_ms:.3f} | {1e3 / (hf_ms * LAYERS):.2f} (extrapolated) |\n"
             f"| flashmoe, 4-bit, 48 layers | {ours_ms:.3f} | {ours_tok_s:.2f} (measured) |\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from .kernels.moe_triton import to_device_int32
 from .routed import ExpertTimes, RoutedExperts
 
 
@@ -86,11 +87,11 @@ class DecodeGraphs:
         t2 = clock()
         fetcher = self.routed.fetcher
         f = fetcher.start(layer, chosen)
-        slots = torch.tensor(fetcher.gpu_slots(f), dtype=torch.int32).pin_memory()
+        slots = fetcher.gpu_slots(f)
         if self.routed.sync_timing:
             fetcher.wait_copies()
         t3 = clock()
-        x = back.replay(slots.to(x.device, non_blocking=True))
+        x = back.replay(to_device_int32(slots, x.device))
         fetcher.finish(f)
         t4 = clock()
         timers["routing_ms"] += (t2 - t1) * 1e3

@@ -73,14 +73,14 @@ class Model:
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
         the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs."""
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        on_gpu = device.startswith("cuda")
+        if on_gpu and not torch.cuda.is_available():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
         for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb)):
             if value is not None and value < 0:
                 raise FlashMoeError(f"{name} must be >= 0, not {value}")
-        if vram_cache_gb is not None and not device.startswith("cuda"):
+        if vram_cache_gb is not None and not on_gpu:
             raise FlashMoeError("vram_cache_gb needs device='cuda'")
-        on_gpu = device.startswith("cuda")
         dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         if cache_gb is None:
             cache_bytes = 0 if on_gpu else default_cache_bytes()

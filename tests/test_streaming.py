@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 
 import psutil
-import pytest
 import torch
 
 import flashmoe

@@ -182,18 +182,32 @@ if triton is not None:
         tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr, blob_bytes,
+                    BLOCK_T: tl.constexpr):
+        """The grouped kernels' tile: its rows of (token, expert) pairs, their mask, and where its expert's
+        blob starts in the slab."""
+        tile = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + tile)
+        pairs = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_T)
+        pair_mask = pairs < tl.load(expert_start_ptr + e + 1)
+        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        return pairs, pair_mask, base
+
+    @triton.jit
+    def _dot_weights_t(a, w, IEEE: tl.constexpr):
+        """a @ w^T with the dequantized float32 w: exact float32 (IEEE) for float32 inputs, else in a's dtype."""
+        if IEEE:
+            return tl.dot(a, tl.trans(w), input_precision="ieee")
+        return tl.dot(a, tl.trans(w.to(a.dtype)))
+
+    @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
                                act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        tile = tl.program_id(0)
-        e = tl.load(tile_expert_ptr + tile)
-        first = tl.load(tile_row_ptr + tile)
-        end = tl.load(expert_start_ptr + e + 1)
-        pairs = first + tl.arange(0, BLOCK_T)
-        pair_mask = pairs < end
+        pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
+                                             blob_bytes, BLOCK_T)
         tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
-        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < I
         acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -203,12 +217,8 @@ if triton is not None:
             xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
             wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP)
             wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP)
-            if IEEE:
-                acc_g += tl.dot(xt, tl.trans(wg), input_precision="ieee")
-                acc_u += tl.dot(xt, tl.trans(wu), input_precision="ieee")
-            else:
-                acc_g += tl.dot(xt, tl.trans(wg.to(xt.dtype)))
-                acc_u += tl.dot(xt, tl.trans(wu.to(xt.dtype)))
+            acc_g += _dot_weights_t(xt, wg, IEEE)
+            acc_u += _dot_weights_t(xt, wu, IEEE)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(act_ptr + pairs[:, None].to(tl.int64) * I + n[None, :], act.to(act_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])
@@ -234,13 +244,8 @@ if triton is not None:
                              expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        tile = tl.program_id(0)
-        e = tl.load(tile_expert_ptr + tile)
-        first = tl.load(tile_row_ptr + tile)
-        end = tl.load(expert_start_ptr + e + 1)
-        pairs = first + tl.arange(0, BLOCK_T)
-        pair_mask = pairs < end
-        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
+                                             blob_bytes, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -248,10 +253,7 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
             w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+            acc += _dot_weights_t(a, w, IEEE)
         acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,34 @@
+"""What the benchmark scripts share: the timed decode loop and how a result is published."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed_decode(model, prompt: list[int], tokens: int, warm_steps: int = 2) -> float:
+    """Milliseconds for `tokens` greedy decode steps of a fresh sequence, after prefilling `prompt` and
+    `warm_steps` untimed steps (on a GPU the first compiles kernels eagerly, the second captures the CUDA
+    graphs); the model's stats are reset before the timed steps, so they describe those alone."""
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    state = model.new_state()
+    logits = model.forward(prompt, state, all_logits=False)
+    for _ in range(warm_steps):
+        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+    model.reset_stats()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print a result section and append it to the markdown file `out`, if given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text)
