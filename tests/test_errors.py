@@ -195,3 +195,13 @@ def test_bad_generation_arguments(built):
         list(model.generate([1, 2], 3, top_p=0))
     with pytest.raises(FlashMoeError, match="experts_per_token must be between 1 and 16"):
         flashmoe.load(built.store("qwen3_5_moe", 4), experts_per_token=17)
+
+
+def test_bad_cache_options(built):
+    store = built.store("qwen3_5_moe", 4)
+    with pytest.raises(FlashMoeError, match="cache_gb must be >= 0, not -1"):
+        flashmoe.load(store, cache_gb=-1)
+    with pytest.raises(FlashMoeError, match="vram_cache_gb must be >= 0"):
+        flashmoe.load(store, device="cuda" if torch.cuda.is_available() else "cpu", vram_cache_gb=-2)
+    with pytest.raises(FlashMoeError, match="vram_cache_gb needs device='cuda'"):
+        flashmoe.load(store, vram_cache_gb=1)
