@@ -20,7 +20,7 @@ from .experts import ExpertFetcher
 from .models.qwen3_next import Qwen3NextModel, SequenceState
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
-from .sampling import sample
+from .sampling import TokenConstraint, sample
 from .store import Store
 
 TIMERS = ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")
@@ -185,10 +185,12 @@ class Model:
         return self.forward(list(token_ids), self.new_state())
 
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None) -> Iterator[int]:
+                 top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                 constraint: TokenConstraint | None = None) -> Iterator[int]:
         """Yield new token ids as they are made; stops after max_new_tokens or on a stop token (which is yielded).
 
-        stop_token_ids=None stops on the model's end-of-sequence tokens; [] never stops early.
+        stop_token_ids=None stops on the model's end-of-sequence tokens; [] never stops early. `constraint`
+        (a grammar, see grammar.py) masks the logits of each step and ends generation when it is complete.
         """
         if max_new_tokens < 0:
             raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
@@ -204,10 +206,16 @@ class Model:
         self._tokens["prompt_tokens"] += len(token_ids)
         self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
         for i in range(max_new_tokens):
-            token = sample(logits[-1].cpu(), temperature, top_p, top_k, generator)
+            row = logits[-1].float().cpu()
+            if constraint is not None:
+                row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
+                constraint.mask(row)
+            token = sample(row, temperature, top_p, top_k, generator)
+            if constraint is not None:
+                constraint.accept(token)
             self._tokens["generated_tokens"] += 1
             yield token
-            if token in stops or i == max_new_tokens - 1:
+            if token in stops or i == max_new_tokens - 1 or (constraint is not None and constraint.finished):
                 return
             t0 = time.perf_counter()
             logits = self.forward([token], state, all_logits=False)

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class TokenConstraint(Protocol):
+    """A grammar over the output (grammar.py): masks each step's logits, then advances on the chosen token."""
+
+    def mask(self, logits: torch.Tensor) -> None: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

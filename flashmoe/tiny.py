@@ -1,7 +1,8 @@
 """Tiny random-weight checkpoints built with transformers' own classes: the demo's model and the tests' fixtures.
 
 They are saved with save_pretrained (sharded safetensors, bf16), byte for byte the format of the real
-Qwen3.5-MoE / Qwen3-Next checkpoints, with a small byte-level BPE tokenizer and a ChatML template.
+Qwen3.5-MoE / Qwen3-Next checkpoints, with a small byte-level BPE tokenizer and a chat template in the
+family's own format (tools, tool calls, the thinking switch: see tiny_templates.py).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from .tiny_templates import QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
+
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next")
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
 Only the experts the router picks are read from the disk, so a model far larger than memory still runs.
 The quick brown fox jumps over the lazy dog. Hello world! What is the capital of France? Paris.
@@ -25,18 +26,19 @@ Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices
 """
 
 
-def build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKUP_TOKENS), special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -87,7 +89,8 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
            "qwen3_next": Qwen3NextForCausalLM}[arch]
     model = cls(config)
     _randomize(model, seed)
-    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size)
+    template = QWEN3_CHAT_TEMPLATE if arch == "qwen3_next" else QWEN3_5_CHAT_TEMPLATE
+    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)

@@ -1,0 +1,240 @@
+"""Chat: render messages with the checkpoint's own template, and split the model's output into reasoning,
+content and tool calls, also while it streams.
+
+Tool-call formats, read off the template: Qwen3 and Qwen3-Next write `<tool_call>{"name", "arguments"}</tool_call>`
+("json"); Qwen3.5 writes `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`
+("xml"), with string values raw and other values as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import FlashMoeError
+
+THINK_BEGIN, THINK_END = "<think>", "</think>"
+CALL_BEGIN, CALL_END = "<tool_call>", "</tool_call>"
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+
+def detect_tool_format(template: str | None) -> str | None:
+    """"xml", "json" or None (the template does not take tools)."""
+    if not template or "tools" not in template:
+        return None
+    if "<function=" in template:
+        return "xml"
+    if CALL_BEGIN in template:
+        return "json"
+    return None
+
+
+def _text_of(content, role: str) -> str:
+    """OpenAI content: a string, null, or a list of parts of which we take the text ones."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise FlashMoeError(f"{role} message: content parts of type {part.get('type')!r} are not supported "
+                                "(text only)")
+        texts.append(part.get("text", ""))
+    return "".join(texts)
+
+
+def _template_message(message: dict) -> dict:
+    """An OpenAI message as the Qwen templates read it: text content, tool-call arguments as objects."""
+    out = {"role": message["role"], "content": _text_of(message.get("content"), message["role"])}
+    if message.get("tool_calls"):
+        calls = []
+        for call in message["tool_calls"]:
+            fn = dict(call["function"])
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+                except json.JSONDecodeError as exc:
+                    raise FlashMoeError(f"tool call {fn.get('name')!r}: arguments are not valid JSON ({exc})") from exc
+            calls.append({"id": call.get("id"), "type": "function", "function": fn})
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name", "reasoning_content"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    return out
+
+
+class ChatFormat:
+    """A checkpoint's chat template and what it implies: the tool-call format and whether it thinks."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.template = getattr(tokenizer, "chat_template", None)
+        self.tool_format = detect_tool_format(self.template)
+        self.thinks = bool(self.template) and THINK_BEGIN in self.template
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
+        if not self.template:
+            raise FlashMoeError("this model has no chat template; use /v1/completions with a plain prompt")
+        if tools and self.tool_format is None:
+            raise FlashMoeError("this model's chat template does not take tools")
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template([_template_message(m) for m in messages], tools=tools or None,
+                                                      add_generation_prompt=True, tokenize=False, **template_kwargs)
+        except TemplateError as exc:
+            raise FlashMoeError(f"the chat template rejected these messages: {exc}") from exc
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+
+@dataclass
+class ParsedDelta:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.reasoning or self.content or self.tool_calls)
+
+
+def _parameter_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
+    types = {}
+    for tool in tools or []:
+        fn = tool.get("function", {})
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        types[fn.get("name")] = {k: (v.get("type") if isinstance(v, dict) else None) for k, v in props.items()}
+    return types
+
+
+def parse_tool_call(block: str, tool_format: str, parameter_types: dict[str, dict[str, str]]) -> ToolCall | None:
+    """The text between <tool_call> and </tool_call> as a ToolCall, or None if it is not one."""
+    if tool_format == "json":
+        try:
+            obj = json.loads(block)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None
+        args = obj.get("arguments", {})
+        return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    match = _XML_FUNCTION.search(block)
+    if match is None:
+        return None
+    name = match.group(1).strip()
+    types = parameter_types.get(name, {})
+    args = {}
+    for key, raw in _XML_PARAMETER.findall(match.group(2)):
+        key, value = key.strip(), raw.removeprefix("\n").removesuffix("\n")
+        args[key] = value
+        if types.get(key) not in (None, "string"):  # numbers, booleans, objects and arrays are written as JSON
+            try:
+                args[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that could be the start of `marker` (held back while streaming)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class OutputParser:
+    """Splits generated text into reasoning, content and tool calls as it arrives.
+
+    Text that may be the start of a marker is held back until it is decided; a tool call is reported whole
+    when its closing tag arrives; content never starts or ends with whitespace.
+    """
+
+    def __init__(self, tool_format: str | None = None, tools: list[dict] | None = None,
+                 prompt_opened_think: bool = False, parse_reasoning: bool = True):
+        self.tool_format = tool_format
+        self._types = _parameter_types(tools)
+        self._state = "reasoning" if prompt_opened_think else "content"
+        self._parse_reasoning = parse_reasoning
+        self._at_start = True
+        self._pending = ""
+        self._content_started = False
+
+    def feed(self, text: str) -> ParsedDelta:
+        self._pending += text
+        delta = ParsedDelta()
+        while self._step(delta):
+            pass
+        return delta
+
+    def close(self) -> ParsedDelta:
+        delta = ParsedDelta()
+        rest, self._pending = self._pending, ""
+        if self._state == "reasoning":
+            delta.reasoning = rest
+        else:  # an unfinished tool call is shown as the text it is
+            self._emit_content(delta, rest.rstrip())
+        return delta
+
+    def _step(self, delta: ParsedDelta) -> bool:
+        """Consume what can be decided of the pending text; True if the state changed and there may be more."""
+        p = self._pending
+        if self._state == "reasoning":
+            i = p.find(THINK_END)
+            if i < 0:
+                keep = _partial_suffix(p, THINK_END)
+                delta.reasoning += p[:len(p) - keep]
+                self._pending = p[len(p) - keep:]
+                return False
+            delta.reasoning += p[:i]
+            self._pending, self._state = p[i + len(THINK_END):], "content"
+            return True
+        if self._state == "content":
+            if self._at_start and self._parse_reasoning:
+                stripped = p.lstrip()
+                if THINK_BEGIN.startswith(stripped) and len(stripped) < len(THINK_BEGIN):
+                    return False  # may still become <think>
+                self._at_start = False
+                if stripped.startswith(THINK_BEGIN):
+                    self._pending, self._state = stripped[len(THINK_BEGIN):], "reasoning"
+                    return True
+            i = p.find(CALL_BEGIN) if self.tool_format else -1
+            if i >= 0:
+                self._emit_content(delta, p[:i].rstrip())
+                self._pending, self._state = p[i + len(CALL_BEGIN):], "tool"
+                return True
+            keep = _partial_suffix(p, CALL_BEGIN) if self.tool_format else 0
+            body = p[:len(p) - keep]
+            ready = body.rstrip()  # trailing whitespace waits: it may be what separates content from a tool call
+            self._emit_content(delta, ready)
+            self._pending = body[len(ready):] + p[len(p) - keep:]
+            return False
+        i = p.find(CALL_END)
+        if i < 0:
+            return False
+        call = parse_tool_call(p[:i].strip(), self.tool_format, self._types)
+        if call is None:  # not a well-formed call: keep the text as content rather than lose it
+            self._emit_content(delta, CALL_BEGIN + p[:i + len(CALL_END)])
+        else:
+            delta.tool_calls.append(call)
+        self._pending, self._state = p[i + len(CALL_END):], "content"
+        return True
+
+    def _emit_content(self, delta: ParsedDelta, text: str) -> None:
+        if not self._content_started:
+            text = text.lstrip()
+        if text:
+            delta.content += text
+            self._content_started = True

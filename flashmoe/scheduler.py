@@ -1,0 +1,199 @@
+"""One model, many clients: a worker thread that owns the model and interleaves requests token by token.
+
+Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state, and the
+worker gives every running request one token per round, so a long generation never starves a short one.
+A request whose client went away is dropped at its next turn. The HTTP side never touches the model: it
+submits a job and reads the job's tokens from an asyncio queue the worker fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .errors import FlashMoeError
+from .sampling import TokenConstraint
+
+TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this many seconds
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+class QueueFull(FlashMoeError):
+    pass
+
+
+class Job:
+    """One request as the worker sees it. Tokens and the final `Finished` arrive through `events()`."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None,
+                 loop: asyncio.AbstractEventLoop):
+        self.id = next(self._ids)
+        self.prompt_ids, self.params, self.constraint = prompt_ids, params, constraint
+        self.completion_tokens = 0
+        self.last_token: int | None = None
+        self.cancel_reason: str | None = None
+        self._cancelled = threading.Event()
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.generator = None  # the model's token generator, made when the job starts running
+
+    def cancel(self, reason: str | None = "cancelled") -> None:
+        """Stop generating at the next turn; reason None means a normal end (say, a stop string was reached)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
+            self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _push(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    async def events(self) -> AsyncIterator[int | Finished]:
+        while True:
+            item = await self._queue.get()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+
+@dataclass
+class SchedulerStats:
+    waiting: int = 0
+    active: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    tokens_per_s: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model, max_active: int = 4, max_waiting: int = 64):
+        if max_active < 1 or max_waiting < 0:
+            raise FlashMoeError("need max_active >= 1 and max_waiting >= 0")
+        self.model = model
+        self.max_active, self.max_waiting = max_active, max_waiting
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._counts = SchedulerStats()
+        self._token_times: collections.deque[float] = collections.deque()
+        self._thread = threading.Thread(target=self._run, name="flashmoe-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None) -> Job:
+        """Queue a request (from the event loop's thread); raises QueueFull when max_waiting are waiting."""
+        job = Job(prompt_ids, params, constraint, asyncio.get_running_loop())
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting and len(self._active) >= self.max_active:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    @property
+    def stats(self) -> SchedulerStats:
+        with self._wake:
+            now = time.perf_counter()
+            while self._token_times and now - self._token_times[0] > TOKENS_PER_S_WINDOW_S:
+                self._token_times.popleft()
+            return SchedulerStats(**{**self._counts.__dict__, "waiting": len(self._waiting),
+                                     "active": len(self._active),
+                                     "tokens_per_s": len(self._token_times) / TOKENS_PER_S_WINDOW_S})
+
+    # ---- the worker thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                while self._waiting and len(self._active) < self.max_active:
+                    self._active.append(self._waiting.popleft())
+                running = list(self._active)
+            for job in running:  # one token each: round robin
+                if not self._step(job):
+                    with self._wake:
+                        self._active.remove(job)
+        for job in list(self._active) + list(self._waiting):
+            self._end(job, Finished("cancelled", "the server is shutting down"))
+
+    def _step(self, job: Job) -> bool:
+        """Advance one job by a token; False when it is done."""
+        if job.cancelled:
+            self._end(job, Finished("stop") if job.cancel_reason is None else Finished("cancelled", job.cancel_reason))
+            return False
+        p = job.params
+        try:
+            if job.generator is None:
+                job.generator = self.model.generate(job.prompt_ids, p.max_tokens, p.temperature, p.top_p, p.top_k,
+                                                    p.seed, constraint=job.constraint)
+                with self._wake:
+                    self._counts.prompt_tokens += len(job.prompt_ids)
+            token = next(job.generator)
+        except StopIteration:
+            last_was_stop = job.completion_tokens and job.last_token in self.model.eos_token_ids
+            length = job.completion_tokens >= p.max_tokens and not last_was_stop
+            self._end(job, Finished("length" if length else "stop"))
+            return False
+        except Exception as exc:  # a bad request or a broken store fails this job, never the server
+            message = str(exc) if isinstance(exc, FlashMoeError) else f"{type(exc).__name__}: {exc}"
+            self._end(job, Finished("error", message))
+            return False
+        job.completion_tokens += 1
+        job.last_token = token
+        with self._wake:
+            self._counts.generated_tokens += 1
+            self._token_times.append(time.perf_counter())
+        job._push(token)
+        return True
+
+    def _end(self, job: Job, finished: Finished) -> None:
+        if job.generator is not None:
+            job.generator.close()  # frees the sequence state (KV cache, recurrent state, graphs)
+            job.generator = None
+        with self._wake:
+            if finished.reason == "cancelled":
+                self._counts.requests_cancelled += 1
+            elif finished.reason == "error":
+                self._counts.requests_failed += 1
+            else:
+                self._counts.requests_finished += 1
+        job._push(finished)

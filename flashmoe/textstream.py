@@ -1,0 +1,57 @@
+"""From token ids to text as they stream: incremental decoding and stop strings.
+
+Decoding one token at a time breaks multi-byte characters and the spaces that byte-level BPE merges; so
+each step decodes a short window of recent tokens and emits only what that window adds, once it no
+longer ends in an incomplete character (the approach of vLLM's detokenizer).
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer, skip_token_ids: set[int] = frozenset()):
+        self.tokenizer = tokenizer
+        self.skip = set(skip_token_ids)
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: decoded text of ids[_prefix:_read] was already emitted
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        """New text that `token` completes ('' while a character is still incomplete)."""
+        if token in self.skip:
+            return ""
+        self.ids.append(token)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+
+class StopStrings:
+    """Cuts the text at the first stop string; holds back an ending that may be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self._pending += text
+        hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
+        if hits:
+            self.stopped = True
+            out, self._pending = self._pending[:min(hits)[0]], ""
+            return out
+        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1)
+                    if s.startswith(self._pending[-n:])), default=0)
+        out, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        return out
+
+    def close(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out

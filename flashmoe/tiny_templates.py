@@ -1,0 +1,83 @@
+"""Chat templates for the tiny checkpoints, in the two formats the real Qwen checkpoints use.
+
+Written for flashmoe's fixtures; what matters is that they render the same text as the real templates do
+where the server depends on it: tools listed in the system turn, assistant tool calls and tool results in
+history, and the thinking switch. Qwen3 / Qwen3-Next call tools as `<tool_call>{json}</tool_call>`;
+Qwen3.5 as `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>` and opens a
+`<think>` block in the generation prompt unless `enable_thinking=False`.
+"""
+
+# Shared parts: the system turn with the tool list, user/system turns, tool results grouped into one user turn.
+_SYSTEM_AND_TOOLS = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages and messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+{{- '\\n</tools>\\n\\n' + TOOL_INSTRUCTIONS + '<|im_end|>\\n' }}
+{%- elif messages and messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+"""
+
+_TURNS = """\
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + (message.content or '') }}
+{%- for call in (message.tool_calls or []) %}
+{%- set call = call.function if call.function is defined else call %}
+{{- '\\n' if (loop.first and message.content) or not loop.first else '' }}
+{{- RENDER_CALL(call) }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+"""
+
+QWEN3_CHAT_TEMPLATE = (
+    """\
+{%- set TOOL_INSTRUCTIONS = 'For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>' %}
+{%- macro RENDER_CALL(call) %}
+{{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+{{- call.arguments if call.arguments is string else (call.arguments | tojson) }}
+{{- '}\\n</tool_call>' }}
+{%- endmacro %}
+"""
+    + _SYSTEM_AND_TOOLS + _TURNS
+    + """\
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}
+"""
+)
+
+QWEN3_5_CHAT_TEMPLATE = (
+    """\
+{%- set TOOL_INSTRUCTIONS = 'If you choose to call a function, reply in the following format:\\n<tool_call>\\n\
+<function=example_function_name>\\n<parameter=example_parameter>\\nvalue\\n</parameter>\\n</function>\\n</tool_call>' %}
+{%- macro RENDER_CALL(call) %}
+{{- '<tool_call>\\n<function=' + call.name + '>\\n' }}
+{%- for key, value in ((call.arguments | items) if call.arguments is mapping else []) %}
+{{- '<parameter=' + key + '>\\n' + (value if value is string else (value | tojson)) + '\\n</parameter>\\n' }}
+{%- endfor %}
+{{- '</function>\\n</tool_call>' }}
+{%- endmacro %}
+"""
+    + _SYSTEM_AND_TOOLS + _TURNS
+    + """\
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- else %}{{- '<think>\\n' }}{%- endif %}
+{%- endif %}
+"""
+)
