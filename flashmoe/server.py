@@ -244,7 +244,7 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
     close = parser.close if parser else ParsedDelta
     async for event in job.events():
         if isinstance(event, Finished):
-            delta = _merge(feed(stop.close()), close())
+            delta = _merge(feed(stop.feed(decoder.flush()) + stop.close()), close())
             outcome.finished = event
             yield delta, outcome
             return

@@ -29,6 +29,13 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         return after[len(before):]
 
+    def flush(self) -> str:
+        """At the end: whatever is still held back (an unfinished character decodes as U+FFFD)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        rest = decode(self.ids[self._prefix:])[len(decode(self.ids[self._prefix:self._read])):]
+        self._prefix = self._read = len(self.ids)
+        return rest
+
 
 class StopStrings:
     """Cuts the text at the first stop string; holds back an ending that may be the start of one."""

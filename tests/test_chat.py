@@ -1,0 +1,113 @@
+"""Chat templates, output parsing and text streaming, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashmoe.chat import ChatFormat, OutputParser, detect_tool_format
+from flashmoe.errors import FlashMoeError
+from flashmoe.textstream import IncrementalDecoder, StopStrings
+from flashmoe.tiny import build_tokenizer
+from flashmoe.tiny_templates import QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "hourly": {"type": "boolean"}}}}}
+
+XML_OUTPUT = ("I should look it up.</think>\n\nLet me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\n"
+              "New York\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n"
+              "</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n"
+              "</function>\n</tool_call>")
+JSON_OUTPUT = ('<think>\nweather needs a tool\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+               '{"city": "Paris", "days": 2}}\n</tool_call>')
+
+
+def parse_in_pieces(parser: OutputParser, text: str, size: int):
+    reasoning, content, calls = "", "", []
+    for i in range(0, len(text), size):
+        d = parser.feed(text[i:i + size])
+        reasoning, content, calls = reasoning + d.reasoning, content + d.content, calls + d.tool_calls
+    d = parser.close()
+    return reasoning + d.reasoning, content + d.content, calls + d.tool_calls
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 1000])
+def test_xml_tool_calls_parse_the_same_however_the_text_is_split(size):
+    reasoning, content, calls = parse_in_pieces(OutputParser("xml", [WEATHER], prompt_opened_think=True), XML_OUTPUT, size)
+    assert reasoning == "I should look it up."
+    assert content == "Let me check."
+    assert [c.name for c in calls] == ["get_weather", "get_weather"]
+    assert json.loads(calls[0].arguments) == {"city": "New York", "days": 3, "hourly": True}
+    assert json.loads(calls[1].arguments) == {"city": "42"}  # a string parameter stays a string
+    assert calls[0].id != calls[1].id
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_json_tool_calls_and_a_think_block_the_model_opened(size):
+    reasoning, content, calls = parse_in_pieces(OutputParser("json", [WEATHER]), JSON_OUTPUT, size)
+    assert reasoning.strip() == "weather needs a tool" and content == ""
+    assert json.loads(calls[0].arguments) == {"city": "Paris", "days": 2}
+
+
+def test_malformed_or_unfinished_tool_calls_stay_as_text():
+    _, content, calls = parse_in_pieces(OutputParser("json"), "<tool_call>\nnot json\n</tool_call> after", 3)
+    assert calls == [] and "not json" in content and content.endswith("after")
+    _, content, calls = parse_in_pieces(OutputParser("xml"), "Sure <tool_call>\n<function=f>\n<param", 4)
+    assert calls == [] and content.startswith("Sure") and "<function=f>" in content
+
+
+def test_without_a_tool_format_markup_is_plain_content():
+    _, content, calls = parse_in_pieces(OutputParser(None, parse_reasoning=False), "<think>x</think> <tool_call>", 2)
+    assert content == "<think>x</think> <tool_call>" and calls == []
+
+
+def test_stop_strings_cut_the_text_even_across_pieces():
+    stop = StopStrings(["END", "\n\n"])
+    out = "".join(stop.feed(ch) for ch in "one two EN") + stop.feed("D three")
+    assert out == "one two " and stop.stopped and stop.close() == ""
+    stop = StopStrings(["xyz"])
+    assert "".join(stop.feed(ch) for ch in "abcxy") + stop.close() == "abcxy"  # no stop: held text comes back
+
+
+def test_incremental_decoding_keeps_multibyte_characters_whole():
+    tok = build_tokenizer(512)
+    text = "héllo wörld 你好 🙂 <tool_call>"
+    ids = tok.encode(text)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.add(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert IncrementalDecoder(tok, skip_token_ids={eos}).add(eos) == ""
+
+
+def test_templates_render_tools_history_and_the_thinking_switch():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    xml = ChatFormat(build_tokenizer(512, QWEN3_5_CHAT_TEMPLATE))
+    assert xml.tool_format == "xml" and xml.thinks
+    text = xml.render(history, [WEATHER])
+    assert '"name": "get_weather"' in text and "Weather in Paris?" in text
+    assert "<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n")
+    assert xml.render(history[:1], enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+
+    js = ChatFormat(build_tokenizer(512, QWEN3_CHAT_TEMPLATE))
+    assert js.tool_format == "json"
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in js.render(history, [WEATHER])
+
+
+def test_bad_messages_are_clear_errors():
+    fmt = ChatFormat(build_tokenizer(512, QWEN3_5_CHAT_TEMPLATE))
+    with pytest.raises(FlashMoeError, match="image_url"):
+        fmt.render([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(FlashMoeError, match="not valid JSON"):
+        fmt.render([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}])
+    assert detect_tool_format(None) is None and detect_tool_format("{{ messages }}") is None
