@@ -1,4 +1,5 @@
-"""`flashmoe convert | generate | info | demo`: the command line. Errors print one line and exit non-zero."""
+"""`flashmoe convert | generate | chat | serve | info | demo`: the command line. Errors print one line and exit
+non-zero."""
 
 from __future__ import annotations
 
@@ -51,21 +52,6 @@ def convert(
     run_convert(src, dst, None if no_quant else bits, group_size)
 
 
-class StreamPrinter:
-    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.printed = text[len(self.printed):], text
-        return new
-
-
 def stats_line(stats: dict) -> str:
     prefill = stats["prompt_tokens"] / (stats["prefill_ms"] / 1e3) if stats["prefill_ms"] else 0.0
     vram = f", VRAM cache hit rate {stats['vram_cache_hit_rate']:.0%}" if "vram_cache_hit_rate" in stats else ""
@@ -76,21 +62,37 @@ def stats_line(stats: dict) -> str:
             f"expert compute {stats['expert_compute_ms']:.0f} ms")
 
 
-def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
-                 top_k: int, seed: Optional[int], **load_options) -> dict:
+# options shared by the commands that load a model
+DEVICE = typer.Option("cpu", help="cpu or cuda")
+EXPERTS_PER_TOKEN = typer.Option(None, min=1, help="override the router's K (renormalised)")
+CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM on the CPU; on a GPU none, "
+                                            "the page cache serves, and a set size is pinned)")
+VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
+                                                 "resident weights leave, less 4 GB)")
+DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
+
+
+def load_model(store: Path, **load_options):
     from . import load
 
-    model = load(store, **load_options)
+    return load(store, **load_options)
+
+
+def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
+                 top_k: int, seed: Optional[int], **load_options) -> dict:
+    from .textstream import IncrementalDecoder
+
+    model = load_model(store, **load_options)
     tok = model.tokenizer
     if chat:
         ids = model.encode_chat([{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt)["input_ids"]
-    printer = StreamPrinter(tok)
+    decoder = IncrementalDecoder(tok)
     for token in model.generate(list(ids), max_tokens, temperature, top_p, top_k, seed):
-        sys.stdout.write(printer.add(token))
+        sys.stdout.write(decoder.add(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(decoder.flush() + "\n")
     stats = model.stats
     console.print(stats_line(stats), style="dim")
     model.close()
@@ -107,20 +109,73 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
-    experts_per_token: Optional[int] = typer.Option(None, min=1, help="override the router's K (renormalised)"),
-    cache_gb: Optional[float] = typer.Option(
-        None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM on the CPU; on a GPU none, the page cache "
-                            "serves, and a set size is pinned)"),
-    vram_cache_gb: Optional[float] = typer.Option(
-        None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the resident weights leave, "
-                            "less 4 GB)"),
-    direct_io: bool = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
+    cache_gb: Optional[float] = CACHE_GB,
+    vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
+    direct_io: bool = DIRECT_IO,
+    device: str = DEVICE,
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
                  direct_io=direct_io)
+
+
+@app.command()
+def chat(
+    store: Path = typer.Argument(..., help="a flashmoe store made by `flashmoe convert`"),
+    system: Optional[str] = typer.Option(None, help="a system prompt"),
+    max_tokens: int = typer.Option(1024, min=1, help="most new tokens per reply"),
+    temperature: float = typer.Option(0.7, min=0.0, help="0 is greedy"),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0),
+    thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="the template's thinking switch"),
+    experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
+    cache_gb: Optional[float] = CACHE_GB,
+    vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
+    direct_io: bool = DIRECT_IO,
+    device: str = DEVICE,
+):
+    """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
+    from .terminal_chat import TerminalChat
+
+    model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io)
+    try:
+        TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
+    finally:
+        model.close()
+
+
+@app.command()
+def serve(
+    store: Path = typer.Argument(..., help="a flashmoe store made by `flashmoe convert`"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, envvar="FLASHMOE_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1 (or set FLASHMOE_API_KEY)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the store's folder name)"),
+    max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, interleaved token by token"),
+    max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
+    experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
+    cache_gb: Optional[float] = CACHE_GB,
+    vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
+    direct_io: bool = DIRECT_IO,
+    device: str = DEVICE,
+):
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and /metrics."""
+    import uvicorn
+
+    from .server import ServedModel, create_app
+
+    model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io)
+    name = model_name or Path(store).resolve().name
+    served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
+    console.print(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    try:
+        uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="info")
+    finally:
+        model.close()
 
 
 @app.command()

@@ -63,3 +63,48 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "architecture: Qwen3_5MoeForCausalLM" in out
     assert "8 tokens" in err and "MB of experts read" in err
     assert (tmp_path / "store" / "manifest.json").is_file()
+
+
+def test_chat_keeps_history_and_resets(built, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd again\n/reset\nFresh start\n/exit\n"))
+    code, out, err = run(monkeypatch, capsys, "chat", built.store("qwen3_5_moe", 4), "--max-tokens", "4",
+                         "--no-thinking", "--cache-gb", "0.01", "--system", "Be brief.")
+    assert code == 0, err
+    assert out.count("model> ") == 3
+    turns = [line.split(",")[0] for line in err.splitlines() if line.startswith("turn ")]
+    assert turns == ["turn 1", "turn 2", "turn 1"]  # the history grew, then /reset cleared it
+    assert "history cleared" in err and "tok/s decode" in err and "cache hit rate" in err
+
+
+def test_serve_command_answers_the_openai_client(built, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flashmoe.cli", "serve", str(built.store("qwen3_next", 4)),
+                             "--port", str(port), "--model-name", "local", "--cache-gb", "0.01"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "FLASHMOE_API_KEY": "k"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.usage.completion_tokens >= 1 and r.model == "local"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
