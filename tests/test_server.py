@@ -365,3 +365,29 @@ def test_metrics_exposition(server):
                  'flashmoe_expert_cache_hit_rate{tier="ram"}', "flashmoe_expert_bytes_read_total"):
         assert name in text
     assert metric(server, "flashmoe_generated_tokens_total") > 0
+
+
+@pytest.mark.gpu
+def test_gpu_server_interleaves_sequences_without_mixing_them(built):
+    """On CUDA each sequence has its own decode graphs; interleaving them token by token must not change any
+    answer, and grammars work on logits that come from the GPU."""
+    s = RunningServer(built.store("qwen3_5_moe", 4), device="cuda", max_active=3)
+    try:
+        client = s.client()
+        prompts = [f"Story number {i} about the sea." for i in range(5)]
+
+        def ask(prompt):
+            return client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
+                extra_body=NO_THINKING).choices[0].message.content
+
+        alone = [ask(p) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(ask, prompts))
+        assert together == alone
+        r = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "weather"}], tools=TOOLS, tool_choice="required",
+            max_tokens=400, temperature=0, parallel_tool_calls=False, extra_body=NO_THINKING)
+        validate_calls(r.choices[0].message.tool_calls, set(SCHEMAS))
+    finally:
+        s.close()
