@@ -8,7 +8,9 @@ needs for them. Each such layer gets two graphs, bound to one sequence's state t
   back:  the routed experts from their VRAM slots (a static slot buffer the host fills) + the residual
 
 Between them the host reads the router's choice, fetches the experts (reads and copies) and writes
-their slots: that is the part no graph can hold. Full-attention layers (a KV cache that grows every
+their slots: that is the part no graph can hold. Once every expert is in VRAM (a model that fits), the
+layer is one graph instead: the GPU looks the chosen experts' slots up in a resident table, and the host
+never waits for the router. Full-attention layers (a KV cache that grows every
 step) run eagerly. Graphs are captured at a sequence's second decode step, after an eager step has
 compiled every kernel, and belong to that sequence's state.
 """
@@ -72,9 +74,32 @@ class DecodeGraphs:
         back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
 
+    def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
+        """The whole layer as one graph: with every expert in VRAM the GPU looks up the slots itself."""
+        m, k = self.model, self.k
+
+        def whole(x):
+            x = m.mix(layer, x, state)
+            h = m.moe_input(layer, x)
+            ids, weights = m.route(layer, h, k)
+            return x + m.shared_expert(layer, h) + self.routed.resident_compute(layer, h, ids, weights, resident_slots)
+
+        torch.cuda.synchronize()
+        return Captured(whole, [x], state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle()))
+
     def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
              clock: Callable[[], float]) -> torch.Tensor:
         """One decode step of `layer` through its graphs (captured on first use for this state)."""
+        resident = self.routed.fetcher.resident_slots()
+        if resident is not None:
+            graph = state.decode_graphs.get(("resident", layer))
+            if graph is None:
+                graph = state.decode_graphs[("resident", layer)] = self._capture_resident(layer, x, state, resident)
+            t0 = clock()
+            x = graph.replay(x)
+            self.routed.fetcher.count_resident_hits(self.k)
+            times.compute_ms += (clock() - t0) * 1e3  # the whole layer: mixing, router, shared and routed experts
+            return x
         graphs = state.decode_graphs.get(layer)
         if graphs is None:
             graphs = state.decode_graphs[layer] = self._capture(layer, x, state)

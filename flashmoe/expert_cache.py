@@ -53,6 +53,10 @@ class SlotCache:
     def __contains__(self, key: Key) -> bool:
         return key in self._slot_of
 
+    def cached(self) -> dict[Key, int]:
+        """A copy of which expert is in which cached slot."""
+        return dict(self._slot_of)
+
     def lookup(self, key: Key) -> int | None:
         """The slot holding `key` (now locked and most recent), or None; counts a hit or a miss."""
         slot = self._slot_of.get(key)

@@ -58,7 +58,8 @@ class ExpertFetcher:
         self.verify_reads = verify_reads
         self.stats = ExpertStats()
         blob = store.expert_blob_bytes
-        every_expert = store.expert_bytes // blob  # no cache needs more slots than the store has experts
+        every_expert = self.every_expert = store.expert_bytes // blob  # no cache needs more slots than this
+        self._resident_slots: torch.Tensor | None = None
         self.ram = SlotCache(min(ram_cache_bytes // blob, every_expert), batch_experts)
         self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
@@ -116,6 +117,7 @@ class ExpertFetcher:
                     f.vram_slot[expert] = slot
                     continue
                 f.vram_slot[expert] = self.vram.assign(key)
+                self._resident_slots = None
             slot = self.ram.lookup(key)
             if slot is None:
                 slot = self.ram.assign(key)
@@ -128,6 +130,24 @@ class ExpertFetcher:
             for expert in f.ready:
                 self._copy_to_vram(f, expert)
         return f
+
+    def resident_slots(self) -> torch.Tensor | None:
+        """[layers, experts] int32: the VRAM slot of every expert, once the VRAM cache holds them all (it is then
+        as large as the store, so nothing is evicted again); None before. With it a decode step finds its experts
+        on the GPU, with no host round trip to read the router's choice."""
+        if self.vram is None or len(self.vram) < self.every_expert:
+            return None
+        if self._resident_slots is None:
+            cfg = self.store.config
+            table = torch.full((cfg.num_hidden_layers, cfg.num_experts), -1, dtype=torch.int32)
+            for (layer, expert), slot in self.vram.cached().items():
+                table[layer, expert] = slot
+            self._resident_slots = table.to(self.device)
+        return self._resident_slots
+
+    def count_resident_hits(self, n: int) -> None:
+        """Experts used through resident_slots(): VRAM hits the host never looked up one by one."""
+        self.vram.stats.hits += n
 
     def _landed(self, f: LayerFetch) -> Iterator[int]:
         """Experts whose reads completed, as they complete; a failed read leaves nothing behind in the caches."""

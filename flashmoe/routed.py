@@ -47,6 +47,13 @@ class RoutedExperts:
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
         """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router."""
+        resident = self.fetcher.resident_slots() if ids.shape[0] == 1 and self.decode_kernels else None
+        if resident is not None:  # every expert in VRAM: no host sync, the GPU looks the slots up
+            t0 = self._clock()
+            out = shared() + self.resident_compute(layer, h, ids, weights, resident)
+            self.fetcher.count_resident_hits(ids.shape[1])
+            times.compute_ms += (self._clock() - t0) * 1e3
+            return out
         ids_list = ids.tolist()  # the host decides what to move: one sync per layer
         chosen = sorted({e for row in ids_list for e in row})
         batch = self.fetcher.batch_experts
@@ -105,6 +112,11 @@ class RoutedExperts:
         out = torch.zeros(t * k, h.shape[1], dtype=torch.float32, device=h.device)
         out.index_copy_(0, pair_row, y.float())
         return out.view(t, k, -1).sum(1).to(h.dtype)
+
+    def resident_compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         resident_slots: torch.Tensor) -> torch.Tensor:
+        """decode_compute with the slots read from the fetcher's resident table on the GPU."""
+        return self.decode_compute(h, ids, weights, resident_slots[layer][ids[0].sort().values])
 
     def decode_compute(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
         """One token's K experts, whose VRAM slots (in sorted expert order) are in `slots`: two launches, no host

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flashmoe
+from flashmoe.store import Store
 from conftest import ARCHS, load_reference, rel_error
 from test_reference import PROMPT
 
@@ -116,3 +117,27 @@ def test_cuda_graph_decode_equals_eager(built, arch):
     assert s_graphed.decode_graphs and not s_eager.decode_graphs
     assert graphed.stats["vram_cache_evictions"] > 0  # the graphs read slots the host refilled between replays
     assert list(graphed.generate(PROMPT[:8], 16, stop_token_ids=[])) == list(eager.generate(PROMPT[:8], 16, stop_token_ids=[]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
+    """With every expert in VRAM the GPU finds the slots itself (whole-layer graphs, eager attention layers
+    without a sync); the answers are those of the host-driven path."""
+    store = built.store(arch, 4)
+    blob = Store(store).expert_blob_bytes
+    host_driven = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    resident = flashmoe.load(store, device="cuda", dtype=torch.float32)  # the default VRAM cache holds them all
+    assert resident.fetcher.resident_slots() is None
+    resident.warm_cache()
+    table = resident.fetcher.resident_slots()
+    assert table is not None and int(table[resident.config.moe_layers].min()) >= 0
+    s_host, s_res = host_driven.new_state(), resident.new_state()
+    host_driven.forward(PROMPT[:8], s_host)
+    resident.forward(PROMPT[:8], s_res)
+    for t in PROMPT[8:20]:
+        assert rel_error(resident.forward([t], s_res).cpu(), host_driven.forward([t], s_host).cpu()) < 1e-5
+    assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_res.decode_graphs)
+    stats = resident.stats
+    assert stats["vram_cache_misses"] == 0 and stats["vram_cache_hits"] > 0 and stats["expert_reads"] == 0
+    assert list(resident.generate(PROMPT[:8], 12, stop_token_ids=[])) == list(
+        host_driven.generate(PROMPT[:8], 12, stop_token_ids=[]))

@@ -279,6 +279,29 @@ def test_malformed_json_and_unknown_routes(server):
     assert r.usage.completion_tokens >= 1
 
 
+def test_a_failure_inside_generation_fails_that_request_only(server, monkeypatch):
+    failed = metric(server, 'flashmoe_requests_total{outcome="failed"}')
+    real_generate = server.model.generate
+
+    def broken_generate(ids, *args, **kwargs):
+        for i, token in enumerate(real_generate(ids, *args, **kwargs)):
+            if i == 2:
+                raise flashmoe.FlashMoeError("corrupt store: layer 1 expert 3 fails its checksum")
+            yield token
+
+    monkeypatch.setattr(server.model, "generate", broken_generate)
+    client = server.client()
+    ask = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8, extra_body=NO_THINKING)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(**ask)
+    assert "corrupt store" in info.value.body["message"] and info.value.body["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="corrupt store"):  # streamed: an error event ends the stream
+        list(client.chat.completions.create(stream=True, **ask))
+    monkeypatch.undo()
+    assert client.chat.completions.create(**ask).usage.completion_tokens >= 1
+    assert metric(server, 'flashmoe_requests_total{outcome="failed"}') == failed + 2
+
+
 def test_api_key(built):
     s = RunningServer(built.store("qwen3_5_moe", 4), api_key="sesame", cache_gb=0.01)
     try:
