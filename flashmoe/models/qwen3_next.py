@@ -9,10 +9,12 @@ Sequences are single (batch 1); tensors are [T, hidden].
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig
 from ..kernels.gated_delta import gated_delta_rule
@@ -31,6 +33,15 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+def sdpa_backends(device: torch.device):
+    """On CUDA, attention without cuDNN: torch's default picks cuDNN there, which builds a plan for every new key
+    length, about 60 ms each on an H100 (torch 2.11), and decode meets a new length at every step. Flash takes
+    0.09 ms for the same one-token step."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +146,12 @@ class Qwen3NextModel:
         q = q.transpose(0, 1)  # [heads, T, hd]
         past = keys.shape[1] - t
         mask = None
-        if t > 1:  # token i sees every cached key and the new ones up to itself
+        if t > 1 and past:  # token i sees every cached key and the new ones up to itself
             mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                             scale=hd**-0.5, enable_gqa=nh != nkv)[0]
+        with sdpa_backends(h.device):
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                 is_causal=t > 1 and not past, scale=hd**-0.5,
+                                                 enable_gqa=nh != nkv)[0]
         out = out.transpose(0, 1).reshape(t, nh * hd) * torch.sigmoid(gate)
         return F.linear(out, w[p + "o_proj.weight"])
 
