@@ -10,9 +10,11 @@ needs for them. Each such layer gets two graphs, bound to one sequence's state t
 Between them the host reads the router's choice, fetches the experts (reads and copies) and writes
 their slots: that is the part no graph can hold. Once every expert is in VRAM (a model that fits), the
 layer is one graph instead: the GPU looks the chosen experts' slots up in a resident table, and the host
-never waits for the router. Full-attention layers (a KV cache that grows every
-step) run eagerly. Graphs are captured at a sequence's second decode step, after an eager step has
-compiled every kernel, and belong to that sequence's state.
+never waits for the router; full-attention layers then become one graph too, attending over their KV
+cache's whole capacity under a mask at a position read from the GPU (recaptured when the cache doubles).
+Otherwise full-attention layers (a KV cache that grows every step) run eagerly. Graphs are captured at
+a sequence's second decode step, after an eager step has compiled every kernel, and belong to that
+sequence's state.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ class DecodeGraphs:
 
     def layer_can_use(self, layer: int) -> bool:
         cfg = self.model.cfg
-        return self.enabled and cfg.layer_types[layer] == "linear_attention" and cfg.is_moe_layer(layer)
+        if not (self.enabled and cfg.is_moe_layer(layer)):
+            return False
+        # full attention only as a whole-layer graph, which needs every expert resident
+        return cfg.layer_types[layer] == "linear_attention" or self.routed.fetcher.resident_slots() is not None
 
     def _capture(self, layer: int, x: torch.Tensor, state) -> tuple[Captured, Captured]:
         m, k = self.model, self.k
@@ -79,7 +84,7 @@ class DecodeGraphs:
         m, k = self.model, self.k
 
         def whole(x):
-            x = m.mix(layer, x, state)
+            x = m.mix_graphable(layer, x, state)
             h = m.moe_input(layer, x)
             ids, weights = m.route(layer, h, k)
             return x + m.shared_expert(layer, h) + self.routed.resident_compute(layer, h, ids, weights, resident_slots)
@@ -92,11 +97,20 @@ class DecodeGraphs:
         """One decode step of `layer` through its graphs (captured on first use for this state)."""
         resident = self.routed.fetcher.resident_slots()
         if resident is not None:
-            graph = state.decode_graphs.get(("resident", layer))
+            cache = state.layers[layer] if self.model.cfg.layer_types[layer] == "full_attention" else None
+            if cache is not None:  # a graph is bound to the cache's tensors: a grown cache needs a new one
+                cache.reserve(cache.length + 1, x.new_empty(self.model.cfg.num_key_value_heads, 0,
+                                                            self.model.cfg.head_dim))
+            key = ("resident", layer, cache.capacity if cache is not None else 0)
+            graph = state.decode_graphs.get(key)
             if graph is None:
-                graph = state.decode_graphs[("resident", layer)] = self._capture_resident(layer, x, state, resident)
+                for old in [k for k in state.decode_graphs if isinstance(k, tuple) and k[:2] == key[:2]]:
+                    del state.decode_graphs[old]
+                graph = state.decode_graphs[key] = self._capture_resident(layer, x, state, resident)
             t0 = clock()
             x = graph.replay(x)
+            if cache is not None:
+                cache.length += 1
             self.routed.fetcher.count_resident_hits(self.k)
             times.compute_ms += (clock() - t0) * 1e3  # the whole layer: mixing, router, shared and routed experts
             return x

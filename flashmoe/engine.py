@@ -149,6 +149,10 @@ class Model:
         timers, clock = self._timers, self.routed._clock
         # graphs from the second one-token step on: the first compiles every kernel eagerly
         graphed = self.graphs is not None and len(token_ids) == 1 and state.decode_steps >= 1
+        if graphed:  # graphs read the position from the device
+            if state.position_t is None:
+                state.position_t = torch.zeros(1, dtype=torch.long, device=self.device)
+            state.position_t.fill_(state.position)
         for layer in range(self.config.num_hidden_layers):
             if graphed and self.graphs.layer_can_use(layer):
                 x = self.graphs.step(layer, x, state, timers, self._expert_times, clock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,12 +43,15 @@ class ServedModel:
         self.context_length = model.config.max_position_embeddings
         self.scheduler = Scheduler(model, max_active, max_waiting)
         self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     @property
     def grammars(self) -> Grammars:
-        if self._grammars is None:  # the vocabulary scan takes a moment: once, on the first request needing it
-            self._grammars = Grammars(self.model.tokenizer, self.model.config.vocab_size, self.model.eos_token_ids)
-        return self._grammars
+        with self._grammars_lock:  # requests prepare in a thread pool; the vocabulary is scanned once
+            if self._grammars is None:
+                self._grammars = Grammars(self.model.tokenizer, self.model.config.vocab_size,
+                                          self.model.eos_token_ids)
+            return self._grammars
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -143,6 +147,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
             vocab = served.model.config.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise ApiError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
+        _check_length(served, prompt_ids, body.token_limit(), "prompt")
         return await _respond(served, request, body, prompt_ids, None, None, chat=False)
 
     return app

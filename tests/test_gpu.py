@@ -141,3 +141,7 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     assert stats["vram_cache_misses"] == 0 and stats["vram_cache_hits"] > 0 and stats["expert_reads"] == 0
     assert list(resident.generate(PROMPT[:8], 12, stop_token_ids=[])) == list(
         host_driven.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    # past 256 positions the KV caches double: the attention graphs are captured again for the new tensors
+    long_prompt = (PROMPT * 40)[:250]
+    assert list(resident.generate(long_prompt, 16, stop_token_ids=[])) == list(
+        host_driven.generate(long_prompt, 16, stop_token_ids=[]))

@@ -96,3 +96,28 @@ def test_unnormalised_router_matches_transformers_and_keeps_mass_under_override(
     assert torch.equal(ids2, ids4[:, :2])
     torch.testing.assert_close(w2.sum(-1), w4.sum(-1))
     assert torch.all(w4.sum(-1) < 1)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_static_attention_step_equals_the_growing_cache(built, arch):
+    """The graph-friendly attention step (position from a tensor, the cache's whole capacity under a mask)
+    gives what the eager one gives, token after token."""
+    model = flashmoe.load(built.store(arch, None))
+    m, cfg = model.model, model.config
+    layer = cfg.layer_types.index("full_attention")
+    eager, static = model.new_state(), model.new_state()
+    model.forward(PROMPT[:9], eager)
+    model.forward(PROMPT[:9], static)
+    for token in PROMPT[9:14]:
+        with torch.inference_mode():  # as the engine runs it
+            x = m.embed(torch.tensor([token]))
+            expected = m.mix(layer, x, eager)
+            cache = static.layers[layer]
+            cache.reserve(cache.length + 1, cache.k)
+            static.position_t = torch.tensor([static.position])
+            got = m.mix_graphable(layer, x, static)
+        cache.length += 1
+        eager.position += 1
+        static.position += 1
+        assert rel_error(got, expected) < 1e-5
+        assert torch.equal(cache.k[:, :cache.length], eager.layers[layer].k[:, :cache.length])

@@ -273,6 +273,9 @@ def test_malformed_json_and_unknown_routes(server):
     with pytest.raises(openai.BadRequestError) as info:
         server.client().completions.create(model=MODEL_NAME, prompt=[999999], max_tokens=2)
     assert "token ids" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(model=MODEL_NAME, prompt=[5] * 4000, max_tokens=200)
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "prompt"
     # the server keeps serving after all of that
     r = server.client().chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=2, extra_body=NO_THINKING)

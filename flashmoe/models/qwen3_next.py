@@ -57,16 +57,26 @@ class KVCache:
     v: torch.Tensor | None = None
     length: int = 0
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def reserve(self, length: int, like: torch.Tensor) -> None:
+        """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
+        if length <= self.capacity:
+            return
+        capacity = max(256, 2 * length)
+        # zeros, not empty: attention over the whole capacity multiplies masked slots by 0, and 0 * NaN is NaN
+        new_k = like.new_zeros(like.shape[0], capacity, like.shape[2])
+        new_v = like.new_zeros(like.shape[0], capacity, like.shape[2])
+        if self.k is not None:
+            new_k[:, : self.length] = self.k[:, : self.length]
+            new_v[:, : self.length] = self.v[:, : self.length]
+        self.k, self.v = new_k, new_v
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[1]
-        if self.k is None or self.length + n > self.k.shape[1]:
-            capacity = max(256, 2 * (self.length + n))
-            new_k = k.new_empty(k.shape[0], capacity, k.shape[2])
-            new_v = v.new_empty(v.shape[0], capacity, v.shape[2])
-            if self.k is not None:
-                new_k[:, : self.length] = self.k[:, : self.length]
-                new_v[:, : self.length] = self.v[:, : self.length]
-            self.k, self.v = new_k, new_v
+        self.reserve(self.length + n, k)
         self.k[:, self.length : self.length + n] = k
         self.v[:, self.length : self.length + n] = v
         self.length += n
@@ -85,6 +95,7 @@ class SequenceState:
     position: int = 0  # tokens seen so far
     decode_steps: int = 0  # forward calls of one token
     decode_graphs: dict = field(default_factory=dict)  # layer -> captured CUDA graphs bound to this state's tensors
+    position_t: torch.Tensor | None = None  # `position` on the device, for graphs that cannot read a host int
 
 
 class Qwen3NextModel:
@@ -124,6 +135,46 @@ class Qwen3NextModel:
             h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
         return x + h
 
+    def mix_graphable(self, layer: int, x: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """mix() for one decode token with no host values: full attention reads its position from
+        state.position_t and attends over the KV cache's whole capacity under a mask (the cache must hold a free
+        slot at that position); its `length` is the caller's to advance."""
+        if self.cfg.layer_types[layer] != "full_attention":
+            return self.mix(layer, x, state)
+        p = f"model.layers.{layer}."
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.cfg.rms_norm_eps)
+        return x + self._attention_at(p + "self_attn.", h, state.layers[layer], state.position_t)
+
+    def _qkv(self, p: str, h: torch.Tensor, positions: torch.Tensor):
+        """Queries (normed, rotated, [T, heads, hd]), output gate, keys and values ([T, kv_heads, hd])."""
+        cfg, w = self.cfg, self.w
+        t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, gate = F.linear(h, w[p + "q_proj.weight"]).view(t, nh, 2 * hd).chunk(2, dim=-1)
+        gate = gate.reshape(t, nh * hd)
+        q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(F.linear(h, w[p + "k_proj.weight"]).view(t, nkv, hd), w[p + "k_norm.weight"], cfg.rms_norm_eps)
+        v = F.linear(h, w[p + "v_proj.weight"]).view(t, nkv, hd)
+        cos, sin = self._rope(positions)
+        rot = cfg.rotary_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = torch.cat([q[..., :rot] * cos + rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
+        k = torch.cat([k[..., :rot] * cos + rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
+        return q, gate, k, v
+
+    def _attention_at(self, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One token at device position `position` ([1] int64): written into the cache there, attending to every
+        slot up to it. Each KV head's group of query heads is one batched matmul (no GQA expansion)."""
+        cfg, w = self.cfg, self.w
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, gate, k, v = self._qkv(p, h, position)
+        cache.k.index_copy_(1, position, k.transpose(0, 1))
+        cache.v.index_copy_(1, position, v.transpose(0, 1))
+        scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * hd**-0.5
+        visible = torch.arange(cache.capacity, device=h.device) <= position
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
+        out = torch.matmul(probs, cache.v).reshape(1, nh * hd) * torch.sigmoid(gate)
+        return F.linear(out, w[p + "o_proj.weight"])
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -132,16 +183,7 @@ class Qwen3NextModel:
     def _attention(self, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q, gate = F.linear(h, w[p + "q_proj.weight"]).view(t, nh, 2 * hd).chunk(2, dim=-1)
-        gate = gate.reshape(t, nh * hd)
-        q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
-        k = rms_norm(F.linear(h, w[p + "k_proj.weight"]).view(t, nkv, hd), w[p + "k_norm.weight"], cfg.rms_norm_eps)
-        v = F.linear(h, w[p + "v_proj.weight"]).view(t, nkv, hd)
-        cos, sin = self._rope(torch.arange(start, start + t, device=h.device))
-        rot = cfg.rotary_dim
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = torch.cat([q[..., :rot] * cos + rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
-        k = torch.cat([k[..., :rot] * cos + rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
+        q, gate, k, v = self._qkv(p, h, torch.arange(start, start + t, device=h.device))
         keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
         q = q.transpose(0, 1)  # [heads, T, hd]
         past = keys.shape[1] - t
