@@ -49,7 +49,8 @@ def _text_of(content, role: str) -> str:
 
 def _template_message(message: dict) -> dict:
     """An OpenAI message as the Qwen templates read it: text content, tool-call arguments as objects."""
-    out = {"role": message["role"], "content": _text_of(message.get("content"), message["role"])}
+    role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name for system
+    out = {"role": role, "content": _text_of(message.get("content"), role)}
     if message.get("tool_calls"):
         calls = []
         for call in message["tool_calls"]:

@@ -110,4 +110,6 @@ def test_bad_messages_are_clear_errors():
         fmt.render([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(FlashMoeError, match="not valid JSON"):
         fmt.render([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}])
+    assert fmt.render([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                      enable_thinking=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert detect_tool_format(None) is None and detect_tool_format("{{ messages }}") is None
