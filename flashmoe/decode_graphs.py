@@ -65,10 +65,7 @@ class DecodeGraphs:
             ids, weights = m.route(layer, h, k)
             return x, h, ids, weights, m.shared_expert(layer, h)
 
-        torch.cuda.synchronize()
-        # one memory pool per sequence: a pool shared across sequences would outlive its graphs, and capturing
-        # into a pool whose graphs were all freed trips an internal assert in torch's allocator (seen on 2.11)
-        pool = state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        pool = self._pool(state)
         front_graph = Captured(front, [x], pool)
         x_mid, h, ids, weights, shared = front_graph.outputs
         slots = torch.zeros(k, dtype=torch.int32, device=x.device)
@@ -78,6 +75,14 @@ class DecodeGraphs:
 
         back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
+
+    @staticmethod
+    def _pool(state):
+        """The sequence's graph memory pool, after the work queued so far is done. One pool per sequence: a pool
+        shared across sequences would outlive its graphs, and capturing into a pool whose graphs were all freed
+        trips an internal assert in torch's allocator (seen on 2.11)."""
+        torch.cuda.synchronize()
+        return state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
 
     def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
         """The whole layer as one graph: with every expert in VRAM the GPU looks up the slots itself."""
@@ -89,8 +94,7 @@ class DecodeGraphs:
             ids, weights = m.route(layer, h, k)
             return x + m.shared_expert(layer, h) + self.routed.resident_compute(layer, h, ids, weights, resident_slots)
 
-        torch.cuda.synchronize()
-        return Captured(whole, [x], state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle()))
+        return Captured(whole, [x], self._pool(state))
 
     def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
              clock: Callable[[], float]) -> torch.Tensor:
@@ -98,15 +102,14 @@ class DecodeGraphs:
         resident = self.routed.fetcher.resident_slots()
         if resident is not None:
             cache = state.layers[layer] if self.model.cfg.layer_types[layer] == "full_attention" else None
-            if cache is not None:  # a graph is bound to the cache's tensors: a grown cache needs a new one
-                cache.reserve(cache.length + 1, x.new_empty(self.model.cfg.num_key_value_heads, 0,
-                                                            self.model.cfg.head_dim))
-            key = ("resident", layer, cache.capacity if cache is not None else 0)
-            graph = state.decode_graphs.get(key)
-            if graph is None:
-                for old in [k for k in state.decode_graphs if isinstance(k, tuple) and k[:2] == key[:2]]:
-                    del state.decode_graphs[old]
-                graph = state.decode_graphs[key] = self._capture_resident(layer, x, state, resident)
+            if cache is not None:  # the prefill allocated it; a graph is bound to its tensors, so growth recaptures
+                cache.reserve(cache.length + 1, cache.k)
+            capacity = cache.capacity if cache is not None else 0
+            captured = state.decode_graphs.get(("resident", layer))
+            if captured is None or captured[0] != capacity:
+                captured = state.decode_graphs[("resident", layer)] = (
+                    capacity, self._capture_resident(layer, x, state, resident))
+            graph = captured[1]
             t0 = clock()
             x = graph.replay(x)
             if cache is not None:

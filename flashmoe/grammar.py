@@ -12,10 +12,10 @@ from typing import Literal
 
 import torch
 
+from .chat import THINK_BEGIN, THINK_END
 from .errors import FlashMoeError
 
 Reasoning = Literal["enabled", "disabled", "auto"]
-THINK_BEGIN, THINK_END = "<think>", "</think>"
 # the tool-call formats xgrammar knows by these names: Qwen3/Qwen3-Next JSON, Qwen3.5 XML parameters
 XGRAMMAR_TOOL_FORMATS = {"json": "qwen_3", "xml": "qwen_3_5"}
 # longest run of whitespace allowed between JSON elements: room for pretty-printing, while a weak (or 2-bit)

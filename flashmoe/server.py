@@ -248,20 +248,23 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
     feed = parser.feed if parser else (lambda text: ParsedDelta(content=text))
     close = parser.close if parser else ParsedDelta
     async for event in job.events():
+        finished = None
         if isinstance(event, Finished):
+            finished = event
             delta = _merge(feed(stop.feed(decoder.flush()) + stop.close()), close())
-            outcome.finished = event
+        else:
+            outcome.completion_tokens += 1
+            delta = feed(stop.feed(decoder.add(event)))
+            if stop.stopped:
+                job.cancel(reason=None)  # a normal end: the text reached a stop string
+                finished = Finished("stop")
+                delta = _merge(delta, close())
+        outcome.tool_calls += len(delta.tool_calls)
+        outcome.finished = finished
+        if delta or finished:
             yield delta, outcome
+        if finished:
             return
-        outcome.completion_tokens += 1
-        delta = feed(stop.feed(decoder.add(event)))
-        if stop.stopped:
-            job.cancel(reason=None)  # a normal end: the text reached a stop string
-            outcome.finished = Finished("stop")
-            yield _merge(delta, close()), outcome
-            return
-        if delta:
-            yield delta, outcome
 
 
 def _merge(a: ParsedDelta, b: ParsedDelta) -> ParsedDelta:
@@ -285,7 +288,6 @@ async def _collect(request: Request, job, pieces, meta: dict, chat: bool) -> dic
             reasoning.append(delta.reasoning)
             content.append(delta.content)
             calls.extend(delta.tool_calls)
-            outcome.tool_calls = len(calls)
 
     task = asyncio.ensure_future(gather())
     while not task.done():
@@ -342,7 +344,6 @@ async def _sse(job, pieces, meta: dict, chat: bool, include_usage: bool) -> Asyn
                 if delta.tool_calls:
                     d["tool_calls"] = [_tool_call_json(c, calls_sent + i) for i, c in enumerate(delta.tool_calls)]
                     calls_sent += len(delta.tool_calls)
-                    outcome.tool_calls = calls_sent
                 if d:
                     yield event([choice(d)])
             elif delta.content:

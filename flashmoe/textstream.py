@@ -21,9 +21,8 @@ class IncrementalDecoder:
         if token in self.skip:
             return ""
         self.ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before = decode(self.ids[self._prefix:self._read])
-        after = decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
@@ -31,10 +30,12 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """At the end: whatever is still held back (an unfinished character decodes as U+FFFD)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        rest = decode(self.ids[self._prefix:])[len(decode(self.ids[self._prefix:self._read])):]
+        rest = self._decode(self.ids[self._prefix:])[len(self._decode(self.ids[self._prefix:self._read])):]
         self._prefix = self._read = len(self.ids)
         return rest
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class StopStrings:
