@@ -60,10 +60,10 @@ class DecodeGraphs:
         m, k = self.model, self.k
 
         def front(x):
-            x = m.mix(layer, x, state)
-            h = m.moe_input(layer, x)
-            ids, weights = m.route(layer, h, k)
-            return x, h, ids, weights, m.shared_expert(layer, h)
+            x, h = m.mix(layer, x, state)
+            projections = m.moe_projections(layer, h)
+            ids, weights, _ = m.route(layer, projections, k)
+            return x, h, ids, weights, m.shared_expert(layer, projections)
 
         pool = self._pool(state)
         front_graph = Captured(front, [x], pool)
@@ -71,7 +71,7 @@ class DecodeGraphs:
         slots = torch.zeros(k, dtype=torch.int32, device=x.device)
 
         def back(slots):
-            return x_mid + shared + self.routed.decode_compute(h, ids, weights, slots)
+            return x_mid + shared + self.routed.decode_compute(h, weights, slots)
 
         back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
@@ -89,10 +89,10 @@ class DecodeGraphs:
         m, k = self.model, self.k
 
         def whole(x):
-            x = m.mix_graphable(layer, x, state)
-            h = m.moe_input(layer, x)
-            ids, weights = m.route(layer, h, k)
-            return x + m.shared_expert(layer, h) + self.routed.resident_compute(layer, h, ids, weights, resident_slots)
+            x, h = m.mix(layer, x, state, static=True)
+            projections = m.moe_projections(layer, h)
+            _, weights, slots = m.route(layer, projections, k, resident_slots[layer])
+            return x + m.shared_expert(layer, projections) + self.routed.decode_compute(h, weights, slots[0])
 
         return Captured(whole, [x], self._pool(state))
 

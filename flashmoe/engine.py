@@ -158,18 +158,18 @@ class Model:
                 x = self.graphs.step(layer, x, state, timers, self._expert_times, clock)
                 continue
             t0 = clock()
-            x = self.model.mix(layer, x, state)
-            h = self.model.moe_input(layer, x)
+            x, h = self.model.mix(layer, x, state)
             if not self.config.is_moe_layer(layer):
                 x = x + self.model.dense_mlp(layer, h)
                 timers["attention_ms"] += (clock() - t0) * 1e3
                 continue
             t1 = clock()
             timers["attention_ms"] += (t1 - t0) * 1e3
-            topk_ids, topk_weights = self.model.route(layer, h, self.experts_per_token)
+            projections = self.model.moe_projections(layer, h)
+            topk_ids, topk_weights, _ = self.model.route(layer, projections, self.experts_per_token)
             timers["routing_ms"] += (clock() - t1) * 1e3
-            x = x + self.routed(layer, h, topk_ids, topk_weights, lambda: self.model.shared_expert(layer, h),
-                                self._expert_times)
+            x = x + self.routed(layer, h, topk_ids, topk_weights,
+                                lambda: self.model.shared_expert(layer, projections), self._expert_times)
         timers["expert_io_ms"] = self._expert_times.io_wait_ms
         timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)

@@ -94,7 +94,7 @@ class RoutedExperts:
         slots_t = moe_triton.to_device_int32(slots, self.device)
         t, k = ids.shape
         if t == 1 and len(experts) == k and self.decode_kernels:  # decode: one token, its K experts in sorted order
-            return self.decode_compute(h, ids, weights, slots_t)
+            return self.decode_compute(h, weights, slots_t)
         # many tokens: (token, k) pairs grouped by expert; each pair's output lands in row t*K + k
         position = {e: i for i, e in enumerate(experts)}
         pairs = sorted((position[e], tok, j) for tok, row in enumerate(ids_list) for j, e in enumerate(row) if e in position)
@@ -116,12 +116,11 @@ class RoutedExperts:
     def resident_compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                          resident_slots: torch.Tensor) -> torch.Tensor:
         """decode_compute with the slots read from the fetcher's resident table on the GPU."""
-        return self.decode_compute(h, ids, weights, resident_slots[layer][ids[0].sort().values])
+        return self.decode_compute(h, weights, resident_slots[layer][ids[0]])
 
-    def decode_compute(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
-        """One token's K experts, whose VRAM slots (in sorted expert order) are in `slots`: two launches, no host
-        work, so a CUDA graph can hold it."""
-        w = weights[0][torch.argsort(ids[0])]
+    def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
+        """One token's K experts, whose VRAM slots are in `slots`, in the order of the router's ascending ids (that
+        of `weights`): two launches, no host work, so a CUDA graph can hold it."""
         slab = self.fetcher.vram_slab
         act = moe_triton.decode_gate_up_swiglu(h, slab, slots, self.qb)
-        return moe_triton.down_weighted_sum(act, slab, slots, w, self.qb)[None]
+        return moe_triton.down_weighted_sum(act, slab, slots, weights[0], self.qb)[None]

@@ -90,10 +90,10 @@ def test_unnormalised_router_matches_transformers_and_keeps_mass_under_override(
         expected = load_reference(ckpt, "qwen3_next")(torch.tensor([PROMPT])).logits[0]
     assert rel_error(model.logits(PROMPT), expected) < 1e-3
 
-    h = torch.randn(5, model.config.hidden_size)
-    ids4, w4 = model.model.route(1, h, 4)
-    ids2, w2 = model.model.route(1, h, 2)
-    assert torch.equal(ids2, ids4[:, :2])
+    projections = model.model.moe_projections(1, torch.randn(5, model.config.hidden_size))
+    ids4, w4, _ = model.model.route(1, projections, 4)
+    ids2, w2, _ = model.model.route(1, projections, 2)
+    assert all(set(a) <= set(b) for a, b in zip(ids2.tolist(), ids4.tolist()))
     torch.testing.assert_close(w2.sum(-1), w4.sum(-1))
     assert torch.all(w4.sum(-1) < 1)
 
@@ -111,11 +111,11 @@ def test_static_attention_step_equals_the_growing_cache(built, arch):
     for token in PROMPT[9:14]:
         with torch.inference_mode():  # as the engine runs it
             x = m.embed(torch.tensor([token]))
-            expected = m.mix(layer, x, eager)
+            expected = m.mix(layer, x, eager)[0]
             cache = static.layers[layer]
             cache.reserve(cache.length + 1, cache.k)
             static.position_t = torch.tensor([static.position])
-            got = m.mix_graphable(layer, x, static)
+            got = m.mix(layer, x, static, static=True)[0]
         cache.length += 1
         eager.position += 1
         static.position += 1

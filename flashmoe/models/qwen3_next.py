@@ -17,22 +17,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig
+from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.moe import swiglu_mlp
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero-centred RMSNorm: the stored weight is an offset from 1."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * (1.0 + weight.float())).to(x.dtype)
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """DeltaNet output norm: plain-weight RMSNorm, then a SiLU gate."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+    """Zero-centred RMSNorm: the stored weight is an offset from 1 (one launch on CUDA)."""
+    return fused.rms_norm(x, weight, eps)
 
 
 def sdpa_backends(device: torch.device):
@@ -42,11 +34,6 @@ def sdpa_backends(device: torch.device):
     if device.type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 @dataclass
@@ -109,6 +96,25 @@ class Qwen3NextModel:
         device = self.embed_weight.device
         rot = cfg.rotary_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+        for layer in range(cfg.num_hidden_layers):
+            self._fuse_projections(layer)
+
+    def _fuse_projections(self, layer: int) -> None:
+        """Matrices that read the same input become one, so a decode step reads each input's weights in one
+        matrix-vector product instead of two to four (small ones run far below HBM bandwidth: a 512-row router
+        alone took 11 us on an H100, 10x its bytes). Split back by `_split_sizes`."""
+        p = f"model.layers.{layer}."
+        groups = {p + "self_attn.qkv_proj.fused": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                  p + "linear_attn.in_proj.fused": ["linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
+                                                     "linear_attn.in_proj_b", "linear_attn.in_proj_a"],
+                  # the router first: its logits are then the rows' first E columns
+                  p + "mlp.moe_in.fused": ["mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                                           "mlp.shared_expert_gate"],
+                  p + "mlp.gate_up.fused": ["mlp.gate_proj", "mlp.up_proj"]}
+        for fused_name, parts in groups.items():
+            names = [p + part + ".weight" for part in parts]
+            if all(n in self.w for n in names):
+                self.w[fused_name] = torch.cat([self.w.pop(n) for n in names])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,39 +132,33 @@ class Qwen3NextModel:
         return F.linear(x, self.lm_head).float()
 
     # ---- token mixing: full attention or Gated DeltaNet, with the residual ---------------------
-    def mix(self, layer: int, x: torch.Tensor, state: SequenceState) -> torch.Tensor:
+    def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token mixing plus the residual, then the channel-mixing input norm (the add and the norm in one launch):
+        returns (x, normed x). static: one decode token with no host values (for a CUDA graph): full attention reads
+        its position from state.position_t and attends over the KV cache's whole capacity under a mask (the cache
+        must hold a free slot at that position); its `length` is the caller's to advance."""
         p = f"model.layers.{layer}."
-        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.cfg.rms_norm_eps)
-        if self.cfg.layer_types[layer] == "full_attention":
-            h = self._attention(p + "self_attn.", h, state.layers[layer], state.position)
-        else:
-            h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
-        return x + h
-
-    def mix_graphable(self, layer: int, x: torch.Tensor, state: SequenceState) -> torch.Tensor:
-        """mix() for one decode token with no host values: full attention reads its position from
-        state.position_t and attends over the KV cache's whole capacity under a mask (the cache must hold a free
-        slot at that position); its `length` is the caller's to advance."""
+        eps = self.cfg.rms_norm_eps
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
         if self.cfg.layer_types[layer] != "full_attention":
-            return self.mix(layer, x, state)
-        p = f"model.layers.{layer}."
-        h = rms_norm(x, self.w[p + "input_layernorm.weight"], self.cfg.rms_norm_eps)
-        return x + self._attention_at(p + "self_attn.", h, state.layers[layer], state.position_t)
+            h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
+        elif static:
+            h = self._attention_at(p + "self_attn.", h, state.layers[layer], state.position_t)
+        else:
+            h = self._attention(p + "self_attn.", h, state.layers[layer], state.position)
+        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
 
     def _qkv(self, p: str, h: torch.Tensor, positions: torch.Tensor):
-        """Queries (normed, rotated, [T, heads, hd]), output gate, keys and values ([T, kv_heads, hd])."""
-        cfg, w = self.cfg, self.w
+        """Queries (normed, rotated, [T, heads, hd]), output gate [T, heads * hd], keys (normed, rotated) and values
+        ([T, kv_heads, hd]), from one fused projection."""
+        cfg = self.cfg
         t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q, gate = F.linear(h, w[p + "q_proj.weight"]).view(t, nh, 2 * hd).chunk(2, dim=-1)
-        gate = gate.reshape(t, nh * hd)
-        q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
-        k = rms_norm(F.linear(h, w[p + "k_proj.weight"]).view(t, nkv, hd), w[p + "k_norm.weight"], cfg.rms_norm_eps)
-        v = F.linear(h, w[p + "v_proj.weight"]).view(t, nkv, hd)
-        cos, sin = self._rope(positions)
-        rot = cfg.rotary_dim
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = torch.cat([q[..., :rot] * cos + rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
-        k = torch.cat([k[..., :rot] * cos + rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
+        proj = F.linear(h, self.w[p + "qkv_proj.fused"])
+        q, k = fused.qk_norm_rope(proj, positions, self.w[p + "q_norm.weight"], self.w[p + "k_norm.weight"],
+                                  self.inv_freq, nh, nkv, hd, cfg.rms_norm_eps)
+        gate = proj[:, : nh * 2 * hd].view(t, nh, 2 * hd)[..., hd:].reshape(t, nh * hd)
+        v = proj[:, nh * 2 * hd + nkv * hd :].view(t, nkv, hd)
         return q, gate, k, v
 
     def _attention_at(self, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
@@ -174,11 +174,6 @@ class Qwen3NextModel:
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
         out = torch.matmul(probs, cache.v).reshape(1, nh * hd) * torch.sigmoid(gate)
         return F.linear(out, w[p + "o_proj.weight"])
-
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _attention(self, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         cfg, w = self.cfg, self.w
@@ -201,65 +196,53 @@ class Qwen3NextModel:
         cfg, w = self.cfg, self.w
         t = h.shape[0]
         nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        mixed = F.linear(h, w[p + "in_proj_qkv.weight"]).transpose(0, 1)  # [channels, T]
-        z = F.linear(h, w[p + "in_proj_z.weight"]).view(t, nv, dv)
-        b = F.linear(h, w[p + "in_proj_b.weight"])
-        a = F.linear(h, w[p + "in_proj_a.weight"])
+        channels = 2 * nk * dk + nv * dv
+        mixed, z, b, a = F.linear(h, w[p + "in_proj.fused"]).split([channels, nv * dv, nv, nv], dim=-1)
 
         # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
         conv_w = w[p + "conv1d.weight"]  # [channels, 1, kernel]
         kernel = conv_w.shape[-1]
         if state.conv is None:
-            state.conv = mixed.new_zeros(mixed.shape[0], kernel - 1)
-        full = torch.cat([state.conv, mixed], dim=1)
-        state.conv.copy_(full[:, -(kernel - 1):])  # in place: a captured CUDA graph keeps these addresses
-        mixed = F.silu(F.conv1d(full[None], conv_w, groups=full.shape[0])[0]).transpose(0, 1)  # [T, channels]
+            state.conv = h.new_zeros(channels, kernel - 1)
+        if t == 1 and fused.use_triton(h):  # decode: the window's dot product, the SiLU and the state shift at once
+            mixed = fused.conv_step(mixed[0], state.conv, conv_w)[None]
+        else:
+            full = torch.cat([state.conv, mixed.transpose(0, 1)], dim=1)
+            state.conv.copy_(full[:, -(kernel - 1):])  # in place: a captured CUDA graph keeps these addresses
+            mixed = F.silu(F.conv1d(full[None], conv_w, groups=channels)[0]).transpose(0, 1)  # [T, channels]
 
         q, k, v = torch.split(mixed, [nk * dk, nk * dk, nv * dv], dim=-1)
         q, k, v = q.view(1, t, nk, dk), k.view(1, t, nk, dk), v.view(1, t, nv, dv)
-        beta = torch.sigmoid(b)[None]
-        g = (-w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float()))[None]
-        out, final = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        g, beta = fused.delta_gates(a, b, w[p + "A_log"], w[p + "dt_bias"])
+        out, final = gated_delta_rule(q, k, v, g[None], beta[None], state.recurrent)
         if state.recurrent is None:
             state.recurrent = final.float().clone()
         else:
             state.recurrent.copy_(final)
-        out = gated_rms_norm(out[0], z, w[p + "norm.weight"], cfg.rms_norm_eps)
+        # the output norm has plain weights and a SiLU gate
+        out = fused.rms_norm(out[0], w[p + "norm.weight"], cfg.rms_norm_eps, zero_centred=False, gate=z.view(t, nv, dv))
         return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 
     # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
-    def moe_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.w[f"model.layers.{layer}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+    def moe_projections(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Everything that reads the MoE input, in one product: [T, router logits | shared gate | shared up |
+        the shared expert's gate logit]."""
+        return F.linear(h, self.w[f"model.layers.{layer}.mlp.moe_in.fused"])
 
-    def route(self, layer: int, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax router -> (expert ids [T, K], weights [T, K] float32)."""
-        logits = F.linear(h, self.w[f"model.layers.{layer}.mlp.gate.weight"])
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.cfg.norm_topk_prob:
-            weights, ids = torch.topk(probs, top_k, dim=-1)
-            return ids, weights / weights.sum(dim=-1, keepdim=True)
-        default_k = self.cfg.num_experts_per_tok
-        weights, ids = torch.topk(probs, max(top_k, default_k), dim=-1)
-        if top_k != default_k:
-            # unnormalised router with K overridden: the kept experts share the mass the default K had
-            mass = weights[:, :default_k].sum(-1, keepdim=True)
-            weights, ids = weights[:, :top_k], ids[:, :top_k]
-            weights = weights * mass / weights.sum(-1, keepdim=True)
-        return ids, weights
+    def route(self, layer: int, projections: torch.Tensor, top_k: int, slot_table: torch.Tensor | None = None):
+        """Softmax router -> (expert ids [T, K] ascending, their weights [T, K] float32, and their slots in
+        `slot_table` [experts] if given). With an unnormalised router and K overridden, the kept experts share the
+        mass the default K had."""
+        cfg = self.cfg
+        return fused.route(projections[:, : cfg.num_experts], top_k, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                           slot_table)
 
-    def shared_expert(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        p = f"model.layers.{layer}.mlp."
-        gate_up = self._gate_up(p + "shared_expert.")
-        y = swiglu_mlp(h, gate_up, self.w[p + "shared_expert.down_proj.weight"])
-        return torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * y
+    def shared_expert(self, layer: int, projections: torch.Tensor) -> torch.Tensor:
+        e, si = self.cfg.num_experts, self.cfg.shared_expert_intermediate_size
+        gate, up = projections[:, e : e + si], projections[:, e + si : e + 2 * si]
+        y = F.linear(F.silu(gate) * up, self.w[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"])
+        return torch.sigmoid(projections[:, -1:]) * y
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        return swiglu_mlp(h, self._gate_up(p), self.w[p + "down_proj.weight"])
-
-    def _gate_up(self, p: str) -> torch.Tensor:
-        """Fuse gate and up once, so each MLP is two matmuls."""
-        key = p + "gate_up.fused"
-        if key not in self.w:
-            self.w[key] = torch.cat([self.w.pop(p + "gate_proj.weight"), self.w.pop(p + "up_proj.weight")])
-        return self.w[key]
+        return swiglu_mlp(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])

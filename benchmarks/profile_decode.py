@@ -1,0 +1,112 @@
+"""Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a 397B-shaped store.
+
+    python benchmarks/profile_decode.py --root /data/bench [--layers 4] [--steps 8] [--eager]
+
+Writes (once) a random store with the Qwen3.5-397B-A17B geometry and --layers layers (the first three
+DeltaNet, the fourth full attention, as in the real model), loads it with every expert in VRAM, and
+profiles --steps decode steps: the kernels sorted by GPU time per step, the head (final norm, lm_head,
+argmax) alone, and bf16 matrix-vector products of the layer's shapes against the HBM read bandwidth.
+With --eager the layers run without CUDA graphs (the same kernels, launched one by one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import flashmoe
+from flashmoe.synthetic import QWEN3_5_397B, write_random_store
+
+K = 4
+
+
+def hbm_read_gbps() -> float:
+    """A reduction over 4 GB: bytes read per second, the number a matrix-vector product can approach."""
+    a = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
+    a.sum()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a.sum()
+    torch.cuda.synchronize()
+    return 10 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def gemv_us(rows: int, cols: int) -> float:
+    w = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, cols, dtype=torch.bfloat16, device="cuda")
+    import triton.testing
+
+    return triton.testing.do_bench(lambda: F.linear(x, w), warmup=20, rep=200) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--top", type=int, default=45)
+    args = ap.parse_args()
+    path = args.root / f"store-397b-{args.layers}l"
+    if not (path / "manifest.json").exists():
+        write_random_store(path, dict(QWEN3_5_397B, num_hidden_layers=args.layers, num_experts_per_tok=K),
+                           device="cuda")
+    model = flashmoe.load(path, device="cuda", experts_per_token=K, cuda_graphs=not args.eager,
+                          vram_cache_gb=model_bytes_gb(path) * 1.01)
+    model.warm_cache()
+    state = model.new_state()
+    logits = model.forward(list(range(100, 116)), state, all_logits=False)
+    for _ in range(3):
+        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+    torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total_us = sum(e.self_device_time_total for e in events) / args.steps
+    print(f"\n{'graphs' if not args.eager else 'eager'}: {args.layers} layers, wall {wall_ms:.3f} ms/step, "
+          f"GPU kernels {total_us:.1f} us/step, {sum(e.count for e in events) / args.steps:.0f} kernels/step")
+    print(f"{'us/step':>9} {'calls/step':>10}  kernel")
+    for e in events[: args.top]:
+        print(f"{e.self_device_time_total / args.steps:9.1f} {e.count / args.steps:10.1f}  {e.key[:110]}")
+
+    x = torch.randn(1, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    import triton.testing
+
+    head_us = triton.testing.do_bench(lambda: model.model.logits(x).argmax(), warmup=10, rep=100) * 1e3
+    read = hbm_read_gbps()
+    print(f"\nhead (norm, lm_head, argmax): {head_us:.1f} us; HBM read {read:.0f} GB/s")
+    cfg = model.config
+    shapes = {"in_proj_qkv": (12288, 4096), "in_proj_z": (8192, 4096), "out_proj": (4096, 8192),
+              "q_proj": (16384, 4096), "shared gate_up": (2048, 4096), "shared down": (4096, 1024),
+              "router": (cfg.num_experts, 4096), "in_proj_b": (64, 4096)}
+    for name, (r, c) in shapes.items():
+        us = gemv_us(r, c)
+        print(f"bf16 gemv {name:15s} [{r}x{c}]: {us:7.1f} us, {r * c * 2 / us / 1e3:6.0f} GB/s "
+              f"(bound {r * c * 2 / read / 1e3:6.1f} us)")
+    model.close()
+
+
+def model_bytes_gb(path: Path) -> float:
+    from flashmoe.store import Store
+
+    return Store(path).expert_bytes / 1e9
+
+
+if __name__ == "__main__":
+    main()

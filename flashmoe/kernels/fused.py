@@ -1,0 +1,315 @@
+"""The small ops of a layer, fused: one Triton launch for what torch does in five to fifteen, beside the torch
+reference each must equal.
+
+A 397B-shaped decode layer launched ~100 kernels before these: an RMSNorm alone was ten elementwise kernels,
+the router's softmax, top-k, renormalisation and sort another ten, and inside a CUDA graph each still costs
+2-3 us on an H100. That was 300 us of kernels per layer against 86 us of weight bytes
+(benchmarks/profile_decode.py). Each op here takes any number of rows (tokens), except the causal-conv step,
+which is decode's. `use_triton(x)` says which path a tensor gets: Triton on CUDA, the reference elsewhere (tests
+also run the Triton versions in Triton's CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# ---- torch references --------------------------------------------------------------------------
+def reference_rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
+    """RMSNorm of x (+ residual, rounded to x's dtype first, as the residual stream is), times (1 + weight) when
+    zero_centred else weight, times silu(gate) if given. Returns the normed rows, and the sum when residual is given."""
+    total = x if residual is None else x + residual
+    xf = total.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * ((1.0 + weight.float()) if zero_centred else weight.float())
+    if gate is not None:
+        y = y * F.silu(gate.float())
+    y = y.to(x.dtype)
+    return y if residual is None else (total, y)
+
+
+def reference_conv_step(mixed, conv_state, conv_weight):
+    """One token through the causal depthwise conv: silu(sum_j window[c, j] w[c, j]) over [state, mixed];
+    the state ([C, kernel - 1], oldest first) shifts in place."""
+    full = torch.cat([conv_state, mixed[:, None]], dim=1)
+    conv_state.copy_(full[:, 1:])
+    return F.silu((full.float() * conv_weight[:, 0].float()).sum(-1)).to(mixed.dtype)
+
+
+def reference_delta_gates(a, b, a_log, dt_bias):
+    """The DeltaNet's decay (log space, float32) and write strength: g = -exp(A_log) softplus(a + dt_bias),
+    beta = sigmoid(b)."""
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, torch.sigmoid(b.float()).to(b.dtype)
+
+
+def reference_route(logits, top_k, default_k, normalize, slot_table=None):
+    """Softmax router: the top max(top_k, default_k) experts by probability, of which the first top_k are kept.
+    Weights are renormalised to 1 (normalize) or to the mass the default K had (so an overridden K keeps it).
+    Returns ids ascending within each row, their float32 weights, and their slots in `slot_table` if given."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, max(top_k, default_k), dim=-1)
+    mass = weights[:, :default_k].sum(-1, keepdim=True)
+    weights, ids = weights[:, :top_k], ids[:, :top_k]
+    weights = weights / weights.sum(-1, keepdim=True) * (1.0 if normalize else mass)
+    ids, order = ids.sort(dim=-1)
+    weights = weights.gather(-1, order)
+    slots = None if slot_table is None else slot_table[ids]
+    return ids, weights, slots
+
+
+def reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
+    """From an attention layer's fused projection [T, heads * 2hd (query, gate per head) | kv * hd | kv * hd]: the
+    queries and keys RMS-normed per head (zero-centred weights) and rotated over their first 2 * len(inv_freq)
+    dims. Returns q [T, heads, hd], k [T, kv, hd] in proj's dtype."""
+    t = proj.shape[0]
+    q = proj[:, : heads * 2 * head_dim].view(t, heads, 2 * head_dim)[..., :head_dim]
+    k = proj[:, heads * 2 * head_dim : heads * 2 * head_dim + kv_heads * head_dim].view(t, kv_heads, head_dim)
+    q = reference_rms_norm(q, q_norm, eps)
+    k = reference_rms_norm(k, k_norm, eps)
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None, :], torch.cat((freqs, freqs), -1).sin()[:, None, :]
+    rot = 2 * inv_freq.numel()
+
+    def rotate(x):
+        xr = x[..., :rot].float()
+        half = torch.cat((-xr[..., rot // 2 :], xr[..., : rot // 2]), dim=-1)
+        return torch.cat([(xr * cos + half * sin).to(x.dtype), x[..., rot:]], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+# ---- Triton -----------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, gate_ptr, w_ptr, y_ptr, sum_ptr, D, x_stride, res_stride, gate_stride, eps,
+                         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, ZERO_CENTRED: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        m = d < D
+        x = tl.load(x_ptr + row * x_stride + d, mask=m, other=0.0)
+        if HAS_RES:  # the residual stream's sum, rounded to its dtype as torch's add would
+            x = (x.to(tl.float32) + tl.load(res_ptr + row * res_stride + d, mask=m, other=0.0).to(tl.float32))
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * D + d, x, mask=m)
+        x = x.to(tl.float32)
+        y = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+        if ZERO_CENTRED:
+            y = y * (1.0 + w)
+        else:
+            y = y * w
+        if HAS_GATE:
+            g = tl.load(gate_ptr + row * gate_stride + d, mask=m, other=0.0).to(tl.float32)
+            y = y * g * tl.sigmoid(g)
+        tl.store(y_ptr + row * D + d, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _conv_step_kernel(mixed_ptr, state_ptr, w_ptr, out_ptr, C, KERNEL: tl.constexpr, KPAD: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        j = tl.arange(0, KPAD)
+        in_state = cm[:, None] & (j < KERNEL - 1)[None, :]
+        old = tl.load(state_ptr + c[:, None] * (KERNEL - 1) + j[None, :], mask=in_state, other=0.0)
+        new = tl.load(mixed_ptr + c, mask=cm, other=0.0)
+        window = tl.where((j == KERNEL - 1)[None, :], new[:, None], old)  # [state..., new], oldest first
+        w = tl.load(w_ptr + c[:, None] * KERNEL + j[None, :], mask=cm[:, None] & (j < KERNEL)[None, :], other=0.0)
+        y = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+        tl.store(out_ptr + c, (y * tl.sigmoid(y)).to(out_ptr.dtype.element_ty), mask=cm)
+        keep = cm[:, None] & (j >= 1)[None, :] & (j < KERNEL)[None, :]  # the window less its oldest column
+        tl.store(state_ptr + c[:, None] * (KERNEL - 1) + (j - 1)[None, :], window, mask=keep)
+
+    @triton.jit
+    def _delta_gates_kernel(a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, g_ptr, beta_ptr, H, a_stride, b_stride,
+                            BLOCK_H: tl.constexpr):
+        row = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)
+        m = h < H
+        a = tl.load(a_ptr + row * a_stride + h, mask=m, other=0.0).to(tl.float32)
+        a = a + tl.load(dt_bias_ptr + h, mask=m, other=0.0).to(tl.float32)
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # torch's threshold
+        g = -tl.exp(tl.load(a_log_ptr + h, mask=m, other=0.0).to(tl.float32)) * softplus
+        tl.store(g_ptr + row * H + h, g, mask=m)
+        b = tl.load(b_ptr + row * b_stride + h, mask=m, other=0.0).to(tl.float32)
+        tl.store(beta_ptr + row * H + h, tl.sigmoid(b).to(beta_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _route_kernel(logits_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, E, logits_stride, TOP_K: tl.constexpr,
+                      DEFAULT_K: tl.constexpr, K_MAX: tl.constexpr, KPAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+        row = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + row * logits_stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)
+        p = tl.where(e < E, p, -1.0)
+        slot = tl.arange(0, KPAD)
+        top_ids = tl.zeros((KPAD,), dtype=tl.int32)
+        top_p = tl.zeros((KPAD,), dtype=tl.float32)
+        for j in tl.static_range(K_MAX):  # repeated argmax: K is small
+            best = tl.max(p, axis=0)
+            pick = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # the lowest id among ties
+            top_ids = tl.where(slot == j, pick, top_ids)
+            top_p = tl.where(slot == j, best, top_p)
+            p = tl.where(e == pick, -1.0, p)
+        kept = slot < TOP_K
+        total = tl.sum(tl.where(kept, top_p, 0.0), axis=0)
+        if NORMALIZE:
+            top_p = top_p / total
+        else:
+            top_p = top_p / total * tl.sum(tl.where(slot < DEFAULT_K, top_p, 0.0), axis=0)
+        # ascending ids: each kept id's rank among the kept ones
+        smaller = (top_ids[None, :] < top_ids[:, None]) & kept[None, :]
+        rank = tl.sum(smaller.to(tl.int32), axis=1)
+        tl.store(ids_ptr + row * TOP_K + rank, top_ids.to(ids_ptr.dtype.element_ty), mask=kept)
+        tl.store(weights_ptr + row * TOP_K + rank, top_p, mask=kept)
+        if HAS_SLOTS:
+            slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
+            tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(proj_ptr, pos_ptr, qw_ptr, kw_ptr, inv_freq_ptr, q_ptr, k_ptr, proj_stride, eps,
+                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        head = tl.program_id(1)  # queries first, then keys
+        is_q = head < HEADS
+        if is_q:
+            src = proj_ptr + t * proj_stride + head * 2 * HEAD_DIM
+            w_ptr = qw_ptr
+            dst = q_ptr + (t * HEADS + head) * HEAD_DIM
+        else:
+            src = proj_ptr + t * proj_stride + HEADS * 2 * HEAD_DIM + (head - HEADS) * HEAD_DIM
+            w_ptr = kw_ptr
+            dst = k_ptr + (t * KV_HEADS + head - HEADS) * HEAD_DIM
+        d = tl.arange(0, BLOCK_D)
+        m = d < HEAD_DIM
+        x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
+        y = (x * rstd * (1.0 + tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32))).to(q_ptr.dtype.element_ty)
+        # rotate-half: dim i < ROT/2 pairs with i + ROT/2; both use frequency i % (ROT/2)
+        half: tl.constexpr = ROT // 2
+        in_rot = d < ROT
+        partner = tl.where(d < half, d + half, d - half)
+        xp = tl.load(src + partner, mask=in_rot, other=0.0).to(tl.float32)
+        yp = (xp * rstd * (1.0 + tl.load(w_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)))
+        yp = yp.to(q_ptr.dtype.element_ty).to(tl.float32)
+        angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d % half, mask=in_rot, other=0.0)
+        sign = tl.where(d < half, -1.0, 1.0)
+        rotated = y.to(tl.float32) * tl.cos(angle) + sign * yp * tl.sin(angle)
+        out = tl.where(in_rot, rotated, y.to(tl.float32))
+        tl.store(dst + d, out.to(q_ptr.dtype.element_ty), mask=m)
+
+
+# ---- launchers (any device where Triton runs, its CPU interpreter included) ------------------------
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, D] with unit stride along D (a view when it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_triton(x, weight, eps, zero_centred=True, residual=None, gate=None):
+    """reference_rms_norm in one Triton launch."""
+    d = x.shape[-1]
+    x2 = _rows(x)
+    res = _rows(residual) if residual is not None else x2
+    g = _rows(gate) if gate is not None else x2
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(y) if residual is not None else y
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(x2.shape[0],)](x2, res, g, weight, y, total, d, x2.stride(0), res.stride(0), g.stride(0), eps,
+                                     HAS_RES=residual is not None, HAS_GATE=gate is not None,
+                                     ZERO_CENTRED=zero_centred, BLOCK_D=block, num_warps=min(8, max(1, block // 256)))
+    y = y.view(x.shape)
+    return y if residual is None else (total.view(x.shape), y)
+
+
+def conv_step_triton(mixed, conv_state, conv_weight):
+    """reference_conv_step in one Triton launch. mixed [C], conv_state [C, kernel - 1] (contiguous),
+    conv_weight [C, 1, kernel]."""
+    c, kernel = conv_weight.shape[0], conv_weight.shape[-1]
+    out = torch.empty_like(mixed)
+    block = 256
+    _conv_step_kernel[(triton.cdiv(c, block),)](mixed, conv_state, conv_weight, out, c, KERNEL=kernel,
+                                                KPAD=triton.next_power_of_2(kernel), BLOCK_C=block)
+    return out
+
+
+def delta_gates_triton(a, b, a_log, dt_bias):
+    """reference_delta_gates in one Triton launch. a, b [T, H] (rows may be strided)."""
+    t, h = a.shape
+    g = torch.empty(t, h, dtype=torch.float32, device=a.device)
+    beta = torch.empty(t, h, dtype=b.dtype, device=a.device)
+    _delta_gates_kernel[(t,)](a, b, a_log, dt_bias, g, beta, h, a.stride(0), b.stride(0),
+                              BLOCK_H=triton.next_power_of_2(h))
+    return g, beta
+
+
+def route_triton(logits, top_k, default_k, normalize, slot_table=None):
+    """reference_route in one Triton launch. logits [T, E] (rows may be strided); slot_table [E] int32."""
+    t, e = logits.shape
+    ids = torch.empty(t, top_k, dtype=torch.long, device=logits.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    slots = torch.empty(t, top_k, dtype=torch.int32, device=logits.device) if slot_table is not None else None
+    _route_kernel[(t,)](logits, ids, weights, slot_table if slot_table is not None else ids,
+                        slots if slots is not None else ids, e, logits.stride(0), TOP_K=top_k, DEFAULT_K=default_k,
+                        K_MAX=max(top_k, default_k), KPAD=triton.next_power_of_2(max(top_k, default_k)), NORMALIZE=normalize,
+                        HAS_SLOTS=slot_table is not None, BLOCK_E=triton.next_power_of_2(e),
+                        num_warps=4 if e >= 256 else 1)
+    return ids, weights, slots
+
+
+def qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
+    """reference_qk_norm_rope in one Triton launch (proj rows contiguous)."""
+    t = proj.shape[0]
+    q = torch.empty(t, heads, head_dim, dtype=proj.dtype, device=proj.device)
+    k = torch.empty(t, kv_heads, head_dim, dtype=proj.dtype, device=proj.device)
+    _qk_norm_rope_kernel[(t, heads + kv_heads)](
+        proj, positions, q_norm, k_norm, inv_freq, q, k, proj.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim, ROT=2 * inv_freq.numel(), BLOCK_D=triton.next_power_of_2(head_dim))
+    return q, k
+
+
+# ---- what the model calls: Triton on CUDA, the reference elsewhere --------------------------------
+def rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps, zero_centred, residual, gate)
+    return reference_rms_norm(x, weight, eps, zero_centred, residual, gate)
+
+
+def conv_step(mixed, conv_state, conv_weight):
+    if use_triton(mixed):
+        return conv_step_triton(mixed, conv_state, conv_weight)
+    return reference_conv_step(mixed, conv_state, conv_weight)
+
+
+def delta_gates(a, b, a_log, dt_bias):
+    if use_triton(a):
+        return delta_gates_triton(a, b, a_log, dt_bias)
+    return reference_delta_gates(a, b, a_log, dt_bias)
+
+
+def route(logits, top_k, default_k, normalize, slot_table=None):
+    if use_triton(logits):
+        return route_triton(logits, top_k, default_k, normalize, slot_table)
+    return reference_route(logits, top_k, default_k, normalize, slot_table)
+
+
+def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
+    if use_triton(proj):
+        return qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps)
+    return reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps)

@@ -1,0 +1,120 @@
+"""The fused small ops (kernels/fused.py) against their torch references, over awkward shapes.
+
+On the GPU they run compiled; on a CPU machine they run in Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest), so CI checks their indexing too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_error
+from flashmoe.kernels import fused
+
+pytestmark = pytest.mark.skipif(fused.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def randn(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 4096), (3, 96), (5, 7)])
+@pytest.mark.parametrize("kind", ["zero_centred", "plain_gated", "residual"])
+def test_rms_norm(dtype, rows, d, kind):
+    gen = torch.Generator().manual_seed(rows * d)
+    x, w = randn(rows, d, dtype=dtype, gen=gen), randn(d, dtype=dtype, gen=gen) * 0.1
+    kw = {}
+    if kind == "plain_gated":
+        kw = dict(zero_centred=False, gate=randn(rows, 2 * d, dtype=dtype, gen=gen)[:, ::2])  # strided rows
+    if kind == "residual":
+        kw = dict(residual=randn(rows, d, dtype=dtype, gen=gen))
+    got = fused.rms_norm_triton(x, w, 1e-6, **kw)
+    ref = fused.reference_rms_norm(x, w, 1e-6, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    if kind == "residual":
+        assert rel_error(got[0], ref[0]) < tol  # equal but for rounding (the interpreter truncates to bf16)
+        got, ref = got[1], ref[1]
+    assert got.dtype == dtype and rel_error(got, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels,kernel", [(300, 4), (64, 2), (33, 3)])
+def test_conv_step_output_and_state(dtype, channels, kernel):
+    gen = torch.Generator().manual_seed(channels)
+    w = randn(channels, 1, kernel, dtype=dtype, gen=gen)
+    state, state_ref = randn(channels, kernel - 1, dtype=dtype, gen=gen), None
+    state_ref = state.clone()
+    for step in range(3):
+        mixed = randn(channels, dtype=dtype, gen=gen)
+        got = fused.conv_step_triton(mixed, state, w)
+        ref = fused.reference_conv_step(mixed, state_ref, w)
+        assert rel_error(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert torch.equal(state, state_ref)
+
+
+@pytest.mark.parametrize("rows,heads", [(1, 64), (4, 5)])
+def test_delta_gates(rows, heads):
+    gen = torch.Generator().manual_seed(heads)
+    proj = randn(rows, 3 * heads, dtype=torch.bfloat16, gen=gen) * 8  # past softplus's threshold, both ways
+    a, b = proj[:, :heads], proj[:, heads : 2 * heads]
+    a_log, dt_bias = torch.rand(heads, generator=gen).to(DEVICE) * 2.7, randn(heads, gen=gen)
+    g, beta = fused.delta_gates_triton(a, b, a_log, dt_bias)
+    g_ref, beta_ref = fused.reference_delta_gates(a, b, a_log, dt_bias)
+    assert rel_error(g, g_ref) < 1e-5 and rel_error(beta, beta_ref) < 1e-2 and beta.dtype == b.dtype
+
+
+@pytest.mark.parametrize("experts,top_k,default_k,normalize", [(512, 4, 10, True), (512, 10, 10, True),
+                                                                (60, 3, 8, False), (60, 8, 8, False), (7, 2, 1, False)])
+def test_route_picks_the_same_experts_sorted_with_their_weights_and_slots(experts, top_k, default_k, normalize):
+    gen = torch.Generator().manual_seed(experts + top_k)
+    # strided rows, as in a fused GEMV; float32, so no two logits tie (ties may break either way)
+    logits = randn(3, experts + 5, gen=gen)[:, :experts]
+    table = torch.randperm(experts, generator=gen).to(DEVICE, torch.int32)
+    ids, weights, slots = fused.route_triton(logits, top_k, default_k, normalize, table)
+    ids_ref, weights_ref, slots_ref = fused.reference_route(logits, top_k, default_k, normalize, table)
+    assert torch.equal(ids, ids_ref) and torch.equal(slots, slots_ref)
+    assert torch.all(ids[:, 1:] > ids[:, :-1])
+    torch.testing.assert_close(weights, weights_ref, rtol=1e-5, atol=1e-6)
+    if normalize:
+        torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,heads,kv_heads,head_dim,rot", [(1, 4, 2, 32, 8), (3, 8, 1, 256, 64), (2, 2, 2, 24, 24)])
+def test_qk_norm_rope(dtype, t, heads, kv_heads, head_dim, rot):
+    gen = torch.Generator().manual_seed(head_dim)
+    proj = randn(t, heads * 2 * head_dim + 2 * kv_heads * head_dim, dtype=dtype, gen=gen)
+    positions = torch.tensor([5, 900, 70000][:t], device=DEVICE)
+    q_norm, k_norm = randn(head_dim, dtype=dtype, gen=gen) * 0.1, randn(head_dim, dtype=dtype, gen=gen) * 0.1
+    inv_freq = (1.0 / (10_000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))).to(DEVICE)
+    args = (proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, 1e-6)
+    q, k = fused.qk_norm_rope_triton(*args)
+    q_ref, k_ref = fused.reference_qk_norm_rope(*args)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert q.shape == (t, heads, head_dim) and k.shape == (t, kv_heads, head_dim)
+    assert rel_error(q, q_ref) < tol and rel_error(k, k_ref) < tol
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_model_through_the_fused_kernels_matches_transformers(built, arch, monkeypatch):
+    """The model's wiring of the fused ops (strided slices of fused projections, the conv state, the router's
+    order): every op that has a Triton version runs it (the interpreter, on a CPU), prompt and decode steps."""
+    import flashmoe
+    from conftest import load_reference
+    from test_reference import PROMPT
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused, "use_triton", lambda x: True)
+    model = flashmoe.load(built.store(arch, None), device=DEVICE, dtype=torch.float32)
+    ref = load_reference(built.checkpoint(arch), arch)
+    with torch.no_grad():
+        expected = ref(torch.tensor([PROMPT])).logits[0]
+    state = model.new_state()
+    prompt_logits = model.forward(PROMPT[:9], state)
+    step_logits = [model.forward([token], state)[0] for token in PROMPT[9:13]]
+    assert rel_error(prompt_logits.cpu(), expected[:9]) < 1e-4
+    assert rel_error(torch.stack(step_logits).cpu(), expected[9:13]) < 1e-4
