@@ -85,13 +85,14 @@ class DecodeGraphs:
         return state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
 
     def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
-        """The whole layer as one graph: with every expert in VRAM the GPU looks up the slots itself."""
+        """The whole layer as one graph: with every expert resident (VRAM or pinned RAM) the GPU looks up the slots
+        itself."""
         m, k = self.model, self.k
 
         def whole(x):
             x, h = m.mix(layer, x, state, static=True)
             projections = m.moe_projections(layer, h)
-            _, weights, slots = m.route(layer, projections, k, resident_slots[layer])
+            _, weights, slots = m.route(layer, projections, k, resident_slots[layer], self.routed.fetcher.resident_counts)
             return x + m.shared_expert(layer, projections) + self.routed.decode_compute(h, weights, slots[0])
 
         return Captured(whole, [x], self._pool(state))
@@ -114,7 +115,6 @@ class DecodeGraphs:
             x = graph.replay(x)
             if cache is not None:
                 cache.length += 1
-            self.routed.fetcher.count_resident_hits(self.k)
             times.compute_ms += (clock() - t0) * 1e3  # the whole layer: mixing, router, shared and routed experts
             return x
         graphs = state.decode_graphs.get(layer)

@@ -41,7 +41,7 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
-                 use_cuda_graphs: bool = True):
+                 use_cuda_graphs: bool = True, zero_copy: bool = True):
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -54,7 +54,7 @@ class Model:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
         self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
-                                     direct_io, verify_reads)
+                                     direct_io, verify_reads, zero_copy)
         self.routed = RoutedExperts(store, self.fetcher, self.device)
         self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
             self.device.type == "cuda" and use_cuda_graphs) else None
@@ -68,11 +68,13 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
-             cuda_graphs: bool = True) -> "Model":
+             cuda_graphs: bool = True, zero_copy: bool = True) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
-        the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs."""
+        the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs.
+        zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
+        inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache."""
         on_gpu = device.startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
@@ -88,7 +90,7 @@ class Model:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(Store(path), device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads, cuda_graphs)
+                   verify_reads, cuda_graphs, zero_copy)
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -246,6 +248,7 @@ class Model:
     @property
     def stats(self) -> dict:
         f = self.fetcher
+        f.take_resident_counts()
         t = self._tokens
         decode_steps = max(t["generated_tokens"] - 1, 0)
         out = {
@@ -266,6 +269,7 @@ class Model:
                 "vram_cache_hit_rate": f.vram.stats.hit_rate,
                 "vram_cache_bytes": len(f.vram) * self.store.expert_blob_bytes,
                 "expert_bytes_copied": f.stats.expert_bytes_copied,
+                "expert_bytes_zero_copy": f.stats.expert_bytes_zero_copy,
             })
         out.update({k: round(v, 3) for k, v in self._timers.items()})
         out["decode_tokens_per_s"] = decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0
@@ -273,6 +277,7 @@ class Model:
 
     def reset_stats(self) -> None:
         f = self.fetcher
+        f.take_resident_counts()  # and drop them with the rest
         f.stats = type(f.stats)()
         for tier in (f.ram, f.vram):
             if tier is not None:

@@ -32,6 +32,7 @@ class ExpertStats:
     expert_reads: int = 0
     expert_bytes_read: int = 0
     expert_bytes_copied: int = 0  # host -> VRAM
+    expert_bytes_zero_copy: int = 0  # read by the kernels straight from pinned RAM
 
 
 @dataclass
@@ -49,7 +50,8 @@ class LayerFetch:
 
 class ExpertFetcher:
     def __init__(self, store: Store, device: torch.device, ram_cache_bytes: int, vram_cache_bytes: int = 0,
-                 batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False):
+                 batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
+                 zero_copy: bool = True):
         self.store = store
         self.device = device
         self.on_gpu = device.type == "cuda"
@@ -59,7 +61,11 @@ class ExpertFetcher:
         self.stats = ExpertStats()
         blob = store.expert_blob_bytes
         every_expert = self.every_expert = store.expert_bytes // blob  # no cache needs more slots than this
-        self._resident_slots: torch.Tensor | None = None
+        self.zero_copy = zero_copy and self.on_gpu
+        self._slot_table: torch.Tensor | None = None  # on the device; rewritten in place (graphs hold its address)
+        self._slot_table_current = False
+        # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
+        self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self.ram = SlotCache(min(ram_cache_bytes // blob, every_expert), batch_experts)
         self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
@@ -117,10 +123,11 @@ class ExpertFetcher:
                     f.vram_slot[expert] = slot
                     continue
                 f.vram_slot[expert] = self.vram.assign(key)
-                self._resident_slots = None
+                self._slot_table_current = False
             slot = self.ram.lookup(key)
             if slot is None:
                 slot = self.ram.assign(key)
+                self._slot_table_current = False
                 loc = self.store.expert_location(layer, expert)
                 f.reading[self._pool.submit(self._read, layer, expert, loc, slot)] = expert
             else:
@@ -132,22 +139,50 @@ class ExpertFetcher:
         return f
 
     def resident_slots(self) -> torch.Tensor | None:
-        """[layers, experts] int32: the VRAM slot of every expert, once the VRAM cache holds them all (it is then
-        as large as the store, so nothing is evicted again); None before. With it a decode step finds its experts
-        on the GPU, with no host round trip to read the router's choice."""
-        if self.vram is None or len(self.vram) < self.every_expert:
+        """[layers, experts] int32 on the GPU, once every expert is resident: slot s >= 0 of the VRAM slab, or
+        (zero_copy) slot -1 - s of the pinned RAM slab, which the expert kernels read over PCIe themselves. None
+        while some expert is only on disk. With it a decode step finds its experts on the GPU, with no host round
+        trip to read the router's choice and no copy; the router's kernel counts the tiers in resident_counts.
+        The VRAM cache does not change during such steps; a prompt's fetches may change it, and the table follows."""
+        if self.vram is None:
             return None
-        if self._resident_slots is None:
-            cfg = self.store.config
-            table = torch.full((cfg.num_hidden_layers, cfg.num_experts), -1, dtype=torch.int32)
-            for (layer, expert), slot in self.vram.cached().items():
-                table[layer, expert] = slot
-            self._resident_slots = table.to(self.device)
-        return self._resident_slots
+        if not self._slot_table_current:
+            table = self._build_slot_table()
+            if table is None:
+                return None
+            if self._slot_table is None:
+                self._slot_table = table.to(self.device)
+            else:
+                self._slot_table.copy_(table, non_blocking=False)
+            self._slot_table_current = True
+        return self._slot_table
 
-    def count_resident_hits(self, n: int) -> None:
-        """Experts used through resident_slots(): VRAM hits the host never looked up one by one."""
-        self.vram.stats.hits += n
+    def _build_slot_table(self) -> torch.Tensor | None:
+        in_vram = self.vram.cached()
+        if len(in_vram) < self.every_expert:
+            if not self.zero_copy:
+                return None
+            in_ram = self.ram.cached()
+            if len(in_vram.keys() | in_ram.keys()) < self.every_expert:
+                return None
+            in_vram = {**{key: -1 - slot for key, slot in in_ram.items()}, **in_vram}
+        cfg = self.store.config
+        table = torch.full((cfg.num_hidden_layers, cfg.num_experts), -1 - self.ram.n_slots, dtype=torch.int32)
+        for (layer, expert), slot in in_vram.items():
+            table[layer, expert] = slot
+        return table
+
+    def take_resident_counts(self) -> None:
+        """Fold the GPU's counts of experts used through the slot table into the tier stats (a small sync): a VRAM
+        hit, or a VRAM miss served by the pinned RAM tier without a copy."""
+        if self.resident_counts is None:
+            return
+        in_vram, in_ram = self.resident_counts.tolist()
+        self.resident_counts.zero_()
+        self.vram.stats.hits += in_vram
+        self.vram.stats.misses += in_ram
+        self.ram.stats.hits += in_ram
+        self.stats.expert_bytes_zero_copy += in_ram * self.store.expert_blob_bytes
 
     def _landed(self, f: LayerFetch) -> Iterator[int]:
         """Experts whose reads completed, as they complete; a failed read leaves nothing behind in the caches."""
@@ -169,6 +204,7 @@ class ExpertFetcher:
         for future in f.reading:
             future.cancel()
         wait(list(f.reading))
+        self._slot_table_current = False
         for expert in f.reading.values():
             self.ram.forget((f.layer, expert))
             if self.vram is not None:

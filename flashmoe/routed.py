@@ -48,10 +48,9 @@ class RoutedExperts:
                  shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
         """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router."""
         resident = self.fetcher.resident_slots() if ids.shape[0] == 1 and self.decode_kernels else None
-        if resident is not None:  # every expert in VRAM: no host sync, the GPU looks the slots up
+        if resident is not None:  # every expert resident: no host sync, the GPU looks the slots up
             t0 = self._clock()
             out = shared() + self.resident_compute(layer, h, ids, weights, resident)
-            self.fetcher.count_resident_hits(ids.shape[1])
             times.compute_ms += (self._clock() - t0) * 1e3
             return out
         ids_list = ids.tolist()  # the host decides what to move: one sync per layer
@@ -115,12 +114,15 @@ class RoutedExperts:
 
     def resident_compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                          resident_slots: torch.Tensor) -> torch.Tensor:
-        """decode_compute with the slots read from the fetcher's resident table on the GPU."""
-        return self.decode_compute(h, weights, resident_slots[layer][ids[0]])
+        """decode_compute with the slots read from the fetcher's resident table on the GPU (and counted by tier)."""
+        slots = resident_slots[layer][ids[0]]
+        self.fetcher.resident_counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
+        return self.decode_compute(h, weights, slots)
 
     def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
-        """One token's K experts, whose VRAM slots are in `slots`, in the order of the router's ascending ids (that
-        of `weights`): two launches, no host work, so a CUDA graph can hold it."""
-        slab = self.fetcher.vram_slab
-        act = moe_triton.decode_gate_up_swiglu(h, slab, slots, self.qb)
-        return moe_triton.down_weighted_sum(act, slab, slots, weights[0], self.qb)[None]
+        """One token's K experts, whose slots (VRAM, or pinned RAM if negative: see ExpertFetcher.resident_slots) are
+        in `slots`, in the order of the router's ascending ids (that of `weights`): two launches, no host work, so a
+        CUDA graph can hold it."""
+        f = self.fetcher
+        act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab)
+        return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab)[None]

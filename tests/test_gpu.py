@@ -145,3 +145,38 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     long_prompt = (PROMPT * 40)[:250]
     assert list(resident.generate(long_prompt, 16, stop_token_ids=[])) == list(
         host_driven.generate(long_prompt, 16, stop_token_ids=[]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, arch):
+    """A small VRAM cache and a pinned RAM cache holding every expert: decode reads the RAM ones over PCIe from
+    inside the kernels (whole-layer graphs, no copies) and answers as a model with everything in VRAM does."""
+    store = built.store(arch, 4)
+    blob = Store(store).expert_blob_bytes
+    everything = flashmoe.load(store, device="cuda", dtype=torch.float32)
+    everything.warm_cache()
+    every_expert = everything.fetcher.every_expert
+    small = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
+                          cache_gb=(every_expert + 1) * blob / 1e9)
+    assert small.fetcher.resident_slots() is None  # nothing read yet
+    small.warm_cache()
+    table = small.fetcher.resident_slots()
+    moe = table[small.config.moe_layers]
+    assert int((moe >= 0).sum()) == 10 and int((moe < 0).sum()) == every_expert - 10
+    s_all, s_small = everything.new_state(), small.new_state()
+    everything.forward(PROMPT[:8], s_all)
+    small.forward(PROMPT[:8], s_small)
+    small.reset_stats()
+    for t in PROMPT[8:20]:
+        assert rel_error(small.forward([t], s_small).cpu(), everything.forward([t], s_all).cpu()) < 1e-5
+    assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_small.decode_graphs)
+    stats = small.stats
+    assert stats["expert_bytes_copied"] == 0 and stats["expert_reads"] == 0
+    assert stats["expert_bytes_zero_copy"] == stats["vram_cache_misses"] * blob > 0
+    assert stats["vram_cache_hits"] + stats["vram_cache_misses"] == 12 * len(small.config.moe_layers) * small.experts_per_token
+    assert list(small.generate(PROMPT[:8], 12, stop_token_ids=[])) == list(
+        everything.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    copying = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
+                            cache_gb=(every_expert + 1) * blob / 1e9, zero_copy=False)
+    copying.warm_cache()
+    assert copying.fetcher.resident_slots() is None

@@ -83,6 +83,24 @@ def test_grouped_kernels_match_reference(bits, n_tokens):
     assert rel_error(y, y_ref) < 1e-4
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
+    """Zero-copy: slot s < 0 is slot -1 - s of the pinned RAM slab (on a GPU the kernel reads it over PCIe)."""
+    hidden, inter, group = 128, 64, 32
+    slab, layout, qb = make_slab(6, hidden, inter, bits, group, seed=bits)
+    vram, host = slab[:3].clone(), slab[3:].cpu()
+    if DEVICE == "cuda":
+        host = host.pin_memory()
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    mixed, plain = i32([1, -3, 0, -1]), i32([1, 5, 0, 3])  # the same four experts, two of them in host slots
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1], device=DEVICE)
+    act = mt.decode_gate_up_swiglu(x, vram, mixed, qb, host_slab=host)
+    act_ref = mt.reference_gate_up_swiglu(x, slab, plain, i32([0] * 4), i32([0, 1, 2, 3, 4]), layout, qb)
+    assert rel_error(act, act_ref) < 1e-4
+    out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host)
+    assert rel_error(out, mt.reference_down_weighted_sum(act_ref, slab, plain, weights, layout, qb)) < 1e-4
+
+
 def test_decode_step_covers_whole_groups():
     qb = lambda bits, group, hidden, inter: mt.QuantBlob(hidden, inter, bits, group, 4096, 0, 0, 0, 0, 0, 0)  # noqa: E731
     assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096) == 512  # 397B: four cache lines of each row per step

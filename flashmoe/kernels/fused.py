@@ -54,10 +54,11 @@ def reference_delta_gates(a, b, a_log, dt_bias):
     return g, torch.sigmoid(b.float()).to(b.dtype)
 
 
-def reference_route(logits, top_k, default_k, normalize, slot_table=None):
+def reference_route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     """Softmax router: the top max(top_k, default_k) experts by probability, of which the first top_k are kept.
     Weights are renormalised to 1 (normalize) or to the mass the default K had (so an overridden K keeps it).
-    Returns ids ascending within each row, their float32 weights, and their slots in `slot_table` if given."""
+    Returns ids ascending within each row, their float32 weights, and their slots in `slot_table` if given;
+    `counts` (int64 [2]) then gains the number of slots >= 0 (VRAM) and < 0 (pinned RAM)."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, max(top_k, default_k), dim=-1)
     mass = weights[:, :default_k].sum(-1, keepdim=True)
@@ -66,6 +67,8 @@ def reference_route(logits, top_k, default_k, normalize, slot_table=None):
     ids, order = ids.sort(dim=-1)
     weights = weights.gather(-1, order)
     slots = None if slot_table is None else slot_table[ids]
+    if counts is not None:
+        counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
     return ids, weights, slots
 
 
@@ -148,9 +151,9 @@ if triton is not None:
         tl.store(beta_ptr + row * H + h, tl.sigmoid(b).to(beta_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _route_kernel(logits_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, E, logits_stride, TOP_K: tl.constexpr,
-                      DEFAULT_K: tl.constexpr, K_MAX: tl.constexpr, KPAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                      BLOCK_E: tl.constexpr):
+    def _route_kernel(logits_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, E, logits_stride,
+                      TOP_K: tl.constexpr, DEFAULT_K: tl.constexpr, K_MAX: tl.constexpr, KPAD: tl.constexpr,
+                      NORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, COUNT: tl.constexpr, BLOCK_E: tl.constexpr):
         row = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         logits = tl.load(logits_ptr + row * logits_stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -180,6 +183,10 @@ if triton is not None:
         if HAS_SLOTS:
             slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
             tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
+            if COUNT:
+                in_ram = tl.sum((kept & (slots < 0)).to(tl.int64), axis=0)
+                tl.atomic_add(counts_ptr, TOP_K - in_ram)
+                tl.atomic_add(counts_ptr + 1, in_ram)
 
     @triton.jit
     def _qk_norm_rope_kernel(proj_ptr, pos_ptr, qw_ptr, kw_ptr, inv_freq_ptr, q_ptr, k_ptr, proj_stride, eps,
@@ -259,17 +266,18 @@ def delta_gates_triton(a, b, a_log, dt_bias):
     return g, beta
 
 
-def route_triton(logits, top_k, default_k, normalize, slot_table=None):
+def route_triton(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     """reference_route in one Triton launch. logits [T, E] (rows may be strided); slot_table [E] int32."""
     t, e = logits.shape
     ids = torch.empty(t, top_k, dtype=torch.long, device=logits.device)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     slots = torch.empty(t, top_k, dtype=torch.int32, device=logits.device) if slot_table is not None else None
     _route_kernel[(t,)](logits, ids, weights, slot_table if slot_table is not None else ids,
-                        slots if slots is not None else ids, e, logits.stride(0), TOP_K=top_k, DEFAULT_K=default_k,
-                        K_MAX=max(top_k, default_k), KPAD=triton.next_power_of_2(max(top_k, default_k)), NORMALIZE=normalize,
-                        HAS_SLOTS=slot_table is not None, BLOCK_E=triton.next_power_of_2(e),
-                        num_warps=4 if e >= 256 else 1)
+                        slots if slots is not None else ids, counts if counts is not None else ids, e, logits.stride(0),
+                        TOP_K=top_k, DEFAULT_K=default_k, K_MAX=max(top_k, default_k),
+                        KPAD=triton.next_power_of_2(max(top_k, default_k)), NORMALIZE=normalize,
+                        HAS_SLOTS=slot_table is not None, COUNT=counts is not None and slot_table is not None,
+                        BLOCK_E=triton.next_power_of_2(e), num_warps=4 if e >= 256 else 1)
     return ids, weights, slots
 
 
@@ -303,10 +311,10 @@ def delta_gates(a, b, a_log, dt_bias):
     return reference_delta_gates(a, b, a_log, dt_bias)
 
 
-def route(logits, top_k, default_k, normalize, slot_table=None):
+def route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     if use_triton(logits):
-        return route_triton(logits, top_k, default_k, normalize, slot_table)
-    return reference_route(logits, top_k, default_k, normalize, slot_table)
+        return route_triton(logits, top_k, default_k, normalize, slot_table, counts)
+    return reference_route(logits, top_k, default_k, normalize, slot_table, counts)
 
 
 def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):

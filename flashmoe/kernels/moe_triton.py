@@ -167,10 +167,21 @@ if triton is not None:
         return tl.sum(per_group * scale + bias * x_sum[None, :], axis=1)
 
     @triton.jit
-    def _decode_gate_up_kernel(x_ptr, slab_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
-                               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _blob_base(slab_ptr, host_ptr, slot, blob_bytes):
+        """Where an expert's blob starts: VRAM slot `slot` >= 0, or pinned-RAM slot -1 - slot, which the kernel then
+        reads over PCIe itself (zero-copy: no host round trip, no copy into VRAM)."""
+        if slot >= 0:
+            base = slab_ptr + slot * blob_bytes
+        else:
+            base = host_ptr + (-1 - slot) * blob_bytes
+        return base
+
+    @triton.jit
+    def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
+                               gu_biases, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_B: tl.constexpr):
         e = tl.program_id(0)
-        base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+        base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < I
         gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -224,14 +235,14 @@ if triton is not None:
                  mask=pair_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _down_weighted_sum_kernel(act_ptr, slab_ptr, slot_ptr, weight_ptr, out_ptr, n_experts, H, I, blob_bytes,
-                                  d_packed, d_scales, d_biases, BITS: tl.constexpr, GROUP: tl.constexpr,
+    def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, n_experts, H, I,
+                                  blob_bytes, d_packed, d_scales, d_biases, BITS: tl.constexpr, GROUP: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for e in range(n_experts):  # in slot-list order: the sum is deterministic
-            base = slab_ptr + tl.load(slot_ptr + e).to(tl.int64) * blob_bytes
+            base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
@@ -333,12 +344,13 @@ DECODE_TILE = dict(block_n=8, block_b=512, num_warps=4)  # the best of 36 tiles 
 
 
 def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
-                          num_warps: int | None = None):
-    """One token through G experts: x [1, H] -> act [G, I] (the decode case of gate_up_swiglu)."""
+                          num_warps: int | None = None, host_slab: torch.Tensor | None = None):
+    """One token through G experts: x [1, H] -> act [G, I] (the decode case of gate_up_swiglu). A slot s < 0 is
+    slot -1 - s of host_slab (pinned RAM, read by the kernel over PCIe)."""
     block_n = block_n or DECODE_TILE["block_n"]
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
-    _decode_gate_up_kernel[grid](x, slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
+    _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"]),
                                  num_warps=num_warps or DECODE_TILE["num_warps"])
@@ -346,12 +358,13 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
 
 
 def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
-                      num_warps: int | None = None):
-    """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H]."""
+                      num_warps: int | None = None, host_slab: torch.Tensor | None = None):
+    """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H] (slots as in
+    decode_gate_up_swiglu)."""
     block_n = block_n or DECODE_TILE["block_n"]
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
-        act, slab, slots, weights, out, slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes,
+        act, slab, slab if host_slab is None else host_slab, slots, weights, out, slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes,
         qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
         BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
         num_warps=num_warps or DECODE_TILE["num_warps"])

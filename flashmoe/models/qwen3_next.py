@@ -229,13 +229,14 @@ class Qwen3NextModel:
         the shared expert's gate logit]."""
         return F.linear(h, self.w[f"model.layers.{layer}.mlp.moe_in.fused"])
 
-    def route(self, layer: int, projections: torch.Tensor, top_k: int, slot_table: torch.Tensor | None = None):
+    def route(self, layer: int, projections: torch.Tensor, top_k: int, slot_table: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None):
         """Softmax router -> (expert ids [T, K] ascending, their weights [T, K] float32, and their slots in
-        `slot_table` [experts] if given). With an unnormalised router and K overridden, the kept experts share the
-        mass the default K had."""
+        `slot_table` [experts] if given, counted into `counts` by tier). With an unnormalised router and K
+        overridden, the kept experts share the mass the default K had."""
         cfg = self.cfg
         return fused.route(projections[:, : cfg.num_experts], top_k, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                           slot_table)
+                           slot_table, counts)
 
     def shared_expert(self, layer: int, projections: torch.Tensor) -> torch.Tensor:
         e, si = self.cfg.num_experts, self.cfg.shared_expert_intermediate_size
