@@ -63,15 +63,15 @@ class DecodeGraphs:
             x, h = m.mix(layer, x, state)
             projections = m.moe_projections(layer, h)
             ids, weights, _ = m.route(layer, projections, k)
-            return x, h, ids, weights, m.shared_expert(layer, projections)
+            return x, h, ids, weights, m.shared_expert_parts(layer, projections)
 
         pool = self._pool(state)
         front_graph = Captured(front, [x], pool)
-        x_mid, h, ids, weights, shared = front_graph.outputs
+        x_mid, h, ids, weights, (shared, shared_gate) = front_graph.outputs
         slots = torch.zeros(k, dtype=torch.int32, device=x.device)
 
         def back(slots):
-            return x_mid + shared + self.routed.decode_compute(h, weights, slots)
+            return self.routed.decode_compute(h, weights, slots, epilogue=(x_mid, shared, shared_gate))
 
         back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
@@ -93,7 +93,8 @@ class DecodeGraphs:
             x, h = m.mix(layer, x, state, static=True)
             projections = m.moe_projections(layer, h)
             _, weights, slots = m.route(layer, projections, k, resident_slots[layer], self.routed.fetcher.resident_counts)
-            return x + m.shared_expert(layer, projections) + self.routed.decode_compute(h, weights, slots[0])
+            shared, shared_gate = m.shared_expert_parts(layer, projections)
+            return self.routed.decode_compute(h, weights, slots[0], epilogue=(x, shared, shared_gate))
 
         return Captured(whole, [x], self._pool(state))
 

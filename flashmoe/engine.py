@@ -62,6 +62,9 @@ class Model:
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
         self._expert_times = ExpertTimes()
+        # (start, end) CUDA events around each forward's layers, when a benchmark asks (a list): the GPU timeline of
+        # the layers alone, without the per-token work before and after them (embedding, head, sampling, host)
+        self.layer_events: list | None = None
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
 
     @classmethod
@@ -155,6 +158,9 @@ class Model:
             if state.position_t is None:
                 state.position_t = torch.zeros(1, dtype=torch.long, device=self.device)
             state.position_t.fill_(state.position)
+        if self.layer_events is not None:
+            self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.layer_events[-1][0].record()
         for layer in range(self.config.num_hidden_layers):
             if graphed and self.graphs.layer_can_use(layer):
                 x = self.graphs.step(layer, x, state, timers, self._expert_times, clock)
@@ -172,6 +178,8 @@ class Model:
             timers["routing_ms"] += (clock() - t1) * 1e3
             x = x + self.routed(layer, h, topk_ids, topk_weights,
                                 lambda: self.model.shared_expert(layer, projections), self._expert_times)
+        if self.layer_events is not None:
+            self.layer_events[-1][1].record()
         timers["expert_io_ms"] = self._expert_times.io_wait_ms
         timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)
@@ -285,6 +293,13 @@ class Model:
         self._timers = dict.fromkeys(TIMERS, 0.0)
         self._expert_times = ExpertTimes()
         self._tokens = dict.fromkeys(self._tokens, 0)
+        if self.layer_events is not None:
+            self.layer_events.clear()
+
+    def layers_gpu_ms(self) -> float:
+        """Milliseconds of GPU timeline spent in the layers since layer_events was set (or the stats reset)."""
+        torch.cuda.synchronize(self.device)
+        return sum(start.elapsed_time(end) for start, end in self.layer_events or [])
 
     def close(self) -> None:
         self.fetcher.close()

@@ -119,10 +119,12 @@ class RoutedExperts:
         self.fetcher.resident_counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
         return self.decode_compute(h, weights, slots)
 
-    def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor):
+    def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, epilogue=None):
         """One token's K experts, whose slots (VRAM, or pinned RAM if negative: see ExpertFetcher.resident_slots) are
         in `slots`, in the order of the router's ascending ids (that of `weights`): two launches, no host work, so a
-        CUDA graph can hold it."""
+        CUDA graph can hold it. epilogue: (residual, shared expert output, its gate logit), added in the second."""
         f = self.fetcher
         act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab)
-        return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab)[None]
+        epilogue = None if epilogue is None else tuple(t.reshape(-1) for t in epilogue)
+        return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab,
+                                            epilogue=epilogue)[None]

@@ -98,7 +98,12 @@ def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
     act_ref = mt.reference_gate_up_swiglu(x, slab, plain, i32([0] * 4), i32([0, 1, 2, 3, 4]), layout, qb)
     assert rel_error(act, act_ref) < 1e-4
     out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host)
-    assert rel_error(out, mt.reference_down_weighted_sum(act_ref, slab, plain, weights, layout, qb)) < 1e-4
+    routed = mt.reference_down_weighted_sum(act_ref, slab, plain, weights, layout, qb)
+    assert rel_error(out, routed) < 1e-4
+    # the layer's end in the same launch: residual + sigmoid(gate) * shared expert + routed experts
+    residual, shared, gate = (torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in (hidden, hidden, 1))
+    out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, shared, gate))
+    assert rel_error(out, residual + torch.sigmoid(gate) * shared + routed) < 1e-4
 
 
 def test_decode_step_covers_whole_groups():

@@ -239,10 +239,16 @@ class Qwen3NextModel:
                            slot_table, counts)
 
     def shared_expert(self, layer: int, projections: torch.Tensor) -> torch.Tensor:
+        y, gate_logit = self.shared_expert_parts(layer, projections)
+        return torch.sigmoid(gate_logit) * y
+
+    def shared_expert_parts(self, layer: int, projections: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared expert's output before its sigmoid gate, and the gate's logit [T, 1] (so a kernel that sums the
+        layer's end can apply it)."""
         e, si = self.cfg.num_experts, self.cfg.shared_expert_intermediate_size
         gate, up = projections[:, e : e + si], projections[:, e + si : e + 2 * si]
         y = F.linear(F.silu(gate) * up, self.w[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"])
-        return torch.sigmoid(projections[:, -1:]) * y
+        return y, projections[:, -1:]
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
