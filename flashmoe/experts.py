@@ -66,6 +66,7 @@ class ExpertFetcher:
         self._slot_table_current = False
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
+        self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
         self.ram = SlotCache(min(ram_cache_bytes // blob, every_expert), batch_experts)
         self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
@@ -177,8 +178,9 @@ class ExpertFetcher:
         hit, or a VRAM miss served by the pinned RAM tier without a copy."""
         if self.resident_counts is None:
             return
-        in_vram, in_ram = self.resident_counts.tolist()
-        self.resident_counts.zero_()
+        totals = self.resident_counts.tolist()
+        in_vram, in_ram = (now - before for now, before in zip(totals, self._counts_taken))
+        self._counts_taken = totals
         self.vram.stats.hits += in_vram
         self.vram.stats.misses += in_ram
         self.ram.stats.hits += in_ram
