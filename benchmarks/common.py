@@ -26,6 +26,20 @@ def timed_decode(model, prompt: list[int], tokens: int, warm_steps: int = 2) -> 
     return (time.perf_counter() - t0) * 1e3
 
 
+def hbm_read_gbps() -> float:
+    """A reduction over 4 GB: bytes read per second, what a matrix-vector product can approach."""
+    a = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
+    a.sum()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a.sum()
+    end.record()
+    end.synchronize()
+    return 10 * a.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
 def publish(text: str, out: Path | None) -> None:
     """Print a result section and append it to the markdown file `out`, if given."""
     print(text)

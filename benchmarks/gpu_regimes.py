@@ -41,7 +41,7 @@ from flashmoe.expert_cache import host_slab
 from flashmoe.store import Store
 from flashmoe.synthetic import QWEN3_5_397B, expert_layout, write_random_store
 from flashmoe.config import ModelConfig
-from common import publish, timed_decode
+from common import hbm_read_gbps, publish, timed_decode
 
 K = 4  # Flash-MoE's measured sweet spot for this model
 LAYERS_OF_REAL_MODEL = 60
@@ -57,20 +57,6 @@ def drop_page_cache() -> bool:
 
 
 # ---- bandwidths -----------------------------------------------------------------------------
-def hbm_read_gbps() -> float:
-    """A reduction over 4 GB: bytes read per second, what a matrix-vector product can approach."""
-    a = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
-    a.sum()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a.sum()
-    end.record()
-    end.synchronize()
-    return 10 * a.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
-
-
 def head_ms(model) -> float:
     """One token's final norm, lm_head and argmax (the vocabulary's weights are read once per token, not per layer)."""
     x = torch.randn(1, model.config.hidden_size, dtype=model.model.dtype, device="cuda")

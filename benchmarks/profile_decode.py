@@ -21,20 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import flashmoe
 from flashmoe.synthetic import QWEN3_5_397B, write_random_store
+from common import hbm_read_gbps
 
 K = 4
-
-
-def hbm_read_gbps() -> float:
-    """A reduction over 4 GB: bytes read per second, the number a matrix-vector product can approach."""
-    a = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
-    a.sum()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a.sum()
-    torch.cuda.synchronize()
-    return 10 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
 
 
 def gemv_us(rows: int, cols: int) -> float:

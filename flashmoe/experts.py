@@ -159,17 +159,17 @@ class ExpertFetcher:
         return self._slot_table
 
     def _build_slot_table(self) -> torch.Tensor | None:
-        in_vram = self.vram.cached()
-        if len(in_vram) < self.every_expert:
+        slot_of = self.vram.cached()
+        if len(slot_of) < self.every_expert:
             if not self.zero_copy:
                 return None
             in_ram = self.ram.cached()
-            if len(in_vram.keys() | in_ram.keys()) < self.every_expert:
+            if len(slot_of.keys() | in_ram.keys()) < self.every_expert:
                 return None
-            in_vram = {**{key: -1 - slot for key, slot in in_ram.items()}, **in_vram}
+            slot_of = {**{key: -1 - slot for key, slot in in_ram.items()}, **slot_of}  # VRAM wins where both hold it
         cfg = self.store.config
         table = torch.full((cfg.num_hidden_layers, cfg.num_experts), -1 - self.ram.n_slots, dtype=torch.int32)
-        for (layer, expert), slot in in_vram.items():
+        for (layer, expert), slot in slot_of.items():
             table[layer, expert] = slot
         return table
 

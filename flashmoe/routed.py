@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .experts import ExpertFetcher
-from .kernels import moe_triton
+from .kernels import fused, moe_triton
 from .kernels.moe import expert_weights, routed_experts
 from .store import Store
 
@@ -116,7 +116,7 @@ class RoutedExperts:
                          resident_slots: torch.Tensor) -> torch.Tensor:
         """decode_compute with the slots read from the fetcher's resident table on the GPU (and counted by tier)."""
         slots = resident_slots[layer][ids[0]]
-        self.fetcher.resident_counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
+        fused.count_tiers(slots, self.fetcher.resident_counts)
         return self.decode_compute(h, weights, slots)
 
     def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, epilogue=None):

@@ -68,8 +68,13 @@ def reference_route(logits, top_k, default_k, normalize, slot_table=None, counts
     weights = weights.gather(-1, order)
     slots = None if slot_table is None else slot_table[ids]
     if counts is not None:
-        counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
+        count_tiers(slots, counts)
     return ids, weights, slots
+
+
+def count_tiers(slots: torch.Tensor, counts: torch.Tensor) -> None:
+    """counts (int64 [2]) += (slots in VRAM, >= 0; slots in pinned RAM, < 0), without a host sync."""
+    counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
 
 
 def reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
@@ -82,7 +87,8 @@ def reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_
     q = reference_rms_norm(q, q_norm, eps)
     k = reference_rms_norm(k, k_norm, eps)
     freqs = positions[:, None].float() * inv_freq[None, :]
-    cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None, :], torch.cat((freqs, freqs), -1).sin()[:, None, :]
+    angles = torch.cat((freqs, freqs), -1)[:, None, :]
+    cos, sin = angles.cos(), angles.sin()
     rot = 2 * inv_freq.numel()
 
     def rotate(x):
