@@ -129,13 +129,12 @@ class DecodeGraphs:
         chosen = sorted(ids[0].tolist())  # the one sync of the layer: the host needs the router's choice
         t2 = clock()
         fetcher = self.routed.fetcher
-        f = fetcher.start(layer, chosen)
-        slots = fetcher.gpu_slots(f)
-        if self.routed.sync_timing:
-            fetcher.wait_copies()
-        t3 = clock()
-        x = back.replay(to_device_int32(slots, x.device))
-        fetcher.finish(f)
+        with fetcher.fetch(layer, chosen) as f:
+            slots = fetcher.gpu_slots(f)
+            if self.routed.sync_timing:
+                fetcher.wait_copies()
+            t3 = clock()
+            x = back.replay(to_device_int32(slots, x.device))
         t4 = clock()
         timers["routing_ms"] += (t2 - t1) * 1e3
         times.io_wait_ms += (t3 - t2) * 1e3  # reads, copies and the host's bookkeeping for them

@@ -241,13 +241,12 @@ class Model:
         f = self.fetcher
         for layer in self.config.moe_layers:
             for i in range(0, self.config.num_experts, f.batch_experts):
-                fetch = f.start(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts))))
-                if f.on_gpu:
-                    f.gpu_slots(fetch)
-                else:
-                    for _ in f.arrivals(fetch):
-                        pass
-                f.finish(fetch)
+                with f.fetch(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts)))) as fetch:
+                    if f.on_gpu:
+                        f.gpu_slots(fetch)
+                    else:
+                        for _ in f.arrivals(fetch):
+                            pass
         if f.on_gpu:
             torch.cuda.synchronize(self.device)
         self.reset_stats()
@@ -303,3 +302,9 @@ class Model:
 
     def close(self) -> None:
         self.fetcher.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

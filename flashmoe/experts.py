@@ -7,7 +7,9 @@ straight into RAM slots; direct_io opens the files with O_DIRECT, so reads bypas
 no second copy. On a GPU, copies of experts already in RAM start as soon as the router has chosen them,
 on a stream of their own, and the rest follow each read as it lands; compute waits on an event, not the host.
 
-Per layer: f = start(layer, experts); ... arrivals(f) (CPU) or gpu_slots(f) (GPU) ...; finish(f).
+Per layer: `with fetcher.fetch(layer, experts) as f:` ... arrivals(f) (CPU) or gpu_slots(f) (GPU) ...; leaving the
+block releases the slots whatever happened inside it (an error, Ctrl-C), and an interrupted fetch leaves no
+expert in a cache whose blob did not arrive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -45,6 +48,9 @@ class LayerFetch:
     vram_slot: dict[int, int] = field(default_factory=dict)
     ready: list[int] = field(default_factory=list)  # in RAM now
     reading: dict[Future, int] = field(default_factory=dict)
+    landed: set[int] = field(default_factory=set)  # reads that completed
+    to_vram: list[int] = field(default_factory=list)  # given a new VRAM slot: their blob must be copied in
+    copied: set[int] = field(default_factory=set)  # VRAM copies queued
     wait_ms: float = 0.0  # host time blocked on reads
 
 
@@ -116,7 +122,16 @@ class ExpertFetcher:
                 self._copies_done.synchronize()
             # VRAM slots given up below may still feed kernels already queued: copies into them wait for those
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        for expert in experts:
+        try:
+            self._look_up(f)
+        except BaseException:
+            self.abort(f)
+            raise
+        return f
+
+    def _look_up(self, f: LayerFetch) -> None:
+        layer = f.layer
+        for expert in f.experts:
             key = (layer, expert)
             if self.vram is not None:
                 slot = self.vram.lookup(key)
@@ -124,6 +139,7 @@ class ExpertFetcher:
                     f.vram_slot[expert] = slot
                     continue
                 f.vram_slot[expert] = self.vram.assign(key)
+                f.to_vram.append(expert)
                 self._slot_table_current = False
             slot = self.ram.lookup(key)
             if slot is None:
@@ -137,7 +153,18 @@ class ExpertFetcher:
         if self.on_gpu:
             for expert in f.ready:
                 self._copy_to_vram(f, expert)
-        return f
+
+    @contextmanager
+    def fetch(self, layer: int, experts: list[int]) -> Iterator[LayerFetch]:
+        """start(); the body queues the compute; then finish(), or abort() if the body raised (Ctrl-C too): slots
+        left locked would make every later fetch fail, and a slot whose blob never arrived must not stay cached."""
+        f = self.start(layer, experts)
+        try:
+            yield f
+        except BaseException:
+            self.abort(f)
+            raise
+        self.finish(f)
 
     def resident_slots(self) -> torch.Tensor | None:
         """[layers, experts] int32 on the GPU, once every expert is resident: slot s >= 0 of the VRAM slab, or
@@ -196,21 +223,29 @@ class ExpertFetcher:
             for future in done:
                 expert = f.reading[future]
                 if future.exception() is not None:
-                    self._forget(f)
+                    self.abort(f)
                     raise future.exception()
+                f.landed.add(expert)
                 self.stats.expert_reads += 1
                 self.stats.expert_bytes_read += self.store.expert_blob_bytes
                 yield expert
 
-    def _forget(self, f: LayerFetch) -> None:
+    def abort(self, f: LayerFetch) -> None:
+        """Give up a fetch midway: stop its reads, drop from the caches every expert whose blob did not reach its
+        slot (a read not landed, a VRAM copy not queued), and release its slots."""
         for future in f.reading:
             future.cancel()
-        wait(list(f.reading))
+        wait(list(f.reading))  # no read may still be writing into a slot that is about to be reused
         self._slot_table_current = False
         for expert in f.reading.values():
-            self.ram.forget((f.layer, expert))
-            if self.vram is not None:
-                self.vram.forget((f.layer, expert))
+            if expert not in f.landed:
+                self.ram.forget((f.layer, expert))
+        if self.vram is not None:
+            for expert in f.to_vram:
+                if expert not in f.copied:
+                    self.vram.forget((f.layer, expert))
+            self._copies_done = torch.cuda.Event()  # staging slots are reused only after the copies queued so far
+            self._copies_done.record(self.copy_stream)
         self.finish(f)
 
     def arrivals(self, f: LayerFetch) -> Iterator[tuple[int, torch.Tensor]]:
@@ -224,6 +259,7 @@ class ExpertFetcher:
     def _copy_to_vram(self, f: LayerFetch, expert: int) -> None:
         with torch.cuda.stream(self.copy_stream):
             self.vram_slab[f.vram_slot[expert]].copy_(self.ram_slab[f.ram_slot[expert]], non_blocking=True)
+        f.copied.add(expert)
         self.stats.expert_bytes_copied += self.store.expert_blob_bytes
 
     def gpu_slots(self, f: LayerFetch) -> list[int]:

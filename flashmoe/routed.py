@@ -59,21 +59,20 @@ class RoutedExperts:
         out = None
         for i in range(0, len(chosen), batch):
             t0 = self._clock()
-            f = self.fetcher.start(layer, chosen[i : i + batch])
-            if out is None:
-                out = shared()  # queued (GPU) or computed (CPU) while the reads are in flight
-            t1 = self._clock()
-            if self.device.type == "cuda":
-                slots = self.fetcher.gpu_slots(f)
-                if self.sync_timing:
-                    self.fetcher.wait_copies()
-                t2 = self._clock()
-                out = out + self._run_gpu(h, ids, ids_list, weights, f.experts, slots)
-            else:
-                arriving = ((e, self._dense(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
-                out = out + routed_experts(h, ids, weights, arriving)
-                t2 = t1 + f.wait_ms / 1e3
-            self.fetcher.finish(f)
+            with self.fetcher.fetch(layer, chosen[i : i + batch]) as f:
+                if out is None:
+                    out = shared()  # queued (GPU) or computed (CPU) while the reads are in flight
+                t1 = self._clock()
+                if self.device.type == "cuda":
+                    slots = self.fetcher.gpu_slots(f)
+                    if self.sync_timing:
+                        self.fetcher.wait_copies()
+                    t2 = self._clock()
+                    out = out + self._run_gpu(h, ids, ids_list, weights, f.experts, slots)
+                else:
+                    arriving = ((e, self._dense(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
+                    out = out + routed_experts(h, ids, weights, arriving)
+                    t2 = t1 + f.wait_ms / 1e3
             t3 = self._clock()
             times.io_wait_ms += (t2 - t1) * 1e3 if self.device.type == "cuda" else f.wait_ms
             times.compute_ms += (t1 - t0) * 1e3 + (t3 - t2) * 1e3
