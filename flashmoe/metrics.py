@@ -1,4 +1,5 @@
-"""/metrics in Prometheus' text format, read at scrape time from the scheduler and the model's stats."""
+"""/metrics in Prometheus' text format, read at scrape time from the scheduler's counts and its copy of the model's
+stats (the model belongs to the worker thread: a scrape never touches it, nor syncs its GPU)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from .scheduler import TOKENS_PER_S_WINDOW_S
 
 
 class ServerCollector:
-    def __init__(self, scheduler, model):
-        self.scheduler, self.model = scheduler, model
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
 
     def collect(self):
-        s, m = self.scheduler.stats, self.model.stats
+        s, m = self.scheduler.stats, self.scheduler.model_stats
         yield GaugeMetricFamily("flashmoe_queue_depth", "Requests waiting for a turn", value=s.waiting)
         yield GaugeMetricFamily("flashmoe_active_requests", "Requests generating now", value=s.active)
         yield GaugeMetricFamily("flashmoe_generation_tokens_per_second",
@@ -37,7 +38,7 @@ class ServerCollector:
                                   value=m["expert_bytes_read"])
 
 
-def metrics_response(scheduler, model) -> Response:
+def metrics_response(scheduler) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(scheduler, model))
+    registry.register(ServerCollector(scheduler))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,29 +2,61 @@
 
 Fields the API defines but flashmoe does not implement are accepted at their neutral values and refused
 otherwise, so a client never gets silently different behaviour; unknown fields are ignored, as OpenAI does.
+Types are strict ("stream": "yes" and "max_tokens": "5" are 400s, not coerced), and an explicit null for an optional
+field means its default, as OpenAI's API marks them nullable and many clients send null.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# apply_chat_template's own arguments: a request that set them would break the rendering
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
+                            "continue_final_message", "return_dict", "return_tensors", "chat_template", "padding",
+                            "truncation", "max_length", "tokenizer_kwargs"}
 
 
 class ApiError(Exception):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        if isinstance(data, dict):
+            optional = {f.alias or name for name, f in cls.model_fields.items() if not f.is_required()}
+            data = {k: v for k, v in data.items() if not (v is None and k in optional)}
+        return data
+
+
+def _check_unicode(value, path: str = "") -> None:
+    """A lone surrogate (JSON allows "\\ud800") cannot be encoded for the tokenizer: refuse it here."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path or 'the request'} contains invalid Unicode (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, path)
+            _check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{path}[{i}]")
 
 
 class FunctionDefinition(_Body):
@@ -90,7 +122,7 @@ class _Sampling(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM and llama.cpp take it too
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,6 +131,12 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        _check_unicode(data)
+        return data
 
     @field_validator("n")
     @classmethod
@@ -143,6 +181,14 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM takes it
     logprobs: bool = False
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value):
+        reserved = sorted((value or {}).keys() & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: flashmoe passes them to the template itself")
+        return value
+
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, value: bool) -> bool:
@@ -160,6 +206,13 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     logprobs: int | None = None
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and not isinstance(value[0], int):
+            raise ValueError("batch prompts (a list of prompts) are not supported; send one prompt per request")
+        return value
 
     @field_validator("echo", "suffix", "logprobs")
     @classmethod

@@ -20,6 +20,7 @@ from .errors import FlashMoeError
 from .sampling import TokenConstraint
 
 TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this many seconds
+MODEL_STATS_EVERY_S = 0.5  # how often the worker copies the model's stats out for /metrics (reading them syncs the GPU)
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Scheduler:
         self._stopping = False
         self._counts = SchedulerStats()
         self._token_times: collections.deque[float] = collections.deque()
+        self._model_stats = dict(model.stats)  # the worker's copy; before it starts, this thread owns the model
+        self._model_stats_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="flashmoe-worker", daemon=True)
 
     def start(self) -> None:
@@ -137,7 +140,20 @@ class Scheduler:
                                      "active": len(self._active),
                                      "tokens_per_s": len(self._token_times) / TOKENS_PER_S_WINDOW_S})
 
+    @property
+    def model_stats(self) -> dict:
+        """The model's stats as the worker last copied them (at most MODEL_STATS_EVERY_S old while it works)."""
+        with self._wake:
+            return dict(self._model_stats)
+
     # ---- the worker thread ------------------------------------------------------------------
+    def _copy_model_stats(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self._model_stats_at >= MODEL_STATS_EVERY_S:
+            stats = self.model.stats
+            with self._wake:
+                self._model_stats, self._model_stats_at = stats, now
+
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -152,6 +168,7 @@ class Scheduler:
                 if not self._step(job):
                     with self._wake:
                         self._active.remove(job)
+            self._copy_model_stats(force=not self._active)
         for job in list(self._active) + list(self._waiting):
             self._end(job, Finished("cancelled", "the server is shutting down"))
 

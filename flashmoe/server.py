@@ -32,6 +32,7 @@ from .scheduler import Finished, QueueFull, SamplingParams, Scheduler
 from .textstream import IncrementalDecoder, StopStrings
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+RETRY_AFTER_S = 1  # a 503's advice: a queue slot frees when any request ends, typically within a second or two
 
 
 class ServedModel:
@@ -55,7 +56,7 @@ class ServedModel:
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -69,6 +70,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 
 def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+    """api_key None or "": no key needed."""
+    api_key = api_key or None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         served.scheduler.start()
@@ -103,8 +106,8 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise ApiError(401, "incorrect or missing API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
 
@@ -113,14 +116,14 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {served.name!r}",
                            param="model", code="model_not_found")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         s = served.scheduler.stats
         return {"status": "ok", "model": served.name, "waiting": s.waiting, "active": s.active}
 
     @app.get("/metrics")
     async def metrics():
-        return metrics_response(served.scheduler, served.model)
+        return metrics_response(served.scheduler)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def list_models():
@@ -214,7 +217,8 @@ async def _respond(served: ServedModel, request: Request, body, prompt_ids: list
     try:
         job = served.scheduler.submit(prompt_ids, params, constraint)
     except QueueFull as exc:
-        raise ApiError(503, str(exc), type="server_error", code="server_busy") from exc
+        raise ApiError(503, str(exc), type="server_error", code="server_busy",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.name}
     pieces = _pieces(served, job, body.stop_strings(), parser)
