@@ -19,6 +19,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the terminal width
 
 
+def say(text: str, style: str | None = None) -> None:
+    """A message to stderr; never read as Rich markup, since paths and model text may hold [brackets]."""
+    console.print(text, style=style, markup=False, highlight=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
 def _bytes_progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=console, transient=False)
@@ -30,13 +42,20 @@ def run_convert(src: Path, dst: Path, bits: Optional[int], group_size: int) -> P
     converter = Converter(src, dst, bits, group_size)
     cfg = converter.cfg
     what = f"{bits}-bit, group {group_size}" if bits else "unquantized"
-    console.print(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
-                  f"per layer ({what}) -> {dst}")
-    with _bytes_progress() as progress:
-        task = progress.add_task("convert", total=converter.total_source_bytes())
-        converter.run(progress=lambda n: progress.advance(task, n), log=console.print)
-    console.print(f"done: {converter.store_resident_bytes / 1e9:.3f} GB resident, "
-                  f"{converter.store_expert_bytes / 1e9:.3f} GB of experts in {dst}")
+    say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
+        f"({what}) -> {dst}")
+    if not any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        say(f"warning: {src} has no tokenizer files; generate, chat and serve need them: copy tokenizer.json and "
+            "tokenizer_config.json into the store", style="yellow")
+    try:
+        with _bytes_progress() as progress:
+            task = progress.add_task("convert", total=converter.total_source_bytes())
+            converter.run(progress=lambda n: progress.advance(task, n), log=say)
+    except KeyboardInterrupt:
+        raise FlashMoeError("interrupted; run the same flashmoe convert command again to resume where it "
+                            "stopped") from None
+    say(f"done: {human_bytes(converter.store_resident_bytes)} resident, "
+        f"{human_bytes(converter.store_expert_bytes)} of experts in {dst}")
     return dst
 
 
@@ -44,12 +63,14 @@ def run_convert(src: Path, dst: Path, bits: Optional[int], group_size: int) -> P
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json + *.safetensors)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
-    bits: int = typer.Option(4, help="expert quantization: 4 (default), 8 or 2"),
+    bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default), 8 or 2"),
     no_quant: bool = typer.Option(False, "--no-quant", help="keep experts in the source dtype"),
     group_size: int = typer.Option(64, help="weights per quantization group"),
 ):
     """Convert a checkpoint into a flashmoe store (streaming; re-run to resume an interrupted one)."""
-    run_convert(src, dst, None if no_quant else bits, group_size)
+    if no_quant and bits is not None:
+        raise FlashMoeError("--no-quant keeps the source dtype; drop --bits, or drop --no-quant to quantize")
+    run_convert(src, dst, None if no_quant else bits or 4, group_size)
 
 
 def stats_line(stats: dict) -> str:
@@ -72,6 +93,18 @@ VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with 
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
 
 
+def _top_p_in_range(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"must be > 0 and <= 1, not {value}")
+    return value
+
+
+def top_p_option(default: float):
+    return typer.Option(default, callback=_top_p_in_range,
+                        help="nucleus sampling: sample among the likeliest tokens holding this much probability, "
+                             "in (0, 1]; 1 keeps all")
+
+
 def load_model(store: Path, **load_options):
     from . import load
 
@@ -79,24 +112,31 @@ def load_model(store: Path, **load_options):
 
 
 def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
-                 top_k: int, seed: Optional[int], **load_options) -> dict:
+                 top_k: int, seed: Optional[int], system: Optional[str] = None, thinking: Optional[bool] = None,
+                 **load_options) -> dict:
     from .textstream import IncrementalDecoder
 
     model = load_model(store, **load_options)
-    tok = model.tokenizer
-    if chat:
-        ids = model.encode_chat([{"role": "user", "content": prompt}])
-    else:
-        ids = tok(prompt)["input_ids"]
-    decoder = IncrementalDecoder(tok)
-    for token in model.generate(list(ids), max_tokens, temperature, top_p, top_k, seed):
-        sys.stdout.write(decoder.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
-    stats = model.stats
-    console.print(stats_line(stats), style="dim")
-    model.close()
-    return stats
+    try:
+        tok = model.tokenizer
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = model.encode_chat(messages, **({} if thinking is None else {"enable_thinking": thinking}))
+        else:
+            ids = tok(prompt)["input_ids"]
+        limit = model.config.max_position_embeddings
+        if len(ids) >= limit:
+            raise FlashMoeError(f"the prompt is {len(ids)} tokens; the model's context is {limit}")
+        decoder = IncrementalDecoder(tok)
+        for token in model.generate(list(ids), min(max_tokens, limit - len(ids)), temperature, top_p, top_k, seed):
+            sys.stdout.write(decoder.add(token))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+        stats = model.stats
+        say(stats_line(stats), style="dim")
+        return stats
+    finally:
+        model.close()
 
 
 @app.command()
@@ -104,9 +144,12 @@ def generate(
     store: Path = typer.Argument(..., help="a flashmoe store made by `flashmoe convert`"),
     prompt: str = typer.Option(..., help="the prompt text"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
-    max_tokens: int = typer.Option(128, min=1, help="most new tokens to generate"),
+    system: Optional[str] = typer.Option(None, help="a system prompt (implies --chat)"),
+    thinking: Optional[bool] = typer.Option(None, "--thinking/--no-thinking",
+                                            help="the template's thinking switch (implies --chat)"),
+    max_tokens: int = typer.Option(128, min=1, help="most new tokens to generate (the context permitting)"),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy"),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    top_p: float = top_p_option(1.0),
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
     experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
@@ -116,7 +159,8 @@ def generate(
     device: str = DEVICE,
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
-    run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, device=device,
+    chat = chat or system is not None or thinking is not None
+    run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
                  direct_io=direct_io)
 
@@ -127,7 +171,7 @@ def chat(
     system: Optional[str] = typer.Option(None, help="a system prompt"),
     max_tokens: int = typer.Option(1024, min=1, help="most new tokens per reply"),
     temperature: float = typer.Option(0.7, min=0.0, help="0 is greedy"),
-    top_p: float = typer.Option(0.95, min=0.0, max=1.0),
+    top_p: float = top_p_option(0.95),
     thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="the template's thinking switch"),
     experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
     cache_gb: Optional[float] = CACHE_GB,
@@ -144,6 +188,23 @@ def chat(
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
         model.close()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FlashMoeError(f"cannot listen on {host}: {exc.strerror}; pass another --host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise FlashMoeError(f"cannot listen on {host}:{port}: {exc.strerror}; pass another --port or stop what "
+                                "holds it") from None
 
 
 @app.command()
@@ -167,11 +228,12 @@ def serve(
 
     from .server import ServedModel, create_app
 
+    _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io)
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
-    console.print(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     try:
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="info")
     finally:
@@ -197,20 +259,22 @@ def info(
                     f"shared expert {cfg.shared_expert_intermediate_size}"),
         ("hidden / expert intermediate", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
         ("quantization", quant),
-        ("resident bytes", f"{s.resident_bytes / 1e9:.3f} GB"),
-        ("expert bytes", f"{s.expert_bytes / 1e9:.3f} GB ({s.expert_blob_bytes / 1e6:.3f} MB per expert)"),
-        ("bytes read per token", f"{s.expert_blob_bytes * cfg.num_experts_per_tok * len(cfg.moe_layers) / 1e6:.1f} MB "
-                                 f"of experts at K={cfg.num_experts_per_tok} (before caching)"),
+        ("resident", human_bytes(s.resident_bytes)),
+        ("expert weights", f"{human_bytes(s.expert_bytes)} ({human_bytes(s.expert_blob_bytes)} per expert)"),
+        ("read per token", f"{human_bytes(s.expert_blob_bytes * cfg.num_experts_per_tok * len(cfg.moe_layers))} "
+                           f"of experts at K={cfg.num_experts_per_tok} (before caching)"),
     ]
     for key, value in lines:
         typer.echo(f"{key:>30}: {value}")
     if verify:
         with _bytes_progress() as progress:
-            task = progress.add_task("verify", total=s.expert_bytes)
+            task = progress.add_task("verify", total=s.verify_bytes)
             problems = s.verify(progress=lambda n: progress.advance(task, n))
         if problems:
             raise FlashMoeError("corrupt store: " + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
-        typer.echo(f"{'verify':>30}: all {s.expert_bytes // s.expert_blob_bytes} expert checksums match")
+        resident = (f"{len(s.resident_crc32)} resident file checksums match" if s.resident_crc32 else
+                    "the resident files have no checksums (a store from an older flashmoe)")
+        typer.echo(f"{'verify':>30}: all {s.expert_bytes // s.expert_blob_bytes} expert checksums match; {resident}")
 
 
 @app.command()
@@ -230,13 +294,16 @@ def demo(
         for p in (checkpoint, store):
             if p.exists():
                 raise FlashMoeError(f"{p} already exists; pass another --workdir")
-        console.print(f"building a random-weight {arch} checkpoint with transformers in {checkpoint}")
-        build_tiny_checkpoint(checkpoint, arch, num_hidden_layers=8, num_experts=64, hidden_size=256,
-                              moe_intermediate_size=128, max_shard_size="2MB")
+        say(f"building a random-weight {arch} checkpoint with transformers in {checkpoint}")
+        try:
+            build_tiny_checkpoint(checkpoint, arch, num_hidden_layers=8, num_experts=64, hidden_size=256,
+                                  moe_intermediate_size=128, max_shard_size="2MB")
+        except OSError as exc:
+            raise FlashMoeError(f"cannot write to {root}: {exc.strerror or exc}; pass a writable --workdir") from None
         run_convert(checkpoint, store, 4, 64)
         typer.echo(f"$ flashmoe info {store}")
         info(store, verify=False)
-        console.print("generating (random weights, so the text is noise; the mechanics are real):")
+        say("generating (random weights, so the text is noise; the mechanics are real):")
         run_generate(store, "Write a haiku about the sea.", True, max_tokens, 0.8, 0.95, 0, 0, cache_gb=0.002)
 
 
@@ -244,7 +311,9 @@ def main() -> None:
     try:
         app()  # usage errors are typer's: a message and exit code 2
     except FlashMoeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.text import Text  # the message as written: a path with [brackets] in it is not Rich markup
+
+        console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
         sys.exit(1)
 
 

@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
 @dataclass
 class ModelConfig:
     architecture: str  # as named in config.json, e.g. "Qwen3NextForCausalLM"
@@ -85,53 +88,75 @@ class ModelConfig:
 
     @classmethod
     def _from_text_config(cls, arch: str, family: str, t: dict, outer: dict) -> "ModelConfig":
-        layers = int(t["num_hidden_layers"])
+        def get(key: str, kind: type, default=KeyError, source: dict = t):
+            """config.json's value of `key` as `kind` (ints where floats are asked are fine; bools never count
+            as numbers); a missing key is a KeyError (named by from_hf), a wrong type one clear line."""
+            value = source.get(key)
+            if value is None:  # absent or null
+                if default is KeyError:
+                    raise KeyError(key)
+                return default
+            ok = kind is float and isinstance(value, (int, float)) or isinstance(value, kind)
+            if not ok or (kind is not bool and isinstance(value, bool)):
+                raise FlashMoeError(f"config.json: {key} is {value!r}, not {KIND_NAMES[kind]}")
+            return float(value) if kind is float else value
+
+        layers = get("num_hidden_layers", int)
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise FlashMoeError(f"rope type {rope_type!r} is not supported yet (only the default RoPE)")
         layer_types = t.get("layer_types")
         if layer_types is None:
-            interval = int(t.get("full_attention_interval", 4))
+            interval = get("full_attention_interval", int, 4)
             layer_types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+        elif not (isinstance(layer_types, list) and len(layer_types) == layers
+                  and set(layer_types) <= {"linear_attention", "full_attention"}):
+            raise FlashMoeError(f"config.json: layer_types must list {layers} of 'linear_attention' or "
+                                "'full_attention'")
         dense = []
         if family == "qwen3_next":
-            step = int(t.get("decoder_sparse_step", 1))
-            only = set(t.get("mlp_only_layers") or [])
+            step = get("decoder_sparse_step", int, 1)
+            only = set(get("mlp_only_layers", list, []))
             dense = [i for i in range(layers) if i in only or (i + 1) % step != 0]
         eos = outer.get("eos_token_id", t.get("eos_token_id"))
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
+        if not (isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in eos)):
+            raise FlashMoeError(f"config.json: eos_token_id is {eos!r}, not an id or a list of ids")
         tie = outer.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+        hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
         return cls(
             architecture=arch,
             family=family,
-            vocab_size=int(t["vocab_size"]),
-            hidden_size=int(t["hidden_size"]),
+            vocab_size=get("vocab_size", int),
+            hidden_size=hidden,
             num_hidden_layers=layers,
-            num_attention_heads=int(t["num_attention_heads"]),
-            num_key_value_heads=int(t["num_key_value_heads"]),
-            head_dim=int(t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]),
-            rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", t.get("partial_rotary_factor", 0.25))),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads", int),
+            head_dim=get("head_dim", int, None) or hidden // max(heads, 1),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=get("rope_theta", float, get("rope_theta", float, 10000.0), rope),
+            partial_rotary_factor=get("partial_rotary_factor", float, get("partial_rotary_factor", float, 0.25), rope),
             layer_types=list(layer_types),
-            linear_conv_kernel_dim=int(t.get("linear_conv_kernel_dim", 4)),
-            linear_key_head_dim=int(t["linear_key_head_dim"]),
-            linear_value_head_dim=int(t["linear_value_head_dim"]),
-            linear_num_key_heads=int(t["linear_num_key_heads"]),
-            linear_num_value_heads=int(t["linear_num_value_heads"]),
-            num_experts=int(t["num_experts"]),
-            num_experts_per_tok=int(t["num_experts_per_tok"]),
-            moe_intermediate_size=int(t["moe_intermediate_size"]),
-            shared_expert_intermediate_size=int(t["shared_expert_intermediate_size"]),
+            linear_conv_kernel_dim=get("linear_conv_kernel_dim", int, 4),
+            linear_key_head_dim=get("linear_key_head_dim", int),
+            linear_value_head_dim=get("linear_value_head_dim", int),
+            linear_num_key_heads=get("linear_num_key_heads", int),
+            linear_num_value_heads=get("linear_num_value_heads", int),
+            num_experts=get("num_experts", int),
+            num_experts_per_tok=get("num_experts_per_tok", int),
+            moe_intermediate_size=get("moe_intermediate_size", int),
+            shared_expert_intermediate_size=get("shared_expert_intermediate_size", int),
             # Qwen3.5's router always renormalises its top-K weights
-            norm_topk_prob=bool(t.get("norm_topk_prob", True)),
+            norm_topk_prob=get("norm_topk_prob", bool, True),
             tie_word_embeddings=bool(tie),
-            max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-            hidden_act=t.get("hidden_act", "silu"),
+            max_position_embeddings=get("max_position_embeddings", int, 32768),
+            hidden_act=get("hidden_act", str, "silu"),
             dense_layers=dense,
-            intermediate_size=int(t.get("intermediate_size") or 0),
-            eos_token_id=eos,
+            intermediate_size=get("intermediate_size", int, None) or 0,
+            eos_token_id=list(eos),
         )
 
 

@@ -8,7 +8,9 @@ routed experts are being read, so I/O overlaps compute.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -24,6 +26,7 @@ from .sampling import TokenConstraint, sample
 from .store import Store
 
 TIMERS = ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 def default_cache_bytes() -> int:
@@ -78,12 +81,16 @@ class Model:
         the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
         inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache."""
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise FlashMoeError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), not {device!r}")
         on_gpu = device.startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        if on_gpu and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+            raise FlashMoeError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
         for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb)):
-            if value is not None and value < 0:
-                raise FlashMoeError(f"{name} must be >= 0, not {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise FlashMoeError(f"{name} must be >= 0, not {value} (a finite number of GB)")
         if vram_cache_gb is not None and not on_gpu:
             raise FlashMoeError("vram_cache_gb needs device='cuda'")
         dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
@@ -210,6 +217,8 @@ class Model:
             raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise FlashMoeError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise FlashMoeError(f"seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1] - 1}), not {seed}")
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         generator = None
         if seed is not None:
