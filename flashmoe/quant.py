@@ -43,7 +43,9 @@ def check_quant_params(bits: int, group_size: int, in_features: int, what: str) 
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
-    """Quantize a 2-D [out, in] weight; min/max per group so the extremes are exact."""
+    """Quantize a 2-D [out, in] weight; bias = the group's min and scale = its range / (2^bits - 1), both stored
+    as float16: the min comes back off by the bias's fp16 rounding, the max by that plus (2^bits - 1) times the
+    scale's (tests/test_quant.py holds these bounds)."""
     out_features, in_features = weight.shape
     w = weight.float().reshape(out_features, in_features // group_size, group_size)
     levels = (1 << bits) - 1
