@@ -111,16 +111,66 @@ class ParsedDelta:
         return bool(self.reasoning or self.content or self.tool_calls)
 
 
-def _parameter_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
-    types = {}
+def _resolve(schema, root: dict, depth: int = 0):
+    """`schema` with a local $ref ("#/$defs/Unit", as pydantic writes enums) replaced by what it points to."""
+    if not isinstance(schema, dict) or not str(schema.get("$ref", "")).startswith("#/") or depth > 32:
+        return schema
+    target = root
+    for part in schema["$ref"][2:].split("/"):
+        target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+    if not isinstance(target, dict):
+        return schema  # left for xgrammar to resolve or report
+    rest = {k: v for k, v in schema.items() if k != "$ref"}
+    return _resolve({**target, **rest}, root, depth + 1)
+
+
+def argument_schemas(parameters: dict | None) -> dict[str, dict | bool]:
+    """A tool's arguments by name, in the schema's order, each schema with its local $ref resolved; a required
+    argument the properties do not list takes any JSON value."""
+    parameters = parameters or {}
+    props = parameters.get("properties") or {}
+    schemas = {key: _resolve(schema, parameters) for key, schema in props.items()}
+    for key in parameters.get("required") or []:
+        schemas.setdefault(key, {})
+    return schemas
+
+
+def writes_raw(schema) -> bool:
+    """Whether the XML format writes a value of this schema as its raw text rather than as JSON: Qwen3.5's
+    template writes a string as it is and anything else with tojson. A string is a schema of type "string"
+    (a `format` aside: xgrammar constrains formats only as JSON strings) or an enum or const of strings only.
+    The grammar (structural_tags.py) and the parser decide with this one function, so they cannot disagree."""
+    if not isinstance(schema, dict):
+        return False
+    if "enum" in schema or "const" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return schema.get("type", "string") == "string" and bool(values) and all(isinstance(v, str) for v in values)
+    return schema.get("type") == "string" and "format" not in schema
+
+
+def _raw_arguments(tools: list[dict] | None) -> dict[str, set[str]]:
+    """For each tool, the arguments the XML format writes as raw text (the others are JSON)."""
+    raw = {}
     for tool in tools or []:
         fn = tool.get("function", {})
-        props = (fn.get("parameters") or {}).get("properties") or {}
-        types[fn.get("name")] = {k: (v.get("type") if isinstance(v, dict) else None) for k, v in props.items()}
-    return types
+        raw[fn.get("name")] = {k for k, schema in argument_schemas(fn.get("parameters")).items() if writes_raw(schema)}
+    return raw
 
 
-def parse_tool_call(block: str, tool_format: str, parameter_types: dict[str, dict[str, str]]) -> ToolCall | None:
+def _json_text(text: str) -> str | None:
+    """`text` stripped if it is one JSON value, else None. The text is kept rather than re-serialized so that
+    a number stays as written: json.dumps(json.loads("1e999")) is "Infinity", which is not JSON."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        json.loads(text, parse_constant=no_constants)
+    except ValueError:
+        return None
+    return text.strip()
+
+
+def parse_tool_call(block: str, tool_format: str, raw_arguments: dict[str, set[str]]) -> ToolCall | None:
     """The text between <tool_call> and </tool_call> as a ToolCall, or None if it is not one."""
     if tool_format == "json":
         try:
@@ -130,22 +180,25 @@ def parse_tool_call(block: str, tool_format: str, parameter_types: dict[str, dic
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
         args = obj.get("arguments", {})
-        return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+        if isinstance(args, str):
+            return ToolCall(obj["name"], args)
+        head = f'{{"name": {json.dumps(obj["name"])}, "arguments": '  # as the template and the grammar write it
+        as_written = _json_text(block[len(head):-1]) if block.startswith(head) and block.endswith("}") else None
+        return ToolCall(obj["name"], as_written or json.dumps(args, ensure_ascii=False))
     match = _XML_FUNCTION.search(block)
     if match is None:
         return None
     name = match.group(1).strip()
-    types = parameter_types.get(name, {})
-    args = {}
-    for key, raw in _XML_PARAMETER.findall(match.group(2)):
-        key, value = key.strip(), raw.removeprefix("\n").removesuffix("\n")
-        args[key] = value
-        if types.get(key) not in (None, "string"):  # numbers, booleans, objects and arrays are written as JSON
-            try:
-                args[key] = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+    raw_keys = raw_arguments.get(name, set())
+    fields = {}
+    for key, text in _XML_PARAMETER.findall(match.group(2)):
+        # the template writes "<parameter=KEY>\nVALUE\n</parameter>": those two newlines are markup, the rest
+        # is the value, a string's own leading or trailing whitespace included (the grammar adds none)
+        key, value = key.strip(), text.removeprefix("\n").removesuffix("\n")
+        as_json = None if key in raw_keys else _json_text(value)  # text no grammar shaped may not be JSON
+        fields[key] = as_json or json.dumps(value, ensure_ascii=False)
+    arguments = ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {v}" for k, v in fields.items())
+    return ToolCall(name, "{" + arguments + "}")
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -166,7 +219,7 @@ class OutputParser:
     def __init__(self, tool_format: str | None = None, tools: list[dict] | None = None,
                  prompt_opened_think: bool = False, parse_reasoning: bool = True):
         self.tool_format = tool_format
-        self._types = _parameter_types(tools)
+        self._raw_arguments = _raw_arguments(tools)
         self._state = "reasoning" if prompt_opened_think else "content"
         self._parse_reasoning = parse_reasoning
         self._at_start = True
@@ -225,7 +278,7 @@ class OutputParser:
         i = p.find(CALL_END)
         if i < 0:
             return False
-        call = parse_tool_call(p[:i].strip(), self.tool_format, self._types)
+        call = parse_tool_call(p[:i].strip(), self.tool_format, self._raw_arguments)
         if call is None:  # not a well-formed call: keep the text as content rather than lose it
             self._emit_content(delta, CALL_BEGIN + p[:i + len(CALL_END)])
         else:

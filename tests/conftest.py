@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -87,6 +88,14 @@ def load_reference(checkpoint, arch: str, **config_overrides):
         setattr(text, k, v)
     cls = Qwen3_5MoeForConditionalGeneration if arch == "qwen3_5_moe_vl" else AutoModelForCausalLM
     return cls.from_pretrained(checkpoint, config=config, dtype=torch.float32).eval()
+
+
+def strict_json(text: str):
+    """json.loads that refuses what Python alone accepts (NaN, Infinity): what a client in another language gets."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

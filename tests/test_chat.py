@@ -51,6 +51,24 @@ def test_json_tool_calls_and_a_think_block_the_model_opened(size):
     assert json.loads(calls[0].arguments) == {"city": "Paris", "days": 2}
 
 
+def test_xml_values_are_raw_strings_or_json_as_written():
+    """The parser reads a value as the grammar writes it (structural_tags.py): a string raw, with its own
+    whitespace; anything else as JSON, kept as written (1e999 stays a number, not Infinity)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"Unit": {"enum": ["C", "F"]}}, "properties": {
+            "unit": {"$ref": "#/$defs/Unit"}, "text": {"type": "string"}, "day": {"type": "string", "format": "date"},
+            "temp": {"type": "number"}, "tags": {"type": "array"}, "id": {"enum": [1, "2"]}}}}}
+    output = ("<tool_call>\n<function=f>\n<parameter=unit>\nC\n</parameter>\n<parameter=text>\n two\nlines\n\n"
+              '</parameter>\n<parameter=day>\n"2024-01-02"\n</parameter>\n<parameter=temp>\n1e999\n</parameter>\n'
+              '<parameter=tags>\n["a", 1]\n</parameter>\n<parameter=id>\n"2"\n</parameter>\n</function>\n</tool_call>')
+    _, _, calls = parse_in_pieces(OutputParser("xml", [tool]), output, 1000)
+    assert calls[0].arguments == ('{"unit": "C", "text": " two\\nlines\\n", "day": "2024-01-02", "temp": 1e999, '
+                                  '"tags": ["a", 1], "id": "2"}')
+    _, _, calls = parse_in_pieces(OutputParser("json", [tool]), '<tool_call>\n{"name": "f", "arguments": '
+                                  '{"temp": -2E+999}}\n</tool_call>', 1000)
+    assert calls[0].arguments == '{"temp": -2E+999}'
+
+
 def test_malformed_or_unfinished_tool_calls_stay_as_text():
     _, content, calls = parse_in_pieces(OutputParser("json"), "<tool_call>\nnot json\n</tool_call> after", 3)
     assert calls == [] and "not json" in content and content.endswith("after")

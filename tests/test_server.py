@@ -14,6 +14,7 @@ import openai
 import pytest
 
 import flashmoe
+from conftest import strict_json
 from server_harness import MODEL_NAME, RunningServer
 
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -194,6 +195,43 @@ def test_tool_call_round_trip_forced_by_tool_choice(built, arch):
         assert [d.index for d in deltas] == list(range(len(deltas)))
         validate_calls([d for d in deltas], {"get_weather", "set_alarm"})
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    finally:
+        s.close()
+
+
+# every kind of value the XML format writes: raw strings (an enum with a type, one without, a bounded string) and
+# JSON (an integer with bounds, a number, a boolean, an object, an array)
+XML_TOOLS = [
+    {"type": "function", "function": {"name": "report", "description": "File a weather report", "parameters": {
+        "type": "object", "properties": {
+            "unit": {"type": "string", "enum": ["C", "F"]}, "city": {"enum": ["Paris", "Rome"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7}, "note": {"type": "string", "maxLength": 8}},
+        "required": ["unit", "city", "days", "note"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "measure", "description": "Log a measurement", "parameters": {
+        "type": "object", "properties": {
+            "temp": {"type": "number"}, "sunny": {"type": "boolean"},
+            "wind": {"type": "object", "properties": {"dir": {"enum": ["N", "S"]}}, "required": ["dir"],
+                     "additionalProperties": False},
+            "hours": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "maxItems": 2}},
+        "required": ["temp", "sunny", "wind", "hours"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, bits):
+    """Qwen3.5's XML calls sampled at temperature 1, forced by "required" (parallel calls allowed) or by name:
+    every argument is exactly what its schema types it as, and the turn ends with the calls."""
+    s = RunningServer(built.store("qwen3_5_moe", bits), cache_gb=0.01)
+    try:
+        client = s.client()
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in XML_TOOLS}
+        for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "measure"}}]):
+            r = client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": f"Report {seed} on the weather"}],
+                tools=XML_TOOLS, tool_choice=choice, max_tokens=600, temperature=1.0, seed=seed, extra_body=NO_THINKING)
+            assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+            for call in r.choices[0].message.tool_calls:
+                jsonschema.validate(strict_json(call.function.arguments), schemas[call.function.name])
     finally:
         s.close()
 

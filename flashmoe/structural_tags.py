@@ -1,0 +1,166 @@
+"""What constrained output may look like, as xgrammar structural tags: one JSON value, or tool calls written
+exactly as the chat templates write them, so that chat.py's parser reads back arguments that match the schema.
+
+Built here rather than with xgrammar's get_model_structural_tag (0.2.8), whose Qwen formats disagree with the
+templates and the parser: its qwen_xml style allows whitespace around every non-string value (an enum of C/F
+came back as '\\t\\n\\n\\rC'), and its "required" choice lets free text follow the calls until max_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchemaFormat, OptionalFormat,
+                                     OrFormat, RegexFormat, SequenceFormat, StructuralTag, TagFormat,
+                                     TagsWithSeparatorFormat, TriggeredTagsFormat)
+
+from .chat import CALL_BEGIN, CALL_END, THINK_BEGIN, THINK_END, argument_schemas, writes_raw
+from .errors import FlashMoeError
+
+# longest run of whitespace allowed between JSON elements: room for pretty-printing, while a weak (or 2-bit)
+# model cannot loop on newlines until max_tokens and leave output that does not parse
+MAX_WHITESPACE_RUN = 16
+# the parser ends a value, a call's arguments and a call at the first of these: no string in an XML call holds one
+CLOSING_MARKUP = ["</parameter>", "</function>", CALL_END]
+# the keywords whose values are data, not schemas (the rewrite leaves them as they are), and those whose values
+# map names to schemas (a property may be called "enum")
+_DATA_KEYWORDS = {"enum", "const", "default", "examples"}
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+# Regex character classes: xgrammar compiles a class that spans UTF-8 lengths (such as [^"]) to bytes that
+# also take overlong and surrogate encodings, which decode to two or three U+FFFD and break maxLength; a class
+# per length takes valid UTF-8 only. The first class differs: a JSON string's literal characters leave out
+# control characters, quote and backslash; in a tool call, strings also leave out the "<" of closing markup.
+_WIDE_CHARS = r"|[\u0800-\ud7ff]|[\ue000-\uffff]|[\u{10000}-\u{10ffff}]"
+JSON_CHAR = r'(?:[ !#-\[\]-\u07ff]' + _WIDE_CHARS + ")"
+JSON_CHAR_IN_CALL = r'(?:[ !#-;=-\[\]-\u07ff]' + _WIDE_CHARS + ")"
+RAW_CHAR_IN_CALL = r"(?:[\x00-;=-\u07ff]" + _WIDE_CHARS + ")"
+
+
+def xgrammar_schema(schema, char: str = JSON_CHAR):
+    """`schema` with every length-bounded string rewritten as a pattern of `char`s, which xgrammar handles.
+
+    xgrammar 0.2.8 compiles a string with minLength/maxLength to `[^"\\\\\\r\\n]{m,n}`, which takes raw control
+    characters (a tab, \\x01) that JSON forbids inside a string: 3 of 8 sampled outputs did not parse. A pattern
+    becomes a JSON-string regex instead. (A string with a pattern of its own keeps it, and xgrammar ignores its
+    length bounds, as it always has.)
+    """
+    if isinstance(schema, list):
+        return [xgrammar_schema(s, char) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: xgrammar_schema(v, char) for name, v in value.items()}
+        else:
+            out[key] = value if key in _DATA_KEYWORDS else xgrammar_schema(value, char)
+    kind = out.get("type")
+    is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if is_string and not {"pattern", "format", "enum", "const"} & set(out):
+        repeat = _length_bounds(out)
+        if repeat:
+            out.pop("minLength", None)
+            out.pop("maxLength", None)
+            out["pattern"] = f"^{char}{repeat}$"
+    return out
+
+
+def _length_bounds(schema: dict) -> str | None:
+    """The regex repeat `{m,n}` of a string's minLength/maxLength; None if it has neither or a bad one (which
+    xgrammar then reports)."""
+    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+    if ("minLength" not in schema and "maxLength" not in schema) or not all(
+            type(b) is int and b >= 0 for b in (lo, 0 if hi is None else hi)):
+        return None
+    return f"{{{lo},{'' if hi is None else hi}}}"
+
+
+def json_value(schema, excludes: list[str] | None = None) -> JSONSchemaFormat:
+    """A JSON value matching `schema` in which no string holds one of `excludes` (the markup that would end
+    the tool call around it)."""
+    return JSONSchemaFormat(json_schema=xgrammar_schema(schema, JSON_CHAR_IN_CALL if excludes else JSON_CHAR),
+                            excludes=excludes or [], max_whitespace_cnt=MAX_WHITESPACE_RUN)
+
+
+def json_output(schema: dict | None, reasoning: str) -> StructuralTag:
+    """Any JSON object (schema None, OpenAI's json_object) or one matching `schema` (json_schema)."""
+    return _after_reasoning(json_value(schema if schema is not None else {"type": "object"}), reasoning)
+
+
+def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
+               parallel_tool_calls: bool) -> StructuralTag:
+    """Calls in the model's own format. "auto": text with calls anywhere in it; "required": one call or, with
+    parallel_tool_calls, several separated by newlines as the templates write them, then the end of the turn;
+    a named function: exactly that one call, then the end of the turn."""
+    if isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        tool = next((t for t in tools if t["function"]["name"] == name), None)
+        if tool is None:
+            raise FlashMoeError(f"tool_choice names {name!r}, which is not among the tools")
+        return _after_reasoning(_call_tag(tool_format, tool), reasoning)
+    tags = [_call_tag(tool_format, t) for t in tools]
+    if tool_choice == "required":
+        calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
+                                        stop_after_first=not parallel_tool_calls)
+    else:
+        calls = TriggeredTagsFormat(triggers=[CALL_BEGIN], tags=tags, excludes=[THINK_BEGIN, THINK_END],
+                                    stop_after_first=not parallel_tool_calls)
+    return _after_reasoning(calls, reasoning)
+
+
+def _call_tag(tool_format: str, tool: dict) -> TagFormat:
+    function = tool["function"]
+    name, parameters = function["name"], function.get("parameters") or {"type": "object"}
+    if tool_format == "json":  # Qwen3 / Qwen3-Next: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
+        return TagFormat(begin=f'{CALL_BEGIN}\n{{"name": {json.dumps(name)}, "arguments": ',
+                         content=json_value(parameters, [CALL_END]), end=f"}}\n{CALL_END}")
+    return TagFormat(begin=f"{CALL_BEGIN}\n<function={name}>\n", content=_xml_arguments(name, parameters),
+                     end=f"</function>\n{CALL_END}")
+
+
+def _xml_arguments(tool: str, parameters: dict) -> SequenceFormat:
+    """Qwen3.5's `<parameter=KEY>\\nVALUE\\n</parameter>\\n` for each argument, in the schema's order: the
+    required ones always, the others optionally; a string VALUE raw, any other as JSON (chat.writes_raw)."""
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}  # for a JSON value's $refs
+    required = parameters.get("required") or []
+    elements = []
+    for key, schema in argument_schemas(parameters).items():
+        if ">" in key or "\n" in key:
+            raise FlashMoeError(f"tool {tool!r}: the parameter name {key!r} cannot be written as <parameter=NAME>")
+        if writes_raw(schema):
+            value = _raw_string(tool, key, schema)
+        else:
+            value = json_value({**defs, **schema} if isinstance(schema, dict) else schema, CLOSING_MARKUP)
+        argument = SequenceFormat(elements=[ConstStringFormat(value=f"<parameter={key}>\n"), value,
+                                            ConstStringFormat(value="\n</parameter>\n")])
+        elements.append(argument if key in required else OptionalFormat(content=argument))
+    return SequenceFormat(elements=elements or [ConstStringFormat(value="")])
+
+
+def _raw_string(tool: str, key: str, schema: dict):
+    """A string value as the template writes it: the characters themselves, no quotes, no escapes."""
+    if "enum" in schema or "const" in schema:
+        values = [v for v in schema.get("enum", [schema.get("const")]) if not any(m in v for m in CLOSING_MARKUP)]
+        if not values:
+            raise FlashMoeError(f"tool {tool!r}: no value of the parameter {key!r} can be written in a tool call")
+        return OrFormat(elements=[ConstStringFormat(value=v) for v in values])
+    if "pattern" in schema:  # the schema's own: trusted not to match closing markup
+        return RegexFormat(pattern=schema["pattern"])
+    repeat = _length_bounds(schema)
+    if repeat:  # a regex cannot leave out a word, so a bounded string leaves out "<", which closing markup starts with
+        return RegexFormat(pattern=RAW_CHAR_IN_CALL + repeat)
+    if "minLength" in schema or "maxLength" in schema:
+        raise FlashMoeError(f"tool {tool!r}: the parameter {key!r} needs integer minLength/maxLength >= 0")
+    return AnyTextFormat(excludes=CLOSING_MARKUP)
+
+
+def _after_reasoning(body, reasoning: str) -> StructuralTag:
+    """`body` after a think block: its rest ("enabled": the prompt opened it), optional ("auto") or none."""
+    if reasoning == "disabled":
+        return StructuralTag(format=body)
+    block = TagFormat(begin="" if reasoning == "enabled" else THINK_BEGIN,
+                      content=AnyTextFormat(excludes=[THINK_BEGIN, THINK_END]), end=THINK_END)
+    block = SequenceFormat(elements=[block, ConstStringFormat(value="\n\n")])
+    if reasoning == "auto":
+        block = OptionalFormat(content=block)
+    return StructuralTag(format=SequenceFormat(elements=[block, body]))
