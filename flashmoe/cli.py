@@ -272,7 +272,8 @@ def info(
             problems = s.verify(progress=lambda n: progress.advance(task, n))
         if problems:
             raise FlashMoeError("corrupt store: " + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
-        resident = (f"{len(s.resident_crc32)} resident file checksums match" if s.resident_crc32 else
+        n = len(s.resident_crc32)
+        resident = (f"{n} resident file checksum{'s match' if n > 1 else ' matches'}" if n else
                     "the resident files have no checksums (a store from an older flashmoe)")
         typer.echo(f"{'verify':>30}: all {s.expert_bytes // s.expert_blob_bytes} expert checksums match; {resident}")
 

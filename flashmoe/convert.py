@@ -22,8 +22,11 @@ from . import __version__
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .config import ModelConfig, read_hf_config
 from .errors import FlashMoeError
+from .manifest import manifest_crc32
+from .models.qwen3_next import resident_shapes
 from .quant import check_quant_params, quantize
-from .store import FORMAT_NAME, FORMAT_VERSION, MANIFEST, BlobLayout, crc32, expert_file_name
+from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, expert_file_name,
+                    expert_layout, file_crc32)
 
 STATE_FILE = "convert-state.json"
 TOKENIZER_FILES = (
@@ -73,59 +76,16 @@ def _split_qwen3_next_projections(cfg: ModelConfig, p: str) -> ResidentItem:
 
 
 def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
-    h = cfg.hidden_size
-    items = [_identity("model.embed_tokens.weight", (cfg.vocab_size, h))]
-    if not cfg.tie_word_embeddings or ckpt.has("lm_head.weight"):
-        items.append(_identity("lm_head.weight", (cfg.vocab_size, h)))
-    items.append(_identity("model.norm.weight", (h,)))
-    kd = cfg.linear_key_head_dim * cfg.linear_num_key_heads
-    vd = cfg.linear_value_head_dim * cfg.linear_num_value_heads
-    nv = cfg.linear_num_value_heads
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        items += [_identity(p + "input_layernorm.weight", (h,)), _identity(p + "post_attention_layernorm.weight", (h,))]
-        if cfg.layer_types[i] == "full_attention":
-            a, nh, nkv, hd = p + "self_attn.", cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-            items += [
-                _identity(a + "q_proj.weight", (nh * hd * 2, h)),
-                _identity(a + "k_proj.weight", (nkv * hd, h)),
-                _identity(a + "v_proj.weight", (nkv * hd, h)),
-                _identity(a + "o_proj.weight", (h, nh * hd)),
-                _identity(a + "q_norm.weight", (hd,)),
-                _identity(a + "k_norm.weight", (hd,)),
-            ]
-        else:
-            a = p + "linear_attn."
-            if cfg.family == "qwen3_next":
-                items.append(_split_qwen3_next_projections(cfg, a))
-            else:
-                items += [
-                    _identity(a + "in_proj_qkv.weight", (2 * kd + vd, h)),
-                    _identity(a + "in_proj_z.weight", (vd, h)),
-                    _identity(a + "in_proj_b.weight", (nv, h)),
-                    _identity(a + "in_proj_a.weight", (nv, h)),
-                ]
-            items += [
-                _identity(a + "conv1d.weight", (2 * kd + vd, 1, cfg.linear_conv_kernel_dim)),
-                _identity(a + "dt_bias", (nv,)),
-                _identity(a + "A_log", (nv,)),
-                _identity(a + "norm.weight", (cfg.linear_value_head_dim,)),
-                _identity(a + "out_proj.weight", (h, vd)),
-            ]
-        m = p + "mlp."
-        if cfg.is_moe_layer(i):
-            si = cfg.shared_expert_intermediate_size
-            items += [
-                _identity(m + "gate.weight", (cfg.num_experts, h)),
-                _identity(m + "shared_expert.gate_proj.weight", (si, h)),
-                _identity(m + "shared_expert.up_proj.weight", (si, h)),
-                _identity(m + "shared_expert.down_proj.weight", (h, si)),
-                _identity(m + "shared_expert_gate.weight", (1, h)),
-            ]
-        else:
-            di = cfg.intermediate_size
-            items += [_identity(m + "gate_proj.weight", (di, h)), _identity(m + "up_proj.weight", (di, h)),
-                      _identity(m + "down_proj.weight", (h, di))]
+    """The store's resident tensors (models.qwen3_next.resident_shapes), each from its source tensors."""
+    shapes = resident_shapes(cfg)
+    if cfg.tie_word_embeddings and ckpt.has("lm_head.weight"):  # tied, but saved anyway: keep it as the checkpoint has it
+        shapes = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size), **shapes}
+    items = []
+    for name, shape in shapes.items():
+        if cfg.family != "qwen3_next" or ".linear_attn.in_proj_" not in name:
+            items.append(_identity(name, shape))
+        elif name.endswith("in_proj_qkv.weight"):  # one item makes all four split projections
+            items.append(_split_qwen3_next_projections(cfg, name.removesuffix("in_proj_qkv.weight")))
     return items
 
 
@@ -146,6 +106,7 @@ class ExpertSource:
                 expect[f"{self.p}{x}.down_proj.weight"] = (h, inter)
         check_sources(ckpt, expect)
         self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
+        self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
 
     def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [2I, H] with gate rows first, down [H, I])"""
@@ -183,6 +144,12 @@ def expert_tensors(gate_up: torch.Tensor, down: torch.Tensor, bits: int | None, 
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, data: bytes | str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -212,8 +179,7 @@ class Converter:
         self.plan = resident_plan(self.cfg, self.ckpt)
         check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
         self.expert_sources = {i: ExpertSource(self.cfg, self.ckpt, i) for i in self.cfg.moe_layers}
-        gate_up, down = self.expert_sources[self.cfg.moe_layers[0]].read(0)
-        self.layout = BlobLayout.for_tensors(expert_tensors(gate_up, down, bits, group_size))
+        self.layout = expert_layout(self.cfg, bits, group_size, self.expert_sources[self.cfg.moe_layers[0]].dtype)
         self.options = {"source": str(self.src.resolve()), "bits": bits, "group_size": group_size if bits else None}
 
     # ---- planning -------------------------------------------------------------------------
@@ -244,7 +210,12 @@ class Converter:
             raise FlashMoeError(f"{self.dst} already holds a complete flashmoe store; remove it or choose another path")
         state_path = self.dst / STATE_FILE
         if state_path.is_file():
-            state = json.loads(state_path.read_text())
+            try:
+                state = json.loads(state_path.read_text())
+            except ValueError:
+                state = None
+            if not (type(state) is dict and type(state.get("resident")) is dict and type(state.get("layers")) is dict):
+                raise FlashMoeError(f"{state_path} is damaged; remove {self.dst} and run flashmoe convert again")
             if state.get("options") != self.options:
                 raise FlashMoeError(
                     f"{self.dst} holds an interrupted conversion with other options ({state.get('options')}); "
@@ -268,8 +239,8 @@ class Converter:
             state = self._load_state()
             (self.dst / "experts").mkdir(exist_ok=True)
             self._check_space(state)
-            resident_files = self._write_resident(state, progress)
-            self._write_experts(state, progress)
+            resident_files = self._write_resident(state, progress, log)
+            self._write_experts(state, progress, log)
             self._copy_tokenizer()
             self._write_manifest(state, resident_files)
         except OSError as exc:
@@ -294,12 +265,12 @@ class Converter:
                 f"{free / 1e9:.2f} GB is free"
             )
 
-    def _write_resident(self, state: dict, progress) -> list[str]:
+    def _write_resident(self, state: dict, progress, log) -> list[str]:
         shards = self.resident_shards()
         files = [f"resident-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(files, shards):
             source_bytes = sum(item.source_bytes(self.ckpt) for item in shard)
-            if name in state["resident"] and (self.dst / name).is_file():
+            if self._resident_done(name, state["resident"].get(name), log):
                 progress(source_bytes)
                 continue
             tensors = {}
@@ -309,16 +280,42 @@ class Converter:
                 progress(item.source_bytes(self.ckpt))
             tmp = self.dst / (name + ".partial")
             save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the store's other files follow the umask
             os.replace(tmp, self.dst / name)
-            state["resident"][name] = sum(t.numel() * t.element_size() for t in tensors.values())
+            state["resident"][name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                                       "file_bytes": (self.dst / name).stat().st_size, "crc32": file_crc32(self.dst / name)}
             self._save_state(state)
         return files
 
-    def _write_experts(self, state: dict, progress) -> None:
+    def _resident_done(self, name: str, done, log) -> bool:
+        """Finished before, and the file still has the size and checksum it was written with."""
+        if done is None:
+            return False
+        path = self.dst / name
+        if (type(done) is dict and path.is_file() and path.stat().st_size == done.get("file_bytes")
+                and file_crc32(path) == done.get("crc32")):
+            return True
+        log(f"{name} is damaged; rewriting it")
+        return False
+
+    def _layer_done(self, layer: int, done, log) -> bool:
+        """Finished before, and every blob of the file still has the checksum it was written with."""
+        if done is None:
+            return False
+        path, blob_bytes = self.dst / expert_file_name(layer), self.layout.blob_bytes
+        offsets = [e * blob_bytes for e in range(self.cfg.num_experts)]
+        if path.is_file() and path.stat().st_size == len(offsets) * blob_bytes and done == {
+                "file": expert_file_name(layer), "offsets": offsets, "sizes": [blob_bytes] * len(offsets),
+                "crc32": [file_crc32(path, o, blob_bytes) for o in offsets]}:
+            return True
+        log(f"layer {layer}'s file is damaged; rewriting it")
+        return False
+
+    def _write_experts(self, state: dict, progress, log) -> None:
         blob_bytes = self.layout.blob_bytes
         for layer, source in self.expert_sources.items():
             rel = expert_file_name(layer)
-            if str(layer) in state["layers"] and (self.dst / rel).is_file():
+            if self._layer_done(layer, state["layers"].get(str(layer)), log):
                 progress(source.source_bytes)
                 continue
             tmp = self.dst / (rel + ".partial")
@@ -347,13 +344,22 @@ class Converter:
     def _write_manifest(self, state: dict, resident_files: list[str]) -> None:
         source = {"path": self.options["source"],
                   "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}}
+        resident = state["resident"]
         write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,
-                       resident_files, sum(state["resident"].values()), self.layout, state["layers"], source)
+                       resident_files, sum(resident[f]["bytes"] for f in resident_files), self.layout,
+                       {str(i): state["layers"][str(i)] for i in self.expert_sources}, source,
+                       {f: resident[f]["crc32"] for f in resident_files})
 
 
 def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: int, source_dtype: str,
-                   resident_files: list[str], resident_bytes: int, layout: BlobLayout, layers: dict, source: dict) -> None:
-    """The manifest, written last and atomically: its presence is what makes a store complete."""
+                   resident_files: list[str], resident_bytes: int, layout: BlobLayout, layers: dict, source: dict,
+                   resident_crc32: dict[str, int] | None = None) -> None:
+    """The manifest, written last and atomically: its presence is what makes a store complete. Its last key is the
+    checksum of the rest (manifest.manifest_crc32)."""
+    resident = {"files": resident_files, "bytes": resident_bytes,
+                "file_bytes": {f: (dst / f).stat().st_size for f in resident_files}}
+    if resident_crc32 is not None:  # whole-file checksums, which `flashmoe info --verify` compares
+        resident["crc32"] = resident_crc32
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -363,10 +369,11 @@ def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: in
         "config": cfg.to_dict(),
         "quantization": {"bits": bits, "group_size": group_size if bits else None,
                          "scheme": "affine" if bits else None, "source_dtype": source_dtype},
-        "resident": {"files": resident_files, "bytes": resident_bytes},
+        "resident": resident,
         "experts": {"blob_bytes": layout.blob_bytes, "segments": layout.to_json(), "layers": layers},
         "source": source,
     }
+    manifest["manifest_crc32"] = manifest_crc32(manifest)
     _write_atomic(dst / MANIFEST, json.dumps(manifest, indent=1))
 
 

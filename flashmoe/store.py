@@ -6,7 +6,6 @@ padded to BLOCK_BYTES so that fetching it is a single aligned read that O_DIRECT
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import FlashMoeError
+from .quant import SCALE_DTYPE
 
 FORMAT_NAME = "flashmoe"
 FORMAT_VERSION = 1
@@ -30,6 +30,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+# safetensors' names of the float dtypes flashmoe converts; resident tensors keep theirs
+SOURCE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+CHUNK_BYTES = 16 << 20  # checksums read files in pieces this big, so a resident shard never needs its size in RAM
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -86,10 +89,6 @@ class BlobLayout:
     def to_json(self) -> list[dict]:
         return [dict(name=s.name, dtype=s.dtype, shape=list(s.shape), offset=s.offset, nbytes=s.nbytes) for s in self.segments]
 
-    @classmethod
-    def from_json(cls, data: list[dict]) -> "BlobLayout":
-        return cls([Segment(d["name"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"]) for d in data])
-
 
 def expert_file_name(layer: int) -> str:
     return f"experts/layer_{layer:03d}.bin"
@@ -97,6 +96,36 @@ def expert_file_name(layer: int) -> str:
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def file_crc32(path: Path, start: int = 0, size: int | None = None, progress=None) -> int:
+    """CRC-32 of `size` bytes of a file from `start` (to its end when None), read a chunk at a time."""
+    value, left = 0, size if size is not None else path.stat().st_size - start
+    with open(path, "rb") as f:
+        f.seek(start)
+        while left > 0:
+            chunk = f.read(min(left, CHUNK_BYTES))
+            if not chunk:  # shorter than promised: the checksum then differs, as it should
+                break
+            value, left = zlib.crc32(chunk, value), left - len(chunk)
+            if progress:
+                progress(len(chunk))
+    return value & 0xFFFFFFFF
+
+
+def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dtype: torch.dtype) -> BlobLayout:
+    """The blob layout a config implies (docs/FORMAT.md, Expert blobs): conversion writes it, and a store whose
+    manifest lists any other is damaged. `dtype` is the experts' source dtype, kept when unquantized."""
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    tensors = {}
+    for name, (rows, cols) in (("gate_up", (2 * inter, h)), ("down", (h, inter))):
+        if bits is None:
+            tensors[f"{name}.weight"] = torch.empty(rows, cols, dtype=dtype, device="meta")
+            continue
+        tensors[f"{name}.packed"] = torch.empty(rows, cols * bits // 8, dtype=torch.uint8, device="meta")
+        tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE, device="meta")
+        tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE, device="meta")
+    return BlobLayout.for_tensors(tensors)
 
 
 @dataclass
@@ -111,50 +140,18 @@ class Store:
     """Read side of a store: the manifest, resident tensors, and where each expert's blob lies."""
 
     def __init__(self, path: str | os.PathLike):
+        from .manifest import read_manifest, validate_manifest  # manifest.py builds on this module's layout
+
         self.path = Path(path)
-        self.manifest = self._read_manifest()
-        m = self.manifest
-        self.config = ModelConfig.from_dict(m["config"])
-        self.quantization: dict = m["quantization"]
-        self.layout = BlobLayout.from_json(m["experts"]["segments"])
-        self._layers = {int(k): v for k, v in m["experts"]["layers"].items()}
-        self._check_files()
-
-    def _read_manifest(self) -> dict:
-        if not self.path.exists():
-            raise FlashMoeError(f"store {self.path} does not exist")
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            hint = " (an interrupted conversion: run flashmoe convert again to resume)" if (self.path / "convert-state.json").exists() else ""
-            raise FlashMoeError(f"{self.path} is not a complete flashmoe store: no {MANIFEST}{hint}")
+        self.manifest = m = read_manifest(self.path)
         try:
-            m = json.loads(manifest_path.read_text())
-        except ValueError as exc:
-            raise FlashMoeError(f"corrupt store: {manifest_path} is not valid JSON ({exc})") from None
-        if m.get("format") != FORMAT_NAME:
-            raise FlashMoeError(f"{manifest_path} is not a flashmoe manifest")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise FlashMoeError(
-                f"store format version {m.get('format_version')} is not supported by this flashmoe "
-                f"(it reads version {FORMAT_VERSION}); convert the checkpoint again"
-            )
-        if not m.get("complete"):
-            raise FlashMoeError(f"{self.path} is incomplete: run flashmoe convert again to resume")
-        return m
-
-    def _check_files(self) -> None:
-        for name in self.manifest["resident"]["files"]:
-            if not (self.path / name).is_file():
-                raise FlashMoeError(f"corrupt store: resident file {name} is missing from {self.path}")
-        for layer, entry in self._layers.items():
-            f = self.path / entry["file"]
-            if not f.is_file():
-                raise FlashMoeError(f"corrupt store: expert file {entry['file']} (layer {layer}) is missing")
-            need = max(o + s for o, s in zip(entry["offsets"], entry["sizes"]))
-            if f.stat().st_size < need:
-                raise FlashMoeError(
-                    f"corrupt store: {entry['file']} is {f.stat().st_size} bytes but layer {layer}'s experts need {need}"
-                )
+            self.config, self.layout = validate_manifest(m, self.path)
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:  # a shape no check foresaw
+            raise FlashMoeError(f"corrupt store: {MANIFEST} has an unexpected shape ({exc!r}); "
+                                "convert the checkpoint again") from None
+        self.quantization: dict = m["quantization"]
+        self.resident_crc32: dict[str, int] = m["resident"].get("crc32", {})  # absent in stores written before it
+        self._layers = {int(k): v for k, v in m["experts"]["layers"].items()}
 
     @property
     def expert_blob_bytes(self) -> int:
@@ -168,12 +165,18 @@ class Store:
     def resident_bytes(self) -> int:
         return int(self.manifest["resident"]["bytes"])
 
+    @property
+    def verify_bytes(self) -> int:
+        """What verify() reads: every expert blob and every resident file that has a checksum."""
+        return self.expert_bytes + sum((self.path / name).stat().st_size for name in self.resident_crc32)
+
     def expert_location(self, layer: int, expert: int) -> ExpertLocation:
         entry = self._layers[layer]
         return ExpertLocation(self.path / entry["file"], entry["offsets"][expert], entry["sizes"][expert], entry["crc32"][expert])
 
     def load_resident(self, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """All resident tensors, cast to `dtype` (integer tensors keep theirs)."""
+        """All resident tensors, cast to `dtype` (integer tensors keep theirs); their names, shapes and dtypes were
+        checked against the config when the store opened."""
         tensors = {}
         for name in self.manifest["resident"]["files"]:
             try:
@@ -181,20 +184,21 @@ class Store:
                     for key in f.keys():
                         t = f.get_tensor(key)
                         tensors[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
-            except Exception as exc:  # safetensors raises its own types for truncated headers
-                raise FlashMoeError(f"corrupt store: cannot read resident file {name}: {exc}") from None
+            except Exception as exc:  # safetensors raises its own types for truncated files
+                raise FlashMoeError(f"corrupt store: cannot read resident file {name}: {' '.join(str(exc).split())}") from None
         return tensors
 
     def verify(self, progress=None) -> list[str]:
-        """Re-read every expert blob and compare checksums; returns a list of problems (empty if clean)."""
+        """Re-read every expert blob and every checksummed resident file; returns a list of problems (empty if
+        clean). Stores written before resident checksums have none to check (resident_crc32 is empty)."""
         problems = []
         for layer, entry in sorted(self._layers.items()):
-            with open(self.path / entry["file"], "rb") as f:
-                for expert, (off, size, want) in enumerate(zip(entry["offsets"], entry["sizes"], entry["crc32"])):
-                    f.seek(off)
-                    got = crc32(f.read(size))
-                    if got != want:
-                        problems.append(f"layer {layer} expert {expert}: checksum {got:08x}, manifest says {want:08x}")
-                    if progress:
-                        progress(size)
+            for expert, (off, size, want) in enumerate(zip(entry["offsets"], entry["sizes"], entry["crc32"])):
+                got = file_crc32(self.path / entry["file"], off, size, progress)
+                if got != want:
+                    problems.append(f"layer {layer} expert {expert}: checksum {got:08x}, manifest says {want:08x}")
+        for name, want in self.resident_crc32.items():
+            got = file_crc32(self.path / name, progress=progress)
+            if got != want:
+                problems.append(f"resident file {name}: checksum {got:08x}, manifest says {want:08x}")
         return problems

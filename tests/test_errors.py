@@ -121,7 +121,7 @@ def test_interrupted_conversion_never_loads_and_resumes(built, ckpt, tmp_path, m
                         lambda *a, _real=convert_module.expert_tensors: written.append(1) or _real(*a))
     convert(ckpt, out, bits=4)  # resumes: layers 0 and 1 are not redone
     num_experts = Store(out).config.num_experts
-    assert len(written) == 1 + 2 * num_experts  # one for the blob layout, then the two unfinished layers
+    assert len(written) == 2 * num_experts  # the two unfinished layers (the blob layout comes from the config)
     resumed = flashmoe.load(out).logits(PROMPT)
     fresh = flashmoe.load(built.store("qwen3_5_moe", 4)).logits(PROMPT)
     assert torch.equal(resumed, fresh)

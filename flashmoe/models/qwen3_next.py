@@ -22,6 +22,44 @@ from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.moe import swiglu_mlp
 
 
+def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every resident tensor of a store and its shape, under the store's names (the DeltaNet input projection split
+    as Qwen3.5 has it, whatever the family); lm_head only when the embeddings are untied. The converter plans from
+    this and the store checks its files against it."""
+    h, nv = cfg.hidden_size, cfg.linear_num_value_heads
+    kd = cfg.linear_key_head_dim * cfg.linear_num_key_heads
+    vd = cfg.linear_value_head_dim * nv
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes["model.norm.weight"] = (h,)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.layer_types[i] == "full_attention":
+            a, nh, nkv, hd = p + "self_attn.", cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            shapes.update({a + "q_proj.weight": (nh * hd * 2, h),  # each head's queries, then its output gate
+                           a + "k_proj.weight": (nkv * hd, h), a + "v_proj.weight": (nkv * hd, h),
+                           a + "o_proj.weight": (h, nh * hd), a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+        else:
+            a = p + "linear_attn."
+            shapes.update({a + "in_proj_qkv.weight": (2 * kd + vd, h), a + "in_proj_z.weight": (vd, h),
+                           a + "in_proj_b.weight": (nv, h), a + "in_proj_a.weight": (nv, h),
+                           a + "conv1d.weight": (2 * kd + vd, 1, cfg.linear_conv_kernel_dim),
+                           a + "dt_bias": (nv,), a + "A_log": (nv,), a + "norm.weight": (cfg.linear_value_head_dim,),
+                           a + "out_proj.weight": (h, vd)})
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            si = cfg.shared_expert_intermediate_size
+            shapes.update({m + "gate.weight": (cfg.num_experts, h), m + "shared_expert.gate_proj.weight": (si, h),
+                           m + "shared_expert.up_proj.weight": (si, h), m + "shared_expert.down_proj.weight": (h, si),
+                           m + "shared_expert_gate.weight": (1, h)})
+        else:
+            di = cfg.intermediate_size
+            shapes.update({m + "gate_proj.weight": (di, h), m + "up_proj.weight": (di, h), m + "down_proj.weight": (h, di)})
+    return shapes
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm: the stored weight is an offset from 1 (one launch on CUDA)."""
     return fused.rms_norm(x, weight, eps)
