@@ -98,5 +98,25 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `flashmoe ARGS...` as a user would, in-process: (exit code, stdout, stderr); never a traceback."""
+    from flashmoe import cli
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()  # what fixtures printed while building is not the command's
+        monkeypatch.setattr(sys, "argv", ["flashmoe", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, out, err
+
+    return run
+
+
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).norm() / ref.float().norm())

@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import sys
 
 import pytest
 
-from flashmoe import cli
 
 
-def run(monkeypatch, capsys, *args):
-    capsys.readouterr()  # what fixtures printed while building is not the command's
-    monkeypatch.setattr(sys, "argv", ["flashmoe", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 def error_line(err: str) -> str:
@@ -38,28 +25,28 @@ def error_line(err: str) -> str:
     ("--seed", str(2**70), "seed must fit in 64 bits"),
     ("--device", "tpu", "device must be 'cpu' or 'cuda'"),
 ])
-def test_bad_load_and_sampling_options(built, monkeypatch, capsys, option, value, message):
-    code, _, err = run(monkeypatch, capsys, "generate", built.store("qwen3_5_moe", 4), "--prompt", "hi",
+def test_bad_load_and_sampling_options(run_cli, built, option, value, message):
+    code, _, err = run_cli("generate", built.store("qwen3_5_moe", 4), "--prompt", "hi",
                        "--max-tokens", "2", option, value)
     usage_error = message.startswith("Invalid value")
     assert code == (2 if usage_error else 1), err
     assert message in (err if usage_error else error_line(err))
 
 
-def test_top_p_help_matches_what_is_accepted(built, monkeypatch, capsys):
-    code, _, err = run(monkeypatch, capsys, "generate", built.store("qwen3_5_moe", 4), "--prompt", "hi", "--top-p", "0")
+def test_top_p_help_matches_what_is_accepted(run_cli, built):
+    code, _, err = run_cli("generate", built.store("qwen3_5_moe", 4), "--prompt", "hi", "--top-p", "0")
     assert code == 2 and "must be > 0 and <= 1" in err
-    code, out, _ = run(monkeypatch, capsys, "generate", "--help")
+    code, out, _ = run_cli("generate", "--help")
     assert "(0, 1]" in out
 
 
-def test_paths_with_brackets_survive_in_messages(monkeypatch, capsys, tmp_path):
+def test_paths_with_brackets_survive_in_messages(run_cli, tmp_path):
     missing = tmp_path / "[models]" / "store[1]"
-    code, _, err = run(monkeypatch, capsys, "info", missing)
+    code, _, err = run_cli("info", missing)
     assert code == 1 and str(missing) in error_line(err)
 
 
-def test_config_with_wrong_types_is_one_line(built, monkeypatch, capsys, tmp_path):
+def test_config_with_wrong_types_is_one_line(run_cli, built, tmp_path):
     ckpt = shutil.copytree(built.checkpoint("qwen3_5_moe"), tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     text = config.get("text_config", config)
@@ -67,43 +54,43 @@ def test_config_with_wrong_types_is_one_line(built, monkeypatch, capsys, tmp_pat
         saved = text[key]
         text[key] = value
         (ckpt / "config.json").write_text(json.dumps(config))
-        code, _, err = run(monkeypatch, capsys, "convert", ckpt, tmp_path / f"store-{key}")
+        code, _, err = run_cli("convert", ckpt, tmp_path / f"store-{key}")
         assert code == 1 and key in error_line(err), err
         text[key] = saved
 
 
-def test_convert_refuses_no_quant_with_bits_and_warns_without_a_tokenizer(built, monkeypatch, capsys, tmp_path):
+def test_convert_refuses_no_quant_with_bits_and_warns_without_a_tokenizer(run_cli, built, tmp_path):
     ckpt = built.checkpoint("qwen3_5_moe")
-    code, _, err = run(monkeypatch, capsys, "convert", ckpt, tmp_path / "a", "--no-quant", "--bits", "8")
+    code, _, err = run_cli("convert", ckpt, tmp_path / "a", "--no-quant", "--bits", "8")
     assert code == 1 and "--no-quant" in error_line(err)
     bare = shutil.copytree(ckpt, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
-    code, out, err = run(monkeypatch, capsys, "convert", bare, tmp_path / "b")
+    code, out, err = run_cli("convert", bare, tmp_path / "b")
     assert code == 0 and "has no tokenizer files" in err
     assert oct((tmp_path / "b" / "resident-00001-of-00001.safetensors").stat().st_mode & 0o777) == oct(
         (tmp_path / "b" / "manifest.json").stat().st_mode & 0o777)  # written like every other file
 
 
-def test_ctrl_c_in_convert_says_how_to_resume(built, monkeypatch, capsys, tmp_path):
+def test_ctrl_c_in_convert_says_how_to_resume(run_cli, built, monkeypatch, tmp_path):
     from flashmoe.convert import Converter
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Converter, "run", interrupted)
-    code, _, err = run(monkeypatch, capsys, "convert", built.checkpoint("qwen3_5_moe"), tmp_path / "s")
+    code, _, err = run_cli("convert", built.checkpoint("qwen3_5_moe"), tmp_path / "s")
     assert code == 1 and "run the same flashmoe convert command again to resume" in error_line(err)
 
 
-def test_generate_has_system_and_no_thinking_and_keeps_to_the_context(built, monkeypatch, capsys):
+def test_generate_has_system_and_no_thinking_and_keeps_to_the_context(run_cli, built):
     store = built.store("qwen3_5_moe", 4)
-    code, out, err = run(monkeypatch, capsys, "generate", store, "--prompt", "hi", "--system", "Be brief.",
+    code, out, err = run_cli("generate", store, "--prompt", "hi", "--system", "Be brief.",
                          "--no-thinking", "--max-tokens", "3", "--cache-gb", "0.01")
     assert code == 0 and "3 tokens" in err, err
-    code, _, err = run(monkeypatch, capsys, "generate", store, "--prompt", "hello " * 5000, "--max-tokens", "3")
+    code, _, err = run_cli("generate", store, "--prompt", "hello " * 5000, "--max-tokens", "3")
     assert code == 1 and "the model's context is 4096" in error_line(err)
 
 
-def test_serve_checks_its_port_before_loading(built, monkeypatch, capsys):
+def test_serve_checks_its_port_before_loading(run_cli, built, monkeypatch):
     import flashmoe.cli
 
     loaded = []
@@ -112,12 +99,12 @@ def test_serve_checks_its_port_before_loading(built, monkeypatch, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, err = run(monkeypatch, capsys, "serve", built.store("qwen3_5_moe", 4), "--port", port)
+        code, _, err = run_cli("serve", built.store("qwen3_5_moe", 4), "--port", port)
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in error_line(err) and not loaded
 
 
-def test_demo_with_an_unwritable_workdir(monkeypatch, capsys, tmp_path):
+def test_demo_with_an_unwritable_workdir(run_cli, tmp_path):
     locked = tmp_path / "a-file"  # not a folder: unwritable even for root
     locked.write_text("")
-    code, _, err = run(monkeypatch, capsys, "demo", "--workdir", locked)
+    code, _, err = run_cli("demo", "--workdir", locked)
     assert code == 1 and "pass a writable --workdir" in error_line(err)

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import sys
 import zlib
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flashmoe
-from flashmoe import cli
 from flashmoe import convert as convert_module
 from flashmoe.convert import convert
 from flashmoe.errors import FlashMoeError
@@ -48,17 +46,6 @@ def edit_manifest(store, edit, checksum: bool = True) -> None:
     manifest = read_manifest(store)
     edit(manifest)
     write_manifest(store, manifest, checksum)
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["flashmoe", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
@@ -153,16 +140,16 @@ def test_every_manifest_field_mutated_gives_one_line_or_runs(store):
     (lambda m: m["resident"]["files"].__setitem__(0, "../secret.safetensors"), "resident.files[0]"),
     (lambda m: m["quantization"].update(bits=3), "manifest field quantization.bits: is 3"),
 ])
-def test_cli_names_the_damaged_field_in_one_line(store, monkeypatch, capsys, edit, message):
+def test_cli_names_the_damaged_field_in_one_line(run_cli, store, edit, message):
     edit_manifest(store, edit)
-    assert_one_line_error(*run_cli(monkeypatch, capsys, "info", store), message)
+    assert_one_line_error(*run_cli("info", store), message)
 
 
 @pytest.mark.parametrize("text,message", [('{"format": "flashmoe", "config": ', "is not valid JSON"),
                                           ('["flashmoe", 1]', "is not a flashmoe manifest")])
-def test_cli_on_a_manifest_that_is_not_an_object(store, monkeypatch, capsys, text, message):
+def test_cli_on_a_manifest_that_is_not_an_object(run_cli, store, text, message):
     (store / MANIFEST).write_text(text)
-    assert_one_line_error(*run_cli(monkeypatch, capsys, "info", store), message)
+    assert_one_line_error(*run_cli("info", store), message)
 
 
 # ---- the manifest's own checksum -----------------------------------------------------------------------------
@@ -173,7 +160,7 @@ def test_an_edited_float_fails_the_manifest_checksum(store):
 
 
 # ---- resident files: tensors checked at load, checksums by verify ---------------------------------------------
-def test_flipped_resident_byte_is_found_by_verify(store, monkeypatch, capsys):
+def test_flipped_resident_byte_is_found_by_verify(run_cli, store):
     path = store / RESIDENT
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # inside the last tensor's data: the file still opens, with one weight wrong
@@ -181,7 +168,7 @@ def test_flipped_resident_byte_is_found_by_verify(store, monkeypatch, capsys):
     flashmoe.load(store, cache_gb=0.001).close()  # loading reads no whole-file checksum; verify does
     [problem] = Store(store).verify()
     assert problem.startswith(f"resident file {RESIDENT}: checksum")
-    assert_one_line_error(*run_cli(monkeypatch, capsys, "info", store, "--verify"), f"resident file {RESIDENT}: checksum")
+    assert_one_line_error(*run_cli("info", store, "--verify"), f"resident file {RESIDENT}: checksum")
 
 
 def test_truncated_resident_file_fails_at_load(store):
@@ -224,19 +211,19 @@ def test_resident_tensors_are_checked_against_the_config(store, edit, message):
 
 
 # ---- stores written before the checksums ---------------------------------------------------------------------
-def test_a_store_without_the_new_keys_still_loads(store, monkeypatch, capsys):
+def test_a_store_without_the_new_keys_still_loads(run_cli, store):
     def strip(m):
         del m["manifest_crc32"], m["resident"]["crc32"], m["resident"]["file_bytes"]
 
     edit_manifest(store, strip)
     assert flashmoe.load(store, cache_gb=0.001).logits([1, 2, 3]).shape == (3, 512)
-    code, out, err = run_cli(monkeypatch, capsys, "info", store, "--verify")
+    code, out, err = run_cli("info", store, "--verify")
     assert code == 0, err
     assert "all 64 expert checksums match; the resident files have no checksums" in out
 
 
-def test_verify_names_both_kinds_of_checksum(store, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "info", store, "--verify")
+def test_verify_names_both_kinds_of_checksum(run_cli, store):
+    code, out, err = run_cli("info", store, "--verify")
     assert code == 0, err
     assert "all 64 expert checksums match; 1 resident file checksum matches" in out
 
