@@ -246,6 +246,7 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="re-read every expert and check its checksum"),
 ):
     """Describe a store: architecture, resident vs expert bytes, quantization, K."""
+    from .models import family_of
     from .store import Store
 
     s = Store(store)
@@ -253,10 +254,7 @@ def info(
     quant = f"{q['bits']}-bit affine, group {q['group_size']}" if q["bits"] else f"none ({q['source_dtype']})"
     lines = [
         ("architecture", cfg.architecture),
-        ("layers", f"{cfg.num_hidden_layers} ({cfg.layer_types.count('full_attention')} full attention, "
-                   f"{cfg.layer_types.count('linear_attention')} Gated DeltaNet)"),
-        ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, "
-                    f"shared expert {cfg.shared_expert_intermediate_size}"),
+        *family_of(cfg.architecture).describe(cfg),
         ("hidden / expert intermediate", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
         ("quantization", quant),
         ("resident", human_bytes(s.resident_bytes)),

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .config import ModelConfig, read_hf_config
 from .errors import FlashMoeError
 from .manifest import manifest_crc32
-from .models.qwen3_next import resident_shapes
+from .models import ResidentItem, family_of
 from .quant import check_quant_params, quantize
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, expert_file_name,
                     expert_layout, file_crc32)
@@ -37,63 +36,32 @@ TOKENIZER_FILES = (
 DEFAULT_SHARD_BYTES = 2 << 30
 
 
-@dataclass
-class ResidentItem:
-    """Store tensors made from source tensors (usually one to one)."""
-
-    sources: dict[str, tuple[int, ...]]  # source name -> expected shape
-    outputs: list[str]
-    make: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-
-    def source_bytes(self, ckpt: Checkpoint) -> int:
-        return sum(ckpt.info(s).nbytes for s in self.sources)
-
-
-def _identity(name: str, shape: tuple[int, ...]) -> ResidentItem:
-    return ResidentItem({name: shape}, [name], lambda ts: ts)
-
-
-def _split_qwen3_next_projections(cfg: ModelConfig, p: str) -> ResidentItem:
-    """Qwen3-Next interleaves q, k, v, z per key-head group (and b, a); store them in Qwen3.5's split layout."""
-    nk, nv, hk, hv, hidden = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                              cfg.linear_value_head_dim, cfg.hidden_size)
-    r = nv // nk
-
-    def make(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        qkvz, ba = ts
-        w = qkvz.reshape(nk, 2 * hk + 2 * r * hv, hidden)
-        q, k, v, z = torch.split(w, [hk, hk, r * hv, r * hv], dim=1)
-        qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
-        b, a = torch.split(ba.reshape(nk, 2 * r, hidden), [r, r], dim=1)
-        return [qkv.contiguous(), z.reshape(-1, hidden).contiguous(), b.reshape(-1, hidden).contiguous(),
-                a.reshape(-1, hidden).contiguous()]
-
-    return ResidentItem(
-        {p + "in_proj_qkvz.weight": (nk * (2 * hk + 2 * r * hv), hidden), p + "in_proj_ba.weight": (2 * nv, hidden)},
-        [p + "in_proj_qkv.weight", p + "in_proj_z.weight", p + "in_proj_b.weight", p + "in_proj_a.weight"],
-        make,
-    )
-
-
 def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
-    """The store's resident tensors (models.qwen3_next.resident_shapes), each from its source tensors."""
-    shapes = resident_shapes(cfg)
+    """The store's resident tensors (the family's resident_shapes), each from its checkpoint tensors: as they
+    are, or through one of the family's resident_sources (a split or a merge)."""
+    family = family_of(cfg.architecture)
+    shapes = family.resident_shapes(cfg)
     if cfg.tie_word_embeddings and ckpt.has("lm_head.weight"):  # tied, but saved anyway: keep it as the checkpoint has it
         shapes = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size), **shapes}
+    made = {name: item for item in family.resident_sources(cfg) for name in item.outputs}
     items = []
     for name, shape in shapes.items():
-        if cfg.family != "qwen3_next" or ".linear_attn.in_proj_" not in name:
-            items.append(_identity(name, shape))
-        elif name.endswith("in_proj_qkv.weight"):  # one item makes all four split projections
-            items.append(_split_qwen3_next_projections(cfg, name.removesuffix("in_proj_qkv.weight")))
+        if name not in made:
+            items.append(ResidentItem({name: shape}, [name], lambda ts: ts))
+        elif name == made[name].outputs[0]:  # one item makes all its outputs
+            items.append(made[name])
     return items
+
+
+def item_source_bytes(item: ResidentItem, ckpt: Checkpoint) -> int:
+    return sum(ckpt.info(s).nbytes for s in item.sources)
 
 
 class ExpertSource:
     """Reads one routed expert's gate, up and down weights, from per-expert tensors or fused [E, ...] ones."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, layer: int):
-        self.ckpt, self.p = ckpt, f"model.layers.{layer}.mlp.experts."
+        self.ckpt, self.p = ckpt, family_of(cfg.architecture).expert_prefix(layer)
         h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.fused = ckpt.has(self.p + "gate_up_proj")
         if self.fused:
@@ -186,7 +154,7 @@ class Converter:
     def resident_shards(self) -> list[list[ResidentItem]]:
         shards, current, size = [], [], 0
         for item in self.plan:
-            nbytes = item.source_bytes(self.ckpt)
+            nbytes = item_source_bytes(item, self.ckpt)
             if current and size + nbytes > self.shard_bytes:
                 shards.append(current)
                 current, size = [], 0
@@ -202,7 +170,7 @@ class Converter:
 
     @property
     def store_resident_bytes(self) -> int:
-        return sum(item.source_bytes(self.ckpt) for item in self.plan)
+        return sum(item_source_bytes(item, self.ckpt) for item in self.plan)
 
     # ---- state ----------------------------------------------------------------------------
     def _load_state(self) -> dict:
@@ -269,7 +237,7 @@ class Converter:
         shards = self.resident_shards()
         files = [f"resident-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(files, shards):
-            source_bytes = sum(item.source_bytes(self.ckpt) for item in shard)
+            source_bytes = sum(item_source_bytes(item, self.ckpt) for item in shard)
             if self._resident_done(name, state["resident"].get(name), log):
                 progress(source_bytes)
                 continue
@@ -277,7 +245,7 @@ class Converter:
             for item in shard:
                 made = item.make([self.ckpt.get(s) for s in item.sources])
                 tensors.update(zip(item.outputs, (t.contiguous() for t in made)))
-                progress(item.source_bytes(self.ckpt))
+                progress(item_source_bytes(item, self.ckpt))
             tmp = self.dst / (name + ".partial")
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the store's other files follow the umask

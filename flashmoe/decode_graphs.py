@@ -1,8 +1,9 @@
 """CUDA graphs for decode: the fixed part of a layer replays as one launch instead of dozens.
 
-A decode step of one Gated DeltaNet layer is ~60 small kernels (norms, projections, the conv, the delta
-rule, the router, the shared expert); launched from Python they cost far more host time than the GPU
-needs for them. Each such layer gets two graphs, bound to one sequence's state tensors:
+A decode step of one layer with a fixed-size state (a recurrent layer: model.state_is_fixed) is ~60 small
+kernels (norms, projections, the conv, the recurrence, the router, the shared expert); launched from Python
+they cost far more host time than the GPU needs for them. Each such layer gets two graphs, bound to one
+sequence's state tensors:
 
   front: x -> token mixing, MoE input norm, router, shared expert  (ids, weights, h, x, shared out)
   back:  the routed experts from their VRAM slots (a static slot buffer the host fills) + the residual
@@ -10,9 +11,9 @@ needs for them. Each such layer gets two graphs, bound to one sequence's state t
 Between them the host reads the router's choice, fetches the experts (reads and copies) and writes
 their slots: that is the part no graph can hold. Once every expert is in VRAM (a model that fits), the
 layer is one graph instead: the GPU looks the chosen experts' slots up in a resident table, and the host
-never waits for the router; full-attention layers then become one graph too, attending over their KV
-cache's whole capacity under a mask at a position read from the GPU (recaptured when the cache doubles).
-Otherwise full-attention layers (a KV cache that grows every step) run eagerly. Graphs are captured at
+never waits for the router; layers with a KV cache (model.kv_cache) then become one graph too, attending over
+the cache's whole capacity under a mask at a position read from the GPU (recaptured when the cache doubles).
+Otherwise layers with a KV cache (which grows every step) run eagerly. Graphs are captured at
 a sequence's second decode step, after an eager step has compiled every kernel, and belong to that
 sequence's state.
 """
@@ -53,8 +54,8 @@ class DecodeGraphs:
         cfg = self.model.cfg
         if not (self.enabled and cfg.is_moe_layer(layer)):
             return False
-        # full attention only as a whole-layer graph, which needs every expert resident
-        return cfg.layer_types[layer] == "linear_attention" or self.routed.fetcher.resident_slots() is not None
+        # a layer with a growing KV cache only as a whole-layer graph, which needs every expert resident
+        return self.model.state_is_fixed(layer) or self.routed.fetcher.resident_slots() is not None
 
     def _capture(self, layer: int, x: torch.Tensor, state) -> tuple[Captured, Captured]:
         m, k = self.model, self.k
@@ -103,7 +104,7 @@ class DecodeGraphs:
         """One decode step of `layer` through its graphs (captured on first use for this state)."""
         resident = self.routed.fetcher.resident_slots()
         if resident is not None:
-            cache = state.layers[layer] if self.model.cfg.layer_types[layer] == "full_attention" else None
+            cache = self.model.kv_cache(state, layer)
             if cache is not None:  # the prefill allocated it; a graph is bound to its tensors, so growth recaptures
                 cache.reserve(cache.length + 1, cache.k)
             capacity = cache.capacity if cache is not None else 0

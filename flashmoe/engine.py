@@ -19,7 +19,7 @@ import torch
 
 from .errors import FlashMoeError
 from .experts import ExpertFetcher
-from .models.qwen3_next import Qwen3NextModel, SequenceState
+from .models import family_of
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import TokenConstraint, sample
@@ -52,7 +52,7 @@ class Model:
         if experts_per_token is not None and not 1 <= experts_per_token <= cfg.num_experts:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
-        self.model = Qwen3NextModel(cfg, store.load_resident(dtype, str(self.device)))
+        self.model = family_of(cfg.architecture).Model(cfg, store.load_resident(dtype, str(self.device)))
         if self.device.type == "cuda" and vram_cache_bytes is None:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
@@ -78,7 +78,7 @@ class Model:
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
-        the page cache. cuda_graphs: replay the fixed part of each DeltaNet layer's decode step as CUDA graphs.
+        the page cache. cuda_graphs: replay the fixed part of each layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
         inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache."""
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -140,7 +140,7 @@ class Model:
         return sorted(ids)
 
     # ---- forward --------------------------------------------------------------------------
-    def new_state(self) -> SequenceState:
+    def new_state(self):
         return self.model.new_state()
 
     @property
@@ -153,7 +153,7 @@ class Model:
         self.routed.sync_timing = on
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[int], state: SequenceState, all_logits: bool = True) -> torch.Tensor:
+    def forward(self, token_ids: list[int], state, all_logits: bool = True) -> torch.Tensor:
         """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last."""
         self._check_tokens(token_ids)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)

@@ -14,9 +14,9 @@ from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 from safetensors import safe_open
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .config import ModelConfig
+from .models import FAMILIES, family_of
 from .errors import FlashMoeError
-from .models.qwen3_next import resident_shapes
 from .quant import SUPPORTED_BITS
 from .store import (BLOCK_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
                     expert_file_name, expert_layout)
@@ -146,9 +146,9 @@ def _config(data: dict) -> ModelConfig:
     hints = get_type_hints(ModelConfig)
     values = {name: _get(data, name, f"config.{name}", hint) for name, hint in hints.items()}
     cfg = ModelConfig(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
-    family = SUPPORTED_ARCHITECTURES.get(cfg.architecture)
-    if family is None:
-        raise _bad("config.architecture", f"is {cfg.architecture!r}; flashmoe reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if cfg.architecture not in FAMILIES:
+        raise _bad("config.architecture", f"is {cfg.architecture!r}; flashmoe reads {', '.join(FAMILIES)}")
+    family = family_of(cfg.architecture).ARCHITECTURES[cfg.architecture]
     if cfg.family != family:
         raise _bad("config.family", f"is {cfg.family!r}, but {cfg.architecture} is {family!r}")
     if cfg.hidden_act != "silu":
@@ -288,7 +288,7 @@ def _resident(r: dict, cfg: ModelConfig, path: Path) -> None:
 
 def _resident_tensors(files: list[str], nbytes: int, cfg: ModelConfig, path: Path) -> None:
     """Every tensor the model needs, in its shape and a float dtype, once; read from the safetensors headers only."""
-    want = resident_shapes(cfg)
+    want = family_of(cfg.architecture).resident_shapes(cfg)
     optional = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_word_embeddings else {}
     seen, total = {}, 0
     for name in files:

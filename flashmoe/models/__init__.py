@@ -1,1 +1,46 @@
-"""Layer math, one file per architecture family; nothing here touches files."""
+"""Layer math and checkpoint naming, one module per architecture family (mlx-lm's models/<family>.py); nothing
+here opens a file. Outside this package no module names a family: it asks `family_of(architecture)`.
+
+A family module provides:
+  ARCHITECTURES: {config.json's architectures[0]: the checkpoint layout it stands for (ModelConfig.family)}
+  config_from_hf(arch, raw) -> ModelConfig          config.json -> the numbers the engine needs
+  resident_shapes(cfg) -> {store name: shape}       the resident tensors a store holds
+  resident_sources(cfg) -> [ResidentItem]           those the checkpoint does not hold one to one
+  expert_prefix(layer) -> str                       where the checkpoint keeps a layer's routed experts
+  describe(cfg) -> [(label, text)]                  what `flashmoe info` says of its layers
+  Model(cfg, weights)                               the layer math over the resident weights
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from ..errors import FlashMoeError
+
+# architectures[0] -> module under flashmoe.models (mlx-lm finds its model files the same way)
+FAMILIES = {
+    "Qwen3_5MoeForCausalLM": "qwen3_next",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_next",
+    "Qwen3NextForCausalLM": "qwen3_next",
+}
+
+
+def family_of(architecture: str) -> ModuleType:
+    name = FAMILIES.get(architecture)
+    if name is None:
+        raise FlashMoeError(f"unsupported architecture {architecture!r}; flashmoe supports: {', '.join(FAMILIES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+@dataclass
+class ResidentItem:
+    """Store tensors made from checkpoint tensors: usually one to one, sometimes a split or a merge."""
+
+    sources: dict[str, tuple[int, ...]]  # checkpoint name -> expected shape
+    outputs: list[str]  # store names
+    make: Callable[[list[torch.Tensor]], list[torch.Tensor]]

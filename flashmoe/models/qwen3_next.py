@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_value
+from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.moe import swiglu_mlp
+from . import ResidentItem
 
 
 def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -58,6 +60,121 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             di = cfg.intermediate_size
             shapes.update({m + "gate_proj.weight": (di, h), m + "up_proj.weight": (di, h), m + "down_proj.weight": (h, di)})
     return shapes
+
+
+ARCHITECTURES = {  # architectures[0] -> checkpoint layout: they differ only in the DeltaNet input projection
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",  # the multimodal checkpoint: its text_config
+    "Qwen3NextForCausalLM": "qwen3_next",
+}
+
+
+def config_from_hf(arch: str, raw: dict) -> ModelConfig:
+    family = ARCHITECTURES[arch]
+    t = raw.get("text_config", raw) if arch == "Qwen3_5MoeForConditionalGeneration" else raw
+    outer = raw
+
+    def get(key: str, kind: type, default=KeyError, source: dict = t):
+        return config_value(source, key, kind, default)
+
+    layers = get("num_hidden_layers", int)
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise FlashMoeError(f"rope type {rope_type!r} is not supported yet (only the default RoPE)")
+    layer_types = t.get("layer_types")
+    if layer_types is None:
+        interval = get("full_attention_interval", int, 4)
+        layer_types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    elif not (isinstance(layer_types, list) and len(layer_types) == layers
+              and set(layer_types) <= {"linear_attention", "full_attention"}):
+        raise FlashMoeError(f"config.json: layer_types must list {layers} of 'linear_attention' or "
+                            "'full_attention'")
+    dense = []
+    if family == "qwen3_next":
+        step = get("decoder_sparse_step", int, 1)
+        only = set(get("mlp_only_layers", list, []))
+        dense = [i for i in range(layers) if i in only or (i + 1) % step != 0]
+    eos = outer.get("eos_token_id", t.get("eos_token_id"))
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
+    if not (isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in eos)):
+        raise FlashMoeError(f"config.json: eos_token_id is {eos!r}, not an id or a list of ids")
+    tie = outer.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+    return ModelConfig(
+        architecture=arch,
+        family=family,
+        vocab_size=get("vocab_size", int),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads", int),
+        head_dim=get("head_dim", int, None) or hidden // max(heads, 1),
+        rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+        rope_theta=get("rope_theta", float, get("rope_theta", float, 10000.0), rope),
+        partial_rotary_factor=get("partial_rotary_factor", float, get("partial_rotary_factor", float, 0.25), rope),
+        layer_types=list(layer_types),
+        linear_conv_kernel_dim=get("linear_conv_kernel_dim", int, 4),
+        linear_key_head_dim=get("linear_key_head_dim", int),
+        linear_value_head_dim=get("linear_value_head_dim", int),
+        linear_num_key_heads=get("linear_num_key_heads", int),
+        linear_num_value_heads=get("linear_num_value_heads", int),
+        num_experts=get("num_experts", int),
+        num_experts_per_tok=get("num_experts_per_tok", int),
+        moe_intermediate_size=get("moe_intermediate_size", int),
+        shared_expert_intermediate_size=get("shared_expert_intermediate_size", int),
+        # Qwen3.5's router always renormalises its top-K weights
+        norm_topk_prob=get("norm_topk_prob", bool, True),
+        tie_word_embeddings=bool(tie),
+        max_position_embeddings=get("max_position_embeddings", int, 32768),
+        hidden_act=get("hidden_act", str, "silu"),
+        dense_layers=dense,
+        intermediate_size=get("intermediate_size", int, None) or 0,
+        eos_token_id=list(eos),
+    )
+
+
+def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
+    """Qwen3-Next interleaves q, k, v, z per key-head group (and b, a); the store keeps them in Qwen3.5's split
+    layout, so one DeltaNet implementation serves both. Every other resident tensor is stored as it is."""
+    if cfg.family != "qwen3_next":
+        return []
+    nk, nv, hk, hv, hidden = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                              cfg.linear_value_head_dim, cfg.hidden_size)
+    r = nv // nk
+
+    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        qkvz, ba = ts
+        w = qkvz.reshape(nk, 2 * hk + 2 * r * hv, hidden)
+        q, k, v, z = torch.split(w, [hk, hk, r * hv, r * hv], dim=1)
+        qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
+        b, a = torch.split(ba.reshape(nk, 2 * r, hidden), [r, r], dim=1)
+        return [qkv.contiguous(), z.reshape(-1, hidden).contiguous(), b.reshape(-1, hidden).contiguous(),
+                a.reshape(-1, hidden).contiguous()]
+
+    items = []
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "linear_attention":
+            p = f"model.layers.{i}.linear_attn."
+            items.append(ResidentItem(
+                {p + "in_proj_qkvz.weight": (nk * (2 * hk + 2 * r * hv), hidden), p + "in_proj_ba.weight": (2 * nv, hidden)},
+                [p + "in_proj_qkv.weight", p + "in_proj_z.weight", p + "in_proj_b.weight", p + "in_proj_a.weight"],
+                split))
+    return items
+
+
+def expert_prefix(layer: int) -> str:
+    """The checkpoint's routed experts of a layer: PREFIX{e}.gate_proj.weight ... or fused PREFIXgate_up_proj."""
+    return f"model.layers.{layer}.mlp.experts."
+
+
+def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
+    full = cfg.layer_types.count("full_attention")
+    return [("layers", f"{cfg.num_hidden_layers} ({full} full attention, {cfg.num_hidden_layers - full} Gated DeltaNet)"),
+            ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, "
+                        f"shared expert {cfg.shared_expert_intermediate_size}")]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -262,6 +379,15 @@ class Qwen3NextModel:
         return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 
     # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
+    def state_is_fixed(self, layer: int) -> bool:
+        """Whether the layer's decode state keeps its shape from step to step (DeltaNet's), so a CUDA graph of its
+        step holds without a static KV cache."""
+        return self.cfg.layer_types[layer] == "linear_attention"
+
+    def kv_cache(self, state: SequenceState, layer: int) -> KVCache | None:
+        """The layer's growing KV cache in `state`, or None for a layer without one."""
+        return state.layers[layer] if self.cfg.layer_types[layer] == "full_attention" else None
+
     def moe_projections(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Everything that reads the MoE input, in one product: [T, router logits | shared gate | shared up |
         the shared expert's gate logit]."""
@@ -291,3 +417,6 @@ class Qwen3NextModel:
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
         return swiglu_mlp(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
+
+
+Model = Qwen3NextModel
