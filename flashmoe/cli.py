@@ -91,6 +91,8 @@ CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default: 1/
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
                                                  "resident weights leave, less 4 GB)")
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
+CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up its slot: frequency-lru, lru or "
+                                                  "decayed-lfu")
 
 
 def _top_p_in_range(value: float) -> float:
@@ -156,13 +158,14 @@ def generate(
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
+    cache_policy: str = CACHE_POLICY,
     device: str = DEVICE,
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
     chat = chat or system is not None or thinking is not None
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
-                 direct_io=direct_io)
+                 direct_io=direct_io, cache_policy=cache_policy)
 
 
 @app.command()
@@ -177,13 +180,14 @@ def chat(
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
+    cache_policy: str = CACHE_POLICY,
     device: str = DEVICE,
 ):
     """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
     from .terminal_chat import TerminalChat
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
-                       vram_cache_gb=vram_cache_gb, direct_io=direct_io)
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy)
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
@@ -221,6 +225,7 @@ def serve(
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
+    cache_policy: str = CACHE_POLICY,
     device: str = DEVICE,
 ):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and /metrics."""
@@ -230,7 +235,7 @@ def serve(
 
     _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
-                       vram_cache_gb=vram_cache_gb, direct_io=direct_io)
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy)
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))

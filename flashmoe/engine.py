@@ -18,7 +18,8 @@ import psutil
 import torch
 
 from .errors import FlashMoeError
-from .experts import ExpertFetcher
+from .eviction import POLICIES
+from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
 from .models import family_of
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
@@ -44,7 +45,7 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
-                 use_cuda_graphs: bool = True, zero_copy: bool = True):
+                 use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY):
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -57,7 +58,7 @@ class Model:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
         self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
-                                     direct_io, verify_reads, zero_copy)
+                                     direct_io, verify_reads, zero_copy, cache_policy)
         self.routed = RoutedExperts(store, self.fetcher, self.device)
         self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
             self.device.type == "cuda" and use_cuda_graphs) else None
@@ -74,13 +75,17 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
-             cuda_graphs: bool = True, zero_copy: bool = True) -> "Model":
+             cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
         the page cache. cuda_graphs: replay the fixed part of each layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
-        inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache."""
+        inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache.
+        cache_policy: which cached expert gives up its slot, in both tiers: "frequency-lru" (default), "lru" or
+        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them)."""
+        if cache_policy not in POLICIES:
+            raise FlashMoeError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(POLICIES)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise FlashMoeError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), not {device!r}")
         on_gpu = device.startswith("cuda")
@@ -100,7 +105,7 @@ class Model:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(Store(path), device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads, cuda_graphs, zero_copy)
+                   verify_reads, cuda_graphs, zero_copy, cache_policy)
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -191,6 +196,7 @@ class Model:
         timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)
         state.decode_steps += len(token_ids) == 1
+        self.fetcher.tick()
         self._tokens["tokens"] += len(token_ids)
         return self.model.logits(x if all_logits else x[-1:])
 

@@ -2,18 +2,19 @@
 
 Every blob of a store has the same size, so a cache is one big allocation cut into slots: no allocator
 churn, O_DIRECT-aligned addresses for free, and a GPU kernel can find any cached expert from its slot
-number alone. SlotCache does the bookkeeping (which expert is in which slot, least recently used first
-out); slots in use by the layer being computed are locked and never evicted.
+number alone. SlotCache does the bookkeeping (which expert is in which slot); an eviction policy
+(eviction.py: LRU, frequency-weighted LRU, decayed LFU) picks what goes when a slot is needed; slots in use by the
+layer being computed are locked and never evicted.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .eviction import LRU, EvictionPolicy
 from .store import BLOCK_BYTES
 
 Key = tuple[int, int]  # (layer, expert)
@@ -32,16 +33,17 @@ class TierStats:
 
 
 class SlotCache:
-    """`cached_slots` slots that keep blobs (LRU) plus `staging_slots` that hold a blob only while it is in use.
+    """`cached_slots` slots that keep blobs plus `staging_slots` that hold a blob only while it is in use.
 
     Staging slots serve reads when the cache is empty or all its slots are locked (a prefill batch larger than
     the cache), so a budget of 0 still works and caches nothing.
     """
 
-    def __init__(self, cached_slots: int, staging_slots: int):
+    def __init__(self, cached_slots: int, staging_slots: int, policy: EvictionPolicy | None = None):
         self.cached_slots, self.staging_slots = cached_slots, staging_slots
         self.n_slots = cached_slots + staging_slots
-        self._slot_of: OrderedDict[Key, int] = OrderedDict()  # cached entries, least recently used first
+        self.policy = policy if policy is not None else LRU()
+        self._slot_of: dict[Key, int] = {}  # cached entries
         self._free = list(range(self.n_slots - 1, -1, -1))
         self._locked: set[int] = set()
         self._staging_in_use: list[int] = []
@@ -64,22 +66,25 @@ class SlotCache:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
-        self._slot_of.move_to_end(key)
+        self.policy.hit(key)
         self._locked.add(slot)
         return slot
 
     def assign(self, key: Key) -> int:
-        """A locked slot for a blob about to be written: a free cache slot, the least recently used unlocked one,
-        or a staging slot when the cache cannot take it."""
+        """A locked slot for a blob about to be written: a free cache slot, the policy's victim among the unlocked
+        ones, or a staging slot when the cache cannot take it."""
         if len(self._slot_of) < self.cached_slots:  # then a free slot exists: staging never uses cache slots' share
             slot = self._free.pop()
             self._slot_of[key] = slot
+            self.policy.insert(key)
         else:
-            victim = next((k for k, s in self._slot_of.items() if s not in self._locked), None)
+            victim = self.policy.victim(lambda k: self._slot_of[k] in self._locked) if self._slot_of else None
             if victim is not None:
                 slot = self._slot_of.pop(victim)
+                self.policy.remove(victim)
                 self.stats.evictions += 1
                 self._slot_of[key] = slot
+                self.policy.insert(key)
             else:
                 if not self._free:
                     raise RuntimeError("expert cache: more experts in use at once than slots (batch too large)")
@@ -92,8 +97,13 @@ class SlotCache:
         """Drop a cached entry whose slot never received its blob (a failed read)."""
         slot = self._slot_of.pop(key, None)
         if slot is not None:
+            self.policy.remove(key)
             self._locked.discard(slot)
             self._free.append(slot)
+
+    def tick(self) -> None:
+        """A token is done (policies that weigh recency or decay count in tokens)."""
+        self.policy.tick()
 
     def unlock_all(self) -> None:
         self._locked.clear()

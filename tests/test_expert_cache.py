@@ -61,3 +61,42 @@ def test_direct_io_reads_the_same_bytes(built, tmp_path):
         pytest.skip(str(exc))
     assert model.stats["expert_reads"] > 0
     assert (direct == buffered).all()
+
+
+def test_the_policy_picks_the_victim_and_forgotten_entries_leave_it():
+    from flashmoe.eviction import FrequencyLRU
+
+    cache = SlotCache(cached_slots=2, staging_slots=1, policy=FrequencyLRU())
+    often = cache.assign((0, 1))
+    cache.assign((0, 2))
+    cache.unlock_all()
+    for _ in range(3):
+        cache.lookup((0, 1))
+        cache.unlock_all()
+        cache.tick()
+    cache.lookup((0, 2))  # the most recent, but used twice against four
+    cache.unlock_all()
+    cache.assign((0, 3))  # LRU would evict (0, 1)
+    assert (0, 1) in cache and (0, 2) not in cache and cache.lookup((0, 1)) == often
+    cache.unlock_all()
+    cache.forget((0, 3))
+    cache.assign((0, 4))  # into the slot (0, 3) left; the policy never names a forgotten key
+    cache.unlock_all()
+    cache.assign((0, 5))
+    assert len(cache) == 2 and (0, 1) in cache
+
+
+@pytest.mark.parametrize("policy", ["lru", "frequency-lru", "decayed-lfu"])
+def test_policies_change_what_is_cached_never_the_answer(built, policy):
+    store = built.store("qwen3_5_moe", 4)
+    with flashmoe.load(store, cache_gb=0) as uncached:
+        expected = list(uncached.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    blob = uncached.store.expert_blob_bytes
+    with flashmoe.load(store, cache_gb=20 * blob / 1e9, cache_policy=policy) as model:  # 20 of the 64 experts
+        assert list(model.generate(PROMPT[:8], 12, stop_token_ids=[])) == expected
+        assert model.stats["cache_evictions"] > 0 and model.stats["cache_hits"] > 0
+
+
+def test_an_unknown_cache_policy_is_named(built):
+    with pytest.raises(FlashMoeError, match="unknown cache policy 'mru'; choose one of lru, frequency-lru"):
+        flashmoe.load(built.store("qwen3_5_moe", 4), cache_policy="mru")
