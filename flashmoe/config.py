@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 from .errors import FlashMoeError
 
 KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
+def is_json_type(value: Any, hint: Any) -> bool:
+    """JSON types, strictly: true is not an int and 1.0 is not an int (but 1 is a float)."""
+    if isinstance(hint, types.UnionType):
+        return any(is_json_type(value, h) for h in get_args(hint))
+    if get_origin(hint) is list:
+        return type(value) is list
+    return type(value) is hint or (hint is float and type(value) is int)
 
 
 @dataclass
@@ -85,8 +96,7 @@ def config_value(source: dict, key: str, kind: type, default=KeyError):
         if default is KeyError:
             raise KeyError(key)
         return default
-    ok = kind is float and isinstance(value, (int, float)) or isinstance(value, kind)
-    if not ok or (kind is not bool and isinstance(value, bool)):
+    if not is_json_type(value, kind):
         raise FlashMoeError(f"config.json: {key} is {value!r}, not {KIND_NAMES[kind]}")
     return float(value) if kind is float else value
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import types
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 from safetensors import safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, is_json_type
 from .models import FAMILIES, family_of
 from .errors import FlashMoeError
 from .quant import SUPPORTED_BITS
@@ -89,17 +88,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is(value: Any, hint: Any) -> bool:
-    """JSON types, strictly: true is not an int and 1.0 is not an int (but 1 is a float)."""
-    if isinstance(hint, types.UnionType):
-        return any(_is(value, h) for h in get_args(hint))
-    if get_origin(hint) is list:
-        return type(value) is list
-    return type(value) is hint or (hint is float and type(value) is int)
-
-
 def _typed(value: Any, hint: Any, field: str) -> Any:
-    if not _is(value, hint):
+    if not is_json_type(value, hint):
         raise _bad(field, f"should be {hint.__name__ if isinstance(hint, type) else hint}, not {_show(value)}")
     if get_origin(hint) is list:  # name the entry that is wrong
         for i, v in enumerate(value):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -15,9 +12,8 @@ import pytest
 
 import flashmoe
 from conftest import strict_json
-from server_harness import MODEL_NAME, RunningServer
+from server_harness import MODEL_NAME, NO_THINKING, RunningServer, get, metric, post_raw, wait_until
 
-NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
                   "required": ["city", "days"], "additionalProperties": False}
@@ -44,38 +40,6 @@ def reference(built):
     model = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
     yield model
     model.close()
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def post_raw(url: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def metric(server, name: str) -> float:
-    _, text = get(server.url + "/metrics")
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def greedy_text(model, messages, max_tokens: int, **template_kwargs) -> str:

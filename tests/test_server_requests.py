@@ -10,8 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from server_harness import MODEL_NAME, RunningServer
-from test_server import NO_THINKING, get, metric, post_raw, wait_until
+from server_harness import MODEL_NAME, NO_THINKING, RunningServer, get, metric, post_raw, wait_until
 
 HI = [{"role": "user", "content": "hi"}]
 
