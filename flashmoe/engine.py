@@ -20,6 +20,7 @@ import torch
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
+from .kernels.cpu_moe import KernelForm
 from .models import family_of
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
@@ -57,8 +58,12 @@ class Model:
         if self.device.type == "cuda" and vram_cache_bytes is None:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
+        # on the CPU, RAM slots hold each expert in the form torch's int4 kernel reads (prepared as it lands)
+        kernel_form = None if self.device.type != "cpu" else KernelForm.for_store(
+            store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
+            store.quantization["group_size"])
         self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
-                                     direct_io, verify_reads, zero_copy, cache_policy)
+                                     direct_io, verify_reads, zero_copy, cache_policy, kernel_form)
         self.routed = RoutedExperts(store, self.fetcher, self.device)
         self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
             self.device.type == "cuda" and use_cuda_graphs) else None

@@ -63,8 +63,11 @@ class LayerFetch:
 class ExpertFetcher:
     def __init__(self, store: Store, device: torch.device, ram_cache_bytes: int, vram_cache_bytes: int = 0,
                  batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
-                 zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY):
+                 zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY, kernel_form=None):
+        """kernel_form (CPU): slots are kernel_form.slot_bytes and each blob is turned into its kernel form by
+        kernel_form.prepare(slot) in the reading thread as it lands, so the RAM cache holds what the kernel reads."""
         self.store = store
+        self.kernel_form = kernel_form
         self.device = device
         self.on_gpu = device.type == "cuda"
         self.batch_experts = batch_experts
@@ -73,14 +76,15 @@ class ExpertFetcher:
         self.stats = ExpertStats()
         blob = store.expert_blob_bytes
         every_expert = self.every_expert = store.expert_bytes // blob  # no cache needs more slots than this
+        slot_bytes = blob if kernel_form is None else kernel_form.slot_bytes
         self.zero_copy = zero_copy and self.on_gpu
         self._slot_table: torch.Tensor | None = None  # on the device; rewritten in place (graphs hold its address)
         self._slot_table_current = False
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
-        self.ram = SlotCache(min(ram_cache_bytes // blob, every_expert), batch_experts, POLICIES[cache_policy]())
-        self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, blob, pinned=self.on_gpu)
+        self.ram = SlotCache(min(ram_cache_bytes // slot_bytes, every_expert), batch_experts, POLICIES[cache_policy]())
+        self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
         if self.on_gpu:
             self.vram = SlotCache(min(vram_cache_bytes // blob, every_expert), batch_experts, POLICIES[cache_policy]())
@@ -116,6 +120,8 @@ class ExpertFetcher:
             raise FlashMoeError(f"corrupt store: short read of layer {layer} expert {expert} ({got} of {loc.size} bytes)")
         if self.verify_reads and crc32(buf) != loc.crc32:
             raise FlashMoeError(f"corrupt store: layer {layer} expert {expert} fails its checksum")
+        if self.kernel_form is not None:
+            self.kernel_form.prepare(self.ram_slab[slot])
 
     # ---- one batch of one layer ------------------------------------------------------------
     def start(self, layer: int, experts: list[int]) -> LayerFetch:

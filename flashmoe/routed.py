@@ -1,6 +1,7 @@
 """One layer's routed experts: fetch the chosen ones through the tiers and run them.
 
-CPU: each expert is dequantized and run (torch) as its read lands. GPU: the batch's blobs are copied
+CPU: each expert runs as its read lands, through torch's int4 kernel from the kernel form its RAM slot holds
+(kernels/cpu_moe.py), or dequantized (torch) where that kernel does not fit the store. GPU: the batch's blobs are copied
 into VRAM slots and two Triton launches run them all (gate+up with SwiGLU, then down with the routing
 weights and the sum over experts); unquantized stores and odd group sizes take the torch path over the
 same VRAM slots. The shared expert is queued while the reads are in flight.
@@ -16,7 +17,7 @@ import torch
 
 from .experts import ExpertFetcher
 from .kernels import fused, moe_triton
-from .kernels.moe import expert_weights, routed_experts
+from .kernels.moe import expert_weights, routed_experts, swiglu_mlp
 from .store import Store
 
 
@@ -70,7 +71,7 @@ class RoutedExperts:
                     t2 = self._clock()
                     out = out + self._run_gpu(h, ids, ids_list, weights, f.experts, slots)
                 else:
-                    arriving = ((e, self._dense(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
+                    arriving = ((e, self._mlp(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
                     out = out + routed_experts(h, ids, weights, arriving)
                     t2 = t1 + f.wait_ms / 1e3
             t3 = self._clock()
@@ -78,17 +79,22 @@ class RoutedExperts:
             times.compute_ms += (t1 - t0) * 1e3 + (t3 - t2) * 1e3
         return out
 
-    def _dense(self, blob: torch.Tensor, dtype: torch.dtype):
-        """A function that dequantizes the expert in `blob` when its turn comes."""
-        return lambda: expert_weights(self.store.layout.unpack(blob.to(self.device)), self.bits, self.group_size, dtype)
+    def _mlp(self, slot: torch.Tensor, dtype: torch.dtype):
+        """The expert in `slot` as a function of its rows of input: through the CPU int4 kernel when the slot holds
+        the kernel form, else dequantized (when its turn comes) and multiplied in `dtype`."""
+        form = self.fetcher.kernel_form
+        if form is not None:
+            return lambda x: form.forward(x, slot)
+        return lambda x: swiglu_mlp(x, *expert_weights(self.store.layout.unpack(slot.to(self.device)), self.bits,
+                                                       self.group_size, dtype))
 
     # ---- GPU -------------------------------------------------------------------------------
     def _run_gpu(self, h, ids, ids_list, weights, experts: list[int], slots: list[int]) -> torch.Tensor:
         slab = self.fetcher.vram_slab
         if self.qb is None:  # torch over the VRAM slots
             slot_of = dict(zip(experts, slots))
-            dense = ((e, self._dense(slab[slot_of[e]], h.dtype)) for e in experts)
-            return routed_experts(h, ids, weights, dense)
+            mlps = ((e, self._mlp(slab[slot_of[e]], h.dtype)) for e in experts)
+            return routed_experts(h, ids, weights, mlps)
         slots_t = moe_triton.to_device_int32(slots, self.device)
         t, k = ids.shape
         if t == 1 and len(experts) == k and self.decode_kernels:  # decode: one token, its K experts in sorted order

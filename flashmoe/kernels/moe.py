@@ -28,21 +28,20 @@ def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> to
 
 
 def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   experts: Iterable[tuple[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]]) -> torch.Tensor:
+                   experts: Iterable[tuple[int, Callable[[torch.Tensor], torch.Tensor]]]) -> torch.Tensor:
     """sum_k w[t, k] * expert_{ids[t, k]}(x[t]); each expert runs once over all the tokens that chose it.
 
-    `experts` yields (expert id, a function giving its dense weights), so weights are materialised
-    one expert at a time, in whatever order they arrive. The sum runs in expert order, so the result does
-    not depend on which read finished first.
+    `experts` yields (expert id, its MLP: rows of x -> rows of output), so an expert's weights are touched one
+    expert at a time, in whatever order they arrive. The sum runs in expert order, so the result does not depend
+    on which read finished first.
     """
     out = torch.zeros_like(x)
     partial = {}
-    for expert, dense in experts:
+    for expert, mlp in experts:
         token_idx, slot = torch.where(topk_ids == expert)
         if token_idx.numel() == 0:
             continue
-        gate_up, down = dense()
-        y = swiglu_mlp(x[token_idx], gate_up, down) * topk_weights[token_idx, slot, None].to(x.dtype)
+        y = mlp(x[token_idx]) * topk_weights[token_idx, slot, None].to(x.dtype)
         partial[expert] = (token_idx, y)
     for expert in sorted(partial):
         out.index_add_(0, *partial[expert])

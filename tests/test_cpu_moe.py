@@ -1,0 +1,91 @@
+"""The CPU expert path: our packing equals torch's int4 packing op, the kernel form of an expert computes what the
+store's dequantized expert computes (within the stated bf16 bounds), and the engine uses it on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashmoe
+from flashmoe.convert import expert_tensors
+from flashmoe.kernels import cpu_moe
+from flashmoe.kernels.moe import expert_weights, swiglu_mlp
+from flashmoe.store import BlobLayout
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 23, 84]
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 64), (80, 96), (96, 256), (1040, 64), (128, 512)])
+def test_packing_matches_torchs_op_and_inverts(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    packed = cpu_moe.int4pack(codes)
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+    assert torch.equal(cpu_moe.int4unpack(packed), codes)
+
+
+def _expert(hidden: int, inter: int, bits: int, group: int, seed: int):
+    """A random expert: its float weights, its blob layout, and a slot holding its kernel form."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up, down = torch.randn(2 * inter, hidden, generator=gen) * 0.05, torch.randn(hidden, inter, generator=gen) * 0.05
+    tensors = expert_tensors(gate_up, down, bits, group)
+    layout = BlobLayout.for_tensors(tensors)
+    form = cpu_moe.KernelForm.for_store(layout, hidden, inter, bits, group)
+    slot = torch.zeros(form.slot_bytes, dtype=torch.uint8)
+    slot[: layout.blob_bytes] = torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8)
+    dequantized = expert_weights(layout.unpack(slot[: layout.blob_bytes].clone()), bits, group, torch.float32)
+    form.prepare(slot)
+    return (gate_up, down), dequantized, form, slot
+
+
+# (bits, group, hidden, inter): every group the kernel takes, odd multiples of 16, one and many rows below and above
+# the kernel's row limit
+SHAPES = [(4, 64, 256, 128), (4, 32, 96, 96), (2, 32, 160, 32), (8, 32, 256, 128), (8, 128, 256, 128), (4, 256, 256, 256)]
+
+
+@pytest.mark.parametrize("bits,group,hidden,inter", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, cpu_moe.KERNEL_MAX_ROWS + 3])
+def test_kernel_form_error_is_small_next_to_the_stores_own(bits, group, hidden, inter, rows):
+    exact, dequantized, form, slot = _expert(hidden, inter, bits, group, seed=bits * group + rows)
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(rows))
+    reference = swiglu_mlp(x, *dequantized)
+    error = lambda y: ((y - reference).norm() / reference.norm()).item()  # noqa: E731
+    kernel_error, store_error = error(form.forward(x, slot)), error(swiglu_mlp(x, *exact))
+    # the module docstring's claim: under a tenth of the store's error at 2 and 4 bits, under twice as much at 8
+    assert kernel_error < (2.0 if bits == 8 else 0.1) * store_error
+    assert kernel_error < 0.02
+
+
+def test_dequantized_kernel_form_is_what_the_kernel_multiplies():
+    _, _, form, slot = _expert(256, 64, 8, 32, seed=1)
+    views = form.views(slot)
+    x = torch.randn(4, 256).bfloat16()
+    by_kernel = cpu_moe.linear(x, views, "gate_up", 8, 32).float()
+    exact = x.float() @ cpu_moe.dequantize(views, "gate_up", 8, 32).T
+    # each pass is off by up to a bf16 ulp of its output (2^-8 relative: measured 2^-8.04), then the sum is rounded
+    passes = [torch.ops.aten._weight_int4pack_mm_for_cpu(x, views[f"gate_up.{p}.int4"], 32,
+                                                          views[f"gate_up.{p}.scale_zero"]).float() for p in ("high", "low")]
+    bound = 2**-8 * (passes[0].abs() + passes[1].abs() + exact.abs()) + 1e-6
+    assert torch.all((by_kernel - exact).abs() <= bound)
+    assert (by_kernel - exact).abs().max() > 0  # bf16 really is in play: the bound is not vacuous
+
+
+def test_unsupported_shapes_are_refused():
+    assert cpu_moe.KernelForm.for_store(None, 96, 40, 4, 32) is None  # 2 * 40 rows: not a multiple of 16
+    assert cpu_moe.KernelForm.for_store(None, 96, 48, 4, 16) is None  # group 16: the kernel's blocks start at 32
+    assert cpu_moe.KernelForm.for_store(None, 96, 48, None, None) is None  # unquantized store
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_engine_runs_experts_through_the_kernel_form(built, monkeypatch, bits):
+    store = built.store("qwen3_5_moe", bits)
+    with flashmoe.load(store, cache_gb=1) as model:
+        assert model.fetcher.kernel_form is not None  # the tiny model's shapes fit the kernel
+        ours = model.logits(PROMPT)
+        again = model.logits(PROMPT)  # now from the RAM cache, which holds the kernel form
+    monkeypatch.setattr(cpu_moe.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    with flashmoe.load(store, cache_gb=1) as dequantizing:
+        assert dequantizing.fetcher.kernel_form is None
+        reference = dequantizing.logits(PROMPT)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+    assert torch.equal(ours[-1].argmax(), reference[-1].argmax())
