@@ -93,6 +93,8 @@ VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with 
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
 CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up its slot: frequency-lru, lru or "
                                                   "decayed-lfu")
+RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16 (default for a quantized "
+                                          "store), int8 or int4 (quantized at load)")
 
 
 def _top_p_in_range(value: float) -> float:
@@ -159,13 +161,15 @@ def generate(
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
+    resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
     chat = chat or system is not None or thinking is not None
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
-                 direct_io=direct_io, cache_policy=cache_policy)
+                 direct_io=direct_io, cache_policy=cache_policy,
+                 resident_format=resident_format)
 
 
 @app.command()
@@ -181,13 +185,15 @@ def chat(
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
+    resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
 ):
     """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
     from .terminal_chat import TerminalChat
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
-                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy)
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
+                 resident_format=resident_format)
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
@@ -226,6 +232,7 @@ def serve(
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
+    resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
 ):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and /metrics."""
@@ -235,7 +242,8 @@ def serve(
 
     _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
-                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy)
+                       vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
+                 resident_format=resident_format)
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))

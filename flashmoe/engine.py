@@ -20,7 +20,7 @@ import torch
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
-from .kernels.cpu_moe import KernelForm
+from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .models import family_of
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
@@ -43,10 +43,15 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
     return max(0, min(store.expert_bytes, int(free * 0.9) - (4 << 30)))
 
 
+# a quantized store on the CPU: its resident projections are read in bf16 (half of float32's bytes); see RESULTS.md
+DEFAULT_CPU_RESIDENT_FORMAT = "bf16"
+
+
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
-                 use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY):
+                 use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
+                 resident_format: str = "float"):
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -55,6 +60,9 @@ class Model:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
         self.model = family_of(cfg.architecture).Model(cfg, store.load_resident(dtype, str(self.device)))
+        self.resident_format = resident_format
+        if resident_format != "float":
+            self.model.compress_matrices(lambda w: compress_matrix(w, resident_format))
         if self.device.type == "cuda" and vram_cache_bytes is None:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
@@ -80,7 +88,8 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
-             cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY) -> "Model":
+             cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
+             resident_format: str | None = None) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -88,7 +97,9 @@ class Model:
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
         inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache.
         cache_policy: which cached expert gives up its slot, in both tiers: "frequency-lru" (default), "lru" or
-        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them)."""
+        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format (CPU): how the resident
+        projections are kept: "float" (as `dtype`), "bf16", or quantized at load to "int8" / "int4" (group 32, read
+        by torch's int4 kernel); default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an exact one."""
         if cache_policy not in POLICIES:
             raise FlashMoeError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(POLICIES)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -103,14 +114,21 @@ class Model:
                 raise FlashMoeError(f"{name} must be >= 0, not {value} (a finite number of GB)")
         if vram_cache_gb is not None and not on_gpu:
             raise FlashMoeError("vram_cache_gb needs device='cuda'")
+        if resident_format is not None and resident_format not in RESIDENT_FORMATS:
+            raise FlashMoeError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
+        if resident_format not in (None, "float") and on_gpu:
+            raise FlashMoeError("resident_format is for device='cpu'; on a GPU the resident weights stay in `dtype`")
         dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        store = Store(path)
+        if resident_format is None:
+            resident_format = "float" if on_gpu or store.quantization["bits"] is None else DEFAULT_CPU_RESIDENT_FORMAT
         if cache_gb is None:
             cache_bytes = 0 if on_gpu else default_cache_bytes()
         else:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
-        return cls(Store(path), device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads, cuda_graphs, zero_copy, cache_policy)
+        return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
+                   verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format)
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """One layer's routed experts: fetch the chosen ones through the tiers and run them.
 
 CPU: each expert runs as its read lands, through torch's int4 kernel from the kernel form its RAM slot holds
-(kernels/cpu_moe.py), or dequantized (torch) where that kernel does not fit the store. GPU: the batch's blobs are copied
+(kernels/cpu_int4.py), or dequantized (torch) where that kernel does not fit the store. GPU: the batch's blobs are copied
 into VRAM slots and two Triton launches run them all (gate+up with SwiGLU, then down with the routing
 weights and the sum over experts); unquantized stores and odd group sizes take the torch path over the
 same VRAM slots. The shared expert is queued while the reads are in flight.

@@ -20,7 +20,7 @@ from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
-from ..kernels.moe import swiglu_mlp
+from ..kernels.linear import linear, swiglu
 from . import ResidentItem
 
 
@@ -271,6 +271,14 @@ class Qwen3NextModel:
             if all(n in self.w for n in names):
                 self.w[fused_name] = torch.cat([self.w.pop(n) for n in names])
 
+    def compress_matrices(self, compress) -> None:
+        """Replace every projection weight (everything multiplied by `linear`: not the embedding table, norms, the
+        conv or the gates' vectors) by compress(weight); the head gets its own copy when tied to the embedding."""
+        for name, t in self.w.items():
+            if t.dim() == 2 and name != "model.embed_tokens.weight":
+                self.w[name] = compress(t)
+        self.lm_head = self.w.get("lm_head.weight") or compress(self.lm_head)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_weight.dtype
@@ -284,7 +292,7 @@ class Qwen3NextModel:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
     # ---- token mixing: full attention or Gated DeltaNet, with the residual ---------------------
     def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
@@ -309,7 +317,7 @@ class Qwen3NextModel:
         ([T, kv_heads, hd]), from one fused projection."""
         cfg = self.cfg
         t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        proj = F.linear(h, self.w[p + "qkv_proj.fused"])
+        proj = linear(h, self.w[p + "qkv_proj.fused"])
         q, k = fused.qk_norm_rope(proj, positions, self.w[p + "q_norm.weight"], self.w[p + "k_norm.weight"],
                                   self.inv_freq, nh, nkv, hd, cfg.rms_norm_eps)
         gate = proj[:, : nh * 2 * hd].view(t, nh, 2 * hd)[..., hd:].reshape(t, nh * hd)
@@ -328,7 +336,7 @@ class Qwen3NextModel:
         visible = torch.arange(cache.capacity, device=h.device) <= position
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
         out = torch.matmul(probs, cache.v).reshape(1, nh * hd) * torch.sigmoid(gate)
-        return F.linear(out, w[p + "o_proj.weight"])
+        return linear(out, w[p + "o_proj.weight"])
 
     def _attention(self, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         cfg, w = self.cfg, self.w
@@ -345,14 +353,14 @@ class Qwen3NextModel:
                                                  is_causal=t > 1 and not past, scale=hd**-0.5,
                                                  enable_gqa=nh != nkv)[0]
         out = out.transpose(0, 1).reshape(t, nh * hd) * torch.sigmoid(gate)
-        return F.linear(out, w[p + "o_proj.weight"])
+        return linear(out, w[p + "o_proj.weight"])
 
     def _delta_net(self, p: str, h: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         t = h.shape[0]
         nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
         channels = 2 * nk * dk + nv * dv
-        mixed, z, b, a = F.linear(h, w[p + "in_proj.fused"]).split([channels, nv * dv, nv, nv], dim=-1)
+        mixed, z, b, a = linear(h, w[p + "in_proj.fused"]).split([channels, nv * dv, nv, nv], dim=-1)
 
         # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
         conv_w = w[p + "conv1d.weight"]  # [channels, 1, kernel]
@@ -380,7 +388,7 @@ class Qwen3NextModel:
             state.recurrent.copy_(final)
         # the output norm has plain weights and a SiLU gate
         out = fused.rms_norm(out[0], w[p + "norm.weight"], cfg.rms_norm_eps, zero_centred=False, gate=z.view(t, nv, dv))
-        return F.linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
+        return linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 
     # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
     def state_is_fixed(self, layer: int) -> bool:
@@ -395,7 +403,7 @@ class Qwen3NextModel:
     def moe_projections(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Everything that reads the MoE input, in one product: [T, router logits | shared gate | shared up |
         the shared expert's gate logit]."""
-        return F.linear(h, self.w[f"model.layers.{layer}.mlp.moe_in.fused"])
+        return linear(h, self.w[f"model.layers.{layer}.mlp.moe_in.fused"])
 
     def route(self, layer: int, projections: torch.Tensor, top_k: int, slot_table: torch.Tensor | None = None,
               counts: torch.Tensor | None = None):
@@ -415,12 +423,12 @@ class Qwen3NextModel:
         layer's end can apply it)."""
         e, si = self.cfg.num_experts, self.cfg.shared_expert_intermediate_size
         gate, up = projections[:, e : e + si], projections[:, e + si : e + 2 * si]
-        y = F.linear(F.silu(gate) * up, self.w[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"])
+        y = linear(F.silu(gate) * up, self.w[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"])
         return y, projections[:, -1:]
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        return swiglu_mlp(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
+        return swiglu(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
 
 
 Model = Qwen3NextModel

@@ -1,4 +1,4 @@
-"""Routed experts on the CPU through torch's int4 kernel, which reads packed codes (no float copy of an expert).
+"""Experts and resident matrices on the CPU through torch's int4 kernel, which reads packed codes (no float copy).
 
 torch's `_weight_int4pack_mm_for_cpu` computes x @ ((q - 8) * scale + zero)^T per group of the input dimension with
 vectorised bf16 (its fp16 and fp32 versions are scalar loops: 11x and 160x slower on an AVX2 machine). Our affine
@@ -7,7 +7,7 @@ code is 16 * high + low, so an 8-bit matrix is two int4 passes: (high, scale 16s
 
 An expert is prepared once, when its read lands, into the RAM slot that caches it ("kernel form"): torch's packed
 layout (which depends on the machine's vector width) and bf16 scale/zero pairs. bf16 rounds a scale by up to 2^-9
-of itself, the same for a whole group: measured on random experts (tests/test_cpu_moe.py holds the bounds), the
+of itself, the same for a whole group: measured on random experts (tests/test_cpu_int4.py holds the bounds), the
 kernel form adds under a tenth of the store's own quantization error at 2 and 4 bits, and at 8 bits about as much
 again (1.1-1.5x in the tests, which bound it at 2x: an expert's output ~1% off instead of ~0.5%). llama.cpp's CPU
 path trades the same way: it rounds the activations to 8 bits for speed.
@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..quant import unpack
+from ..quant import quantize, unpack
 from ..store import BLOCK_BYTES, BlobLayout
 
 GROUP_SIZES = (32, 64, 128, 256)  # the kernel's K-blocks
@@ -81,7 +81,7 @@ class KernelForm:
     def prepare(self, slot: torch.Tensor) -> None:
         """The blob at the start of `slot` -> its kernel form, in the same slot."""
         raw = self.blob.unpack(slot[: self.blob.blob_bytes].clone())
-        prepare(raw, self, self.views(slot))
+        prepare(raw, self.bits, self.views(slot))
 
     def forward(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         return expert_forward(x, self.views(slot), self.bits, self.group_size)
@@ -149,11 +149,11 @@ def int4unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---- preparing an expert ------------------------------------------------------------------------
-def prepare(raw: dict[str, torch.Tensor], form: KernelForm, out: dict[str, torch.Tensor]) -> None:
-    """Store blob views (see store.BlobLayout) -> the kernel form, written into `out` (views of a slot). `raw` must
-    not overlap `out`."""
-    bits = form.bits
-    for name in ("gate_up", "down"):
+def prepare(raw: dict[str, torch.Tensor], bits: int, out: dict[str, torch.Tensor],
+            names: tuple[str, ...] = ("gate_up", "down")) -> None:
+    """Quantized matrices (`{name}.packed/.scales/.biases`, as in a store blob) -> their kernel form, written into
+    `out` (views of a slot). `raw` must not overlap `out`."""
+    for name in names:
         codes = unpack(raw[f"{name}.packed"], bits)
         scale, bias = raw[f"{name}.scales"].float().t(), raw[f"{name}.biases"].float().t()  # [K/group, N]
         if bits == 8:
@@ -205,3 +205,68 @@ def expert_forward(x: torch.Tensor, form: dict[str, torch.Tensor], bits: int, gr
     gate, up = h.float().chunk(2, dim=-1)
     act = (F.silu(gate) * up).to(torch.bfloat16)
     return linear(act, form, "down", bits, group_size).to(x.dtype)
+
+
+# ---- resident matrices --------------------------------------------------------------------------
+@dataclass
+class PackedMatrix:
+    """A resident [N, K] weight in the kernel form (quantized at load, group-wise affine as the store's experts):
+    matrix-vector products read 1.25 bytes a weight at 8 bits (0.63 at 4) instead of float32's 4."""
+
+    form: dict[str, torch.Tensor]
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> "PackedMatrix | None":
+        """None when the kernel cannot take the shape (rows not a multiple of 16, or the groups do not divide K)."""
+        n, k = weight.shape
+        if n % 16 or k % group_size or group_size not in GROUP_SIZES or _layout_for(n, k) is None:
+            return None
+        q = quantize(weight, bits, group_size)
+        form = {}
+        for p in _passes(bits):
+            form[f"w.{p}.int4"] = torch.empty(n, k // 2, dtype=torch.uint8)
+            form[f"w.{p}.scale_zero"] = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)
+        prepare({"w.packed": q.packed, "w.scales": q.scales, "w.biases": q.biases}, bits, form, names=("w",))
+        return cls(form, bits, group_size, (n, k))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        rows = x.reshape(-1, self.shape[1])
+        y = linear(rows.to(torch.bfloat16).contiguous(), self.form, "w", self.bits, self.group_size)
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+
+
+@dataclass
+class Bf16Matrix:
+    """A resident weight kept in bf16 (half float32's bytes) under float32 activations: one token multiplies in bf16;
+    many tokens upcast the weight and run one float32 GEMM (bf16 GEMMs are 7x slower than float32 on CPUs without
+    bf16 instructions: 512x2048 by 2048x3072, 300 ms vs 42 ms on 2 AVX2 cores)."""
+
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if rows > KERNEL_MAX_ROWS:
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+
+RESIDENT_FORMATS = ("float", "bf16", "int8", "int4")
+
+
+def compress_matrix(weight: torch.Tensor, resident_format: str):
+    """A resident projection weight in `resident_format` (see RESIDENT_FORMATS); shapes the kernel cannot take stay
+    float."""
+    if resident_format == "bf16":
+        return Bf16Matrix(weight.to(torch.bfloat16))
+    if resident_format in ("int8", "int4"):
+        packed = PackedMatrix.from_float(weight, 8 if resident_format == "int8" else 4, 32)
+        return weight if packed is None else packed
+    return weight

@@ -1,0 +1,16 @@
+"""x @ w^T for a resident weight, whatever form it is kept in: a tensor, or a compressed matrix that multiplies
+itself (kernels/cpu_int4.py: bf16 or packed codes on the CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+
+
+def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
