@@ -33,6 +33,11 @@ QWEN3_5_397B = dict(
     full_attention_interval=4, rms_norm_eps=1e-6, partial_rotary_factor=0.25, rope_theta=10_000_000,
     max_position_embeddings=262144, tie_word_embeddings=False,
 )
+# Qwen3.5-35B-A3B's text config; num_hidden_layers is set by the caller (40 in the real model)
+QWEN3_5_35B = dict(
+    QWEN3_5_397B, hidden_size=2048, num_attention_heads=16, linear_num_value_heads=32, num_experts=256,
+    num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+)
 # Qwen3-Next-80B-A3B's config.json
 QWEN3_NEXT_80B = dict(
     architectures=["Qwen3NextForCausalLM"], vocab_size=151936, hidden_size=2048, num_attention_heads=16,

@@ -95,19 +95,26 @@ def _pairs(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _lanes(codes: torch.Tensor, block: int) -> torch.Tensor:
-    """A full block of `block` rows, 16-row lanes paired (lane i with lane i + block/32), per column: [K, block / 2]."""
-    lanes = codes.view(2, block // 32, 16, codes.shape[1])
-    return (lanes[0] | (lanes[1] << 4)).permute(2, 0, 1).reshape(codes.shape[1], block // 2)
+    """Whole blocks of `block` rows, 16-row lanes paired (lane i with lane i + block/32), per block and column:
+    [blocks, K, block / 2]."""
+    lanes = codes.view(-1, 2, block // 32, 16, codes.shape[1])
+    return (lanes[:, 0] | (lanes[:, 1] << 4)).permute(0, 3, 1, 2).reshape(-1, codes.shape[1], block // 2)
 
 
 def _candidate_pack(codes: torch.Tensor, block: int, lane_paired: bool) -> torch.Tensor:
     n, k = codes.shape
+    whole = n - n % block
     parts = []
-    for start in range(0, n, block):
-        rows = codes[start : start + block]
-        full = rows.shape[0] == block
-        parts.append((_lanes(rows, block) if full and lane_paired else _pairs(rows)).reshape(-1))
-    return torch.cat(parts).view(n, k // 2)
+    if whole:  # every whole block in one go
+        blocks = codes[:whole]
+        if lane_paired:
+            parts.append(_lanes(blocks, block).reshape(-1))
+        else:
+            c = blocks.view(-1, block // 2, 2, k)
+            parts.append((c[:, :, 0] | (c[:, :, 1] << 4)).transpose(1, 2).reshape(-1))
+    if whole < n:  # a last, partial block pairs adjacent rows
+        parts.append(_pairs(codes[whole:]).reshape(-1))
+    return torch.cat(parts).view(n, k // 2) if len(parts) > 1 else parts[0].view(n, k // 2)
 
 
 # (block of rows, whether full blocks pair 16-row lanes): AVX512, AVX2, scalar builds of torch's weight_to_int4pack
