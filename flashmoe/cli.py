@@ -93,8 +93,8 @@ VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with 
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
 CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up its slot: frequency-lru, lru or "
                                                   "decayed-lfu")
-RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16 (default for a quantized "
-                                          "store), int8 or int4 (quantized at load)")
+RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16, int8 or int4 (quantized at "
+                                          "load; int8 is the default for a quantized store)")
 
 
 def _top_p_in_range(value: float) -> float:

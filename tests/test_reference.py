@@ -46,7 +46,8 @@ def test_quantized_error_is_bounded(built, bits, bound):
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
 def test_prompt_in_one_pass_equals_token_by_token(built, arch):
-    model = flashmoe.load(built.store(arch, 4))
+    # float residents: this is about the state's paths; bf16 rounding of int8 residents alone moves it by ~3e-4
+    model = flashmoe.load(built.store(arch, 4), resident_format="float")
     whole = model.logits(PROMPT)
     state = model.new_state()
     # a chunk, then single tokens, then another chunk: every path through the state must agree

@@ -277,7 +277,7 @@ class Qwen3NextModel:
         for name, t in self.w.items():
             if t.dim() == 2 and name != "model.embed_tokens.weight":
                 self.w[name] = compress(t)
-        self.lm_head = self.w.get("lm_head.weight") or compress(self.lm_head)
+        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
 
     @property
     def dtype(self) -> torch.dtype:
