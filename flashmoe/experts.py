@@ -126,8 +126,8 @@ class ExpertFetcher:
     # ---- one batch of one layer ------------------------------------------------------------
     def start(self, layer: int, experts: list[int]) -> LayerFetch:
         """Look the experts up tier by tier; start reads of RAM misses and copies of what RAM already holds."""
-        if len(experts) > self.batch_experts:
-            raise ValueError(f"at most {self.batch_experts} experts per fetch, not {len(experts)}")
+        if len(experts) > self.batch_experts and not self.all_cached(layer, experts):
+            raise ValueError(f"at most {self.batch_experts} experts per fetch unless all are cached, not {len(experts)}")
         f = LayerFetch(layer, list(experts))
         if self.on_gpu:
             if self._copies_done is not None:  # RAM staging slots are reused only once their last copy is done
@@ -165,6 +165,12 @@ class ExpertFetcher:
         if self.on_gpu:
             for expert in f.ready:
                 self._copy_to_vram(f, expert)
+
+    def all_cached(self, layer: int, experts: list[int]) -> bool:
+        """Whether the fastest tier holds every one of `experts`: then one fetch may take them all, since no read or
+        copy needs a staging slot (a prompt's layer is then one batch, not one per `batch_experts`)."""
+        tier = self.vram if self.vram is not None else self.ram
+        return all((layer, e) in tier for e in experts)
 
     @contextmanager
     def fetch(self, layer: int, experts: list[int]) -> Iterator[LayerFetch]:

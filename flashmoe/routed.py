@@ -83,7 +83,7 @@ class RoutedExperts:
             return out
         pairs = ExpertPairs.of(ids)  # the host decides what to move: one sync per layer
         chosen = pairs.experts
-        batch = self.fetcher.batch_experts
+        batch = len(chosen) if self.fetcher.all_cached(layer, chosen) else self.fetcher.batch_experts
         out = None
         for i in range(0, len(chosen), batch):
             t0 = self._clock()

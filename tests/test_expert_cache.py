@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import flashmoe
 from flashmoe.errors import FlashMoeError
@@ -100,3 +101,21 @@ def test_policies_change_what_is_cached_never_the_answer(built, policy):
 def test_an_unknown_cache_policy_is_named(built):
     with pytest.raises(FlashMoeError, match="unknown cache policy 'mru'; choose one of lru, frequency-lru"):
         flashmoe.load(built.store("qwen3_5_moe", 4), cache_policy="mru")
+
+
+def test_one_fetch_takes_more_than_a_batch_only_when_every_expert_is_cached(built):
+    from flashmoe.experts import ExpertFetcher
+    from flashmoe.store import Store
+
+    store = Store(built.store("qwen3_5_moe", 4))
+    every = list(range(store.config.num_experts))
+    fetcher = ExpertFetcher(store, torch.device("cpu"), ram_cache_bytes=10**9, batch_experts=4)
+    with pytest.raises(ValueError, match="at most 4 experts per fetch"):
+        fetcher.start(0, every)  # nothing cached: reads need staging slots
+    for i in range(0, len(every), 4):
+        with fetcher.fetch(0, every[i : i + 4]) as f:
+            list(fetcher.arrivals(f))
+    assert fetcher.all_cached(0, every) and not fetcher.all_cached(1, every)
+    with fetcher.fetch(0, every) as f:  # all in RAM now: one fetch, no reads
+        assert [e for e, _ in fetcher.arrivals(f)] == every and not f.reading
+    fetcher.close()
