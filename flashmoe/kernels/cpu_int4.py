@@ -3,7 +3,8 @@
 torch's `_weight_int4pack_mm_for_cpu` computes x @ ((q - 8) * scale + zero)^T per group of the input dimension with
 vectorised bf16 (its fp16 and fp32 versions are scalar loops: 11x and 160x slower on an AVX2 machine). Our affine
 codes map onto it exactly: zero = bias + 8 * scale. A 2-bit code q is the int4 code q + 8 with zero = bias. An 8-bit
-code is 16 * high + low, so an 8-bit matrix is two int4 passes: (high, scale 16s, zero 128s) + (low, s, b + 8s).
+code is 16 * high + low, so an 8-bit [N, K] matrix is one int4 matrix of 2N rows, the high nibbles' (scale 16s, zero
+128s) above the low ones' (s, b + 8s): one kernel call, whose two output halves add up to the product.
 
 An expert is prepared once, when its read lands, into the RAM slot that caches it ("kernel form"): torch's packed
 layout (which depends on the machine's vector width) and bf16 scale/zero pairs. bf16 rounds a scale by up to 2^-9
@@ -38,15 +39,17 @@ def supported(bits: int | None, group_size: int | None, hidden: int, inter: int)
     return all(n % 16 == 0 and k % group_size == 0 and _layout_for(n, k) is not None for n, k in shapes)
 
 
-def _passes(bits: int) -> tuple[str, ...]:
-    return ("high", "low") if bits == 8 else ("codes",)
+def _rows(bits: int) -> int:
+    """Kernel rows per matrix row: an 8-bit row is a high-nibble row and a low-nibble row."""
+    return 2 if bits == 8 else 1
 
 
 @dataclass(frozen=True)
 class KernelForm:
-    """An expert's kernel form and where it sits in its RAM slot: per matrix and pass, int4 codes uint8 [N, K/2] in
-    torch's layout and scale/zero pairs bf16 [K/group, N, 2]. The fetcher sizes RAM slots by `slot_bytes` and calls
-    `prepare(slot)` on each blob as it lands; `forward(x, slot)` then runs the expert."""
+    """An expert's kernel form and where it sits in its RAM slot: per matrix, int4 codes uint8 [N, K/2] in torch's
+    layout and scale/zero pairs bf16 [K/group, N, 2] (N doubled at 8 bits: high-nibble rows, then low). The fetcher
+    sizes RAM slots by `slot_bytes` and calls `prepare(slot)` on each blob as it lands; `forward(x, slot)` then runs
+    the expert."""
 
     blob: BlobLayout
     fields: dict[str, tuple[int, tuple[int, ...], torch.dtype]]
@@ -62,11 +65,11 @@ class KernelForm:
             return None
         fields, offset = {}, 0
         for name, (n, k) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
-            for p in _passes(bits):
-                for part, shape, dtype in ((f"{p}.int4", (n, k // 2), torch.uint8),
-                                           (f"{p}.scale_zero", (k // group_size, n, 2), torch.bfloat16)):
-                    fields[f"{name}.{part}"] = (offset, shape, dtype)
-                    offset = -(-(offset + math.prod(shape) * dtype.itemsize) // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            rows = _rows(bits) * n
+            for part, shape, dtype in (("int4", (rows, k // 2), torch.uint8),
+                                       ("scale_zero", (k // group_size, rows, 2), torch.bfloat16)):
+                fields[f"{name}.{part}"] = (offset, shape, dtype)
+                offset = -(-(offset + math.prod(shape) * dtype.itemsize) // SEGMENT_ALIGN) * SEGMENT_ALIGN
         return cls(blob, fields, -(-offset // BLOCK_BYTES) * BLOCK_BYTES, bits, group_size)
 
     @property
@@ -163,17 +166,17 @@ def prepare(raw: dict[str, torch.Tensor], bits: int, out: dict[str, torch.Tensor
     for name in names:
         codes = unpack(raw[f"{name}.packed"], bits)
         scale, bias = raw[f"{name}.scales"].float().t(), raw[f"{name}.biases"].float().t()  # [K/group, N]
-        if bits == 8:
-            passes = {"high": (codes >> 4, 16 * scale, 128 * scale), "low": (codes & 15, scale, bias + 8 * scale)}
+        if bits == 8:  # high rows, then low rows
+            c = torch.cat([codes >> 4, codes & 15])
+            s, z = torch.cat([16 * scale, scale], dim=1), torch.cat([128 * scale, bias + 8 * scale], dim=1)
         elif bits == 2:  # codes 8..11: the zero is the bias itself, whose bf16 rounding is 10x smaller than b + 8s's
-            passes = {"codes": (codes + 8, scale, bias)}
+            c, s, z = codes + 8, scale, bias
         else:
-            passes = {"codes": (codes, scale, bias + 8 * scale)}
-        for p, (c, s, z) in passes.items():
-            out[f"{name}.{p}.int4"].copy_(int4pack(c))
-            sz = out[f"{name}.{p}.scale_zero"]
-            sz[..., 0].copy_(s)
-            sz[..., 1].copy_(z)
+            c, s, z = codes, scale, bias + 8 * scale
+        out[f"{name}.int4"].copy_(int4pack(c))
+        sz = out[f"{name}.scale_zero"]
+        sz[..., 0].copy_(s)
+        sz[..., 1].copy_(z)
 
 
 # ---- running experts ----------------------------------------------------------------------------
@@ -184,26 +187,22 @@ KERNEL_MAX_ROWS = 128
 
 def dequantize(form: dict[str, torch.Tensor], name: str, bits: int, group_size: int) -> torch.Tensor:
     """The kernel form of matrix `name` -> float32 [N, K], exactly what the kernel multiplies by."""
-    w = None
-    for p in _passes(bits):
-        codes = int4unpack(form[f"{name}.{p}.int4"]).float()
-        n, k = codes.shape
-        sz = form[f"{name}.{p}.scale_zero"].float().transpose(0, 1)  # [N, K/group, 2]
-        part = (codes.view(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]
-        w = part if w is None else w + part
-    return w.view(n, k)
+    codes = int4unpack(form[f"{name}.int4"]).float()
+    rows, k = codes.shape
+    sz = form[f"{name}.scale_zero"].float().transpose(0, 1)  # [rows, K/group, 2]
+    w = ((codes.view(rows, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]).view(rows, k)
+    return w.view(_rows(bits), -1, k).sum(0)
 
 
 def linear(x: torch.Tensor, form: dict[str, torch.Tensor], name: str, bits: int, group_size: int) -> torch.Tensor:
     """x [T, K] bf16 @ the dequantized matrix `name`^T -> [T, N] bf16."""
     if x.shape[0] > KERNEL_MAX_ROWS:
         return F.linear(x.float(), dequantize(form, name, bits, group_size)).to(torch.bfloat16)
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    out = None
-    for p in _passes(bits):
-        y = mm(x, form[f"{name}.{p}.int4"], group_size, form[f"{name}.{p}.scale_zero"])
-        out = y if out is None else out.float() + y.float()
-    return out.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, form[f"{name}.int4"], group_size, form[f"{name}.scale_zero"])
+    if bits == 8:
+        high, low = y.float().chunk(2, dim=-1)
+        return (high + low).to(torch.bfloat16)
+    return y
 
 
 def expert_forward(x: torch.Tensor, form: dict[str, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
@@ -232,10 +231,9 @@ class PackedMatrix:
         if n % 16 or k % group_size or group_size not in GROUP_SIZES or _layout_for(n, k) is None:
             return None
         q = quantize(weight, bits, group_size)
-        form = {}
-        for p in _passes(bits):
-            form[f"w.{p}.int4"] = torch.empty(n, k // 2, dtype=torch.uint8)
-            form[f"w.{p}.scale_zero"] = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)
+        rows = _rows(bits) * n
+        form = {"w.int4": torch.empty(rows, k // 2, dtype=torch.uint8),
+                "w.scale_zero": torch.empty(k // group_size, rows, 2, dtype=torch.bfloat16)}
         prepare({"w.packed": q.packed, "w.scales": q.scales, "w.biases": q.biases}, bits, form, names=("w",))
         return cls(form, bits, group_size, (n, k))
 
