@@ -168,8 +168,7 @@ def generate(
     chat = chat or system is not None or thinking is not None
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
-                 direct_io=direct_io, cache_policy=cache_policy,
-                 resident_format=resident_format)
+                 direct_io=direct_io, cache_policy=cache_policy, resident_format=resident_format)
 
 
 @app.command()
@@ -193,7 +192,7 @@ def chat(
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                 resident_format=resident_format)
+                       resident_format=resident_format)
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
@@ -243,7 +242,7 @@ def serve(
     _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                 resident_format=resident_format)
+                       resident_format=resident_format)
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))

@@ -24,19 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import quantize, unpack
-from ..store import BLOCK_BYTES, BlobLayout
+from ..store import BLOCK_BYTES, SEGMENT_ALIGN, BlobLayout, round_up
 
 GROUP_SIZES = (32, 64, 128, 256)  # the kernel's K-blocks
-SEGMENT_ALIGN = 64
 
 
 def supported(bits: int | None, group_size: int | None, hidden: int, inter: int) -> bool:
     """Whether the int4 kernel can run a store's experts ([2I, H] and [H, I] matrices); else they are dequantized."""
-    if bits is None or group_size not in GROUP_SIZES or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if bits is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return False
-    # the kernel tiles the output rows by 16 and the input by whole groups; our packing must be torch's
-    shapes = ((2 * inter, hidden), (hidden, inter))
-    return all(n % 16 == 0 and k % group_size == 0 and _layout_for(n, k) is not None for n, k in shapes)
+    return _fits(2 * inter, hidden, group_size) and _fits(hidden, inter, group_size)
+
+
+def _fits(n: int, k: int, group_size: int) -> bool:
+    """Whether the kernel takes an [n, k] matrix: it tiles the output rows by 16 and the input by whole groups of a
+    size it knows, and our packing must be torch's for this shape."""
+    return group_size in GROUP_SIZES and n % 16 == 0 and k % group_size == 0 and _layout_for(n, k) is not None
 
 
 def _rows(bits: int) -> int:
@@ -69,8 +72,8 @@ class KernelForm:
             for part, shape, dtype in (("int4", (rows, k // 2), torch.uint8),
                                        ("scale_zero", (k // group_size, rows, 2), torch.bfloat16)):
                 fields[f"{name}.{part}"] = (offset, shape, dtype)
-                offset = -(-(offset + math.prod(shape) * dtype.itemsize) // SEGMENT_ALIGN) * SEGMENT_ALIGN
-        return cls(blob, fields, -(-offset // BLOCK_BYTES) * BLOCK_BYTES, bits, group_size)
+                offset = round_up(offset + math.prod(shape) * dtype.itemsize, SEGMENT_ALIGN)
+        return cls(blob, fields, round_up(offset, BLOCK_BYTES), bits, group_size)
 
     @property
     def slot_bytes(self) -> int:
@@ -228,7 +231,7 @@ class PackedMatrix:
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> "PackedMatrix | None":
         """None when the kernel cannot take the shape (rows not a multiple of 16, or the groups do not divide K)."""
         n, k = weight.shape
-        if n % 16 or k % group_size or group_size not in GROUP_SIZES or _layout_for(n, k) is None:
+        if not _fits(n, k, group_size):
             return None
         q = quantize(weight, bits, group_size)
         rows = _rows(bits) * n

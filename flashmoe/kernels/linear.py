@@ -10,7 +10,3 @@ import torch.nn.functional as F
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
 
-
-def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, down)

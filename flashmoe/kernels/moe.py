@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import QuantizedTensor, dequantize
+from .linear import linear
 
 
 def expert_weights(views: dict[str, torch.Tensor], bits: int | None, group_size: int | None,
@@ -22,9 +23,10 @@ def expert_weights(views: dict[str, torch.Tensor], bits: int | None, group_size:
     return dense[0], dense[1]
 
 
-def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+def swiglu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """SwiGLU through [2I, H] and [H, I] weights: tensors, or compressed resident matrices (kernels/linear.py)."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
 
 
 def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -20,7 +20,8 @@ from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
-from ..kernels.linear import linear, swiglu
+from ..kernels.linear import linear
+from ..kernels.moe import swiglu_mlp
 from . import ResidentItem
 
 
@@ -428,7 +429,7 @@ class Qwen3NextModel:
 
     def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        return swiglu(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
+        return swiglu_mlp(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
 
 
 Model = Qwen3NextModel
