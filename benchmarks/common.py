@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,13 @@ def hbm_read_gbps() -> float:
     end.record()
     end.synchronize()
     return 10 * a.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def section(title: str, machine: str, description: str, columns: list[str], rows: list[str]) -> str:
+    """A dated results section: the command that ran (this process's), on which machine, what it measured, a table."""
+    command = "python " + " ".join(sys.argv)
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(rows)
+    return f"\n### {title} ({datetime.date.today()})\n\n`{command}` on {machine}. {description}\n\n{table}\n"
 
 
 def publish(text: str, out: Path | None) -> None:

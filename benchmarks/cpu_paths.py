@@ -11,9 +11,7 @@ float per token, as before torch's int4 kernel; "int4 kernel": kernels/cpu_int4.
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 import flashmoe
 from flashmoe.kernels import cpu_int4
 from flashmoe.synthetic import QWEN3_5_35B, write_random_store
-from common import publish, timed_decode
+from common import publish, section, timed_decode
 
 REAL_LAYERS = 40
 
@@ -74,14 +72,14 @@ def main() -> None:
                             f"{r['attention_ms']:.2f} | {r['routing_ms']:.2f} | {r['expert_compute_ms']:.2f} | "
                             f"{r['decode_ms'] - args.layers * layer_ms:.1f} | {r['prompt_tok_s']:.1f} |")
     cpu = f"{platform.processor() or platform.machine()}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}"
-    header = (f"| store | experts | resident | decode tok/s ({args.layers} layers) | tok/s at {REAL_LAYERS} layers (est.) "
-              "| attention/DeltaNet | routing | experts (+shared) | rest of a token, ms (head) | prompt tok/s |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
-    text = (f"\n### CPU paths, Qwen3.5-35B-A3B geometry, {args.layers} layers x {args.experts} experts "
-            f"({datetime.date.today()})\n\n`python {' '.join(sys.argv)}` on {cpu}. Every expert cached in RAM; "
-            f"decode of {args.tokens} tokens after a 32-token prompt; prompt tok/s from one {args.prompt_tokens}-token "
-            f"prompt. Split columns: ms per layer per token (host timers); the estimate at the real model's 40 layers "
-            f"adds the measured per-layer time of the missing layers to the measured token.\n\n{header}\n" + "\n".join(rows) + "\n")
+    columns = ["store", "experts", "resident", f"decode tok/s ({args.layers} layers)",
+               f"tok/s at {REAL_LAYERS} layers (est.)", "attention/DeltaNet", "routing", "experts (+shared)",
+               "rest of a token, ms (head)", "prompt tok/s"]
+    text = section(f"CPU paths, Qwen3.5-35B-A3B geometry, {args.layers} layers x {args.experts} experts", cpu,
+                   f"Every expert cached in RAM; decode of {args.tokens} tokens after a 32-token prompt; prompt tok/s "
+                   f"from one {args.prompt_tokens}-token prompt. Split columns: ms per layer per token (host timers); the "
+                   f"estimate at the real model's {REAL_LAYERS} layers adds the measured per-layer time of the missing "
+                   "layers to the measured token.", columns, rows)
     publish(text, args.out)
 
 

@@ -11,9 +11,7 @@ appends a dated section with the command and the machine to that markdown file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 import flashmoe
 from flashmoe.convert import convert
 from flashmoe.tiny import build_tiny_checkpoint
-from common import publish, timed_decode
+from common import publish, section, timed_decode
 
 
 def machine() -> str:
@@ -75,13 +73,12 @@ def main() -> None:
             rows.append(f"| {name} | {r['tok_s']:.2f} | {r['ms_per_layer']:.2f} | {r['attention_ms']:.2f} | "
                         f"{r['routing_ms']:.2f} | {r['expert_io_ms']:.2f} | {r['expert_compute_ms']:.2f} | "
                         f"{r['hit_rate']:.0%} | {r['mb_read']:.0f} |")
-    header = ("| regime | decode tok/s | ms/layer | attention/DeltaNet | routing | expert I/O wait | expert compute "
-              "| cache hit rate | expert MB read per token |\n|---|---|---|---|---|---|---|---|---|")
-    cmd = "python " + " ".join(sys.argv)
-    text = (f"\n### decode, {args.device}, {args.layers} layers x {args.experts} experts, hidden {args.hidden}, "
-            f"{args.bits}-bit ({datetime.date.today()})\n\n`{cmd}` on {machine()}. Decode only (after a 32-token "
-            f"prefill), greedy; the split columns are ms per layer per token, host-side timers (on CUDA they include "
-            f"kernel launches, not queued GPU work).\n\n{header}\n" + "\n".join(rows) + "\n")
+    columns = ["regime", "decode tok/s", "ms/layer", "attention/DeltaNet", "routing", "expert I/O wait", "expert compute",
+               "cache hit rate", "expert MB read per token"]
+    text = section(f"decode, {args.device}, {args.layers} layers x {args.experts} experts, hidden {args.hidden}, "
+                   f"{args.bits}-bit", machine(), "Decode only (after a 32-token prefill), greedy; the split columns are "
+                   "ms per layer per token, host-side timers (on CUDA they include kernel launches, not queued GPU work).",
+                   columns, rows)
     publish(text, args.out)
 
 
