@@ -36,12 +36,14 @@ def _bytes_progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def run_convert(src: Path, dst: Path, bits: Optional[int], group_size: int) -> Path:
+def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Optional[int], requantize: bool = False) -> Path:
     from .convert import Converter
 
-    converter = Converter(src, dst, bits, group_size)
+    converter = Converter(src, dst, bits, group_size, requantize=requantize)
     cfg = converter.cfg
-    what = f"{bits}-bit, group {group_size}" if bits else "unquantized"
+    what = f"{converter.bits}-bit, group {converter.group_size}" if converter.bits else "unquantized"
+    if converter.mlx:
+        what = f"MLX checkpoint, {what}, experts {'repacked as they are' if converter.repack else 'requantized'}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
         f"({what}) -> {dst}")
     if not any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -61,16 +63,19 @@ def run_convert(src: Path, dst: Path, bits: Optional[int], group_size: int) -> P
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json + *.safetensors)"),
+    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32) or mlx-lm's "
+                                         "quantized ones (mlx-community/*-4bit, imported as they are)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
-    bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default), 8 or 2"),
+    bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2"),
     no_quant: bool = typer.Option(False, "--no-quant", help="keep experts in the source dtype"),
-    group_size: int = typer.Option(64, help="weights per quantization group"),
+    group_size: Optional[int] = typer.Option(None, help="weights per quantization group (default 64)"),
+    requantize: bool = typer.Option(False, "--requantize", help="MLX source: quantize its experts again to --bits "
+                                                                "(default 4) instead of importing them as they are"),
 ):
     """Convert a checkpoint into a flashmoe store (streaming; re-run to resume an interrupted one)."""
     if no_quant and bits is not None:
         raise FlashMoeError("--no-quant keeps the source dtype; drop --bits, or drop --no-quant to quantize")
-    run_convert(src, dst, None if no_quant else bits or 4, group_size)
+    run_convert(src, dst, None if no_quant else "auto" if bits is None else bits, group_size, requantize)
 
 
 def stats_line(stats: dict) -> str:
@@ -264,12 +269,21 @@ def info(
     s = Store(store)
     cfg, q = s.config, s.quantization
     quant = f"{q['bits']}-bit affine, group {q['group_size']}" if q["bits"] else f"none ({q['source_dtype']})"
+    if q["bits"] and q.get("scale_dtype", "float16") != "float16":
+        quant += f", {q['scale_dtype']} scales"
+    source = s.manifest["source"]
+    if source.get("format") == "mlx":
+        quant += f" (MLX checkpoint, experts {source.get('experts', 'repacked')})"
+    resident = human_bytes(s.resident_bytes)
+    if s.resident_quantized:
+        widths = sorted({v["bits"] for v in s.resident_quantized.values()})
+        resident += f" ({len(s.resident_quantized)} matrices kept at {'/'.join(map(str, widths))} bits)"
     lines = [
         ("architecture", cfg.architecture),
         *family_of(cfg.architecture).describe(cfg),
         ("hidden / expert intermediate", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
         ("quantization", quant),
-        ("resident", human_bytes(s.resident_bytes)),
+        ("resident", resident),
         ("expert weights", f"{human_bytes(s.expert_bytes)} ({human_bytes(s.expert_blob_bytes)} per expert)"),
         ("read per token", f"{human_bytes(s.expert_blob_bytes * cfg.num_experts_per_tok * len(cfg.moe_layers))} "
                            f"of experts at K={cfg.num_experts_per_tok} (before caching)"),

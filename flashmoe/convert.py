@@ -18,14 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import FLOAT_DTYPES, Checkpoint
+from .sources.hf import FLOAT_DTYPES, Checkpoint
 from .config import ModelConfig, read_hf_config
 from .errors import FlashMoeError
 from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
-from .quant import check_quant_params, quantize
-from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, expert_file_name,
-                    expert_layout, file_crc32)
+from .quant import SCALE_DTYPE, check_quant_params, quantize
+from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
+from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
+                    expert_file_name, expert_layout, file_crc32, quantized_parts)
 
 STATE_FILE = "convert-state.json"
 TOKENIZER_FILES = (
@@ -34,6 +35,7 @@ TOKENIZER_FILES = (
     "added_tokens.json", "config.json",
 )
 DEFAULT_SHARD_BYTES = 2 << 30
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # for float sources; a quantized source (MLX) keeps its own
 
 
 def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
@@ -133,22 +135,100 @@ def _no_space(dst: Path) -> FlashMoeError:
 
 
 class Converter:
-    def __init__(self, src: Path, dst: Path, bits: int | None, group_size: int, shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.src, self.dst, self.bits, self.group_size, self.shard_bytes = Path(src), Path(dst), bits, group_size, shard_bytes
+    """bits="auto": 4 for a float checkpoint, and for an MLX one its own (its codes repacked, never requantized);
+    None keeps a float source's dtype. requantize: an MLX source's experts dequantized and quantized to `bits`."""
+
+    def __init__(self, src: Path, dst: Path, bits: int | None | str = "auto", group_size: int | None = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False):
+        self.src, self.dst, self.shard_bytes = Path(src), Path(dst), shard_bytes
         if not self.src.is_dir():
             raise FlashMoeError(f"source checkpoint {self.src} is not a folder")
         self.cfg, self.raw_config = read_hf_config(self.src)
         if self.cfg.hidden_act != "silu":
             raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
-        if bits is not None:
-            check_quant_params(bits, group_size, self.cfg.hidden_size, "gate/up")
-            check_quant_params(bits, group_size, self.cfg.moe_intermediate_size, "down")
-        self.ckpt = Checkpoint(self.src)
-        self.plan = resident_plan(self.cfg, self.ckpt)
-        check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
-        self.expert_sources = {i: ExpertSource(self.cfg, self.ckpt, i) for i in self.cfg.moe_layers}
-        self.layout = expert_layout(self.cfg, bits, group_size, self.expert_sources[self.cfg.moe_layers[0]].dtype)
-        self.options = {"source": str(self.src.resolve()), "bits": bits, "group_size": group_size if bits else None}
+        family = family_of(self.cfg.architecture)
+        self.mlx = is_mlx_checkpoint(self.src, self.raw_config)
+        self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx) if self.mlx else Checkpoint(self.src)
+        try:
+            self.plan = resident_plan(self.cfg, self.ckpt)
+            check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
+            if self.mlx:
+                self.expert_sources = {i: MlxExpertSource(self.ckpt, i, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
+                                                          self.cfg.num_experts) for i in self.cfg.moe_layers}
+            else:
+                self.expert_sources = {i: ExpertSource(self.cfg, self.ckpt, i) for i in self.cfg.moe_layers}
+            self.bits, self.group_size, self.repack = self._expert_quantization(bits, group_size, requantize)
+        except BaseException:
+            self.ckpt.close()
+            raise
+        if self.bits is not None:
+            check_quant_params(self.bits, self.group_size, self.cfg.hidden_size, "gate/up")
+            check_quant_params(self.bits, self.group_size, self.cfg.moe_intermediate_size, "down")
+        first = self.expert_sources[self.cfg.moe_layers[0]]
+        self.scale_dtype = first.scale_dtype if self.repack else SCALE_DTYPE
+        self.layout = expert_layout(self.cfg, self.bits, self.group_size, first.dtype, self.scale_dtype)
+        self.resident_quant = self._resident_quantization()
+        self.options = {"source": str(self.src.resolve()), "bits": self.bits,
+                        "group_size": self.group_size if self.bits else None}
+        if self.mlx:
+            self.options["requantize"] = not self.repack
+
+    def _expert_quantization(self, bits, group_size, requantize: bool) -> tuple[int | None, int | None, bool]:
+        """(bits, group_size, whether experts are repacked from the source's codes)."""
+        if not self.mlx:
+            if requantize:
+                raise FlashMoeError(f"--requantize is for quantized sources (MLX); {self.src} holds float weights: "
+                                    "drop --requantize")
+            bits = DEFAULT_BITS if bits == "auto" else bits
+            return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
+        quants = {source.quant for source in self.expert_sources.values()}
+        source_quant = quants.pop() if len(quants) == 1 else "mixed"
+        described = ("float" if source_quant is None else "of mixed quantization" if source_quant == "mixed"
+                     else f"{source_quant[0]}-bit (group {source_quant[1]})")
+        if requantize or source_quant is None:
+            bits = DEFAULT_BITS if bits == "auto" else bits
+            return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
+        if bits != "auto" or group_size is not None:
+            raise FlashMoeError(f"{self.src} is an MLX checkpoint whose experts are {described}; flashmoe imports them "
+                                "as they are: drop --bits/--group-size/--no-quant, or add --requantize to quantize them again")
+        if source_quant == "mixed":
+            raise FlashMoeError(f"{self.src}'s experts differ in quantization from layer to layer; flashmoe's store "
+                                "holds one: convert with --requantize --bits N")
+        if source_quant[0] not in REPACKED_BITS:
+            raise FlashMoeError(f"{self.src}'s experts are MLX {source_quant[0]}-bit; flashmoe's kernels read 2, 4 or 8 "
+                                "bits: convert with --requantize --bits 4 (or 8)")
+        return source_quant[0], source_quant[1], True
+
+    def _resident_quantization(self) -> dict[str, dict[str, int]]:
+        """The resident matrices kept quantized as the source has them (MLX, at 2, 4 or 8 bits): store name ->
+        {bits, group_size}. An item is kept quantized when all its sources share one quantization."""
+        if not self.mlx:
+            return {}
+        out = {}
+        for item in self.plan:
+            quants = {self.ckpt.quant(s) for s in item.sources}
+            q = quants.pop() if len(quants) == 1 else None
+            if q is not None and q[0] in REPACKED_BITS:
+                out.update({name: {"bits": q[0], "group_size": q[1]} for name in item.outputs})
+        return out
+
+    def resident_tensors(self, item: ResidentItem) -> dict[str, torch.Tensor]:
+        """One plan item's store tensors: float, or (kept quantized) each output's codes, scales and biases, the
+        item's row transform applied to each."""
+        if item.outputs[0] not in self.resident_quant:
+            return dict(zip(item.outputs, item.make([self.ckpt.get(s) for s in item.sources])))
+        parts = [self.ckpt.get_quantized(s) for s in item.sources]
+        made = [item.make([getattr(p, field) for p in parts]) for field in ("packed", "scales", "biases")]
+        out = {}
+        for i, name in enumerate(item.outputs):
+            out.update(zip(quantized_parts(name), (made[0][i], made[1][i], made[2][i])))
+        return out
+
+    def expert_blob_tensors(self, source, expert: int) -> dict[str, torch.Tensor]:
+        if self.repack:
+            return source.read_quantized(expert)
+        gate_up, down = source.read(expert)
+        return expert_tensors(gate_up, down, self.bits, self.group_size)
 
     # ---- planning -------------------------------------------------------------------------
     def resident_shards(self) -> list[list[ResidentItem]]:
@@ -243,8 +323,7 @@ class Converter:
                 continue
             tensors = {}
             for item in shard:
-                made = item.make([self.ckpt.get(s) for s in item.sources])
-                tensors.update(zip(item.outputs, (t.contiguous() for t in made)))
+                tensors.update((n, t.contiguous()) for n, t in self.resident_tensors(item).items())
                 progress(item_source_bytes(item, self.ckpt))
             tmp = self.dst / (name + ".partial")
             save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -291,8 +370,7 @@ class Converter:
             per_expert = source.source_bytes // self.cfg.num_experts
             with open(tmp, "wb") as f:
                 for expert in range(self.cfg.num_experts):
-                    gate_up, down = source.read(expert)
-                    blob = self.layout.pack(expert_tensors(gate_up, down, self.bits, self.group_size))
+                    blob = self.layout.pack(self.expert_blob_tensors(source, expert))
                     offsets.append(expert * blob_bytes)
                     sizes.append(blob_bytes)
                     sums.append(crc32(blob))
@@ -310,24 +388,30 @@ class Converter:
                 shutil.copyfile(self.src / name, self.dst / name)
 
     def _write_manifest(self, state: dict, resident_files: list[str]) -> None:
-        source = {"path": self.options["source"],
+        source = {"path": self.options["source"], "format": "mlx" if self.mlx else "safetensors",
                   "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}}
+        if self.mlx:
+            source["quantization"] = mlx_quantization(self.raw_config)
+            source["experts"] = "repacked" if self.repack else "requantized"
         resident = state["resident"]
         write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,
                        resident_files, sum(resident[f]["bytes"] for f in resident_files), self.layout,
                        {str(i): state["layers"][str(i)] for i in self.expert_sources}, source,
-                       {f: resident[f]["crc32"] for f in resident_files})
+                       {f: resident[f]["crc32"] for f in resident_files}, self.scale_dtype, self.resident_quant)
 
 
 def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: int, source_dtype: str,
                    resident_files: list[str], resident_bytes: int, layout: BlobLayout, layers: dict, source: dict,
-                   resident_crc32: dict[str, int] | None = None) -> None:
+                   resident_crc32: dict[str, int] | None = None, scale_dtype: torch.dtype = SCALE_DTYPE,
+                   resident_quantized: dict[str, dict[str, int]] | None = None) -> None:
     """The manifest, written last and atomically: its presence is what makes a store complete. Its last key is the
     checksum of the rest (manifest.manifest_crc32)."""
     resident = {"files": resident_files, "bytes": resident_bytes,
                 "file_bytes": {f: (dst / f).stat().st_size for f in resident_files}}
     if resident_crc32 is not None:  # whole-file checksums, which `flashmoe info --verify` compares
         resident["crc32"] = resident_crc32
+    if resident_quantized:  # matrices kept quantized as the source had them (MLX)
+        resident["quantized"] = resident_quantized
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -336,7 +420,8 @@ def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: in
         "architecture": cfg.architecture,
         "config": cfg.to_dict(),
         "quantization": {"bits": bits, "group_size": group_size if bits else None,
-                         "scheme": "affine" if bits else None, "source_dtype": source_dtype},
+                         "scheme": "affine" if bits else None, "source_dtype": source_dtype,
+                         "scale_dtype": dtype_name(scale_dtype)},
         "resident": resident,
         "experts": {"blob_bytes": layout.blob_bytes, "segments": layout.to_json(), "layers": layers},
         "source": source,
@@ -345,8 +430,9 @@ def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: in
     _write_atomic(dst / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 4, group_size: int = 64,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None | str = "auto", group_size: int | None = None,
             progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None,
-            shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert a Hugging Face checkpoint folder into a flashmoe store; bits=None keeps the source dtype."""
-    return Converter(Path(src), Path(dst), bits, group_size, shard_bytes).run(progress, log)
+            shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False) -> Path:
+    """Convert a checkpoint folder (Hugging Face safetensors or mlx-lm's) into a flashmoe store. bits: "auto" (4-bit
+    group 64 for a float source; an MLX source's own), 2/4/8, or None to keep a float source's dtype."""
+    return Converter(Path(src), Path(dst), bits, group_size, shard_bytes, requantize).run(progress, log)

@@ -20,8 +20,10 @@ import torch
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
+from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .models import family_of
+from .quant import QuantizedTensor
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import TokenConstraint, sample
@@ -60,9 +62,11 @@ class Model:
         if experts_per_token is not None and not 1 <= experts_per_token <= cfg.num_experts:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
-        self.model = family_of(cfg.architecture).Model(cfg, store.load_resident(dtype, str(self.device)))
+        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t
+                   for name, t in store.load_resident(dtype, str(self.device)).items()}
+        self.model = family_of(cfg.architecture).Model(cfg, weights)
         self.resident_format = resident_format
-        if resident_format != "float":
+        if self.device.type == "cpu" and (resident_format != "float" or store.resident_quantized):
             self.model.compress_matrices(lambda w: compress_matrix(w, resident_format))
         if self.device.type == "cuda" and vram_cache_bytes is None:
             vram_cache_bytes = default_vram_cache_bytes(store, self.device)

@@ -5,9 +5,12 @@ line naming the field, never with a traceback; an edit that leaves every value p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+
+import torch
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
@@ -17,8 +20,8 @@ from .config import ModelConfig, is_json_type
 from .models import FAMILIES, family_of
 from .errors import FlashMoeError
 from .quant import SUPPORTED_BITS
-from .store import (BLOCK_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
-                    expert_file_name, expert_layout)
+from .store import (BLOCK_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SCALE_DTYPES, SOURCE_DTYPES, BlobLayout, crc32,
+                    dtype_name, expert_file_name, expert_layout, quantized_parts)
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 RESIDENT_FILE = re.compile(r"resident-[0-9]+(-of-[0-9]+)?\.safetensors")  # a bare name: nothing outside the store
@@ -72,8 +75,8 @@ def validate_manifest(m: dict, path: Path) -> tuple[ModelConfig, BlobLayout]:
     cfg = _config(m["config"])
     if m["architecture"] != cfg.architecture:
         raise _bad("architecture", f"is {_show(m['architecture'])} but config.architecture is {cfg.architecture!r}")
-    bits, group_size = _quantization(m["quantization"], cfg)
-    layout = _experts(m["experts"], cfg, bits, group_size, path)
+    bits, group_size, scale_dtype = _quantization(m["quantization"], cfg)
+    layout = _experts(m["experts"], cfg, bits, group_size, scale_dtype, path)
     _resident(m["resident"], cfg, path)
     return cfg, layout
 
@@ -178,7 +181,7 @@ def _config(data: dict) -> ModelConfig:
     return cfg
 
 
-def _quantization(q: dict, cfg: ModelConfig) -> tuple[int | None, int | None]:
+def _quantization(q: dict, cfg: ModelConfig) -> tuple[int | None, int | None, torch.dtype]:
     bits = _get(q, "bits", "quantization.bits", int | None)
     group_size = _get(q, "group_size", "quantization.group_size", int | None)
     scheme = _get(q, "scheme", "quantization.scheme", str | None)
@@ -198,10 +201,14 @@ def _quantization(q: dict, cfg: ModelConfig) -> tuple[int | None, int | None]:
                 raise _bad("quantization.group_size", f"{group_size} does not divide config.{name} {getattr(cfg, name)}")
     if source_dtype not in SOURCE_DTYPES:
         raise _bad("quantization.source_dtype", f"is {source_dtype!r}, not one of {', '.join(SOURCE_DTYPES)}")
-    return bits, group_size
+    scale_dtype = _get(q, "scale_dtype", "quantization.scale_dtype", str) if "scale_dtype" in q else "float16"
+    if scale_dtype not in SCALE_DTYPES:  # absent in stores written before MLX imports: float16
+        raise _bad("quantization.scale_dtype", f"is {scale_dtype!r}, not one of {', '.join(SCALE_DTYPES)}")
+    return bits, group_size, SCALE_DTYPES[scale_dtype]
 
 
-def _experts(e: dict, cfg: ModelConfig, bits: int | None, group_size: int | None, path: Path) -> BlobLayout:
+def _experts(e: dict, cfg: ModelConfig, bits: int | None, group_size: int | None, scale_dtype: torch.dtype,
+             path: Path) -> BlobLayout:
     blob_bytes = _get(e, "blob_bytes", "experts.blob_bytes", int)
     segments = _get(e, "segments", "experts.segments", list)
     layers = _get(e, "layers", "experts.layers", dict)
@@ -212,7 +219,7 @@ def _experts(e: dict, cfg: ModelConfig, bits: int | None, group_size: int | None
         dtype = floats.get(first.get("dtype")) if type(first.get("dtype")) is str else None
         if dtype is None:
             raise _bad("experts.segments[0].dtype", f"should be one of {', '.join(floats)} in an unquantized store")
-    layout = expert_layout(cfg, bits, group_size, dtype)
+    layout = expert_layout(cfg, bits, group_size, dtype, scale_dtype)
     want = layout.to_json()
     if len(segments) != len(want):
         raise _bad("experts.segments", f"has {len(segments)} entries, but the config and quantization imply {len(want)}")
@@ -273,13 +280,57 @@ def _resident(r: dict, cfg: ModelConfig, path: Path) -> None:
         size = (path / name).stat().st_size
         if size != want:
             raise _corrupt(f"resident file {name} is {size} bytes, the manifest says {want} (truncated or overwritten)")
-    _resident_tensors(files, nbytes, cfg, path)
+    _resident_tensors(files, nbytes, cfg, path, _resident_quantized(r, cfg))
 
 
-def _resident_tensors(files: list[str], nbytes: int, cfg: ModelConfig, path: Path) -> None:
-    """Every tensor the model needs, in its shape and a float dtype, once; read from the safetensors headers only."""
-    want = family_of(cfg.architecture).resident_shapes(cfg)
-    optional = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_word_embeddings else {}
+def _resident_quantized(r: dict, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """resident.quantized: {matrix name: {bits, group_size}} for resident matrices kept quantized (MLX imports);
+    absent when every resident tensor is float."""
+    if "quantized" not in r:
+        return {}
+    shapes = family_of(cfg.architecture).resident_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        shapes.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    out = {}
+    for name, entry in _get(r, "quantized", "resident.quantized", dict).items():
+        field = f"resident.quantized.{name}"
+        if len(shapes.get(name, ())) != 2:
+            raise _bad(field, "names no resident matrix of the config")
+        bits = _get(_typed(entry, dict, field), "bits", f"{field}.bits", int)
+        group_size = _get(entry, "group_size", f"{field}.group_size", int)
+        if bits not in SUPPORTED_BITS:
+            raise _bad(f"{field}.bits", f"is {bits}; flashmoe reads {', '.join(map(str, SUPPORTED_BITS))}")
+        if group_size <= 0 or shapes[name][1] % group_size or group_size * bits % 8:
+            raise _bad(f"{field}.group_size", f"is {group_size}, which does not divide the input size {shapes[name][1]} "
+                                              "in whole bytes")
+        out[name] = (bits, group_size)
+    return out
+
+
+def _expected_resident(cfg: ModelConfig, quantized: dict[str, tuple[int, int]]) -> dict[str, tuple[tuple, tuple]]:
+    """Store tensor name -> (shape, allowed safetensors dtypes): float matrices and vectors, or a quantized matrix's
+    packed codes (uint8) with its scales and biases (float16 or bfloat16)."""
+    floats, scales = tuple(SOURCE_DTYPES), ("F16", "BF16")
+    want = {}
+    for name, shape in family_of(cfg.architecture).resident_shapes(cfg).items():
+        if name not in quantized:
+            want[name] = (shape, floats)
+            continue
+        (rows, cols), (bits, group_size) = shape, quantized[name]
+        packed, scale, bias = quantized_parts(name)
+        want.update({packed: ((rows, cols * bits // 8), ("U8",)), scale: ((rows, cols // group_size), scales),
+                     bias: ((rows, cols // group_size), scales)})
+    return want
+
+
+def _resident_tensors(files: list[str], nbytes: int, cfg: ModelConfig, path: Path,
+                      quantized: dict[str, tuple[int, int]]) -> None:
+    """Every tensor the model needs, in its shape and dtype, once; read from the safetensors headers only."""
+    want = _expected_resident(cfg, quantized)
+    optional = {}  # a tied head saved anyway
+    if cfg.tie_word_embeddings:
+        untied = _expected_resident(dataclasses.replace(cfg, tie_word_embeddings=False), quantized)
+        optional = {n: v for n, v in untied.items() if n not in want}
     seen, total = {}, 0
     for name in files:
         try:
@@ -293,12 +344,12 @@ def _resident_tensors(files: list[str], nbytes: int, cfg: ModelConfig, path: Pat
                 raise _corrupt(f"resident tensor {key} is in both {seen[key]} and {name}")
             if expect is None:
                 raise _corrupt(f"resident file {name} holds {key}, which the config has no place for")
-            if shape != expect:
-                raise _corrupt(f"resident tensor {key} is {list(shape)}, but the config implies {list(expect)}")
-            if dtype not in SOURCE_DTYPES:
-                raise _corrupt(f"resident tensor {key} is {dtype}, not one of {', '.join(SOURCE_DTYPES)}")
+            if shape != expect[0]:
+                raise _corrupt(f"resident tensor {key} is {list(shape)}, but the config implies {list(expect[0])}")
+            if dtype not in expect[1]:
+                raise _corrupt(f"resident tensor {key} is {dtype}, not one of {', '.join(expect[1])}")
             seen[key] = name
-            total += math.prod(shape) * SOURCE_DTYPES[dtype].itemsize
+            total += math.prod(shape) * (1 if dtype == "U8" else SOURCE_DTYPES[dtype].itemsize)
     missing = [key for key in want if key not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

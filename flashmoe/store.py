@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import FlashMoeError
-from .quant import SCALE_DTYPE
+from .quant import SCALE_DTYPE, QuantizedTensor
 
 FORMAT_NAME = "flashmoe"
 FORMAT_VERSION = 1
@@ -90,6 +90,13 @@ class BlobLayout:
         return [dict(name=s.name, dtype=s.dtype, shape=list(s.shape), offset=s.offset, nbytes=s.nbytes) for s in self.segments]
 
 
+def quantized_parts(name: str) -> tuple[str, str, str]:
+    """A resident matrix kept quantized is three tensors, named as MLX names them: X.weight (here uint8 codes, packed
+    as the experts' are), X.scales, X.biases."""
+    base = name.removesuffix(".weight")
+    return name, base + ".scales", base + ".biases"
+
+
 def expert_file_name(layer: int) -> str:
     return f"experts/layer_{layer:03d}.bin"
 
@@ -113,9 +120,14 @@ def file_crc32(path: Path, start: int = 0, size: int | None = None, progress=Non
     return value & 0xFFFFFFFF
 
 
-def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dtype: torch.dtype) -> BlobLayout:
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # of a quantized store's scales and biases
+
+
+def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dtype: torch.dtype,
+                  scale_dtype: torch.dtype = SCALE_DTYPE) -> BlobLayout:
     """The blob layout a config implies (docs/FORMAT.md, Expert blobs): conversion writes it, and a store whose
-    manifest lists any other is damaged. `dtype` is the experts' source dtype, kept when unquantized."""
+    manifest lists any other is damaged. `dtype` is the experts' source dtype, kept when unquantized; `scale_dtype`
+    that of the scales and biases (float16 when flashmoe quantizes, bfloat16 as MLX checkpoints have them)."""
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     tensors = {}
     for name, (rows, cols) in (("gate_up", (2 * inter, h)), ("down", (h, inter))):
@@ -123,8 +135,8 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dt
             tensors[f"{name}.weight"] = torch.empty(rows, cols, dtype=dtype, device="meta")
             continue
         tensors[f"{name}.packed"] = torch.empty(rows, cols * bits // 8, dtype=torch.uint8, device="meta")
-        tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE, device="meta")
-        tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE, device="meta")
+        tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
+        tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
     return BlobLayout.for_tensors(tensors)
 
 
@@ -174,18 +186,28 @@ class Store:
         entry = self._layers[layer]
         return ExpertLocation(self.path / entry["file"], entry["offsets"][expert], entry["sizes"][expert], entry["crc32"][expert])
 
-    def load_resident(self, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """All resident tensors, cast to `dtype` (integer tensors keep theirs); their names, shapes and dtypes were
-        checked against the config when the store opened."""
-        tensors = {}
+    @property
+    def resident_quantized(self) -> dict[str, dict[str, int]]:
+        """Resident matrices kept quantized (MLX imports): name -> {bits, group_size}."""
+        return self.manifest["resident"].get("quantized", {})
+
+    def load_resident(self, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor | QuantizedTensor]:
+        """All resident tensors, floats cast to `dtype`; a matrix kept quantized is one QuantizedTensor (codes, scales
+        and biases as stored). Names, shapes and dtypes were checked against the config when the store opened."""
+        raw = {}
         for name in self.manifest["resident"]["files"]:
             try:
                 with safe_open(str(self.path / name), "pt") as f:
                     for key in f.keys():
-                        t = f.get_tensor(key)
-                        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+                        raw[key] = f.get_tensor(key)
             except Exception as exc:  # safetensors raises its own types for truncated files
                 raise FlashMoeError(f"corrupt store: cannot read resident file {name}: {' '.join(str(exc).split())}") from None
+        tensors = {}
+        for name, q in self.resident_quantized.items():
+            packed, scales, biases = (raw.pop(part).to(device) for part in quantized_parts(name))
+            tensors[name] = QuantizedTensor(packed, scales, biases, q["bits"], q["group_size"])
+        for key, t in raw.items():
+            tensors[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
         return tensors
 
     def verify(self, progress=None) -> list[str]:

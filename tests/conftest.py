@@ -73,6 +73,81 @@ class Built:
         return self._done[key]
 
 
+    def mlx_checkpoint(self, arch: str, bits: int, group_size: int):
+        """The tiny checkpoint quantized by mlx-lm's own converter (skips where mlx-lm is not installed)."""
+        key = ("mlx", arch, bits, group_size)
+        if key not in self._done:
+            pytest.importorskip("mlx_lm")
+            from mlx_lm.convert import convert as mlx_convert
+
+            hf = hf_as_mlx_lm_reads_it(self.checkpoint(arch), self.root / f"hf-for-mlx-{arch}")
+            out = self.root / f"mlx-{arch}-{bits}-g{group_size}"
+            mlx_convert(str(hf), str(out), quantize=True, q_bits=bits, q_group_size=group_size)
+            self._done[key] = out
+        return self._done[key]
+
+    def mlx_store(self, arch: str, bits: int, group_size: int):
+        key = ("mlx-store", arch, bits, group_size)
+        if key not in self._done:
+            self._done[key] = convert(self.mlx_checkpoint(arch, bits, group_size),
+                                      self.root / f"store-mlx-{arch}-{bits}-g{group_size}")
+        return self._done[key]
+
+
+def hf_as_mlx_lm_reads_it(src, dst):
+    """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
+    (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
+    no other), Qwen3-Next's rope settings at the top of config.json (where transformers 4 wrote them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if dst.exists():
+        return dst
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    experts, out = {}, {}
+    for key, t in tensors.items():
+        if ".mlp.experts." in key:
+            prefix, rest = key.split(".mlp.experts.")
+            e, proj, _ = rest.split(".")
+            experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
+        else:
+            out[key] = t
+    for prefix, projs in experts.items():
+        n = len(projs["gate_proj"])
+        if "text_config" in cfg:
+            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in range(n)])
+            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
+        else:
+            out.update({f"{prefix}.mlp.experts.{e}.{p}.weight": t for p, ts in projs.items() for e, t in ts.items()})
+    if "text_config" not in cfg:
+        rope = cfg.get("rope_parameters") or {}
+        cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def mlx_logits(folder, token_ids: list[int]) -> torch.Tensor:
+    """mlx-lm's own forward pass over a checkpoint, in float32 (its bf16 run alone is ~1.6% off its float32 one on
+    the tiny models): [T, vocab]."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    model, _ = load(str(folder))
+    model.set_dtype(mx.float32)
+    return torch.from_numpy(np.array(model(mx.array(token_ids)[None]).astype(mx.float32))[0])
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     return Built(tmp_path_factory.mktemp("built"))

@@ -18,14 +18,17 @@ pytestmark = pytest.mark.skipif(not mt.triton_available(), reason="needs triton"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, seed: int):
-    """A slab of n_experts random quantized blobs (one per slot), its layout and kernel geometry."""
+def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, seed: int,
+              scale_dtype: torch.dtype = torch.float16):
+    """A slab of n_experts random quantized blobs (one per slot), its layout and kernel geometry; scales and biases
+    in scale_dtype (bfloat16 as MLX imports have them)."""
     gen = torch.Generator().manual_seed(seed)
     blobs, layout = [], None
     for _ in range(n_experts):
         gate_up = torch.randn(2 * inter, hidden, generator=gen) * 0.05
         down = torch.randn(hidden, inter, generator=gen) * 0.05
-        tensors = expert_tensors(gate_up, down, bits, group)
+        tensors = {k: v.to(scale_dtype) if v.is_floating_point() else v
+                   for k, v in expert_tensors(gate_up, down, bits, group).items()}
         layout = layout or BlobLayout.for_tensors(tensors)
         blobs.append(torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8))
     slab = torch.stack(blobs).to(DEVICE)
@@ -119,3 +122,20 @@ def test_block_k_never_straddles_a_group():
         qb = mt.QuantBlob(64, 64, 4, group, 4096, 0, 0, 0, 0, 0, 0)
         assert qb.block_k == block and group % qb.block_k == 0
     assert not mt.QuantBlob(64, 64, 4, 24, 4096, 0, 0, 0, 0, 0, 0).supported
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernels_read_bfloat16_scales(bits):
+    hidden, inter, group = 128, 64, 32
+    slab, layout, qb = make_slab(3, hidden, inter, bits, group, seed=bits, scale_dtype=torch.bfloat16)
+    assert qb.scale_bf16
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    slots, token_of, expert_start = i32([2, 0]), i32([0, 1, 1]), i32([0, 1, 3])
+    act = mt.gate_up_swiglu(x, slab, slots, token_of, expert_start, qb)
+    act_ref = mt.reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb)
+    assert rel_error(act, act_ref) < 1e-4
+    one = mt.decode_gate_up_swiglu(x[:1], slab, slots, qb)
+    assert rel_error(one, mt.reference_gate_up_swiglu(x[:1], slab, slots, i32([0, 0]), i32([0, 1, 2]), layout, qb)) < 1e-4
+    weights = torch.rand(2, device=DEVICE)
+    out = mt.down_weighted_sum(one, slab, slots, weights, qb)
+    assert rel_error(out, mt.reference_down_weighted_sum(one, slab, slots, weights, layout, qb)) < 1e-4

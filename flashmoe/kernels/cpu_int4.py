@@ -23,7 +23,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..quant import quantize, unpack
+from ..quant import QuantizedTensor, quantize, unpack
+from .affine import AffineMatrix, RowStack
 from ..store import BLOCK_BYTES, SEGMENT_ALIGN, BlobLayout, round_up
 
 GROUP_SIZES = (32, 64, 128, 256)  # the kernel's K-blocks
@@ -169,9 +170,14 @@ def prepare(raw: dict[str, torch.Tensor], bits: int, out: dict[str, torch.Tensor
     for name in names:
         codes = unpack(raw[f"{name}.packed"], bits)
         scale, bias = raw[f"{name}.scales"].float().t(), raw[f"{name}.biases"].float().t()  # [K/group, N]
-        if bits == 8:  # high rows, then low rows
+        if bits == 8:  # high rows, then low rows; the zeros must add up to b + 136s
             c = torch.cat([codes >> 4, codes & 15])
-            s, z = torch.cat([16 * scale, scale], dim=1), torch.cat([128 * scale, bias + 8 * scale], dim=1)
+            # one of them exact (128s, or 0), the other rounded to bf16: whichever leaves the smaller one to round,
+            # b + 8s or b + 136s (a symmetric group's b is about -127.5s: 8.5s to round instead of 119.5s)
+            low_zero = bias + 8 * scale
+            whole = (bias + 136 * scale).abs() < low_zero.abs()
+            z_high = torch.where(whole, bias + 136 * scale, 128 * scale)
+            s, z = torch.cat([16 * scale, scale], dim=1), torch.cat([z_high, torch.where(whole, 0.0, low_zero)], dim=1)
         elif bits == 2:  # codes 8..11: the zero is the bias itself, whose bf16 rounding is 10x smaller than b + 8s's
             c, s, z = codes + 8, scale, bias
         else:
@@ -233,7 +239,15 @@ class PackedMatrix:
         n, k = weight.shape
         if not _fits(n, k, group_size):
             return None
-        q = quantize(weight, bits, group_size)
+        return cls.from_quantized(quantize(weight, bits, group_size))
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor) -> "PackedMatrix | None":
+        """A matrix kept quantized in the store (MLX imports), its codes as they are; None when the kernel cannot
+        take its shape."""
+        (n, k), bits, group_size = q.shape, q.bits, q.group_size
+        if q.packed.device.type != "cpu" or not _fits(n, k, group_size):
+            return None
         rows = _rows(bits) * n
         form = {"w.int4": torch.empty(rows, k // 2, dtype=torch.uint8),
                 "w.scale_zero": torch.empty(k // group_size, rows, 2, dtype=torch.bfloat16)}
@@ -269,9 +283,14 @@ class Bf16Matrix:
 RESIDENT_FORMATS = ("float", "bf16", "int8", "int4")
 
 
-def compress_matrix(weight: torch.Tensor, resident_format: str):
+def compress_matrix(weight, resident_format: str):
     """A resident projection weight in `resident_format` (see RESIDENT_FORMATS); shapes the kernel cannot take stay
-    float."""
+    float. A matrix the store keeps quantized keeps its own codes (the kernel form, else dequantized once)."""
+    if isinstance(weight, RowStack):
+        return RowStack([compress_matrix(p, resident_format) for p in weight.parts])
+    if isinstance(weight, AffineMatrix):
+        packed = PackedMatrix.from_quantized(weight.q)
+        return weight.dequantize() if packed is None else packed
     if resident_format == "bf16":
         return Bf16Matrix(weight.to(torch.bfloat16))
     if resident_format in ("int8", "int4"):

@@ -49,6 +49,7 @@ class QuantBlob:
     down_packed: int
     down_scales: int
     down_biases: int
+    scale_bf16: bool = False  # scales and biases in bfloat16 (MLX imports) rather than float16
 
     @classmethod
     def from_layout(cls, layout: BlobLayout, bits: int, group_size: int) -> "QuantBlob":
@@ -56,7 +57,7 @@ class QuantBlob:
         two_i, packed_h = seg["gate_up.packed"].shape
         return cls(
             hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
-            blob_bytes=layout.blob_bytes,
+            blob_bytes=layout.blob_bytes, scale_bf16=seg["gate_up.scales"].dtype == "bfloat16",
             **{name.replace(".", "_"): seg[name].offset for name in
                ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases")},
         )
@@ -122,8 +123,16 @@ def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, 
 if triton is not None:
 
     @triton.jit
+    def _scale_pointers(base, scales_off, biases_off, SCALE_BF16: tl.constexpr):
+        """The scale and bias arrays of a blob, as float16 or bfloat16 pointers."""
+        if SCALE_BF16:
+            return ((base + scales_off).to(tl.pointer_type(tl.bfloat16)),
+                    (base + biases_off).to(tl.pointer_type(tl.bfloat16)))
+        return (base + scales_off).to(tl.pointer_type(tl.float16)), (base + biases_off).to(tl.pointer_type(tl.float16))
+
+    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
-                      BITS: tl.constexpr, GROUP: tl.constexpr):
+                      BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_BF16: tl.constexpr):
         """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
         per_byte: tl.constexpr = 8 // BITS
         row_bytes = in_features // per_byte
@@ -131,8 +140,7 @@ if triton is not None:
                          mask=row_mask[:, None], other=0)
         codes = (packed.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
         groups = in_features // GROUP
-        scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
-        bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        scale_ptr, bias_ptr = _scale_pointers(base, scales_off, biases_off, SCALE_BF16)
         g = k0 // GROUP
         scale = tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
@@ -140,7 +148,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_tile(base, packed_off, scales_off, biases_off, rows, row_mask, x_ptr, k0, in_features,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr):
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_BF16: tl.constexpr):
         """sum_k W[rows, k] x[k] over k in [k0, k0 + BLOCK_B * 8 / BITS), W dequantized on the fly -> [rows].
 
         Decode is a matrix-vector product bound by bytes: each row's packed bytes are read as one contiguous
@@ -160,10 +168,9 @@ if triton is not None:
         x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
         g = k0 // GROUP + tl.arange(0, n_groups)
         groups = in_features // GROUP
-        scale = tl.load((base + scales_off).to(tl.pointer_type(tl.float16)) + rows[:, None] * groups + g[None, :],
-                        mask=row_mask[:, None], other=0.0).to(tl.float32)
-        bias = tl.load((base + biases_off).to(tl.pointer_type(tl.float16)) + rows[:, None] * groups + g[None, :],
-                       mask=row_mask[:, None], other=0.0).to(tl.float32)
+        scale_ptr, bias_ptr = _scale_pointers(base, scales_off, biases_off, SCALE_BF16)
+        scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
         return tl.sum(per_group * scale + bias * x_sum[None, :], axis=1)
 
     @triton.jit
@@ -179,7 +186,7 @@ if triton is not None:
     @triton.jit
     def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
                                gu_biases, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_B: tl.constexpr):
+                               BLOCK_B: tl.constexpr, SCALE_BF16: tl.constexpr):
         e = tl.program_id(0)
         base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,8 +194,8 @@ if triton is not None:
         gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_B * (8 // BITS)):
-            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B)
-            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B)
+            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_BF16)
+            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_BF16)
         act = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
@@ -215,7 +222,8 @@ if triton is not None:
     def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
                                act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                               SCALE_BF16: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
@@ -226,8 +234,8 @@ if triton is not None:
         for k0 in range(0, H, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
-            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP)
-            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP)
+            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP, SCALE_BF16)
+            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP, SCALE_BF16)
             acc_g += _dot_weights_t(xt, wg, IEEE)
             acc_u += _dot_weights_t(xt, wu, IEEE)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -238,7 +246,7 @@ if triton is not None:
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, base_ptr, shared_ptr,
                                   shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                                  EPILOGUE: tl.constexpr):
+                                  EPILOGUE: tl.constexpr, SCALE_BF16: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -247,7 +255,7 @@ if triton is not None:
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
-                                   BLOCK_B)
+                                   BLOCK_B, SCALE_BF16)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         if EPILOGUE:  # the layer's end: residual + sigmoid(gate) * shared expert + routed experts
             gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
@@ -259,7 +267,8 @@ if triton is not None:
     def _down_grouped_kernel(act_ptr, slab_ptr, slot_ptr, pair_weight_ptr, tile_expert_ptr, tile_row_ptr,
                              expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                               SCALE_BF16: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,7 +277,7 @@ if triton is not None:
         for k0 in range(0, I, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
-            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP)
+            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP, SCALE_BF16)
             acc += _dot_weights_t(a, w, IEEE)
         acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -324,7 +333,7 @@ def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert
     _gate_up_swiglu_kernel[grid](
         x, slab, slots, token_of, tile_expert, tile_row, expert_start, act, qb.hidden, qb.intermediate, qb.blob_bytes,
         qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t,
-        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32)
+        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32, SCALE_BF16=qb.scale_bf16)
     return act
 
 
@@ -358,7 +367,7 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"]),
-                                 num_warps=num_warps or DECODE_TILE["num_warps"])
+                                 num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_BF16=qb.scale_bf16)
     return act
 
 
@@ -376,7 +385,8 @@ def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | N
         slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
         BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
         BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
-        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None)
+        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None,
+        SCALE_BF16=qb.scale_bf16)
     return out
 
 
@@ -390,5 +400,5 @@ def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, exp
     _down_grouped_kernel[grid](
         act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32)
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32, SCALE_BF16=qb.scale_bf16)
     return y

@@ -20,7 +20,7 @@ from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
-from ..kernels.linear import linear
+from ..kernels.linear import cat_rows, embedding, is_matrix, linear
 from ..kernels.moe import swiglu_mlp
 from . import ResidentItem
 
@@ -147,13 +147,15 @@ def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
     r = nv // nk
 
     def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rows only, so it serves a quantized matrix's codes, scales and biases alike."""
         qkvz, ba = ts
-        w = qkvz.reshape(nk, 2 * hk + 2 * r * hv, hidden)
+        cols = qkvz.shape[-1]
+        w = qkvz.reshape(nk, 2 * hk + 2 * r * hv, cols)
         q, k, v, z = torch.split(w, [hk, hk, r * hv, r * hv], dim=1)
-        qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
-        b, a = torch.split(ba.reshape(nk, 2 * r, hidden), [r, r], dim=1)
-        return [qkv.contiguous(), z.reshape(-1, hidden).contiguous(), b.reshape(-1, hidden).contiguous(),
-                a.reshape(-1, hidden).contiguous()]
+        qkv = torch.cat([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
+        b, a = torch.split(ba.reshape(nk, 2 * r, ba.shape[-1]), [r, r], dim=1)
+        return [qkv.contiguous(), z.reshape(-1, cols).contiguous(), b.reshape(-1, ba.shape[-1]).contiguous(),
+                a.reshape(-1, ba.shape[-1]).contiguous()]
 
     items = []
     for i, kind in enumerate(cfg.layer_types):
@@ -164,6 +166,21 @@ def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
                 [p + "in_proj_qkv.weight", p + "in_proj_z.weight", p + "in_proj_b.weight", p + "in_proj_a.weight"],
                 split))
     return items
+
+
+# mlx-lm's sanitize() (models/qwen3_5.py, qwen3_next.py) stores these zero-centred norms as 1 + w
+MLX_SHIFTED_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                     ".q_norm.weight", ".k_norm.weight")
+
+
+def from_mlx(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A float tensor of an mlx-lm checkpoint as the HF checkpoint has it: mlx-lm moved the conv1d weight's kernel
+    axis last-but-one ([C, K, 1]) and added 1 to the zero-centred norms (in float32 here: exact)."""
+    if name.endswith("conv1d.weight") and t.dim() == 3 and t.shape[-1] == 1:
+        return t.transpose(1, 2).contiguous()
+    if name.endswith(MLX_SHIFTED_NORMS) and t.dim() == 1:
+        return t.float() - 1.0
+    return t
 
 
 def expert_prefix(layer: int) -> str:
@@ -270,13 +287,13 @@ class Qwen3NextModel:
         for fused_name, parts in groups.items():
             names = [p + part + ".weight" for part in parts]
             if all(n in self.w for n in names):
-                self.w[fused_name] = torch.cat([self.w.pop(n) for n in names])
+                self.w[fused_name] = cat_rows([self.w.pop(n) for n in names])
 
     def compress_matrices(self, compress) -> None:
         """Replace every projection weight (everything multiplied by `linear`: not the embedding table, norms, the
         conv or the gates' vectors) by compress(weight); the head gets its own copy when tied to the embedding."""
         for name, t in self.w.items():
-            if t.dim() == 2 and name != "model.embed_tokens.weight":
+            if is_matrix(t) and name != "model.embed_tokens.weight":
                 self.w[name] = compress(t)
         self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
 
@@ -289,7 +306,7 @@ class Qwen3NextModel:
         return SequenceState(layers=layers)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.embed_weight)
+        return embedding(token_ids, self.embed_weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps)

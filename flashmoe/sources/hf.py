@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 # prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
 LANGUAGE_MODEL_PREFIX = "model.language_model."
 LEFT_OUT_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
 
-BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
@@ -25,9 +25,12 @@ class TensorInfo:
     source_name: str  # the name inside the file
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
+    stored_bytes: int | None = None  # what a quantized source holds for it (sources/mlx.py), else dtype x shape
 
     @property
     def nbytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         n = BYTES_PER_DTYPE.get(self.dtype, 4)
         for d in self.shape:
             n *= d

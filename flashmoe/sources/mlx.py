@@ -1,0 +1,269 @@
+"""mlx-lm checkpoints (mlx-community's `*-4bit`, `*-8bit`, ...) read as the Hugging Face checkpoint they came from.
+
+mlx-lm's `convert` quantizes every Linear and the embedding group-wise affine (w = q * scale + bias, bf16 scales and
+biases, codes packed into uint32 little end first: for 2, 4 and 8 bits the bytes are exactly flashmoe's packing), with
+per-module overrides in config.json's `quantization` (the routers at 8 bits). Its models' `sanitize()` also changed
+the layout; each change is undone here or by the family (`models/<family>.py: from_mlx`):
+  - the multimodal wrapper's `language_model.model.` / `language_model.lm_head.` prefixes    -> `model.` / `lm_head.`
+  - routed experts stacked as `mlp.switch_mlp.{gate,up,down}_proj` [E, ...]                  -> read one expert at a time
+  - quantized `X.weight` (uint32) + `X.scales` + `X.biases`                                  -> one quantized `X.weight`
+  - family layout (Qwen3.5 / Qwen3-Next: conv1d as [C, K, 1], zero-centred norms stored as 1 + w) -> `from_mlx`
+Quantized tensors are handed over as they are (QuantizedTensor: uint8 codes, the source's scales), so experts and
+resident matrices are repacked, never requantized; `get` dequantizes for what must be float.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import FlashMoeError
+from ..quant import QuantizedTensor, dequantize, unpack
+from .hf import FLOAT_DTYPES, TensorInfo
+
+PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision tower",
+                     "language_model.vision_tower.": "vision tower", "mtp.": "multi-token-prediction head"}
+SWITCH_MLP = ".mlp.switch_mlp."
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+REPACKED_BITS = (2, 4, 8)  # bit widths whose MLX bytes are flashmoe's packing; others are dequantized
+
+
+def mlx_quantization(raw: dict) -> dict | None:
+    """config.json's MLX quantization block, or None for a checkpoint mlx-lm did not quantize. HF quantization configs
+    (FP8, compressed-tensors, ...) carry a quant_method; MLX's do not."""
+    q = raw.get("quantization", raw.get("quantization_config"))
+    if isinstance(q, dict) and "quant_method" not in q and "bits" in q and "group_size" in q:
+        return q
+    return None
+
+
+def is_mlx_checkpoint(folder: Path, raw: dict) -> bool:
+    return mlx_quantization(raw) is not None or _metadata_format(folder) == "mlx"
+
+
+def _metadata_format(folder: Path) -> str | None:
+    for file in sorted(folder.glob("*.safetensors"))[:1]:
+        try:
+            with safe_open(str(file), "pt") as f:
+                return (f.metadata() or {}).get("format")
+        except Exception:  # the HF reader names a damaged file
+            return None
+    return None
+
+
+def canonical_name(key: str) -> str:
+    for prefix, replacement in PREFIXES:
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
+    return key.removeprefix("language_model.")
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """MLX's packing for any width (3, 5 and 6 bits run across byte boundaries): element i of a row is bits
+    [i * bits, (i + 1) * bits) of the row's little-endian bit stream. uint8 [rows, n] -> uint8 codes [rows, cols]."""
+    if bits in REPACKED_BITS:
+        return unpack(packed, bits)[:, :cols]
+    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [rows, n, 8], LSB first
+    stream = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
+    return (stream.to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [rows, cols] of a QuantizedTensor of any MLX width."""
+    if q.bits in REPACKED_BITS:
+        return dequantize(q, dtype)
+    codes = unpack_codes(q.packed, q.bits, cols).to(dtype).reshape(q.packed.shape[0], -1, q.group_size)
+    w = codes * q.scales.to(dtype).unsqueeze(-1) + q.biases.to(dtype).unsqueeze(-1)
+    return w.reshape(q.packed.shape[0], cols)
+
+
+class MlxCheckpoint:
+    """The tensors of an MLX checkpoint under the HF checkpoint's names. A quantized matrix's info has the float shape
+    it stands for (so config checks read as for HF), `quant(name)` its (bits, group_size), `get_quantized(name)` its
+    codes; routed experts are `expert(layer, e)` (MlxExpertSource reads them)."""
+
+    def __init__(self, folder: Path, raw_config: dict, from_mlx: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.folder, self.from_mlx = folder, from_mlx
+        q = mlx_quantization(raw_config) or {}
+        mode = q.get("mode", "affine")
+        if mode != "affine":
+            raise FlashMoeError(f"{folder}: MLX quantization mode {mode!r} is not supported yet (flashmoe imports "
+                                "'affine'); convert the original checkpoint instead")
+        self.default_quant = (q["bits"], q["group_size"]) if q else None
+        self.overrides = {path: v for path, v in q.items() if isinstance(v, (dict, bool))}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.quantized: dict[str, tuple[int, int]] = {}  # HF name -> (bits, group_size)
+        self.left_out: dict[str, list[int]] = {}
+        self._parts: dict[str, dict[str, TensorInfo]] = {}  # HF name -> {"weight"|"scales"|"biases": raw tensor}
+        self._handles: dict[Path, object] = {}
+        raw = {}
+        for file in self._files():
+            raw.update(self._index(file))
+        self._assemble(raw)
+
+    def _files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                raise FlashMoeError(f"cannot read {index}: {exc}") from None
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FlashMoeError(f"{index.name} lists {missing[0]}, which is missing from {self.folder}")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise FlashMoeError(f"{self.folder} has no *.safetensors files")
+        return files
+
+    def _index(self, file: Path) -> dict[str, TensorInfo]:
+        try:
+            handle = safe_open(str(file), "pt")
+            handle.__enter__()
+            keys = list(handle.keys())
+        except Exception as exc:
+            raise FlashMoeError(f"cannot read {file}: {exc}") from None
+        self._handles[file] = handle
+        out = {}
+        for key in keys:
+            sl = handle.get_slice(key)
+            info = TensorInfo(file, key, sl.get_dtype(), tuple(sl.get_shape()))
+            left_out = next((what for p, what in LEFT_OUT_PREFIXES.items() if key.startswith(p)), None)
+            if left_out:
+                count = self.left_out.setdefault(left_out, [0, 0])
+                count[0], count[1] = count[0] + 1, count[1] + info.nbytes
+                continue
+            out[key] = info
+        return out
+
+    def _quant_of(self, key: str) -> tuple[int, int]:
+        """(bits, group_size) of the module whose weight is `key`, from its override or the default."""
+        module = key.removesuffix(".weight")
+        override = self.overrides.get(module)
+        if isinstance(override, dict):
+            return override["bits"], override["group_size"]
+        if self.default_quant is None:
+            raise FlashMoeError(f"{self.folder}: tensor {key} is quantized but config.json has no 'quantization' block")
+        return self.default_quant
+
+    def _assemble(self, raw: dict[str, TensorInfo]) -> None:
+        for key, info in raw.items():
+            if key.endswith((".scales", ".biases")):
+                continue
+            base = key.removesuffix(".weight")
+            scales, biases = raw.get(base + ".scales"), raw.get(base + ".biases")
+            name = canonical_name(key)
+            if scales is None:
+                if info.dtype not in FLOAT_DTYPES:
+                    raise FlashMoeError(f"tensor {key} in {info.file.name} is {info.dtype} without scales: not an MLX "
+                                        "tensor flashmoe can read")
+                hf_shape = tuple(self.from_mlx(name, torch.empty(info.shape, device="meta")).shape)
+                self.tensors[name] = TensorInfo(info.file, key, info.dtype, hf_shape)
+                continue
+            if biases is None or info.dtype != "U32":
+                raise FlashMoeError(f"tensor {key} in {info.file.name} has scales but is {info.dtype}"
+                                    f"{' and has no biases' if biases is None else ''}: only MLX affine "
+                                    "quantization (uint32 codes, scales, biases) is supported")
+            bits, group_size = self._quant_of(key)
+            cols = info.shape[-1] * 32 // bits
+            if scales.shape[-1] * group_size != cols or scales.shape != biases.shape:
+                raise FlashMoeError(f"tensor {key}: {info.shape[-1]} uint32 words at {bits} bits hold {cols} weights, "
+                                    f"but its scales {list(scales.shape)} at group size {group_size} cover "
+                                    f"{scales.shape[-1] * group_size}: config.json's quantization does not match the file")
+            stored = sum(t.nbytes for t in (info, scales, biases))
+            self.tensors[name] = TensorInfo(info.file, key, scales.dtype, (*info.shape[:-1], cols), stored)
+            self.quantized[name] = (bits, group_size)
+            self._parts[name] = {"weight": info, "scales": scales, "biases": biases}
+
+    # ---- the Checkpoint interface ----------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def quant(self, name: str) -> tuple[int, int] | None:
+        return self.quantized.get(name)
+
+    def _read(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
+        try:
+            handle = self._handles[info.file]
+            return handle.get_tensor(info.source_name) if index is None else handle.get_slice(info.source_name)[index]
+        except Exception as exc:
+            raise FlashMoeError(f"cannot read tensor {info.source_name} from {info.file}: {exc}") from None
+
+    def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
+        """A quantized matrix (or row `index` of a stacked one) as uint8 codes in MLX's packing, scales, biases."""
+        parts = self._parts[name]
+        bits, group_size = self.quantized[name]
+        words, scales, biases = (self._read(parts[k], index) for k in ("weight", "scales", "biases"))
+        packed = words.contiguous().view(torch.uint8).reshape(*words.shape[:-1], -1)
+        return QuantizedTensor(packed, scales, biases, bits, group_size)
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor as the HF checkpoint holds it: quantized matrices dequantized (bf16), the family's layout."""
+        info = self.tensors[name]
+        if name in self.quantized:
+            q = self.get_quantized(name, index)
+            return dequantize_any(q, info.shape[-1]).to(SCALE_FLOAT.get(info.dtype, torch.bfloat16))
+        return self.from_mlx(name, self._read(info, index))
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        return self.get(name, index)
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+SCALE_FLOAT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class MlxExpertSource:
+    """One layer's routed experts from mlx-lm's stacked `switch_mlp` tensors: an expert's gate and up rows stacked into
+    one [2I, H] matrix, as flashmoe's blobs hold them, codes and scales untouched."""
+
+    def __init__(self, ckpt: MlxCheckpoint, layer: int, hidden: int, inter: int, num_experts: int):
+        self.ckpt = ckpt
+        self.names = {p: f"model.layers.{layer}{SWITCH_MLP}{p}.weight" for p in PROJECTIONS}
+        want = {"gate_proj": (num_experts, inter, hidden), "up_proj": (num_experts, inter, hidden),
+                "down_proj": (num_experts, hidden, inter)}
+        for p, name in self.names.items():
+            if not ckpt.has(name):
+                raise FlashMoeError(f"MLX checkpoint {ckpt.folder} has no mlp.switch_mlp.{p} for layer {layer} (its "
+                                    "routed experts): not an mlx-lm checkpoint of this architecture")
+            if ckpt.info(name).shape != want[p]:
+                raise FlashMoeError(f"MLX tensor {ckpt.info(name).source_name} has shape {list(ckpt.info(name).shape)}"
+                                    f" but config.json implies {list(want[p])}: the checkpoint does not match its config")
+        quants = {ckpt.quant(n) for n in self.names.values()}
+        if len(quants) > 1:
+            raise FlashMoeError(f"layer {layer}'s expert projections differ in quantization ({sorted(map(str, quants))});"
+                                " convert with --requantize --bits N")
+        self.quant = quants.pop()  # (bits, group_size), or None when the experts are float
+        scales = {ckpt._parts[n]["scales"].dtype for n in self.names.values()} if self.quant else {"BF16"}
+        self.scale_dtype = SCALE_FLOAT[scales.pop()]
+        self.source_bytes = sum(ckpt.info(n).nbytes for n in self.names.values())
+        self.dtype = torch.bfloat16 if self.quant else SCALE_FLOAT[ckpt.info(self.names["gate_proj"]).dtype]
+
+    def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (gate_up [2I, H], down [H, I]) in float (dequantized), for --requantize or an unquantized source."""
+        gate, up, down = (self.ckpt.get(self.names[p], expert) for p in PROJECTIONS)
+        return torch.cat([gate, up]), down
+
+    def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's blob tensors, repacked: gate_up.packed / .scales / .biases, down.*."""
+        gate, up, down = (self.ckpt.get_quantized(self.names[p], expert) for p in PROJECTIONS)
+        out = {}
+        for name, parts in (("gate_up", (gate, up)), ("down", (down,))):
+            out[f"{name}.packed"] = torch.cat([q.packed for q in parts])
+            out[f"{name}.scales"] = torch.cat([q.scales for q in parts])
+            out[f"{name}.biases"] = torch.cat([q.biases for q in parts])
+        return out
+

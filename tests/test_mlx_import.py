@@ -1,0 +1,150 @@
+"""MLX checkpoints (mlx-lm's converter writes them here, as it writes mlx-community's) import without requantizing and
+run as mlx-lm runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import hf_as_mlx_lm_reads_it, mlx_logits, rel_error
+from safetensors.torch import load_file
+
+import flashmoe
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.models import qwen3_next
+from flashmoe.quant import QuantizedTensor
+from flashmoe.sources import hf, mlx
+from flashmoe.store import Store
+
+pytest.importorskip("mlx_lm")
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 88, 61, 400, 2, 9, 33, 120]
+
+
+def to_torch(a) -> torch.Tensor:
+    return torch.from_numpy(np.array(a.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("arch,bits,group", [("qwen3_5_moe_vl", 4, 32), ("qwen3_next", 4, 64), ("qwen3_5_moe_vl", 8, 64)])
+def test_mlx_checkpoint_runs_as_mlx_lm_runs_it(built, arch, bits, group):
+    ours = flashmoe.load(built.mlx_store(arch, bits, group)).logits(PROMPT)
+    ref = mlx_logits(built.mlx_checkpoint(arch, bits, group), PROMPT)
+    # the rest is the CPU kernel's bf16 activations and scale/zero pairs (mlx-lm's own bf16 run is 1.6% off)
+    assert rel_error(ours, ref) < 0.01
+    # where the top token differs, it is a near tie in mlx-lm's logits too (random models have many)
+    picked = ref.gather(1, ours.argmax(-1, keepdim=True))[:, 0]
+    assert torch.all(ref.amax(-1) - picked <= 4 * (ours - ref).pow(2).mean().sqrt())
+
+
+def test_codes_and_scales_are_repacked_not_requantized(built):
+    folder = built.mlx_checkpoint("qwen3_5_moe_vl", 4, 32)
+    store = Store(built.mlx_store("qwen3_5_moe_vl", 4, 32))
+    q = store.manifest["quantization"]
+    assert (q["bits"], q["group_size"], q["scale_dtype"]) == (4, 32, "bfloat16")
+    assert store.manifest["source"]["experts"] == "repacked"
+    quantized = store.resident_quantized
+    assert quantized["model.layers.0.mlp.gate.weight"] == {"bits": 8, "group_size": 64}  # mlx-lm's router override
+    assert quantized["model.layers.3.self_attn.o_proj.weight"] == {"bits": 4, "group_size": 32}
+    assert quantized["model.embed_tokens.weight"] == {"bits": 4, "group_size": 32}
+    assert "model.layers.0.linear_attn.conv1d.weight" not in quantized
+
+    weights = mx.load(str(folder / "model.safetensors"))
+    layer, expert = 2, 5
+    loc = store.expert_location(layer, expert)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        blob = torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8)
+    views = store.layout.unpack(blob)
+    p = f"language_model.model.layers.{layer}.mlp.switch_mlp."
+
+    def mlx_bytes(proj: str, part: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(weights[p + proj + part][expert].view(mx.uint8)))
+
+    for name, projs in (("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+        for part, field in ((".weight", "packed"), (".scales", "scales"), (".biases", "biases")):
+            ours = views[f"{name}.{field}"]
+            assert torch.equal(ours.contiguous().view(torch.uint8).flatten(),
+                               torch.cat([mlx_bytes(proj, part).flatten() for proj in projs])), (name, field)
+    assert views["gate_up.scales"].dtype == torch.bfloat16  # not rounded to float16
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe_vl", "qwen3_next"])
+def test_each_sanitize_change_is_undone(built, arch, tmp_path):
+    """mlx-lm's sanitize() on the float checkpoint, then ours backwards: the conv1d layout and the norms' +1 come back
+    to the HF tensors (float32 here, so mlx-lm's +1 rounds nothing away)."""
+    from mlx_lm import load
+
+    source = hf_as_mlx_lm_reads_it(built.checkpoint(arch), tmp_path / "hf")
+    model, _ = load(str(built.mlx_checkpoint(arch, 4, 32)))
+    tensors = load_file(source / "model.safetensors")
+    original = {hf.canonical_name(k): v.float() for k, v in tensors.items()}
+    sanitized = model.sanitize({k: mx.array(v.float().numpy()) for k, v in tensors.items()})
+    checked = set()
+    for key, value in sanitized.items():
+        name = mlx.canonical_name(key)
+        if name not in original or ".switch_mlp." in name:
+            continue
+        back = qwen3_next.from_mlx(name, to_torch(value))
+        assert back.shape == original[name].shape, name
+        torch.testing.assert_close(back.float(), original[name], rtol=0, atol=1e-6, msg=name)
+        checked.add(name.rsplit(".", 2)[-2])
+    assert {"conv1d", "input_layernorm", "q_norm", "norm"} <= checked
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_odd_widths_unpack_as_mlx_packs_them(bits):
+    w = mx.random.normal((8, 128))
+    packed, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    q = QuantizedTensor(torch.from_numpy(np.array(packed)).view(torch.uint8), to_torch(scales), to_torch(biases), bits, 32)
+    ours = mlx.dequantize_any(q, 128)
+    assert torch.equal(ours, to_torch(mx.dequantize(packed, scales, biases, group_size=32, bits=bits)))
+
+
+def test_bits_on_an_mlx_source_needs_requantize(built, run_cli, tmp_path):
+    folder = built.mlx_checkpoint("qwen3_5_moe_vl", 4, 32)
+    code, out, err = run_cli("convert", folder, tmp_path / "a", "--bits", "8")
+    assert code != 0 and "--requantize" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("convert", folder, tmp_path / "b", "--requantize", "--bits", "8")
+    assert code == 0, err
+    store = Store(tmp_path / "b")
+    assert store.quantization["bits"] == 8 and store.manifest["source"]["experts"] == "requantized"
+    # 4-bit codes sit on the 8-bit grid of the same range: requantizing loses only the scales' float16 rounding
+    ours = flashmoe.load(tmp_path / "b").logits(PROMPT)
+    assert rel_error(ours, mlx_logits(folder, PROMPT)) < 0.01
+
+
+def test_mlx_widths_the_kernels_do_not_read_need_requantize(built, tmp_path):
+    folder = built.mlx_checkpoint("qwen3_next", 3, 32)
+    with pytest.raises(FlashMoeError, match="3-bit.*--requantize"):
+        convert(folder, tmp_path / "a")
+    store = convert(folder, tmp_path / "b", requantize=True, bits=8)
+    manifest = Store(store).manifest
+    # 3-bit resident matrices are dequantized; mlx-lm's 8-bit routers stay quantized
+    assert {q["bits"] for q in manifest["resident"]["quantized"].values()} == {8}
+    ours = flashmoe.load(store).logits(PROMPT)
+    assert rel_error(ours, mlx_logits(folder, PROMPT)) < 0.02
+
+
+def _edited_copy(folder, tmp_path, edit) -> object:
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    edit(cfg)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["quantization"].update(mode="mxfp4"), "mode 'mxfp4' is not supported"),
+    (lambda c: c["quantization"].update(group_size=64), "does not match the file"),
+])
+def test_an_mlx_config_we_cannot_read_is_one_clear_line(built, tmp_path, edit, message):
+    copy = _edited_copy(built.mlx_checkpoint("qwen3_5_moe_vl", 4, 32), tmp_path, edit)
+    with pytest.raises(FlashMoeError, match=message):
+        convert(copy, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
