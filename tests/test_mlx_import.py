@@ -148,3 +148,17 @@ def test_an_mlx_config_we_cannot_read_is_one_clear_line(built, tmp_path, edit, m
     with pytest.raises(FlashMoeError, match=message):
         convert(copy, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.gpu
+def test_mlx_store_on_the_gpu_runs_as_mlx_lm(built):
+    """Quantized residents on the GPU: the Triton matrix-vector kernel for decode (in the CUDA graphs), slices
+    dequantized into GEMMs for the prompt; both as mlx-lm's forward pass."""
+    arch, bits, group = "qwen3_5_moe_vl", 4, 32
+    ref = mlx_logits(built.mlx_checkpoint(arch, bits, group), PROMPT)
+    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(built.mlx_store(arch, bits, group), device="cuda", dtype=dtype)
+        assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
+        state = model.new_state()
+        parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
+        assert rel_error(torch.cat(parts), ref) < bound

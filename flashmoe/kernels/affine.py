@@ -1,31 +1,45 @@
 """Resident matrices kept quantized, as an MLX checkpoint has them (group-wise affine codes, scales, biases), and the
-dispatch that lets the model treat them like weight tensors: `linear`, `embedding`, `cat_rows`."""
+forms the model treats like weight tensors through kernels/linear.py: `linear`, `embedding`, `cat_rows`."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..quant import QuantizedTensor, dequantize
+from . import moe_triton as mt
+
+GEMV_MAX_ROWS = 2  # the GPU kernel reads the matrix once per row of x; past this, dequantize and one GEMM
+DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
+ALIGN = 64
 
 
-@dataclass
 class AffineMatrix:
-    """A [N, K] matrix as codes, scales and biases; multiplies itself (kernels/linear.py). `dtype` is what it hands
-    back: activations and dequantized rows."""
+    """A [N, K] matrix as codes, scales and biases, held in one buffer (a kernel reads all three from one pointer);
+    multiplies itself. `dtype` is what it hands back: products and dequantized rows. On a GPU one or two rows of x
+    go through a Triton matrix-vector kernel that reads the codes (moe_triton.affine_gemv); more dequantize a slice
+    at a time into one GEMM."""
 
-    q: QuantizedTensor
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.q.shape
+    def __init__(self, q: QuantizedTensor, dtype: torch.dtype):
+        self.dtype, self.shape = dtype, q.shape
+        parts, offsets, total = (q.packed, q.scales, q.biases), [], 0
+        for t in parts:
+            offsets.append(total)
+            total = -(-(total + t.numel() * t.element_size()) // ALIGN) * ALIGN
+        self.blob = torch.empty(total, dtype=torch.uint8, device=q.packed.device)
+        views = []
+        for t, offset in zip(parts, offsets):
+            view = self.blob[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            views.append(view)
+        self.q = QuantizedTensor(*views, q.bits, q.group_size)
+        self.offsets = tuple(offsets)
+        self.block_b = (mt.affine_gemv_block_bytes(q.bits, q.group_size, self.shape[1])
+                        if self.device.type == "cuda" and mt.triton_available() else None)
 
     @property
     def device(self) -> torch.device:
-        return self.q.packed.device
+        return self.blob.device
 
     @property
     def scheme(self) -> tuple:
@@ -35,14 +49,24 @@ class AffineMatrix:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.q, torch.float32).to(dtype or self.dtype)
 
+    def _slice(self, rows) -> QuantizedTensor:
+        return QuantizedTensor(self.q.packed[rows], self.q.scales[rows], self.q.biases[rows], self.q.bits,
+                               self.q.group_size)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` dequantized: an embedding lookup, [*ids.shape, K]."""
-        flat = ids.reshape(-1)
-        q = QuantizedTensor(self.q.packed[flat], self.q.scales[flat], self.q.biases[flat], self.q.bits, self.q.group_size)
-        return dequantize(q, torch.float32).to(self.dtype).view(*ids.shape, self.shape[1])
+        return dequantize(self._slice(ids.reshape(-1)), torch.float32).to(self.dtype).view(*ids.shape, self.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
+        (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
+        if self.block_b is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+            y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
+                               self.q.scales.dtype == torch.bfloat16, self.block_b)
+        else:
+            step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+            y = torch.cat([F.linear(rows, dequantize(self._slice(slice(i, i + step)), torch.float32).to(x.dtype))
+                           for i in range(0, n, step)], dim=-1)
+        return y.view(*x.shape[:-1], n)
 
     @staticmethod
     def cat(parts: list["AffineMatrix"]) -> "AffineMatrix":
@@ -52,12 +76,12 @@ class AffineMatrix:
                                             torch.cat([t.biases for t in q]), q[0].bits, q[0].group_size), parts[0].dtype)
 
 
-@dataclass
 class RowStack:
     """Matrices of different forms that read one input (an MLX router at 8 bits beside a 4-bit shared expert): the
     product is theirs side by side."""
 
-    parts: list
+    def __init__(self, parts: list):
+        self.parts = parts
 
     @property
     def shape(self) -> tuple[int, int]:

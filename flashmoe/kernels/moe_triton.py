@@ -123,14 +123,6 @@ def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, 
 if triton is not None:
 
     @triton.jit
-    def _scale_pointers(base, scales_off, biases_off, SCALE_BF16: tl.constexpr):
-        """The scale and bias arrays of a blob, as float16 or bfloat16 pointers."""
-        if SCALE_BF16:
-            return ((base + scales_off).to(tl.pointer_type(tl.bfloat16)),
-                    (base + biases_off).to(tl.pointer_type(tl.bfloat16)))
-        return (base + scales_off).to(tl.pointer_type(tl.float16)), (base + biases_off).to(tl.pointer_type(tl.float16))
-
-    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
                       BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_BF16: tl.constexpr):
         """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
@@ -140,7 +132,12 @@ if triton is not None:
                          mask=row_mask[:, None], other=0)
         codes = (packed.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
         groups = in_features // GROUP
-        scale_ptr, bias_ptr = _scale_pointers(base, scales_off, biases_off, SCALE_BF16)
+        if SCALE_BF16:  # a constexpr branch: each compiled kernel has one pointer type
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
+        else:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
         g = k0 // GROUP
         scale = tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
@@ -168,7 +165,12 @@ if triton is not None:
         x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
         g = k0 // GROUP + tl.arange(0, n_groups)
         groups = in_features // GROUP
-        scale_ptr, bias_ptr = _scale_pointers(base, scales_off, biases_off, SCALE_BF16)
+        if SCALE_BF16:  # a constexpr branch: each compiled kernel has one pointer type
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
+        else:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
         scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
         return tl.sum(per_group * scale + bias * x_sum[None, :], axis=1)
@@ -262,6 +264,20 @@ if triton is not None:
             shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
             out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32) + gate * shared
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _affine_gemv_kernel(x_ptr, blob_ptr, out_ptr, N, K, packed_off, scales_off, biases_off, BITS: tl.constexpr,
+                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                            SCALE_BF16: tl.constexpr):
+        """out[t] = W x[t] for a resident matrix kept quantized (one blob: codes, scales, biases); rows of t apart."""
+        t = tl.program_id(1).to(tl.int64)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_B * (8 // BITS)):
+            acc += _gemv_tile(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, x_ptr + t * K, k0, K, BITS, GROUP,
+                              BLOCK_B, SCALE_BF16)
+        tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _down_grouped_kernel(act_ptr, slab_ptr, slot_ptr, pair_weight_ptr, tile_expert_ptr, tile_row_ptr,
@@ -402,3 +418,25 @@ def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, exp
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32, SCALE_BF16=qb.scale_bf16)
     return y
+
+
+def affine_gemv_block_bytes(bits: int, group_size: int, in_features: int) -> int | None:
+    """Packed bytes per row per step of affine_gemv (whole groups dividing in_features), None if none fits."""
+    per_byte = 8 // bits
+    for block_b in (512, 256, 128, 64, 32, 16, 8, 4):
+        if block_b * per_byte % group_size == 0 and in_features % (block_b * per_byte) == 0:
+            return block_b
+    return None
+
+
+def affine_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
+                offsets: tuple[int, int, int], scale_bf16: bool, block_b: int) -> torch.Tensor:
+    """x [T, K] @ W^T for a quantized resident matrix W [N, K] stored as one uint8 blob (codes, scales and biases at
+    `offsets`): each row of x reads W once, so for a few rows only (decode)."""
+    n, k = shape
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    block_n = DECODE_TILE["block_n"]
+    _affine_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
+        x, blob, out, n, k, *offsets, BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        SCALE_BF16=scale_bf16, num_warps=DECODE_TILE["num_warps"])
+    return out

@@ -1,0 +1,56 @@
+"""Resident matrices kept quantized (kernels/affine.py): the Triton matrix-vector kernel against dequantization, on
+odd shapes, every width and both scale dtypes; stacking and row lookups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_error
+from flashmoe.kernels import moe_triton as mt
+from flashmoe.kernels.affine import AffineMatrix, RowStack
+from flashmoe.kernels.linear import cat_rows, embedding, linear
+from flashmoe.quant import QuantizedTensor, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matrix(n: int, k: int, bits: int, group: int, scale_dtype=torch.bfloat16, seed: int = 0,
+           dtype=torch.float32) -> AffineMatrix:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q = quantize(w, bits, group)
+    q = QuantizedTensor(q.packed, q.scales.to(scale_dtype), q.biases.to(scale_dtype), bits, group)
+    return AffineMatrix(QuantizedTensor(*(t.to(DEVICE) for t in (q.packed, q.scales, q.biases)), bits, group), dtype)
+
+
+@pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("n,k,bits,group", [(37, 96, 4, 32), (16, 64, 8, 64), (50, 128, 2, 32), (9, 256, 4, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gemv_kernel_matches_dequantized_product(n, k, bits, group, scale_dtype, rows):
+    m = matrix(n, k, bits, group, scale_dtype, seed=n + k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    block_b = mt.affine_gemv_block_bytes(bits, group, k)
+    y = mt.affine_gemv(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, block_b)
+    assert rel_error(y, F.linear(x, m.dequantize(torch.float32))) < 1e-5
+
+
+def test_product_rows_and_stacks_agree_with_the_dense_matrix():
+    a, b = matrix(24, 64, 4, 32, seed=1), matrix(8, 64, 4, 32, seed=2)
+    router = matrix(6, 64, 8, 64, seed=3)
+    dense = torch.cat([a.dequantize(), b.dequantize(), router.dequantize()])
+    x = torch.randn(5, 64, device=DEVICE)
+    stacked = cat_rows([a, b, router])
+    assert isinstance(stacked, RowStack) and [type(p) for p in stacked.parts] == [AffineMatrix, AffineMatrix]
+    assert stacked.shape == (38, 64) and stacked.parts[0].shape == (32, 64)  # a and b share a scheme: one matrix
+    assert rel_error(linear(x, stacked), F.linear(x, dense)) < 1e-6
+    ids = torch.tensor([[3, 0], [23, 7]], device=DEVICE)
+    assert torch.equal(embedding(ids, a), F.embedding(ids, a.dequantize()))
+
+
+def test_big_products_dequantize_a_slice_at_a_time(monkeypatch):
+    monkeypatch.setattr("flashmoe.kernels.affine.DEQUANT_CHUNK_ELEMENTS", 64 * 10)  # 10 rows a slice
+    m = matrix(37, 64, 4, 32)
+    x = torch.randn(3, 64, device=DEVICE)
+    assert rel_error(m(x), F.linear(x, m.dequantize())) < 1e-6
