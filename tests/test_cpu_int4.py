@@ -50,8 +50,8 @@ def test_kernel_form_error_is_small_next_to_the_stores_own(bits, group, hidden, 
     reference = swiglu_mlp(x, *dequantized)
     error = lambda y: ((y - reference).norm() / reference.norm()).item()  # noqa: E731
     kernel_error, store_error = error(form.forward(x, slot)), error(swiglu_mlp(x, *exact))
-    # the module docstring's claim: under a tenth of the store's error at 2 and 4 bits, under twice as much at 8
-    assert kernel_error < (2.0 if bits == 8 else 0.1) * store_error
+    # the module docstring's claim: under a tenth of the store's error at 2 and 4 bits, under the store's own at 8
+    assert kernel_error < (1.0 if bits == 8 else 0.1) * store_error
     assert kernel_error < 0.02
 
 

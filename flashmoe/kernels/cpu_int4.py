@@ -3,15 +3,15 @@
 torch's `_weight_int4pack_mm_for_cpu` computes x @ ((q - 8) * scale + zero)^T per group of the input dimension with
 vectorised bf16 (its fp16 and fp32 versions are scalar loops: 11x and 160x slower on an AVX2 machine). Our affine
 codes map onto it exactly: zero = bias + 8 * scale. A 2-bit code q is the int4 code q + 8 with zero = bias. An 8-bit
-code is 16 * high + low, so an 8-bit [N, K] matrix is one int4 matrix of 2N rows, the high nibbles' (scale 16s, zero
-128s) above the low ones' (s, b + 8s): one kernel call, whose two output halves add up to the product.
+code is 16 * high + low, so an 8-bit [N, K] matrix is one int4 matrix of 2N rows, the high nibbles' (scale 16s) above
+the low ones' (s): one kernel call, whose two output halves add up to the product; their zeros add up to b + 136s, one
+of them exact and the other rounded (prepare() picks the split that rounds the smaller value).
 
 An expert is prepared once, when its read lands, into the RAM slot that caches it ("kernel form"): torch's packed
 layout (which depends on the machine's vector width) and bf16 scale/zero pairs. bf16 rounds a scale by up to 2^-9
 of itself, the same for a whole group: measured on random experts (tests/test_cpu_int4.py holds the bounds), the
-kernel form adds under a tenth of the store's own quantization error at 2 and 4 bits, and at 8 bits about as much
-again (1.1-1.5x in the tests, which bound it at 2x: an expert's output ~1% off instead of ~0.5%). llama.cpp's CPU
-path trades the same way: it rounds the activations to 8 bits for speed.
+kernel form adds under a tenth of the store's own quantization error at 2 and 4 bits, and at 8 bits 0.5-0.7x of it
+(the tests bound it at 1x). llama.cpp's CPU path trades the same way: it rounds the activations to 8 bits for speed.
 """
 
 from __future__ import annotations
