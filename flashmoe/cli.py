@@ -44,6 +44,8 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
     what = f"{converter.bits}-bit, group {converter.group_size}" if converter.bits else "unquantized"
     if converter.mlx:
         what = f"MLX checkpoint, {what}, experts {'repacked as they are' if converter.repack else 'requantized'}"
+    if converter.fp8_block:
+        what = f"FP8 checkpoint (blocks {converter.fp8_block[0]}x{converter.fp8_block[1]}), dequantized -> {what}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
         f"({what}) -> {dst}")
     if not any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -63,8 +65,9 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32) or mlx-lm's "
-                                         "quantized ones (mlx-community/*-4bit, imported as they are)"),
+    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32, or FP8 "
+                                         "block-scaled), or mlx-lm's quantized ones (mlx-community/*-4bit, imported "
+                                         "as they are)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
     bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2"),
     no_quant: bool = typer.Option(False, "--no-quant", help="keep experts in the source dtype"),

@@ -24,6 +24,7 @@ from .errors import FlashMoeError
 from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
 from .quant import SCALE_DTYPE, check_quant_params, quantize
+from .sources.fp8 import fp8_block_size
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
                     expert_file_name, expert_layout, file_crc32, quantized_parts)
@@ -148,7 +149,9 @@ class Converter:
             raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
         family = family_of(self.cfg.architecture)
         self.mlx = is_mlx_checkpoint(self.src, self.raw_config)
-        self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx) if self.mlx else Checkpoint(self.src)
+        self.fp8_block = None if self.mlx else fp8_block_size(self.raw_config)
+        self.ckpt = (MlxCheckpoint(self.src, self.raw_config, family.from_mlx) if self.mlx
+                     else Checkpoint(self.src, self.fp8_block))
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -393,6 +396,9 @@ class Converter:
         if self.mlx:
             source["quantization"] = mlx_quantization(self.raw_config)
             source["experts"] = "repacked" if self.repack else "requantized"
+        if self.fp8_block is not None:  # dequantized block by block as read; experts quantized to `bits`
+            source["quantization"] = {"method": "fp8", "weight_block_size": list(self.fp8_block)}
+            source["experts"] = "requantized" if self.bits else "dequantized"
         resident = state["resident"]
         write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,
                        resident_files, sum(resident[f]["bytes"] for f in resident_files), self.layout,

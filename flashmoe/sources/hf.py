@@ -10,12 +10,14 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FlashMoeError
+from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
 
 # prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
 LANGUAGE_MODEL_PREFIX = "model.language_model."
 LEFT_OUT_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-prediction head"}
 
-BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1, "I8": 1, "BOOL": 1,
+                   "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
@@ -45,15 +47,37 @@ def canonical_name(name: str) -> str:
 
 
 class Checkpoint:
-    """The tensors of a checkpoint folder, by canonical name, read on demand."""
+    """The tensors of a checkpoint folder, by canonical name, read on demand. An FP8 block-scaled checkpoint
+    (fp8_block: its weight_block_size) reads as bf16: each FP8 weight is dequantized with its scales as it is read."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None):
+        self.folder, self.fp8_block = folder, fp8_block
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
+        self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
         self._handles: dict[Path, object] = {}
         for file in self._shard_files():
             self._index_file(file)
+        self._pair_fp8_scales()
+
+    def _pair_fp8_scales(self) -> None:
+        """Each FP8 weight with its scales (in any shard); the weight then reads as the bf16 it stands for."""
+        for name in [n for n in self.tensors if n.endswith(ACTIVATION_SUFFIXES)]:
+            del self.tensors[name]
+        scales = {n.removesuffix(SCALE_SUFFIX): self.tensors.pop(n) for n in list(self.tensors) if n.endswith(SCALE_SUFFIX)}
+        for name, info in list(self.tensors.items()):
+            if info.dtype not in FP8_DTYPES:
+                continue
+            if self.fp8_block is None:
+                raise FlashMoeError(f"tensor {info.source_name} is {info.dtype}, but config.json has no FP8 "
+                                    "quantization_config (quant_method 'fp8', weight_block_size) to read it with")
+            scale = scales.pop(name, None)
+            if scale is None:
+                raise FlashMoeError(f"FP8 tensor {info.source_name} has no {info.source_name}{SCALE_SUFFIX} beside it: "
+                                    "the checkpoint is incomplete")
+            check_scale(info.source_name, info.shape, scale.shape, self.fp8_block)
+            self.fp8_scales[name] = scale
+            self.tensors[name] = TensorInfo(info.file, info.source_name, "BF16", info.shape, info.nbytes + scale.nbytes)
 
     def _shard_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -97,20 +121,24 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
+    def _read(self, info: TensorInfo, index: int | None) -> torch.Tensor:
         try:
-            return self._handles[info.file].get_tensor(info.source_name)
+            handle = self._handles[info.file]
+            return handle.get_tensor(info.source_name) if index is None else handle.get_slice(info.source_name)[index]
         except Exception as exc:
-            raise FlashMoeError(f"cannot read tensor {info.source_name} from {info.file}: {exc}") from None
+            where = "" if index is None else f"[{index}]"
+            raise FlashMoeError(f"cannot read tensor {info.source_name}{where} from {info.file}: {exc}") from None
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A tensor (or its slice `index` along the first axis), FP8 ones dequantized to bf16."""
+        info = self.tensors[name]
+        if name in self.fp8_scales:
+            return dequantize_fp8(self._read(info, index), self._read(self.fp8_scales[name], index), self.fp8_block)
+        return self._read(info, index)
 
     def get_row(self, name: str, index: int) -> torch.Tensor:
         """One slice along the first axis (one expert of a fused [experts, ...] tensor) without reading the rest."""
-        info = self.tensors[name]
-        try:
-            return self._handles[info.file].get_slice(info.source_name)[index]
-        except Exception as exc:
-            raise FlashMoeError(f"cannot read {info.source_name}[{index}] from {info.file}: {exc}") from None
+        return self.get(name, index)
 
     def close(self) -> None:
         for h in self._handles.values():

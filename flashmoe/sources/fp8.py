@@ -1,0 +1,50 @@
+"""FP8 block-scaled checkpoints (`quantization_config.quant_method == "fp8"`: DeepSeek-V3/R1, Kimi-K2, the Qwen3 and
+Qwen3.5 `-FP8` releases): `X.weight` F8_E4M3 with `X.weight_scale_inv` F32, one scale per block of
+`weight_block_size` (read from the config, never assumed), w = fp8 * scale_inv. The HF reader dequantizes them as
+they are read, one tensor or one expert at a time, so the converter sees bf16 and quantizes the experts to --bits."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import FlashMoeError
+
+FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+SCALE_SUFFIX = "_scale_inv"
+# other tensors a static-activation FP8 checkpoint carries; flashmoe dequantizes weights and runs activations in float
+ACTIVATION_SUFFIXES = (".input_scale", ".activation_scale")
+KNOWN_ELSEWHERE = {"compressed-tensors": "compressed-tensors (Kimi K2 INT4)", "mxfp4": "MXFP4 (GPT-OSS)",
+                   "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fbgemm_fp8": "FBGEMM FP8"}
+
+
+def fp8_block_size(raw: dict) -> tuple[int, int] | None:
+    """The checkpoint's FP8 block size from config.json, None for a float checkpoint; one clear line for a quantization
+    flashmoe does not read."""
+    q = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        named = KNOWN_ELSEWHERE.get(method, repr(method))
+        raise FlashMoeError(f"config.json's quantization_config.quant_method is {named}, which flashmoe does not convert "
+                            "yet; it converts bf16/fp16/fp32, FP8 block-scaled and MLX checkpoints")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+        raise FlashMoeError(f"config.json's FP8 quantization_config has weight_block_size {block!r}, not two positive "
+                            "integers [rows, columns]: flashmoe needs it to dequantize (it is never assumed)")
+    return block[0], block[1]
+
+
+def check_scale(name: str, shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int]) -> None:
+    want = (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    if tuple(scale_shape) != want:
+        raise FlashMoeError(f"tensor {name}{SCALE_SUFFIX} is {list(scale_shape)}, but {name} {list(shape)} in blocks of "
+                            f"{list(block)} needs {list(want)}: config.json's weight_block_size does not match the file")
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """[..., R, C] fp8 and [..., ceil(R/br), ceil(C/bc)] scales -> bf16 (the last block of a row or column may be short)."""
+    rows, cols = w.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return (w.float() * s).to(torch.bfloat16)
