@@ -73,13 +73,19 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return (stream.to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
 
 
-def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense [rows, cols] of a QuantizedTensor of any MLX width."""
+def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.float32, chunk_rows: int = 1024
+                   ) -> torch.Tensor:
+    """Dense [rows, cols] of a QuantizedTensor of any MLX width; odd widths a slice of rows at a time (their bit
+    stream is 8 bytes a bit: a 248k-row embedding at once would take 6 GB)."""
     if q.bits in REPACKED_BITS:
         return dequantize(q, dtype)
-    codes = unpack_codes(q.packed, q.bits, cols).to(dtype).reshape(q.packed.shape[0], -1, q.group_size)
-    w = codes * q.scales.to(dtype).unsqueeze(-1) + q.biases.to(dtype).unsqueeze(-1)
-    return w.reshape(q.packed.shape[0], cols)
+    out = torch.empty(q.packed.shape[0], cols, dtype=dtype)
+    for r in range(0, q.packed.shape[0], chunk_rows):
+        rows = slice(r, r + chunk_rows)
+        codes = unpack_codes(q.packed[rows], q.bits, cols).to(dtype).reshape(-1, cols // q.group_size, q.group_size)
+        w = codes * q.scales[rows].to(dtype).unsqueeze(-1) + q.biases[rows].to(dtype).unsqueeze(-1)
+        out[rows] = w.reshape(-1, cols)
+    return out
 
 
 class MlxCheckpoint:
