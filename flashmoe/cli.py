@@ -42,8 +42,9 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
     converter = Converter(src, dst, bits, group_size, requantize=requantize)
     cfg = converter.cfg
     what = f"{converter.bits}-bit, group {converter.group_size}" if converter.bits else "unquantized"
-    if converter.mlx:
-        what = f"MLX checkpoint, {what}, experts {'repacked as they are' if converter.repack else 'requantized'}"
+    if converter.quantized_source:
+        what = (f"{converter.quantized_source} checkpoint, {what}, experts "
+                f"{'repacked as they are' if converter.repack else 'requantized'}")
     if converter.fp8_block:
         what = f"FP8 checkpoint (blocks {converter.fp8_block[0]}x{converter.fp8_block[1]}), dequantized -> {what}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
@@ -65,14 +66,14 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32, or FP8 "
-                                         "block-scaled), or mlx-lm's quantized ones (mlx-community/*-4bit, imported "
+    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32, FP8 "
+                                         "block-scaled, compressed-tensors INT4/INT8), or mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
     bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2"),
     no_quant: bool = typer.Option(False, "--no-quant", help="keep experts in the source dtype"),
     group_size: Optional[int] = typer.Option(None, help="weights per quantization group (default 64)"),
-    requantize: bool = typer.Option(False, "--requantize", help="MLX source: quantize its experts again to --bits "
+    requantize: bool = typer.Option(False, "--requantize", help="quantized source (MLX, compressed-tensors): quantize its experts again to --bits "
                                                                 "(default 4) instead of importing them as they are"),
 ):
     """Convert a checkpoint into a flashmoe store (streaming; re-run to resume an interrupted one)."""
@@ -275,8 +276,10 @@ def info(
     if q["bits"] and q.get("scale_dtype", "float16") != "float16":
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
-    if source.get("format") == "mlx":
-        quant += f" (MLX checkpoint, experts {source.get('experts', 'repacked')})"
+    imported = {"mlx": "MLX", "compressed-tensors": "compressed-tensors"}.get(
+        source.get("format") if source.get("format") == "mlx" else source.get("quantization", {}).get("method"))
+    if imported:
+        quant += f" ({imported} checkpoint, experts {source.get('experts', 'repacked')})"
     resident = human_bytes(s.resident_bytes)
     if s.resident_quantized:
         widths = sorted({v["bits"] for v in s.resident_quantized.values()})

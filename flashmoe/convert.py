@@ -7,6 +7,7 @@ layer; the manifest is written last, so an interrupted conversion never loads as
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -23,7 +24,8 @@ from .config import ModelConfig, read_hf_config
 from .errors import FlashMoeError
 from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
-from .quant import SCALE_DTYPE, check_quant_params, quantize
+from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
+from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
@@ -61,7 +63,8 @@ def item_source_bytes(item: ResidentItem, ckpt: Checkpoint) -> int:
 
 
 class ExpertSource:
-    """Reads one routed expert's gate, up and down weights, from per-expert tensors or fused [E, ...] ones."""
+    """Reads one routed expert's gate, up and down weights, from per-expert tensors or fused [E, ...] ones: in float,
+    or (a compressed-tensors source whose codes import as they are) as its blob's quantized tensors."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, layer: int):
         self.ckpt, self.p = ckpt, family_of(cfg.architecture).expert_prefix(layer)
@@ -78,6 +81,17 @@ class ExpertSource:
         check_sources(ckpt, expect)
         self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
         self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
+        quants = {ckpt.quant(n) for n in expect}
+        self.quant = quants.pop() if len(quants) == 1 else "mixed"  # (bits, group_size), None (float) or "mixed"
+        self.scale_dtype = self.dtype
+
+    def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's blob tensors from the source's codes: gate_up.packed / .scales / .biases, down.*."""
+        if self.fused:
+            get = self.ckpt.get_quantized
+            return blob_tensors([get(self.p + "gate_up_proj", expert)], [get(self.p + "down_proj", expert)])
+        gate, up, down = (self.ckpt.get_quantized(f"{self.p}{expert}.{x}_proj.weight") for x in ("gate", "up", "down"))
+        return blob_tensors([gate, up], [down])
 
     def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [2I, H] with gate rows first, down [H, I])"""
@@ -150,8 +164,11 @@ class Converter:
         family = family_of(self.cfg.architecture)
         self.mlx = is_mlx_checkpoint(self.src, self.raw_config)
         self.fp8_block = None if self.mlx else fp8_block_size(self.raw_config)
+        self.schemes = None if self.mlx else compressed_schemes(self.raw_config, str(self.src / "config.json"))
+        # a source whose codes flashmoe can take as they are (experts repacked, residents kept quantized)
+        self.quantized_source = "MLX" if self.mlx else "compressed-tensors" if self.schemes else None
         self.ckpt = (MlxCheckpoint(self.src, self.raw_config, family.from_mlx) if self.mlx
-                     else Checkpoint(self.src, self.fp8_block))
+                     else Checkpoint(self.src, self.fp8_block, self.schemes))
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -173,15 +190,15 @@ class Converter:
         self.resident_quant = self._resident_quantization()
         self.options = {"source": str(self.src.resolve()), "bits": self.bits,
                         "group_size": self.group_size if self.bits else None}
-        if self.mlx:
+        if self.quantized_source:
             self.options["requantize"] = not self.repack
 
     def _expert_quantization(self, bits, group_size, requantize: bool) -> tuple[int | None, int | None, bool]:
         """(bits, group_size, whether experts are repacked from the source's codes)."""
-        if not self.mlx:
+        if not self.quantized_source:
             if requantize:
-                raise FlashMoeError(f"--requantize is for quantized sources (MLX); {self.src} holds float weights: "
-                                    "drop --requantize")
+                raise FlashMoeError(f"--requantize is for quantized sources (MLX, compressed-tensors); {self.src} holds "
+                                    "float weights: drop --requantize")
             bits = DEFAULT_BITS if bits == "auto" else bits
             return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
         quants = {source.quant for source in self.expert_sources.values()}
@@ -192,20 +209,22 @@ class Converter:
             bits = DEFAULT_BITS if bits == "auto" else bits
             return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
         if bits != "auto" or group_size is not None:
-            raise FlashMoeError(f"{self.src} is an MLX checkpoint whose experts are {described}; flashmoe imports them "
-                                "as they are: drop --bits/--group-size/--no-quant, or add --requantize to quantize them again")
+            raise FlashMoeError(f"{self.src} is a {self.quantized_source} checkpoint whose experts are {described}; "
+                                "flashmoe imports them as they are: drop --bits/--group-size/--no-quant, or add "
+                                "--requantize to quantize them again")
         if source_quant == "mixed":
             raise FlashMoeError(f"{self.src}'s experts differ in quantization from layer to layer; flashmoe's store "
                                 "holds one: convert with --requantize --bits N")
         if source_quant[0] not in REPACKED_BITS:
-            raise FlashMoeError(f"{self.src}'s experts are MLX {source_quant[0]}-bit; flashmoe's kernels read 2, 4 or 8 "
-                                "bits: convert with --requantize --bits 4 (or 8)")
+            raise FlashMoeError(f"{self.src}'s experts are {self.quantized_source} {source_quant[0]}-bit; flashmoe's "
+                                "kernels read 2, 4 or 8 bits: convert with --requantize --bits 4 (or 8)")
         return source_quant[0], source_quant[1], True
 
     def _resident_quantization(self) -> dict[str, dict[str, int]]:
-        """The resident matrices kept quantized as the source has them (MLX, at 2, 4 or 8 bits): store name ->
-        {bits, group_size}. An item is kept quantized when all its sources share one quantization."""
-        if not self.mlx:
+        """The resident matrices kept quantized as the source has them (MLX at 2, 4 or 8 bits, compressed-tensors'
+        symmetric 4 and 8): store name -> {bits, group_size}. An item is kept quantized when all its sources share
+        one quantization."""
+        if not self.quantized_source:
             return {}
         out = {}
         for item in self.plan:
@@ -395,6 +414,10 @@ class Converter:
                   "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}}
         if self.mlx:
             source["quantization"] = mlx_quantization(self.raw_config)
+        if self.schemes:
+            source["quantization"] = {"method": "compressed-tensors", "format": "pack-quantized",
+                                      "schemes": [dataclasses.asdict(x) for x in self.schemes]}
+        if self.quantized_source:
             source["experts"] = "repacked" if self.repack else "requantized"
         if self.fp8_block is not None:  # dequantized block by block as read; experts quantized to `bits`
             source["quantization"] = {"method": "fp8", "weight_block_size": list(self.fp8_block)}

@@ -87,6 +87,17 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(packed.shape[0], -1)
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Codes of any width packed as MLX and compressed-tensors pack them (3, 5 and 6 bits run across byte
+    boundaries): element i of a row is bits [i * bits, (i + 1) * bits) of the row's little-endian bit stream.
+    uint8 [rows, n] -> uint8 codes [rows, cols]."""
+    if bits in SUPPORTED_BITS:
+        return unpack(packed, bits)[:, :cols]
+    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [rows, n, 8], LSB first
+    stream = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
+    return (stream.to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization to a dense [out, in] weight."""
     codes = unpack(q.packed, q.bits).to(dtype)
@@ -94,3 +105,12 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     codes = codes.reshape(out_features, in_features // q.group_size, q.group_size)
     w = codes * q.scales.to(dtype).unsqueeze(-1) + q.biases.to(dtype).unsqueeze(-1)
     return w.reshape(out_features, in_features)
+
+
+def blob_tensors(gate_up: list[QuantizedTensor], down: list[QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """An expert blob's quantized tensors from a source's own codes: gate and up rows stacked into gate_up."""
+    out = {}
+    for name, parts in (("gate_up", gate_up), ("down", down)):
+        for field in ("packed", "scales", "biases"):
+            out[f"{name}.{field}"] = torch.cat([getattr(q, field) for q in parts])
+    return out

@@ -13,21 +13,30 @@ FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_SUFFIX = "_scale_inv"
 # other tensors a static-activation FP8 checkpoint carries; flashmoe dequantizes weights and runs activations in float
 ACTIVATION_SUFFIXES = (".input_scale", ".activation_scale")
-KNOWN_ELSEWHERE = {"compressed-tensors": "compressed-tensors (Kimi K2 INT4)", "mxfp4": "MXFP4 (GPT-OSS)",
-                   "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fbgemm_fp8": "FBGEMM FP8"}
+READ_HERE = ("fp8", "compressed-tensors")  # the HF quant methods flashmoe converts (compressed.py reads the second)
+KNOWN_ELSEWHERE = {"mxfp4": "MXFP4 (GPT-OSS)", "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes",
+                   "fbgemm_fp8": "FBGEMM FP8"}
+
+
+def quantization_config(raw: dict) -> dict | None:
+    q = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
+    return q if isinstance(q, dict) else None
 
 
 def fp8_block_size(raw: dict) -> tuple[int, int] | None:
-    """The checkpoint's FP8 block size from config.json, None for a float checkpoint; one clear line for a quantization
-    flashmoe does not read."""
-    q = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
-    if not isinstance(q, dict):
+    """The checkpoint's FP8 block size from config.json, None for a float (or compressed-tensors) checkpoint; one
+    clear line for a quantization flashmoe does not read."""
+    q = quantization_config(raw)
+    if q is None:
         return None
     method = q.get("quant_method")
-    if method != "fp8":
+    if method not in READ_HERE:
         named = KNOWN_ELSEWHERE.get(method, repr(method))
         raise FlashMoeError(f"config.json's quantization_config.quant_method is {named}, which flashmoe does not convert "
-                            "yet; it converts bf16/fp16/fp32, FP8 block-scaled and MLX checkpoints")
+                            "yet; it converts bf16/fp16/fp32, FP8 block-scaled, compressed-tensors INT4/INT8 and MLX "
+                            "checkpoints")
+    if method != "fp8":
+        return None
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise FlashMoeError(f"config.json's FP8 quantization_config has weight_block_size {block!r}, not two positive "

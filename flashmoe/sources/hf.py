@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FlashMoeError
+from ..quant import QuantizedTensor
+from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
 
 # prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
@@ -48,17 +50,63 @@ def canonical_name(name: str) -> str:
 
 class Checkpoint:
     """The tensors of a checkpoint folder, by canonical name, read on demand. An FP8 block-scaled checkpoint
-    (fp8_block: its weight_block_size) reads as bf16: each FP8 weight is dequantized with its scales as it is read."""
+    (fp8_block: its weight_block_size) reads as bf16: each FP8 weight is dequantized with its scales as it is read.
+    A compressed-tensors one (schemes: its config groups) reads the same way, and `quant(name)` / `get_quantized`
+    hand over the codes of a weight that imports losslessly (sources/compressed.py)."""
 
-    def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None):
+    def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None):
         self.folder, self.fp8_block = folder, fp8_block
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
         self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
+        self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
         self._handles: dict[Path, object] = {}
         for file in self._shard_files():
             self._index_file(file)
         self._pair_fp8_scales()
+        self._pair_packed(schemes)
+
+    def _pair_packed(self, schemes: list[IntScheme] | None) -> None:
+        """Each `X.weight_packed` with its scale (and zero point) in any shard; it then reads as `X.weight`."""
+        names = [n for n in self.tensors if n.endswith(PACKED)]
+        if names and schemes is None:
+            raise FlashMoeError(f"tensor {self.tensors[names[0]].source_name} is packed, but config.json has no "
+                                "compressed-tensors quantization_config to read it with")
+        for name in names:
+            base = name.removesuffix(PACKED)  # "X.weight"
+            packed = self.tensors.pop(name)
+            scale, shape, zero_point = (self.tensors.pop(base + s, None) for s in (SCALE, SHAPE, ZERO_POINT))
+            if self.tensors.pop(base + G_IDX, None) is not None:
+                raise FlashMoeError(f"tensor {packed.source_name} has activation-ordered groups ({base}{G_IDX}); "
+                                    "flashmoe does not read them yet")
+            if scale is None or shape is None:
+                raise FlashMoeError(f"tensor {packed.source_name} has no {base}{SCALE if scale is None else SHAPE} "
+                                    "beside it: the checkpoint is incomplete")
+            scheme = scheme_for(schemes, packed.source_name.removesuffix(".weight" + PACKED))
+            dims = tuple(int(d) for d in self._read(shape, None).tolist())
+            rows, cols = dims[-2:]
+            group = cols if scheme.group_size is None else scheme.group_size
+            want_words = -(-cols * scheme.bits // 32)
+            if (packed.dtype != "I32" or packed.shape != (*dims[:-1], want_words) or cols % group
+                    or scale.shape != (*dims[:-1], cols // group)):
+                raise FlashMoeError(f"tensor {packed.source_name} {packed.dtype}{list(packed.shape)} with scales "
+                                    f"{list(scale.shape)} does not hold a {list(dims)} weight at {scheme.bits} bits in "
+                                    f"groups of {group}: config.json's quantization_config does not match the file")
+            if scheme.symmetric != (zero_point is None):
+                raise FlashMoeError(f"tensor {packed.source_name}: its scheme is {'a' if scheme.symmetric else 'not'} "
+                                    f"symmetric but it has {'a' if zero_point else 'no'} {base}{ZERO_POINT}")
+            self.packed[base] = PackedTensor(packed, scale, zero_point, scheme)
+            stored = sum(t.nbytes for t in (packed, scale, zero_point) if t is not None)
+            self.tensors[base] = TensorInfo(packed.file, packed.source_name, scale.dtype, dims, stored)
+
+    def quant(self, name: str) -> tuple[int, int] | None:
+        """(bits, group_size) of a weight whose codes import as they are, else None (float, or dequantized as read)."""
+        p = self.packed.get(name)
+        return (p.scheme.bits, p.scheme.group_size) if p and p.scheme.lossless(p.scale.dtype) else None
+
+    def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
+        p = self.packed[name]
+        return p.quantized(self._read(p.packed, index), self._read(p.scale, index))
 
     def _pair_fp8_scales(self) -> None:
         """Each FP8 weight with its scales (in any shard); the weight then reads as the bf16 it stands for."""
@@ -130,8 +178,12 @@ class Checkpoint:
             raise FlashMoeError(f"cannot read tensor {info.source_name}{where} from {info.file}: {exc}") from None
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
-        """A tensor (or its slice `index` along the first axis), FP8 ones dequantized to bf16."""
+        """A tensor (or its slice `index` along the first axis), FP8 and packed ones dequantized."""
         info = self.tensors[name]
+        if name in self.packed:
+            p = self.packed[name]
+            zero_point = None if p.zero_point is None else self._read(p.zero_point, index)
+            return p.dequantize(self._read(p.packed, index), self._read(p.scale, index), zero_point, info.shape[-1])
         if name in self.fp8_scales:
             return dequantize_fp8(self._read(info, index), self._read(self.fp8_scales[name], index), self.fp8_block)
         return self._read(info, index)

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FlashMoeError
-from ..quant import QuantizedTensor, dequantize, unpack
+from ..quant import SUPPORTED_BITS, QuantizedTensor, blob_tensors, dequantize, unpack_codes
 from .hf import FLOAT_DTYPES, TensorInfo
 
 PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
@@ -30,7 +30,7 @@ LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision t
                      "language_model.vision_tower.": "vision tower", "mtp.": "multi-token-prediction head"}
 SWITCH_MLP = ".mlp.switch_mlp."
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-REPACKED_BITS = (2, 4, 8)  # bit widths whose MLX bytes are flashmoe's packing; others are dequantized
+REPACKED_BITS = SUPPORTED_BITS  # widths whose MLX bytes are flashmoe's packing; others are dequantized
 
 
 def mlx_quantization(raw: dict) -> dict | None:
@@ -61,16 +61,6 @@ def canonical_name(key: str) -> str:
         if key.startswith(prefix):
             return replacement + key[len(prefix):]
     return key.removeprefix("language_model.")
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """MLX's packing for any width (3, 5 and 6 bits run across byte boundaries): element i of a row is bits
-    [i * bits, (i + 1) * bits) of the row's little-endian bit stream. uint8 [rows, n] -> uint8 codes [rows, cols]."""
-    if bits in REPACKED_BITS:
-        return unpack(packed, bits)[:, :cols]
-    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [rows, n, 8], LSB first
-    stream = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
-    return (stream.to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
 
 
 def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.float32, chunk_rows: int = 1024
@@ -266,10 +256,5 @@ class MlxExpertSource:
     def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
         """The expert's blob tensors, repacked: gate_up.packed / .scales / .biases, down.*."""
         gate, up, down = (self.ckpt.get_quantized(self.names[p], expert) for p in PROJECTIONS)
-        out = {}
-        for name, parts in (("gate_up", (gate, up)), ("down", (down,))):
-            out[f"{name}.packed"] = torch.cat([q.packed for q in parts])
-            out[f"{name}.scales"] = torch.cat([q.scales for q in parts])
-            out[f"{name}.biases"] = torch.cat([q.biases for q in parts])
-        return out
+        return blob_tensors([gate, up], [down])
 

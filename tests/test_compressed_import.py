@@ -1,0 +1,169 @@
+"""compressed-tensors checkpoints (Kimi-K2-Thinking's INT4, llm-compressor's W4A16/W8A16: pack-quantized), written
+here by the compressed-tensors library's own compressor and checked against transformers on the weights that
+library's own decompressor gives back."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import load_reference, rel_error
+from safetensors.torch import load_file, save_file
+
+import flashmoe
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.quant import QuantizedTensor, dequantize
+from flashmoe.store import Store
+
+pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42, 310, 2, 19, 200]
+EXPERTS = r"re:.*mlp\.experts\..*"
+# Kimi-K2-Thinking's scheme for the routed experts; everything else a Linear at 8 bits (a second config group)
+KIMI = {"experts": QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32),
+        "rest": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=64)}
+LINEAR = re.compile(r".*(_proj|in_proj_\w+)\.weight$")
+IGNORED = re.compile(r".*(mlp\.gate|shared_expert_gate|lm_head)\.weight$")  # the routers stay bf16, as Kimi's do
+
+
+def write_compressed(src, ct_dir, float_dir, groups: dict[str, QuantizationArgs]):
+    """The checkpoint as llm-compressor saves it (every quantized Linear's weight_packed / weight_scale /
+    weight_shape, compressed by compressed-tensors itself), and the float checkpoint its decompressor gives back."""
+    schemes = {name: QuantizationScheme(targets=[EXPERTS] if name == "experts" else ["Linear"], weights=args)
+               for name, args in groups.items()}
+    for d in (ct_dir, float_dir):
+        shutil.copytree(src, d)
+        for f in d.glob("*.safetensors*"):
+            f.unlink()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    packed, dense = {}, {}
+    for name, w in tensors.items():
+        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2:
+            packed[name] = dense[name] = w
+            continue
+        scheme = schemes["experts" if ".mlp.experts." in name and "experts" in schemes else "rest"]
+        args = scheme.weights
+        group = args.group_size or w.shape[1]
+        g = w.reshape(w.shape[0], -1, group)
+        scale, zero_point = calculate_qparams(g.amin(-1), g.amax(-1), args)
+        parts = {"weight": w, "weight_scale": scale, "weight_zero_point": zero_point}
+        out = PackedQuantizationCompressor.compress(parts, scheme)
+        base = name.removesuffix("weight")
+        packed.update({base + k: v for k, v in out.items()})
+        dense[name] = PackedQuantizationCompressor.decompress(out, scheme)["weight"].to(w.dtype)
+    save_file(packed, str(ct_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
+    q = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(schemes.values())},
+                           format="pack-quantized", ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
+                           quantization_status="compressed")
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    cfg["quantization_config"] = q.model_dump()
+    (ct_dir / "config.json").write_text(json.dumps(cfg))
+    return ct_dir, float_dir
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe_vl", "qwen3_next"])
+def kimi_style(request, built, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"ct-{request.param}")
+    return (request.param, *write_compressed(built.checkpoint(request.param), root / "ct", root / "float", KIMI))
+
+
+def test_int4_checkpoint_imports_losslessly_and_matches_transformers(kimi_style, tmp_path):
+    arch, ct_dir, float_dir = kimi_style
+    store = Store(convert(ct_dir, tmp_path / "store"))
+    q = store.manifest["quantization"]
+    assert (q["bits"], q["group_size"], q["scale_dtype"]) == (4, 32, "bfloat16")
+    assert store.manifest["source"]["experts"] == "repacked"
+    assert store.manifest["source"]["quantization"]["method"] == "compressed-tensors"
+    # the 8-bit group's residents stay quantized; the routers were never quantized
+    assert store.resident_quantized["model.layers.3.self_attn.o_proj.weight"] == {"bits": 8, "group_size": 64}
+    assert "model.layers.0.mlp.gate.weight" not in store.resident_quantized
+    with torch.no_grad():
+        expected = load_reference(float_dir, arch)(torch.tensor([PROMPT])).logits[0]
+    # the same weights, dequantized by flashmoe's kernels instead of compressed-tensors: only float rounding differs
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-2
+
+
+def test_int4_expert_bytes_are_the_sources_codes(kimi_style, tmp_path):
+    arch, ct_dir, float_dir = kimi_style
+    store = Store(convert(ct_dir, tmp_path / "store"))
+    source = load_file(ct_dir / "model.safetensors")
+    layer, expert = 1, 11
+    prefix = f"model.{'language_model.' if arch.endswith('_vl') else ''}layers.{layer}.mlp.experts.{expert}."
+    loc = store.expert_location(layer, expert)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        tensors = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    gate, up = (source[prefix + p + "_proj.weight_packed"].view(torch.uint8) for p in ("gate", "up"))
+    assert torch.equal(tensors["gate_up.packed"].flatten(), torch.cat([gate, up]).flatten())
+    scale = source[prefix + "down_proj.weight_scale"]
+    assert torch.equal(tensors["down.scales"], scale)
+    assert torch.equal(tensors["down.biases"], -8 * scale)  # bias = -8 * scale: exact in bf16
+    # so the blob stands for exactly compressed-tensors' weights ((q - 8) * scale, which it rounds to bf16)
+    ours = dequantize(QuantizedTensor(tensors["down.packed"], tensors["down.scales"], tensors["down.biases"], 4, 32))
+    assert torch.equal(ours.to(torch.bfloat16), load_file(float_dir / "model.safetensors")[prefix + "down_proj.weight"])
+
+
+def test_asymmetric_checkpoint_is_dequantized_then_quantized(built, tmp_path):
+    asym = {"experts": QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32),
+            "rest": QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="channel")}
+    ct_dir, float_dir = write_compressed(built.checkpoint("qwen3_5_moe_vl"), tmp_path / "ct", tmp_path / "float", asym)
+    store = Store(convert(ct_dir, tmp_path / "store"))
+    assert store.manifest["source"]["experts"] == "requantized"
+    assert not store.resident_quantized  # zero points cannot be held exactly: dequantized as read
+    exact = flashmoe.load(convert(float_dir, tmp_path / "from-float")).logits(PROMPT)
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), exact) < 1e-2  # the same weights, the same requantization
+
+
+def _edited(ct_dir, tmp_path, edit_config=None, edit_tensors=None):
+    copy = tmp_path / "edited"
+    shutil.copytree(ct_dir, copy)
+    if edit_config:
+        cfg = json.loads((copy / "config.json").read_text())
+        edit_config(cfg["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(copy / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def _first(tensors, suffix):
+    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
+
+
+@pytest.mark.parametrize("edit_config,edit_tensors,message", [
+    (lambda q: q.update(format="float-quantized"), None, "format 'float-quantized' is not supported yet"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"), None, "reads integer weights"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"), None, "activation-ordered"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64), None, "does not match the file"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}), None,
+     "also quantizes activations"),
+    (lambda q: q["config_groups"]["group_1"].update(targets=["re:nothing"]), None, "no config_groups entry targets it"),
+    (None, lambda t: t.pop(_first(t, "weight_scale")), "has no .*weight_scale beside it"),
+    (None, lambda t: t.update({_first(t, "weight_packed"): t[_first(t, "weight_packed")][:, :4].contiguous()}),
+     "does not match the file"),
+])
+def test_a_compressed_checkpoint_we_cannot_read_is_one_clear_line(kimi_style, tmp_path, edit_config, edit_tensors,
+                                                                  message):
+    _, ct_dir, _ = kimi_style
+    with pytest.raises(FlashMoeError, match=message):
+        convert(_edited(ct_dir, tmp_path, edit_config, edit_tensors), tmp_path / "store")
+
+
+def test_bits_on_an_int4_source_needs_requantize(kimi_style, tmp_path):
+    _, ct_dir, _ = kimi_style
+    with pytest.raises(FlashMoeError, match="compressed-tensors checkpoint whose experts are 4-bit.*--requantize"):
+        convert(ct_dir, tmp_path / "store", bits=8)
+    store = Store(convert(ct_dir, tmp_path / "again", bits=8, requantize=True))
+    assert (store.quantization["bits"], store.manifest["source"]["experts"]) == (8, "requantized")
