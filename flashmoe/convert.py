@@ -27,6 +27,7 @@ from .models import ResidentItem, family_of
 from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size
+from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
                     expert_file_name, expert_layout, file_crc32, quantized_parts)
@@ -156,19 +157,29 @@ class Converter:
     def __init__(self, src: Path, dst: Path, bits: int | None | str = "auto", group_size: int | None = None,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False):
         self.src, self.dst, self.shard_bytes = Path(src), Path(dst), shard_bytes
-        if not self.src.is_dir():
-            raise FlashMoeError(f"source checkpoint {self.src} is not a folder")
-        self.cfg, self.raw_config = read_hf_config(self.src)
+        self.gguf = gguf_files(self.src)
+        if self.gguf is None and not self.src.is_dir():
+            raise FlashMoeError(f"source checkpoint {self.src} is not a folder or a .gguf file")
+        if self.gguf:
+            self.raw_config = gguf_config(self.gguf)
+            self.cfg = ModelConfig.from_hf(self.raw_config)
+        else:
+            self.cfg, self.raw_config = read_hf_config(self.src)
         if self.cfg.hidden_act != "silu":
             raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
         family = family_of(self.cfg.architecture)
-        self.mlx = is_mlx_checkpoint(self.src, self.raw_config)
-        self.fp8_block = None if self.mlx else fp8_block_size(self.raw_config)
-        self.schemes = None if self.mlx else compressed_schemes(self.raw_config, str(self.src / "config.json"))
+        self.mlx = not self.gguf and is_mlx_checkpoint(self.src, self.raw_config)
+        self.fp8_block = None if self.mlx or self.gguf else fp8_block_size(self.raw_config)
+        self.schemes = (None if self.mlx or self.gguf
+                        else compressed_schemes(self.raw_config, str(self.src / "config.json")))
         # a source whose codes flashmoe can take as they are (experts repacked, residents kept quantized)
         self.quantized_source = "MLX" if self.mlx else "compressed-tensors" if self.schemes else None
-        self.ckpt = (MlxCheckpoint(self.src, self.raw_config, family.from_mlx) if self.mlx
-                     else Checkpoint(self.src, self.fp8_block, self.schemes))
+        if self.gguf:
+            self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
+        elif self.mlx:
+            self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx)
+        else:
+            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes)
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -311,7 +322,7 @@ class Converter:
             self._check_space(state)
             resident_files = self._write_resident(state, progress, log)
             self._write_experts(state, progress, log)
-            self._copy_tokenizer()
+            self._copy_tokenizer(log)
             self._write_manifest(state, resident_files)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -404,13 +415,19 @@ class Converter:
             state["layers"][str(layer)] = {"file": rel, "offsets": offsets, "sizes": sizes, "crc32": sums}
             self._save_state(state)
 
-    def _copy_tokenizer(self) -> None:
+    def _copy_tokenizer(self, log) -> None:
+        if self.gguf:  # a GGUF carries its config and vocabulary as metadata
+            _write_atomic(self.dst / "config.json", json.dumps(self.raw_config, indent=1))
+            problem = write_tokenizer(self.gguf, self.dst)
+            if problem:
+                log(problem)
+            return
         for name in TOKENIZER_FILES:
             if (self.src / name).is_file():
                 shutil.copyfile(self.src / name, self.dst / name)
 
     def _write_manifest(self, state: dict, resident_files: list[str]) -> None:
-        source = {"path": self.options["source"], "format": "mlx" if self.mlx else "safetensors",
+        source = {"path": self.options["source"], "format": "gguf" if self.gguf else "mlx" if self.mlx else "safetensors",
                   "left_out": {k: {"tensors": v[0], "bytes": v[1]} for k, v in self.ckpt.left_out.items()}}
         if self.mlx:
             source["quantization"] = mlx_quantization(self.raw_config)
@@ -419,6 +436,9 @@ class Converter:
                                       "schemes": [dataclasses.asdict(x) for x in self.schemes]}
         if self.quantized_source:
             source["experts"] = "repacked" if self.repack else "requantized"
+        if self.gguf:  # ggml's block types, dequantized as read; the experts' types, counted over tensors
+            source["experts"] = "requantized" if self.bits else "dequantized"
+            source["requantized_from"] = dict(sorted(self.ckpt.types.items()))
         if self.fp8_block is not None:  # dequantized block by block as read; experts quantized to `bits`
             source["quantization"] = {"method": "fp8", "weight_block_size": list(self.fp8_block)}
             source["experts"] = "requantized" if self.bits else "dequantized"

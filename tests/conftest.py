@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import torch
 
@@ -91,6 +92,24 @@ class Built:
         if key not in self._done:
             self._done[key] = convert(self.mlx_checkpoint(arch, bits, group_size),
                                       self.root / f"store-mlx-{arch}-{bits}-g{group_size}")
+        return self._done[key]
+
+
+    def gguf(self, arch: str, outtype: str):
+        """The tiny checkpoint as llama.cpp's own converter writes it (skips where its source is not at
+        $FLASHMOE_LLAMA_CPP: .ci/run puts it there from llama-cpp-python's source distribution)."""
+        key = ("gguf", arch, outtype)
+        if key not in self._done:
+            llama = os.environ.get("FLASHMOE_LLAMA_CPP")
+            if not llama or not os.path.isfile(os.path.join(llama, "convert_hf_to_gguf.py")):
+                pytest.skip("llama.cpp's convert_hf_to_gguf.py is not at $FLASHMOE_LLAMA_CPP")
+            out = self.root / f"gguf-{arch}-{outtype}" / f"tiny-{outtype}.gguf"
+            out.parent.mkdir()
+            tool = os.path.join(os.path.dirname(__file__), "tools", "llama_convert.py")
+            done = subprocess.run([sys.executable, tool, llama, str(self.checkpoint(arch)), str(out), outtype],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+            self._done[key] = out
         return self._done[key]
 
 

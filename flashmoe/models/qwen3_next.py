@@ -183,6 +183,61 @@ def from_mlx(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# llama.cpp's names (gguf-py's tensor map) -> the HF checkpoint's: whole-model, then per layer (blk.N. -> model.layers.N.)
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+              "output_norm.weight": "model.norm.weight"}
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_qkv.weight": "linear_attn.in_proj_qkv.weight", "attn_gate.weight": "linear_attn.in_proj_z.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight", "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_conv1d.weight": "linear_attn.conv1d.weight", "ssm_norm.weight": "linear_attn.norm.weight",
+    "ssm_out.weight": "linear_attn.out_proj.weight", "ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias",
+    "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight", "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _tiled_to_grouped(t: torch.Tensor, dim: int, nk: int, r: int, width: int) -> torch.Tensor:
+    """llama.cpp's Qwen3.5 converter tiles the value heads ([r][nk] instead of HF's [nk][r], each `width` wide)
+    so ggml can broadcast them; this puts them back along `dim`."""
+    shape = list(t.shape)
+    t = t.reshape(*shape[:dim], r, nk, width, *shape[dim + 1:])
+    return t.transpose(dim, dim + 1).reshape(shape)
+
+
+def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor of llama.cpp's GGUF as the HF checkpoint has it (name: the HF name). Its converter
+    (conversion/qwen.py) stored the zero-centred norms as 1 + w, A_log as -exp(A_log), conv1d squeezed to [C, K] and,
+    for Qwen3.5, the value heads tiled; each is undone here (in float32: the norms' -1 is exact)."""
+    if name.endswith(MLX_SHIFTED_NORMS) and t.dim() == 1:
+        return t.float() - 1.0
+    if name.endswith("shared_expert_gate.weight") and t.dim() == 1:
+        return t.unsqueeze(0)
+    if ".linear_attn." not in name:
+        return t
+    nk, nv, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    if name.endswith("A_log"):
+        t = torch.log(-t.float())
+    if cfg.family == "qwen3_5_moe" and nv != nk:
+        r, qk_rows = nv // nk, 2 * cfg.linear_key_head_dim * nk
+        if name.endswith(("A_log", "dt_bias", "in_proj_a.weight", "in_proj_b.weight")):
+            t = _tiled_to_grouped(t, 0, nk, r, 1)
+        elif name.endswith("in_proj_z.weight"):
+            t = _tiled_to_grouped(t, 0, nk, r, hv)
+        elif name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+            t = torch.cat([t[:qk_rows], _tiled_to_grouped(t[qk_rows:], 0, nk, r, hv)])
+        elif name.endswith("out_proj.weight"):
+            t = _tiled_to_grouped(t, 1, nk, r, hv)
+    if name.endswith("conv1d.weight") and t.dim() == 2:
+        t = t.unsqueeze(1)
+    return t
+
+
 def expert_prefix(layer: int) -> str:
     """The checkpoint's routed experts of a layer: PREFIX{e}.gate_proj.weight ... or fused PREFIXgate_up_proj."""
     return f"model.layers.{layer}.mlp.experts."

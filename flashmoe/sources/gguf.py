@@ -1,0 +1,205 @@
+"""GGUF files (llama.cpp's format: Q8_0, Q4_K_M, the UD and IQ quants, ...) read as the Hugging Face checkpoint they
+came from, one tensor or one expert at a time.
+
+transformers' GGUF integration does the format's work: it parses the header (`GgufHeader`), rebuilds config.json from
+the metadata (`get_gguf_config`), dequantizes every block type ggml publishes (`dequant.dequantize`) and rebuilds the
+tokenizer. The family maps llama.cpp's tensor names to HF's and undoes its converter's changes
+(`models/<family>.py: GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf`); routed experts (`blk.N.ffn_{gate,up,down}_exps`,
+[E, ...] in one tensor) read as HF's fused `mlp.experts.gate_up_proj` / `down_proj`, one expert's rows at a time from
+the memory-mapped file. Block types are not flashmoe's affine scheme, so everything is dequantized as read and the
+experts quantized to --bits (the manifest records the types they were requantized from).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FlashMoeError
+from ..store import SOURCE_DTYPES
+from .hf import TensorInfo
+
+FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type id -> dtype
+FLOAT_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
+EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def gguf_files(src: Path) -> list[Path] | None:
+    """The GGUF file(s) of a source: a .gguf file (the first of a split set brings the rest), or a folder holding one
+    model's; None when it is not a GGUF source."""
+    if src.is_file() and src.suffix == ".gguf":
+        files = [src]
+    elif src.is_dir() and not (src / "config.json").is_file():
+        files = sorted(src.glob("*.gguf"))
+        if not files:
+            return None
+    else:
+        return None
+    m = SPLIT.search(files[0].name)
+    if m:  # llama.cpp's gguf-split: NAME-00001-of-0000N.gguf, the metadata in the first
+        stem, n = files[0].name[: m.start()], int(m.group(2))
+        files = [files[0].with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FlashMoeError(f"{files[0].parent} lacks {missing[0]} of the split GGUF {stem}: download every part")
+    elif len(files) > 1:
+        raise FlashMoeError(f"{src} holds {len(files)} GGUF files of different models ({files[0].name}, "
+                            f"{files[1].name}, ...): name the one to convert")
+    return files
+
+
+def _gguf():
+    try:
+        from transformers.integrations.gguf import GgufHeader, get_gguf_config, read_gguf_metadata
+        from transformers.integrations.gguf.dequant import GGML_BLOCK, GGML_NAME, dequantize
+    except ImportError:
+        raise FlashMoeError("reading GGUF needs transformers >= 5.24 (its GGUF integration): pip install -U "
+                            "transformers") from None
+    return GgufHeader, get_gguf_config, read_gguf_metadata, GGML_BLOCK, GGML_NAME, dequantize
+
+
+def gguf_config(files: list[Path]) -> dict:
+    """config.json as the GGUF's metadata states it (transformers' mapping), for the architectures it knows."""
+    _, get_gguf_config, read_gguf_metadata, *_ = _gguf()
+    try:
+        metadata, _ = read_gguf_metadata(str(files[0]))
+        names = tuple(n for f in files for n in read_gguf_metadata(str(f))[1])
+        return get_gguf_config(metadata, names)
+    except KeyError as exc:
+        raise FlashMoeError(f"{files[0]} lacks metadata key {exc}: not a complete llama.cpp GGUF") from None
+    except ValueError as exc:  # an architecture transformers has no config mapping for
+        raise FlashMoeError(f"{files[0]}: {exc}") from None
+    except Exception as exc:
+        raise FlashMoeError(f"cannot read {files[0]} as GGUF: {exc}") from None
+
+
+def write_tokenizer(files: list[Path], dst: Path) -> str | None:
+    """tokenizer.json, tokenizer_config.json and the chat template, rebuilt from the GGUF's vocabulary by transformers;
+    a line saying why not when it cannot (the store still converts; generate and chat need a tokenizer)."""
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(files[0].parent), gguf_file=files[0].name).save_pretrained(str(dst))
+    except Exception as exc:  # a tokenizer type transformers cannot rebuild
+        return (f"warning: cannot rebuild the tokenizer from {files[0].name} ({exc}); copy tokenizer.json and "
+                f"tokenizer_config.json from the original model into {dst}")
+    return None
+
+
+class GgufCheckpoint:
+    """The tensors of a GGUF model under the HF checkpoint's names (the Checkpoint interface of sources/hf.py)."""
+
+    def __init__(self, files: list[Path], cfg, family):
+        GgufHeader, _, _, self._block, self._type_name, self._dequantize = _gguf()
+        self.folder, self.cfg, self.family = files[0].parent, cfg, family
+        self.tensors: dict[str, TensorInfo] = {}
+        self.left_out: dict[str, list[int]] = {}
+        self.types: Counter = Counter()  # the block types of the routed experts (manifest: requantized_from)
+        self._where: dict[str, tuple] = {}  # HF name -> (file, torch shape, ggml type, offset, nbytes) per part
+        self._experts: set[str] = set()  # the fused routed-expert names, read as they are
+        self._maps: dict[Path, np.memmap] = {}
+        experts: dict[tuple[int, str], tuple] = {}
+        for f in files:
+            try:
+                header = GgufHeader.from_file(str(f))
+            except Exception as exc:
+                raise FlashMoeError(f"cannot read {f} as GGUF: {exc}") from None
+            for t in header.tensors:
+                part = (f, tuple(t.shape), t.ggml_type, header.data_start + t.offset, t.nbytes)
+                if t.ggml_type not in FLOAT_TYPES and t.ggml_type not in self._block:
+                    raise FlashMoeError(f"tensor {t.name} in {f.name} is of ggml type {t.ggml_type}, which the "
+                                        "installed transformers cannot dequantize: upgrade transformers, or convert "
+                                        "from another quantization of the model")
+                m = EXPERTS.match(t.name)
+                if m:
+                    experts[(int(m.group(1)), m.group(2))] = part
+                    self.types[self._name_of(t.ggml_type)] += 1
+                    continue
+                name = self._hf_name(t.name)
+                if name is None:
+                    what = "multi-token-prediction head" if t.name.startswith("blk.") else "other"
+                    count = self.left_out.setdefault(what, [0, 0])
+                    count[0], count[1] = count[0] + 1, count[1] + t.nbytes
+                    continue
+                self._where[name] = (part,)
+                shape = tuple(family.from_gguf(cfg, name, torch.empty(t.shape, device="meta")).shape)
+                self.tensors[name] = TensorInfo(f, t.name, self._dtype_name(t.ggml_type), shape, t.nbytes)
+        self._fuse_experts(experts)
+
+    def _name_of(self, ggml_type: int) -> str:
+        return FLOAT_NAMES.get(ggml_type) or self._type_name.get(ggml_type, str(ggml_type))
+
+    def _dtype_name(self, ggml_type: int) -> str:
+        return FLOAT_NAMES.get(ggml_type, "BF16")  # block types dequantize to bf16
+
+    def _hf_name(self, gguf_name: str) -> str | None:
+        if gguf_name in self.family.GGUF_NAMES:
+            return self.family.GGUF_NAMES[gguf_name]
+        m = LAYER.match(gguf_name)
+        if m and int(m.group(1)) < self.cfg.num_hidden_layers and m.group(2) in self.family.GGUF_LAYER_NAMES:
+            return f"model.layers.{m.group(1)}.{self.family.GGUF_LAYER_NAMES[m.group(2)]}"
+        if m and int(m.group(1)) >= self.cfg.num_hidden_layers:
+            return None  # llama.cpp writes the MTP block as one more layer
+        raise FlashMoeError(f"GGUF tensor {gguf_name} has no counterpart in flashmoe's {self.cfg.architecture} "
+                            "(a different model, or a llama.cpp conversion newer than flashmoe)")
+
+    def _fuse_experts(self, experts: dict[tuple[int, str], tuple]) -> None:
+        """Each MoE layer's gate and up experts as one [E, 2I, H] tensor (HF's fused layout), down as [E, H, I]."""
+        for layer in sorted({key[0] for key in experts}):
+            parts = {k: experts.get((layer, k)) for k in ("gate", "up", "down")}
+            if None in parts.values():
+                missing = next(k for k, v in parts.items() if v is None)
+                raise FlashMoeError(f"GGUF tensor blk.{layer}.ffn_{missing}_exps.weight is missing: the file is "
+                                    "incomplete")
+            p = self.family.expert_prefix(layer)
+            gate, up, down = parts["gate"], parts["up"], parts["down"]
+            for name, group in ((p + "gate_up_proj", (gate, up)), (p + "down_proj", (down,))):
+                e, rows, cols = group[0][1]
+                self._where[name] = group
+                self._experts.add(name)
+                self.tensors[name] = TensorInfo(group[0][0], name, self._dtype_name(group[0][2]),
+                                                (e, rows * len(group), cols), sum(g[4] for g in group))
+
+    # ---- the Checkpoint interface ----------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def quant(self, name: str) -> None:
+        return None  # ggml's block types are not flashmoe's affine scheme: everything is dequantized
+
+    def _read(self, part: tuple, index: int | None) -> torch.Tensor:
+        file, shape, ggml_type, offset, nbytes = part
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        if index is not None:  # one slice along the first axis: its rows are contiguous
+            nbytes //= shape[0]
+            offset += index * nbytes
+            shape = shape[1:]
+        raw = torch.from_numpy(np.array(self._maps[file][offset: offset + nbytes]))
+        if len(raw) != nbytes:
+            raise FlashMoeError(f"{file} is truncated (a tensor runs past its end): download it again")
+        if ggml_type in FLOAT_TYPES:
+            return raw.view(FLOAT_TYPES[ggml_type]).reshape(shape)
+        return self._dequantize(raw, ggml_type, torch.float32).reshape(shape).to(torch.bfloat16)
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        parts = self._where[name]
+        if name in self._experts:  # gate and up rows stacked, as HF fuses them
+            dtype = SOURCE_DTYPES[self.tensors[name].dtype]
+            return torch.cat([self._read(p, index).to(dtype) for p in parts], dim=-2)
+        return self.family.from_gguf(self.cfg, name, self._read(parts[0], index))
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        return self.get(name, index)
+
+    def close(self) -> None:
+        self._maps.clear()

@@ -1,0 +1,135 @@
+"""GGUF files (llama.cpp's format) convert: written here by llama.cpp's own convert_hf_to_gguf.py, re-typed with the
+gguf package's quantizers, and checked against the checkpoint they came from and against transformers' own GGUF
+loader on the same file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_error
+
+import flashmoe
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.store import Store
+
+gguf = pytest.importorskip("gguf")
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 88, 61, 400, 2, 9]
+ARCH = "qwen3_5_moe"  # llama.cpp's qwen35moe
+
+
+def hf_logits(folder, gguf_file=None) -> torch.Tensor:
+    """transformers' forward pass in float32: on the HF checkpoint, or through its own GGUF loader."""
+    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT])).logits[0]
+
+
+def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
+    """A copy of a GGUF with the tensors whose names match a pattern quantized by the gguf package (llama.cpp's
+    Python quantizers), metadata copied as it is: the mixed types a Q4_K_M-style file has."""
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        qtype = next((q for pattern, q in types.items() if re.search(pattern, t.name)), None)
+        if qtype is None or t.tensor_type != gguf.GGMLQuantizationType.F32 or data.ndim < 2:
+            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+            continue
+        writer.add_tensor(t.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path):
+    """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, value
+    heads tiled) undone: unquantized, the store runs the original checkpoint."""
+    store = convert(built.gguf(ARCH, "f32"), tmp_path / "store", bits=None)
+    assert rel_error(flashmoe.load(store).logits(PROMPT), hf_logits(built.checkpoint(ARCH))) < 1e-4
+    source = Store(store).manifest["source"]
+    assert (source["format"], source["experts"], source["requantized_from"]) == ("gguf", "dequantized", {"F32": 12})
+
+
+def test_q8_0_gguf_requantizes_its_experts(built, tmp_path):
+    path = built.gguf(ARCH, "q8_0")
+    store = Store(convert(path, tmp_path / "store"))
+    assert (store.quantization["bits"], store.quantization["group_size"]) == (4, 64)
+    assert store.manifest["source"]["requantized_from"] == {"Q8_0": 12}
+    ours = flashmoe.load(store.path).logits(PROMPT)
+    reference = hf_logits(path.parent, path.name)
+    # requantizing Q8_0 weights to 4 bits costs what quantizing the original weights to 4 bits costs
+    four_bit = rel_error(flashmoe.load(built.store(ARCH, 4)).logits(PROMPT), hf_logits(built.checkpoint(ARCH)))
+    assert rel_error(ours, reference) < 1.5 * four_bit
+
+
+@pytest.mark.parametrize("types", [
+    {r"ffn_(gate|up)_exps": gguf.GGMLQuantizationType.Q4_0, r"ffn_down_exps": gguf.GGMLQuantizationType.Q4_1,
+     r"token_embd|attn_qkv": gguf.GGMLQuantizationType.Q8_0},
+    {r"_exps": gguf.GGMLQuantizationType.Q4_1, r"shexp|ssm_out": gguf.GGMLQuantizationType.Q4_0},
+])
+def test_mixed_block_types_match_transformers_gguf_loader(built, tmp_path, types):
+    path = retype(built.gguf(ARCH, "f32"), tmp_path / "mixed.gguf", types)
+    store = Store(convert(path, tmp_path / "store", bits=None))
+    reference = hf_logits(tmp_path, path.name)
+    # the same blocks dequantized by the same rules; flashmoe holds the dequantized weights in bf16
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), reference) < 1e-2
+    assert set(store.manifest["source"]["requantized_from"]) <= {"Q4_0", "Q4_1"}
+
+
+def test_the_store_carries_the_gguf_tokenizer_and_config(built, tmp_path):
+    from transformers import AutoTokenizer
+
+    store = convert(built.gguf(ARCH, "q8_0"), tmp_path / "store")
+    text = "hello world, <|im_start|>user\nhi<|im_end|>"
+    ours, original = AutoTokenizer.from_pretrained(str(store)), AutoTokenizer.from_pretrained(str(built.checkpoint(ARCH)))
+    assert ours(text)["input_ids"] == original(text)["input_ids"]
+    messages = [{"role": "user", "content": "hi"}]
+    assert flashmoe.load(store).encode_chat(messages) == original.apply_chat_template(messages, add_generation_prompt=True,
+                                                                                        tokenize=True)["input_ids"]
+    config = json.loads((store / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5MoeForCausalLM"] and config["num_experts"] == 16
+
+
+def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
+    path = built.gguf(ARCH, "q8_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FlashMoeError, match="truncated.*download it again"):
+        convert(truncated, tmp_path / "a")
+    with pytest.raises(FlashMoeError, match="--requantize is for quantized sources"):
+        convert(path, tmp_path / "b", requantize=True)
+    other = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(other), arch="llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, out, err = run_cli("convert", other, tmp_path / "c")
+    assert code != 0 and "llama" in err and "Supported" in err
+    q5 = retype(built.gguf(ARCH, "f32"), tmp_path / "q5.gguf", {r"_exps": gguf.GGMLQuantizationType.Q5_1})
+    with pytest.raises(FlashMoeError, match="ggml type 7, which is not supported yet"):  # transformers reads no Q5_x
+        convert(q5, tmp_path / "e")
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "model-00001-of-00002.gguf").write_bytes(path.read_bytes())
+    with pytest.raises(FlashMoeError, match="lacks model-00002-of-00002.gguf"):
+        convert(split, tmp_path / "d")
