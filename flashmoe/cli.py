@@ -45,11 +45,14 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
     if converter.quantized_source:
         what = (f"{converter.quantized_source} checkpoint, {what}, experts "
                 f"{'repacked as they are' if converter.repack else 'requantized'}")
+    if converter.gguf:
+        what = f"GGUF with {'/'.join(sorted(converter.ckpt.types))} experts, dequantized -> {what}"
     if converter.fp8_block:
         what = f"FP8 checkpoint (blocks {converter.fp8_block[0]}x{converter.fp8_block[1]}), dequantized -> {what}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
         f"({what}) -> {dst}")
-    if not any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not converter.gguf and not any((Path(src) / name).is_file()
+                                      for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         say(f"warning: {src} has no tokenizer files; generate, chat and serve need them: copy tokenizer.json and "
             "tokenizer_config.json into the store", style="yellow")
     try:
@@ -67,7 +70,8 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32, FP8 "
-                                         "block-scaled, compressed-tensors INT4/INT8), or mlx-lm's quantized ones (mlx-community/*-4bit, imported "
+                                         "block-scaled, compressed-tensors INT4/INT8), a llama.cpp .gguf file, or "
+                                         "mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
     bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2"),
@@ -276,10 +280,14 @@ def info(
     if q["bits"] and q.get("scale_dtype", "float16") != "float16":
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
-    imported = {"mlx": "MLX", "compressed-tensors": "compressed-tensors"}.get(
-        source.get("format") if source.get("format") == "mlx" else source.get("quantization", {}).get("method"))
+    imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors"}.get(
+        source.get("format") if source.get("format") in ("mlx", "gguf")
+        else (source.get("quantization") or {}).get("method"))
     if imported:
-        quant += f" ({imported} checkpoint, experts {source.get('experts', 'repacked')})"
+        quant += f" ({imported} checkpoint, experts {source.get('experts', 'repacked')}"
+        if source.get("requantized_from"):
+            quant += " from " + ", ".join(f"{k} x{v}" for k, v in source["requantized_from"].items())
+        quant += ")"
     resident = human_bytes(s.resident_bytes)
     if s.resident_quantized:
         widths = sorted({v["bits"] for v in s.resident_quantized.values()})
