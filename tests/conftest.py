@@ -212,5 +212,22 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+def weights_elsewhere(src, *dsts) -> dict[str, torch.Tensor]:
+    """Copies of a checkpoint folder without its weights (config, tokenizer), for a test to write them in another
+    format; returns the source's tensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    for d in dsts:
+        shutil.copytree(src, d)
+        for f in d.glob("*.safetensors*"):
+            f.unlink()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).norm() / ref.float().norm())

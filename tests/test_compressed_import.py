@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_reference, rel_error
+from conftest import load_reference, rel_error, weights_elsewhere
 from safetensors.torch import load_file, save_file
 
 import flashmoe
@@ -38,13 +38,7 @@ def write_compressed(src, ct_dir, float_dir, groups: dict[str, QuantizationArgs]
     weight_shape, compressed by compressed-tensors itself), and the float checkpoint its decompressor gives back."""
     schemes = {name: QuantizationScheme(targets=[EXPERTS] if name == "experts" else ["Linear"], weights=args)
                for name, args in groups.items()}
-    for d in (ct_dir, float_dir):
-        shutil.copytree(src, d)
-        for f in d.glob("*.safetensors*"):
-            f.unlink()
-    tensors = {}
-    for f in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(f))
+    tensors = weights_elsewhere(src, ct_dir, float_dir)
     packed, dense = {}, {}
     for name, w in tensors.items():
         if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flashmoe
-from conftest import load_reference, rel_error
+from conftest import load_reference, rel_error, weights_elsewhere
 from flashmoe.convert import convert
 from flashmoe.errors import FlashMoeError
 from flashmoe.store import Store
@@ -24,13 +24,7 @@ BLOCK = (32, 48)  # not dividing 64: every matrix has short blocks at its edges
 def write_fp8(src, fp8_dir, float_dir, block=BLOCK):
     """The checkpoint as an FP8 release holds it (every projection FP8 with its scale_inv; embeddings, norms, routers
     stay bf16), and the float checkpoint those FP8 weights stand for, for transformers."""
-    for d in (fp8_dir, float_dir):
-        shutil.copytree(src, d)
-        for f in d.glob("*.safetensors*"):
-            f.unlink()
-    tensors = {}
-    for f in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(f))
+    tensors = weights_elsewhere(src, fp8_dir, float_dir)
     fp8, dense = {}, {}
     for name, w in tensors.items():
         if not name.endswith("_proj.weight"):
