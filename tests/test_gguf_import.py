@@ -133,3 +133,17 @@ def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
     (split / "model-00001-of-00002.gguf").write_bytes(path.read_bytes())
     with pytest.raises(FlashMoeError, match="lacks model-00002-of-00002.gguf"):
         convert(split, tmp_path / "d")
+
+
+def test_large_tensors_dequantize_a_slice_of_rows_at_a_time(built, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from flashmoe.sources import gguf as gguf_source
+
+    path = built.gguf(ARCH, "q8_0")
+    whole = convert(path, tmp_path / "whole")
+    monkeypatch.setattr(gguf_source, "CHUNK_BYTES", 100)  # 1 row of 68 bytes at a time (64 Q8_0 weights)
+    sliced = convert(path, tmp_path / "sliced")
+    for f in Store(whole).manifest["resident"]["files"]:
+        a, b = load_file(whole / f), load_file(sliced / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

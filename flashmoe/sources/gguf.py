@@ -28,6 +28,7 @@ FLOAT_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+CHUNK_BYTES = 64 << 20
 
 
 def gguf_files(src: Path) -> list[Path] | None:
@@ -184,12 +185,20 @@ class GgufCheckpoint:
             nbytes //= shape[0]
             offset += index * nbytes
             shape = shape[1:]
-        raw = torch.from_numpy(np.array(self._maps[file][offset: offset + nbytes]))
-        if len(raw) != nbytes:
+        if offset + nbytes > len(self._maps[file]):
             raise FlashMoeError(f"{file} is truncated (a tensor runs past its end): download it again")
         if ggml_type in FLOAT_TYPES:
+            raw = torch.from_numpy(np.array(self._maps[file][offset: offset + nbytes]))
             return raw.view(FLOAT_TYPES[ggml_type]).reshape(shape)
-        return self._dequantize(raw, ggml_type, torch.float32).reshape(shape).to(torch.bfloat16)
+        # row slices of at most CHUNK_BYTES: a 397B model's Q4_K embedding at once would pass through 4 GB of float32
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        flat, row_bytes = out.view(-1, shape[-1]), nbytes // (out.numel() // shape[-1])
+        step = max(1, CHUNK_BYTES // row_bytes)
+        for r in range(0, flat.shape[0], step):
+            rows = min(step, flat.shape[0] - r)
+            raw = torch.from_numpy(np.array(self._maps[file][offset + r * row_bytes: offset + (r + rows) * row_bytes]))
+            flat[r: r + rows] = self._dequantize(raw, ggml_type, torch.float32).view(rows, shape[-1])
+        return out
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         parts = self._where[name]
