@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import FlashMoeError
 from ..quant import QuantizedTensor
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
+from .shards import Remote, Shards
 
 # prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
 LANGUAGE_MODEL_PREFIX = "model.language_model."
@@ -54,14 +53,15 @@ class Checkpoint:
     A compressed-tensors one (schemes: its config groups) reads the same way, and `quant(name)` / `get_quantized`
     hand over the codes of a weight that imports losslessly (sources/compressed.py)."""
 
-    def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None):
+    def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None,
+                 remote: Remote | None = None):
         self.folder, self.fp8_block = folder, fp8_block
+        self.shards = Shards(folder, remote)
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
         self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
-        self._handles: dict[Path, object] = {}
-        for file in self._shard_files():
+        for file in self.shards.files:
             self._index_file(file)
         self._pair_fp8_scales()
         self._pair_packed(schemes)
@@ -127,34 +127,9 @@ class Checkpoint:
             self.fp8_scales[name] = scale
             self.tensors[name] = TensorInfo(info.file, info.source_name, "BF16", info.shape, info.nbytes + scale.nbytes)
 
-    def _shard_files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise FlashMoeError(f"cannot read {index}: {exc}") from None
-            files = sorted({self.folder / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise FlashMoeError(f"{index.name} lists {f.name}, which is missing from {self.folder}")
-            return files
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise FlashMoeError(f"{self.folder} has no *.safetensors files")
-        return files
-
     def _index_file(self, file: Path) -> None:
-        try:
-            handle = safe_open(str(file), "pt")
-            handle.__enter__()
-            keys = list(handle.keys())
-        except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
-            raise FlashMoeError(f"cannot read {file}: {exc}") from None
-        self._handles[file] = handle
-        for key in keys:
-            sl = handle.get_slice(key)
-            info = TensorInfo(file, key, sl.get_dtype(), tuple(sl.get_shape()))
+        for key, dtype, shape in self.shards.entries(file):
+            info = TensorInfo(file, key, dtype, shape)
             left_out = next((what for p, what in LEFT_OUT_PREFIXES.items() if key.startswith(p)), None)
             if left_out:
                 count = self.left_out.setdefault(left_out, [0, 0])
@@ -170,12 +145,15 @@ class Checkpoint:
         return self.tensors[name]
 
     def _read(self, info: TensorInfo, index: int | None) -> torch.Tensor:
-        try:
-            handle = self._handles[info.file]
-            return handle.get_tensor(info.source_name) if index is None else handle.get_slice(info.source_name)[index]
-        except Exception as exc:
-            where = "" if index is None else f"[{index}]"
-            raise FlashMoeError(f"cannot read tensor {info.source_name}{where} from {info.file}: {exc}") from None
+        return self.shards.read(info.file, info.source_name, index)
+
+    def files_of(self, name: str) -> set[Path]:
+        """The files a tensor is read from (an FP8 weight's scales or a packed weight's parts may lie elsewhere)."""
+        parts = [self.tensors[name], self.fp8_scales.get(name)]
+        if name in self.packed:
+            p = self.packed[name]
+            parts += [p.packed, p.scale, p.zero_point]
+        return {t.file for t in parts if t is not None}
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """A tensor (or its slice `index` along the first axis), FP8 and packed ones dequantized."""
@@ -193,6 +171,4 @@ class Checkpoint:
         return self.get(name, index)
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
+        self.shards.close()

@@ -14,7 +14,6 @@ resident matrices are repacked, never requantized; `get` dequantizes for what mu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from ..errors import FlashMoeError
 from ..quant import SUPPORTED_BITS, QuantizedTensor, blob_tensors, dequantize, unpack_codes
 from .hf import FLOAT_DTYPES, TensorInfo
+from .shards import Remote, Shards
 
 PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
 LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision tower",
@@ -42,8 +42,12 @@ def mlx_quantization(raw: dict) -> dict | None:
     return None
 
 
-def is_mlx_checkpoint(folder: Path, raw: dict) -> bool:
-    return mlx_quantization(raw) is not None or _metadata_format(folder) == "mlx"
+def is_mlx_checkpoint(folder: Path, raw: dict, remote: Remote | None = None) -> bool:
+    if mlx_quantization(raw) is not None:
+        return True
+    if remote is not None:
+        return remote.metadata(remote.files[0]).get("format") == "mlx"
+    return _metadata_format(folder) == "mlx"
 
 
 def _metadata_format(folder: Path) -> str | None:
@@ -83,8 +87,10 @@ class MlxCheckpoint:
     it stands for (so config checks read as for HF), `quant(name)` its (bits, group_size), `get_quantized(name)` its
     codes; routed experts are `expert(layer, e)` (MlxExpertSource reads them)."""
 
-    def __init__(self, folder: Path, raw_config: dict, from_mlx: Callable[[str, torch.Tensor], torch.Tensor]):
+    def __init__(self, folder: Path, raw_config: dict, from_mlx: Callable[[str, torch.Tensor], torch.Tensor],
+                 remote: Remote | None = None):
         self.folder, self.from_mlx = folder, from_mlx
+        self.shards = Shards(folder, remote)
         q = mlx_quantization(raw_config) or {}
         mode = q.get("mode", "affine")
         if mode != "affine":
@@ -96,40 +102,15 @@ class MlxCheckpoint:
         self.quantized: dict[str, tuple[int, int]] = {}  # HF name -> (bits, group_size)
         self.left_out: dict[str, list[int]] = {}
         self._parts: dict[str, dict[str, TensorInfo]] = {}  # HF name -> {"weight"|"scales"|"biases": raw tensor}
-        self._handles: dict[Path, object] = {}
         raw = {}
-        for file in self._files():
+        for file in self.shards.files:
             raw.update(self._index(file))
         self._assemble(raw)
 
-    def _files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
-                raise FlashMoeError(f"cannot read {index}: {exc}") from None
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise FlashMoeError(f"{index.name} lists {missing[0]}, which is missing from {self.folder}")
-            return files
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise FlashMoeError(f"{self.folder} has no *.safetensors files")
-        return files
-
     def _index(self, file: Path) -> dict[str, TensorInfo]:
-        try:
-            handle = safe_open(str(file), "pt")
-            handle.__enter__()
-            keys = list(handle.keys())
-        except Exception as exc:
-            raise FlashMoeError(f"cannot read {file}: {exc}") from None
-        self._handles[file] = handle
         out = {}
-        for key in keys:
-            sl = handle.get_slice(key)
-            info = TensorInfo(file, key, sl.get_dtype(), tuple(sl.get_shape()))
+        for key, dtype, shape in self.shards.entries(file):
+            info = TensorInfo(file, key, dtype, shape)
             left_out = next((what for p, what in LEFT_OUT_PREFIXES.items() if key.startswith(p)), None)
             if left_out:
                 count = self.left_out.setdefault(left_out, [0, 0])
@@ -188,11 +169,10 @@ class MlxCheckpoint:
         return self.quantized.get(name)
 
     def _read(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
-        try:
-            handle = self._handles[info.file]
-            return handle.get_tensor(info.source_name) if index is None else handle.get_slice(info.source_name)[index]
-        except Exception as exc:
-            raise FlashMoeError(f"cannot read tensor {info.source_name} from {info.file}: {exc}") from None
+        return self.shards.read(info.file, info.source_name, index)
+
+    def files_of(self, name: str) -> set[Path]:
+        return {t.file for t in self._parts.get(name, {"weight": self.tensors[name]}).values()}
 
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
         """A quantized matrix (or row `index` of a stacked one) as uint8 codes in MLX's packing, scales, biases."""
@@ -214,9 +194,7 @@ class MlxCheckpoint:
         return self.get(name, index)
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
+        self.shards.close()
 
 
 SCALE_FLOAT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
