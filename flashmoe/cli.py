@@ -36,10 +36,11 @@ def _bytes_progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Optional[int], requantize: bool = False) -> Path:
+def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Optional[int], requantize: bool = False,
+                revision: Optional[str] = None) -> Path:
     from .convert import Converter
 
-    converter = Converter(src, dst, bits, group_size, requantize=requantize)
+    converter = Converter(src, dst, bits, group_size, requantize=requantize, revision=revision)
     cfg = converter.cfg
     what = f"{converter.bits}-bit, group {converter.group_size}" if converter.bits else "unquantized"
     if converter.quantized_source:
@@ -51,7 +52,12 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
         what = f"FP8 checkpoint (blocks {converter.fp8_block[0]}x{converter.fp8_block[1]}), dequantized -> {what}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
         f"({what}) -> {dst}")
-    if not converter.gguf and not any((Path(src) / name).is_file()
+    if converter.remote:
+        largest = max(converter.remote.shard_bytes(f) for f in converter.remote.files)
+        say(f"downloading {converter.hub} shard by shard ({len(converter.remote.files)} shards): peak disk about "
+            f"{human_bytes(converter.store_resident_bytes + converter.store_expert_bytes + 2 * largest)} (the store "
+            "plus two shards in flight); each shard is deleted once converted")
+    if not converter.gguf and not any((converter.src / name).is_file()
                                       for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         say(f"warning: {src} has no tokenizer files; generate, chat and serve need them: copy tokenizer.json and "
             "tokenizer_config.json into the store", style="yellow")
@@ -69,7 +75,9 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="checkpoint folder: Hugging Face safetensors (bf16/fp16/fp32, FP8 "
+    src: Path = typer.Argument(..., help="a Hugging Face Hub model (owner/name or hf://owner/name: downloaded "
+                                         "shard by shard, nothing kept), or a checkpoint folder: Hugging Face "
+                                         "safetensors (bf16/fp16/fp32, FP8 "
                                          "block-scaled, compressed-tensors INT4/INT8), a llama.cpp .gguf file, or "
                                          "mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),
@@ -79,11 +87,12 @@ def convert(
     group_size: Optional[int] = typer.Option(None, help="weights per quantization group (default 64)"),
     requantize: bool = typer.Option(False, "--requantize", help="quantized source (MLX, compressed-tensors): quantize its experts again to --bits "
                                                                 "(default 4) instead of importing them as they are"),
+    revision: Optional[str] = typer.Option(None, help="Hub source: the branch, tag or commit to convert"),
 ):
     """Convert a checkpoint into a flashmoe store (streaming; re-run to resume an interrupted one)."""
     if no_quant and bits is not None:
         raise FlashMoeError("--no-quant keeps the source dtype; drop --bits, or drop --no-quant to quantize")
-    run_convert(src, dst, None if no_quant else "auto" if bits is None else bits, group_size, requantize)
+    run_convert(src, dst, None if no_quant else "auto" if bits is None else bits, group_size, requantize, revision)
 
 
 def stats_line(stats: dict) -> str:

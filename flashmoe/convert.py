@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+from collections import Counter
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
+from .sources.hub import SOURCE_DIR, HubRepo, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
                     expert_file_name, expert_layout, file_crc32, quantized_parts)
@@ -81,6 +83,7 @@ class ExpertSource:
                 expect[f"{self.p}{x}.down_proj.weight"] = (h, inter)
         check_sources(ckpt, expect)
         self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
+        self.source_names = list(expect)
         self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
         quants = {ckpt.quant(n) for n in expect}
         self.quant = quants.pop() if len(quants) == 1 else "mixed"  # (bits, group_size), None (float) or "mixed"
@@ -155,8 +158,15 @@ class Converter:
     None keeps a float source's dtype. requantize: an MLX source's experts dequantized and quantized to `bits`."""
 
     def __init__(self, src: Path, dst: Path, bits: int | None | str = "auto", group_size: int | None = None,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False, revision: str | None = None):
         self.src, self.dst, self.shard_bytes = Path(src), Path(dst), shard_bytes
+        self.hub, self.remote = hub_repo(str(src)), None
+        if self.hub:  # downloaded shard by shard into DST/.source as the conversion reads them
+            self._check_destination()
+            self.remote = HubRepo(self.hub, revision, self.dst / SOURCE_DIR)
+            self.src = self.remote.folder
+        elif revision:
+            raise FlashMoeError(f"--revision is for a Hugging Face Hub repository; {src} is a local path")
         self.gguf = gguf_files(self.src)
         if self.gguf is None and not self.src.is_dir():
             raise FlashMoeError(f"source checkpoint {self.src} is not a folder or a .gguf file")
@@ -168,7 +178,7 @@ class Converter:
         if self.cfg.hidden_act != "silu":
             raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
         family = family_of(self.cfg.architecture)
-        self.mlx = not self.gguf and is_mlx_checkpoint(self.src, self.raw_config)
+        self.mlx = not self.gguf and is_mlx_checkpoint(self.src, self.raw_config, self.remote)
         self.fp8_block = None if self.mlx or self.gguf else fp8_block_size(self.raw_config)
         self.schemes = (None if self.mlx or self.gguf
                         else compressed_schemes(self.raw_config, str(self.src / "config.json")))
@@ -177,9 +187,9 @@ class Converter:
         if self.gguf:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
         elif self.mlx:
-            self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx)
+            self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx, self.remote)
         else:
-            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes)
+            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote)
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -199,7 +209,8 @@ class Converter:
         self.scale_dtype = first.scale_dtype if self.repack else SCALE_DTYPE
         self.layout = expert_layout(self.cfg, self.bits, self.group_size, first.dtype, self.scale_dtype)
         self.resident_quant = self._resident_quantization()
-        self.options = {"source": str(self.src.resolve()), "bits": self.bits,
+        source = f"hf://{self.hub}@{revision or 'main'}" if self.hub else str(self.src.resolve())
+        self.options = {"source": source, "bits": self.bits,
                         "group_size": self.group_size if self.bits else None}
         if self.quantized_source:
             self.options["requantize"] = not self.repack
@@ -264,15 +275,25 @@ class Converter:
         return expert_tensors(gate_up, down, self.bits, self.group_size)
 
     # ---- planning -------------------------------------------------------------------------
+    def _last_file(self, names) -> int:
+        """When streaming, the position of the last source shard a job reads (jobs run in that order)."""
+        if not self.remote:
+            return 0
+        order = {f: i for i, f in enumerate(self.remote.files)}
+        return max(order[f] for n in names for f in self.ckpt.files_of(n))
+
     def resident_shards(self) -> list[list[ResidentItem]]:
-        shards, current, size = [], [], 0
-        for item in self.plan:
-            nbytes = item_source_bytes(item, self.ckpt)
-            if current and size + nbytes > self.shard_bytes:
+        """The plan's items grouped into resident files of about shard_bytes; when streaming, in the order of the
+        last source shard each reads, a file never waiting on a shard its predecessor did not need."""
+        items = sorted(self.plan, key=lambda item: self._last_file(item.sources))
+        shards, current, size, key = [], [], 0, None
+        for item in items:
+            nbytes, item_key = item_source_bytes(item, self.ckpt), self._last_file(item.sources)
+            if current and (size + nbytes > self.shard_bytes or item_key != key):
                 shards.append(current)
                 current, size = [], 0
             current.append(item)
-            size += nbytes
+            size, key = size + nbytes, item_key
         if current:
             shards.append(current)
         return shards
@@ -286,9 +307,12 @@ class Converter:
         return sum(item_source_bytes(item, self.ckpt) for item in self.plan)
 
     # ---- state ----------------------------------------------------------------------------
-    def _load_state(self) -> dict:
-        if self.dst.exists() and (self.dst / MANIFEST).exists():
+    def _check_destination(self) -> None:
+        if (self.dst / MANIFEST).exists():
             raise FlashMoeError(f"{self.dst} already holds a complete flashmoe store; remove it or choose another path")
+
+    def _load_state(self) -> dict:
+        self._check_destination()
         state_path = self.dst / STATE_FILE
         if state_path.is_file():
             try:
@@ -303,7 +327,7 @@ class Converter:
                     "remove it or use the same options to resume"
                 )
             return state
-        if self.dst.exists() and any(self.dst.iterdir()):
+        if self.dst.exists() and any(p.name != SOURCE_DIR for p in self.dst.iterdir()):
             raise FlashMoeError(f"destination {self.dst} exists and is not empty")
         return {"options": self.options, "resident": {}, "layers": {}}
 
@@ -320,8 +344,23 @@ class Converter:
             state = self._load_state()
             (self.dst / "experts").mkdir(exist_ok=True)
             self._check_space(state)
-            resident_files = self._write_resident(state, progress, log)
-            self._write_experts(state, progress, log)
+            groups = self.resident_shards()
+            resident_files = [f"resident-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+            jobs = [("resident", name, group) for name, group in zip(resident_files, groups)]
+            jobs += [("layer", layer, source) for layer, source in self.expert_sources.items()]
+            if self.remote:  # shard by shard: each job once the last shard it reads is in; stable otherwise
+                jobs.sort(key=lambda job: self._last_file(self._job_sources(job)))
+            files_left = Counter(f for job in jobs for f in self._job_files(job))
+            for job in jobs:
+                kind, key, what = job
+                if kind == "resident":
+                    self._write_resident_file(key, what, state, progress, log)
+                else:
+                    self._write_layer(key, what, state, progress, log)
+                for f in self._job_files(job):
+                    files_left[f] -= 1
+                    if files_left[f] == 0:  # every tensor it holds is written
+                        self.ckpt.shards.release(f)
             self._copy_tokenizer(log)
             self._write_manifest(state, resident_files)
         except OSError as exc:
@@ -331,7 +370,19 @@ class Converter:
         finally:
             self.ckpt.close()
         (self.dst / STATE_FILE).unlink(missing_ok=True)
+        if self.remote:
+            self.remote.remove()
         return self.dst
+
+    def _job_sources(self, job) -> list[str]:
+        kind, _, what = job
+        return [s for item in what for s in item.sources] if kind == "resident" else what.source_names
+
+    def _job_files(self, job) -> set:
+        """The source shards a job reads; only a streamed source (its shards deleted when done) tracks them."""
+        if not self.remote:
+            return set()
+        return {f for name in self._job_sources(job) for f in self.ckpt.files_of(name)}
 
     def total_source_bytes(self) -> int:
         return self.store_resident_bytes + sum(s.source_bytes for s in self.expert_sources.values())
@@ -339,33 +390,33 @@ class Converter:
     def _check_space(self, state: dict) -> None:
         done_layers = len(state["layers"])
         need = self.store_resident_bytes + self.layout.blob_bytes * self.cfg.num_experts * (len(self.expert_sources) - done_layers)
+        what = "the store"
+        if self.remote:  # the shards being converted sit beside it (about two at a time)
+            need += 2 * max(self.remote.shard_bytes(f) for f in self.remote.files)
+            what = "the store and two source shards in flight"
         free = shutil.disk_usage(self.dst).free
         if free < need:
             raise FlashMoeError(
-                f"not enough space for the store at {self.dst}: it needs about {need / 1e9:.2f} GB, "
+                f"not enough space at {self.dst} for {what}: it needs about {need / 1e9:.2f} GB, "
                 f"{free / 1e9:.2f} GB is free"
             )
 
-    def _write_resident(self, state: dict, progress, log) -> list[str]:
-        shards = self.resident_shards()
-        files = [f"resident-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(files, shards):
-            source_bytes = sum(item_source_bytes(item, self.ckpt) for item in shard)
-            if self._resident_done(name, state["resident"].get(name), log):
-                progress(source_bytes)
-                continue
-            tensors = {}
-            for item in shard:
-                tensors.update((n, t.contiguous()) for n, t in self.resident_tensors(item).items())
-                progress(item_source_bytes(item, self.ckpt))
-            tmp = self.dst / (name + ".partial")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the store's other files follow the umask
-            os.replace(tmp, self.dst / name)
-            state["resident"][name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                                       "file_bytes": (self.dst / name).stat().st_size, "crc32": file_crc32(self.dst / name)}
-            self._save_state(state)
-        return files
+    def _write_resident_file(self, name: str, shard: list[ResidentItem], state: dict, progress, log) -> None:
+        source_bytes = sum(item_source_bytes(item, self.ckpt) for item in shard)
+        if self._resident_done(name, state["resident"].get(name), log):
+            progress(source_bytes)
+            return
+        tensors = {}
+        for item in shard:
+            tensors.update((n, t.contiguous()) for n, t in self.resident_tensors(item).items())
+            progress(item_source_bytes(item, self.ckpt))
+        tmp = self.dst / (name + ".partial")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the store's other files follow the umask
+        os.replace(tmp, self.dst / name)
+        state["resident"][name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                                   "file_bytes": (self.dst / name).stat().st_size, "crc32": file_crc32(self.dst / name)}
+        self._save_state(state)
 
     def _resident_done(self, name: str, done, log) -> bool:
         """Finished before, and the file still has the size and checksum it was written with."""
@@ -391,29 +442,27 @@ class Converter:
         log(f"layer {layer}'s file is damaged; rewriting it")
         return False
 
-    def _write_experts(self, state: dict, progress, log) -> None:
-        blob_bytes = self.layout.blob_bytes
-        for layer, source in self.expert_sources.items():
-            rel = expert_file_name(layer)
-            if self._layer_done(layer, state["layers"].get(str(layer)), log):
-                progress(source.source_bytes)
-                continue
-            tmp = self.dst / (rel + ".partial")
-            offsets, sizes, sums = [], [], []
-            per_expert = source.source_bytes // self.cfg.num_experts
-            with open(tmp, "wb") as f:
-                for expert in range(self.cfg.num_experts):
-                    blob = self.layout.pack(self.expert_blob_tensors(source, expert))
-                    offsets.append(expert * blob_bytes)
-                    sizes.append(blob_bytes)
-                    sums.append(crc32(blob))
-                    f.write(blob)
-                    progress(per_expert)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dst / rel)
-            state["layers"][str(layer)] = {"file": rel, "offsets": offsets, "sizes": sizes, "crc32": sums}
-            self._save_state(state)
+    def _write_layer(self, layer: int, source, state: dict, progress, log) -> None:
+        blob_bytes, rel = self.layout.blob_bytes, expert_file_name(layer)
+        if self._layer_done(layer, state["layers"].get(str(layer)), log):
+            progress(source.source_bytes)
+            return
+        tmp = self.dst / (rel + ".partial")
+        offsets, sizes, sums = [], [], []
+        per_expert = source.source_bytes // self.cfg.num_experts
+        with open(tmp, "wb") as f:
+            for expert in range(self.cfg.num_experts):
+                blob = self.layout.pack(self.expert_blob_tensors(source, expert))
+                offsets.append(expert * blob_bytes)
+                sizes.append(blob_bytes)
+                sums.append(crc32(blob))
+                f.write(blob)
+                progress(per_expert)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dst / rel)
+        state["layers"][str(layer)] = {"file": rel, "offsets": offsets, "sizes": sizes, "crc32": sums}
+        self._save_state(state)
 
     def _copy_tokenizer(self, log) -> None:
         if self.gguf:  # a GGUF carries its config and vocabulary as metadata
@@ -481,7 +530,7 @@ def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: in
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None | str = "auto", group_size: int | None = None,
             progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None,
-            shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False) -> Path:
+            shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False, revision: str | None = None) -> Path:
     """Convert a checkpoint folder (Hugging Face safetensors or mlx-lm's) into a flashmoe store. bits: "auto" (4-bit
     group 64 for a float source; an MLX source's own), 2/4/8, or None to keep a float source's dtype."""
-    return Converter(Path(src), Path(dst), bits, group_size, shard_bytes, requantize).run(progress, log)
+    return Converter(Path(src), Path(dst), bits, group_size, shard_bytes, requantize, revision).run(progress, log)

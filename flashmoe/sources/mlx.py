@@ -207,6 +207,7 @@ class MlxExpertSource:
     def __init__(self, ckpt: MlxCheckpoint, layer: int, hidden: int, inter: int, num_experts: int):
         self.ckpt = ckpt
         self.names = {p: f"model.layers.{layer}{SWITCH_MLP}{p}.weight" for p in PROJECTIONS}
+        self.source_names = list(self.names.values())
         want = {"gate_proj": (num_experts, inter, hidden), "up_proj": (num_experts, inter, hidden),
                 "down_proj": (num_experts, hidden, inter)}
         for p, name in self.names.items():
