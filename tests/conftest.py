@@ -40,7 +40,7 @@ def _import_transformers_models_without_fla() -> None:
 _import_transformers_models_without_fla()
 
 from flashmoe.convert import convert  # noqa: E402
-from flashmoe.tiny import build_tiny_checkpoint  # noqa: E402
+from flashmoe.tiny import build_tiny_checkpoint, hf_as_mlx_lm_reads_it  # noqa: E402,F401
 
 ARCHS = ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next"]
 
@@ -111,48 +111,6 @@ class Built:
             assert done.returncode == 0, done.stderr[-3000:]
             self._done[key] = out
         return self._done[key]
-
-
-def hf_as_mlx_lm_reads_it(src, dst):
-    """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
-    (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
-    no other), Qwen3-Next's rope settings at the top of config.json (where transformers 4 wrote them)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    if dst.exists():
-        return dst
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    tensors = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        tensors.update(load_file(f))
-        f.unlink()
-    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
-    experts, out = {}, {}
-    for key, t in tensors.items():
-        if ".mlp.experts." in key:
-            prefix, rest = key.split(".mlp.experts.")
-            e, proj, _ = rest.split(".")
-            experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
-        else:
-            out[key] = t
-    for prefix, projs in experts.items():
-        n = len(projs["gate_proj"])
-        if "text_config" in cfg:
-            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in range(n)])
-            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
-        else:
-            out.update({f"{prefix}.mlp.experts.{e}.{p}.weight": t for p, ts in projs.items() for e, t in ts.items()})
-    if "text_config" not in cfg:
-        rope = cfg.get("rope_parameters") or {}
-        cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    return dst
 
 
 def mlx_logits(folder, token_ids: list[int]) -> torch.Tensor:

@@ -71,7 +71,14 @@ def gguf_config(files: list[Path]) -> dict:
     try:
         metadata, _ = read_gguf_metadata(str(files[0]))
         names = tuple(n for f in files for n in read_gguf_metadata(str(f))[1])
-        return get_gguf_config(metadata, names)
+        raw = get_gguf_config(metadata, names)
+        # the file says which layers are recurrent; transformers' mapping keeps only the interval, which a model
+        # whose pattern is not every-Nth-layer would get wrong
+        recurrent = metadata.get(f"{metadata['general.architecture']}.attention.recurrent_layers")
+        if isinstance(recurrent, list) and len(recurrent) >= raw.get("num_hidden_layers", 0):
+            raw["layer_types"] = ["linear_attention" if r else "full_attention"
+                                  for r in recurrent[: raw["num_hidden_layers"]]]
+        return raw
     except KeyError as exc:
         raise FlashMoeError(f"{files[0]} lacks metadata key {exc}: not a complete llama.cpp GGUF") from None
     except ValueError as exc:  # an architecture transformers has no config mapping for
