@@ -156,22 +156,42 @@ def write_mlx(root: Path, raw: dict) -> Path:
 
 def write_gguf(root: Path, bf16: Path, llama: Path) -> Path:
     root.mkdir(parents=True)
-    out = root / "model-q8_0.gguf"
+    out = root / "model-q8_0.gguf"  # returns the folder, like the other writers
     tool = Path(__file__).resolve().parents[1] / "tests" / "tools" / "llama_convert.py"
     subprocess.run([sys.executable, str(tool), str(llama), str(bf16), str(out), "q8_0"], check=True,
                    stdout=subprocess.DEVNULL)
-    return out
+    return root
 
 
-def measure(src: Path, dst: Path) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of `flashmoe.convert(src, dst)` in a process of its own. The peak is that process's
-    VmHWM (a forked child's ru_maxrss would start from this process's size)."""
-    code = (f"import re, time, flashmoe.convert as c; t = time.perf_counter(); c.convert({str(src)!r}, {str(dst)!r}); "
-            "print(time.perf_counter() - t, re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1])")
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-    seconds, kb = out.stdout.split()[-2:]
-    return float(seconds), int(kb) * 1024
+MEASURE = """
+import re, threading, time
+import flashmoe.convert as c
+peak = [0]
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+
+def sample():  # anonymous memory (what the conversion holds), apart from the mapped source pages VmHWM counts
+    while True:
+        peak[0] = max(peak[0], status("RssAnon"))
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+t = time.perf_counter()
+c.convert({src!r}, {dst!r})
+print(time.perf_counter() - t, status("VmHWM"), max(peak[0], status("RssAnon")))
+"""
+
+
+def measure(src: Path, dst: Path) -> tuple[float, int, int]:
+    """(seconds, peak RSS, peak anonymous RSS) of `flashmoe.convert(src, dst)` in a process of its own. The peak RSS
+    is that process's VmHWM (a forked child's ru_maxrss would start from this process's size); it counts the source
+    pages a mapped reader touched, which the page cache can take back, so the anonymous peak is sampled too."""
+    out = subprocess.run([sys.executable, "-c", MEASURE.format(src=str(src), dst=str(dst))], stdout=subprocess.PIPE,
+                         text=True, check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])))
+    seconds, hwm, anon = out.stdout.split()[-3:]
+    return float(seconds), int(hwm), int(anon)
 
 
 def size(path: Path) -> int:
@@ -186,28 +206,31 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
     raw = config(args.experts, args.layers)
-    sources = {}
-    t = time.perf_counter()
-    sources["bf16 safetensors"] = write_bf16(args.work / "bf16", raw)
-    sources["FP8 block 128"] = write_fp8(args.work / "fp8", raw)
-    sources["compressed-tensors INT4 g32"] = write_int4(args.work / "int4", raw)
-    sources["MLX 4-bit g64"] = write_mlx(args.work / "mlx", raw)
+    writers = {"bf16 safetensors": ("bf16", write_bf16), "FP8 block 128": ("fp8", write_fp8),
+               "compressed-tensors INT4 g32": ("int4", write_int4), "MLX 4-bit g64": ("mlx", write_mlx)}
     if args.llama_cpp:
-        sources["GGUF Q8_0 (llama.cpp's converter)"] = write_gguf(args.work / "gguf", sources["bf16 safetensors"],
-                                                                 args.llama_cpp)
-    print(f"sources written in {time.perf_counter() - t:.0f} s", flush=True)
+        writers["GGUF Q8_0 (llama.cpp's converter)"] = (
+            "gguf", lambda d, raw: write_gguf(d, args.work / "bf16", args.llama_cpp))
+    made = args.work / "sources.json"  # sources written by an earlier run with the same geometry are reused
+    if not (made.is_file() and json.loads(made.read_text()) == [args.experts, args.layers]):
+        shutil.rmtree(args.work, ignore_errors=True)
+        t = time.perf_counter()
+        for name, (sub, write) in writers.items():
+            write(args.work / sub, raw)
+        made.write_text(json.dumps([args.experts, args.layers]))
+        print(f"sources written in {time.perf_counter() - t:.0f} s", flush=True)
+    sources = {name: args.work / sub / ("model-q8_0.gguf" if sub == "gguf" else "") for name, (sub, _) in writers.items()}
     rows = []
     for name, src in sources.items():
         dst = args.work / ("store-" + src.name)
-        seconds, rss = measure(src, dst)
+        seconds, rss, anon = measure(src, dst)
         manifest = json.loads((dst / "manifest.json").read_text())
         made = f"{manifest['quantization']['bits']}-bit g{manifest['quantization']['group_size']}, " \
                f"{manifest['source'].get('experts', 'quantized')}"
         rows.append(f"| {name} | {size(src) / 1e9:.2f} | {made} | {size(dst) / 1e9:.2f} | {seconds:.1f} | "
                     f"{size(src) / seconds / 1e9:.2f} | {raw['num_experts'] * args.layers / seconds:.0f} | "
-                    f"{rss / 1e9:.2f} |")
+                    f"{rss / 1e9:.2f} | {anon / 1e9:.2f} |")
         print(rows[-1], flush=True)
         shutil.rmtree(dst)
     machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -215,8 +238,10 @@ def main() -> None:
         "Convert throughput by source format, 397B expert geometry", machine,
         f"{args.layers} MoE layers x {args.experts} experts of hidden {HIDDEN} x expert intermediate {INTER} (the "
         "Qwen3.5-397B-A17B expert), small residents; one process per conversion, sources in the page cache (just "
-        "written). GB/s counts source bytes; peak RSS is the converting process's.",
-        ["source", "source GB", "store experts", "store GB", "seconds", "source GB/s", "experts/s", "peak RSS GB"],
+        "written). GB/s counts source bytes; peak RSS is the converting process's VmHWM, which includes the source pages "
+        "a mapped (safetensors) reader touched; peak anonymous is its sampled RssAnon, the memory it holds.",
+        ["source", "source GB", "store experts", "store GB", "seconds", "source GB/s", "experts/s", "peak RSS GB",
+         "peak anonymous GB"],
         rows), args.out)
 
 

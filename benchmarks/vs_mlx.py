@@ -77,7 +77,8 @@ print(json.dumps({{"tps": last.generation_tps, "tokens": last.generation_tokens,
 
 def run(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

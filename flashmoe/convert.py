@@ -379,8 +379,9 @@ class Converter:
         return [s for item in what for s in item.sources] if kind == "resident" else what.source_names
 
     def _job_files(self, job) -> set:
-        """The source shards a job reads; only a streamed source (its shards deleted when done) tracks them."""
-        if not self.remote:
+        """The source files a job reads, released (closed; a streamed one deleted) after the last job reading them:
+        a mapped file's touched pages count in the process's memory until it is closed."""
+        if not hasattr(self.ckpt, "files_of"):
             return set()
         return {f for name in self._job_sources(job) for f in self.ckpt.files_of(name)}
 

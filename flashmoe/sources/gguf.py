@@ -6,17 +6,17 @@ the metadata (`get_gguf_config`), dequantizes every block type ggml publishes (`
 tokenizer. The family maps llama.cpp's tensor names to HF's and undoes its converter's changes
 (`models/<family>.py: GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf`); routed experts (`blk.N.ffn_{gate,up,down}_exps`,
 [E, ...] in one tensor) read as HF's fused `mlp.experts.gate_up_proj` / `down_proj`, one expert's rows at a time from
-the memory-mapped file. Block types are not flashmoe's affine scheme, so everything is dequantized as read and the
+the file. Block types are not flashmoe's affine scheme, so everything is dequantized as read and the
 experts quantized to --bits (the manifest records the types they were requantized from).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import FlashMoeError
@@ -111,7 +111,7 @@ class GgufCheckpoint:
         self.types: Counter = Counter()  # the block types of the routed experts (manifest: requantized_from)
         self._where: dict[str, tuple] = {}  # HF name -> (file, torch shape, ggml type, offset, nbytes) per part
         self._experts: set[str] = set()  # the fused routed-expert names, read as they are
-        self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
         experts: dict[tuple[int, str], tuple] = {}
         for f in files:
             try:
@@ -184,26 +184,30 @@ class GgufCheckpoint:
     def quant(self, name: str) -> None:
         return None  # ggml's block types are not flashmoe's affine scheme: everything is dequantized
 
+    def _pread(self, file: Path, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes read with pread, not mapped: a mapped file's touched pages would count in the process's memory."""
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        data = os.pread(self._fds[file], nbytes, offset)
+        if len(data) != nbytes:
+            raise FlashMoeError(f"{file} is truncated (a tensor runs past its end): download it again")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
     def _read(self, part: tuple, index: int | None) -> torch.Tensor:
         file, shape, ggml_type, offset, nbytes = part
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         if index is not None:  # one slice along the first axis: its rows are contiguous
             nbytes //= shape[0]
             offset += index * nbytes
             shape = shape[1:]
-        if offset + nbytes > len(self._maps[file]):
-            raise FlashMoeError(f"{file} is truncated (a tensor runs past its end): download it again")
         if ggml_type in FLOAT_TYPES:
-            raw = torch.from_numpy(np.array(self._maps[file][offset: offset + nbytes]))
-            return raw.view(FLOAT_TYPES[ggml_type]).reshape(shape)
+            return self._pread(file, offset, nbytes).view(FLOAT_TYPES[ggml_type]).reshape(shape)
         # row slices of at most CHUNK_BYTES: a 397B model's Q4_K embedding at once would pass through 4 GB of float32
         out = torch.empty(shape, dtype=torch.bfloat16)
         flat, row_bytes = out.view(-1, shape[-1]), nbytes // (out.numel() // shape[-1])
         step = max(1, CHUNK_BYTES // row_bytes)
         for r in range(0, flat.shape[0], step):
             rows = min(step, flat.shape[0] - r)
-            raw = torch.from_numpy(np.array(self._maps[file][offset + r * row_bytes: offset + (r + rows) * row_bytes]))
+            raw = self._pread(file, offset + r * row_bytes, rows * row_bytes)
             flat[r: r + rows] = self._dequantize(raw, ggml_type, torch.float32).view(rows, shape[-1])
         return out
 
@@ -218,4 +222,6 @@ class GgufCheckpoint:
         return self.get(name, index)
 
     def close(self) -> None:
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
