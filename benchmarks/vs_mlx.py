@@ -100,12 +100,14 @@ def main() -> None:
     size = sum(f.stat().st_size for f in mlx.glob("*.safetensors")) / 1e9
     rows = [f"| flashmoe | {ours['tps']:.1f} | {ours['rss'] / 1e9:.2f} | {ours['tps'] / theirs['tps']:.2f}x |",
             f"| mlx-lm (CPU) | {theirs['tps']:.1f} | {theirs['rss'] / 1e9:.2f} | 1.00x |"]
-    cfg = json.loads((mlx / "config.json").read_text())
+    q = json.loads((mlx / "config.json").read_text())["quantization"]
+    overrides = sorted({f"{v['bits']}-bit {k.rsplit('.', 1)[-1]}" for k, v in q.items() if isinstance(v, dict)})
     machine = f"{os.cpu_count()} CPU cores"
     publish(section(
         "CPU decode vs mlx-lm, same MLX 4-bit checkpoint", machine,
         f"Qwen3.5-MoE at the 35B-A3B layer geometry, {args.layers} layers x {args.experts} experts, K=8, vocab 32768; "
-        f"mlx-lm's converter made the checkpoint ({size:.2f} GB, quantization {cfg.get('quantization')}); flashmoe "
+        f"mlx-lm's converter made the checkpoint ({size:.2f} GB, {q['bits']}-bit group {q['group_size']}, "
+        f"{', '.join(overrides)}); flashmoe "
         f"imported it as it is. {len(PROMPT)}-token prompt, {args.tokens} greedy tokens after warm-up, each engine in "
         "a process of its own (peak RSS: its VmHWM). A random model: eos can end mlx-lm's run early "
         f"(it decoded {theirs['tokens']}).",
