@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import shutil
@@ -133,6 +134,23 @@ def expert_tensors(gate_up: torch.Tensor, down: torch.Tensor, bits: int | None, 
     return out
 
 
+def in_order(fn, items, workers: int):
+    """fn over items on `workers` threads, results in order, at most 2 x workers in flight (a layer's blobs are
+    written as they come; torch's kernels release the GIL, and one expert's matrices are too small to keep torch's
+    own threads busy: measured 13 experts/s on 16 cores with one at a time)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -160,6 +178,7 @@ class Converter:
     def __init__(self, src: Path, dst: Path, bits: int | None | str = "auto", group_size: int | None = None,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False, revision: str | None = None):
         self.src, self.dst, self.shard_bytes = Path(src), Path(dst), shard_bytes
+        self.workers = min(8, os.cpu_count() or 1)  # experts converted at once
         self.hub, self.remote = hub_repo(str(src)), None
         if self.hub:  # downloaded shard by shard into DST/.source as the conversion reads them
             self._check_destination()
@@ -451,13 +470,17 @@ class Converter:
         tmp = self.dst / (rel + ".partial")
         offsets, sizes, sums = [], [], []
         per_expert = source.source_bytes // self.cfg.num_experts
+
+        def blob(expert: int) -> tuple[bytes, int]:
+            data = self.layout.pack(self.expert_blob_tensors(source, expert))
+            return data, crc32(data)
+
         with open(tmp, "wb") as f:
-            for expert in range(self.cfg.num_experts):
-                blob = self.layout.pack(self.expert_blob_tensors(source, expert))
+            for expert, (data, checksum) in enumerate(in_order(blob, range(self.cfg.num_experts), self.workers)):
                 offsets.append(expert * blob_bytes)
                 sizes.append(blob_bytes)
-                sums.append(crc32(blob))
-                f.write(blob)
+                sums.append(checksum)
+                f.write(data)
                 progress(per_expert)
             f.flush()
             os.fsync(f.fileno())

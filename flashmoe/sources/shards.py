@@ -5,6 +5,7 @@ shards it is working on."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class Shards:
         self.folder, self.remote = folder, remote
         self.files = remote.files if remote else local_files(folder)
         self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
 
     def entries(self, file: Path) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, safetensors dtype, shape) of each tensor in a file, from its header."""
@@ -60,6 +62,10 @@ class Shards:
         return self.remote.metadata(file) if self.remote else (self.handle(file).metadata() or {})
 
     def handle(self, file: Path):
+        with self._lock:  # experts convert on several threads; a file opens (and downloads) once
+            return self._open(file)
+
+    def _open(self, file: Path):
         if file not in self._handles:
             path = self.remote.fetch(file) if self.remote else file
             try:
