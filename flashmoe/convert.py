@@ -55,7 +55,8 @@ def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
     made = {name: item for item in family.resident_sources(cfg) for name in item.outputs}
     items = []
     for name, shape in shapes.items():
-        if name not in made:
+        # as it is, also where the checkpoint already holds the split the family would make (a Qwen3-Next GGUF)
+        if name not in made or (ckpt.has(name) and not all(ckpt.has(s) for s in made[name].sources)):
             items.append(ResidentItem({name: shape}, [name], lambda ts: ts))
         elif name == made[name].outputs[0]:  # one item makes all its outputs
             items.append(made[name])

@@ -8,6 +8,8 @@ A family module provides:
   resident_sources(cfg) -> [ResidentItem]           those the checkpoint does not hold one to one
   expert_prefix(layer) -> str                       where the checkpoint keeps a layer's routed experts
   describe(cfg) -> [(label, text)]                  what `flashmoe info` says of its layers
+  GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf(cfg, name, t)   llama.cpp's names and changes, undone
+  config_from_gguf(metadata, names) -> config.json  for a GGUF architecture transformers has no mapping for
   Model(cfg, weights)                               the layer math over the resident weights
 """
 
@@ -28,6 +30,15 @@ FAMILIES = {
     "Qwen3_5MoeForConditionalGeneration": "qwen3_next",
     "Qwen3NextForCausalLM": "qwen3_next",
 }
+
+
+# llama.cpp's general.architecture -> the same modules
+GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next"}
+
+
+def family_of_gguf(architecture: str) -> ModuleType | None:
+    name = GGUF_FAMILIES.get(architecture)
+    return None if name is None else importlib.import_module(f"{__name__}.{name}")
 
 
 def family_of(architecture: str) -> ModuleType:

@@ -195,6 +195,9 @@ GGUF_LAYER_NAMES = {
     "ssm_beta.weight": "linear_attn.in_proj_b.weight", "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
     "ssm_conv1d.weight": "linear_attn.conv1d.weight", "ssm_norm.weight": "linear_attn.norm.weight",
     "ssm_out.weight": "linear_attn.out_proj.weight", "ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias",
+    # Qwen3-Next: llama.cpp splits in_proj_qkvz into attn_qkv and attn_gate (Qwen3.5's layout) but keeps b and a
+    # interleaved by key-head group; the two store tensors are cut from the one
+    "ssm_ba.weight": ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"),
     "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight", "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
@@ -223,6 +226,9 @@ def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     nk, nv, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_value_head_dim
     if name.endswith("A_log"):
         t = torch.log(-t.float())
+    if name.endswith(("in_proj_b.weight", "in_proj_a.weight")) and t.shape[0] == 2 * nv:  # Qwen3-Next's ssm_ba
+        ba = t.reshape(nk, 2, nv // nk, *t.shape[1:])
+        t = ba[:, 0 if name.endswith("in_proj_b.weight") else 1].reshape(nv, *t.shape[1:])
     if cfg.family == "qwen3_5_moe" and nv != nk:
         r, qk_rows = nv // nk, 2 * cfg.linear_key_head_dim * nk
         if name.endswith(("A_log", "dt_bias", "in_proj_a.weight", "in_proj_b.weight")):
@@ -236,6 +242,40 @@ def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     if name.endswith("conv1d.weight") and t.dim() == 2:
         t = t.unsqueeze(1)
     return t
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a Qwen3-Next GGUF (`qwen3next`; transformers maps Qwen3.5's but not this one), from the keys
+    llama.cpp's converter writes (conversion/qwen.py, Qwen3NextModel.set_gguf_parameters)."""
+    arch = metadata["general.architecture"]
+
+    def key(name: str):
+        return metadata[f"{arch}.{name}"]
+
+    head_dim, value_heads = key("attention.key_length"), key("ssm.time_step_rank")
+    layers = key("block_count") - metadata.get(f"{arch}.nextn_predict_layers", 0)
+    recurrent = metadata.get(f"{arch}.attention.recurrent_layers") or [
+        (i + 1) % key("full_attention_interval") != 0 for i in range(layers)]
+    return {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+        "hidden_size": key("embedding_length"), "num_hidden_layers": layers,
+        "num_attention_heads": key("attention.head_count"), "num_key_value_heads": key("attention.head_count_kv"),
+        "head_dim": head_dim, "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": key("context_length"),
+        "rope_parameters": {"rope_type": "default", "rope_theta": key("rope.freq_base"),
+                            "partial_rotary_factor": key("rope.dimension_count") / head_dim},
+        "layer_types": ["linear_attention" if r else "full_attention" for r in recurrent[:layers]],
+        "linear_conv_kernel_dim": key("ssm.conv_kernel"), "linear_key_head_dim": key("ssm.state_size"),
+        "linear_num_key_heads": key("ssm.group_count"), "linear_num_value_heads": value_heads,
+        "linear_value_head_dim": key("ssm.inner_size") // value_heads,
+        "num_experts": key("expert_count"), "num_experts_per_tok": key("expert_used_count"),
+        "moe_intermediate_size": key("expert_feed_forward_length"),
+        "shared_expert_intermediate_size": key("expert_shared_feed_forward_length"),
+        "intermediate_size": metadata.get(f"{arch}.feed_forward_length", 0), "norm_topk_prob": True,
+        "vocab_size": metadata["tokenizer.ggml.tokens"], "tie_word_embeddings": "output.weight" not in names,
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"), "hidden_act": "silu",
+    }
 
 
 def expert_prefix(layer: int) -> str:

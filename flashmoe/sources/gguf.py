@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashMoeError
+from ..models import family_of_gguf
 from ..store import SOURCE_DTYPES
 from .hf import TensorInfo
 
@@ -71,7 +72,14 @@ def gguf_config(files: list[Path]) -> dict:
     try:
         metadata, _ = read_gguf_metadata(str(files[0]))
         names = tuple(n for f in files for n in read_gguf_metadata(str(f))[1])
-        raw = get_gguf_config(metadata, names)
+        family = family_of_gguf(metadata["general.architecture"])
+        if family is not None and hasattr(family, "config_from_gguf"):  # one transformers has no mapping for
+            try:
+                raw = get_gguf_config(metadata, names)
+            except ValueError:
+                raw = family.config_from_gguf(metadata, names)
+        else:
+            raw = get_gguf_config(metadata, names)
         # the file says which layers are recurrent; transformers' mapping keeps only the interval, which a model
         # whose pattern is not every-Nth-layer would get wrong
         recurrent = metadata.get(f"{metadata['general.architecture']}.attention.recurrent_layers")
@@ -90,10 +98,13 @@ def gguf_config(files: list[Path]) -> dict:
 def write_tokenizer(files: list[Path], dst: Path) -> str | None:
     """tokenizer.json, tokenizer_config.json and the chat template, rebuilt from the GGUF's vocabulary by transformers;
     a line saying why not when it cannot (the store still converts; generate and chat need a tokenizer)."""
-    try:
-        from transformers import AutoTokenizer
+    try:  # transformers' own GGUF tokenizer rebuild, without AutoTokenizer's check of the model architecture
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-        AutoTokenizer.from_pretrained(str(files[0].parent), gguf_file=files[0].name).save_pretrained(str(dst))
+        arch, vocabulary, settings = get_gguf_tokenizer(str(files[0]))
+        backend, more = convert_gguf_tokenizer(arch, vocabulary)
+        PreTrainedTokenizerFast(tokenizer_object=backend, **settings, **more).save_pretrained(str(dst))
     except Exception as exc:  # a tokenizer type transformers cannot rebuild
         return (f"warning: cannot rebuild the tokenizer from {files[0].name} ({exc}); copy tokenizer.json and "
                 f"tokenizer_config.json from the original model into {dst}")
@@ -129,15 +140,17 @@ class GgufCheckpoint:
                     experts[(int(m.group(1)), m.group(2))] = part
                     self.types[self._name_of(t.ggml_type)] += 1
                     continue
-                name = self._hf_name(t.name)
-                if name is None:
+                names = self._hf_names(t.name)
+                if not names:
                     what = "multi-token-prediction head" if t.name.startswith("blk.") else "other"
                     count = self.left_out.setdefault(what, [0, 0])
                     count[0], count[1] = count[0] + 1, count[1] + t.nbytes
                     continue
-                self._where[name] = (part,)
-                shape = tuple(family.from_gguf(cfg, name, torch.empty(t.shape, device="meta")).shape)
-                self.tensors[name] = TensorInfo(f, t.name, self._dtype_name(t.ggml_type), shape, t.nbytes)
+                for name in names:  # one GGUF tensor may hold several HF ones (Qwen3-Next's ssm_ba)
+                    self._where[name] = (part,)
+                    shape = tuple(family.from_gguf(cfg, name, torch.empty(t.shape, device="meta")).shape)
+                    self.tensors[name] = TensorInfo(f, t.name, self._dtype_name(t.ggml_type), shape,
+                                                    t.nbytes // len(names))
         self._fuse_experts(experts)
 
     def _name_of(self, ggml_type: int) -> str:
@@ -146,14 +159,15 @@ class GgufCheckpoint:
     def _dtype_name(self, ggml_type: int) -> str:
         return FLOAT_NAMES.get(ggml_type, "BF16")  # block types dequantize to bf16
 
-    def _hf_name(self, gguf_name: str) -> str | None:
+    def _hf_names(self, gguf_name: str) -> list[str]:
         if gguf_name in self.family.GGUF_NAMES:
-            return self.family.GGUF_NAMES[gguf_name]
+            return [self.family.GGUF_NAMES[gguf_name]]
         m = LAYER.match(gguf_name)
         if m and int(m.group(1)) < self.cfg.num_hidden_layers and m.group(2) in self.family.GGUF_LAYER_NAMES:
-            return f"model.layers.{m.group(1)}.{self.family.GGUF_LAYER_NAMES[m.group(2)]}"
+            hf = self.family.GGUF_LAYER_NAMES[m.group(2)]
+            return [f"model.layers.{m.group(1)}.{n}" for n in ((hf,) if isinstance(hf, str) else hf)]
         if m and int(m.group(1)) >= self.cfg.num_hidden_layers:
-            return None  # llama.cpp writes the MTP block as one more layer
+            return []  # llama.cpp writes the MTP block as one more layer
         raise FlashMoeError(f"GGUF tensor {gguf_name} has no counterpart in flashmoe's {self.cfg.architecture} "
                             "(a different model, or a llama.cpp conversion newer than flashmoe)")
 
