@@ -47,7 +47,8 @@ def run_convert(src: Path, dst: Path, bits: int | None | str, group_size: Option
         what = (f"{converter.quantized_source} checkpoint, {what}, experts "
                 f"{'repacked as they are' if converter.repack else 'requantized'}")
     if converter.gguf:
-        what = f"GGUF with {'/'.join(sorted(converter.ckpt.types))} experts, dequantized -> {what}"
+        types = sorted(t for group in converter.ckpt.expert_types(False) for t in group)
+        what = f"GGUF with {'/'.join(types)} experts -> {what}"
     if converter.fp8_block:
         what = f"FP8 checkpoint (blocks {converter.fp8_block[0]}x{converter.fp8_block[1]}), dequantized -> {what}"
     say(f"converting {cfg.architecture}: {cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer "
@@ -294,8 +295,9 @@ def info(
         else (source.get("quantization") or {}).get("method"))
     if imported:
         quant += f" ({imported} checkpoint, experts {source.get('experts', 'repacked')}"
-        if source.get("requantized_from"):
-            quant += " from " + ", ".join(f"{k} x{v}" for k, v in source["requantized_from"].items())
+        for key, how in (("repacked_from", "repacked from"), ("requantized_from", "requantized from")):
+            if source.get(key):
+                quant += f"; {how} " + ", ".join(f"{k} x{v}" for k, v in source[key].items())
         quant += ")"
     resident = human_bytes(s.resident_bytes)
     if s.resident_quantized:

@@ -55,7 +55,7 @@ def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
     made = {name: item for item in family.resident_sources(cfg) for name in item.outputs}
     items = []
     for name, shape in shapes.items():
-        # as it is, also where the checkpoint already holds the split the family would make (a Qwen3-Next GGUF)
+        # as it is, also where the checkpoint already holds the split the family would make (some GGUFs)
         if name not in made or (ckpt.has(name) and not all(ckpt.has(s) for s in made[name].sources)):
             items.append(ResidentItem({name: shape}, [name], lambda ts: ts))
         elif name == made[name].outputs[0]:  # one item makes all its outputs
@@ -89,7 +89,7 @@ class ExpertSource:
         self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
         quants = {ckpt.quant(n) for n in expect}
         self.quant = quants.pop() if len(quants) == 1 else "mixed"  # (bits, group_size), None (float) or "mixed"
-        self.scale_dtype = self.dtype
+        self.scale_dtype = getattr(ckpt, "scale_dtype", self.dtype)  # a repacked source's scales
 
     def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
         """The expert's blob tensors from the source's codes: gate_up.packed / .scales / .biases, down.*."""
@@ -206,6 +206,7 @@ class Converter:
         self.quantized_source = "MLX" if self.mlx else "compressed-tensors" if self.schemes else None
         if self.gguf:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
+            self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
         elif self.mlx:
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx, self.remote)
         else:
@@ -510,9 +511,10 @@ class Converter:
                                       "schemes": [dataclasses.asdict(x) for x in self.schemes]}
         if self.quantized_source:
             source["experts"] = "repacked" if self.repack else "requantized"
-        if self.gguf:  # ggml's block types, dequantized as read; the experts' types, counted over tensors
-            source["experts"] = "requantized" if self.bits else "dequantized"
-            source["requantized_from"] = dict(sorted(self.ckpt.types.items()))
+        if self.gguf:  # the experts' ggml types, counted over tensors: repacked as they are, or requantized
+            source["experts"] = "repacked" if self.repack else "requantized" if self.bits else "dequantized"
+            repacked, requantized = self.ckpt.expert_types(self.repack)
+            source.update({k: v for k, v in (("repacked_from", repacked), ("requantized_from", requantized)) if v})
         if self.fp8_block is not None:  # dequantized block by block as read; experts quantized to `bits`
             source["quantization"] = {"method": "fp8", "weight_block_size": list(self.fp8_block)}
             source["experts"] = "requantized" if self.bits else "dequantized"

@@ -61,10 +61,11 @@ class Built:
         self.root = root
         self._done = {}
 
-    def checkpoint(self, arch: str):
-        key = ("ckpt", arch)
+    def checkpoint(self, arch: str, **overrides):
+        key = ("ckpt", arch, tuple(sorted(overrides.items())))
         if key not in self._done:
-            self._done[key] = build_tiny_checkpoint(self.root / f"ckpt-{arch}", arch)
+            suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            self._done[key] = build_tiny_checkpoint(self.root / f"ckpt-{arch}{suffix}", arch, **overrides)
         return self._done[key]
 
     def store(self, arch: str, bits: int | None):
@@ -95,18 +96,19 @@ class Built:
         return self._done[key]
 
 
-    def gguf(self, arch: str, outtype: str):
+    def gguf(self, arch: str, outtype: str, **overrides):
         """The tiny checkpoint as llama.cpp's own converter writes it (skips where its source is not at
         $FLASHMOE_LLAMA_CPP: .ci/run puts it there from llama-cpp-python's source distribution)."""
-        key = ("gguf", arch, outtype)
+        key = ("gguf", arch, outtype, tuple(sorted(overrides.items())))
         if key not in self._done:
             llama = os.environ.get("FLASHMOE_LLAMA_CPP")
             if not llama or not os.path.isfile(os.path.join(llama, "convert_hf_to_gguf.py")):
                 pytest.skip("llama.cpp's convert_hf_to_gguf.py is not at $FLASHMOE_LLAMA_CPP")
-            out = self.root / f"gguf-{arch}-{outtype}" / f"tiny-{outtype}.gguf"
+            suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            out = self.root / f"gguf-{arch}-{outtype}{suffix}" / f"tiny-{outtype}.gguf"
             out.parent.mkdir()
             tool = os.path.join(os.path.dirname(__file__), "tools", "llama_convert.py")
-            done = subprocess.run([sys.executable, tool, llama, str(self.checkpoint(arch)), str(out), outtype],
+            done = subprocess.run([sys.executable, tool, llama, str(self.checkpoint(arch, **overrides)), str(out), outtype],
                                   capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-3000:]
             self._done[key] = out

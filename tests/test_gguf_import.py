@@ -15,11 +15,13 @@ from conftest import rel_error
 import flashmoe
 from flashmoe.convert import convert
 from flashmoe.errors import FlashMoeError
+from flashmoe.quant import QuantizedTensor, dequantize
 from flashmoe.store import Store
 
 gguf = pytest.importorskip("gguf")
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 88, 61, 400, 2, 9]
 ARCH = "qwen3_5_moe"  # llama.cpp's qwen35moe
+WIDE = {"hidden_size": 256, "moe_intermediate_size": 256}
 
 
 def hf_logits(folder, gguf_file=None) -> torch.Tensor:
@@ -50,7 +52,9 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
         if qtype is None or t.tensor_type != gguf.GGMLQuantizationType.F32 or data.ndim < 2:
             writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
             continue
-        writer.add_tensor(t.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        k_quant = qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
+        blocks = random_blocks(qtype)(data) if k_quant else gguf.quants.quantize(data, qtype)
+        writer.add_tensor(t.name, blocks, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -68,30 +72,96 @@ def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch
     assert (source["format"], source["experts"], source["requantized_from"]) == ("gguf", "dequantized", {"F32": 12})
 
 
-def test_q8_0_gguf_requantizes_its_experts(built, tmp_path):
+def expert_weights(store: Store, layer: int, expert: int) -> torch.Tensor:
+    """An expert blob's down projection as the store's kernels read it, dequantized."""
+    loc = store.expert_location(layer, expert)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        views = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    q = store.quantization
+    return dequantize(QuantizedTensor(views["down.packed"], views["down.scales"], views["down.biases"], q["bits"],
+                                      q["group_size"]))
+
+
+def gguf_expert(path, name: str, expert: int) -> torch.Tensor:
+    """One expert of a GGUF tensor, dequantized by transformers' GGUF integration."""
+    from transformers.integrations.gguf.dequant import dequantize as ggml_dequantize
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    rows = torch.from_numpy(np.array(t.data[expert]))
+    return ggml_dequantize(rows.reshape(-1), int(t.tensor_type)).reshape(int(t.shape[1]), int(t.shape[0]))
+
+
+def test_q8_0_gguf_experts_are_repacked_not_requantized(built, tmp_path):
     path = built.gguf(ARCH, "q8_0")
     store = Store(convert(path, tmp_path / "store"))
-    assert (store.quantization["bits"], store.quantization["group_size"]) == (4, 64)
-    assert store.manifest["source"]["requantized_from"] == {"Q8_0": 12}
+    assert (store.quantization["bits"], store.quantization["group_size"]) == (8, 32)
+    source = store.manifest["source"]
+    assert (source["experts"], source["repacked_from"], "requantized_from" in source) == ("repacked", {"Q8_0": 12}, False)
+    # Q8_0 is 8-bit affine in groups of 32 already: the blob holds exactly the file's weights
+    assert torch.equal(expert_weights(store, 2, 5), gguf_expert(path, "blk.2.ffn_down_exps.weight", 5))
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), hf_logits(path.parent, path.name)) < 1e-2
+    with pytest.raises(FlashMoeError, match="GGUF checkpoint whose experts are 8-bit.*--requantize"):
+        convert(path, tmp_path / "again", bits=4)
+
+
+def test_requantizing_a_gguf_costs_what_quantizing_the_original_costs(built, tmp_path):
+    path = built.gguf(ARCH, "q8_0")
+    store = Store(convert(path, tmp_path / "store", bits=4, requantize=True))
+    assert (store.quantization["bits"], store.manifest["source"]["requantized_from"]) == (4, {"Q8_0": 12})
     ours = flashmoe.load(store.path).logits(PROMPT)
-    reference = hf_logits(path.parent, path.name)
-    # requantizing Q8_0 weights to 4 bits costs what quantizing the original weights to 4 bits costs
     four_bit = rel_error(flashmoe.load(built.store(ARCH, 4)).logits(PROMPT), hf_logits(built.checkpoint(ARCH)))
-    assert rel_error(ours, reference) < 1.5 * four_bit
+    assert rel_error(ours, hf_logits(path.parent, path.name)) < 1.5 * four_bit
 
 
-@pytest.mark.parametrize("types", [
-    {r"ffn_(gate|up)_exps": gguf.GGMLQuantizationType.Q4_0, r"ffn_down_exps": gguf.GGMLQuantizationType.Q4_1,
-     r"token_embd|attn_qkv": gguf.GGMLQuantizationType.Q8_0},
-    {r"_exps": gguf.GGMLQuantizationType.Q4_1, r"shexp|ssm_out": gguf.GGMLQuantizationType.Q4_0},
+def random_blocks(qtype):
+    """A quantizer for retype() writing random but valid blocks of a type gguf-py cannot quantize to (the K-quants):
+    random codes and 6-bit scales, small fp16 super-block scales."""
+    g = np.random.default_rng(0)
+    size = gguf.GGML_QUANT_SIZES[qtype]
+    half = {gguf.GGMLQuantizationType.Q4_K: (0, 2), gguf.GGMLQuantizationType.Q6_K: (208,)}[qtype]
+
+    def write(data: np.ndarray) -> np.ndarray:
+        blocks = g.integers(0, 256, (data.size // size[0], size[1]), dtype=np.uint8)
+        for at in half:
+            blocks[:, at:at + 2] = (g.random((len(blocks), 1)) * 1e-4 + 1e-4).astype(np.float16).view(np.uint8)
+        return blocks.reshape(*data.shape[:-1], data.shape[-1] // size[0] * size[1])
+    return write
+
+
+@pytest.mark.parametrize("types,repacked,requantized", [
+    ({r"ffn_(gate|up)_exps": gguf.GGMLQuantizationType.Q4_0, r"ffn_down_exps": gguf.GGMLQuantizationType.Q4_1,
+      r"token_embd|attn_qkv": gguf.GGMLQuantizationType.Q8_0}, {"Q4_0": 8, "Q4_1": 4}, None),
+    ({r"_exps": gguf.GGMLQuantizationType.Q4_K}, {"Q4_K": 12}, None),
+    # Q4_K_M's mixture: Q4_K experts repacked, the Q6_K down projections quantized into the same scheme
+    ({r"ffn_(gate|up)_exps": gguf.GGMLQuantizationType.Q4_K, r"blk\.[02]\.ffn_down_exps": gguf.GGMLQuantizationType.Q6_K,
+      r"ffn_down_exps": gguf.GGMLQuantizationType.Q4_K}, {"Q4_K": 10}, {"Q6_K": 2}),
 ])
-def test_mixed_block_types_match_transformers_gguf_loader(built, tmp_path, types):
-    path = retype(built.gguf(ARCH, "f32"), tmp_path / "mixed.gguf", types)
-    store = Store(convert(path, tmp_path / "store", bits=None))
+def test_4_bit_block_types_are_repacked_and_match_transformers_gguf_loader(built, tmp_path, types, repacked,
+                                                                          requantized):
+    # rows of 256: a K-quant block is 256 weights
+    path = retype(built.gguf(ARCH, "f32", **WIDE), tmp_path / "mixed.gguf", types)
+    store = Store(convert(path, tmp_path / "store"))
+    source = store.manifest["source"]
+    assert (store.quantization["bits"], store.quantization["group_size"]) == (4, 32)
+    assert (source["repacked_from"], source.get("requantized_from")) == (repacked, requantized)
+    name = "blk.1.ffn_down_exps.weight"
+    expected = gguf_expert(path, name, 3)
+    ours = expert_weights(store, 1, 3)
+    # Q4_0/Q4_1 exactly; Q4_K's sub-block scales (fp16 x 6-bit) rounded to fp16: a relative 2^-11 of a step
+    assert (ours - expected).abs().max() <= 2 ** -10 * expected.abs().max()
+    if requantized:  # a Q6_K projection, quantized into the store's scheme: within half a step of its grid
+        name = "blk.0.ffn_down_exps.weight"
+        expected = gguf_expert(path, name, 3).reshape(-1, 32)
+        step = (expected.amax(1, keepdim=True) - expected.amin(1, keepdim=True)) / 15
+        ours = expert_weights(store, 0, 3).reshape(-1, 32)
+        # half a step, plus the bf16 the file's weights are read into and the fp16 of the new scale and bias
+        bound = 0.5 * step + 2 ** -8 * expected.abs() + 16 * 2 ** -11 * step + 2 ** -11 * expected.abs().amax(1, True)
+        assert torch.all((ours - expected).abs() <= bound)
+        return
+    # residents in float (the CPU default quantizes a quantized store's to int8): the rest is bf16 activations
     reference = hf_logits(tmp_path, path.name)
-    # the same blocks dequantized by the same rules; flashmoe holds the dequantized weights in bf16
-    assert rel_error(flashmoe.load(store.path).logits(PROMPT), reference) < 1e-2
-    assert set(store.manifest["source"]["requantized_from"]) <= {"Q4_0", "Q4_1"}
+    assert rel_error(flashmoe.load(store.path, resident_format="float").logits(PROMPT), reference) < 1.5e-2
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
@@ -116,8 +186,8 @@ def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(FlashMoeError, match="truncated.*download it again"):
         convert(truncated, tmp_path / "a")
-    with pytest.raises(FlashMoeError, match="--requantize is for quantized sources"):
-        convert(path, tmp_path / "b", requantize=True)
+    with pytest.raises(FlashMoeError, match="--requantize is for quantized sources"):  # F32 experts
+        convert(built.gguf(ARCH, "f32"), tmp_path / "b", requantize=True)
     other = tmp_path / "llama.gguf"
     writer = gguf.GGUFWriter(str(other), arch="llama")
     writer.add_block_count(1)

@@ -22,6 +22,8 @@ import torch
 from ..errors import FlashMoeError
 from ..models import family_of_gguf
 from ..store import SOURCE_DTYPES
+from ..quant import SCALE_DTYPE, QuantizedTensor, quantize
+from .ggml_blocks import GROUP, REPACK_BITS, repack
 from .hf import TensorInfo
 
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type id -> dtype
@@ -117,9 +119,10 @@ class GgufCheckpoint:
     def __init__(self, files: list[Path], cfg, family):
         GgufHeader, _, _, self._block, self._type_name, self._dequantize = _gguf()
         self.folder, self.cfg, self.family = files[0].parent, cfg, family
+        self.scale_dtype = SCALE_DTYPE  # of repacked experts: ggml's scales are fp16
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}
-        self.types: Counter = Counter()  # the block types of the routed experts (manifest: requantized_from)
+        self.types: Counter = Counter()  # the block types of the routed experts' tensors (for the manifest)
         self._where: dict[str, tuple] = {}  # HF name -> (file, torch shape, ggml type, offset, nbytes) per part
         self._experts: set[str] = set()  # the fused routed-expert names, read as they are
         self._fds: dict[Path, int] = {}
@@ -138,7 +141,7 @@ class GgufCheckpoint:
                 m = EXPERTS.match(t.name)
                 if m:
                     experts[(int(m.group(1)), m.group(2))] = part
-                    self.types[self._name_of(t.ggml_type)] += 1
+                    self.types[t.ggml_type] += 1
                     continue
                 names = self._hf_names(t.name)
                 if not names:
@@ -152,6 +155,10 @@ class GgufCheckpoint:
                     self.tensors[name] = TensorInfo(f, t.name, self._dtype_name(t.ggml_type), shape,
                                                     t.nbytes // len(names))
         self._fuse_experts(experts)
+        # experts whose blocks are flashmoe's affine scheme are repacked (ggml_blocks.py), the others quantized into
+        # the same scheme; a file mixing 4- and 8-bit ones, or with none of them, is quantized to --bits instead
+        widths = {REPACK_BITS[part[2]] for part in experts.values() if part[2] in REPACK_BITS}
+        self.expert_scheme = (widths.pop(), GROUP) if len(widths) == 1 else None
 
     def _name_of(self, ggml_type: int) -> str:
         return FLOAT_NAMES.get(ggml_type) or self._type_name.get(ggml_type, str(ggml_type))
@@ -195,8 +202,33 @@ class GgufCheckpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def quant(self, name: str) -> None:
-        return None  # ggml's block types are not flashmoe's affine scheme: everything is dequantized
+    def quant(self, name: str) -> tuple[int, int] | None:
+        """The routed experts' scheme when they are repacked (residents are always dequantized)."""
+        return self.expert_scheme if name in self._experts else None
+
+    def repacked(self, ggml_type: int) -> bool:
+        return self.expert_scheme is not None and REPACK_BITS.get(ggml_type) == self.expert_scheme[0]
+
+    def expert_types(self, repacking: bool) -> tuple[dict[str, int], dict[str, int]]:
+        """(repacked, requantized): the experts' tensors counted by ggml type name."""
+        out = ({}, {})
+        for t, n in sorted(self.types.items()):
+            out[0 if repacking and self.repacked(t) else 1][self._name_of(t)] = n
+        return out
+
+    def get_quantized(self, name: str, index: int) -> QuantizedTensor:
+        """One expert's rows in the experts' scheme: its blocks repacked, or (another type) dequantized and quantized."""
+        bits, group = self.expert_scheme
+        parts = []
+        for file, shape, ggml_type, offset, nbytes in self._where[name]:
+            rows, cols = shape[1:]
+            if self.repacked(ggml_type):
+                per = nbytes // shape[0]
+                parts.append(repack(self._pread(file, offset + index * per, per), ggml_type, rows, cols))
+            else:
+                parts.append(quantize(self._read((file, shape, ggml_type, offset, nbytes), index), bits, group))
+        return QuantizedTensor(*(torch.cat([getattr(q, f) for q in parts]) for f in ("packed", "scales", "biases")),
+                               bits, group)
 
     def _pread(self, file: Path, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes read with pread, not mapped: a mapped file's touched pages would count in the process's memory."""
