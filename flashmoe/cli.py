@@ -287,10 +287,12 @@ def info(
     s = Store(store)
     cfg, q = s.config, s.quantization
     quant = f"{q['bits']}-bit affine, group {q['group_size']}" if q["bits"] else f"none ({q['source_dtype']})"
-    if q["bits"] and q.get("scale_dtype", "float16") != "float16":
+    if q.get("scheme") == "mxfp4":
+        quant = "MXFP4 (e2m1 codes, an e8m0 scale per 32)"
+    elif q["bits"] and q.get("scale_dtype", "float16") != "float16":
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
-    imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors"}.get(
+    imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4"}.get(
         source.get("format") if source.get("format") in ("mlx", "gguf")
         else (source.get("quantization") or {}).get("method"))
     if imported:

@@ -28,11 +28,11 @@ from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
 from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
 from .sources.compressed import compressed_schemes
-from .sources.fp8 import fp8_block_size
+from .sources.fp8 import fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
 from .sources.hub import SOURCE_DIR, HubRepo, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
-from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, dtype_name,
+from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, scale_dtype_name, scheme_of,
                     expert_file_name, expert_layout, file_crc32, quantized_parts)
 
 STATE_FILE = "convert-state.json"
@@ -89,7 +89,8 @@ class ExpertSource:
         self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
         quants = {ckpt.quant(n) for n in expect}
         self.quant = quants.pop() if len(quants) == 1 else "mixed"  # (bits, group_size), None (float) or "mixed"
-        self.scale_dtype = getattr(ckpt, "scale_dtype", self.dtype)  # a repacked source's scales
+        self.scale_dtype = (ckpt.scale_dtype_of(self.source_names[0]) if self.quant not in (None, "mixed")
+                            else self.dtype)  # a repacked source's scales
 
     def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
         """The expert's blob tensors from the source's codes: gate_up.packed / .scales / .biases, down.*."""
@@ -202,15 +203,18 @@ class Converter:
         self.fp8_block = None if self.mlx or self.gguf else fp8_block_size(self.raw_config)
         self.schemes = (None if self.mlx or self.gguf
                         else compressed_schemes(self.raw_config, str(self.src / "config.json")))
+        method = (quantization_config(self.raw_config) or {}).get("quant_method") if not self.mlx else None
+        self.mxfp4 = method == "mxfp4"
         # a source whose codes flashmoe can take as they are (experts repacked, residents kept quantized)
-        self.quantized_source = "MLX" if self.mlx else "compressed-tensors" if self.schemes else None
+        self.quantized_source = ("MLX" if self.mlx else "compressed-tensors" if self.schemes
+                                 else "MXFP4" if self.mxfp4 else None)
         if self.gguf:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
             self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
         elif self.mlx:
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx, self.remote)
         else:
-            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote)
+            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4)
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -273,7 +277,8 @@ class Converter:
         for item in self.plan:
             quants = {self.ckpt.quant(s) for s in item.sources}
             q = quants.pop() if len(quants) == 1 else None
-            if q is not None and q[0] in REPACKED_BITS:
+            mx = any(s in getattr(self.ckpt, "mx", {}) for s in item.sources)  # MXFP4 runs in the expert kernels only
+            if q is not None and q[0] in REPACKED_BITS and not mx:
                 out.update({name: {"bits": q[0], "group_size": q[1]} for name in item.outputs})
         return out
 
@@ -509,6 +514,8 @@ class Converter:
         if self.schemes:
             source["quantization"] = {"method": "compressed-tensors", "format": "pack-quantized",
                                       "schemes": [dataclasses.asdict(x) for x in self.schemes]}
+        if self.mxfp4:
+            source["quantization"] = {"method": "mxfp4"}
         if self.quantized_source:
             source["experts"] = "repacked" if self.repack else "requantized"
         if self.gguf:  # the experts' ggml types, counted over tensors: repacked as they are, or requantized
@@ -545,8 +552,8 @@ def write_manifest(dst: Path, cfg: ModelConfig, bits: int | None, group_size: in
         "architecture": cfg.architecture,
         "config": cfg.to_dict(),
         "quantization": {"bits": bits, "group_size": group_size if bits else None,
-                         "scheme": "affine" if bits else None, "source_dtype": source_dtype,
-                         "scale_dtype": dtype_name(scale_dtype)},
+                         "scheme": scheme_of(bits, scale_dtype), "source_dtype": source_dtype,
+                         "scale_dtype": scale_dtype_name(scale_dtype)},
         "resident": resident,
         "experts": {"blob_bytes": layout.blob_bytes, "segments": layout.to_json(), "layers": layers},
         "source": source,

@@ -19,7 +19,7 @@ SCALE_DTYPE = torch.float16
 class QuantizedTensor:
     packed: torch.Tensor  # uint8 [out, in * bits / 8]
     scales: torch.Tensor  # float16 [out, in / group_size]
-    biases: torch.Tensor  # float16 [out, in / group_size]
+    biases: torch.Tensor | None  # float16 [out, in / group_size]; None for MXFP4 (mxfp4.py)
     bits: int
     group_size: int
 
@@ -114,5 +114,6 @@ def blob_tensors(gate_up: list[QuantizedTensor], down: list[QuantizedTensor]) ->
     out = {}
     for name, parts in (("gate_up", gate_up), ("down", down)):
         for field in ("packed", "scales", "biases"):
-            out[f"{name}.{field}"] = torch.cat([getattr(q, field) for q in parts])
+            if getattr(parts[0], field) is not None:  # MXFP4 has no biases
+                out[f"{name}.{field}"] = torch.cat([getattr(q, field) for q in parts])
     return out

@@ -120,14 +120,25 @@ def file_crc32(path: Path, start: int = 0, size: int | None = None, progress=Non
     return value & 0xFFFFFFFF
 
 
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # of a quantized store's scales and biases
+# of a quantized store's scales (and biases): affine's, or MXFP4's e8m0 exponents (scheme "mxfp4", no biases)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "e8m0": torch.uint8}
+E8M0 = torch.uint8
+
+
+def scale_dtype_name(dtype: torch.dtype) -> str:
+    return "e8m0" if dtype == E8M0 else dtype_name(dtype)
+
+
+def scheme_of(bits: int | None, scale_dtype: torch.dtype) -> str | None:
+    return None if bits is None else "mxfp4" if scale_dtype == E8M0 else "affine"
 
 
 def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dtype: torch.dtype,
                   scale_dtype: torch.dtype = SCALE_DTYPE) -> BlobLayout:
     """The blob layout a config implies (docs/FORMAT.md, Expert blobs): conversion writes it, and a store whose
     manifest lists any other is damaged. `dtype` is the experts' source dtype, kept when unquantized; `scale_dtype`
-    that of the scales and biases (float16 when flashmoe quantizes, bfloat16 as MLX checkpoints have them)."""
+    that of the scales and biases (float16 when flashmoe quantizes, bfloat16 as MLX checkpoints have them; e8m0:
+    MXFP4, whose blobs hold codes and scales only)."""
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     tensors = {}
     for name, (rows, cols) in (("gate_up", (2 * inter, h)), ("down", (h, inter))):
@@ -136,7 +147,8 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dt
             continue
         tensors[f"{name}.packed"] = torch.empty(rows, cols * bits // 8, dtype=torch.uint8, device="meta")
         tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
-        tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
+        if scale_dtype != E8M0:
+            tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
     return BlobLayout.for_tensors(tensors)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import rel_error
+from flashmoe import mxfp4
 from flashmoe.convert import expert_tensors
 from flashmoe.kernels import moe_triton as mt
 from flashmoe.store import BlobLayout
@@ -21,14 +22,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, seed: int,
               scale_dtype: torch.dtype = torch.float16):
     """A slab of n_experts random quantized blobs (one per slot), its layout and kernel geometry; scales and biases
-    in scale_dtype (bfloat16 as MLX imports have them)."""
+    in scale_dtype (bfloat16 as MLX imports have them; uint8: MXFP4 blobs, e8m0 scales and no biases)."""
     gen = torch.Generator().manual_seed(seed)
     blobs, layout = [], None
     for _ in range(n_experts):
         gate_up = torch.randn(2 * inter, hidden, generator=gen) * 0.05
         down = torch.randn(hidden, inter, generator=gen) * 0.05
-        tensors = {k: v.to(scale_dtype) if v.is_floating_point() else v
-                   for k, v in expert_tensors(gate_up, down, bits, group).items()}
+        if scale_dtype == torch.uint8:
+            tensors = {}
+            for name, w in (("gate_up", gate_up), ("down", down)):
+                tensors[f"{name}.packed"], tensors[f"{name}.scales"] = mxfp4.quantize(w)
+        else:
+            tensors = {k: v.to(scale_dtype) if v.is_floating_point() else v
+                       for k, v in expert_tensors(gate_up, down, bits, group).items()}
         layout = layout or BlobLayout.for_tensors(tensors)
         blobs.append(torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8))
     slab = torch.stack(blobs).to(DEVICE)
@@ -124,11 +130,11 @@ def test_block_k_never_straddles_a_group():
     assert not mt.QuantBlob(64, 64, 4, 24, 4096, 0, 0, 0, 0, 0, 0).supported
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_kernels_read_bfloat16_scales(bits):
+@pytest.mark.parametrize("bits,scale_dtype,kind", [(4, torch.bfloat16, 1), (8, torch.bfloat16, 1), (4, torch.uint8, 2)])
+def test_kernels_read_bfloat16_scales_and_mxfp4(bits, scale_dtype, kind):
     hidden, inter, group = 128, 64, 32
-    slab, layout, qb = make_slab(3, hidden, inter, bits, group, seed=bits, scale_dtype=torch.bfloat16)
-    assert qb.scale_bf16
+    slab, layout, qb = make_slab(3, hidden, inter, bits, group, seed=bits, scale_dtype=scale_dtype)
+    assert qb.scale_kind == kind
     x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
     slots, token_of, expert_start = i32([2, 0]), i32([0, 1, 1]), i32([0, 1, 3])
     act = mt.gate_up_swiglu(x, slab, slots, token_of, expert_start, qb)

@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .. import mxfp4
 from ..quant import QuantizedTensor, quantize, unpack
 from .affine import AffineMatrix, RowStack
 from ..store import BLOCK_BYTES, SEGMENT_ALIGN, BlobLayout, round_up
@@ -64,7 +65,10 @@ class KernelForm:
     @classmethod
     def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None
                   ) -> "KernelForm | None":
-        """None when the int4 kernel cannot run these experts (they are then dequantized per token)."""
+        """None when the int4 kernel cannot run these experts (they are then dequantized per token). MXFP4 blobs (no
+        biases) run as 8-bit affine."""
+        if blob is not None and bits is not None and "gate_up.biases" not in {seg.name for seg in blob.segments}:
+            bits = 8
         if not supported(bits, group_size, hidden, inter):
             return None
         fields, offset = {}, 0
@@ -86,8 +90,13 @@ class KernelForm:
                 for name, (offset, shape, dtype) in self.fields.items()}
 
     def prepare(self, slot: torch.Tensor) -> None:
-        """The blob at the start of `slot` -> its kernel form, in the same slot."""
+        """The blob at the start of `slot` -> its kernel form, in the same slot (an MXFP4 blob's as the 8-bit affine
+        matrices it equals)."""
         raw = self.blob.unpack(slot[: self.blob.blob_bytes].clone())
+        for name in ("gate_up", "down"):
+            if f"{name}.biases" not in raw:
+                q = mxfp4.as_affine8(raw.pop(f"{name}.packed"), raw.pop(f"{name}.scales"))
+                raw.update({f"{name}.packed": q.packed, f"{name}.scales": q.scales, f"{name}.biases": q.biases})
         prepare(raw, self.bits, self.views(slot))
 
     def forward(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..quant import QuantizedTensor, dequantize
 from ..store import BlobLayout
 
 try:
@@ -32,6 +31,9 @@ except ImportError:  # CPU-only installs: the torch path serves
 
 def triton_available() -> bool:
     return triton is not None
+
+
+SCALE_FP16, SCALE_BF16, SCALE_E8M0 = 0, 1, 2  # the kernels' SCALE_KIND
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,17 @@ class QuantBlob:
     down_packed: int
     down_scales: int
     down_biases: int
-    scale_bf16: bool = False  # scales and biases in bfloat16 (MLX imports) rather than float16
+    scale_kind: int = 0  # SCALE_FP16 | SCALE_BF16 (MLX imports) | SCALE_E8M0 (MXFP4: e2m1 codes, no biases)
 
     @classmethod
     def from_layout(cls, layout: BlobLayout, bits: int, group_size: int) -> "QuantBlob":
         seg = {s.name: s for s in layout.segments}
         two_i, packed_h = seg["gate_up.packed"].shape
+        kind = {"float16": SCALE_FP16, "bfloat16": SCALE_BF16, "uint8": SCALE_E8M0}[seg["gate_up.scales"].dtype]
         return cls(
             hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
-            blob_bytes=layout.blob_bytes, scale_bf16=seg["gate_up.scales"].dtype == "bfloat16",
-            **{name.replace(".", "_"): seg[name].offset for name in
+            blob_bytes=layout.blob_bytes, scale_kind=kind,
+            **{name.replace(".", "_"): seg[name].offset if name in seg else 0 for name in
                ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases")},
         )
 
@@ -78,13 +81,9 @@ class QuantBlob:
 
 # ---- torch references ----------------------------------------------------------------------
 def _expert_views(slab: torch.Tensor, slot: int, layout: BlobLayout, qb: QuantBlob, dtype: torch.dtype):
-    views = layout.unpack(slab[slot])
-    dense = []
-    for name in ("gate_up", "down"):
-        q = QuantizedTensor(views[f"{name}.packed"], views[f"{name}.scales"], views[f"{name}.biases"], qb.bits,
-                            qb.group_size)
-        dense.append(dequantize(q, torch.float32).to(dtype))
-    return dense
+    from .moe import expert_weights  # moe.py -> linear.py -> affine.py -> this module
+
+    return list(expert_weights(layout.unpack(slab[slot]), qb.bits, qb.group_size, dtype))
 
 
 def reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb):
@@ -123,8 +122,16 @@ def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, 
 if triton is not None:
 
     @triton.jit
+    def _e2m1(codes):
+        """MXFP4's 4-bit floats: sign, two exponent bits, one mantissa bit -> float32."""
+        e = (codes >> 1) & 3
+        m = (codes & 1).to(tl.float32)
+        magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+        return tl.where((codes & 8) != 0, -magnitude, magnitude)
+
+    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_BF16: tl.constexpr):
+                      BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr):
         """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
         per_byte: tl.constexpr = 8 // BITS
         row_bytes = in_features // per_byte
@@ -132,25 +139,29 @@ if triton is not None:
                          mask=row_mask[:, None], other=0)
         codes = (packed.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
         groups = in_features // GROUP
-        if SCALE_BF16:  # a constexpr branch: each compiled kernel has one pointer type
+        g = k0 // GROUP
+        if SCALE_KIND == 2:  # MXFP4: e2m1 values times 2^(e8m0 - 127); constexpr branches, one pointer type each
+            exponent = tl.load(base + scales_off + rows * groups + g, mask=row_mask, other=127).to(tl.float32)
+            return _e2m1(codes) * tl.exp2(exponent - 127.0)[:, None]
+        if SCALE_KIND == 1:
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
         else:
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
-        g = k0 // GROUP
         scale = tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
         return codes.to(tl.float32) * scale[:, None] + bias[:, None]
 
     @triton.jit
     def _gemv_tile(base, packed_off, scales_off, biases_off, rows, row_mask, x_ptr, k0, in_features,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_BF16: tl.constexpr):
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr):
         """sum_k W[rows, k] x[k] over k in [k0, k0 + BLOCK_B * 8 / BITS), W dequantized on the fly -> [rows].
 
         Decode is a matrix-vector product bound by bytes: each row's packed bytes are read as one contiguous
         run, the codes of each bit position multiply the matching strided x, and scale and bias are applied
-        once per group: sum_g s_g (sum_k c_k x_k) + b_g (sum_k x_k)."""
+        once per group: sum_g s_g (sum_k c_k x_k) + b_g (sum_k x_k). MXFP4 decodes each code to its e2m1 value
+        and has no bias: sum_g s_g (sum_k v_k x_k)."""
         per_byte: tl.constexpr = 8 // BITS
         block_k: tl.constexpr = BLOCK_B * per_byte
         n_groups: tl.constexpr = block_k // GROUP
@@ -160,12 +171,20 @@ if triton is not None:
         acc = tl.zeros(packed.shape, dtype=tl.float32)
         for m in tl.static_range(per_byte):
             xm = tl.load(x_ptr + k0 + b * per_byte + m).to(tl.float32)
-            acc += ((packed >> (m * BITS)) & ((1 << BITS) - 1)).to(tl.float32) * xm[None, :]
+            code = (packed >> (m * BITS)) & ((1 << BITS) - 1)
+            if SCALE_KIND == 2:
+                acc += _e2m1(code) * xm[None, :]
+            else:
+                acc += code.to(tl.float32) * xm[None, :]
         per_group = tl.sum(tl.reshape(acc, (acc.shape[0], n_groups, GROUP // per_byte)), axis=2)
-        x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
         g = k0 // GROUP + tl.arange(0, n_groups)
         groups = in_features // GROUP
-        if SCALE_BF16:  # a constexpr branch: each compiled kernel has one pointer type
+        if SCALE_KIND == 2:
+            exponent = tl.load(base + scales_off + rows[:, None] * groups + g[None, :], mask=row_mask[:, None],
+                               other=127).to(tl.float32)
+            return tl.sum(per_group * tl.exp2(exponent - 127.0), axis=1)
+        x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
+        if SCALE_KIND == 1:  # a constexpr branch: each compiled kernel has one pointer type
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
         else:
@@ -188,7 +207,7 @@ if triton is not None:
     @triton.jit
     def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
                                gu_biases, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_B: tl.constexpr, SCALE_BF16: tl.constexpr):
+                               BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr):
         e = tl.program_id(0)
         base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,8 +215,8 @@ if triton is not None:
         gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_B * (8 // BITS)):
-            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_BF16)
-            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_BF16)
+            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_KIND)
+            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_KIND)
         act = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
@@ -225,7 +244,7 @@ if triton is not None:
                                act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                               SCALE_BF16: tl.constexpr):
+                               SCALE_KIND: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
@@ -236,8 +255,8 @@ if triton is not None:
         for k0 in range(0, H, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
-            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP, SCALE_BF16)
-            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP, SCALE_BF16)
+            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP, SCALE_KIND)
+            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP, SCALE_KIND)
             acc_g += _dot_weights_t(xt, wg, IEEE)
             acc_u += _dot_weights_t(xt, wu, IEEE)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -248,7 +267,7 @@ if triton is not None:
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, base_ptr, shared_ptr,
                                   shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                                  EPILOGUE: tl.constexpr, SCALE_BF16: tl.constexpr):
+                                  EPILOGUE: tl.constexpr, SCALE_KIND: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -257,7 +276,7 @@ if triton is not None:
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
-                                   BLOCK_B, SCALE_BF16)
+                                   BLOCK_B, SCALE_KIND)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         if EPILOGUE:  # the layer's end: residual + sigmoid(gate) * shared expert + routed experts
             gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
@@ -268,7 +287,7 @@ if triton is not None:
     @triton.jit
     def _affine_gemv_kernel(x_ptr, blob_ptr, out_ptr, N, K, packed_off, scales_off, biases_off, BITS: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                            SCALE_BF16: tl.constexpr):
+                            SCALE_KIND: tl.constexpr):
         """out[t] = W x[t] for a resident matrix kept quantized (one blob: codes, scales, biases); rows of t apart."""
         t = tl.program_id(1).to(tl.int64)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,7 +295,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_B * (8 // BITS)):
             acc += _gemv_tile(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, x_ptr + t * K, k0, K, BITS, GROUP,
-                              BLOCK_B, SCALE_BF16)
+                              BLOCK_B, SCALE_KIND)
         tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -284,7 +303,7 @@ if triton is not None:
                              expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                               SCALE_BF16: tl.constexpr):
+                               SCALE_KIND: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,7 +312,7 @@ if triton is not None:
         for k0 in range(0, I, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
-            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP, SCALE_BF16)
+            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP, SCALE_KIND)
             acc += _dot_weights_t(a, w, IEEE)
         acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -349,7 +368,7 @@ def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert
     _gate_up_swiglu_kernel[grid](
         x, slab, slots, token_of, tile_expert, tile_row, expert_start, act, qb.hidden, qb.intermediate, qb.blob_bytes,
         qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t,
-        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32, SCALE_BF16=qb.scale_bf16)
+        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32, SCALE_KIND=qb.scale_kind)
     return act
 
 
@@ -383,7 +402,7 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"]),
-                                 num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_BF16=qb.scale_bf16)
+                                 num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_KIND=qb.scale_kind)
     return act
 
 
@@ -402,7 +421,7 @@ def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | N
         BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
         BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
         num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None,
-        SCALE_BF16=qb.scale_bf16)
+        SCALE_KIND=qb.scale_kind)
     return out
 
 
@@ -416,7 +435,7 @@ def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, exp
     _down_grouped_kernel[grid](
         act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32, SCALE_BF16=qb.scale_bf16)
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32, SCALE_KIND=qb.scale_kind)
     return y
 
 
@@ -438,5 +457,5 @@ def affine_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bit
     block_n = DECODE_TILE["block_n"]
     _affine_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
         x, blob, out, n, k, *offsets, BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_B=block_b,
-        SCALE_BF16=scale_bf16, num_warps=DECODE_TILE["num_warps"])
+        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, num_warps=DECODE_TILE["num_warps"])
     return out

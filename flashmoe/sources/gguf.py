@@ -119,7 +119,6 @@ class GgufCheckpoint:
     def __init__(self, files: list[Path], cfg, family):
         GgufHeader, _, _, self._block, self._type_name, self._dequantize = _gguf()
         self.folder, self.cfg, self.family = files[0].parent, cfg, family
-        self.scale_dtype = SCALE_DTYPE  # of repacked experts: ggml's scales are fp16
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}
         self.types: Counter = Counter()  # the block types of the routed experts' tensors (for the manifest)
@@ -205,6 +204,9 @@ class GgufCheckpoint:
     def quant(self, name: str) -> tuple[int, int] | None:
         """The routed experts' scheme when they are repacked (residents are always dequantized)."""
         return self.expert_scheme if name in self._experts else None
+
+    def scale_dtype_of(self, name: str) -> torch.dtype:
+        return SCALE_DTYPE  # of repacked experts: ggml's scales are fp16
 
     def repacked(self, ggml_type: int) -> bool:
         return self.expert_scheme is not None and REPACK_BITS.get(ggml_type) == self.expert_scheme[0]

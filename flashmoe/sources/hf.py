@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashMoeError
+from .. import mxfp4
 from ..quant import QuantizedTensor
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
@@ -20,6 +21,8 @@ LEFT_OUT_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-predi
 BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1, "I8": 1, "BOOL": 1,
                    "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
+SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+MX_BLOCKS, MX_SCALES = "_blocks", "_scales"  # MXFP4 (GPT-OSS): X_blocks + X_scales
 
 
 @dataclass
@@ -54,18 +57,40 @@ class Checkpoint:
     hand over the codes of a weight that imports losslessly (sources/compressed.py)."""
 
     def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None,
-                 remote: Remote | None = None):
+                 remote: Remote | None = None, mxfp4: bool = False):
         self.folder, self.fp8_block = folder, fp8_block
         self.shards = Shards(folder, remote)
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
         self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
+        self.mx: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> its blocks and scales
         for file in self.shards.files:
             self._index_file(file)
         self._pair_fp8_scales()
         self._pair_packed(schemes)
+        self._pair_mxfp4(mxfp4)
 
+    def _pair_mxfp4(self, expected: bool) -> None:
+        """Each MXFP4 `X_blocks` (uint8 [..., rows, cols / 32, 16]) with its `X_scales` ([..., rows, cols / 32]); it
+        then reads as `X`."""
+        names = [n for n in self.tensors if n.endswith(MX_BLOCKS)]
+        if names and not expected:
+            raise FlashMoeError(f"tensor {self.tensors[names[0]].source_name} holds MXFP4 blocks, but config.json's "
+                                "quantization_config is not quant_method 'mxfp4'")
+        for name in names:
+            base, blocks = name.removesuffix(MX_BLOCKS), self.tensors.pop(name)
+            scales = self.tensors.pop(base + MX_SCALES, None)
+            if scales is None:
+                raise FlashMoeError(f"MXFP4 tensor {blocks.source_name} has no {base}{MX_SCALES} beside it: the "
+                                    "checkpoint is incomplete")
+            if (blocks.dtype, scales.dtype) != ("U8", "U8") or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+                raise FlashMoeError(f"MXFP4 tensor {blocks.source_name} is {blocks.dtype}{list(blocks.shape)} with scales "
+                                    f"{scales.dtype}{list(scales.shape)}; expected uint8 [..., rows, cols / 32, 16] and "
+                                    "uint8 [..., rows, cols / 32]")
+            self.mx[base] = (blocks, scales)
+            shape = (*blocks.shape[:-2], blocks.shape[-2] * 32)
+            self.tensors[base] = TensorInfo(blocks.file, blocks.source_name, "BF16", shape, blocks.nbytes + scales.nbytes)
     def _pair_packed(self, schemes: list[IntScheme] | None) -> None:
         """Each `X.weight_packed` with its scale (and zero point) in any shard; it then reads as `X.weight`."""
         names = [n for n in self.tensors if n.endswith(PACKED)]
@@ -101,10 +126,21 @@ class Checkpoint:
 
     def quant(self, name: str) -> tuple[int, int] | None:
         """(bits, group_size) of a weight whose codes import as they are, else None (float, or dequantized as read)."""
+        if name in self.mx:
+            return 4, mxfp4.GROUP
         p = self.packed.get(name)
         return (p.scheme.bits, p.scheme.group_size) if p and p.scheme.lossless(p.scale.dtype) else None
 
+    def scale_dtype_of(self, name: str) -> torch.dtype:
+        """The dtype of the scales a repacked weight keeps (MXFP4's e8m0 exponents are uint8)."""
+        if name in self.mx:
+            return torch.uint8
+        return SCALE_DTYPES[self.packed[name].scale.dtype if name in self.packed else self.tensors[name].dtype]
+
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
+        if name in self.mx:  # MXFP4: the codes as they are, e8m0 scales, no biases
+            blocks, scales = (self._read(t, index) for t in self.mx[name])
+            return QuantizedTensor(blocks.reshape(*blocks.shape[:-2], -1), scales, None, 4, mxfp4.GROUP)
         p = self.packed[name]
         return p.quantized(self._read(p.packed, index), self._read(p.scale, index))
 
@@ -149,7 +185,7 @@ class Checkpoint:
 
     def files_of(self, name: str) -> set[Path]:
         """The files a tensor is read from (an FP8 weight's scales or a packed weight's parts may lie elsewhere)."""
-        parts = [self.tensors[name], self.fp8_scales.get(name)]
+        parts = [self.tensors[name], self.fp8_scales.get(name), *self.mx.get(name, ())]
         if name in self.packed:
             p = self.packed[name]
             parts += [p.packed, p.scale, p.zero_point]
@@ -158,6 +194,10 @@ class Checkpoint:
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """A tensor (or its slice `index` along the first axis), FP8 and packed ones dequantized."""
         info = self.tensors[name]
+        if name in self.mx:
+            q = self.get_quantized(name, index)
+            return mxfp4.dequantize(q.packed.reshape(-1, q.packed.shape[-1]), q.scales.reshape(-1, q.scales.shape[-1]),
+                                    torch.bfloat16).reshape(info.shape if index is None else info.shape[1:])
         if name in self.packed:
             p = self.packed[name]
             zero_point = None if p.zero_point is None else self._read(p.zero_point, index)
