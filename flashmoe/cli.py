@@ -83,7 +83,8 @@ def convert(
                                          "mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),
     dst: Path = typer.Argument(..., help="where to write the flashmoe store"),
-    bits: Optional[int] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2"),
+    bits: Optional[str] = typer.Option(None, help="expert quantization: 4 (the default for float checkpoints), 8 or 2; "
+                                                  "fp8 keeps an FP8 checkpoint's experts as they are"),
     no_quant: bool = typer.Option(False, "--no-quant", help="keep experts in the source dtype"),
     group_size: Optional[int] = typer.Option(None, help="weights per quantization group (default 64)"),
     requantize: bool = typer.Option(False, "--requantize", help="quantized source (MLX, compressed-tensors): quantize its experts again to --bits "
@@ -93,7 +94,10 @@ def convert(
     """Convert a checkpoint into a flashmoe store (streaming; re-run to resume an interrupted one)."""
     if no_quant and bits is not None:
         raise FlashMoeError("--no-quant keeps the source dtype; drop --bits, or drop --no-quant to quantize")
-    run_convert(src, dst, None if no_quant else "auto" if bits is None else bits, group_size, requantize, revision)
+    if bits is not None and bits != "fp8" and not bits.isdigit():
+        raise FlashMoeError(f"--bits is 2, 4, 8 or fp8, not {bits!r}")
+    width = bits if bits in (None, "fp8") else int(bits)
+    run_convert(src, dst, None if no_quant else "auto" if width is None else width, group_size, requantize, revision)
 
 
 def stats_line(stats: dict) -> str:
@@ -289,6 +293,8 @@ def info(
     quant = f"{q['bits']}-bit affine, group {q['group_size']}" if q["bits"] else f"none ({q['source_dtype']})"
     if q.get("scheme") == "mxfp4":
         quant = "MXFP4 (e2m1 codes, an e8m0 scale per 32)"
+    elif q.get("scheme") == "fp8":
+        quant = f"FP8 e4m3, kept as the checkpoint has it (a scale per row per {q['group_size']} columns)"
     elif q["bits"] and q.get("scale_dtype", "float16") != "float16":
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]

@@ -215,6 +215,7 @@ class Converter:
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx, self.remote)
         else:
             self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4)
+            self.ckpt.keep_fp8 = bits == "fp8" and self.fp8_block is not None
         try:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
@@ -235,13 +236,26 @@ class Converter:
         self.layout = expert_layout(self.cfg, self.bits, self.group_size, first.dtype, self.scale_dtype)
         self.resident_quant = self._resident_quantization()
         source = f"hf://{self.hub}@{revision or 'main'}" if self.hub else str(self.src.resolve())
-        self.options = {"source": source, "bits": self.bits,
+        self.options = {"source": source, "bits": "fp8" if bits == "fp8" else self.bits,
                         "group_size": self.group_size if self.bits else None}
         if self.quantized_source:
             self.options["requantize"] = not self.repack
 
     def _expert_quantization(self, bits, group_size, requantize: bool) -> tuple[int | None, int | None, bool]:
         """(bits, group_size, whether experts are repacked from the source's codes)."""
+        if bits == "fp8":  # FP8 experts kept as they are (fp8block.py)
+            if self.fp8_block is None:
+                raise FlashMoeError(f"--bits fp8 keeps an FP8 checkpoint's experts as they are; {self.src} is not FP8 "
+                                    "block-scaled: use --bits 4 or 8")
+            if group_size is not None or requantize:
+                raise FlashMoeError("--bits fp8 keeps the checkpoint's blocks: drop --group-size and --requantize")
+            cols = self.fp8_block[1]
+            if self.cfg.hidden_size % cols or self.cfg.moe_intermediate_size % cols or cols % 16:
+                raise FlashMoeError(f"--bits fp8 needs whole blocks along each expert row: weight_block_size "
+                                    f"{list(self.fp8_block)} does not divide hidden {self.cfg.hidden_size} and expert "
+                                    f"intermediate {self.cfg.moe_intermediate_size} into groups of 16 or more; "
+                                    "use --bits 4 or 8")
+            return 8, cols, True
         if not self.quantized_source:
             if requantize:
                 raise FlashMoeError(f"--requantize is for quantized sources (MLX, compressed-tensors); {self.src} holds "
@@ -524,7 +538,7 @@ class Converter:
             source.update({k: v for k, v in (("repacked_from", repacked), ("requantized_from", requantized)) if v})
         if self.fp8_block is not None:  # dequantized block by block as read; experts quantized to `bits`
             source["quantization"] = {"method": "fp8", "weight_block_size": list(self.fp8_block)}
-            source["experts"] = "requantized" if self.bits else "dequantized"
+            source["experts"] = "repacked" if self.repack else "requantized" if self.bits else "dequantized"
         resident = state["resident"]
         write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,
                        resident_files, sum(resident[f]["bytes"] for f in resident_files), self.layout,

@@ -21,7 +21,7 @@ from .models import FAMILIES, family_of
 from .errors import FlashMoeError
 from .quant import SUPPORTED_BITS
 from .store import (BLOCK_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SCALE_DTYPES, SOURCE_DTYPES, BlobLayout, crc32,
-                    dtype_name, expert_file_name, expert_layout, quantized_parts)
+                    dtype_name, expert_file_name, expert_layout, quantized_parts, scheme_of)
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 RESIDENT_FILE = re.compile(r"resident-[0-9]+(-of-[0-9]+)?\.safetensors")  # a bare name: nothing outside the store
@@ -188,9 +188,10 @@ def _quantization(q: dict, cfg: ModelConfig) -> tuple[int | None, int | None, to
     source_dtype = _get(q, "source_dtype", "quantization.source_dtype", str)
     if bits is not None and bits not in SUPPORTED_BITS:
         raise _bad("quantization.bits", f"is {bits}; flashmoe reads {', '.join(map(str, SUPPORTED_BITS))} or null (unquantized)")
-    if scheme not in (("affine", "mxfp4") if bits else (None,)) or (scheme == "mxfp4" and (bits, group_size) != (4, 32)):
+    if (scheme not in (("affine", "mxfp4", "fp8") if bits else (None,)) or (scheme == "mxfp4" and (bits, group_size) != (4, 32))
+            or (scheme == "fp8" and bits != 8)):
         raise _bad("quantization.scheme", f"is {_show(scheme)} with bits {bits}; flashmoe knows 'affine' (bits 2, 4 or 8), "
-                                          "'mxfp4' (bits 4, group 32) and null (bits null)")
+                                          "'mxfp4' (bits 4, group 32), 'fp8' (bits 8) and null (bits null)")
     if bits is None and group_size is not None:
         raise _bad("quantization.group_size", f"is {group_size}, but an unquantized store has null")
     if bits is not None:
@@ -204,8 +205,9 @@ def _quantization(q: dict, cfg: ModelConfig) -> tuple[int | None, int | None, to
     scale_dtype = _get(q, "scale_dtype", "quantization.scale_dtype", str) if "scale_dtype" in q else "float16"
     if scale_dtype not in SCALE_DTYPES:  # absent in stores written before MLX imports: float16
         raise _bad("quantization.scale_dtype", f"is {scale_dtype!r}, not one of {', '.join(SCALE_DTYPES)}")
-    if bits and (scale_dtype == "e8m0") != (scheme == "mxfp4"):
-        raise _bad("quantization.scale_dtype", f"is {scale_dtype!r} in a store of scheme {scheme!r}: e8m0 is MXFP4's alone")
+    if bits and scheme_of(bits, SCALE_DTYPES[scale_dtype]) != scheme:
+        raise _bad("quantization.scale_dtype", f"is {scale_dtype!r} in a store of scheme {scheme!r}: e8m0 is MXFP4's "
+                                               "alone, float32 FP8's")
     return bits, group_size, SCALE_DTYPES[scale_dtype]
 
 

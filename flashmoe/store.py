@@ -120,9 +120,11 @@ def file_crc32(path: Path, start: int = 0, size: int | None = None, progress=Non
     return value & 0xFFFFFFFF
 
 
-# of a quantized store's scales (and biases): affine's, or MXFP4's e8m0 exponents (scheme "mxfp4", no biases)
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "e8m0": torch.uint8}
+# of a quantized store's scales (and biases): affine's; MXFP4's e8m0 exponents (scheme "mxfp4") and FP8's float32
+# row-block scales (scheme "fp8") have no biases
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "e8m0": torch.uint8, "float32": torch.float32}
 E8M0 = torch.uint8
+UNBIASED = {torch.uint8: "mxfp4", torch.float32: "fp8"}  # scale dtype -> the scheme whose blobs have no biases
 
 
 def scale_dtype_name(dtype: torch.dtype) -> str:
@@ -130,7 +132,7 @@ def scale_dtype_name(dtype: torch.dtype) -> str:
 
 
 def scheme_of(bits: int | None, scale_dtype: torch.dtype) -> str | None:
-    return None if bits is None else "mxfp4" if scale_dtype == E8M0 else "affine"
+    return None if bits is None else UNBIASED.get(scale_dtype, "affine")
 
 
 def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dtype: torch.dtype,
@@ -147,7 +149,7 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dt
             continue
         tensors[f"{name}.packed"] = torch.empty(rows, cols * bits // 8, dtype=torch.uint8, device="meta")
         tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
-        if scale_dtype != E8M0:
+        if scale_dtype not in UNBIASED:
             tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
     return BlobLayout.for_tensors(tensors)
 

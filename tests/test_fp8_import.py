@@ -103,3 +103,52 @@ def test_an_fp8_weight_without_its_scales_is_named(fp8_pair, tmp_path):
     save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(FlashMoeError, match=f"{name} has no {name}_scale_inv"):
         convert(copy, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def fp8_whole_blocks(built, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8-kept")
+    return write_fp8(built.checkpoint("qwen3_5_moe"), root / "fp8", root / "float", block=(16, 32))
+
+
+def test_fp8_experts_kept_as_they_are(fp8_whole_blocks, tmp_path):
+    fp8_dir, float_dir = fp8_whole_blocks
+    store = Store(convert(fp8_dir, tmp_path / "store", bits="fp8"))
+    q = store.manifest["quantization"]
+    assert (q["scheme"], q["bits"], q["group_size"], q["scale_dtype"]) == ("fp8", 8, 32, "float32")
+    assert store.manifest["source"]["experts"] == "repacked"
+    source = load_file(fp8_dir / "model.safetensors")
+    loc = store.expert_location(2, 9)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        views = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    p = "model.layers.2.mlp.experts.9."
+    gate, up = (source[p + x + "_proj.weight"].view(torch.uint8) for x in ("gate", "up"))
+    assert torch.equal(views["gate_up.packed"], torch.cat([gate, up]))
+    assert torch.equal(views["down.scales"], source[p + "down_proj.weight_scale_inv"].repeat_interleave(16, dim=0))
+    with torch.no_grad():
+        expected = load_reference(float_dir, "qwen3_5_moe")(torch.tensor([PROMPT])).logits[0]
+    # the CPU dequantizes FP8 experts when they run: the same weights transformers has
+    assert rel_error(flashmoe.load(store.path, resident_format="float").logits(PROMPT), expected) < 1e-3
+
+
+def test_bits_fp8_needs_an_fp8_source_with_whole_blocks(built, fp8_pair, tmp_path):
+    with pytest.raises(FlashMoeError, match="--bits fp8 keeps an FP8 checkpoint's experts.*not FP8"):
+        convert(built.checkpoint("qwen3_5_moe"), tmp_path / "a", bits="fp8")
+    with pytest.raises(FlashMoeError, match=r"weight_block_size \[32, 48\] does not divide"):
+        convert(fp8_pair[0], tmp_path / "b", bits="fp8")
+
+
+@pytest.mark.gpu
+def test_fp8_experts_on_the_gpu(fp8_whole_blocks, tmp_path):
+    fp8_dir, float_dir = fp8_whole_blocks
+    store = convert(fp8_dir, tmp_path / "store", bits="fp8")
+    with torch.no_grad():
+        ref = load_reference(float_dir, "qwen3_5_moe")(torch.tensor([PROMPT])).logits[0]
+    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(store, device="cuda", dtype=dtype)
+        assert model.routed.decode_kernels
+        assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
+        state = model.new_state()
+        parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
+        assert rel_error(torch.cat(parts), ref) < bound

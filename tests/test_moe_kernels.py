@@ -32,6 +32,12 @@ def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, se
             tensors = {}
             for name, w in (("gate_up", gate_up), ("down", down)):
                 tensors[f"{name}.packed"], tensors[f"{name}.scales"] = mxfp4.quantize(w)
+        elif scale_dtype == torch.float32:  # FP8 experts kept: e4m3 codes, a float32 scale per row per group
+            tensors = {}
+            for name, w in (("gate_up", gate_up), ("down", down)):
+                scale = w.abs().reshape(w.shape[0], -1, group).amax(-1) / 448
+                codes = (w / scale.repeat_interleave(group, dim=1)).to(torch.float8_e4m3fn)
+                tensors[f"{name}.packed"], tensors[f"{name}.scales"] = codes.view(torch.uint8), scale
         else:
             tensors = {k: v.to(scale_dtype) if v.is_floating_point() else v
                        for k, v in expert_tensors(gate_up, down, bits, group).items()}
@@ -130,7 +136,8 @@ def test_block_k_never_straddles_a_group():
     assert not mt.QuantBlob(64, 64, 4, 24, 4096, 0, 0, 0, 0, 0, 0).supported
 
 
-@pytest.mark.parametrize("bits,scale_dtype,kind", [(4, torch.bfloat16, 1), (8, torch.bfloat16, 1), (4, torch.uint8, 2)])
+@pytest.mark.parametrize("bits,scale_dtype,kind", [(4, torch.bfloat16, 1), (8, torch.bfloat16, 1), (4, torch.uint8, 2),
+                                                    (8, torch.float32, 3)])
 def test_kernels_read_bfloat16_scales_and_mxfp4(bits, scale_dtype, kind):
     hidden, inter, group = 128, 64, 32
     slab, layout, qb = make_slab(3, hidden, inter, bits, group, seed=bits, scale_dtype=scale_dtype)

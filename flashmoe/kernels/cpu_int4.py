@@ -67,7 +67,10 @@ class KernelForm:
                   ) -> "KernelForm | None":
         """None when the int4 kernel cannot run these experts (they are then dequantized per token). MXFP4 blobs (no
         biases) run as 8-bit affine."""
-        if blob is not None and bits is not None and "gate_up.biases" not in {seg.name for seg in blob.segments}:
+        segments = {seg.name: seg for seg in blob.segments} if blob is not None else {}
+        if bits is not None and segments and "gate_up.biases" not in segments:
+            if segments["gate_up.scales"].dtype != "uint8":  # FP8: not a uniform grid
+                return None
             bits = 8
         if not supported(bits, group_size, hidden, inter):
             return None

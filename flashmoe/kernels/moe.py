@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .. import mxfp4
+from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor, dequantize
 from .linear import linear
 
@@ -19,8 +19,9 @@ def expert_weights(views: dict[str, torch.Tensor], bits: int | None, group_size:
         return views["gate_up.weight"].to(dtype), views["down.weight"].to(dtype)
     dense = []
     for name in ("gate_up", "down"):
-        if f"{name}.biases" not in views:  # MXFP4: e2m1 codes and e8m0 scales
-            dense.append(mxfp4.dequantize(views[f"{name}.packed"], views[f"{name}.scales"], dtype))
+        if f"{name}.biases" not in views:  # MXFP4 (e8m0 scales) or FP8 (float32 row-block scales)
+            scheme = mxfp4 if views[f"{name}.scales"].dtype == torch.uint8 else fp8block
+            dense.append(scheme.dequantize(views[f"{name}.packed"], views[f"{name}.scales"], dtype))
             continue
         q = QuantizedTensor(views[f"{name}.packed"], views[f"{name}.scales"], views[f"{name}.biases"], bits, group_size)
         dense.append(dequantize(q, dtype))

@@ -33,7 +33,7 @@ def triton_available() -> bool:
     return triton is not None
 
 
-SCALE_FP16, SCALE_BF16, SCALE_E8M0 = 0, 1, 2  # the kernels' SCALE_KIND
+SCALE_FP16, SCALE_BF16, SCALE_E8M0, SCALE_FP32 = 0, 1, 2, 3  # the kernels' SCALE_KIND (E8M0: MXFP4, FP32: FP8)
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,14 @@ class QuantBlob:
     down_packed: int
     down_scales: int
     down_biases: int
-    scale_kind: int = 0  # SCALE_FP16 | SCALE_BF16 (MLX imports) | SCALE_E8M0 (MXFP4: e2m1 codes, no biases)
+    scale_kind: int = 0  # SCALE_FP16 | SCALE_BF16 (MLX imports) | SCALE_E8M0 (MXFP4) | SCALE_FP32 (FP8); no biases: the last two
 
     @classmethod
     def from_layout(cls, layout: BlobLayout, bits: int, group_size: int) -> "QuantBlob":
         seg = {s.name: s for s in layout.segments}
         two_i, packed_h = seg["gate_up.packed"].shape
-        kind = {"float16": SCALE_FP16, "bfloat16": SCALE_BF16, "uint8": SCALE_E8M0}[seg["gate_up.scales"].dtype]
+        kind = {"float16": SCALE_FP16, "bfloat16": SCALE_BF16, "uint8": SCALE_E8M0,
+                "float32": SCALE_FP32}[seg["gate_up.scales"].dtype]
         return cls(
             hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
             blob_bytes=layout.blob_bytes, scale_kind=kind,
@@ -130,6 +131,14 @@ if triton is not None:
         return tl.where((codes & 8) != 0, -magnitude, magnitude)
 
     @triton.jit
+    def _e4m3(codes):
+        """FP8 e4m3 (fn: no infinities) bytes -> float32: sign, four exponent bits (bias 7), three mantissa bits."""
+        e = (codes >> 3) & 15
+        m = (codes & 7).to(tl.float32) * 0.125
+        magnitude = tl.where(e == 0, m * 0.015625, (1.0 + m) * tl.exp2((e - 7).to(tl.float32)))
+        return tl.where((codes & 128) != 0, -magnitude, magnitude)
+
+    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
                       BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr):
         """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
@@ -143,6 +152,9 @@ if triton is not None:
         if SCALE_KIND == 2:  # MXFP4: e2m1 values times 2^(e8m0 - 127); constexpr branches, one pointer type each
             exponent = tl.load(base + scales_off + rows * groups + g, mask=row_mask, other=127).to(tl.float32)
             return _e2m1(codes) * tl.exp2(exponent - 127.0)[:, None]
+        if SCALE_KIND == 3:  # FP8: e4m3 values times the row's block scale
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float32))
+            return _e4m3(codes) * tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0)[:, None]
         if SCALE_KIND == 1:
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
@@ -174,6 +186,8 @@ if triton is not None:
             code = (packed >> (m * BITS)) & ((1 << BITS) - 1)
             if SCALE_KIND == 2:
                 acc += _e2m1(code) * xm[None, :]
+            elif SCALE_KIND == 3:
+                acc += _e4m3(code) * xm[None, :]
             else:
                 acc += code.to(tl.float32) * xm[None, :]
         per_group = tl.sum(tl.reshape(acc, (acc.shape[0], n_groups, GROUP // per_byte)), axis=2)
@@ -183,6 +197,10 @@ if triton is not None:
             exponent = tl.load(base + scales_off + rows[:, None] * groups + g[None, :], mask=row_mask[:, None],
                                other=127).to(tl.float32)
             return tl.sum(per_group * tl.exp2(exponent - 127.0), axis=1)
+        if SCALE_KIND == 3:
+            scale = tl.load((base + scales_off).to(tl.pointer_type(tl.float32)) + rows[:, None] * groups + g[None, :],
+                            mask=row_mask[:, None], other=0.0)
+            return tl.sum(per_group * scale, axis=1)
         x_sum = tl.sum(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, block_k)).to(tl.float32), (n_groups, GROUP)), axis=1)
         if SCALE_KIND == 1:  # a constexpr branch: each compiled kernel has one pointer type
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))

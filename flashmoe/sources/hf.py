@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashMoeError
-from .. import mxfp4
+from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
@@ -63,8 +63,10 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
         self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
+        self.fp8_dtypes: dict[str, str] = {}  # FP8 weight -> F8_E4M3 or F8_E5M2
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
         self.mx: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> its blocks and scales
+        self.keep_fp8 = False  # --bits fp8: FP8 weights hand over their codes (quant, get_quantized) as they are
         for file in self.shards.files:
             self._index_file(file)
         self._pair_fp8_scales()
@@ -128,6 +130,8 @@ class Checkpoint:
         """(bits, group_size) of a weight whose codes import as they are, else None (float, or dequantized as read)."""
         if name in self.mx:
             return 4, mxfp4.GROUP
+        if self.keep_fp8 and name in self.fp8_scales:
+            return 8, self.fp8_block[1]
         p = self.packed.get(name)
         return (p.scheme.bits, p.scheme.group_size) if p and p.scheme.lossless(p.scale.dtype) else None
 
@@ -135,12 +139,17 @@ class Checkpoint:
         """The dtype of the scales a repacked weight keeps (MXFP4's e8m0 exponents are uint8)."""
         if name in self.mx:
             return torch.uint8
+        if name in self.fp8_scales:
+            return torch.float32
         return SCALE_DTYPES[self.packed[name].scale.dtype if name in self.packed else self.tensors[name].dtype]
 
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
         if name in self.mx:  # MXFP4: the codes as they are, e8m0 scales, no biases
             blocks, scales = (self._read(t, index) for t in self.mx[name])
             return QuantizedTensor(blocks.reshape(*blocks.shape[:-2], -1), scales, None, 4, mxfp4.GROUP)
+        if name in self.fp8_scales:  # FP8 kept: e4m3 bytes, each row's block scales
+            return fp8block.from_blocks(self._read(self._fp8_info(name), index),
+                                        self._read(self.fp8_scales[name], index), self.fp8_block)
         p = self.packed[name]
         return p.quantized(self._read(p.packed, index), self._read(p.scale, index))
 
@@ -161,6 +170,7 @@ class Checkpoint:
                                     "the checkpoint is incomplete")
             check_scale(info.source_name, info.shape, scale.shape, self.fp8_block)
             self.fp8_scales[name] = scale
+            self.fp8_dtypes[name] = info.dtype
             self.tensors[name] = TensorInfo(info.file, info.source_name, "BF16", info.shape, info.nbytes + scale.nbytes)
 
     def _index_file(self, file: Path) -> None:
@@ -182,6 +192,13 @@ class Checkpoint:
 
     def _read(self, info: TensorInfo, index: int | None) -> torch.Tensor:
         return self.shards.read(info.file, info.source_name, index)
+
+    def _fp8_info(self, name: str) -> TensorInfo:
+        info = self.tensors[name]
+        if self.fp8_dtypes[name] != "F8_E4M3":
+            raise FlashMoeError(f"tensor {info.source_name} is {self.fp8_dtypes[name]}; --bits fp8 keeps e4m3 weights: "
+                                "convert with --bits 4 or 8 instead")
+        return info
 
     def files_of(self, name: str) -> set[Path]:
         """The files a tensor is read from (an FP8 weight's scales or a packed weight's parts may lie elsewhere)."""
