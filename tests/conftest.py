@@ -189,5 +189,27 @@ def weights_elsewhere(src, *dsts) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def blob_views(store, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """An expert's blob as the store holds it, read from disk: its named tensors (store.BlobLayout)."""
+    loc = store.expert_location(layer, expert)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        return store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+
+
+def assert_runs_on_the_gpu(store, token_ids: list[int], ref: torch.Tensor) -> None:
+    """The store on the GPU, float32 and bf16, prompt (grouped kernels) and decode (matrix-vector kernels in the
+    CUDA graphs), against a reference's logits."""
+    import flashmoe
+
+    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(store, device="cuda", dtype=dtype)
+        assert model.routed.decode_kernels
+        assert rel_error(model.logits(token_ids).cpu(), ref) < bound
+        state = model.new_state()
+        parts = [model.forward(token_ids[:6], state).cpu()] + [model.forward([t], state).cpu() for t in token_ids[6:]]
+        assert rel_error(torch.cat(parts), ref) < bound
+
+
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).norm() / ref.float().norm())

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_reference, rel_error, weights_elsewhere
+from conftest import blob_views, load_reference, rel_error, weights_elsewhere
 from safetensors.torch import load_file, save_file
 
 import flashmoe
@@ -93,10 +93,7 @@ def test_int4_expert_bytes_are_the_sources_codes(kimi_style, tmp_path):
     source = load_file(ct_dir / "model.safetensors")
     layer, expert = 1, 11
     prefix = f"model.{'language_model.' if arch.endswith('_vl') else ''}layers.{layer}.mlp.experts.{expert}."
-    loc = store.expert_location(layer, expert)
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset)
-        tensors = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    tensors = blob_views(store, layer, expert)
     gate, up = (source[prefix + p + "_proj.weight_packed"].view(torch.uint8) for p in ("gate", "up"))
     assert torch.equal(tensors["gate_up.packed"].flatten(), torch.cat([gate, up]).flatten())
     scale = source[prefix + "down_proj.weight_scale"]

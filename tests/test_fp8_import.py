@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flashmoe
-from conftest import load_reference, rel_error, weights_elsewhere
+from conftest import assert_runs_on_the_gpu, blob_views, load_reference, rel_error, weights_elsewhere
 from flashmoe.convert import convert
 from flashmoe.errors import FlashMoeError
 from flashmoe.store import Store
@@ -118,10 +118,7 @@ def test_fp8_experts_kept_as_they_are(fp8_whole_blocks, tmp_path):
     assert (q["scheme"], q["bits"], q["group_size"], q["scale_dtype"]) == ("fp8", 8, 32, "float32")
     assert store.manifest["source"]["experts"] == "repacked"
     source = load_file(fp8_dir / "model.safetensors")
-    loc = store.expert_location(2, 9)
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset)
-        views = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    views = blob_views(store, 2, 9)
     p = "model.layers.2.mlp.experts.9."
     gate, up = (source[p + x + "_proj.weight"].view(torch.uint8) for x in ("gate", "up"))
     assert torch.equal(views["gate_up.packed"], torch.cat([gate, up]))
@@ -145,10 +142,4 @@ def test_fp8_experts_on_the_gpu(fp8_whole_blocks, tmp_path):
     store = convert(fp8_dir, tmp_path / "store", bits="fp8")
     with torch.no_grad():
         ref = load_reference(float_dir, "qwen3_5_moe")(torch.tensor([PROMPT])).logits[0]
-    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 0.03)):
-        model = flashmoe.load(store, device="cuda", dtype=dtype)
-        assert model.routed.decode_kernels
-        assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
-        state = model.new_state()
-        parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
-        assert rel_error(torch.cat(parts), ref) < bound
+    assert_runs_on_the_gpu(store, PROMPT, ref)

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import rel_error
+from conftest import blob_views, rel_error
 
 import flashmoe
 from flashmoe.convert import convert
@@ -74,10 +74,7 @@ def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch
 
 def expert_weights(store: Store, layer: int, expert: int) -> torch.Tensor:
     """An expert blob's down projection as the store's kernels read it, dequantized."""
-    loc = store.expert_location(layer, expert)
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset)
-        views = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    views = blob_views(store, layer, expert)
     q = store.quantization
     return dequantize(QuantizedTensor(views["down.packed"], views["down.scales"], views["down.biases"], q["bits"],
                                       q["group_size"]))

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import hf_as_mlx_lm_reads_it, mlx_logits, rel_error
+from conftest import blob_views, hf_as_mlx_lm_reads_it, mlx_logits, rel_error
 from safetensors.torch import load_file
 
 import flashmoe
@@ -55,11 +55,7 @@ def test_codes_and_scales_are_repacked_not_requantized(built):
 
     weights = mx.load(str(folder / "model.safetensors"))
     layer, expert = 2, 5
-    loc = store.expert_location(layer, expert)
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset)
-        blob = torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8)
-    views = store.layout.unpack(blob)
+    views = blob_views(store, layer, expert)
     p = f"language_model.model.layers.{layer}.mlp.switch_mlp."
 
     def mlx_bytes(proj: str, part: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_reference, rel_error, weights_elsewhere
+from conftest import assert_runs_on_the_gpu, blob_views, load_reference, rel_error, weights_elsewhere
 from safetensors.torch import load_file, save_file
 
 import flashmoe
@@ -107,10 +107,7 @@ def test_mxfp4_experts_are_kept_as_they_are_and_match_transformers(mx_pair, tmp_
     assert (q["scheme"], q["bits"], q["group_size"], q["scale_dtype"]) == ("mxfp4", 4, 32, "e8m0")
     assert store.manifest["source"]["experts"] == "repacked"
     source = load_file(mx_dir / "model.safetensors")
-    loc = store.expert_location(1, 6)
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset)
-        views = store.layout.unpack(torch.frombuffer(bytearray(f.read(loc.size)), dtype=torch.uint8))
+    views = blob_views(store, 1, 6)
     blocks = source["model.layers.1.mlp.experts.down_proj_blocks"][6]
     assert torch.equal(views["down.packed"], blocks.reshape(blocks.shape[0], -1))
     assert torch.equal(views["down.scales"], source["model.layers.1.mlp.experts.down_proj_scales"][6])
@@ -162,10 +159,4 @@ def test_mxfp4_store_on_the_gpu(mx_pair, tmp_path):
     store = convert(mx_dir, tmp_path / "store")
     with torch.no_grad():
         ref = load_reference(float_dir, "qwen3_5_moe")(torch.tensor([PROMPT])).logits[0]
-    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 0.03)):
-        model = flashmoe.load(store, device="cuda", dtype=dtype)
-        assert model.routed.decode_kernels
-        assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
-        state = model.new_state()
-        parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
-        assert rel_error(torch.cat(parts), ref) < bound
+    assert_runs_on_the_gpu(store, PROMPT, ref)
