@@ -283,9 +283,9 @@ class Converter:
 
     def _resident_quantization(self) -> dict[str, dict[str, int]]:
         """The resident matrices kept quantized as the source has them (MLX at 2, 4 or 8 bits, compressed-tensors'
-        symmetric 4 and 8): store name -> {bits, group_size}. An item is kept quantized when all its sources share
+        symmetric 4 and 8, GGUF's Q8_0, Q4_0, Q4_1 and Q4_K): store name -> {bits, group_size}. An item is kept quantized when all its sources share
         one quantization."""
-        if not self.quantized_source:
+        if not (self.quantized_source or self.gguf):  # a GGUF's Q8_0/Q4_x residents stay quantized too
             return {}
         out = {}
         for item in self.plan:

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import blob_views, rel_error
+from conftest import assert_runs_on_the_gpu, blob_views, rel_error
 
 import flashmoe
 from flashmoe.convert import convert
@@ -97,6 +97,13 @@ def test_q8_0_gguf_experts_are_repacked_not_requantized(built, tmp_path):
     assert (source["experts"], source["repacked_from"], "requantized_from" in source) == ("repacked", {"Q8_0": 12}, False)
     # Q8_0 is 8-bit affine in groups of 32 already: the blob holds exactly the file's weights
     assert torch.equal(expert_weights(store, 2, 5), gguf_expert(path, "blk.2.ffn_down_exps.weight", 5))
+    # so are its Q8_0 residents, which stay quantized, rows moved as llama.cpp moved them (value heads); not
+    # out_proj, whose columns it moved, nor the F32 norms and routers
+    kept = store.resident_quantized
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.linear_attn.in_proj_qkv.weight",
+                 "model.layers.0.linear_attn.in_proj_z.weight", "model.layers.3.self_attn.q_proj.weight"):
+        assert kept[name] == {"bits": 8, "group_size": 32}, name
+    assert "model.layers.0.linear_attn.out_proj.weight" not in kept and "model.layers.0.mlp.gate.weight" not in kept
     assert rel_error(flashmoe.load(store.path).logits(PROMPT), hf_logits(path.parent, path.name)) < 1e-2
     with pytest.raises(FlashMoeError, match="GGUF checkpoint whose experts are 8-bit.*--requantize"):
         convert(path, tmp_path / "again", bits=4)
@@ -217,3 +224,13 @@ def test_large_tensors_dequantize_a_slice_of_rows_at_a_time(built, tmp_path, mon
     for f in Store(whole).manifest["resident"]["files"]:
         a, b = load_file(whole / f), load_file(sliced / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_gguf_store_on_the_gpu(built, tmp_path):
+    """Q8_0 experts and residents repacked (fp16 scales, 8 bits): the expert kernels and the resident matrix-vector
+    kernel on the GPU against transformers' GGUF loader."""
+    path = built.gguf(ARCH, "q8_0")
+    store = convert(path, tmp_path / "store")
+    assert Store(store).resident_quantized
+    assert_runs_on_the_gpu(store, PROMPT, hf_logits(path.parent, path.name))

@@ -213,6 +213,13 @@ def _tiled_to_grouped(t: torch.Tensor, dim: int, nk: int, r: int, width: int) ->
     return t.transpose(dim, dim + 1).reshape(shape)
 
 
+def gguf_rows_only(cfg: ModelConfig, name: str) -> bool:
+    """Whether from_gguf only moves whole rows of this matrix (so it may stay quantized): all but Qwen3.5's out_proj
+    when its value heads were tiled (that one's columns move) and conv1d (a vector per channel, never quantized)."""
+    tiled = cfg.family == "qwen3_5_moe" and cfg.linear_num_value_heads != cfg.linear_num_key_heads
+    return not ((tiled and name.endswith("out_proj.weight")) or name.endswith("conv1d.weight"))
+
+
 def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """A tensor of llama.cpp's GGUF as the HF checkpoint has it (name: the HF name). Its converter
     (conversion/qwen.py) stored the zero-centred norms as 1 + w, A_log as -exp(A_log), conv1d squeezed to [C, K] and,

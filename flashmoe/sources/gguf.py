@@ -202,8 +202,14 @@ class GgufCheckpoint:
         return self.tensors[name]
 
     def quant(self, name: str) -> tuple[int, int] | None:
-        """The routed experts' scheme when they are repacked (residents are always dequantized)."""
-        return self.expert_scheme if name in self._experts else None
+        """The routed experts' scheme when they are repacked; a resident matrix's when its blocks are affine already
+        and the family's changes to it only move rows (which carry their codes, scales and biases along)."""
+        if name in self._experts:
+            return self.expert_scheme
+        (file, shape, ggml_type, offset, nbytes), *more = self._where[name]
+        if more or ggml_type not in REPACK_BITS or len(shape) != 2 or not self.family.gguf_rows_only(self.cfg, name):
+            return None
+        return REPACK_BITS[ggml_type], GROUP
 
     def scale_dtype_of(self, name: str) -> torch.dtype:
         return SCALE_DTYPE  # of repacked experts: ggml's scales are fp16
@@ -218,8 +224,14 @@ class GgufCheckpoint:
             out[0 if repacking and self.repacked(t) else 1][self._name_of(t)] = n
         return out
 
-    def get_quantized(self, name: str, index: int) -> QuantizedTensor:
-        """One expert's rows in the experts' scheme: its blocks repacked, or (another type) dequantized and quantized."""
+    def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
+        """One expert's rows in the experts' scheme: its blocks repacked, or (another type) dequantized and quantized.
+        A resident matrix (index None): its blocks repacked, the family's row changes applied to each part."""
+        if index is None:
+            (file, (rows, cols), ggml_type, offset, nbytes), = self._where[name]
+            q = repack(self._pread(file, offset, nbytes), ggml_type, rows, cols)
+            moved = (self.family.from_gguf(self.cfg, name, t) for t in (q.packed, q.scales, q.biases))
+            return QuantizedTensor(*moved, q.bits, q.group_size)
         bits, group = self.expert_scheme
         parts = []
         for file, shape, ggml_type, offset, nbytes in self._where[name]:
