@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API over one model: /v1/models, /v1/chat/completions, /v1/completions,
-streamed (server-sent events) or not, plus /health and /metrics (Prometheus).
+streamed (server-sent events) or not, Anthropic's /v1/messages (messages_api.py), plus /health and /metrics.
 
 Per request: render the chat with the checkpoint's template, compile a grammar when the output must be JSON
 or a tool call, queue a job on the scheduler (scheduler.py), and turn its tokens into text (textstream.py),
@@ -27,10 +27,12 @@ from .chat import ChatFormat, OutputParser, ParsedDelta
 from .errors import FlashMoeError
 from .grammar import Grammars, reasoning_mode
 from .metrics import metrics_response
+from . import messages_api
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .scheduler import Finished, QueueFull, SamplingParams, Scheduler
 from .textstream import IncrementalDecoder, StopStrings
 
+MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its routes answer errors in its shape
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 RETRY_AFTER_S = 1  # a 503's advice: a queue slot frees when any request ends, typically within a second or two
 
@@ -55,8 +57,11 @@ class ServedModel:
             return self._grammars
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error_response(error: ApiError, request: Request | None = None) -> JSONResponse:
+    """OpenAI's error shape, or Anthropic's on its routes."""
+    anthropic = request is not None and request.url.path.startswith(MESSAGES_PATH)
+    body = messages_api.error_body(error) if anthropic else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -84,31 +89,34 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error_response(exc)
+        return _error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return _error_response(_validation_error(exc))
+        return _error_response(_validation_error(exc), request)
 
     @app.exception_handler(FlashMoeError)
     async def _bad_input(request: Request, exc: FlashMoeError):
-        return _error_response(ApiError(400, str(exc)))
+        return _error_response(ApiError(400, str(exc)), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
+        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind), request)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
+                               request)
 
     def check_key(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "incorrect or missing API key (send 'Authorization: Bearer KEY')",
+        if scheme.lower() != "bearer":  # Anthropic's clients send x-api-key
+            given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "incorrect or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                            code="invalid_api_key")
 
     def check_model(name: str) -> None:
@@ -153,7 +161,43 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
         _check_length(served, prompt_ids, body.token_limit(), "prompt")
         return await _respond(served, request, body, prompt_ids, None, None, chat=False)
 
+    @app.post(MESSAGES_PATH, dependencies=[Depends(check_key)])
+    async def messages(body: messages_api.MessagesRequest, request: Request):
+        check_model(body.model)
+        chat = messages_api.to_chat_request(body)
+        prompt_ids, parser, constraint = await run_in_threadpool(_prepare_chat, served, chat)
+        job = _submit(served, chat, prompt_ids, constraint)
+        meta = {"id": f"msg_{uuid.uuid4().hex}", "model": served.name}
+        pieces = _pieces(served, job, chat.stop_strings(), parser)
+        if body.stream:
+            return StreamingResponse(_cancel_on_exit(job, messages_api.events(meta, len(prompt_ids), pieces,
+                                                                              _raise_if_failed)),
+                                     media_type="text/event-stream")
+        gathered = await _gather(request, job, pieces)
+        if isinstance(gathered, Response):
+            return gathered
+        reasoning, text, calls, outcome = gathered
+        return messages_api.message(meta, reasoning, text, calls, outcome)
+
+    @app.post(MESSAGES_PATH + "/count_tokens", dependencies=[Depends(check_key)])
+    async def count_tokens(body: messages_api.CountTokensRequest):
+        check_model(body.model)
+        prompt_ids, _, _ = await run_in_threadpool(_prepare_chat, served, messages_api.to_chat_request(body))
+        return {"input_tokens": len(prompt_ids)}
+
     return app
+
+
+async def _cancel_on_exit(job, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose client went away cancels its job."""
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            job.cancel("client disconnected")
 
 
 def _model_card(served: ServedModel) -> dict:
@@ -210,15 +254,19 @@ def _check_length(served: ServedModel, prompt_ids: list[int], max_tokens: int | 
         raise ApiError(400, "the prompt is empty", param=param)
 
 
-async def _respond(served: ServedModel, request: Request, body, prompt_ids: list[int], parser: OutputParser | None,
-                   constraint, chat: bool):
+def _submit(served: ServedModel, body, prompt_ids: list[int], constraint):
     params = SamplingParams(max_tokens=body.token_limit() or served.context_length - len(prompt_ids),
                             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
     try:
-        job = served.scheduler.submit(prompt_ids, params, constraint)
+        return served.scheduler.submit(prompt_ids, params, constraint)
     except QueueFull as exc:
         raise ApiError(503, str(exc), type="server_error", code="server_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+
+
+async def _respond(served: ServedModel, request: Request, body, prompt_ids: list[int], parser: OutputParser | None,
+                   constraint, chat: bool):
+    job = _submit(served, body, prompt_ids, constraint)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.name}
     pieces = _pieces(served, job, body.stop_strings(), parser)
@@ -233,6 +281,7 @@ class _Outcome:
         self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
         self.tool_calls = 0
         self.finished: Finished | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the text
 
     def finish_reason(self) -> str:
         reason = self.finished.reason
@@ -262,6 +311,7 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
             if stop.stopped:
                 job.cancel(reason=None)  # a normal end: the text reached a stop string
                 finished = Finished("stop")
+                outcome.stop_sequence = stop.matched
                 delta = _merge(delta, close())
         outcome.tool_calls += len(delta.tool_calls)
         outcome.finished = finished
@@ -282,7 +332,26 @@ def _raise_if_failed(outcome: _Outcome) -> None:
 
 
 async def _collect(request: Request, job, pieces, meta: dict, chat: bool) -> dict:
-    """A non-streamed response; the job is cancelled if the client goes away while it runs."""
+    """A non-streamed OpenAI response."""
+    gathered = await _gather(request, job, pieces)
+    if isinstance(gathered, Response):
+        return gathered
+    reasoning, text, calls, outcome = gathered
+    if not chat:
+        choice = {"index": 0, "text": text, "finish_reason": outcome.finish_reason(), "logprobs": None}
+        return {**meta, "object": "text_completion", "choices": [choice], "usage": outcome.usage()}
+    message = {"role": "assistant", "content": text or (None if calls else "")}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in calls]
+    choice = {"index": 0, "message": message, "finish_reason": outcome.finish_reason(), "logprobs": None}
+    return {**meta, "object": "chat.completion", "choices": [choice], "usage": outcome.usage()}
+
+
+async def _gather(request: Request, job, pieces):
+    """(reasoning, content, tool calls, outcome) of a whole generation, or a 499 if the client went away (the job
+    is then cancelled)."""
     reasoning, content, calls = [], [], []
     outcome = None
 
@@ -302,17 +371,7 @@ async def _collect(request: Request, job, pieces, meta: dict, chat: bool) -> dic
             return Response(status_code=499)
     task.result()
     _raise_if_failed(outcome)
-    text = "".join(content)
-    if not chat:
-        choice = {"index": 0, "text": text, "finish_reason": outcome.finish_reason(), "logprobs": None}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": outcome.usage()}
-    message = {"role": "assistant", "content": text or (None if calls else "")}
-    if "".join(reasoning):
-        message["reasoning_content"] = "".join(reasoning)
-    if calls:
-        message["tool_calls"] = [_tool_call_json(c) for c in calls]
-    choice = {"index": 0, "message": message, "finish_reason": outcome.finish_reason(), "logprobs": None}
-    return {**meta, "object": "chat.completion", "choices": [choice], "usage": outcome.usage()}
+    return "".join(reasoning), "".join(content), calls, outcome
 
 
 def _tool_call_json(call, index: int | None = None) -> dict:

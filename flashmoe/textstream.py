@@ -45,6 +45,7 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -53,6 +54,7 @@ class StopStrings:
         hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
             self.stopped = True
+            self.matched = min(hits)[1]
             out, self._pending = self._pending[:min(hits)[0]], ""
             return out
         keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1)
