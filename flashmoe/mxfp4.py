@@ -47,7 +47,8 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def as_affine8(packed: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
-    """The same weights as 8-bit affine, group 32, bf16 scales (exact for e8m0 exponents up to 2^120)."""
+    """The same weights as 8-bit affine, group 32, bf16 scales: exact for every e8m0 scale up to 2^121 (s <= 248;
+    the bias, -2^(s - 121), is bf16's largest power of two there). Real checkpoints' scales are near 2^-7."""
     values = torch.tensor(VALUES, dtype=torch.float32, device=packed.device)
     c8 = (2 * values[codes(packed).long()] + 128).to(torch.uint8)
     scale = torch.exp2(scales.float() - 128)

@@ -49,12 +49,17 @@ def test_quantize_rounds_to_the_nearest_e2m1_value_of_the_group_scale():
 
 
 def test_as_affine8_is_exact():
+    from flashmoe.quant import dequantize
+
     g = torch.Generator().manual_seed(2)
     packed = torch.randint(0, 256, (8, 32), dtype=torch.uint8, generator=g)
     scales = torch.randint(100, 140, (8, 2), dtype=torch.uint8, generator=g)
-    from flashmoe.quant import dequantize
-
     assert torch.equal(dequantize(mxfp4.as_affine8(packed, scales)), mxfp4.dequantize(packed, scales))
+    # every code, at the smallest, the unit and the largest scale the docstring promises
+    every = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    for s in (0, 1, 127, 248):
+        scale = torch.full((4, 4), s, dtype=torch.uint8)
+        assert torch.equal(dequantize(mxfp4.as_affine8(every, scale)), mxfp4.dequantize(every, scale)), s
 
 
 def write_mxfp4(src, mx_dir, float_dir):
