@@ -30,7 +30,7 @@ from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
-from .sources.hub import SOURCE_DIR, HubRepo, hub_repo
+from .sources.hub import SOURCE_DIR, HubRepo, download_gguf, hub_gguf, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, scale_dtype_name, scheme_of,
                     expert_file_name, expert_layout, file_crc32, quantized_parts)
@@ -181,11 +181,18 @@ class Converter:
                  shard_bytes: int = DEFAULT_SHARD_BYTES, requantize: bool = False, revision: str | None = None):
         self.src, self.dst, self.shard_bytes = Path(src), Path(dst), shard_bytes
         self.workers = min(8, os.cpu_count() or 1)  # experts converted at once
-        self.hub, self.remote = hub_repo(str(src)), None
+        self.hub, self.remote, hub_file = hub_repo(str(src)), None, hub_gguf(str(src))
+        self.downloaded: Path | None = None  # a Hub GGUF's folder, removed once the store is done
         if self.hub:  # downloaded shard by shard into DST/.source as the conversion reads them
             self._check_destination()
             self.remote = HubRepo(self.hub, revision, self.dst / SOURCE_DIR)
             self.src = self.remote.folder
+        elif hub_file:  # a GGUF is read whole: downloaded first, into DST/.source
+            self._check_destination()
+            self.downloaded = self.dst / SOURCE_DIR
+            self.dst.mkdir(parents=True, exist_ok=True)
+            self.src = download_gguf(*hub_file, revision, self.downloaded, shutil.disk_usage(self.dst).free)
+            self.hub = f"{hub_file[0]}/{hub_file[1]}"
         elif revision:
             raise FlashMoeError(f"--revision is for a Hugging Face Hub repository; {src} is a local path")
         self.gguf = gguf_files(self.src)
@@ -412,6 +419,8 @@ class Converter:
         (self.dst / STATE_FILE).unlink(missing_ok=True)
         if self.remote:
             self.remote.remove()
+        if self.downloaded:
+            shutil.rmtree(self.downloaded, ignore_errors=True)
         return self.dst
 
     def _job_sources(self, job) -> list[str]:

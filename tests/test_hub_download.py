@@ -116,3 +116,24 @@ def test_an_mlx_model_converts_from_the_hub(built, monkeypatch, tmp_path):
     local = built.mlx_store("qwen3_5_moe_vl", 4, 32)
     assert Store(store).manifest["source"]["experts"] == "repacked"
     assert torch.equal(flashmoe.load(store).logits(PROMPT), flashmoe.load(local).logits(PROMPT))
+
+
+def test_a_gguf_converts_from_the_hub(built, tmp_path, monkeypatch):
+    from hub_server import FakeHub
+
+    from flashmoe.sources.hub import split_names
+
+    path = built.gguf(ARCH, "q8_0")  # skips where llama.cpp's converter is not at hand
+    server = FakeHub({"ggml-org/tiny-GGUF": path.parent})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        store = convert(f"hf://ggml-org/tiny-GGUF/{path.name}", tmp_path / "store")
+        with pytest.raises(FlashMoeError, match="has no file nothing.gguf"):
+            convert("ggml-org/tiny-GGUF/nothing.gguf", tmp_path / "other")
+    finally:
+        server.close()
+    local = convert(path, tmp_path / "local")
+    assert torch.equal(flashmoe.load(store).logits(PROMPT), flashmoe.load(local).logits(PROMPT))
+    assert Store(store).manifest["source"]["path"] == f"hf://ggml-org/tiny-GGUF/{path.name}@main"
+    assert not (store / hub_module.SOURCE_DIR).exists()
+    assert split_names("Q4_K_M/m-00001-of-00003.gguf") == [f"Q4_K_M/m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]

@@ -18,6 +18,8 @@ from ..errors import FlashMoeError
 from .shards import INDEX
 
 HUB_ID = re.compile(r"^(?:hf:/?/)?([A-Za-z0-9][\w.-]*/[\w.-]+)$")  # hf:/ too: a Path folds the double slash
+HUB_GGUF = re.compile(r"^(?:hf:/?/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/(.+\.gguf)$")  # owner/name/path/in/repo.gguf
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 SOURCE_DIR = ".source"  # inside the destination: config, tokenizer, the shards in flight, partial downloads
 SMALL_FILES = ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
@@ -33,6 +35,71 @@ def hub_repo(src: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _call(where: str, fn, missing: str | None = None):
+    """fn(), its failure one line; `missing`: what a missing file means ("" for nothing: None is returned)."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, NotASafetensorsRepoError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    try:
+        return fn()
+    except EntryNotFoundError:
+        if missing == "":
+            return None
+        raise FlashMoeError(missing or f"{where}: a file the index lists is missing from the repository") from None
+    except GatedRepoError:
+        raise FlashMoeError(f"{where} is gated: accept its terms on the Hub and log in (hf auth login)") from None
+    except RevisionNotFoundError:
+        raise FlashMoeError(f"{where}: no such revision") from None
+    except RepositoryNotFoundError:
+        raise FlashMoeError(f"{where}: no such model (or it is private: log in with hf auth login)") from None
+    except NotASafetensorsRepoError:
+        raise FlashMoeError(f"{where} has no safetensors weights; for a GGUF repository name the file: "
+                            "flashmoe convert owner/name/path/to/model.gguf DST") from None
+    except Exception as exc:  # connection errors, HTTP errors after huggingface_hub's own retries
+        raise FlashMoeError(f"cannot download from {where}: {exc}; run the same command again to resume") from None
+
+
+def hub_gguf(src: str) -> tuple[str, str] | None:
+    """(repository, file) of a GGUF in a Hub repository (`owner/name/Q4_K_M/model-00001-of-00005.gguf`), else None."""
+    if Path(src).exists():
+        return None
+    m = HUB_GGUF.match(src)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def split_names(filename: str) -> list[str]:
+    """A GGUF's files: itself, or every part of a llama.cpp split set named by its first."""
+    m = SPLIT.search(filename)
+    if not m:
+        return [filename]
+    stem, n = filename[: m.start()], int(m.group(2))
+    return [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+
+
+def download_gguf(repo_id: str, filename: str, revision: str | None, folder: Path, free_bytes: int,
+                  log=lambda s: None) -> Path:
+    """A GGUF (every part of a split one) downloaded into `folder`, resuming what an earlier run left; refused in one
+    line when it and the store would not fit. The conversion reads it whole, so it stays until the store is done."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    where = f"{repo_id}{'@' + revision if revision else ''} on {endpoint or 'huggingface.co'}"
+    names = split_names(filename)
+    sizes = [_call(where, lambda n=n: get_hf_file_metadata(hf_hub_url(repo_id, n, revision=revision,
+                                                                              endpoint=endpoint)).size,
+                  missing=f"{where} has no file {n}") for n in names]
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+    need = sum(sizes) - have
+    if need > free_bytes:
+        raise FlashMoeError(f"{filename} needs {need / 1e9:.2f} GB more at {folder} (the store comes on top), "
+                            f"{free_bytes / 1e9:.2f} GB is free")
+    log(f"downloading {len(names)} GGUF file(s) of {repo_id}, {sum(sizes) / 1e9:.2f} GB, kept until the store is done")
+    for n in names:
+        _call(where, lambda n=n: hf_hub_download(repo_id, n, revision=revision, local_dir=folder,
+                                                      endpoint=endpoint))
+    return folder / names[0]
+
+
 class HubRepo:
     """A Hub repository's safetensors shards (the Remote of sources/shards.py), under `folder`."""
 
@@ -46,36 +113,14 @@ class HubRepo:
         where = f"{repo_id}{'@' + revision if revision else ''} on {self.endpoint or 'huggingface.co'}"
         folder.mkdir(parents=True, exist_ok=True)
         # config.json first: it is what tells a missing repository or revision from one without safetensors
-        self._call(where, lambda: self._download("config.json"),
-                   missing=f"{where} has no config.json: not a transformers checkpoint (for a GGUF repository, "
-                           "download its .gguf file and convert that)")
-        meta = self._call(where, lambda: self.api.get_safetensors_metadata(repo_id, revision=revision))
+        _call(where, lambda: self._download("config.json"),
+                   missing=f"{where} has no config.json: not a transformers checkpoint (for a GGUF repository, name "
+                           "the file: flashmoe convert owner/name/path/to/model.gguf DST)")
+        meta = _call(where, lambda: self.api.get_safetensors_metadata(repo_id, revision=revision))
         self._meta = {folder / f: m for f, m in meta.files_metadata.items()}
         self.files = sorted(self._meta)
         for name in SMALL_FILES[1:]:
-            self._call(where, lambda: self._download(name), missing="")
-
-    def _call(self, where: str, fn, missing: str | None = None):
-        """fn(), its failure one line; `missing`: what a missing file means ("" for nothing: None is returned)."""
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, NotASafetensorsRepoError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
-        try:
-            return fn()
-        except EntryNotFoundError:
-            if missing == "":
-                return None
-            raise FlashMoeError(missing or f"{where}: a file the index lists is missing from the repository") from None
-        except GatedRepoError:
-            raise FlashMoeError(f"{where} is gated: accept its terms on the Hub and log in (hf auth login)") from None
-        except RevisionNotFoundError:
-            raise FlashMoeError(f"{where}: no such revision") from None
-        except RepositoryNotFoundError:
-            raise FlashMoeError(f"{where}: no such model (or it is private: log in with hf auth login)") from None
-        except NotASafetensorsRepoError:
-            raise FlashMoeError(f"{where} has no safetensors weights; for a GGUF repository download the .gguf "
-                                "file and convert it") from None
-        except Exception as exc:  # connection errors, HTTP errors after huggingface_hub's own retries
-            raise FlashMoeError(f"cannot download from {where}: {exc}; run the same command again to resume") from None
+            _call(where, lambda: self._download(name), missing="")
 
     def _download(self, filename: str) -> Path:
         from huggingface_hub import hf_hub_download
@@ -97,7 +142,7 @@ class HubRepo:
         where = f"{self.repo_id}/{file.name}"
         for attempt in range(ATTEMPTS):
             try:
-                return self._call(where, lambda: self._download(file.name))
+                return _call(where, lambda: self._download(file.name))
             except FlashMoeError:
                 if attempt == ATTEMPTS - 1:
                     raise
