@@ -103,3 +103,16 @@ def test_errors_come_in_anthropics_shape(server):
     status, body = post_raw(server.url + "/v1/messages", b'{"model": "tiny-moe", "max_tokens": 4, "messages": '
                             b'[{"role": "user", "content": [{"type": "image", "source": {}}]}]}', {"x-api-key": "sekrit"})
     assert status == 400 and "'image' block is not supported" in body["error"]["message"]
+
+
+def test_reasoning_comes_back_as_thinking_blocks(server):
+    """Qwen3.5's template thinks unless told not to: what the model writes inside <think> is a thinking block."""
+    c = client(server)
+    ask = dict(model=MODEL_NAME, max_tokens=12, messages=[{"role": "user", "content": "Why is the sky blue?"}],
+               extra_body={"temperature": 0, "thinking": {"type": "enabled", "budget_tokens": 1024}})
+    r = c.messages.create(**ask)
+    assert r.content[0].type == "thinking" and r.content[0].thinking
+    with c.messages.stream(**ask) as stream:
+        deltas = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert "thinking_delta" in deltas and final.content[0].thinking == r.content[0].thinking
