@@ -253,6 +253,8 @@ def serve(
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the store's folder name)"),
     max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, interleaved token by token"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
+    prefill_chunk: int = typer.Option(512, min=1, help="a prompt goes through this many tokens at a time, the running "
+                                                       "streams' next tokens in between"),
     experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
@@ -271,7 +273,7 @@ def serve(
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
                        resident_format=resident_format)
     name = model_name or Path(store).resolve().name
-    served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue)
+    served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     try:
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="info")

@@ -241,11 +241,13 @@ class Model:
 
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 constraint: TokenConstraint | None = None) -> Iterator[int]:
+                 constraint: TokenConstraint | None = None, prefill_chunk: int | None = None) -> Iterator[int | None]:
         """Yield new token ids as they are made; stops after max_new_tokens or on a stop token (which is yielded).
 
         stop_token_ids=None stops on the model's end-of-sequence tokens; [] never stops early. `constraint`
         (a grammar, see grammar.py) masks the logits of each step and ends generation when it is complete.
+        prefill_chunk: the prompt goes through this many tokens at a time, and None is yielded after each chunk but
+        the last, so a caller serving others can run them in between (the result is the same as in one pass).
         """
         if max_new_tokens < 0:
             raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
@@ -258,10 +260,17 @@ class Model:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         state = self.new_state()
-        t0 = time.perf_counter()
-        logits = self.forward(list(token_ids), state, all_logits=False)
-        self._tokens["prompt_tokens"] += len(token_ids)
-        self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
+        ids = list(token_ids)
+        chunk = prefill_chunk or max(len(ids), 1)
+        if chunk < 1:
+            raise FlashMoeError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
+        for start in range(0, max(len(ids), 1), chunk):
+            t0 = time.perf_counter()
+            logits = self.forward(ids[start:start + chunk], state, all_logits=False)
+            self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
+            if start + chunk < len(ids):
+                yield None
+        self._tokens["prompt_tokens"] += len(ids)
         for i in range(max_new_tokens):
             row = logits[-1].float().cpu()
             if constraint is not None:

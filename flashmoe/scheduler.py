@@ -21,6 +21,8 @@ from .sampling import TokenConstraint
 
 TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this many seconds
 MODEL_STATS_EVERY_S = 0.5  # how often the worker copies the model's stats out for /metrics (reading them syncs the GPU)
+# a long prompt goes through this many tokens at a time, the running streams' next tokens in between (chunked prefill)
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -96,10 +98,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, model, max_active: int = 4, max_waiting: int = 64):
-        if max_active < 1 or max_waiting < 0:
-            raise FlashMoeError("need max_active >= 1 and max_waiting >= 0")
-        self.model = model
+    def __init__(self, model, max_active: int = 4, max_waiting: int = 64,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+        if max_active < 1 or max_waiting < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise FlashMoeError("need max_active >= 1, max_waiting >= 0 and prefill_chunk >= 1")
+        self.model, self.prefill_chunk = model, prefill_chunk
         self.max_active, self.max_waiting = max_active, max_waiting
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -181,10 +184,13 @@ class Scheduler:
         try:
             if job.generator is None:
                 job.generator = self.model.generate(job.prompt_ids, p.max_tokens, p.temperature, p.top_p, p.top_k,
-                                                    p.seed, constraint=job.constraint)
+                                                    p.seed, constraint=job.constraint,
+                                                    prefill_chunk=self.prefill_chunk)
                 with self._wake:
                     self._counts.prompt_tokens += len(job.prompt_ids)
             token = next(job.generator)
+            if token is None:  # a chunk of its prompt went through: the others get their turn
+                return True
         except StopIteration:
             last_was_stop = job.completion_tokens and job.last_token in self.model.eos_token_ids
             length = job.completion_tokens >= p.max_tokens and not last_was_stop

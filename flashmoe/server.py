@@ -29,7 +29,7 @@ from .grammar import Grammars, reasoning_mode
 from .metrics import metrics_response
 from . import messages_api
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from .scheduler import Finished, QueueFull, SamplingParams, Scheduler
+from .scheduler import DEFAULT_PREFILL_CHUNK, Finished, QueueFull, SamplingParams, Scheduler
 from .textstream import IncrementalDecoder, StopStrings
 
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its routes answer errors in its shape
@@ -40,11 +40,12 @@ RETRY_AFTER_S = 1  # a 503's advice: a queue slot frees when any request ends, t
 class ServedModel:
     """The model and what serving it needs: its name, chat format, grammar compiler and the scheduler."""
 
-    def __init__(self, model, name: str, max_active: int = 4, max_waiting: int = 64):
+    def __init__(self, model, name: str, max_active: int = 4, max_waiting: int = 64,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.model, self.name = model, name
         self.chat = ChatFormat(model.tokenizer)
         self.context_length = model.config.max_position_embeddings
-        self.scheduler = Scheduler(model, max_active, max_waiting)
+        self.scheduler = Scheduler(model, max_active, max_waiting, prefill_chunk)
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
 

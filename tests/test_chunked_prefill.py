@@ -1,0 +1,70 @@
+"""Chunked prefill: a long prompt goes through a chunk at a time, the running streams' tokens in between, with the
+same result as one pass."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import flashmoe
+from flashmoe.scheduler import Finished, SamplingParams, Scheduler
+
+LONG = list(range(5, 65))  # 60 prompt tokens
+
+
+@pytest.fixture(scope="module")
+def model(built):
+    m = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
+    yield m
+    m.close()
+
+
+def test_chunks_give_the_tokens_one_pass_gives(model):
+    whole = list(model.generate(LONG, 8, stop_token_ids=[]))
+    steps = list(model.generate(LONG, 8, stop_token_ids=[], prefill_chunk=7))
+    assert steps.count(None) == 8  # after each of the 9 chunks but the last
+    assert [t for t in steps if t is not None] == whole
+
+
+def test_a_long_prompt_lets_a_running_stream_go_on(model):
+    """Stream A runs; B arrives with a 60-token prompt. In chunks of 4, A makes tokens while B's prompt goes through
+    (in one pass, A would wait for all of it): the order in which the worker hands out tokens shows it."""
+    order, lock = [], threading.Lock()
+
+    def record(job, name):
+        push = job._push
+
+        def pushed(item):
+            with lock:
+                order.append(name)
+            push(item)
+        job._push = pushed
+
+    async def run(prefill_chunk) -> int:
+        order.clear()
+        scheduler = Scheduler(model, max_active=2, prefill_chunk=prefill_chunk)
+        scheduler.start()
+        try:
+            a = scheduler.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0))
+            record(a, "A")
+            events = a.events()
+            await events.__anext__()  # A is running
+            with lock:
+                order.append("B arrives")
+            b = scheduler.submit(LONG, SamplingParams(max_tokens=2, temperature=0.0))
+            record(b, "B")
+            async for item in b.events():
+                if isinstance(item, Finished):
+                    break
+            async for item in events:
+                if isinstance(item, Finished):
+                    break
+        finally:
+            scheduler.stop()
+        after = order[order.index("B arrives"):]
+        return after[:after.index("B")].count("A")  # A's tokens while B's prompt went through
+
+    assert asyncio.run(run(None)) <= 3  # the round it arrives in (and the event loop's lag)
+    assert asyncio.run(run(4)) >= 10  # 15 chunks, A's turn between each
