@@ -249,7 +249,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
     port: int = typer.Option(8000, min=0, max=65535),
     api_key: Optional[str] = typer.Option(None, envvar="FLASHMOE_API_KEY",
-                                          help="require 'Authorization: Bearer KEY' on /v1 (or set FLASHMOE_API_KEY)"),
+                                          help="require 'Authorization: Bearer KEY' (or x-api-key: KEY) on /v1 "
+                                               "(or set FLASHMOE_API_KEY)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the store's folder name)"),
     max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, interleaved token by token"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
@@ -263,7 +264,8 @@ def serve(
     resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
 ):
-    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and /metrics."""
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), Anthropic's (/v1/messages), /health and
+    /metrics."""
     import uvicorn
 
     from .server import ServedModel, create_app
