@@ -302,7 +302,8 @@ def info(
     elif q["bits"] and q.get("scale_dtype", "float16") != "float16":
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
-    imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4"}.get(
+    imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4",
+                "fp8": "FP8"}.get(
         source.get("format") if source.get("format") in ("mlx", "gguf")
         else (source.get("quantization") or {}).get("method"))
     if imported:

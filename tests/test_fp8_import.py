@@ -111,9 +111,13 @@ def fp8_whole_blocks(built, tmp_path_factory):
     return write_fp8(built.checkpoint("qwen3_5_moe"), root / "fp8", root / "float", block=(16, 32))
 
 
-def test_fp8_experts_kept_as_they_are(fp8_whole_blocks, tmp_path):
+def test_fp8_experts_kept_as_they_are(fp8_whole_blocks, tmp_path, run_cli):
     fp8_dir, float_dir = fp8_whole_blocks
-    store = Store(convert(fp8_dir, tmp_path / "store", bits="fp8"))
+    code, out, err = run_cli("convert", fp8_dir, tmp_path / "store", "--bits", "fp8")
+    assert code == 0, err
+    store = Store(tmp_path / "store")
+    code, out, _ = run_cli("info", store.path)
+    assert "FP8 e4m3, kept as the checkpoint has it (a scale per row per 32 columns) (FP8 checkpoint, experts repacked)" in out
     q = store.manifest["quantization"]
     assert (q["scheme"], q["bits"], q["group_size"], q["scale_dtype"]) == ("fp8", 8, 32, "float32")
     assert store.manifest["source"]["experts"] == "repacked"
