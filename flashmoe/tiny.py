@@ -98,6 +98,21 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     return path
 
 
+def split_experts(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple[list, list]]]:
+    """A checkpoint's tensors with its per-expert projections (mlp.experts.E.{gate,up,down}_proj.weight) taken out:
+    (the rest, {layer prefix: (each expert's gate_up [2I, H], each expert's down [H, I])})."""
+    rest, experts = {}, {}
+    for key, t in tensors.items():
+        if ".mlp.experts." in key:
+            prefix, tail = key.split(".mlp.experts.")
+            e, proj, _ = tail.split(".")
+            experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
+        else:
+            rest[key] = t
+    return rest, {prefix: ([torch.cat([p["gate_proj"][e], p["up_proj"][e]]) for e in range(len(p["gate_proj"]))],
+                           [p["down_proj"][e] for e in range(len(p["down_proj"]))]) for prefix, p in experts.items()}
+
+
 def hf_as_mlx_lm_reads_it(src, dst):
     """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
     (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
@@ -117,23 +132,13 @@ def hf_as_mlx_lm_reads_it(src, dst):
         tensors.update(load_file(f))
         f.unlink()
     (dst / "model.safetensors.index.json").unlink(missing_ok=True)
-    experts, out = {}, {}
-    for key, t in tensors.items():
-        if ".mlp.experts." in key:
-            prefix, rest = key.split(".mlp.experts.")
-            e, proj, _ = rest.split(".")
-            experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
-        else:
-            out[key] = t
-    for prefix, projs in experts.items():
-        n = len(projs["gate_proj"])
-        if "text_config" in cfg:
-            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in range(n)])
-            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
-        else:
-            out.update({f"{prefix}.mlp.experts.{e}.{p}.weight": t for p, ts in projs.items() for e, t in ts.items()})
-    if "text_config" not in cfg:
+    out = tensors
+    if "text_config" in cfg:
+        out, experts = split_experts(tensors)
+        for prefix, (gate_up, down) in experts.items():
+            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack(down)
+    else:
         rope = cfg.get("rope_parameters") or {}
         cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))

@@ -16,6 +16,7 @@ from flashmoe import mxfp4
 from flashmoe.convert import convert
 from flashmoe.errors import FlashMoeError
 from flashmoe.store import Store
+from flashmoe.tiny import split_experts
 
 PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42, 310, 2, 19, 200]
 
@@ -66,18 +67,10 @@ def write_mxfp4(src, mx_dir, float_dir):
     """The checkpoint with its routed experts in GPT-OSS's MXFP4 layout (fused `experts.gate_up_proj_blocks`
     [E, 2I, H/32, 16] + `_scales` [E, 2I, H/32], down likewise), and the float checkpoint they stand for."""
     tensors = weights_elsewhere(src, mx_dir, float_dir)
-    mx, dense, experts = {}, {}, {}
-    for name, w in tensors.items():
-        if ".mlp.experts." in name:
-            prefix, rest = name.split(".mlp.experts.")
-            e, proj, _ = rest.split(".")
-            experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = w
-        else:
-            mx[name] = dense[name] = w
-    for prefix, projs in experts.items():
-        n = len(projs["gate_proj"])
-        for fused, ws in (("gate_up_proj", [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in range(n)]),
-                          ("down_proj", [projs["down_proj"][e] for e in range(n)])):
+    rest, experts = split_experts(tensors)
+    mx, dense = dict(rest), dict(rest)
+    for prefix, (gate_ups, downs) in experts.items():
+        for fused, ws in (("gate_up_proj", gate_ups), ("down_proj", downs)):
             parts = [mxfp4.quantize(w) for w in ws]
             blocks = torch.stack([p.reshape(p.shape[0], -1, 16) for p, _ in parts])
             scales = torch.stack([s for _, s in parts])
