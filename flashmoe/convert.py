@@ -33,7 +33,7 @@ from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokeniz
 from .sources.hub import SOURCE_DIR, HubRepo, download_gguf, hub_gguf, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, scale_dtype_name, scheme_of,
-                    expert_file_name, expert_layout, file_crc32, quantized_parts)
+                    UNBIASED, expert_file_name, expert_layout, file_crc32, quantized_parts)
 
 STATE_FILE = "convert-state.json"
 TOKENIZER_FILES = (
@@ -290,16 +290,17 @@ class Converter:
 
     def _resident_quantization(self) -> dict[str, dict[str, int]]:
         """The resident matrices kept quantized as the source has them (MLX at 2, 4 or 8 bits, compressed-tensors'
-        symmetric 4 and 8, GGUF's Q8_0, Q4_0, Q4_1 and Q4_K): store name -> {bits, group_size}. An item is kept quantized when all its sources share
-        one quantization."""
+        symmetric 4 and 8, GGUF's Q8_0, Q4_0, Q4_1 and Q4_K): store name -> {bits, group_size}. An item is kept
+        quantized when all its sources share one quantization."""
         if not (self.quantized_source or self.gguf):  # a GGUF's Q8_0/Q4_x residents stay quantized too
             return {}
         out = {}
         for item in self.plan:
             quants = {self.ckpt.quant(s) for s in item.sources}
             q = quants.pop() if len(quants) == 1 else None
-            mx = any(s in getattr(self.ckpt, "mx", {}) for s in item.sources)  # MXFP4 runs in the expert kernels only
-            if q is not None and q[0] in REPACKED_BITS and not mx:
+            # MXFP4 and FP8 (no biases) run in the expert kernels only
+            if q is not None and q[0] in REPACKED_BITS and not any(
+                    self.ckpt.scale_dtype_of(s) in UNBIASED for s in item.sources):
                 out.update({name: {"bits": q[0], "group_size": q[1]} for name in item.outputs})
         return out
 
@@ -326,8 +327,7 @@ class Converter:
         """When streaming, the position of the last source shard a job reads (jobs run in that order)."""
         if not self.remote:
             return 0
-        order = {f: i for i, f in enumerate(self.remote.files)}
-        return max(order[f] for n in names for f in self.ckpt.files_of(n))
+        return max(self.remote.position[f] for n in names for f in self.ckpt.files_of(n))
 
     def resident_shards(self) -> list[list[ResidentItem]]:
         """The plan's items grouped into resident files of about shard_bytes; when streaming, in the order of the

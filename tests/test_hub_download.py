@@ -121,7 +121,7 @@ def test_an_mlx_model_converts_from_the_hub(built, monkeypatch, tmp_path):
 def test_a_gguf_converts_from_the_hub(built, tmp_path, monkeypatch):
     from hub_server import FakeHub
 
-    from flashmoe.sources.hub import split_names
+    from flashmoe.sources.gguf import split_names
 
     path = built.gguf(ARCH, "q8_0")  # skips where llama.cpp's converter is not at hand
     server = FakeHub({"ggml-org/tiny-GGUF": path.parent})

@@ -34,6 +34,15 @@ SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 CHUNK_BYTES = 64 << 20
 
 
+def split_names(filename: str) -> list[str]:
+    """A GGUF's files: itself, or every part of a llama.cpp split set named by its first."""
+    m = SPLIT.search(filename)
+    if not m:
+        return [filename]
+    stem, n = filename[: m.start()], int(m.group(2))
+    return [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+
+
 def gguf_files(src: Path) -> list[Path] | None:
     """The GGUF file(s) of a source: a .gguf file (the first of a split set brings the rest), or a folder holding one
     model's; None when it is not a GGUF source."""
@@ -45,12 +54,12 @@ def gguf_files(src: Path) -> list[Path] | None:
             return None
     else:
         return None
-    m = SPLIT.search(files[0].name)
-    if m:  # llama.cpp's gguf-split: NAME-00001-of-0000N.gguf, the metadata in the first
-        stem, n = files[0].name[: m.start()], int(m.group(2))
-        files = [files[0].with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    names = split_names(files[0].name)
+    if len(names) > 1:  # llama.cpp's gguf-split: NAME-00001-of-0000N.gguf, the metadata in the first
+        files = [files[0].with_name(n) for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
+            stem = files[0].name[: SPLIT.search(files[0].name).start()]
             raise FlashMoeError(f"{files[0].parent} lacks {missing[0]} of the split GGUF {stem}: download every part")
     elif len(files) > 1:
         raise FlashMoeError(f"{src} holds {len(files)} GGUF files of different models ({files[0].name}, "

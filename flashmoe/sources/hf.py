@@ -10,6 +10,7 @@ import torch
 from ..errors import FlashMoeError
 from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor
+from ..store import SOURCE_DTYPES
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
 from .shards import Remote, Shards
@@ -21,7 +22,6 @@ LEFT_OUT_PREFIXES = {"model.visual.": "vision tower", "mtp.": "multi-token-predi
 BYTES_PER_DTYPE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "U8": 1, "I8": 1, "BOOL": 1,
                    "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
-SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"  # MXFP4 (GPT-OSS): X_blocks + X_scales
 
 
@@ -93,6 +93,7 @@ class Checkpoint:
             self.mx[base] = (blocks, scales)
             shape = (*blocks.shape[:-2], blocks.shape[-2] * 32)
             self.tensors[base] = TensorInfo(blocks.file, blocks.source_name, "BF16", shape, blocks.nbytes + scales.nbytes)
+
     def _pair_packed(self, schemes: list[IntScheme] | None) -> None:
         """Each `X.weight_packed` with its scale (and zero point) in any shard; it then reads as `X.weight`."""
         names = [n for n in self.tensors if n.endswith(PACKED)]
@@ -141,7 +142,7 @@ class Checkpoint:
             return torch.uint8
         if name in self.fp8_scales:
             return torch.float32
-        return SCALE_DTYPES[self.packed[name].scale.dtype if name in self.packed else self.tensors[name].dtype]
+        return SOURCE_DTYPES[self.packed[name].scale.dtype if name in self.packed else self.tensors[name].dtype]
 
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
         if name in self.mx:  # MXFP4: the codes as they are, e8m0 scales, no biases

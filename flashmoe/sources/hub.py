@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import FlashMoeError
+from .gguf import split_names
 from .shards import INDEX
 
 HUB_ID = re.compile(r"^(?:hf:/?/)?([A-Za-z0-9][\w.-]*/[\w.-]+)$")  # hf:/ too: a Path folds the double slash
 HUB_GGUF = re.compile(r"^(?:hf:/?/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/(.+\.gguf)$")  # owner/name/path/in/repo.gguf
-SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 SOURCE_DIR = ".source"  # inside the destination: config, tokenizer, the shards in flight, partial downloads
 SMALL_FILES = ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
@@ -66,23 +66,19 @@ def hub_gguf(src: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def split_names(filename: str) -> list[str]:
-    """A GGUF's files: itself, or every part of a llama.cpp split set named by its first."""
-    m = SPLIT.search(filename)
-    if not m:
-        return [filename]
-    stem, n = filename[: m.start()], int(m.group(2))
-    return [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+def _where(repo_id: str, revision: str | None) -> tuple[str | None, str]:
+    """(the endpoint, read now: huggingface_hub reads HF_ENDPOINT once, when it is first imported; how messages name
+    the repository)."""
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    return endpoint, f"{repo_id}{'@' + revision if revision else ''} on {endpoint or 'huggingface.co'}"
 
 
-def download_gguf(repo_id: str, filename: str, revision: str | None, folder: Path, free_bytes: int,
-                  log=lambda s: None) -> Path:
+def download_gguf(repo_id: str, filename: str, revision: str | None, folder: Path, free_bytes: int) -> Path:
     """A GGUF (every part of a split one) downloaded into `folder`, resuming what an earlier run left; refused in one
     line when it and the store would not fit. The conversion reads it whole, so it stays until the store is done."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    where = f"{repo_id}{'@' + revision if revision else ''} on {endpoint or 'huggingface.co'}"
+    endpoint, where = _where(repo_id, revision)
     names = split_names(filename)
     sizes = [_call(where, lambda n=n: get_hf_file_metadata(hf_hub_url(repo_id, n, revision=revision,
                                                                               endpoint=endpoint)).size,
@@ -93,7 +89,6 @@ def download_gguf(repo_id: str, filename: str, revision: str | None, folder: Pat
     if need > free_bytes:
         raise FlashMoeError(f"{filename} needs {need / 1e9:.2f} GB more at {folder} (the store comes on top), "
                             f"{free_bytes / 1e9:.2f} GB is free")
-    log(f"downloading {len(names)} GGUF file(s) of {repo_id}, {sum(sizes) / 1e9:.2f} GB, kept until the store is done")
     for n in names:
         _call(where, lambda n=n: hf_hub_download(repo_id, n, revision=revision, local_dir=folder,
                                                       endpoint=endpoint))
@@ -107,10 +102,8 @@ class HubRepo:
         from huggingface_hub import HfApi
 
         self.repo_id, self.revision, self.folder = repo_id, revision, folder
-        # read now, not at import: huggingface_hub reads HF_ENDPOINT once, when it is first imported
-        self.endpoint = os.environ.get("HF_ENDPOINT") or None
+        self.endpoint, where = _where(repo_id, revision)
         self.api = HfApi(endpoint=self.endpoint)
-        where = f"{repo_id}{'@' + revision if revision else ''} on {self.endpoint or 'huggingface.co'}"
         folder.mkdir(parents=True, exist_ok=True)
         # config.json first: it is what tells a missing repository or revision from one without safetensors
         _call(where, lambda: self._download("config.json"),
@@ -119,6 +112,7 @@ class HubRepo:
         meta = _call(where, lambda: self.api.get_safetensors_metadata(repo_id, revision=revision))
         self._meta = {folder / f: m for f, m in meta.files_metadata.items()}
         self.files = sorted(self._meta)
+        self.position = {f: i for i, f in enumerate(self.files)}  # the order shards are converted in
         for name in SMALL_FILES[1:]:
             _call(where, lambda: self._download(name), missing="")
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..errors import FlashMoeError
 from ..quant import SUPPORTED_BITS, QuantizedTensor, blob_tensors, dequantize, unpack_codes
+from ..store import SOURCE_DTYPES
 from .hf import FLOAT_DTYPES, TensorInfo
 from .shards import Remote, Shards
 
@@ -174,6 +175,9 @@ class MlxCheckpoint:
     def files_of(self, name: str) -> set[Path]:
         return {t.file for t in self._parts.get(name, {"weight": self.tensors[name]}).values()}
 
+    def scale_dtype_of(self, name: str) -> torch.dtype:
+        return SOURCE_DTYPES[self._parts[name]["scales"].dtype]
+
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
         """A quantized matrix (or row `index` of a stacked one) as uint8 codes in MLX's packing, scales, biases."""
         parts = self._parts[name]
@@ -187,7 +191,7 @@ class MlxCheckpoint:
         info = self.tensors[name]
         if name in self.quantized:
             q = self.get_quantized(name, index)
-            return dequantize_any(q, info.shape[-1]).to(SCALE_FLOAT.get(info.dtype, torch.bfloat16))
+            return dequantize_any(q, info.shape[-1]).to(SOURCE_DTYPES.get(info.dtype, torch.bfloat16))
         return self.from_mlx(name, self._read(info, index))
 
     def get_row(self, name: str, index: int) -> torch.Tensor:
@@ -195,9 +199,6 @@ class MlxCheckpoint:
 
     def close(self) -> None:
         self.shards.close()
-
-
-SCALE_FLOAT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 class MlxExpertSource:
@@ -222,10 +223,10 @@ class MlxExpertSource:
             raise FlashMoeError(f"layer {layer}'s expert projections differ in quantization ({sorted(map(str, quants))});"
                                 " convert with --requantize --bits N")
         self.quant = quants.pop()  # (bits, group_size), or None when the experts are float
-        scales = {ckpt._parts[n]["scales"].dtype for n in self.names.values()} if self.quant else {"BF16"}
-        self.scale_dtype = SCALE_FLOAT[scales.pop()]
+        scales = {ckpt.scale_dtype_of(n) for n in self.names.values()} if self.quant else {torch.bfloat16}
+        self.scale_dtype = scales.pop()
         self.source_bytes = sum(ckpt.info(n).nbytes for n in self.names.values())
-        self.dtype = torch.bfloat16 if self.quant else SCALE_FLOAT[ckpt.info(self.names["gate_proj"]).dtype]
+        self.dtype = torch.bfloat16 if self.quant else SOURCE_DTYPES[ckpt.info(self.names["gate_proj"]).dtype]
 
     def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [2I, H], down [H, I]) in float (dequantized), for --requantize or an unquantized source."""
