@@ -273,7 +273,8 @@ async def _respond(served: ServedModel, request: Request, body, prompt_ids: list
     pieces = _pieces(served, job, body.stop_strings(), parser)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(job, pieces, meta, chat, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_cancel_on_exit(job, _sse(pieces, meta, chat, include_usage)),
+                                 media_type="text/event-stream")
     return await _collect(request, job, pieces, meta, chat)
 
 
@@ -380,9 +381,8 @@ def _tool_call_json(call, index: int | None = None) -> dict:
     return out if index is None else {"index": index, **out}
 
 
-async def _sse(job, pieces, meta: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events; the final chunk carries finish_reason and usage, then (if asked) a usage-only chunk.
-    If the client disconnects, the response is cancelled here and so is the job."""
+async def _sse(pieces, meta: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events; the final chunk carries finish_reason and usage, then (if asked) a usage-only chunk."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list, **extra) -> str:
@@ -394,33 +394,28 @@ async def _sse(job, pieces, meta: dict, chat: bool, include_usage: bool) -> Asyn
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
     calls_sent = 0
-    outcome = None
-    try:
+    if chat:
+        yield event([choice({"role": "assistant", "content": ""})])
+    async for delta, outcome in pieces:
         if chat:
-            yield event([choice({"role": "assistant", "content": ""})])
-        async for delta, outcome in pieces:
-            if chat:
-                d = {}
-                if delta.reasoning:
-                    d["reasoning_content"] = delta.reasoning
-                if delta.content:
-                    d["content"] = delta.content
-                if delta.tool_calls:
-                    d["tool_calls"] = [_tool_call_json(c, calls_sent + i) for i, c in enumerate(delta.tool_calls)]
-                    calls_sent += len(delta.tool_calls)
-                if d:
-                    yield event([choice(d)])
-            elif delta.content:
-                yield event([choice(text=delta.content)])
-        try:
-            _raise_if_failed(outcome)
-        except ApiError as exc:
-            yield f"data: {json.dumps(exc.body())}\n\n"
-            return
-        yield event([choice(finish=outcome.finish_reason())], usage=outcome.usage())
-        if include_usage:
-            yield event([], usage=outcome.usage())
-        yield "data: [DONE]\n\n"
-    finally:
-        if outcome is None or outcome.finished is None:
-            job.cancel("client disconnected")
+            d = {}
+            if delta.reasoning:
+                d["reasoning_content"] = delta.reasoning
+            if delta.content:
+                d["content"] = delta.content
+            if delta.tool_calls:
+                d["tool_calls"] = [_tool_call_json(c, calls_sent + i) for i, c in enumerate(delta.tool_calls)]
+                calls_sent += len(delta.tool_calls)
+            if d:
+                yield event([choice(d)])
+        elif delta.content:
+            yield event([choice(text=delta.content)])
+    try:
+        _raise_if_failed(outcome)
+    except ApiError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        return
+    yield event([choice(finish=outcome.finish_reason())], usage=outcome.usage())
+    if include_usage:
+        yield event([], usage=outcome.usage())
+    yield "data: [DONE]\n\n"

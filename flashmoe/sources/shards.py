@@ -58,9 +58,6 @@ class Shards:
         h = self.handle(file)
         return [(k, h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()]
 
-    def metadata(self, file: Path) -> dict:
-        return self.remote.metadata(file) if self.remote else (self.handle(file).metadata() or {})
-
     def handle(self, file: Path):
         with self._lock:  # experts convert on several threads; a file opens (and downloads) once
             return self._open(file)
