@@ -25,8 +25,11 @@ def is_json_type(value: Any, hint: Any) -> bool:
 
 @dataclass
 class ModelConfig:
+    """What every family has, then what some have (defaults: absent). A family module parses config.json into it
+    (flashmoe.models); the store's manifest keeps it, and a field added later has a default, so older stores load."""
+
     architecture: str  # as named in config.json, e.g. "Qwen3NextForCausalLM"
-    family: str  # "qwen3_5_moe" or "qwen3_next": they differ only in DeltaNet projection layout
+    family: str  # the checkpoint layout within the family module (its ARCHITECTURES), e.g. "qwen3_5_moe"
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -35,25 +38,27 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    partial_rotary_factor: float
-    layer_types: list[str]
-    linear_conv_kernel_dim: int
-    linear_key_head_dim: int
-    linear_value_head_dim: int
-    linear_num_key_heads: int
-    linear_num_value_heads: int
+    layer_types: list[str]  # "full_attention" or the family's other kinds, one per layer
     num_experts: int
     num_experts_per_tok: int
     moe_intermediate_size: int
-    shared_expert_intermediate_size: int
-    norm_topk_prob: bool
+    norm_topk_prob: bool  # renormalise the top-K router weights to 1
     tie_word_embeddings: bool
     max_position_embeddings: int
+    partial_rotary_factor: float = 1.0
     hidden_act: str = "silu"
-    # dense MLP layers (Qwen3-Next's mlp_only_layers / decoder_sparse_step); empty for Qwen3.5
+    # Gated DeltaNet layers (Qwen3.5 / Qwen3-Next)
+    linear_conv_kernel_dim: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    # dense MLP layers (Qwen3-Next's and Qwen3-MoE's mlp_only_layers / decoder_sparse_step); empty for Qwen3.5
     dense_layers: list[int] = field(default_factory=list)
     intermediate_size: int = 0
     eos_token_id: list[int] = field(default_factory=list)
+    sliding_window: int = 0  # each query sees this many positions, itself included (Mixtral's); 0: all
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers

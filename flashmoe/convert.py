@@ -72,17 +72,19 @@ class ExpertSource:
     or (a compressed-tensors source whose codes import as they are) as its blob's quantized tensors."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, layer: int):
-        self.ckpt, self.p = ckpt, family_of(cfg.architecture).expert_prefix(layer)
+        family = family_of(cfg.architecture)
+        self.ckpt, self.p, self.names = ckpt, family.expert_prefix(layer), family.EXPERT_PROJECTIONS
         h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.fused = ckpt.has(self.p + "gate_up_proj")
         if self.fused:
             expect = {self.p + "gate_up_proj": (e, 2 * inter, h), self.p + "down_proj": (e, h, inter)}
         else:
             expect = {}
+            gate, up, down = self.names
             for x in range(e):
-                expect[f"{self.p}{x}.gate_proj.weight"] = (inter, h)
-                expect[f"{self.p}{x}.up_proj.weight"] = (inter, h)
-                expect[f"{self.p}{x}.down_proj.weight"] = (h, inter)
+                expect[f"{self.p}{x}.{gate}.weight"] = (inter, h)
+                expect[f"{self.p}{x}.{up}.weight"] = (inter, h)
+                expect[f"{self.p}{x}.{down}.weight"] = (h, inter)
         check_sources(ckpt, expect)
         self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
         self.source_names = list(expect)
@@ -97,16 +99,15 @@ class ExpertSource:
         if self.fused:
             get = self.ckpt.get_quantized
             return blob_tensors([get(self.p + "gate_up_proj", expert)], [get(self.p + "down_proj", expert)])
-        gate, up, down = (self.ckpt.get_quantized(f"{self.p}{expert}.{x}_proj.weight") for x in ("gate", "up", "down"))
+        gate, up, down = (self.ckpt.get_quantized(f"{self.p}{expert}.{x}.weight") for x in self.names)
         return blob_tensors([gate, up], [down])
 
     def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [2I, H] with gate rows first, down [H, I])"""
         if self.fused:
             return self.ckpt.get_row(self.p + "gate_up_proj", expert), self.ckpt.get_row(self.p + "down_proj", expert)
-        q = f"{self.p}{expert}."
-        gate_up = torch.cat([self.ckpt.get(q + "gate_proj.weight"), self.ckpt.get(q + "up_proj.weight")])
-        return gate_up, self.ckpt.get(q + "down_proj.weight")
+        gate, up, down = (self.ckpt.get(f"{self.p}{expert}.{x}.weight") for x in self.names)
+        return torch.cat([gate, up]), down
 
 
 def check_sources(ckpt: Checkpoint, expect: dict[str, tuple[int, ...]]) -> None:

@@ -1,21 +1,19 @@
 """CUDA graphs for decode: the fixed part of a layer replays as one launch instead of dozens.
 
-A decode step of one layer with a fixed-size state (a recurrent layer: model.state_is_fixed) is ~60 small
-kernels (norms, projections, the conv, the recurrence, the router, the shared expert); launched from Python
-they cost far more host time than the GPU needs for them. Each such layer gets two graphs, bound to one
-sequence's state tensors:
+A decode step of one MoE layer is ~60 small kernels (norms, projections, attention or the recurrence, the router,
+the shared expert); launched from Python they cost far more host time than the GPU needs for them. Each such
+layer gets two graphs, bound to one sequence's state tensors:
 
   front: x -> token mixing, MoE input norm, router, shared expert  (ids, weights, h, x, shared out)
   back:  the routed experts from their VRAM slots (a static slot buffer the host fills) + the residual
 
 Between them the host reads the router's choice, fetches the experts (reads and copies) and writes
-their slots: that is the part no graph can hold. Once every expert is in VRAM (a model that fits), the
-layer is one graph instead: the GPU looks the chosen experts' slots up in a resident table, and the host
-never waits for the router; layers with a KV cache (model.kv_cache) then become one graph too, attending over
-the cache's whole capacity under a mask at a position read from the GPU (recaptured when the cache doubles).
-Otherwise layers with a KV cache (which grows every step) run eagerly. Graphs are captured at
-a sequence's second decode step, after an eager step has compiled every kernel, and belong to that
-sequence's state.
+their slots: that is the part no graph can hold. Once every expert is in VRAM or pinned RAM (a model that fits),
+the layer is one graph instead: the GPU looks the chosen experts' slots up in a resident table, and the host
+never waits for the router. A layer with a KV cache (model.kv_cache) attends over the cache's whole capacity under
+a mask, at a position read from the GPU, so its graphs hold while the cache has room; they are captured again
+when it doubles. Graphs are captured at a sequence's second decode step, after an eager step has compiled every
+kernel, and belong to that sequence's state.
 """
 
 from __future__ import annotations
@@ -51,17 +49,13 @@ class DecodeGraphs:
         self.enabled = routed.decode_kernels
 
     def layer_can_use(self, layer: int) -> bool:
-        cfg = self.model.cfg
-        if not (self.enabled and cfg.is_moe_layer(layer)):
-            return False
-        # a layer with a growing KV cache only as a whole-layer graph, which needs every expert resident
-        return self.model.state_is_fixed(layer) or self.routed.fetcher.resident_slots() is not None
+        return self.enabled and self.model.cfg.is_moe_layer(layer)
 
     def _capture(self, layer: int, x: torch.Tensor, state) -> tuple[Captured, Captured]:
         m, k = self.model, self.k
 
         def front(x):
-            x, h = m.mix(layer, x, state)
+            x, h = m.mix(layer, x, state, static=True)
             projections = m.moe_projections(layer, h)
             ids, weights, _ = m.route(layer, projections, k)
             return x, h, ids, weights, m.shared_expert_parts(layer, projections)
@@ -103,11 +97,11 @@ class DecodeGraphs:
              clock: Callable[[], float]) -> torch.Tensor:
         """One decode step of `layer` through its graphs (captured on first use for this state)."""
         resident = self.routed.fetcher.resident_slots()
+        cache = self.model.kv_cache(state, layer)
+        if cache is not None:  # the prefill allocated it; a graph is bound to its tensors, so growth recaptures
+            cache.reserve(cache.length + 1, cache.k)
+        capacity = cache.capacity if cache is not None else 0
         if resident is not None:
-            cache = self.model.kv_cache(state, layer)
-            if cache is not None:  # the prefill allocated it; a graph is bound to its tensors, so growth recaptures
-                cache.reserve(cache.length + 1, cache.k)
-            capacity = cache.capacity if cache is not None else 0
             captured = state.decode_graphs.get(("resident", layer))
             if captured is None or captured[0] != capacity:
                 captured = state.decode_graphs[("resident", layer)] = (
@@ -119,12 +113,14 @@ class DecodeGraphs:
                 cache.length += 1
             times.compute_ms += (clock() - t0) * 1e3  # the whole layer: mixing, router, shared and routed experts
             return x
-        graphs = state.decode_graphs.get(layer)
-        if graphs is None:
-            graphs = state.decode_graphs[layer] = self._capture(layer, x, state)
-        front, back = graphs
+        captured = state.decode_graphs.get(layer)
+        if captured is None or captured[0] != capacity:
+            captured = state.decode_graphs[layer] = (capacity, self._capture(layer, x, state))
+        front, back = captured[1]
         t0 = clock()
         _, _, ids, _, _ = front.replay(x)
+        if cache is not None:
+            cache.length += 1
         t1 = clock()
         timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
         chosen = sorted(ids[0].tolist())  # the one sync of the layer: the host needs the router's choice

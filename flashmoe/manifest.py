@@ -12,6 +12,7 @@ import re
 
 import torch
 from pathlib import Path
+from dataclasses import MISSING, fields
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 from safetensors import safe_open
@@ -137,7 +138,10 @@ def _corrupt(problem: str) -> FlashMoeError:
 # ---- the sections ------------------------------------------------------------------------------------
 def _config(data: dict) -> ModelConfig:
     hints = get_type_hints(ModelConfig)
-    values = {name: _get(data, name, f"config.{name}", hint) for name, hint in hints.items()}
+    optional = {f.name for f in fields(ModelConfig) if f.default is not MISSING or f.default_factory is not MISSING}
+    # a field added after a store was written is absent from its manifest: the default stands
+    values = {name: _get(data, name, f"config.{name}", hint) for name, hint in hints.items()
+              if name in data or name not in optional}
     cfg = ModelConfig(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
     if cfg.architecture not in FAMILIES:
         raise _bad("config.architecture", f"is {cfg.architecture!r}; flashmoe reads {', '.join(FAMILIES)}")
@@ -146,11 +150,19 @@ def _config(data: dict) -> ModelConfig:
         raise _bad("config.family", f"is {cfg.family!r}, but {cfg.architecture} is {family!r}")
     if cfg.hidden_act != "silu":
         raise _bad("config.hidden_act", f"is {cfg.hidden_act!r}; flashmoe runs silu")
-    least = {"intermediate_size": 0, "linear_conv_kernel_dim": 2}  # the conv keeps kernel - 1 >= 1 past inputs
+    recurrent = "linear_attention" in cfg.layer_types
+    # sizes a config has are >= 1, those it may lack >= 0; the conv keeps kernel - 1 >= 1 past inputs
+    least = {name: 0 for name in optional}
+    if recurrent:
+        least.update(dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                                    "linear_num_value_heads"), 1), linear_conv_kernel_dim=2)
     for name, hint in hints.items():
         if hint is int and getattr(cfg, name) < least.get(name, 1):
             raise _bad(f"config.{name}", f"is {getattr(cfg, name)}, below {least.get(name, 1)}")
-    for heads, groups in (("num_attention_heads", "num_key_value_heads"), ("linear_num_value_heads", "linear_num_key_heads")):
+    pairs = [("num_attention_heads", "num_key_value_heads")]
+    if recurrent:
+        pairs.append(("linear_num_value_heads", "linear_num_key_heads"))
+    for heads, groups in pairs:
         if getattr(cfg, heads) % getattr(cfg, groups):
             raise _bad(f"config.{groups}", f"{getattr(cfg, groups)} does not divide {heads} {getattr(cfg, heads)}")
     if cfg.num_experts_per_tok > cfg.num_experts:

@@ -54,6 +54,11 @@ class ExpertPairs:
         return self.order[lo:hi], [self.first[e] - lo for e in experts] + [hi - lo]
 
 
+def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """a + b, where a None (a family without a shared expert) adds nothing."""
+    return b if a is None else a + b
+
+
 class RoutedExperts:
     def __init__(self, store: Store, fetcher: ExpertFetcher, device: torch.device, sync_timing: bool = False):
         self.store, self.fetcher, self.device = store, fetcher, device
@@ -74,11 +79,12 @@ class RoutedExperts:
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
-        """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router."""
+        """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router; shared()
+        may be None (no shared expert)."""
         resident = self.fetcher.resident_slots() if ids.shape[0] == 1 and self.decode_kernels else None
         if resident is not None:  # every expert resident: no host sync, the GPU looks the slots up
             t0 = self._clock()
-            out = shared() + self.resident_compute(layer, h, ids, weights, resident)
+            out = _plus(shared(), self.resident_compute(layer, h, ids, weights, resident))
             times.compute_ms += (self._clock() - t0) * 1e3
             return out
         pairs = ExpertPairs.of(ids)  # the host decides what to move: one sync per layer
@@ -88,7 +94,7 @@ class RoutedExperts:
         for i in range(0, len(chosen), batch):
             t0 = self._clock()
             with self.fetcher.fetch(layer, chosen[i : i + batch]) as f:
-                if out is None:
+                if i == 0:
                     out = shared()  # queued (GPU) or computed (CPU) while the reads are in flight
                 t1 = self._clock()
                 if self.device.type == "cuda":
@@ -96,10 +102,10 @@ class RoutedExperts:
                     if self.sync_timing:
                         self.fetcher.wait_copies()
                     t2 = self._clock()
-                    out = out + self._run_gpu(h, ids, pairs, weights, f.experts, slots)
+                    out = _plus(out, self._run_gpu(h, ids, pairs, weights, f.experts, slots))
                 else:
                     arriving = ((e, self._mlp(blob, h.dtype)) for e, blob in self.fetcher.arrivals(f))
-                    out = out + routed_experts(h, ids, weights, arriving)
+                    out = _plus(out, routed_experts(h, ids, weights, arriving))
                     t2 = t1 + f.wait_ms / 1e3
             t3 = self._clock()
             times.io_wait_ms += (t2 - t1) * 1e3 if self.device.type == "cuda" else f.wait_ms
@@ -147,9 +153,10 @@ class RoutedExperts:
     def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, epilogue=None):
         """One token's K experts, whose slots (VRAM, or pinned RAM if negative: see ExpertFetcher.resident_slots) are
         in `slots`, in the order of the router's ascending ids (that of `weights`): two launches, no host work, so a
-        CUDA graph can hold it. epilogue: (residual, shared expert output, its gate logit), added in the second."""
+        CUDA graph can hold it. epilogue: (residual, shared expert output or None, its gate logit or None), added in
+        the second."""
         f = self.fetcher
         act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab)
-        epilogue = None if epilogue is None else tuple(t.reshape(-1) for t in epilogue)
+        epilogue = None if epilogue is None else tuple(None if t is None else t.reshape(-1) for t in epilogue)
         return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab,
                                             epilogue=epilogue)[None]

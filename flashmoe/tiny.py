@@ -1,7 +1,7 @@
 """Tiny random-weight checkpoints built with transformers' own classes: the demo's model and the tests' fixtures.
 
 They are saved with save_pretrained (sharded safetensors, bf16), byte for byte the format of the real
-Qwen3.5-MoE / Qwen3-Next checkpoints, with a small byte-level BPE tokenizer and a chat template in the
+Qwen3.5-MoE / Qwen3-Next / Qwen3-MoE / Mixtral checkpoints, with a small byte-level BPE tokenizer and a chat template in the
 family's own format (tools, tool calls, the thinking switch: see tiny_templates.py).
 """
 
@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .tiny_templates import QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
+from .tiny_templates import MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
 # added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
@@ -26,26 +27,38 @@ Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices
 """
 
 
-def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE):
+def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE, mistral: bool = False):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKUP_TOKENS), special_tokens=SPECIAL_TOKENS, show_progress=False,
+    special = MISTRAL_SPECIAL_TOKENS if mistral else SPECIAL_TOKENS
+    markup = [] if mistral else MARKUP_TOKENS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in markup])
+    names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>") if mistral else dict(
+        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     fast.chat_template = chat_template
     return fast
 
 
 def tiny_config(arch: str = "qwen3_5_moe", **overrides):
     """A transformers config of the given family, small enough to build in a second."""
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig
+    from transformers import MixtralConfig, Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3MoeConfig, Qwen3NextConfig
 
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, num_experts_per_tok=4, max_position_embeddings=4096, rms_norm_eps=1e-6)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**{**common, "num_experts": 16, "moe_intermediate_size": 64, "intermediate_size": 128,
+                                 "norm_topk_prob": True, **overrides})
+    if arch == "mixtral":  # 8 experts, K=2, as the real ones
+        return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
+                                "rms_norm_eps": 1e-5, **overrides})
     text = dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
@@ -64,34 +77,38 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Give norms and DeltaNet parameters non-trivial values too, so the checks exercise them."""
+def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
+    """Give norms and DeltaNet parameters non-trivial values too, so the checks exercise them. zero_centred: the
+    family's norms store an offset from 1 (Qwen3.5/Next's), else the scale itself."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "layernorm.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "linear_attn.norm" in name else 0.0))
+                one = not zero_centred or "linear_attn.norm" in name
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if one else 0.0))
             elif name.endswith("dt_bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif name.endswith("mlp.gate.weight"):  # a confident router, like a trained one
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # a confident router
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
                           max_shard_size: str = "200KB", **overrides) -> Path:
     """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
-    from transformers import GenerationConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3NextForCausalLM
+    from transformers import (GenerationConfig, MixtralForCausalLM, Qwen3_5MoeForCausalLM,
+                              Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM, Qwen3NextForCausalLM)
 
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
-           "qwen3_next": Qwen3NextForCausalLM}[arch]
+           "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}[arch]
     model = cls(config)
-    _randomize(model, seed)
-    template = QWEN3_CHAT_TEMPLATE if arch == "qwen3_next" else QWEN3_5_CHAT_TEMPLATE
-    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
+    template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE,
+                "mixtral": MIXTRAL_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
+    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template, mistral=arch == "mixtral")
+    eos = tokenizer.eos_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)

@@ -1,4 +1,4 @@
-"""Chat templates for the tiny checkpoints, in the two formats the real Qwen checkpoints use.
+"""Chat templates for the tiny checkpoints, in the formats the real Qwen checkpoints use (and Mixtral's).
 
 Written for flashmoe's fixtures; what matters is that they render the same text as the real templates do
 where the server depends on it: tools listed in the system turn, assistant tool calls and tool results in
@@ -80,4 +80,14 @@ QWEN3_5_CHAT_TEMPLATE = (
 {%- else %}{{- '<think>\\n' }}{%- endif %}
 {%- endif %}
 """
+)
+
+# Mixtral-8x7B-Instruct-v0.1's own template, as released: alternating [INST] user turns and assistant replies
+# ended by </s>; no system role and no tools (those belong to later Mistral templates)
+MIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )

@@ -42,7 +42,9 @@ _import_transformers_models_without_fla()
 from flashmoe.convert import convert  # noqa: E402
 from flashmoe.tiny import build_tiny_checkpoint, hf_as_mlx_lm_reads_it  # noqa: E402,F401
 
-ARCHS = ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next"]
+# one tiny checkpoint per layout a family module reads (LAYOUTS), and the multimodal Qwen3.5 wrapper too (ARCHS)
+LAYOUTS = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral"]
+ARCHS = LAYOUTS + ["qwen3_5_moe_vl"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,3 +32,127 @@ def test_every_registered_architecture_has_a_module_that_knows_it():
 def test_an_unknown_architecture_names_the_supported_ones():
     with pytest.raises(FlashMoeError, match="unsupported architecture 'LlamaForCausalLM'.*Qwen3NextForCausalLM"):
         family_of("LlamaForCausalLM")
+
+
+# ---- the plain attention + MoE families (Qwen3-MoE, Mixtral) on awkward shapes ----------------------------------
+ODD = {
+    # 6 query / 3 key-value heads of 24, 10 experts at K=3 with unnormalised weights, a dense layer between MoE
+    # ones, tied embeddings
+    "qwen3_moe": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3, head_dim=24,
+                      num_experts=10, num_experts_per_tok=3, moe_intermediate_size=96, intermediate_size=160,
+                      mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True),
+    # 5 experts at K=3, a 12-token sliding window (the prompt crosses it many times)
+    "mixtral": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                    num_local_experts=5, num_experts_per_tok=3, intermediate_size=64, sliding_window=12),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ODD))
+def odd(request, tmp_path_factory):
+    from flashmoe.convert import convert
+    from flashmoe.tiny import build_tiny_checkpoint
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"odd-{arch}")
+    ckpt = build_tiny_checkpoint(root / "ckpt", arch, **ODD[arch])
+    return arch, ckpt, {bits: convert(ckpt, root / f"store-{bits}", bits=bits, group_size=bits and 32)
+                        for bits in (None, 4)}
+
+
+def test_odd_shapes_match_transformers(odd):
+    import torch
+
+    from conftest import load_reference, rel_error
+    from test_reference import PROMPT
+
+    arch, ckpt, stores = odd
+    model = flashmoe.load(stores[None])
+    ref = load_reference(ckpt, arch)
+    with torch.no_grad():
+        expected = ref(torch.tensor([PROMPT])).logits[0]
+        greedy = ref.generate(torch.tensor([PROMPT[:11]]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                              min_new_tokens=20)[0, 11:].tolist()
+    assert rel_error(model.logits(PROMPT), expected) < 1e-3
+    assert list(model.generate(PROMPT[:11], 20, stop_token_ids=[])) == greedy
+    assert 0 < rel_error(flashmoe.load(stores[4], resident_format="float").logits(PROMPT), expected) < 0.2
+
+
+def test_odd_shapes_prompt_in_one_pass_equals_token_by_token(odd):
+    """Chunks and single tokens through the KV caches (for Mixtral, across its sliding window) give one answer."""
+    import torch
+
+    from conftest import rel_error
+    from test_reference import PROMPT
+
+    _, _, stores = odd
+    model = flashmoe.load(stores[4], resident_format="float")
+    whole = model.logits(PROMPT)
+    state = model.new_state()
+    parts = [PROMPT[:30]] + [[t] for t in PROMPT[30:40]] + [PROMPT[40:]]
+    assert rel_error(torch.cat([model.forward(p, state) for p in parts]), whole) < 1e-4
+
+
+def test_a_sliding_window_limits_what_a_token_sees(odd):
+    """Tokens further back than the window change nothing (Mixtral's); within it they do."""
+    from conftest import rel_error
+    from test_reference import PROMPT
+
+    arch, _, stores = odd
+    if arch != "mixtral":
+        pytest.skip("only Mixtral's odd config has a window")
+    model = flashmoe.load(stores[None])
+    window = model.config.sliding_window
+    tail = PROMPT[40 : 40 + window]
+    prompt = PROMPT[:30] + tail
+    base = model.logits(prompt)[-1]
+
+    def changed(positions):
+        return model.logits([(t + 1) % 512 if i in positions else t for i, t in enumerate(prompt)])[-1]
+
+    # the last token sees `window` positions per layer, so 3 layers reach 3 * (window - 1) back and no further
+    reach = len(prompt) - 1 - model.config.num_hidden_layers * (window - 1)
+    assert rel_error(changed(range(reach)), base) == 0
+    assert rel_error(changed([reach]), base) > 1e-4
+
+
+def test_info_describes_each_family(run_cli, built):
+    expected = {"qwen3_5_moe": "Gated DeltaNet", "qwen3_next": "Gated DeltaNet", "qwen3_moe": "no shared expert",
+                "mixtral": "no shared expert"}
+    for arch, words in expected.items():
+        code, out, err = run_cli("info", built.store(arch, 4))
+        assert code == 0, err
+        assert words in out and flashmoe.load(built.store(arch, 4)).config.architecture in out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_generate_chat_renders_the_family_template(run_cli, built, arch):
+    code, out, err = run_cli("generate", built.store(arch, 4), "--prompt", "Hello world", "--chat", "--max-tokens", "4")
+    assert code == 0, err
+    assert "4 tokens" in err or "stop" in err
+
+
+def test_a_store_written_before_a_config_field_existed_still_loads(built, tmp_path):
+    """Format 1 stores carry the config fields of their day; fields added since (with defaults) may be absent."""
+    import json
+    import shutil
+
+    import torch
+
+    from flashmoe.manifest import manifest_crc32
+    from test_reference import PROMPT
+
+    first = {"architecture", "family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "partial_rotary_factor", "layer_types",
+             "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+             "linear_num_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "shared_expert_intermediate_size", "norm_topk_prob", "tie_word_embeddings", "max_position_embeddings",
+             "hidden_act", "dense_layers", "intermediate_size", "eos_token_id"}  # what format 1 wrote at first
+    src = built.store("qwen3_5_moe", 4)
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert set(manifest["config"]) > first  # fields were added since
+    manifest["config"] = {k: v for k, v in manifest["config"].items() if k in first}
+    manifest["manifest_crc32"] = manifest_crc32(manifest)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(flashmoe.load(old).logits(PROMPT[:9]), flashmoe.load(src).logits(PROMPT[:9]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_error
+from conftest import LAYOUTS, rel_error
 from flashmoe.kernels import fused
 
 pytestmark = pytest.mark.skipif(fused.triton is None, reason="needs triton")
@@ -90,21 +90,29 @@ def test_route_picks_the_same_experts_sorted_with_their_weights_and_slots(expert
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,heads,kv_heads,head_dim,rot", [(1, 4, 2, 32, 8), (3, 8, 1, 256, 64), (2, 2, 2, 24, 24)])
-def test_qk_norm_rope(dtype, t, heads, kv_heads, head_dim, rot):
+@pytest.mark.parametrize("gated,qk_norm", [(True, "zero_centred"), (False, "plain"), (False, "none")])
+def test_qk_norm_rope(dtype, t, heads, kv_heads, head_dim, rot, gated, qk_norm):
     gen = torch.Generator().manual_seed(head_dim)
-    proj = randn(t, heads * 2 * head_dim + 2 * kv_heads * head_dim, dtype=dtype, gen=gen)
+    q_width = (2 if gated else 1) * head_dim
+    proj = randn(t, heads * q_width + 2 * kv_heads * head_dim, dtype=dtype, gen=gen)
     positions = torch.tensor([5, 900, 70000][:t], device=DEVICE)
     q_norm, k_norm = randn(head_dim, dtype=dtype, gen=gen) * 0.1, randn(head_dim, dtype=dtype, gen=gen) * 0.1
+    if qk_norm == "plain":
+        q_norm, k_norm = q_norm + 1, k_norm + 1
     inv_freq = (1.0 / (10_000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))).to(DEVICE)
-    args = (proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, 1e-6)
+    args = (proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, 1e-6, gated, qk_norm)
     q, k = fused.qk_norm_rope_triton(*args)
     q_ref, k_ref = fused.reference_qk_norm_rope(*args)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert q.shape == (t, heads, head_dim) and k.shape == (t, kv_heads, head_dim)
     assert rel_error(q, q_ref) < tol and rel_error(k, k_ref) < tol
+    # unnormed, RoPE only rotates: each key keeps the length it has where the layout puts it
+    if qk_norm == "none":
+        keys = proj[:, heads * q_width: heads * q_width + kv_heads * head_dim].view(t, kv_heads, head_dim)
+        torch.testing.assert_close(k.float().norm(dim=-1), keys.float().norm(dim=-1), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_model_through_the_fused_kernels_matches_transformers(built, arch, monkeypatch):
     """The model's wiring of the fused ops (strided slices of fused projections, the conv state, the router's
     order): every op that has a Triton version runs it (the interpreter, on a CPU), prompt and decode steps."""

@@ -8,7 +8,7 @@ import torch
 import flashmoe
 from flashmoe.kernels import cpu_int4
 from flashmoe.store import Store
-from conftest import ARCHS, load_reference, rel_error
+from conftest import ARCHS, LAYOUTS, load_reference, rel_error
 from test_reference import PROMPT
 
 pytestmark = pytest.mark.gpu
@@ -62,7 +62,7 @@ def test_small_vram_cache_gives_the_same_answer_and_counts_its_tiers(built):
     small.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_gpu_prefill_equals_chunked_decode(built, arch):
     model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
     whole = model.logits(PROMPT).cpu()
@@ -106,7 +106,7 @@ def test_fla_gated_delta_rule_matches_torch(t):
     assert rel_error(out.cpu(), ref_out) < 2e-3 and rel_error(final.cpu(), ref_state) < 2e-3
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_cuda_graph_decode_equals_eager(built, arch):
     store = built.store(arch, 4)
     eager = flashmoe.load(store, device="cuda", dtype=torch.float32, cuda_graphs=False)
@@ -122,7 +122,7 @@ def test_cuda_graph_decode_equals_eager(built, arch):
     assert list(graphed.generate(PROMPT[:8], 16, stop_token_ids=[])) == list(eager.generate(PROMPT[:8], 16, stop_token_ids=[]))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     """With every expert in VRAM the GPU finds the slots itself (whole-layer graphs, eager attention layers
     without a sync); the answers are those of the host-driven path."""
@@ -150,7 +150,7 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
         host_driven.generate(long_prompt, 16, stop_token_ids=[]))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, arch):
     """A small VRAM cache and a pinned RAM cache holding every expert: decode reads the RAM ones over PCIe from
     inside the kernels (whole-layer graphs, no copies) and answers as a model with everything in VRAM does."""

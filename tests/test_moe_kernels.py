@@ -119,6 +119,11 @@ def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
     residual, shared, gate = (torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in (hidden, hidden, 1))
     out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, shared, gate))
     assert rel_error(out, residual + torch.sigmoid(gate) * shared + routed) < 1e-4
+    # a shared expert without a gate (DeepSeek-V3), and none at all (Qwen3-MoE, Mixtral)
+    out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, shared, None))
+    assert rel_error(out, residual + shared + routed) < 1e-4
+    out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, None, None))
+    assert rel_error(out, residual + routed) < 1e-4
 
 
 def test_decode_step_covers_whole_groups():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashmoe
-from conftest import ARCHS, load_reference, rel_error
+from conftest import ARCHS, LAYOUTS, load_reference, rel_error
 
 PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42, 310, 2, 19, 200, 150] * 4  # 80 tokens: > one chunk
 
@@ -44,7 +44,7 @@ def test_quantized_error_is_bounded(built, bits, bound):
     assert 0 < err < bound
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_prompt_in_one_pass_equals_token_by_token(built, arch):
     # float residents: this is about the state's paths; bf16 rounding of int8 residents alone moves it by ~3e-4
     model = flashmoe.load(built.store(arch, 4), resident_format="float")
@@ -57,15 +57,16 @@ def test_prompt_in_one_pass_equals_token_by_token(built, arch):
     assert state.position == len(PROMPT)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_experts_per_token_override_matches_reference_with_that_k(built, arch):
-    model = flashmoe.load(built.store(arch, None), experts_per_token=2)
-    ref = load_reference(built.checkpoint(arch), arch, num_experts_per_tok=2)
+    default_k = flashmoe.load(built.store(arch, None))
+    k = default_k.config.num_experts_per_tok // 2  # 4 -> 2, Mixtral's 2 -> 1
+    model = flashmoe.load(built.store(arch, None), experts_per_token=k)
+    ref = load_reference(built.checkpoint(arch), arch, num_experts_per_tok=k)
     with torch.no_grad():
         expected = ref(torch.tensor([PROMPT])).logits[0]
     ours = model.logits(PROMPT)
     assert rel_error(ours, expected) < 1e-3
-    default_k = flashmoe.load(built.store(arch, None))
     assert rel_error(ours, default_k.logits(PROMPT)) > 1e-2  # K really changed the result
     # fewer experts per token means fewer distinct experts to read for the same prompt
     assert model.stats["expert_reads"] < default_k.stats["expert_reads"]
@@ -99,7 +100,7 @@ def test_unnormalised_router_matches_transformers_and_keeps_mass_under_override(
     assert torch.all(w4.sum(-1) < 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_static_attention_step_equals_the_growing_cache(built, arch):
     """The graph-friendly attention step (position from a tensor, the cache's whole capacity under a mask)
     gives what the eager one gives, token after token."""

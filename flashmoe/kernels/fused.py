@@ -77,15 +77,22 @@ def count_tiers(slots: torch.Tensor, counts: torch.Tensor) -> None:
     counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
 
 
-def reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
-    """From an attention layer's fused projection [T, heads * 2hd (query, gate per head) | kv * hd | kv * hd]: the
-    queries and keys RMS-normed per head (zero-centred weights) and rotated over their first 2 * len(inv_freq)
-    dims. Returns q [T, heads, hd], k [T, kv, hd] in proj's dtype."""
-    t = proj.shape[0]
-    q = proj[:, : heads * 2 * head_dim].view(t, heads, 2 * head_dim)[..., :head_dim]
-    k = proj[:, heads * 2 * head_dim : heads * 2 * head_dim + kv_heads * head_dim].view(t, kv_heads, head_dim)
-    q = reference_rms_norm(q, q_norm, eps)
-    k = reference_rms_norm(k, k_norm, eps)
+# how an attention layer norms its queries and keys per head (before RoPE)
+QK_NORMS = {"none": 0, "plain": 1, "zero_centred": 2}  # zero_centred: weights are offsets from 1 (Qwen3.5/Next)
+
+
+def reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
+                           qk_norm="zero_centred"):
+    """From an attention layer's fused projection [T, queries | kv * hd keys | kv * hd values]: the queries and keys
+    RMS-normed per head (`qk_norm`: QK_NORMS; "none" leaves them and ignores the weights) and rotated over their
+    first 2 * len(inv_freq) dims. gated: each query head is followed by its output gate (Qwen3.5/Next: [q | gate]
+    per head, 2 hd wide), else the queries are heads * hd. Returns q [T, heads, hd], k [T, kv, hd] in proj's dtype."""
+    t, q_width = proj.shape[0], (2 if gated else 1) * head_dim
+    q = proj[:, : heads * q_width].view(t, heads, q_width)[..., :head_dim]
+    k = proj[:, heads * q_width : heads * q_width + kv_heads * head_dim].view(t, kv_heads, head_dim)
+    if qk_norm != "none":
+        q = reference_rms_norm(q, q_norm, eps, zero_centred=qk_norm == "zero_centred")
+        k = reference_rms_norm(k, k_norm, eps, zero_centred=qk_norm == "zero_centred")
     freqs = positions[:, None].float() * inv_freq[None, :]
     angles = torch.cat((freqs, freqs), -1)[:, None, :]
     cos, sin = angles.cos(), angles.sin()
@@ -197,34 +204,44 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_kernel(proj_ptr, pos_ptr, qw_ptr, kw_ptr, inv_freq_ptr, q_ptr, k_ptr, proj_stride, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             GATED: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
         t = tl.program_id(0)
         head = tl.program_id(1)  # queries first, then keys
+        q_width: tl.constexpr = 2 * HEAD_DIM if GATED else HEAD_DIM
         is_q = head < HEADS
         if is_q:
-            src = proj_ptr + t * proj_stride + head * 2 * HEAD_DIM
+            src = proj_ptr + t * proj_stride + head * q_width
             w_ptr = qw_ptr
             dst = q_ptr + (t * HEADS + head) * HEAD_DIM
         else:
-            src = proj_ptr + t * proj_stride + HEADS * 2 * HEAD_DIM + (head - HEADS) * HEAD_DIM
+            src = proj_ptr + t * proj_stride + HEADS * q_width + (head - HEADS) * HEAD_DIM
             w_ptr = kw_ptr
             dst = k_ptr + (t * KV_HEADS + head - HEADS) * HEAD_DIM
         d = tl.arange(0, BLOCK_D)
         m = d < HEAD_DIM
-        x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
-        y = (x * rstd * (1.0 + tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32))).to(q_ptr.dtype.element_ty)
-        # rotate-half: dim i < ROT/2 pairs with i + ROT/2; both use frequency i % (ROT/2)
         half: tl.constexpr = ROT // 2
         in_rot = d < ROT
+        # rotate-half: dim i < ROT/2 pairs with i + ROT/2; both use frequency i % (ROT/2)
         partner = tl.where(d < half, d + half, d - half)
+        x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
         xp = tl.load(src + partner, mask=in_rot, other=0.0).to(tl.float32)
-        yp = (xp * rstd * (1.0 + tl.load(w_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)))
-        yp = yp.to(q_ptr.dtype.element_ty).to(tl.float32)
+        if QK_NORM == 0:
+            y = x
+            yp = xp
+        else:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
+            w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+            wp = tl.load(w_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
+            if QK_NORM == 2:
+                w = 1.0 + w
+                wp = 1.0 + wp
+            # rounded to the output dtype before rotating, as the reference's norm returns it
+            y = (x * rstd * w).to(q_ptr.dtype.element_ty).to(tl.float32)
+            yp = (xp * rstd * wp).to(q_ptr.dtype.element_ty).to(tl.float32)
         angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d % half, mask=in_rot, other=0.0)
         sign = tl.where(d < half, -1.0, 1.0)
-        rotated = y.to(tl.float32) * tl.cos(angle) + sign * yp * tl.sin(angle)
-        out = tl.where(in_rot, rotated, y.to(tl.float32))
+        rotated = y * tl.cos(angle) + sign * yp * tl.sin(angle)
+        out = tl.where(in_rot, rotated, y)
         tl.store(dst + d, out.to(q_ptr.dtype.element_ty), mask=m)
 
 
@@ -287,14 +304,16 @@ def route_triton(logits, top_k, default_k, normalize, slot_table=None, counts=No
     return ids, weights, slots
 
 
-def qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
+def qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
+                        qk_norm="zero_centred"):
     """reference_qk_norm_rope in one Triton launch (proj rows contiguous)."""
     t = proj.shape[0]
     q = torch.empty(t, heads, head_dim, dtype=proj.dtype, device=proj.device)
     k = torch.empty(t, kv_heads, head_dim, dtype=proj.dtype, device=proj.device)
     _qk_norm_rope_kernel[(t, heads + kv_heads)](
-        proj, positions, q_norm, k_norm, inv_freq, q, k, proj.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads,
-        HEAD_DIM=head_dim, ROT=2 * inv_freq.numel(), BLOCK_D=triton.next_power_of_2(head_dim))
+        proj, positions, q_norm if q_norm is not None else proj, k_norm if k_norm is not None else proj, inv_freq,
+        q, k, proj.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, ROT=2 * inv_freq.numel(),
+        GATED=gated, QK_NORM=QK_NORMS[qk_norm], BLOCK_D=triton.next_power_of_2(head_dim))
     return q, k
 
 
@@ -323,7 +342,7 @@ def route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     return reference_route(logits, top_k, default_k, normalize, slot_table, counts)
 
 
-def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps):
-    if use_triton(proj):
-        return qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps)
-    return reference_qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps)
+def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
+                 qk_norm="zero_centred"):
+    fn = qk_norm_rope_triton if use_triton(proj) else reference_qk_norm_rope
+    return fn(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated, qk_norm)

@@ -285,7 +285,7 @@ if triton is not None:
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, base_ptr, shared_ptr,
                                   shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                                  EPILOGUE: tl.constexpr, SCALE_KIND: tl.constexpr):
+                                  EPILOGUE: tl.constexpr, SHARED: tl.constexpr, SCALE_KIND: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -296,10 +296,13 @@ if triton is not None:
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
                                    BLOCK_B, SCALE_KIND)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
-        if EPILOGUE:  # the layer's end: residual + sigmoid(gate) * shared expert + routed experts
-            gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
-            shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-            out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32) + gate * shared
+        if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
+            out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+            if SHARED != 0:
+                shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+                if SHARED == 2:
+                    shared = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)) * shared
+                out += shared
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -426,19 +429,22 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
 
 def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
                       num_warps: int | None = None, host_slab: torch.Tensor | None = None,
-                      epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                      epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None):
     """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H] (slots as in
-    decode_gate_up_swiglu). epilogue (base [H], shared [H], shared_gate [1]): out gains base + sigmoid(shared_gate)
-    * shared in the same launch (a layer's residual and shared expert)."""
+    decode_gate_up_swiglu). epilogue (base [H], shared [H] or None, shared_gate [1] or None): out gains base +
+    shared, times sigmoid(shared_gate) where there is one, in the same launch (a layer's residual and shared expert)."""
     block_n = block_n or DECODE_TILE["block_n"]
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
-    base, shared, shared_gate = epilogue if epilogue is not None else (out, out, out)
+    base, shared, shared_gate = epilogue if epilogue is not None else (out, None, None)
+    shared_kind = 0 if shared is None else 1 if shared_gate is None else 2
+    shared = out if shared is None else shared
+    shared_gate = out if shared_gate is None else shared_gate
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
         act, slab, slab if host_slab is None else host_slab, slots, weights, out, base, shared, shared_gate,
         slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
         BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
         BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
-        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None,
+        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None, SHARED=shared_kind,
         SCALE_KIND=qb.scale_kind)
     return out
 

@@ -7,10 +7,13 @@ A family module provides:
   resident_shapes(cfg) -> {store name: shape}       the resident tensors a store holds
   resident_sources(cfg) -> [ResidentItem]           those the checkpoint does not hold one to one
   expert_prefix(layer) -> str                       where the checkpoint keeps a layer's routed experts
+  EXPERT_PROJECTIONS: (gate, up, down)              their names there: PREFIX{e}.{name}.weight
   describe(cfg) -> [(label, text)]                  what `flashmoe info` says of its layers
   GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf(cfg, name, t)   llama.cpp's names and changes, undone
   config_from_gguf(metadata, names) -> config.json  for a GGUF architecture transformers has no mapping for
-  Model(cfg, weights)                               the layer math over the resident weights
+  Model(cfg, weights)                               the layer math over the resident weights: new_state, embed,
+                                                    mix, moe_projections, route, shared_expert(_parts), dense_mlp,
+                                                    kv_cache, logits, compress_matrices (qwen3_moe.py is the plainest)
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ FAMILIES = {
     "Qwen3_5MoeForCausalLM": "qwen3_next",
     "Qwen3_5MoeForConditionalGeneration": "qwen3_next",
     "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 
 

@@ -9,12 +9,10 @@ Sequences are single (batch 1); tensors are [T, hidden].
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
@@ -22,6 +20,8 @@ from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.linear import cat_rows, embedding, is_matrix, linear
 from ..kernels.moe import swiglu_mlp
+from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
+from ..layers.state import SequenceState
 from . import ResidentItem
 
 
@@ -285,6 +285,9 @@ def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     }
 
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def expert_prefix(layer: int) -> str:
     """The checkpoint's routed experts of a layer: PREFIX{e}.gate_proj.weight ... or fused PREFIXgate_up_proj."""
     return f"model.layers.{layer}.mlp.experts."
@@ -302,62 +305,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return fused.rms_norm(x, weight, eps)
 
 
-def sdpa_backends(device: torch.device):
-    """On CUDA, attention without cuDNN: torch's default picks cuDNN there, which builds a plan for every new key
-    length, about 60 ms each on an H100 (torch 2.11), and decode meets a new length at every step. Flash takes
-    0.09 ms for the same one-token step."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-@dataclass
-class KVCache:
-    """Keys and values of one full-attention layer, [kv_heads, capacity, head_dim], grown by doubling."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
-
-    def reserve(self, length: int, like: torch.Tensor) -> None:
-        """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
-        if length <= self.capacity:
-            return
-        capacity = max(256, 2 * length)
-        # zeros, not empty: attention over the whole capacity multiplies masked slots by 0, and 0 * NaN is NaN
-        new_k = like.new_zeros(like.shape[0], capacity, like.shape[2])
-        new_v = like.new_zeros(like.shape[0], capacity, like.shape[2])
-        if self.k is not None:
-            new_k[:, : self.length] = self.k[:, : self.length]
-            new_v[:, : self.length] = self.v[:, : self.length]
-        self.k, self.v = new_k, new_v
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = k.shape[1]
-        self.reserve(self.length + n, k)
-        self.k[:, self.length : self.length + n] = k
-        self.v[:, self.length : self.length + n] = v
-        self.length += n
-        return self.k[:, : self.length], self.v[:, : self.length]
-
-
 @dataclass
 class DeltaNetState:
     conv: torch.Tensor | None = None  # last (kernel - 1) inputs of the causal conv, [channels, kernel - 1]
     recurrent: torch.Tensor | None = None  # [1, value_heads, key_dim, value_dim], float32
-
-
-@dataclass
-class SequenceState:
-    layers: list = field(default_factory=list)  # KVCache or DeltaNetState per layer
-    position: int = 0  # tokens seen so far
-    decode_steps: int = 0  # forward calls of one token
-    decode_graphs: dict = field(default_factory=dict)  # layer -> captured CUDA graphs bound to this state's tensors
-    position_t: torch.Tensor | None = None  # `position` on the device, for graphs that cannot read a host int
 
 
 class Qwen3NextModel:
@@ -368,9 +319,9 @@ class Qwen3NextModel:
         self.w = weights
         self.embed_weight = weights["model.embed_tokens.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
-        device = self.embed_weight.device
-        rot = cfg.rotary_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+        spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+                             qk_norm="zero_centred", output_gate=True)
+        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
         for layer in range(cfg.num_hidden_layers):
             self._fuse_projections(layer)
 
@@ -427,53 +378,10 @@ class Qwen3NextModel:
         if self.cfg.layer_types[layer] != "full_attention":
             h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
         elif static:
-            h = self._attention_at(p + "self_attn.", h, state.layers[layer], state.position_t)
+            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
         else:
-            h = self._attention(p + "self_attn.", h, state.layers[layer], state.position)
+            h = self.attention.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
-
-    def _qkv(self, p: str, h: torch.Tensor, positions: torch.Tensor):
-        """Queries (normed, rotated, [T, heads, hd]), output gate [T, heads * hd], keys (normed, rotated) and values
-        ([T, kv_heads, hd]), from one fused projection."""
-        cfg = self.cfg
-        t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        proj = linear(h, self.w[p + "qkv_proj.fused"])
-        q, k = fused.qk_norm_rope(proj, positions, self.w[p + "q_norm.weight"], self.w[p + "k_norm.weight"],
-                                  self.inv_freq, nh, nkv, hd, cfg.rms_norm_eps)
-        gate = proj[:, : nh * 2 * hd].view(t, nh, 2 * hd)[..., hd:].reshape(t, nh * hd)
-        v = proj[:, nh * 2 * hd + nkv * hd :].view(t, nkv, hd)
-        return q, gate, k, v
-
-    def _attention_at(self, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
-        """One token at device position `position` ([1] int64): written into the cache there, attending to every
-        slot up to it. Each KV head's group of query heads is one batched matmul (no GQA expansion)."""
-        cfg, w = self.cfg, self.w
-        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q, gate, k, v = self._qkv(p, h, position)
-        cache.k.index_copy_(1, position, k.transpose(0, 1))
-        cache.v.index_copy_(1, position, v.transpose(0, 1))
-        scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * hd**-0.5
-        visible = torch.arange(cache.capacity, device=h.device) <= position
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
-        out = torch.matmul(probs, cache.v).reshape(1, nh * hd) * torch.sigmoid(gate)
-        return linear(out, w[p + "o_proj.weight"])
-
-    def _attention(self, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        cfg, w = self.cfg, self.w
-        t, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q, gate, k, v = self._qkv(p, h, torch.arange(start, start + t, device=h.device))
-        keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
-        q = q.transpose(0, 1)  # [heads, T, hd]
-        past = keys.shape[1] - t
-        mask = None
-        if t > 1 and past:  # token i sees every cached key and the new ones up to itself
-            mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-        with sdpa_backends(h.device):
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                                 is_causal=t > 1 and not past, scale=hd**-0.5,
-                                                 enable_gqa=nh != nkv)[0]
-        out = out.transpose(0, 1).reshape(t, nh * hd) * torch.sigmoid(gate)
-        return linear(out, w[p + "o_proj.weight"])
 
     def _delta_net(self, p: str, h: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         cfg, w = self.cfg, self.w
@@ -511,11 +419,6 @@ class Qwen3NextModel:
         return linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
 
     # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
-    def state_is_fixed(self, layer: int) -> bool:
-        """Whether the layer's decode state keeps its shape from step to step (DeltaNet's), so a CUDA graph of its
-        step holds without a static KV cache."""
-        return self.cfg.layer_types[layer] == "linear_attention"
-
     def kv_cache(self, state: SequenceState, layer: int) -> KVCache | None:
         """The layer's growing KV cache in `state`, or None for a layer without one."""
         return state.layers[layer] if self.cfg.layer_types[layer] == "full_attention" else None

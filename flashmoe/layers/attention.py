@@ -1,0 +1,139 @@
+"""Softmax attention over a growing KV cache, as every family's full-attention layers run it (GQA, RoPE, optional
+per-head query/key norms, an optional per-head output gate, an optional sliding window).
+
+The layer's weights are read by store name under a prefix: `qkv_proj.fused` (q, k, v rows in one matrix: the
+queries, with each head's output gate after it when gated), `q_norm.weight` / `k_norm.weight` and `o_proj.weight`.
+Two paths: `attend` for any number of new tokens (the cache grows), `attend_at` for one decode token whose
+position is read from the device (for a CUDA graph: the whole capacity under a mask, no host values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..kernels import fused
+from ..kernels.linear import linear
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float  # of the query/key norms
+    qk_norm: str = "none"  # fused.QK_NORMS: "none" (Mixtral), "plain" (Qwen3-MoE), "zero_centred" (Qwen3.5/Next)
+    output_gate: bool = False  # Qwen3.5/Next: out *= sigmoid(gate), the gate stored after each query head
+    sliding_window: int = 0  # a query sees this many positions back, itself included (0: all)
+
+
+def rope_inv_freq(theta: float, rotary_dim: int, device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def sdpa_backends(device: torch.device):
+    """On CUDA, attention without cuDNN: torch's default picks cuDNN there, which builds a plan for every new key
+    length, about 60 ms each on an H100 (torch 2.11), and decode meets a new length at every step. Flash takes
+    0.09 ms for the same one-token step."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one full-attention layer, [kv_heads, capacity, head_dim], grown by doubling."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def reserve(self, length: int, like: torch.Tensor) -> None:
+        """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
+        if length <= self.capacity:
+            return
+        capacity = max(256, 2 * length)
+        # zeros, not empty: attention over the whole capacity multiplies masked slots by 0, and 0 * NaN is NaN
+        new_k = like.new_zeros(like.shape[0], capacity, like.shape[2])
+        new_v = like.new_zeros(like.shape[0], capacity, like.shape[2])
+        if self.k is not None:
+            new_k[:, : self.length] = self.k[:, : self.length]
+            new_v[:, : self.length] = self.v[:, : self.length]
+        self.k, self.v = new_k, new_v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[1]
+        self.reserve(self.length + n, k)
+        self.k[:, self.length : self.length + n] = k
+        self.v[:, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, : self.length], self.v[:, : self.length]
+
+
+class Attention:
+    def __init__(self, spec: AttentionSpec, inv_freq: torch.Tensor):
+        self.spec, self.inv_freq = spec, inv_freq
+
+    def _qkv(self, w: dict, p: str, h: torch.Tensor, positions: torch.Tensor):
+        """Queries (normed, rotated, [T, heads, hd]), the output gate [T, heads * hd] or None, keys (normed, rotated)
+        and values ([T, kv_heads, hd]), from one fused projection."""
+        s = self.spec
+        t, hd = h.shape[0], s.head_dim
+        proj = linear(h, w[p + "qkv_proj.fused"])
+        q, k = fused.qk_norm_rope(proj, positions, w.get(p + "q_norm.weight"), w.get(p + "k_norm.weight"),
+                                  self.inv_freq, s.heads, s.kv_heads, hd, s.eps, s.output_gate, s.qk_norm)
+        q_rows = s.heads * hd * (2 if s.output_gate else 1)
+        gate = proj[:, :q_rows].view(t, s.heads, 2 * hd)[..., hd:].reshape(t, s.heads * hd) if s.output_gate else None
+        v = proj[:, q_rows + s.kv_heads * hd :].view(t, s.kv_heads, hd)
+        return q, gate, k, v
+
+    def _out(self, w: dict, p: str, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return linear(out, w[p + "o_proj.weight"])
+
+    def attend(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """New tokens at positions start.. (h [T, hidden]): written into the cache, each attending to every cached
+        position up to itself (within the window)."""
+        s = self.spec
+        t, hd = h.shape[0], s.head_dim
+        q, gate, k, v = self._qkv(w, p, h, torch.arange(start, start + t, device=h.device))
+        keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
+        q = q.transpose(0, 1)  # [heads, T, hd]
+        past = keys.shape[1] - t
+        mask = None
+        if s.sliding_window and keys.shape[1] > s.sliding_window:  # token i sees keys past+i-window+1 .. past+i
+            mask = (torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
+                    & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past - s.sliding_window))
+        elif t > 1 and past:  # token i sees every cached key and the new ones up to itself
+            mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
+        with sdpa_backends(h.device):
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                 is_causal=mask is None and t > 1, scale=hd**-0.5,
+                                                 enable_gqa=s.heads != s.kv_heads)[0]
+        return self._out(w, p, out.transpose(0, 1).reshape(t, s.heads * hd), gate)
+
+    def attend_at(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One token at device position `position` ([1] int64): written into the cache there, attending to every
+        slot up to it (within the window). Each KV head's group of query heads is one batched matmul (no GQA
+        expansion)."""
+        s = self.spec
+        hd, nh, nkv = s.head_dim, s.heads, s.kv_heads
+        q, gate, k, v = self._qkv(w, p, h, position)
+        cache.k.index_copy_(1, position, k.transpose(0, 1))
+        cache.v.index_copy_(1, position, v.transpose(0, 1))
+        scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * hd**-0.5
+        slot = torch.arange(cache.capacity, device=h.device)
+        visible = slot <= position
+        if s.sliding_window:
+            visible &= slot > position - s.sliding_window
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
+        return self._out(w, p, torch.matmul(probs, cache.v).reshape(1, nh * hd), gate)

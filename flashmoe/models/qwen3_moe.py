@@ -1,0 +1,199 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-480B): a plain decoder of GQA attention with per-head
+RMSNorm on queries and keys, and a sparse MoE of SwiGLU experts under a softmax top-K router, no shared expert.
+Layers listed in mlp_only_layers (or off decoder_sparse_step) are dense SwiGLU MLPs instead.
+
+The math follows transformers' modeling_qwen3_moe.py. mixtral.py reuses this Model with its own names. Routed
+experts are not here: the engine fetches them and calls the expert kernels with this file's router output.
+Sequences are single (batch 1); tensors are [T, hidden].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig, config_value
+from ..errors import FlashMoeError
+from ..kernels import fused
+from ..kernels.linear import cat_rows, embedding, is_matrix, linear
+from ..kernels.moe import swiglu_mlp
+from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
+from ..layers.state import SequenceState
+from . import ResidentItem
+
+ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe"}
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # a routed expert's gate, up and down, as the checkpoint names them
+MLP = "mlp."  # where a layer's MoE block (router, experts) or dense MLP lives
+QK_NORM = "plain"
+
+
+def config_fields(arch: str, family: str, raw: dict) -> dict:
+    """The ModelConfig fields a plain attention + MoE decoder's config.json gives (Qwen3-MoE's and Mixtral's keys)."""
+    def get(key: str, kind: type, default=KeyError):
+        return config_value(raw, key, kind, default)
+
+    layers, hidden, heads = get("num_hidden_layers", int), get("hidden_size", int), get("num_attention_heads", int)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise FlashMoeError(f"{arch}: rope type {rope_type!r} is not supported yet (only the default RoPE)")
+    if get("attention_bias", bool, False):
+        raise FlashMoeError(f"{arch}: attention_bias is true; flashmoe runs this family's attention without biases")
+    eos = raw.get("eos_token_id")
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
+    if not (isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in eos)):
+        raise FlashMoeError(f"config.json: eos_token_id is {eos!r}, not an id or a list of ids")
+    return dict(
+        architecture=arch, family=family, vocab_size=get("vocab_size", int), hidden_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", int, heads),
+        head_dim=get("head_dim", int, None) or hidden // max(heads, 1), rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+        rope_theta=config_value(rope, "rope_theta", float, get("rope_theta", float, 10000.0)),
+        layer_types=["full_attention"] * layers,
+        # transformers 5 writes num_local_experts where the released Qwen3 configs say num_experts
+        num_experts=get("num_experts", int, None) or get("num_local_experts", int),
+        num_experts_per_tok=get("num_experts_per_tok", int),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        max_position_embeddings=get("max_position_embeddings", int, 32768), hidden_act=get("hidden_act", str, "silu"),
+        eos_token_id=list(eos),
+    )
+
+
+def config_from_hf(arch: str, raw: dict) -> ModelConfig:
+    def get(key: str, kind: type, default=KeyError):
+        return config_value(raw, key, kind, default)
+
+    f = config_fields(arch, ARCHITECTURES[arch], raw)
+    if get("use_sliding_window", bool, False):
+        raise FlashMoeError(f"{arch}: use_sliding_window is true; flashmoe runs Qwen3-MoE with full attention only")
+    step, only = get("decoder_sparse_step", int, 1), set(get("mlp_only_layers", list, []))
+    layers = f["num_hidden_layers"]
+    return ModelConfig(
+        **f, moe_intermediate_size=get("moe_intermediate_size", int), norm_topk_prob=get("norm_topk_prob", bool, False),
+        dense_layers=[i for i in range(layers) if i in only or (i + 1) % step != 0],
+        intermediate_size=get("intermediate_size", int, 0),
+    )
+
+
+def resident_shapes(cfg: ModelConfig, qk_norm: bool = True, mlp: str = MLP) -> dict[str, tuple[int, ...]]:
+    """Every resident tensor of a store and its shape, named as the checkpoint names them."""
+    h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes["model.norm.weight"] = (h,)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + mlp
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       a + "q_proj.weight": (nh * hd, h), a + "k_proj.weight": (nkv * hd, h),
+                       a + "v_proj.weight": (nkv * hd, h), a + "o_proj.weight": (h, nh * hd)})
+        if qk_norm:
+            shapes.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+        if cfg.is_moe_layer(i):
+            shapes[m + "gate.weight"] = (cfg.num_experts, h)
+        else:
+            di = cfg.intermediate_size
+            shapes.update({m + "gate_proj.weight": (di, h), m + "up_proj.weight": (di, h), m + "down_proj.weight": (h, di)})
+    return shapes
+
+
+def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
+    return []  # every resident tensor is stored as the checkpoint has it
+
+
+def expert_prefix(layer: int) -> str:
+    """The checkpoint's routed experts of a layer: PREFIX{e}.gate_proj.weight ... (or fused PREFIXgate_up_proj)."""
+    return f"model.layers.{layer}.{MLP}experts."
+
+
+def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
+    dense = f", {len(cfg.dense_layers)} of them dense" if cfg.dense_layers else ""
+    return [("layers", f"{cfg.num_hidden_layers} full attention ({cfg.num_attention_heads} query / "
+                       f"{cfg.num_key_value_heads} key-value heads of {cfg.head_dim}){dense}"),
+            ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
+
+
+class AttentionMoEModel:
+    """Resident weights (store names -> tensors) and the math of every layer but the routed experts: a decoder whose
+    layers are all full attention, each followed by a MoE block (router only; no shared expert) or a dense MLP."""
+
+    MLP = MLP
+    QK_NORM = QK_NORM
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg, self.w = cfg, weights
+        self.embed_weight = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
+        spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+                             qk_norm=self.QK_NORM, sliding_window=cfg.sliding_window)
+        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
+        for layer in range(cfg.num_hidden_layers):
+            p = f"model.layers.{layer}."
+            # matrices that read the same input become one: a decode step reads them in one matrix-vector product
+            for fused_name, parts in ((p + "self_attn.qkv_proj.fused", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                         "self_attn.v_proj")),
+                                      (p + self.MLP + "gate_up.fused", (self.MLP + "gate_proj", self.MLP + "up_proj"))):
+                names = [p + part + ".weight" for part in parts]
+                if all(n in self.w for n in names):
+                    self.w[fused_name] = cat_rows([self.w.pop(n) for n in names])
+
+    def compress_matrices(self, compress) -> None:
+        """Replace every projection weight (not the embedding table or the norms) by compress(weight); the head gets
+        its own copy when tied to the embedding."""
+        for name, t in self.w.items():
+            if is_matrix(t) and name != "model.embed_tokens.weight":
+                self.w[name] = compress(t)
+        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def new_state(self) -> SequenceState:
+        return SequenceState(layers=[KVCache() for _ in range(self.cfg.num_hidden_layers)])
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return embedding(token_ids, self.embed_weight)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = fused.rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps, zero_centred=False)
+        return linear(x, self.lm_head).float()
+
+    def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention plus the residual, then the MoE input norm: (x, normed x). static: one decode token with no host
+        values (for a CUDA graph), as in layers.attention.Attention.attend_at."""
+        p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
+        h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
+        if static:
+            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
+        else:
+            h = self.attention.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
+        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
+
+    def kv_cache(self, state: SequenceState, layer: int) -> KVCache:
+        return state.layers[layer]
+
+    def moe_projections(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The router's logits [T, experts]: all that reads the MoE input besides the experts."""
+        return linear(h, self.w[f"model.layers.{layer}.{self.MLP}gate.weight"])
+
+    def route(self, layer: int, projections: torch.Tensor, top_k: int, slot_table: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None):
+        """Softmax top-K, as fused.route (renormalised when the config says so)."""
+        cfg = self.cfg
+        return fused.route(projections, top_k, cfg.num_experts_per_tok, cfg.norm_topk_prob, slot_table, counts)
+
+    def shared_expert(self, layer: int, projections: torch.Tensor) -> None:
+        return None
+
+    def shared_expert_parts(self, layer: int, projections: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+    def dense_mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{layer}.{self.MLP}"
+        return swiglu_mlp(h, self.w[p + "gate_up.fused"], self.w[p + "down_proj.weight"])
+
+
+Model = AttentionMoEModel
