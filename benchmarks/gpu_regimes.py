@@ -1,10 +1,11 @@
-"""Decode on one GPU with a Qwen3.5-397B-A17B-shaped store, in three regimes, against physical bounds.
+"""Decode on one GPU with a real model's geometry (default Qwen3.5-397B-A17B), in three regimes, against physical bounds.
 
-    python benchmarks/gpu_regimes.py --root /data/bench [--expert-gb 35] [--tokens 32] [--out benchmarks/RESULTS.md]
+    python benchmarks/gpu_regimes.py --root /data/bench [--geometry 397b] [--expert-gb 35] [--tokens 32] [--out benchmarks/RESULTS.md]
     python benchmarks/gpu_regimes.py --root /data/bench --regime cold-buffered   # one regime (used for the cgroup run)
 
-Writes a random-weight store with the 397B geometry (hidden 4096, 512 experts of 1024, shared expert, its
-attention and DeltaNet sizes, 4-bit, K=4) with as many layers as --expert-gb of experts allows, measures
+Writes a random-weight store with the geometry (397b: hidden 4096, 512 experts of 1024, shared expert, its
+attention and DeltaNet sizes, K=4; qwen3-235b: Qwen3-235B-A22B, 128 experts of 1536, K=8, full attention only;
+mixtral-8x7b: 8 experts of 14336, K=2), 4-bit, with as many layers as --expert-gb of experts allows, measures
 the machine's bandwidths (HBM, pinned host-to-device copies, SSD random reads of expert-sized blocks with
 O_DIRECT at the queue depth one layer's reads have), then decodes in each regime:
 
@@ -17,7 +18,7 @@ O_DIRECT at the queue depth one layer's reads have), then decodes in each regime
 For each: ms per layer (the GPU timeline from the first layer's start to the last layer's end, CUDA events, no
 synchronisation inside: the per-token work around the layers, head and sampling and the host, is not spread over
 a 9-layer store's few layers), its split (a second pass that synchronizes at phase ends), tokens/s extrapolated
-to 60 layers plus that per-token rest once, hit rates, and the bound: the serial chain of one layer (resident
+to the real model's layers plus that per-token rest once, hit rates, and the bound: the serial chain of one layer (resident
 weights and the K experts' bytes read from HBM, the missed experts over PCIe or the SSD) at measured bandwidths.
 """
 
@@ -39,12 +40,17 @@ import torch
 import flashmoe
 from flashmoe.expert_cache import host_slab
 from flashmoe.store import Store
-from flashmoe.synthetic import QWEN3_5_397B, expert_layout, write_random_store
+from flashmoe.synthetic import MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B, expert_layout, write_random_store
 from flashmoe.config import ModelConfig
 from common import hbm_read_gbps, publish, timed_decode
 
-K = 4  # Flash-MoE's measured sweet spot for this model
-LAYERS_OF_REAL_MODEL = 60
+# name: (config.json, K, the real model's layer count, its name)
+GEOMETRIES = {
+    "397b": (QWEN3_5_397B, 4, 60, "Qwen3.5-397B-A17B"),  # K=4: Flash-MoE's measured sweet spot for this model
+    "qwen3-235b": (QWEN3_235B, 8, 94, "Qwen3-235B-A22B"),
+    "mixtral-8x7b": (MIXTRAL_8X7B, 2, 32, "Mixtral-8x7B"),
+}
+K, LAYERS_OF_REAL_MODEL = 4, 60  # set from --geometry in main()
 
 
 def drop_page_cache() -> bool:
@@ -175,7 +181,7 @@ def decode(store_path: Path, regime: str, tokens: int) -> dict:
         "ms_per_token": wall_ms / tokens, "head_ms": head, "per_token_rest_ms": per_token_rest,
         "ms_per_layer": ms_per_layer,
         "tok_s_measured": tokens / (wall_ms / 1e3),
-        "tok_s_60_layers": 1e3 / (ms_per_layer * LAYERS_OF_REAL_MODEL + per_token_rest),
+        "tok_s_real_layers": 1e3 / (ms_per_layer * LAYERS_OF_REAL_MODEL + per_token_rest),
         "vram_hit_rate": s["vram_cache_hit_rate"], "ram_hit_rate": s["cache_hit_rate"],
         "misses_per_layer": s["vram_cache_misses"] / per, "ssd_reads_per_layer": s["expert_reads"] / per,
         **{k: split[k] / per for k in ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")},
@@ -206,6 +212,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--geometry", choices=list(GEOMETRIES), default="397b")
     ap.add_argument("--expert-gb", type=float, default=35.0)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--regime", choices=list(REGIMES), default=None, help="run one regime, print its JSON")
@@ -213,14 +220,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    store_path = args.root / "store-397b"
+    global K, LAYERS_OF_REAL_MODEL
+    geometry, K, LAYERS_OF_REAL_MODEL, _ = GEOMETRIES[args.geometry]
+    store_path = args.root / f"store-{args.geometry}"
     if args.regime:  # a child run (e.g. inside a cgroup)
         print(json.dumps(decode(store_path, args.regime, args.tokens)))
         return
 
-    cfg = dict(QWEN3_5_397B, num_experts_per_tok=K)
-    blob = expert_layout(ModelConfig.from_hf({**cfg, "num_hidden_layers": 1}), 4, 64).blob_bytes
-    layers = int(args.expert_gb * 1e9 // (blob * cfg["num_experts"]))
+    cfg = dict(geometry, num_experts_per_tok=K)
+    experts = ModelConfig.from_hf({**cfg, "num_hidden_layers": 1})
+    blob = expert_layout(experts, 4, 64).blob_bytes
+    layers = int(args.expert_gb * 1e9 // (blob * experts.num_experts))
     cfg["num_hidden_layers"] = layers
     if not (store_path / "manifest.json").exists():
         shutil.rmtree(store_path, ignore_errors=True)
@@ -257,7 +267,7 @@ def cgroup_run(args, regime: str, memory_max: str) -> dict:
     group.mkdir(exist_ok=True)
     (group / "memory.max").write_text(memory_max)
     cmd = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {Path(__file__).resolve()} --root {args.root} "
-           f"--regime {regime} --tokens {args.tokens}")
+           f"--geometry {args.geometry} --regime {regime} --tokens {args.tokens}")
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise SystemExit(f"cgroup run failed:\n{out.stderr[-3000:]}")
@@ -269,7 +279,8 @@ def cgroup_run(args, regime: str, memory_max: str) -> dict:
 
 def report(args, bw: dict, rows: list[dict], store: Store, blob: int) -> str:
     cmd = "python " + " ".join(sys.argv)
-    head = (f"\n### Qwen3.5-397B-A17B geometry, {rows[0]['layers']} layers ({store.expert_bytes / 1e9:.1f} GB of "
+    name = GEOMETRIES[args.geometry][3]
+    head = (f"\n### {name} geometry, {rows[0]['layers']} layers ({store.expert_bytes / 1e9:.1f} GB of "
             f"4-bit experts, {blob / 1e6:.2f} MB each), K={K}, decode ({datetime.date.today()})\n\n"
             f"`{cmd}` on {machine()}. Random weights, so the router spreads tokens uniformly over the experts: "
             f"the worst case for caches. Measured bandwidths: HBM read {bw['hbm_read_gbps']:.0f} GB/s (a reduction; "
@@ -278,15 +289,15 @@ def report(args, bw: dict, rows: list[dict], store: Store, blob: int) -> str:
             f"{bw['ssd_gbps_qd']:.2f} GB/s at queue depth {K} and {bw['ssd_gbps_qd32']:.2f} GB/s at 32. "
             f"The split columns come from a second pass that synchronizes the GPU at each phase end.\n\n"
             "ms/layer is the layers' GPU timeline (CUDA events around them); the rest of a token (embedding, the "
-            "head: final norm, lm_head over the 248k vocabulary, argmax; the host between tokens) is its own column "
-            "and counted once in tok/s at 60 layers. With CUDA graphs the router and shared expert run inside the "
+            f"head: final norm, lm_head over the {store.config.vocab_size // 1000}k vocabulary, argmax; the host between "
+            f"tokens) is its own column and counted once in tok/s at {LAYERS_OF_REAL_MODEL} layers. With CUDA graphs the router and shared expert run inside the "
             "attention/DeltaNet column, and with every expert resident the whole layer is one graph (expert compute).\n\n"
             "| regime | ms/layer | bound ms/layer | measured / bound | rest of a token, ms (head alone) | "
-            "tok/s at 60 layers | tok/s measured | attention/DeltaNet | router | expert I/O wait | expert compute | "
+            f"tok/s at {LAYERS_OF_REAL_MODEL} layers | tok/s measured | attention/DeltaNet | router | expert I/O wait | expert compute | "
             "VRAM hit rate | SSD reads/layer |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['regime']} | {r['ms_per_layer']:.3f} | {r['bound_ms']:.3f} | {r['ms_per_layer'] / r['bound_ms']:.2f}x | "
-             f"{r['per_token_rest_ms']:.2f} ({r['head_ms']:.2f}) | {r['tok_s_60_layers']:.2f} | {r['tok_s_measured']:.1f} | "
+             f"{r['per_token_rest_ms']:.2f} ({r['head_ms']:.2f}) | {r['tok_s_real_layers']:.2f} | {r['tok_s_measured']:.1f} | "
              f"{r['attention_ms']:.3f} | {r['routing_ms']:.3f} | {r['expert_io_ms']:.3f} | "
              f"{r['expert_compute_ms']:.3f} | {r['vram_hit_rate']:.0%} | {r['ssd_reads_per_layer']:.2f} |" for r in rows]
     return head + "\n".join(lines) + "\n"

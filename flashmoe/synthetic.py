@@ -8,7 +8,6 @@ so the engine cannot tell the difference. The numbers are meaningless; the bytes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -19,8 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .convert import DEFAULT_SHARD_BYTES, resident_plan, write_manifest
+from .convert import DEFAULT_SHARD_BYTES, write_manifest
 from .errors import FlashMoeError
+from .models import family_of
 from .quant import SCALE_DTYPE
 from .store import BlobLayout, crc32, expert_file_name
 
@@ -48,13 +48,20 @@ QWEN3_NEXT_80B = dict(
     partial_rotary_factor=0.25, rope_theta=10_000_000, max_position_embeddings=262144, tie_word_embeddings=False,
     norm_topk_prob=True, num_hidden_layers=48,
 )
-
-
-class _EveryTensor:
-    """Stands in for a checkpoint in resident_plan: it has every optional tensor (an untied lm_head)."""
-
-    def has(self, name: str) -> bool:
-        return True
+# Qwen3-235B-A22B's config.json (Qwen3-MoE: full attention only, no shared expert); num_hidden_layers 94 in the real one
+QWEN3_235B = dict(
+    architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=4096, num_attention_heads=64,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536,
+    intermediate_size=12288, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rms_norm_eps=1e-6,
+    rope_theta=1_000_000, max_position_embeddings=40960, tie_word_embeddings=False, num_hidden_layers=94,
+)
+# Mixtral-8x7B's config.json: 8 experts of 14336 at K=2, 32 layers
+MIXTRAL_8X7B = dict(
+    architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, num_local_experts=8, num_experts_per_tok=2, intermediate_size=14336,
+    rms_norm_eps=1e-5, rope_theta=1_000_000, max_position_embeddings=32768, tie_word_embeddings=False,
+    num_hidden_layers=32, sliding_window=None,
+)
 
 
 def expert_layout(cfg: ModelConfig, bits: int, group_size: int) -> BlobLayout:
@@ -69,13 +76,14 @@ def expert_layout(cfg: ModelConfig, bits: int, group_size: int) -> BlobLayout:
     return BlobLayout.for_tensors(tensors)
 
 
-def _random_resident(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
+def _random_resident(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str,
+                     zero_centred: bool) -> torch.Tensor:
     if name.endswith("A_log"):
         return torch.empty(shape, device=device).uniform_(0, 2.7, generator=gen).to(torch.bfloat16)
     if name.endswith(("dt_bias", "linear_attn.norm.weight")):
         return torch.ones(shape, dtype=torch.bfloat16, device=device)
-    if name.endswith("norm.weight"):  # zero-centred norms: 0 is a scale of 1
-        return torch.zeros(shape, dtype=torch.bfloat16, device=device)
+    if name.endswith("norm.weight"):  # a scale of 1: 0 where the family's norms store an offset from 1
+        return torch.full(shape, 0.0 if zero_centred else 1.0, dtype=torch.bfloat16, device=device)
     std = 0.1 if name.endswith("conv1d.weight") else 0.02
     return (torch.randn(shape, generator=gen, device=device) * std).to(torch.bfloat16)
 
@@ -104,13 +112,12 @@ def write_random_store(dst: str | os.PathLike, hf_config: dict, bits: int = 4, g
         raise FlashMoeError(f"destination {dst} exists and is not empty")
     progress = progress or (lambda n: None)
     cfg = ModelConfig.from_hf(hf_config)
-    split_layout = dataclasses.replace(cfg, family="qwen3_5_moe")  # stores hold Qwen3.5's split DeltaNet layout
+    family = family_of(cfg.architecture)
     gen = torch.Generator(device).manual_seed(seed)
     (dst / "experts").mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
 
-    names = [(out, shape) for item in resident_plan(split_layout, _EveryTensor()) for out, shape in
-             zip(item.outputs, item.sources.values())]
+    names = list(family.resident_shapes(cfg).items())  # the store's own names and shapes, untied head included
     files, shard, shard_bytes, resident_bytes = [], {}, 0, 0
 
     def flush():
@@ -121,7 +128,7 @@ def write_random_store(dst: str | os.PathLike, hf_config: dict, bits: int = 4, g
         shard, shard_bytes = {}, 0
 
     for name, shape in names:
-        t = _random_resident(name, shape, gen, device).cpu()
+        t = _random_resident(name, shape, gen, device, family.ZERO_CENTRED_NORMS).cpu()
         nbytes = t.numel() * t.element_size()
         if shard and shard_bytes + nbytes > DEFAULT_SHARD_BYTES:
             flush()

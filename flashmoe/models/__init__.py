@@ -8,6 +8,7 @@ A family module provides:
   resident_sources(cfg) -> [ResidentItem]           those the checkpoint does not hold one to one
   expert_prefix(layer) -> str                       where the checkpoint keeps a layer's routed experts
   EXPERT_PROJECTIONS: (gate, up, down)              their names there: PREFIX{e}.{name}.weight
+  ZERO_CENTRED_NORMS: bool                          whether RMSNorm weights are offsets from 1
   describe(cfg) -> [(label, text)]                  what `flashmoe info` says of its layers
   GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf(cfg, name, t)   llama.cpp's names and changes, undone
   config_from_gguf(metadata, names) -> config.json  for a GGUF architecture transformers has no mapping for

@@ -12,6 +12,7 @@ from . import qwen3_moe
 from .qwen3_moe import resident_sources
 
 ARCHITECTURES = {"MixtralForCausalLM": "mixtral"}
+ZERO_CENTRED_NORMS = False  # RMSNorm weights store an offset from 1 (else the scale itself)
 EXPERT_PROJECTIONS = ("w1", "w3", "w2")
 MLP = "block_sparse_moe."
 
@@ -39,7 +40,7 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
             ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
 
 
-__all__ = ["ARCHITECTURES", "EXPERT_PROJECTIONS", "config_from_hf", "resident_shapes", "resident_sources",
+__all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "config_from_hf", "resident_shapes", "resident_sources",
            "expert_prefix", "describe", "Model"]
 
 

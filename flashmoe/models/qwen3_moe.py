@@ -21,6 +21,7 @@ from ..layers.state import SequenceState
 from . import ResidentItem
 
 ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe"}
+ZERO_CENTRED_NORMS = False  # RMSNorm weights store an offset from 1 (else the scale itself)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # a routed expert's gate, up and down, as the checkpoint names them
 MLP = "mlp."  # where a layer's MoE block (router, experts) or dense MLP lives
 QK_NORM = "plain"

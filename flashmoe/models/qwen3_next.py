@@ -285,6 +285,7 @@ def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     }
 
 
+ZERO_CENTRED_NORMS = True  # RMSNorm weights store an offset from 1 (else the scale itself)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
