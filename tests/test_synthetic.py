@@ -12,7 +12,7 @@ from flashmoe.synthetic import MIXTRAL_8X7B, QWEN3_5_397B, QWEN3_235B, QWEN3_NEX
 
 def small(geometry: dict, **changes) -> dict:
     return {**geometry, "vocab_size": 300, "hidden_size": 128, "num_experts": 12, "moe_intermediate_size": 64,
-            "shared_expert_intermediate_size": 64, "num_attention_heads": 4, "head_dim": 32,
+            "shared_expert_intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
             "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
             "linear_value_head_dim": 32, "num_hidden_layers": 4, "intermediate_size": 96, "num_local_experts": 12,
             **changes}
