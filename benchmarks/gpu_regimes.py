@@ -40,16 +40,10 @@ import torch
 import flashmoe
 from flashmoe.expert_cache import host_slab
 from flashmoe.store import Store
-from flashmoe.synthetic import MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B, expert_layout, write_random_store
+from flashmoe.synthetic import expert_layout, write_random_store
 from flashmoe.config import ModelConfig
-from common import hbm_read_gbps, publish, timed_decode
+from common import GEOMETRIES, hbm_read_gbps, publish, timed_decode
 
-# name: (config.json, K, the real model's layer count, its name)
-GEOMETRIES = {
-    "397b": (QWEN3_5_397B, 4, 60, "Qwen3.5-397B-A17B"),  # K=4: Flash-MoE's measured sweet spot for this model
-    "qwen3-235b": (QWEN3_235B, 8, 94, "Qwen3-235B-A22B"),
-    "mixtral-8x7b": (MIXTRAL_8X7B, 2, 32, "Mixtral-8x7B"),
-}
 K, LAYERS_OF_REAL_MODEL = 4, 60  # set from --geometry in main()
 
 

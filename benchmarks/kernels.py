@@ -1,10 +1,11 @@
 """Expert kernels alone: time per layer of K experts at a model's geometry, achieved HBM bandwidth.
 
-    python benchmarks/kernels.py [--hidden 4096] [--inter 1024] [--k 4] [--bits 4] [--tokens 1]
+    python benchmarks/kernels.py [--hidden 4096] [--inter 1024] [--k 4] [--bits 4] [--tokens 1] [--no-sweep]
 
 Times gate_up_swiglu + down (decode: the fused weighted sum; several tokens: the grouped kernels) with
 triton.testing.do_bench (CUDA events, median), over several block sizes, on experts spread across a slab
-larger than L2 so each run reads from HBM.
+larger than L2 so each run reads from HBM. Launched one by one from Python a small kernel's time is mostly the
+launch (~25 us); decode replays them in CUDA graphs, so the first lines time 16 layers' calls captured in one graph.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from flashmoe.config import ModelConfig
 from flashmoe.synthetic import QWEN3_5_397B
 
 
+def graph_ms(calls) -> float:
+    """Milliseconds per call of `calls` (each on other experts) captured in one CUDA graph, replayed."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / len(calls)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=4096)
@@ -27,6 +40,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--no-sweep", action="store_true", help="only the default tile: down split vs not, grouped")
     args = ap.parse_args()
     cfg = ModelConfig.from_hf({**QWEN3_5_397B, "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
                                "num_hidden_layers": 1})
@@ -45,23 +59,33 @@ def main() -> None:
     act = mt.decode_gate_up_swiglu(x[:1], slab, rotations[0], qb)
     up_bytes = args.k * (layout.segments[3].offset)  # gate_up packed + scales + biases precede down
     down_bytes = moved - up_bytes
-    for block_n in (2, 4, 8, 16):
-        for block_b in (128, 256, 512):
-            for warps in (2, 4, 8):
-                i = [0]
+    t = graph_ms([lambda r=r: mt.decode_gate_up_swiglu(x[:1], slab, r, qb) for r in rotations])
+    print(f"gate_up, default tile, in a graph: {t * 1e3:6.1f} us {up_bytes / t / 1e6:5.0f} GB/s")
+    # the default tile: down in one launch over all experts, or split (down_split) aiming at several program counts
+    for split, programs in ((False, 0), (True, 2048), (True, 4096), (True, 8192)):
+        mt.DOWN_PROGRAMS = programs or mt.DOWN_PROGRAMS
+        t = graph_ms([lambda r=r: mt.down_weighted_sum(act, slab, r, weights, qb, split=split) for r in rotations])
+        tile = mt.DECODE_TILE
+        chunks = mt.down_split(qb, args.k, tile["block_n"], mt.gemv_block_bytes(qb, args.inter, tile["block_b"]))[1]
+        how = f"split into {args.k * chunks} (expert, chunk) rows (DOWN_PROGRAMS {programs})" if split else "one launch"
+        print(f"down, default tile, in a graph, {how}: {t * 1e3:6.1f} us {down_bytes / t / 1e6:5.0f} GB/s")
+    mt.DOWN_PROGRAMS = 4096
+    sweep = [] if args.no_sweep else [(n, b, w) for n in (2, 4, 8, 16) for b in (128, 256, 512) for w in (2, 4, 8)]
+    for block_n, block_b, warps in sweep:
+        i = [0]
 
-                def up():
-                    i[0] += 1
-                    return mt.decode_gate_up_swiglu(x[:1], slab, rotations[i[0] % 16], qb, block_n, block_b, warps)
+        def up():
+            i[0] += 1
+            return mt.decode_gate_up_swiglu(x[:1], slab, rotations[i[0] % 16], qb, block_n, block_b, warps)
 
-                def down():
-                    i[0] += 1
-                    return mt.down_weighted_sum(act, slab, rotations[i[0] % 16], weights, qb, block_n, block_b, warps)
+        def down():
+            i[0] += 1
+            return mt.down_weighted_sum(act, slab, rotations[i[0] % 16], weights, qb, block_n, block_b, warps)
 
-                t_up = triton.testing.do_bench(up, warmup=20, rep=100, return_mode="median")
-                t_down = triton.testing.do_bench(down, warmup=20, rep=100, return_mode="median")
-                print(f"decode block_n {block_n:2d} block_b {block_b:3d} warps {warps}: gate_up {t_up * 1e3:6.1f} us "
-                      f"{up_bytes / t_up / 1e6:5.0f} GB/s | down {t_down * 1e3:6.1f} us {down_bytes / t_down / 1e6:5.0f} GB/s")
+        t_up = triton.testing.do_bench(up, warmup=20, rep=100, return_mode="median")
+        t_down = triton.testing.do_bench(down, warmup=20, rep=100, return_mode="median")
+        print(f"decode block_n {block_n:2d} block_b {block_b:3d} warps {warps}: gate_up {t_up * 1e3:6.1f} us "
+              f"{up_bytes / t_up / 1e6:5.0f} GB/s | down {t_down * 1e3:6.1f} us {down_bytes / t_down / 1e6:5.0f} GB/s")
     i = [0]
 
     def grouped():

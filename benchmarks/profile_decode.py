@@ -1,9 +1,9 @@
-"""Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a 397B-shaped store.
+"""Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a real model's geometry.
 
-    python benchmarks/profile_decode.py --root /data/bench [--layers 4] [--steps 8] [--eager]
+    python benchmarks/profile_decode.py --root /data/bench [--geometry 397b] [--layers 4] [--steps 8] [--eager]
 
-Writes (once) a random store with the Qwen3.5-397B-A17B geometry and --layers layers (the first three
-DeltaNet, the fourth full attention, as in the real model), loads it with every expert in VRAM, and
+Writes (once) a random store with the geometry (default Qwen3.5-397B-A17B: the first three layers DeltaNet, the
+fourth full attention, as in the real model) and --layers layers, loads it with every expert in VRAM, and
 profiles --steps decode steps: the kernels sorted by GPU time per step, the head (final norm, lm_head,
 argmax) alone, and bf16 matrix-vector products of the layer's shapes against the HBM read bandwidth.
 With --eager the layers run without CUDA graphs (the same kernels, launched one by one).
@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import flashmoe
-from flashmoe.synthetic import QWEN3_5_397B, write_random_store
-from common import hbm_read_gbps
-
-K = 4
+from flashmoe.synthetic import write_random_store
+from common import GEOMETRIES, hbm_read_gbps
 
 
 def gemv_us(rows: int, cols: int) -> float:
@@ -37,16 +35,18 @@ def gemv_us(rows: int, cols: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--geometry", choices=list(GEOMETRIES), default="397b")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--top", type=int, default=45)
     args = ap.parse_args()
-    path = args.root / f"store-397b-{args.layers}l"
+    geometry, k, _, _ = GEOMETRIES[args.geometry]
+    path = args.root / f"store-{args.geometry}-{args.layers}l"
     if not (path / "manifest.json").exists():
-        write_random_store(path, dict(QWEN3_5_397B, num_hidden_layers=args.layers, num_experts_per_tok=K),
+        write_random_store(path, dict(geometry, num_hidden_layers=args.layers, num_experts_per_tok=k),
                            device="cuda")
-    model = flashmoe.load(path, device="cuda", experts_per_token=K, cuda_graphs=not args.eager,
+    model = flashmoe.load(path, device="cuda", experts_per_token=k, cuda_graphs=not args.eager,
                           vram_cache_gb=model_bytes_gb(path) * 1.01)
     model.warm_cache()
     state = model.new_state()
@@ -80,13 +80,14 @@ def main() -> None:
     head_us = triton.testing.do_bench(lambda: model.model.logits(x).argmax(), warmup=10, rep=100) * 1e3
     read = hbm_read_gbps()
     print(f"\nhead (norm, lm_head, argmax): {head_us:.1f} us; HBM read {read:.0f} GB/s")
-    cfg = model.config
-    shapes = {"in_proj_qkv": (12288, 4096), "in_proj_z": (8192, 4096), "out_proj": (4096, 8192),
-              "q_proj": (16384, 4096), "shared gate_up": (2048, 4096), "shared down": (4096, 1024),
-              "router": (cfg.num_experts, 4096), "in_proj_b": (64, 4096)}
+    # every matrix of the store's layers (its resident names), one of each shape
+    shapes = {}
+    for name, t in model.model.w.items():
+        if name.startswith("model.layers.") and t.dim() == 2 and tuple(t.shape) not in shapes.values():
+            shapes[name.split(".", 3)[3]] = tuple(t.shape)
     for name, (r, c) in shapes.items():
         us = gemv_us(r, c)
-        print(f"bf16 gemv {name:15s} [{r}x{c}]: {us:7.1f} us, {r * c * 2 / us / 1e3:6.0f} GB/s "
+        print(f"bf16 gemv {name:30s} [{r}x{c}]: {us:7.1f} us, {r * c * 2 / us / 1e3:6.0f} GB/s "
               f"(bound {r * c * 2 / read / 1e3:6.1f} us)")
     model.close()
 

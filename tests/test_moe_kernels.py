@@ -68,9 +68,9 @@ def test_decode_kernels_match_reference(bits, hidden, inter, group, dtype):
     assert mt.decode_supported(qb)
     assert rel_error(mt.decode_gate_up_swiglu(x, slab, slots, qb), act_ref) < tol
     weights = torch.rand(3, device=DEVICE)
-    if mt.decode_supported(qb):
-        out = mt.down_weighted_sum(act_ref, slab, slots, weights, qb)
-        ref = mt.reference_down_weighted_sum(act_ref, slab, slots, weights, layout, qb)
+    ref = mt.reference_down_weighted_sum(act_ref, slab, slots, weights, layout, qb)
+    for split in (True, False):  # per (expert, chunk) partials then their sum; or one program per rows over all
+        out = mt.down_weighted_sum(act_ref, slab, slots, weights, qb, split=split)
         assert out.shape == (hidden,) and rel_error(out, ref) < tol
 
 
@@ -124,6 +124,19 @@ def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
     assert rel_error(out, residual + shared + routed) < 1e-4
     out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, None, None))
     assert rel_error(out, residual + routed) < 1e-4
+    out = mt.down_weighted_sum(act_ref, vram, mixed, weights, qb, host_slab=host, epilogue=(residual, shared, gate),
+                               split=False)
+    assert rel_error(out, residual + torch.sigmoid(gate) * shared + routed) < 1e-4
+
+
+@pytest.mark.parametrize("hidden,inter,experts", [(4096, 1024, 4), (4096, 1536, 8), (4096, 14336, 2), (96, 96, 3)])
+def test_down_split_covers_the_intermediate_in_whole_steps(hidden, inter, experts):
+    qb = mt.QuantBlob(hidden, inter, 4, 32, 0, 0, 0, 0, 0, 0, 0)
+    block_b = mt.gemv_block_bytes(qb, inter, 512)
+    chunk, chunks = mt.down_split(qb, experts, 8, block_b)
+    step = block_b * 2
+    assert chunk % step == 0 and (chunks - 1) * chunk < inter <= chunks * chunk
+    assert chunks == 1 or -(-hidden // 8) * experts * (chunks - 1) < mt.DOWN_PROGRAMS  # no more chunks than it needs
 
 
 def test_decode_step_covers_whole_groups():

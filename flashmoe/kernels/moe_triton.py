@@ -306,6 +306,42 @@ if triton is not None:
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _down_partial_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, partial_ptr, H, I, blob_bytes,
+                             d_packed, d_scales, d_biases, chunk, n_chunks, BITS: tl.constexpr, GROUP: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr):
+        """partial[e * n_chunks + c] = weights[e] * down_e[:, chunk c] act[e, chunk c]: one program per block of
+        output rows per (expert, chunk of I), so a layer's few experts still fill the GPU."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < H
+        j = tl.program_id(1)
+        e = j // n_chunks
+        k_start = (j % n_chunks) * chunk
+        base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
+            part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
+                               BLOCK_B, SCALE_KIND)
+        tl.store(partial_ptr + j * H + n, tl.load(weight_ptr + e).to(tl.float32) * part, mask=n_mask)
+
+    @triton.jit
+    def _sum_partials_kernel(partial_ptr, out_ptr, base_ptr, shared_ptr, shared_gate_ptr, rows, H,
+                             BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, SHARED: tl.constexpr):
+        """out = the partials' sum in row order (deterministic), plus the layer's end as _down_weighted_sum_kernel."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < H
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r in range(rows):
+            out += tl.load(partial_ptr + r * H + n, mask=n_mask, other=0.0)
+        if EPILOGUE:
+            out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+            if SHARED != 0:
+                shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+                if SHARED == 2:
+                    shared = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)) * shared
+                out += shared
+        tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
     def _affine_gemv_kernel(x_ptr, blob_ptr, out_ptr, N, K, packed_off, scales_off, biases_off, BITS: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                             SCALE_KIND: tl.constexpr):
@@ -427,25 +463,55 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     return act
 
 
+# programs a decode step of the down projection should have to keep HBM busy: one per block of output rows is only
+# H / block_n (512 at hidden 4096), which read 680-1080 GB/s on an H200 (benchmarks/kernels.py); split over experts
+# and chunks of I until there are about this many
+DOWN_PROGRAMS = 4096
+
+
+def down_split(qb: QuantBlob, experts: int, block_n: int, block_b: int) -> tuple[int, int]:
+    """(chunk of I per program, chunks per expert) for down_weighted_sum: whole steps of the K loop per chunk."""
+    step = block_b * (8 // qb.bits)
+    steps = qb.intermediate // step
+    want = -(-DOWN_PROGRAMS // (-(-qb.hidden // block_n) * experts))
+    per_chunk = -(-steps // max(1, min(steps, want)))
+    return per_chunk * step, -(-steps // per_chunk)
+
+
 def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
                       num_warps: int | None = None, host_slab: torch.Tensor | None = None,
-                      epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None):
+                      epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+                      split: bool = True):
     """Triton version of reference_down_weighted_sum: one token, act [G, I] -> out [H] (slots as in
     decode_gate_up_swiglu). epilogue (base [H], shared [H] or None, shared_gate [1] or None): out gains base +
-    shared, times sigmoid(shared_gate) where there is one, in the same launch (a layer's residual and shared expert)."""
+    shared, times sigmoid(shared_gate) where there is one, in the same launch (a layer's residual and shared expert).
+    split: per (expert, chunk of I) partial sums, then their sum (two launches, many more programs: down_split);
+    else one launch whose programs each loop over every expert."""
     block_n = block_n or DECODE_TILE["block_n"]
+    block_b = gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"])
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
     base, shared, shared_gate = epilogue if epilogue is not None else (out, None, None)
     shared_kind = 0 if shared is None else 1 if shared_gate is None else 2
     shared = out if shared is None else shared
     shared_gate = out if shared_gate is None else shared_gate
+    host = slab if host_slab is None else host_slab
+    warps = num_warps or DECODE_TILE["num_warps"]
+    if split:
+        chunk, n_chunks = down_split(qb, slots.numel(), block_n, block_b)
+        partial = torch.empty(slots.numel() * n_chunks, qb.hidden, dtype=torch.float32, device=act.device)
+        _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
+            act, slab, host, slots, weights, partial, qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed,
+            qb.down_scales, qb.down_biases, chunk, n_chunks, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
+            BLOCK_B=block_b, num_warps=warps, SCALE_KIND=qb.scale_kind)
+        _sum_partials_kernel[(triton.cdiv(qb.hidden, 256),)](
+            partial, out, base, shared, shared_gate, partial.shape[0], qb.hidden, BLOCK_N=256,
+            EPILOGUE=epilogue is not None, SHARED=shared_kind)
+        return out
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
-        act, slab, slab if host_slab is None else host_slab, slots, weights, out, base, shared, shared_gate,
+        act, slab, host, slots, weights, out, base, shared, shared_gate,
         slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
-        BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
-        BLOCK_B=gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"]),
-        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None, SHARED=shared_kind,
-        SCALE_KIND=qb.scale_kind)
+        BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps,
+        EPILOGUE=epilogue is not None, SHARED=shared_kind, SCALE_KIND=qb.scale_kind)
     return out
 
 
