@@ -71,19 +71,11 @@ def main() -> None:
         print(f"down, default tile, in a graph, {how}: {t * 1e3:6.1f} us {down_bytes / t / 1e6:5.0f} GB/s")
     mt.DOWN_PROGRAMS = 4096
     sweep = [] if args.no_sweep else [(n, b, w) for n in (2, 4, 8, 16) for b in (128, 256, 512) for w in (2, 4, 8)]
-    for block_n, block_b, warps in sweep:
-        i = [0]
-
-        def up():
-            i[0] += 1
-            return mt.decode_gate_up_swiglu(x[:1], slab, rotations[i[0] % 16], qb, block_n, block_b, warps)
-
-        def down():
-            i[0] += 1
-            return mt.down_weighted_sum(act, slab, rotations[i[0] % 16], weights, qb, block_n, block_b, warps)
-
-        t_up = triton.testing.do_bench(up, warmup=20, rep=100, return_mode="median")
-        t_down = triton.testing.do_bench(down, warmup=20, rep=100, return_mode="median")
+    for block_n, block_b, warps in sweep:  # in graphs, as decode runs them
+        t_up = graph_ms([lambda r=r: mt.decode_gate_up_swiglu(x[:1], slab, r, qb, block_n, block_b, warps)
+                         for r in rotations])
+        t_down = graph_ms([lambda r=r: mt.down_weighted_sum(act, slab, r, weights, qb, block_n, block_b, warps)
+                           for r in rotations])
         print(f"decode block_n {block_n:2d} block_b {block_b:3d} warps {warps}: gate_up {t_up * 1e3:6.1f} us "
               f"{up_bytes / t_up / 1e6:5.0f} GB/s | down {t_down * 1e3:6.1f} us {down_bytes / t_down / 1e6:5.0f} GB/s")
     i = [0]
