@@ -446,7 +446,9 @@ def decode_supported(qb: QuantBlob) -> bool:
     return gemv_block_bytes(qb, qb.hidden) is not None and gemv_block_bytes(qb, qb.intermediate) is not None
 
 
-DECODE_TILE = dict(block_n=8, block_b=512, num_warps=4)  # the best of 36 tiles on the H100 (benchmarks/kernels.py)
+# the best of 36 tiles on the H100 (benchmarks/kernels.py), and again on the H200 in CUDA graphs for gate_up at the
+# 397B and Qwen3-235B geometries (down within 10% of the best there)
+DECODE_TILE = dict(block_n=8, block_b=512, num_warps=4)
 
 
 def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
@@ -463,10 +465,11 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     return act
 
 
-# programs a decode step of the down projection should have to keep HBM busy: one per block of output rows is only
-# H / block_n (512 at hidden 4096), which read 680-1080 GB/s on an H200 (benchmarks/kernels.py); split over experts
-# and chunks of I until there are about this many
-DOWN_PROGRAMS = 4096
+# programs a decode step of the down projection should have to keep HBM busy. One per block of output rows is only
+# H / block_n (512 at hidden 4096); split over experts and chunks of I until there are about this many. In CUDA
+# graphs on an H200 (benchmarks/kernels.py, RESULTS.md): 35.5 -> 22.5 us at Qwen3-235B's (4096, 1536, K=8), 53.6 ->
+# 42.2 at Mixtral's (4096, 14336, K=2), 12.0 -> 7.2 at Qwen3.5-35B's, 10.5 -> 9.6 at 397B's; 4096 and 8192 no better
+DOWN_PROGRAMS = 2048
 
 
 def down_split(qb: QuantBlob, experts: int, block_n: int, block_b: int) -> tuple[int, int]:
