@@ -220,7 +220,9 @@ class Converter:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
             self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
         elif self.mlx:
-            self.ckpt = MlxCheckpoint(self.src, self.raw_config, family.from_mlx, self.remote)
+            # families whose mlx-lm sanitize() changes nothing but the experts' stacking have no from_mlx
+            self.ckpt = MlxCheckpoint(self.src, self.raw_config, getattr(family, "from_mlx", lambda name, t: t),
+                                      self.remote)
         else:
             self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4)
             self.ckpt.keep_fp8 = bits == "fp8" and self.fp8_block is not None
@@ -228,8 +230,9 @@ class Converter:
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
             if self.mlx:
-                self.expert_sources = {i: MlxExpertSource(self.ckpt, i, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
-                                                          self.cfg.num_experts) for i in self.cfg.moe_layers}
+                self.expert_sources = {i: MlxExpertSource(self.ckpt, family.expert_prefix(i), i, self.cfg.hidden_size,
+                                                          self.cfg.moe_intermediate_size, self.cfg.num_experts)
+                                       for i in self.cfg.moe_layers}
             else:
                 self.expert_sources = {i: ExpertSource(self.cfg, self.ckpt, i) for i in self.cfg.moe_layers}
             self.bits, self.group_size, self.repack = self._expert_quantization(bits, group_size, requantize)

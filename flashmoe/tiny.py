@@ -56,9 +56,9 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(**{**common, "num_experts": 16, "moe_intermediate_size": 64, "intermediate_size": 128,
                                  "norm_topk_prob": True, **overrides})
-    if arch == "mixtral":  # 8 experts, K=2, as the real ones
+    if arch == "mixtral":  # 8 experts, K=2, head_dim = hidden / heads, as the real ones (mlx-lm assumes the last)
         return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
-                                "rms_norm_eps": 1e-5, **overrides})
+                                "rms_norm_eps": 1e-5, "head_dim": 16, **overrides})
     text = dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
@@ -133,7 +133,8 @@ def split_experts(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tup
 def hf_as_mlx_lm_reads_it(src, dst):
     """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
     (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
-    no other), Qwen3-Next's rope settings at the top of config.json (where transformers 4 wrote them)."""
+    no other), the rope settings at the top of config.json (where transformers 4 wrote them), Qwen3-MoE's expert count
+    as num_experts."""
     import json
     import shutil
 
@@ -158,7 +159,10 @@ def hf_as_mlx_lm_reads_it(src, dst):
     else:
         rope = cfg.get("rope_parameters") or {}
         cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
+        if cfg.get("model_type") == "qwen3_next":
+            cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
+    if cfg.get("model_type") == "qwen3_moe":  # the released configs' name, which mlx-lm reads (transformers 5 renames it)
+        cfg.setdefault("num_experts", cfg.get("num_local_experts"))
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     return dst

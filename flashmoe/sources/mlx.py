@@ -5,7 +5,7 @@ biases, codes packed into uint32 little end first: for 2, 4 and 8 bits the bytes
 per-module overrides in config.json's `quantization` (the routers at 8 bits). Its models' `sanitize()` also changed
 the layout; each change is undone here or by the family (`models/<family>.py: from_mlx`):
   - the multimodal wrapper's `language_model.model.` / `language_model.lm_head.` prefixes    -> `model.` / `lm_head.`
-  - routed experts stacked as `mlp.switch_mlp.{gate,up,down}_proj` [E, ...]                  -> read one expert at a time
+  - routed experts stacked as `<mlp>.switch_mlp.{gate,up,down}_proj` [E, ...]                -> read one expert at a time
   - quantized `X.weight` (uint32) + `X.scales` + `X.biases`                                  -> one quantized `X.weight`
   - family layout (Qwen3.5 / Qwen3-Next: conv1d as [C, K, 1], zero-centred norms stored as 1 + w) -> `from_mlx`
 Quantized tensors are handed over as they are (QuantizedTensor: uint8 codes, the source's scales), so experts and
@@ -29,8 +29,14 @@ from .shards import Remote, Shards
 PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
 LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision tower",
                      "language_model.vision_tower.": "vision tower", "mtp.": "multi-token-prediction head"}
-SWITCH_MLP = ".mlp.switch_mlp."
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # switch_mlp's, whatever the family calls its experts'
+
+
+def switch_mlp_prefix(expert_prefix: str) -> str:
+    """Where mlx-lm's sanitize() stacks a layer's experts: `switch_mlp.` beside the checkpoint's `experts.`"""
+    if not expert_prefix.endswith("experts."):
+        raise FlashMoeError(f"no mlx-lm layout known for experts under {expert_prefix!r}")
+    return expert_prefix[: -len("experts.")] + "switch_mlp."
 REPACKED_BITS = SUPPORTED_BITS  # widths whose MLX bytes are flashmoe's packing; others are dequantized
 
 
@@ -205,15 +211,15 @@ class MlxExpertSource:
     """One layer's routed experts from mlx-lm's stacked `switch_mlp` tensors: an expert's gate and up rows stacked into
     one [2I, H] matrix, as flashmoe's blobs hold them, codes and scales untouched."""
 
-    def __init__(self, ckpt: MlxCheckpoint, layer: int, hidden: int, inter: int, num_experts: int):
+    def __init__(self, ckpt: MlxCheckpoint, expert_prefix: str, layer: int, hidden: int, inter: int, num_experts: int):
         self.ckpt = ckpt
-        self.names = {p: f"model.layers.{layer}{SWITCH_MLP}{p}.weight" for p in PROJECTIONS}
+        self.names = {p: f"{switch_mlp_prefix(expert_prefix)}{p}.weight" for p in PROJECTIONS}
         self.source_names = list(self.names.values())
         want = {"gate_proj": (num_experts, inter, hidden), "up_proj": (num_experts, inter, hidden),
                 "down_proj": (num_experts, hidden, inter)}
         for p, name in self.names.items():
             if not ckpt.has(name):
-                raise FlashMoeError(f"MLX checkpoint {ckpt.folder} has no mlp.switch_mlp.{p} for layer {layer} (its "
+                raise FlashMoeError(f"MLX checkpoint {ckpt.folder} has no {name} for layer {layer} (its "
                                     "routed experts): not an mlx-lm checkpoint of this architecture")
             if ckpt.info(name).shape != want[p]:
                 raise FlashMoeError(f"MLX tensor {ckpt.info(name).source_name} has shape {list(ckpt.info(name).shape)}"
