@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import assert_runs_on_the_gpu, blob_views, rel_error
+from conftest import LAYOUTS, assert_runs_on_the_gpu, blob_views, rel_error
 
 import flashmoe
 from flashmoe.convert import convert
@@ -62,10 +62,11 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch):
     """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, Qwen3.5's
-    value heads tiled, Qwen3-Next's qkvz split and ba kept) undone: unquantized, the store runs the original."""
+    value heads tiled, Qwen3-Next's qkvz split and ba kept, Mixtral's q and k rows permuted as a Llama's) undone:
+    unquantized, the store runs the original."""
     store = convert(built.gguf(arch, "f32"), tmp_path / "store", bits=None)
     assert rel_error(flashmoe.load(store).logits(PROMPT), hf_logits(built.checkpoint(arch))) < 1e-4
     source = Store(store).manifest["source"]
@@ -192,8 +193,8 @@ def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
         convert(truncated, tmp_path / "a")
     with pytest.raises(FlashMoeError, match="--requantize is for quantized sources"):  # F32 experts
         convert(built.gguf(ARCH, "f32"), tmp_path / "b", requantize=True)
-    other = tmp_path / "llama.gguf"
-    writer = gguf.GGUFWriter(str(other), arch="llama")
+    other = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(str(other), arch="falcon")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
@@ -201,7 +202,7 @@ def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
     writer.write_tensors_to_file()
     writer.close()
     code, out, err = run_cli("convert", other, tmp_path / "c")
-    assert code != 0 and "llama" in err and "Supported" in err
+    assert code != 0 and "falcon" in err and "Supported" in err
     q5 = retype(built.gguf(ARCH, "f32"), tmp_path / "q5.gguf", {r"_exps": gguf.GGMLQuantizationType.Q5_1})
     with pytest.raises(FlashMoeError, match="ggml type 7, which is not supported yet"):  # transformers reads no Q5_x
         convert(q5, tmp_path / "e")
@@ -234,3 +235,69 @@ def test_gguf_store_on_the_gpu(built, tmp_path):
     store = convert(path, tmp_path / "store")
     assert Store(store).resident_quantized
     assert_runs_on_the_gpu(store, PROMPT, hf_logits(path.parent, path.name))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch):
+    """Qwen3-MoE (`qwen3moe`) and Mixtral (a `llama` with experts): Q8_0 experts repacked, Q8_0 residents kept
+    quantized (Mixtral's permuted q/k rows moved back as they are)."""
+    path = built.gguf(arch, "q8_0")
+    store = Store(convert(path, tmp_path / "store"))
+    assert store.manifest["source"]["repacked_from"] == {"Q8_0": 12}
+    kept = store.resident_quantized
+    assert kept["model.layers.1.self_attn.q_proj.weight"] == kept["model.layers.1.self_attn.k_proj.weight"] == {
+        "bits": 8, "group_size": 32}
+    # against transformers running the file's own weights, dequantized by the gguf package (Q8_0 of every matrix
+    # moves these random models' logits by ~2% from the bf16 checkpoint's; that is the file's, not ours)
+    ours = flashmoe.load(store.path).logits(PROMPT)
+    assert rel_error(ours, logits_of_gguf_weights(built.checkpoint(arch), path, store.config)) < 1e-2
+
+
+def logits_of_gguf_weights(checkpoint, path, cfg) -> torch.Tensor:
+    """transformers' model of `checkpoint` in float32 with every weight replaced by the GGUF's, dequantized by the
+    gguf package (llama.cpp's Python dequantizers) and named back with the family's map."""
+    from transformers import AutoModelForCausalLM
+
+    from flashmoe.models import family_of_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    family = family_of_gguf(gguf.GGUFReader(str(path)).fields["general.architecture"].contents())
+    state, experts = model.state_dict(), {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type).copy()).float()
+        layer, _, short = t.name.partition(".")[2].partition(".") if t.name.startswith("blk.") else (None, None, None)
+        if layer is None:
+            name = family.GGUF_NAMES[t.name]
+        elif short.startswith("ffn_") and "_exps" in short:
+            experts.setdefault(int(layer), {})[short.split("_")[1]] = w
+            continue
+        else:
+            name = f"model.layers.{layer}." + family.GGUF_LAYER_NAMES[short]
+        state[name.replace("block_sparse_moe.", "mlp.")].copy_(family.from_gguf(cfg, name, w).reshape(
+            state[name.replace("block_sparse_moe.", "mlp.")].shape))
+    for layer, parts in experts.items():
+        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"].copy_(torch.cat([parts["gate"], parts["up"]], dim=1))
+        state[f"model.layers.{layer}.mlp.experts.down_proj"].copy_(parts["down"])
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT])).logits[0]
+
+
+def test_a_dense_llama_gguf_is_refused_in_one_line(built, tmp_path):
+    reader = gguf.GGUFReader(str(built.gguf("mixtral", "f32")))
+    dense = tmp_path / "dense.gguf"
+    writer = gguf.GGUFWriter(str(dense), arch="llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or "expert" in name:
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(name, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if "exps" not in t.name and "gate_inp" not in t.name:
+            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FlashMoeError, match="^this GGUF is a dense llama model; flashmoe runs Mixture-of-Experts"):
+        convert(dense, tmp_path / "store")

@@ -39,7 +39,8 @@ FAMILIES = {
 
 
 # llama.cpp's general.architecture -> the same modules
-GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next"}
+GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next", "qwen3moe": "qwen3_moe",
+                 "llama": "mixtral"}  # llama.cpp writes Mixtral as a llama with experts
 
 
 def family_of_gguf(architecture: str) -> ModuleType | None:

@@ -7,9 +7,12 @@ The math follows transformers' modeling_mixtral.py; the layers are qwen3_moe.Att
 
 from __future__ import annotations
 
+import torch
+
 from ..config import ModelConfig, config_value
+from ..errors import FlashMoeError
 from . import qwen3_moe
-from .qwen3_moe import resident_sources
+from .qwen3_moe import GGUF_NAMES, gguf_rows_only, resident_sources
 
 ARCHITECTURES = {"MixtralForCausalLM": "mixtral"}
 ZERO_CENTRED_NORMS = False  # RMSNorm weights store an offset from 1 (else the scale itself)
@@ -40,8 +43,33 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
             ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
 
 
+GGUF_LAYER_NAMES = qwen3_moe.gguf_layer_names(MLP)
+
+
+def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """llama.cpp writes Mixtral as a Llama, whose converter permutes each q and k head's rows for its interleaved
+    RoPE (conversion/llama.py: permute); this puts them back. Rows only, so quantized rows move as they are."""
+    heads = {"self_attn.q_proj.weight": cfg.num_attention_heads, "self_attn.k_proj.weight": cfg.num_key_value_heads}
+    n = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
+    if n is None:
+        return t
+    return t.reshape(n, t.shape[0] // n // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)  # its inverse
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a Mixtral GGUF (`llama` with experts), from the keys llama.cpp's converter writes."""
+    arch = metadata["general.architecture"]
+    if not metadata.get(f"{arch}.expert_count"):
+        raise FlashMoeError(f"this GGUF is a dense {arch} model; flashmoe runs Mixture-of-Experts models "
+                            "(a llama GGUF with experts is read as Mixtral)")
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            **qwen3_moe.gguf_config_fields(metadata, names), "num_local_experts": metadata[f"{arch}.expert_count"],
+            "intermediate_size": metadata[f"{arch}.feed_forward_length"]}
+
+
 __all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "config_from_hf", "resident_shapes", "resident_sources",
-           "expert_prefix", "describe", "Model"]
+           "expert_prefix", "describe", "Model", "GGUF_NAMES", "GGUF_LAYER_NAMES", "from_gguf", "gguf_rows_only",
+           "config_from_gguf"]
 
 
 class Model(qwen3_moe.AttentionMoEModel):

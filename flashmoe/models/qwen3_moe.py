@@ -115,6 +115,71 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
             ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
 
 
+# llama.cpp's names (gguf-py's tensor map) -> the HF checkpoint's: whole-model, then per layer (blk.N. -> model.layers.N.)
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+              "output_norm.weight": "model.norm.weight"}
+
+
+def gguf_layer_names(mlp: str = MLP) -> dict[str, str]:
+    return {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+            "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+            "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+            "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+            "ffn_gate_inp.weight": mlp + "gate.weight", "ffn_gate.weight": mlp + "gate_proj.weight",
+            "ffn_up.weight": mlp + "up_proj.weight", "ffn_down.weight": mlp + "down_proj.weight"}
+
+
+GGUF_LAYER_NAMES = gguf_layer_names()
+
+
+def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    return t  # llama.cpp's Qwen3-MoE converter changes no tensor (NEOX RoPE: q and k are not permuted)
+
+
+def gguf_rows_only(cfg: ModelConfig, name: str) -> bool:
+    return True
+
+
+def gguf_config_fields(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json keys of a plain attention + MoE GGUF, from the keys llama.cpp's converter writes."""
+    arch = metadata["general.architecture"]
+
+    def key(name: str, default=KeyError):
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is KeyError:
+            raise KeyError(f"{arch}.{name}")
+        return value
+
+    layers, heads = key("block_count"), key("attention.head_count")
+    rope = {"rope_type": key("rope.scaling.type", "default"), "rope_theta": key("rope.freq_base", 10000.0)}
+    vocab = metadata["tokenizer.ggml.tokens"]
+    return {
+        "hidden_size": key("embedding_length"), "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": key("attention.key_length", key("embedding_length") // heads),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"), "max_position_embeddings": key("context_length"),
+        "rope_parameters": {**rope, "rope_type": "default" if rope["rope_type"] in ("none", "linear") and
+                            key("rope.scaling.factor", 1.0) == 1.0 else rope["rope_type"]},
+        "num_experts_per_tok": key("expert_used_count"),
+        "vocab_size": vocab if isinstance(vocab, int) else len(vocab), "tie_word_embeddings": "output.weight" not in names,
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"), "hidden_act": "silu",
+    }
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a Qwen3-MoE GGUF (`qwen3moe`: transformers 5 maps none). llama.cpp always renormalises this
+    family's top-K weights, so the file does not say norm_topk_prob: the released checkpoints set it too. (Its
+    converter refuses dense layers, so such a file has none.)"""
+    arch = metadata["general.architecture"]
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **gguf_config_fields(metadata, names),
+        "num_experts": metadata[f"{arch}.expert_count"],
+        "moe_intermediate_size": metadata[f"{arch}.expert_feed_forward_length"],
+        "intermediate_size": metadata.get(f"{arch}.feed_forward_length", 0), "norm_topk_prob": True,
+    }
+
+
 class AttentionMoEModel:
     """Resident weights (store names -> tensors) and the math of every layer but the routed experts: a decoder whose
     layers are all full attention, each followed by a MoE block (router only; no shared expert) or a dense MLP."""

@@ -98,6 +98,8 @@ def gguf_config(files: list[Path]) -> dict:
             raw["layer_types"] = ["linear_attention" if r else "full_attention"
                                   for r in recurrent[: raw["num_hidden_layers"]]]
         return raw
+    except FlashMoeError:  # the family's own refusal (a dense llama, say)
+        raise
     except KeyError as exc:
         raise FlashMoeError(f"{files[0]} lacks metadata key {exc}: not a complete llama.cpp GGUF") from None
     except ValueError as exc:  # an architecture transformers has no config mapping for
