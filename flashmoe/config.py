@@ -59,6 +59,13 @@ class ModelConfig:
     intermediate_size: int = 0
     eos_token_id: list[int] = field(default_factory=list)
     sliding_window: int = 0  # each query sees this many positions, itself included (Mixtral's); 0: all
+    attention_bias: bool = False  # biases on the q, k, v projections (GLM-4.5)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys, where the family makes it optional (GLM-4.5)
+    # sigmoid routers (GLM-4.5, DeepSeek-V3): experts in n_group groups, the best topk_group of which are eligible;
+    # the kept weights times routed_scaling_factor
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers

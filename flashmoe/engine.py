@@ -62,9 +62,10 @@ class Model:
         if experts_per_token is not None and not 1 <= experts_per_token <= cfg.num_experts:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
-        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t
-                   for name, t in store.load_resident(dtype, str(self.device)).items()}
-        self.model = family_of(cfg.architecture).Model(cfg, weights)
+        family = family_of(cfg.architecture)
+        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t for name, t in
+                   store.load_resident(dtype, str(self.device), getattr(family, "FLOAT32_RESIDENTS", ())).items()}
+        self.model = family.Model(cfg, weights)
         self.resident_format = resident_format
         if self.device.type == "cpu" and (resident_format != "float" or store.resident_quantized):
             self.model.compress_matrices(lambda w: compress_matrix(w, resident_format))

@@ -152,7 +152,7 @@ def _config(data: dict) -> ModelConfig:
         raise _bad("config.hidden_act", f"is {cfg.hidden_act!r}; flashmoe runs silu")
     recurrent = "linear_attention" in cfg.layer_types
     # sizes a config has are >= 1, those it may lack >= 0; the conv keeps kernel - 1 >= 1 past inputs
-    least = {name: 0 for name in optional}
+    least = {name: 0 for name in optional} | {"n_group": 1, "topk_group": 1}
     if recurrent:
         least.update(dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
                                     "linear_num_value_heads"), 1), linear_conv_kernel_dim=2)
@@ -165,6 +165,11 @@ def _config(data: dict) -> ModelConfig:
     for heads, groups in pairs:
         if getattr(cfg, heads) % getattr(cfg, groups):
             raise _bad(f"config.{groups}", f"{getattr(cfg, groups)} does not divide {heads} {getattr(cfg, heads)}")
+    if cfg.num_experts % cfg.n_group or not 1 <= cfg.topk_group <= cfg.n_group:
+        raise _bad("config.n_group", f"{cfg.n_group} groups of {cfg.num_experts} experts, {cfg.topk_group} of them kept: "
+                                     "the groups must divide the experts and keep at least one")
+    if not 0 < cfg.routed_scaling_factor < math.inf:
+        raise _bad("config.routed_scaling_factor", f"is {cfg.routed_scaling_factor}, not a finite number above 0")
     if cfg.num_experts_per_tok > cfg.num_experts:
         raise _bad("config.num_experts_per_tok", f"is {cfg.num_experts_per_tok}, more than num_experts {cfg.num_experts}")
     # comparisons written so that NaN fails them too

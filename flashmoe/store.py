@@ -205,9 +205,12 @@ class Store:
         """Resident matrices kept quantized (MLX imports): name -> {bits, group_size}."""
         return self.manifest["resident"].get("quantized", {})
 
-    def load_resident(self, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor | QuantizedTensor]:
-        """All resident tensors, floats cast to `dtype`; a matrix kept quantized is one QuantizedTensor (codes, scales
-        and biases as stored). Names, shapes and dtypes were checked against the config when the store opened."""
+    def load_resident(self, dtype: torch.dtype, device: str = "cpu", float32: tuple[str, ...] = ()
+                      ) -> dict[str, torch.Tensor | QuantizedTensor]:
+        """All resident tensors, floats cast to `dtype` (those whose names end with one of `float32` to float32: values
+        a bf16 rounding would change decisions with, like a router's bias); a matrix kept quantized is one
+        QuantizedTensor (codes, scales and biases as stored). Names, shapes and dtypes were checked against the config
+        when the store opened."""
         raw = {}
         for name in self.manifest["resident"]["files"]:
             try:
@@ -221,7 +224,8 @@ class Store:
             packed, scales, biases = (raw.pop(part).to(device) for part in quantized_parts(name))
             tensors[name] = QuantizedTensor(packed, scales, biases, q["bits"], q["group_size"])
         for key, t in raw.items():
-            tensors[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+            want = torch.float32 if key.endswith(float32) else dtype
+            tensors[key] = (t.to(want) if t.is_floating_point() else t).to(device)
         return tensors
 
     def verify(self, progress=None) -> list[str]:

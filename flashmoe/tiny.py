@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .tiny_templates import MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
+from .tiny_templates import GLM4_CHAT_TEMPLATE, MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
+GLM_SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 # added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
@@ -27,21 +28,22 @@ Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices
 """
 
 
-def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE, mistral: bool = False):
+def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE, style: str = "qwen"):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = MISTRAL_SPECIAL_TOKENS if mistral else SPECIAL_TOKENS
-    markup = [] if mistral else MARKUP_TOKENS
+    special = {"mistral": MISTRAL_SPECIAL_TOKENS, "glm": GLM_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
+    markup = MARKUP_TOKENS if style == "qwen" else []
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in markup])
-    names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>") if mistral else dict(
-        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    names = {"mistral": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+             "glm": dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")}.get(
+        style, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     fast.chat_template = chat_template
     return fast
@@ -56,6 +58,14 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(**{**common, "num_experts": 16, "moe_intermediate_size": 64, "intermediate_size": 128,
                                  "norm_topk_prob": True, **overrides})
+    if arch == "glm4_moe":  # GLM-4.5's settings (q/k/v biases, half-rotary heads, a scaled sigmoid router, a shared
+        # expert, the first layer dense) with DeepSeek-style expert groups, so the group-limited routing is exercised
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(**{**common, "n_routed_experts": 16, "moe_intermediate_size": 64, "intermediate_size": 128,
+                                "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                                "attention_bias": True, "norm_topk_prob": True, "num_nextn_predict_layers": 0,
+                                **overrides})
     if arch == "mixtral":  # 8 experts, K=2, head_dim = hidden / heads, as the real ones (mlx-lm assumes the last)
         return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
                                 "rms_norm_eps": 1e-5, "head_dim": 16, **overrides})
@@ -90,25 +100,32 @@ def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
             elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # a confident router
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a sigmoid router's choosing bias (GLM-4.5, DeepSeek-V3)
+                b.copy_(torch.rand(b.shape, generator=gen) * 0.2)
 
 
 def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
                           max_shard_size: str = "200KB", **overrides) -> Path:
     """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
-    from transformers import (GenerationConfig, MixtralForCausalLM, Qwen3_5MoeForCausalLM,
+    from transformers import (GenerationConfig, Glm4MoeForCausalLM, MixtralForCausalLM, Qwen3_5MoeForCausalLM,
                               Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM, Qwen3NextForCausalLM)
 
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
-           "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}[arch]
+           "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
+           "glm4_moe": Glm4MoeForCausalLM}[arch]
     model = cls(config)
     _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
-    template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE,
-                "mixtral": MIXTRAL_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
-    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template, mistral=arch == "mixtral")
+    template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
+                "glm4_moe": GLM4_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
+    style = {"mixtral": "mistral", "glm4_moe": "glm"}.get(arch, "qwen")
+    tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template, style)
     eos = tokenizer.eos_token_id
+    if arch == "glm4_moe":  # GLM-4.5's generation_config: a reply ends at <|endoftext|>, <|user|> or <|observation|>
+        eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)

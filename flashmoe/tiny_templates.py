@@ -91,3 +91,10 @@ MIXTRAL_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+
+# GLM-4.5's turn format (its released template, without tools and thinking): [gMASK]<sop>, then <|role|> and the text;
+# the reply ends at <|user|> or <|endoftext|>
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)

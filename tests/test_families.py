@@ -41,6 +41,12 @@ ODD = {
     "qwen3_moe": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3, head_dim=24,
                       num_experts=10, num_experts_per_tok=3, moe_intermediate_size=96, intermediate_size=160,
                       mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True),
+    # GLM-4.5 the other way round from the tiny default: q/k norms, no biases, one expert group, unnormalised
+    # weights, two shared experts, two dense layers first
+    "glm4_moe": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, head_dim=24,
+                     n_routed_experts=10, num_experts_per_tok=3, moe_intermediate_size=64, intermediate_size=160,
+                     first_k_dense_replace=2, n_group=1, topk_group=1, use_qk_norm=True, attention_bias=False,
+                     norm_topk_prob=False, n_shared_experts=2, routed_scaling_factor=1.8),
     # 5 experts at K=3, a 12-token sliding window (the prompt crosses it many times)
     "mixtral": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                     num_local_experts=5, num_experts_per_tok=3, intermediate_size=64, sliding_window=12),
@@ -77,19 +83,23 @@ def test_odd_shapes_match_transformers(odd):
     assert 0 < rel_error(flashmoe.load(stores[4], resident_format="float").logits(PROMPT), expected) < 0.2
 
 
-def test_odd_shapes_prompt_in_one_pass_equals_token_by_token(odd):
+def test_odd_shapes_prompt_in_one_pass_equals_token_by_token(odd, monkeypatch):
     """Chunks and single tokens through the KV caches (for Mixtral, across its sliding window) give one answer."""
     import torch
 
     from conftest import rel_error
+    from flashmoe.kernels import cpu_int4
     from test_reference import PROMPT
 
     _, _, stores = odd
+    # float residents and experts dequantized to float: this is about the state's paths, not bf16 rounding (the
+    # int4 kernel's one-token and many-token paths round differently, ~1e-4 apart)
+    monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
     model = flashmoe.load(stores[4], resident_format="float")
     whole = model.logits(PROMPT)
     state = model.new_state()
     parts = [PROMPT[:30]] + [[t] for t in PROMPT[30:40]] + [PROMPT[40:]]
-    assert rel_error(torch.cat([model.forward(p, state) for p in parts]), whole) < 1e-4
+    assert rel_error(torch.cat([model.forward(p, state) for p in parts]), whole) < 1e-5
 
 
 def test_a_sliding_window_limits_what_a_token_sees(odd):
@@ -117,14 +127,14 @@ def test_a_sliding_window_limits_what_a_token_sees(odd):
 
 def test_info_describes_each_family(run_cli, built):
     expected = {"qwen3_5_moe": "Gated DeltaNet", "qwen3_next": "Gated DeltaNet", "qwen3_moe": "no shared expert",
-                "mixtral": "no shared expert"}
+                "mixtral": "no shared expert", "glm4_moe": "sigmoid router, 2 of 4 expert groups (weights x 2.5)"}
     for arch, words in expected.items():
         code, out, err = run_cli("info", built.store(arch, 4))
         assert code == 0, err
         assert words in out and flashmoe.load(built.store(arch, 4)).config.architecture in out
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_generate_chat_renders_the_family_template(run_cli, built, arch):
     code, out, err = run_cli("generate", built.store(arch, 4), "--prompt", "Hello world", "--chat", "--max-tokens", "4")
     assert code == 0, err

@@ -88,6 +88,30 @@ def test_route_picks_the_same_experts_sorted_with_their_weights_and_slots(expert
         torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(3))
 
 
+@pytest.mark.parametrize("experts,top_k,n_group,topk_group,normalize,scale", [
+    (256, 8, 8, 4, True, 2.5),   # DeepSeek-V3's
+    (160, 8, 1, 1, True, 2.5),   # GLM-4.5's
+    (24, 3, 3, 2, False, 1.0),   # three groups (not a power of two), unnormalised
+    (10, 1, 1, 1, True, 1.0),
+])
+def test_route_sigmoid(experts, top_k, n_group, topk_group, normalize, scale):
+    gen = torch.Generator().manual_seed(experts)
+    logits = randn(5, experts + 3, dtype=torch.float32, gen=gen)[:, 3:]  # strided rows
+    bias = (torch.rand(experts, generator=gen) * 0.1).to(DEVICE)
+    args = (logits, bias, top_k, n_group, topk_group, normalize, scale)
+    ids, weights, _ = fused.route_sigmoid_triton(*args)
+    ids_ref, weights_ref, _ = fused.reference_route_sigmoid(*args)
+    assert torch.equal(ids, ids_ref) and torch.all(ids[:, 1:] > ids[:, :-1])
+    torch.testing.assert_close(weights, weights_ref, rtol=1e-5, atol=1e-6)
+    if normalize:
+        torch.testing.assert_close(weights.sum(-1).cpu(), torch.full((5,), scale))
+    if n_group > 1:  # every chosen expert lies in one of the topk_group eligible groups
+        assert all(len({e // (experts // n_group) for e in row}) <= topk_group for row in ids.tolist())
+    table = torch.arange(experts, dtype=torch.int32, device=DEVICE) * 2
+    _, _, slots = fused.route_sigmoid_triton(*args, slot_table=table)
+    assert torch.equal(slots, (ids * 2).int())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,heads,kv_heads,head_dim,rot", [(1, 4, 2, 32, 8), (3, 8, 1, 256, 64), (2, 2, 2, 24, 24)])
 @pytest.mark.parametrize("gated,qk_norm", [(True, "zero_centred"), (False, "plain"), (False, "none")])

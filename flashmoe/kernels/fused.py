@@ -72,6 +72,32 @@ def reference_route(logits, top_k, default_k, normalize, slot_table=None, counts
     return ids, weights, slots
 
 
+def reference_route_sigmoid(logits, bias, top_k, n_group, topk_group, normalize, scale, slot_table=None, counts=None):
+    """Sigmoid router (GLM-4.5, DeepSeek-V3): each expert's score is sigmoid(logit); its score plus `bias` (the
+    e_score_correction_bias, float32 [E]) chooses. Experts are split into n_group groups, ranked by the sum of their
+    two best choosing scores, and only the best topk_group groups' experts are eligible. The top_k eligible experts
+    keep their scores (not the biased ones), renormalised to 1 when `normalize`, times `scale`. Returns as
+    reference_route."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + bias.float()
+    t, e = scores.shape
+    if n_group > 1:
+        group = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(group).scatter_(1, group.topk(topk_group, dim=-1)[1], 1.0).bool()
+        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = weights * scale
+    ids, order = ids.sort(dim=-1)
+    weights = weights.gather(-1, order)
+    slots = None if slot_table is None else slot_table[ids]
+    if counts is not None:
+        count_tiers(slots, counts)
+    return ids, weights, slots
+
+
 def count_tiers(slots: torch.Tensor, counts: torch.Tensor) -> None:
     """counts (int64 [2]) += (slots in VRAM, >= 0; slots in pinned RAM, < 0), without a host sync."""
     counts += torch.stack([(slots >= 0).sum(), (slots < 0).sum()])
@@ -202,6 +228,60 @@ if triton is not None:
                 tl.atomic_add(counts_ptr + 1, in_ram)
 
     @triton.jit
+    def _route_sigmoid_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, E,
+                              logits_stride, scale, TOP_K: tl.constexpr, KPAD: tl.constexpr, N_GROUP: tl.constexpr,
+                              GPAD: tl.constexpr, TOPK_GROUP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                              COUNT: tl.constexpr, BLOCK_E: tl.constexpr):
+        row = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        valid = e < E
+        logits = tl.load(logits_ptr + row * logits_stride + e, mask=valid, other=0.0).to(tl.float32)
+        scores = tl.sigmoid(logits)
+        choice = tl.where(valid, scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32), float("-inf"))
+        if N_GROUP > 1:  # the groups ranked by their two best choosing scores; the best TOPK_GROUP stay eligible
+            size = E // N_GROUP
+            group = e // size
+            gi = tl.arange(0, GPAD)
+            group_score = tl.full((GPAD,), float("-inf"), dtype=tl.float32)
+            for g in tl.static_range(N_GROUP):
+                in_g = valid & (group == g)
+                best = tl.max(tl.where(in_g, choice, float("-inf")), axis=0)
+                first = tl.min(tl.where(in_g & (choice == best), e, BLOCK_E), axis=0)
+                second = tl.max(tl.where(in_g & (e != first), choice, float("-inf")), axis=0)
+                group_score = tl.where(gi == g, best + second, group_score)
+            eligible = tl.zeros((BLOCK_E,), dtype=tl.int1)
+            for _ in tl.static_range(TOPK_GROUP):
+                top = tl.max(group_score, axis=0)
+                pick = tl.min(tl.where(group_score == top, gi, GPAD), axis=0)
+                eligible = eligible | (group == pick)
+                group_score = tl.where(gi == pick, float("-inf"), group_score)
+            choice = tl.where(eligible & valid, choice, float("-inf"))
+        slot = tl.arange(0, KPAD)
+        top_ids = tl.zeros((KPAD,), dtype=tl.int32)
+        top_w = tl.zeros((KPAD,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):  # repeated argmax: K is small
+            best = tl.max(choice, axis=0)
+            pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)  # the lowest id among ties
+            top_ids = tl.where(slot == j, pick, top_ids)
+            top_w = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), top_w)
+            choice = tl.where(e == pick, float("-inf"), choice)
+        kept = slot < TOP_K
+        if NORMALIZE:
+            top_w = top_w / (tl.sum(tl.where(kept, top_w, 0.0), axis=0) + 1e-20)
+        top_w = top_w * scale
+        smaller = (top_ids[None, :] < top_ids[:, None]) & kept[None, :]
+        rank = tl.sum(smaller.to(tl.int32), axis=1)
+        tl.store(ids_ptr + row * TOP_K + rank, top_ids.to(ids_ptr.dtype.element_ty), mask=kept)
+        tl.store(weights_ptr + row * TOP_K + rank, top_w, mask=kept)
+        if HAS_SLOTS:
+            slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
+            tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
+            if COUNT:
+                in_ram = tl.sum((kept & (slots < 0)).to(tl.int64), axis=0)
+                tl.atomic_add(counts_ptr, TOP_K - in_ram)
+                tl.atomic_add(counts_ptr + 1, in_ram)
+
+    @triton.jit
     def _qk_norm_rope_kernel(proj_ptr, pos_ptr, qw_ptr, kw_ptr, inv_freq_ptr, q_ptr, k_ptr, proj_stride, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
                              GATED: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -304,6 +384,22 @@ def route_triton(logits, top_k, default_k, normalize, slot_table=None, counts=No
     return ids, weights, slots
 
 
+def route_sigmoid_triton(logits, bias, top_k, n_group, topk_group, normalize, scale, slot_table=None, counts=None):
+    """reference_route_sigmoid in one Triton launch. logits [T, E] (rows may be strided); bias [E] float32."""
+    t, e = logits.shape
+    ids = torch.empty(t, top_k, dtype=torch.long, device=logits.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    slots = torch.empty(t, top_k, dtype=torch.int32, device=logits.device) if slot_table is not None else None
+    _route_sigmoid_kernel[(t,)](
+        logits, bias, ids, weights, slot_table if slot_table is not None else ids, slots if slots is not None else ids,
+        counts if counts is not None else ids, e, logits.stride(0), float(scale), TOP_K=top_k,
+        KPAD=triton.next_power_of_2(top_k), N_GROUP=n_group, GPAD=triton.next_power_of_2(n_group),
+        TOPK_GROUP=topk_group, NORMALIZE=normalize,
+        HAS_SLOTS=slot_table is not None, COUNT=counts is not None and slot_table is not None,
+        BLOCK_E=triton.next_power_of_2(e), num_warps=4 if e >= 256 else 1)
+    return ids, weights, slots
+
+
 def qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
                         qk_norm="zero_centred"):
     """reference_qk_norm_rope in one Triton launch (proj rows contiguous)."""
@@ -340,6 +436,11 @@ def route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     if use_triton(logits):
         return route_triton(logits, top_k, default_k, normalize, slot_table, counts)
     return reference_route(logits, top_k, default_k, normalize, slot_table, counts)
+
+
+def route_sigmoid(logits, bias, top_k, n_group, topk_group, normalize, scale, slot_table=None, counts=None):
+    fn = route_sigmoid_triton if use_triton(logits) else reference_route_sigmoid
+    return fn(logits, bias, top_k, n_group, topk_group, normalize, scale, slot_table, counts)
 
 
 def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,

@@ -2,7 +2,8 @@
 per-head query/key norms, an optional per-head output gate, an optional sliding window).
 
 The layer's weights are read by store name under a prefix: `qkv_proj.fused` (q, k, v rows in one matrix: the
-queries, with each head's output gate after it when gated), `q_norm.weight` / `k_norm.weight` and `o_proj.weight`.
+queries, with each head's output gate after it when gated), `qkv_proj.fused_bias` where there are biases,
+`q_norm.weight` / `k_norm.weight` and `o_proj.weight`.
 Two paths: `attend` for any number of new tokens (the cache grows), `attend_at` for one decode token whose
 position is read from the device (for a CUDA graph: the whole capacity under a mask, no host values).
 """
@@ -29,6 +30,7 @@ class AttentionSpec:
     qk_norm: str = "none"  # fused.QK_NORMS: "none" (Mixtral), "plain" (Qwen3-MoE), "zero_centred" (Qwen3.5/Next)
     output_gate: bool = False  # Qwen3.5/Next: out *= sigmoid(gate), the gate stored after each query head
     sliding_window: int = 0  # a query sees this many positions back, itself included (0: all)
+    bias: bool = False  # q, k, v biases (GLM-4.5), stored fused as qkv_proj.fused_bias
 
 
 def rope_inv_freq(theta: float, rotary_dim: int, device) -> torch.Tensor:
@@ -88,6 +90,8 @@ class Attention:
         s = self.spec
         t, hd = h.shape[0], s.head_dim
         proj = linear(h, w[p + "qkv_proj.fused"])
+        if s.bias:
+            proj = proj + w[p + "qkv_proj.fused_bias"]
         q, k = fused.qk_norm_rope(proj, positions, w.get(p + "q_norm.weight"), w.get(p + "k_norm.weight"),
                                   self.inv_freq, s.heads, s.kv_heads, hd, s.eps, s.output_gate, s.qk_norm)
         q_rows = s.heads * hd * (2 if s.output_gate else 1)

@@ -9,6 +9,7 @@ A family module provides:
   expert_prefix(layer) -> str                       where the checkpoint keeps a layer's routed experts
   EXPERT_PROJECTIONS: (gate, up, down)              their names there: PREFIX{e}.{name}.weight
   ZERO_CENTRED_NORMS: bool                          whether RMSNorm weights are offsets from 1
+  FLOAT32_RESIDENTS (optional): name suffixes       resident tensors kept in float32 whatever the model dtype
   describe(cfg) -> [(label, text)]                  what `flashmoe info` says of its layers
   GGUF_NAMES, GGUF_LAYER_NAMES, from_gguf(cfg, name, t)   llama.cpp's names and changes, undone
   config_from_gguf(metadata, names) -> config.json  for a GGUF architecture transformers has no mapping for
@@ -35,6 +36,7 @@ FAMILIES = {
     "Qwen3NextForCausalLM": "qwen3_next",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 
 

@@ -192,17 +192,28 @@ class AttentionMoEModel:
         self.embed_weight = weights["model.embed_tokens.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
         spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-                             qk_norm=self.QK_NORM, sliding_window=cfg.sliding_window)
+                             qk_norm=self.qk_norm(cfg), sliding_window=cfg.sliding_window, bias=cfg.attention_bias)
         self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
         for layer in range(cfg.num_hidden_layers):
             p = f"model.layers.{layer}."
             # matrices that read the same input become one: a decode step reads them in one matrix-vector product
-            for fused_name, parts in ((p + "self_attn.qkv_proj.fused", ("self_attn.q_proj", "self_attn.k_proj",
-                                                                         "self_attn.v_proj")),
-                                      (p + self.MLP + "gate_up.fused", (self.MLP + "gate_proj", self.MLP + "up_proj"))):
-                names = [p + part + ".weight" for part in parts]
+            for fused_name, parts in self.fused_groups(p):
+                names = [p + part for part in parts]
                 if all(n in self.w for n in names):
-                    self.w[fused_name] = cat_rows([self.w.pop(n) for n in names])
+                    self.w[fused_name] = (cat_rows if fused_name.endswith(".fused") else torch.cat)(
+                        [self.w.pop(n) for n in names])
+
+    def qk_norm(self, cfg: ModelConfig) -> str:
+        return self.QK_NORM
+
+    def fused_groups(self, p: str) -> list[tuple[str, tuple[str, ...]]]:
+        """(fused name, the layer's tensors it concatenates, rows in order) for the layer under prefix p."""
+        m = self.MLP
+        return [(p + "self_attn.qkv_proj.fused", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                  "self_attn.v_proj.weight")),
+                (p + "self_attn.qkv_proj.fused_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                                       "self_attn.v_proj.bias")),
+                (p + m + "gate_up.fused", (m + "gate_proj.weight", m + "up_proj.weight"))]
 
     def compress_matrices(self, compress) -> None:
         """Replace every projection weight (not the embedding table or the norms) by compress(weight); the head gets
