@@ -176,8 +176,9 @@ def hf_as_mlx_lm_reads_it(src, dst):
     else:
         rope = cfg.get("rope_parameters") or {}
         cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        if cfg.get("model_type") == "qwen3_next":
+        if cfg.get("model_type") == "qwen3_next" or "partial_rotary_factor" in rope:
             cfg.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
+        cfg.setdefault("rope_scaling", None)
     if cfg.get("model_type") == "qwen3_moe":  # the released configs' name, which mlx-lm reads (transformers 5 renames it)
         cfg.setdefault("num_experts", cfg.get("num_local_experts"))
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -70,7 +70,8 @@ def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch
     store = convert(built.gguf(arch, "f32"), tmp_path / "store", bits=None)
     assert rel_error(flashmoe.load(store).logits(PROMPT), hf_logits(built.checkpoint(arch))) < 1e-4
     source = Store(store).manifest["source"]
-    assert (source["format"], source["experts"], source["requantized_from"]) == ("gguf", "dequantized", {"F32": 12})
+    experts = 3 * len(Store(store).config.moe_layers)  # gate, up and down of each MoE layer
+    assert (source["format"], source["experts"], source["requantized_from"]) == ("gguf", "dequantized", {"F32": experts})
 
 
 def expert_weights(store: Store, layer: int, expert: int) -> torch.Tensor:
@@ -237,20 +238,25 @@ def test_gguf_store_on_the_gpu(built, tmp_path):
     assert_runs_on_the_gpu(store, PROMPT, hf_logits(path.parent, path.name))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch):
-    """Qwen3-MoE (`qwen3moe`) and Mixtral (a `llama` with experts): Q8_0 experts repacked, Q8_0 residents kept
-    quantized (Mixtral's permuted q/k rows moved back as they are)."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe"])
+def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch, monkeypatch):
+    """Qwen3-MoE (`qwen3moe`), Mixtral (a `llama` with experts) and GLM-4.5 (`glm4moe`): Q8_0 experts repacked, Q8_0
+    residents kept quantized (Mixtral's permuted q/k rows moved back as they are)."""
     path = built.gguf(arch, "q8_0")
     store = Store(convert(path, tmp_path / "store"))
-    assert store.manifest["source"]["repacked_from"] == {"Q8_0": 12}
+    assert store.manifest["source"]["repacked_from"] == {"Q8_0": 3 * len(store.config.moe_layers)}
     kept = store.resident_quantized
     assert kept["model.layers.1.self_attn.q_proj.weight"] == kept["model.layers.1.self_attn.k_proj.weight"] == {
         "bits": 8, "group_size": 32}
     # against transformers running the file's own weights, dequantized by the gguf package (Q8_0 of every matrix
-    # moves these random models' logits by ~2% from the bf16 checkpoint's; that is the file's, not ours)
-    ours = flashmoe.load(store.path).logits(PROMPT)
-    assert rel_error(ours, logits_of_gguf_weights(built.checkpoint(arch), path, store.config)) < 1e-2
+    # moves these random models' logits by ~2% from the bf16 checkpoint's; that is the file's, not ours). In float
+    # here, residents and experts dequantized once (the CPU's int4 kernel computes in bf16: tests/test_cpu_int4.py)
+    from flashmoe.kernels import cpu_int4
+
+    monkeypatch.setattr(cpu_int4.PackedMatrix, "from_quantized", staticmethod(lambda q: None))
+    monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    ours = flashmoe.load(store.path, resident_format="float").logits(PROMPT)
+    assert rel_error(ours, logits_of_gguf_weights(built.checkpoint(arch), path, store.config)) < 1e-4
 
 
 def logits_of_gguf_weights(checkpoint, path, cfg) -> torch.Tensor:

@@ -41,7 +41,7 @@ FAMILIES = {
 
 
 # llama.cpp's general.architecture -> the same modules
-GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next", "qwen3moe": "qwen3_moe",
+GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe",
                  "llama": "mixtral"}  # llama.cpp writes Mixtral as a llama with experts
 
 

@@ -17,7 +17,8 @@ from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.linear import linear
 from . import qwen3_moe
-from .qwen3_moe import EXPERT_PROJECTIONS, ZERO_CENTRED_NORMS, expert_prefix, resident_sources
+from .qwen3_moe import (EXPERT_PROJECTIONS, GGUF_NAMES, ZERO_CENTRED_NORMS, expert_prefix, from_gguf, gguf_rows_only,
+                        resident_sources)
 
 ARCHITECTURES = {"Glm4MoeForCausalLM": "glm4_moe"}
 FLOAT32_RESIDENTS = (".e_score_correction_bias",)  # transformers keeps it float32: it decides close calls
@@ -74,8 +75,46 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
                         f"(weights x {cfg.routed_scaling_factor:g}), shared expert {cfg.shared_expert_intermediate_size}")]
 
 
+# llama.cpp's names: qwen3_moe's, with its post-attention norm's own name, the biases and the shared expert
+GGUF_LAYER_NAMES = {**{k: v for k, v in qwen3_moe.GGUF_LAYER_NAMES.items() if k != "ffn_norm.weight"},
+                    "post_attention_norm.weight": "post_attention_layernorm.weight",
+                    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+                    "attn_v.bias": "self_attn.v_proj.bias", "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+                    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
+                    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
+                    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight"}
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a GLM-4.5 GGUF (`glm4moe`: transformers 5 maps none), from the keys llama.cpp's converter writes
+    (conversion/glm.py); it changes no tensor (NEOX RoPE), and its MTP layers, if any, are the last blocks."""
+    arch = metadata["general.architecture"]
+
+    def key(name: str, default=KeyError):
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is KeyError:
+            raise KeyError(f"{arch}.{name}")
+        return value
+
+    if key("expert_gating_func", SIGMOID_GATING) != SIGMOID_GATING:
+        raise FlashMoeError(f"this {arch} GGUF's router is not a sigmoid one (expert_gating_func "
+                            f"{key('expert_gating_func')}); flashmoe runs GLM-4.5's")
+    fields = qwen3_moe.gguf_config_fields(metadata, names)
+    fields["num_hidden_layers"] -= key("nextn_predict_layers", 0)
+    return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **fields,
+            "partial_rotary_factor": key("rope.dimension_count") / fields["head_dim"],
+            "n_routed_experts": key("expert_count"), "moe_intermediate_size": key("expert_feed_forward_length"),
+            "n_shared_experts": key("expert_shared_count", 1), "first_k_dense_replace": key("leading_dense_block_count", 0),
+            "intermediate_size": key("feed_forward_length"), "n_group": key("expert_group_count", 1),
+            "topk_group": key("expert_group_used_count", 1), "routed_scaling_factor": key("expert_weights_scale", 1.0),
+            "norm_topk_prob": bool(key("expert_weights_norm", True)), "attention_bias": "blk.0.attn_q.bias" in names,
+            "use_qk_norm": "blk.0.attn_q_norm.weight" in names}
+
+
 __all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "FLOAT32_RESIDENTS", "config_from_hf",
-           "resident_shapes", "resident_sources", "expert_prefix", "describe", "Model"]
+           "resident_shapes", "resident_sources", "expert_prefix", "describe", "Model", "GGUF_NAMES",
+           "GGUF_LAYER_NAMES", "from_gguf", "gguf_rows_only", "config_from_gguf"]
 
 
 class Model(qwen3_moe.AttentionMoEModel):
