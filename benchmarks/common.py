@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from flashmoe.synthetic import MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B
+from flashmoe.synthetic import GLM4_5_AIR, MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B
 
 # real models' geometries for random stores: name -> (config.json, K, the real model's layer count, its name)
 GEOMETRIES = {
     "397b": (QWEN3_5_397B, 4, 60, "Qwen3.5-397B-A17B"),  # K=4: Flash-MoE's measured sweet spot for this model
     "qwen3-235b": (QWEN3_235B, 8, 94, "Qwen3-235B-A22B"),
     "mixtral-8x7b": (MIXTRAL_8X7B, 2, 32, "Mixtral-8x7B"),
+    "glm-4.5-air": (GLM4_5_AIR, 8, 46, "GLM-4.5-Air"),
 }
 
 

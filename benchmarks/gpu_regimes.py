@@ -5,7 +5,8 @@
 
 Writes a random-weight store with the geometry (397b: hidden 4096, 512 experts of 1024, shared expert, its
 attention and DeltaNet sizes, K=4; qwen3-235b: Qwen3-235B-A22B, 128 experts of 1536, K=8, full attention only;
-mixtral-8x7b: 8 experts of 14336, K=2), 4-bit, with as many layers as --expert-gb of experts allows, measures
+mixtral-8x7b: 8 experts of 14336, K=2; glm-4.5-air: 128 experts of 1408, K=8, sigmoid router, shared expert), 4-bit,
+with as many layers as --expert-gb of experts allows, measures
 the machine's bandwidths (HBM, pinned host-to-device copies, SSD random reads of expert-sized blocks with
 O_DIRECT at the queue depth one layer's reads have), then decodes in each regime:
 

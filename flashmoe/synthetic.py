@@ -55,6 +55,16 @@ QWEN3_235B = dict(
     intermediate_size=12288, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, rms_norm_eps=1e-6,
     rope_theta=1_000_000, max_position_embeddings=40960, tie_word_embeddings=False, num_hidden_layers=94,
 )
+# GLM-4.5-Air's config.json: 128 experts of 1408 at K=8 under a sigmoid router, a shared expert, q/k/v biases,
+# half-rotary heads, the first layer dense; 46 layers
+GLM4_5_AIR = dict(
+    architectures=["Glm4MoeForCausalLM"], vocab_size=151552, hidden_size=4096, num_attention_heads=96,
+    num_key_value_heads=8, head_dim=128, n_routed_experts=128, num_experts_per_tok=8, moe_intermediate_size=1408,
+    intermediate_size=10944, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5,
+    rms_norm_eps=1e-5, rope_theta=1_000_000, max_position_embeddings=131072, tie_word_embeddings=False,
+    num_hidden_layers=46,
+)
 # Mixtral-8x7B's config.json: 8 experts of 14336 at K=2, 32 layers
 MIXTRAL_8X7B = dict(
     architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, num_attention_heads=32,
