@@ -11,7 +11,8 @@ from typing import Any, get_args, get_origin
 
 from .errors import FlashMoeError
 
-KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+              dict: "an object"}
 
 
 def is_json_type(value: Any, hint: Any) -> bool:
@@ -66,6 +67,14 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    # multi-head latent attention (DeepSeek-V3, Kimi-K2): head_dim is then qk_nope_head_dim + qk_rope_head_dim
+    q_lora_rank: int = 0  # 0: no query compression (q_proj)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    rope_scaling: dict = field(default_factory=dict)  # config.json's rope parameters where not the default RoPE (YaRN)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers

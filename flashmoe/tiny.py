@@ -13,7 +13,7 @@ import torch
 
 from .tiny_templates import GLM4_CHAT_TEMPLATE, MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
@@ -66,6 +66,20 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
                                 "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
                                 "attention_bias": True, "norm_topk_prob": True, "num_nextn_predict_layers": 0,
                                 **overrides})
+    if arch == "deepseek_v3":  # DeepSeek-V3's structure at small sizes: MLA with q and kv LoRA, YaRN (factor 4 over
+        # 32 original positions: the tests' prompts reach past them), groups, a shared expert, the first layer dense
+        from transformers import DeepseekV3Config
+
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+        # head_dim: transformers' config sets it to the rope dims (its RoPE reads it); 4 x 32 = 128 positions after YaRN
+        return DeepseekV3Config(**{**common, "head_dim": 8, "max_position_embeddings": 128,
+                                   "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
+                                   "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                                   "n_routed_experts": 16, "moe_intermediate_size": 64, "intermediate_size": 128,
+                                   "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                                   "routed_scaling_factor": 2.5, "n_shared_experts": 1, "rope_parameters": rope,
+                                   **overrides})
     if arch == "mixtral":  # 8 experts, K=2, head_dim = hidden / heads, as the real ones (mlx-lm assumes the last)
         return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
                                 "rms_norm_eps": 1e-5, "head_dim": 16, **overrides})
@@ -108,15 +122,16 @@ def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
 def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
                           max_shard_size: str = "200KB", **overrides) -> Path:
     """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
-    from transformers import (GenerationConfig, Glm4MoeForCausalLM, MixtralForCausalLM, Qwen3_5MoeForCausalLM,
-                              Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM, Qwen3NextForCausalLM)
+    from transformers import (DeepseekV3ForCausalLM, GenerationConfig, Glm4MoeForCausalLM, MixtralForCausalLM,
+                              Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM,
+                              Qwen3NextForCausalLM)
 
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
            "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
-           "glm4_moe": Glm4MoeForCausalLM}[arch]
+           "glm4_moe": Glm4MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}[arch]
     model = cls(config)
     _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
     template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
