@@ -303,7 +303,7 @@ class Converter:
             quants = {self.ckpt.quant(s) for s in item.sources}
             q = quants.pop() if len(quants) == 1 else None
             # MXFP4 and FP8 (no biases) run in the expert kernels only
-            if q is not None and q[0] in REPACKED_BITS and not any(
+            if q is not None and q[0] in REPACKED_BITS and item.rows_only and not any(
                     self.ckpt.scale_dtype_of(s) in UNBIASED for s in item.sources):
                 out.update({name: {"bits": q[0], "group_size": q[1]} for name in item.outputs})
         return out

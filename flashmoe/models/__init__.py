@@ -65,3 +65,4 @@ class ResidentItem:
     sources: dict[str, tuple[int, ...]]  # checkpoint name -> expected shape
     outputs: list[str]  # store names
     make: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    rows_only: bool = True  # make only moves whole rows, so it serves quantized codes, scales and biases alike

@@ -19,7 +19,8 @@ from ..kernels.affine import AffineMatrix
 from ..layers.mla import MLA, LatentCache, MLASpec
 from ..layers.state import SequenceState
 from . import glm4_moe, qwen3_moe
-from .qwen3_moe import EXPERT_PROJECTIONS, ZERO_CENTRED_NORMS, expert_prefix, resident_sources
+from . import ResidentItem
+from .qwen3_moe import EXPERT_PROJECTIONS, ZERO_CENTRED_NORMS, expert_prefix
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3"}
 FLOAT32_RESIDENTS = glm4_moe.FLOAT32_RESIDENTS
@@ -76,6 +77,24 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({a + "kv_a_proj_with_mqa.weight": (r + dr, h), a + "kv_a_layernorm.weight": (r,),
                        a + "kv_b_proj.weight": (nh * (qk - dr + v), r), a + "o_proj.weight": (h, nh * v)})
     return shapes
+
+
+def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
+    """mlx-lm's sanitize() splits kv_b_proj per head into embed_q [H, rank, nope] (transposed) and unembed_out
+    [H, v, rank]; they are put back together where a checkpoint has them instead (in float: the transpose moves
+    columns). Every other resident tensor is stored as it is."""
+    h, r, dn, dv = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+
+    def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        embed_q, unembed_out = ts
+        return [torch.cat([embed_q.transpose(1, 2), unembed_out], dim=1).reshape(h * (dn + dv), r).contiguous()]
+
+    items = []
+    for i in range(cfg.num_hidden_layers):
+        a = f"model.layers.{i}.self_attn."
+        items.append(ResidentItem({a + "embed_q.weight": (h, r, dn), a + "unembed_out.weight": (h, dv, r)},
+                                  [a + "kv_b_proj.weight"], merge, rows_only=False))
+    return items
 
 
 def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
