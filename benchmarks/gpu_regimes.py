@@ -225,7 +225,10 @@ def main() -> None:
     cfg = dict(geometry, num_experts_per_tok=K)
     experts = ModelConfig.from_hf({**cfg, "num_hidden_layers": 1})
     blob = expert_layout(experts, 4, 64).blob_bytes
-    layers = int(args.expert_gb * 1e9 // (blob * experts.num_experts))
+    moe_layers = max(1, int(args.expert_gb * 1e9 // (blob * experts.num_experts)))
+    layers = moe_layers  # and the dense layers before them (DeepSeek-V3's first three)
+    while len(ModelConfig.from_hf({**cfg, "num_hidden_layers": layers}).moe_layers) < moe_layers:
+        layers += 1
     cfg["num_hidden_layers"] = layers
     if not (store_path / "manifest.json").exists():
         shutil.rmtree(store_path, ignore_errors=True)

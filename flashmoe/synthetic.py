@@ -65,6 +65,17 @@ GLM4_5_AIR = dict(
     rms_norm_eps=1e-5, rope_theta=1_000_000, max_position_embeddings=131072, tie_word_embeddings=False,
     num_hidden_layers=46,
 )
+# DeepSeek-V3's config.json (Kimi-K2 has its shapes with 384 experts): MLA, 256 experts of 2048 at K=8 in 8 groups,
+# a shared expert, the first 3 layers dense, YaRN; 61 layers
+DEEPSEEK_V3 = dict(
+    architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168, num_attention_heads=128,
+    num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048, intermediate_size=18432,
+    first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1,
+    norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=163840, tie_word_embeddings=False,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}, rope_theta=10000, num_hidden_layers=61,
+)
 # Mixtral-8x7B's config.json: 8 experts of 14336 at K=2, 32 layers
 MIXTRAL_8X7B = dict(
     architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, num_attention_heads=32,
