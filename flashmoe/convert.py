@@ -13,6 +13,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,20 @@ def resident_plan(cfg: ModelConfig, ckpt: Checkpoint) -> list[ResidentItem]:
         elif name == made[name].outputs[0]:  # one item makes all its outputs
             items.append(made[name])
     return items
+
+
+EXTRA_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def leave_out_extra_layers(ckpt, layers: int) -> None:
+    """Layers numbered past the decoder's are multi-token-prediction modules (GLM-4.5's and DeepSeek-V3's
+    num_nextn_predict_layers): not part of the text model, counted into the checkpoint's left_out to be said."""
+    tensors = getattr(ckpt, "tensors", None)
+    if not isinstance(tensors, dict):
+        return
+    extra = [n for n in tensors if (m := EXTRA_LAYER.match(n)) and int(m.group(1)) >= layers]
+    if extra:
+        ckpt.left_out["multi-token-prediction layers"] = [len(extra), sum(tensors[n].nbytes for n in extra)]
 
 
 def item_source_bytes(item: ResidentItem, ckpt: Checkpoint) -> int:
@@ -227,6 +242,7 @@ class Converter:
             self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4)
             self.ckpt.keep_fp8 = bits == "fp8" and self.fp8_block is not None
         try:
+            leave_out_extra_layers(self.ckpt, self.cfg.num_hidden_layers)
             self.plan = resident_plan(self.cfg, self.ckpt)
             check_sources(self.ckpt, {s: shape for item in self.plan for s, shape in item.sources.items()})
             if self.mlx:

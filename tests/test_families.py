@@ -177,3 +177,25 @@ def test_a_store_written_before_a_config_field_existed_still_loads(built, tmp_pa
     manifest["manifest_crc32"] = manifest_crc32(manifest)
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert torch.equal(flashmoe.load(old).logits(PROMPT[:9]), flashmoe.load(src).logits(PROMPT[:9]))
+
+
+def test_multi_token_prediction_layers_are_left_out_and_said(built, tmp_path, run_cli):
+    """GLM-4.5 and DeepSeek-V3 checkpoints carry their MTP module as one more numbered layer: not the text model's."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(built.checkpoint("glm4_moe"), src)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    extra = {f"model.layers.{layers}.eh_proj.weight": torch.zeros(64, 128), f"model.layers.{layers}.enorm.weight": torch.ones(64)}
+    save_file(extra, str(src / "mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, "mtp.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, out, err = run_cli("convert", src, tmp_path / "store", "--bits", "4")
+    assert code == 0, err
+    assert "leaving out the multi-token-prediction layers: 2 tensors" in err
+    assert flashmoe.load(tmp_path / "store").config.num_hidden_layers == layers
