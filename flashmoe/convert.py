@@ -68,8 +68,8 @@ EXTRA_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def leave_out_extra_layers(ckpt, layers: int) -> None:
-    """Layers numbered past the decoder's are multi-token-prediction modules (GLM-4.5's and DeepSeek-V3's
-    num_nextn_predict_layers): not part of the text model, counted into the checkpoint's left_out to be said."""
+    """Layers numbered past the decoder's are multi-token-prediction modules (num_nextn_predict_layers of the
+    sigmoid-routed families): not part of the text model, counted into the checkpoint's left_out to be said."""
     tensors = getattr(ckpt, "tensors", None)
     if not isinstance(tensors, dict):
         return

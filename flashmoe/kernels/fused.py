@@ -190,6 +190,23 @@ if triton is not None:
         tl.store(beta_ptr + row * H + h, tl.sigmoid(b).to(beta_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _store_route(row, top_ids, top_w, kept, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr,
+                     TOP_K: tl.constexpr, HAS_SLOTS: tl.constexpr, COUNT: tl.constexpr):
+        """A router row's kept experts in ascending id order (each kept id's rank among the kept ones), their
+        weights, and their slots in the table, counted by tier (>= 0 VRAM, < 0 pinned RAM)."""
+        smaller = (top_ids[None, :] < top_ids[:, None]) & kept[None, :]
+        rank = tl.sum(smaller.to(tl.int32), axis=1)
+        tl.store(ids_ptr + row * TOP_K + rank, top_ids.to(ids_ptr.dtype.element_ty), mask=kept)
+        tl.store(weights_ptr + row * TOP_K + rank, top_w, mask=kept)
+        if HAS_SLOTS:
+            slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
+            tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
+            if COUNT:
+                in_ram = tl.sum((kept & (slots < 0)).to(tl.int64), axis=0)
+                tl.atomic_add(counts_ptr, TOP_K - in_ram)
+                tl.atomic_add(counts_ptr + 1, in_ram)
+
+    @triton.jit
     def _route_kernel(logits_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, E, logits_stride,
                       TOP_K: tl.constexpr, DEFAULT_K: tl.constexpr, K_MAX: tl.constexpr, KPAD: tl.constexpr,
                       NORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, COUNT: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -214,18 +231,8 @@ if triton is not None:
             top_p = top_p / total
         else:
             top_p = top_p / total * tl.sum(tl.where(slot < DEFAULT_K, top_p, 0.0), axis=0)
-        # ascending ids: each kept id's rank among the kept ones
-        smaller = (top_ids[None, :] < top_ids[:, None]) & kept[None, :]
-        rank = tl.sum(smaller.to(tl.int32), axis=1)
-        tl.store(ids_ptr + row * TOP_K + rank, top_ids.to(ids_ptr.dtype.element_ty), mask=kept)
-        tl.store(weights_ptr + row * TOP_K + rank, top_p, mask=kept)
-        if HAS_SLOTS:
-            slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
-            tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
-            if COUNT:
-                in_ram = tl.sum((kept & (slots < 0)).to(tl.int64), axis=0)
-                tl.atomic_add(counts_ptr, TOP_K - in_ram)
-                tl.atomic_add(counts_ptr + 1, in_ram)
+        _store_route(row, top_ids, top_p, kept, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, TOP_K,
+                     HAS_SLOTS, COUNT)
 
     @triton.jit
     def _route_sigmoid_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, E,
@@ -269,17 +276,8 @@ if triton is not None:
         if NORMALIZE:
             top_w = top_w / (tl.sum(tl.where(kept, top_w, 0.0), axis=0) + 1e-20)
         top_w = top_w * scale
-        smaller = (top_ids[None, :] < top_ids[:, None]) & kept[None, :]
-        rank = tl.sum(smaller.to(tl.int32), axis=1)
-        tl.store(ids_ptr + row * TOP_K + rank, top_ids.to(ids_ptr.dtype.element_ty), mask=kept)
-        tl.store(weights_ptr + row * TOP_K + rank, top_w, mask=kept)
-        if HAS_SLOTS:
-            slots = tl.load(table_ptr + top_ids, mask=kept, other=0)
-            tl.store(slots_ptr + row * TOP_K + rank, slots, mask=kept)
-            if COUNT:
-                in_ram = tl.sum((kept & (slots < 0)).to(tl.int64), axis=0)
-                tl.atomic_add(counts_ptr, TOP_K - in_ram)
-                tl.atomic_add(counts_ptr + 1, in_ram)
+        _store_route(row, top_ids, top_w, kept, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr, TOP_K,
+                     HAS_SLOTS, COUNT)
 
     @triton.jit
     def _qk_norm_rope_kernel(proj_ptr, pos_ptr, qw_ptr, kw_ptr, inv_freq_ptr, q_ptr, k_ptr, proj_stride, eps,

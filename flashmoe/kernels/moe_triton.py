@@ -282,6 +282,18 @@ if triton is not None:
                  mask=pair_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED: tl.constexpr):
+        """What a layer's end adds to the routed experts' sum: the residual, and the shared expert (SHARED: 0 none,
+        1 plain, 2 times sigmoid of its gate logit)."""
+        end = tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        if SHARED != 0:
+            shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+            if SHARED == 2:
+                shared = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)) * shared
+            end += shared
+        return end
+
+    @triton.jit
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, base_ptr, shared_ptr,
                                   shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -297,12 +309,7 @@ if triton is not None:
                                    BLOCK_B, SCALE_KIND)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
-            out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-            if SHARED != 0:
-                shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-                if SHARED == 2:
-                    shared = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)) * shared
-                out += shared
+            out += _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED)
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -332,13 +339,8 @@ if triton is not None:
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for r in range(rows):
             out += tl.load(partial_ptr + r * H + n, mask=n_mask, other=0.0)
-        if EPILOGUE:
-            out += tl.load(base_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-            if SHARED != 0:
-                shared = tl.load(shared_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-                if SHARED == 2:
-                    shared = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)) * shared
-                out += shared
+        if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
+            out += _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED)
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit

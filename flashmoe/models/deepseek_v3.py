@@ -14,7 +14,6 @@ import torch
 
 from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
-from ..kernels import fused
 from ..kernels.affine import AffineMatrix
 from ..layers.mla import MLA, LatentCache, MLASpec
 from ..layers.state import SequenceState
@@ -129,7 +128,7 @@ class Model(glm4_moe.Model):
         inv_freq, factor, scale = rope_of(cfg, self.embed_weight.device)
         spec = MLASpec(cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                        cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rms_norm_eps, scale, cfg.rope_interleave, factor)
-        self.mla = MLA(spec, inv_freq)
+        self.attention = MLA(spec, inv_freq)  # attend / attend_at as layers.attention's: qwen3_moe's mix runs it
         for layer in range(cfg.num_hidden_layers):
             a = f"model.layers.{layer}.self_attn."
             kv_b = self.w.pop(a + "kv_b_proj.weight")
@@ -138,13 +137,3 @@ class Model(glm4_moe.Model):
 
     def new_state(self) -> SequenceState:
         return SequenceState(layers=[LatentCache() for _ in range(self.cfg.num_hidden_layers)])
-
-    def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
-        h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        if static:
-            h = self.mla.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
-        else:
-            h = self.mla.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
-        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)

@@ -14,9 +14,10 @@ import torch
 from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
-from ..kernels.linear import cat_rows, embedding, is_matrix, linear
+from ..kernels.linear import cat_rows, linear
 from ..kernels.moe import swiglu_mlp
 from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
+from ..layers.resident import ResidentWeights
 from ..layers.state import SequenceState
 from . import ResidentItem
 
@@ -180,7 +181,7 @@ def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     }
 
 
-class AttentionMoEModel:
+class AttentionMoEModel(ResidentWeights):
     """Resident weights (store names -> tensors) and the math of every layer but the routed experts: a decoder whose
     layers are all full attention, each followed by a MoE block (router only; no shared expert) or a dense MLP."""
 
@@ -188,9 +189,8 @@ class AttentionMoEModel:
     QK_NORM = QK_NORM
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-        self.cfg, self.w = cfg, weights
-        self.embed_weight = weights["model.embed_tokens.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
+        super().__init__(weights)
+        self.cfg = cfg
         spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
                              qk_norm=self.qk_norm(cfg), sliding_window=cfg.sliding_window, bias=cfg.attention_bias)
         self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
@@ -215,23 +215,8 @@ class AttentionMoEModel:
                                                        "self_attn.v_proj.bias")),
                 (p + m + "gate_up.fused", (m + "gate_proj.weight", m + "up_proj.weight"))]
 
-    def compress_matrices(self, compress) -> None:
-        """Replace every projection weight (not the embedding table or the norms) by compress(weight); the head gets
-        its own copy when tied to the embedding."""
-        for name, t in self.w.items():
-            if is_matrix(t) and name != "model.embed_tokens.weight":
-                self.w[name] = compress(t)
-        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_weight.dtype
-
     def new_state(self) -> SequenceState:
         return SequenceState(layers=[KVCache() for _ in range(self.cfg.num_hidden_layers)])
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return embedding(token_ids, self.embed_weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = fused.rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps, zero_centred=False)

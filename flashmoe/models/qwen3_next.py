@@ -18,9 +18,10 @@ from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
-from ..kernels.linear import cat_rows, embedding, is_matrix, linear
+from ..kernels.linear import cat_rows, linear
 from ..kernels.moe import swiglu_mlp
 from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
+from ..layers.resident import ResidentWeights
 from ..layers.state import SequenceState
 from . import ResidentItem
 
@@ -312,14 +313,12 @@ class DeltaNetState:
     recurrent: torch.Tensor | None = None  # [1, value_heads, key_dim, value_dim], float32
 
 
-class Qwen3NextModel:
+class Qwen3NextModel(ResidentWeights):
     """Resident weights (a name -> tensor dict, store names) and the math of every layer but the routed experts."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        super().__init__(weights)
         self.cfg = cfg
-        self.w = weights
-        self.embed_weight = weights["model.embed_tokens.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
         spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
                              qk_norm="zero_centred", output_gate=True)
         self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
@@ -343,24 +342,9 @@ class Qwen3NextModel:
             if all(n in self.w for n in names):
                 self.w[fused_name] = cat_rows([self.w.pop(n) for n in names])
 
-    def compress_matrices(self, compress) -> None:
-        """Replace every projection weight (everything multiplied by `linear`: not the embedding table, norms, the
-        conv or the gates' vectors) by compress(weight); the head gets its own copy when tied to the embedding."""
-        for name, t in self.w.items():
-            if is_matrix(t) and name != "model.embed_tokens.weight":
-                self.w[name] = compress(t)
-        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_weight.dtype
-
     def new_state(self) -> SequenceState:
         layers = [KVCache() if t == "full_attention" else DeltaNetState() for t in self.cfg.layer_types]
         return SequenceState(layers=layers)
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return embedding(token_ids, self.embed_weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps)

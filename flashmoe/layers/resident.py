@@ -1,0 +1,29 @@
+"""What every family's model holds: its resident weights by store name, the embedding and the head."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.linear import embedding, is_matrix
+
+
+class ResidentWeights:
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.w = weights
+        self.embed_weight = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return embedding(token_ids, self.embed_weight)
+
+    def compress_matrices(self, compress) -> None:
+        """Replace every projection weight (every matrix multiplied by `linear`: not the embedding table, norms,
+        convs or vectors) by compress(weight); the head gets its own copy when tied to the embedding."""
+        for name, t in self.w.items():
+            if is_matrix(t) and name != "model.embed_tokens.weight":
+                self.w[name] = compress(t)
+        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
