@@ -62,7 +62,7 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a not in ("deepseek_v3", "minimax_m2")])  # not mapped yet
+@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a != "minimax_m2"])  # its llama.cpp files: not mapped yet
 def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch):
     """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, Qwen3.5's
     value heads tiled, Qwen3-Next's qkvz split and ba kept, Mixtral's q and k rows permuted as a Llama's) undone:
@@ -238,15 +238,17 @@ def test_gguf_store_on_the_gpu(built, tmp_path):
     assert_runs_on_the_gpu(store, PROMPT, hf_logits(path.parent, path.name))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"])
 def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch, monkeypatch):
-    """Qwen3-MoE (`qwen3moe`), Mixtral (a `llama` with experts) and GLM-4.5 (`glm4moe`): Q8_0 experts repacked, Q8_0
-    residents kept quantized (Mixtral's permuted q/k rows moved back as they are)."""
+    """Qwen3-MoE (`qwen3moe`), Mixtral (a `llama` with experts), GLM-4.5 (`glm4moe`) and DeepSeek-V3 (`deepseek2`):
+    Q8_0 experts repacked, Q8_0 residents kept quantized (Mixtral's permuted q/k rows moved back as they are;
+    DeepSeek's split kv_b_proj put back together, in float)."""
     path = built.gguf(arch, "q8_0")
     store = Store(convert(path, tmp_path / "store"))
     assert store.manifest["source"]["repacked_from"] == {"Q8_0": 3 * len(store.config.moe_layers)}
     kept = store.resident_quantized
-    assert kept["model.layers.1.self_attn.q_proj.weight"] == kept["model.layers.1.self_attn.k_proj.weight"] == {
+    matrix = "kv_a_proj_with_mqa" if arch == "deepseek_v3" else "k_proj"
+    assert kept["model.layers.1.self_attn.o_proj.weight"] == kept[f"model.layers.1.self_attn.{matrix}.weight"] == {
         "bits": 8, "group_size": 32}
     # against transformers running the file's own weights, dequantized by the gguf package (Q8_0 of every matrix
     # moves these random models' logits by ~2% from the bf16 checkpoint's; that is the file's, not ours). In float
@@ -268,7 +270,7 @@ def logits_of_gguf_weights(checkpoint, path, cfg) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     family = family_of_gguf(gguf.GGUFReader(str(path)).fields["general.architecture"].contents())
-    state, experts = model.state_dict(), {}
+    state, experts, kv_b = model.state_dict(), {}, {}
     for t in gguf.GGUFReader(str(path)).tensors:
         w = torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type).copy()).float()
         layer, _, short = t.name.partition(".")[2].partition(".") if t.name.startswith("blk.") else (None, None, None)
@@ -277,10 +279,18 @@ def logits_of_gguf_weights(checkpoint, path, cfg) -> torch.Tensor:
         elif short.startswith("ffn_") and "_exps" in short:
             experts.setdefault(int(layer), {})[short.split("_")[1]] = w
             continue
+        elif short in ("attn_k_b.weight", "attn_v_b.weight"):  # DeepSeek's kv_b_proj, split per head
+            kv_b.setdefault(int(layer), {})[short] = w
+            continue
         else:
             name = f"model.layers.{layer}." + family.GGUF_LAYER_NAMES[short]
         state[name.replace("block_sparse_moe.", "mlp.")].copy_(family.from_gguf(cfg, name, w).reshape(
             state[name.replace("block_sparse_moe.", "mlp.")].shape))
+    for layer, parts in kv_b.items():  # [H, rank, nope] transposed and [H, v, rank] -> [H * (nope + v), rank]
+        k_b, v_b = parts["attn_k_b.weight"], parts["attn_v_b.weight"]
+        # the store holds this merge in bf16, as every block-typed GGUF tensor that cannot stay quantized
+        state[f"model.layers.{layer}.self_attn.kv_b_proj.weight"].copy_(
+            torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1]).bfloat16())
     for layer, parts in experts.items():
         state[f"model.layers.{layer}.mlp.experts.gate_up_proj"].copy_(torch.cat([parts["gate"], parts["up"]], dim=1))
         state[f"model.layers.{layer}.mlp.experts.down_proj"].copy_(parts["down"])

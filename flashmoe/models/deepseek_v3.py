@@ -79,9 +79,9 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
-    """mlx-lm's sanitize() splits kv_b_proj per head into embed_q [H, rank, nope] (transposed) and unembed_out
-    [H, v, rank]; they are put back together where a checkpoint has them instead (in float: the transpose moves
-    columns). Every other resident tensor is stored as it is."""
+    """mlx-lm's sanitize() and llama.cpp's converter split kv_b_proj per head into [H, rank, nope] (transposed:
+    embed_q, attn_k_b) and [H, v, rank] (unembed_out, attn_v_b); they are put back together where a checkpoint has
+    them instead (in float: the transpose moves columns). Every other resident tensor is stored as it is."""
     h, r, dn, dv = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
 
     def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -96,6 +96,51 @@ def resident_sources(cfg: ModelConfig) -> list[ResidentItem]:
     return items
 
 
+# llama.cpp's names: GLM-4.5's MoE ones (its post-attention norm is ffn_norm here), MLA's projections
+GGUF_NAMES = glm4_moe.GGUF_NAMES
+GGUF_LAYER_NAMES = {**{k: v for k, v in glm4_moe.GGUF_LAYER_NAMES.items() if not k.startswith("attn_")},
+                    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                    "attn_q.weight": "self_attn.q_proj.weight", "attn_q_a.weight": "self_attn.q_a_proj.weight",
+                    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+                    "attn_q_b.weight": "self_attn.q_b_proj.weight",
+                    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+                    "attn_k_b.weight": "self_attn.embed_q.weight", "attn_v_b.weight": "self_attn.unembed_out.weight",
+                    "attn_output.weight": "self_attn.o_proj.weight"}
+GGUF_LAYER_NAMES.pop("post_attention_norm.weight", None)
+from_gguf, gguf_rows_only = glm4_moe.from_gguf, glm4_moe.gguf_rows_only
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a DeepSeek-V3 GGUF (`deepseek2`: transformers 5 maps none), from the keys llama.cpp's converter
+    writes (conversion/deepseek.py). It keeps the interleaved RoPE pairs, and stores YaRN's mscale_all_dim as
+    yarn_log_multiplier = 0.1 x mscale_all_dim (mscale, which it does not keep, is taken equal: DeepSeek-V3's are)."""
+    arch = metadata["general.architecture"]
+
+    def key(name: str, default=KeyError):
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is KeyError:
+            raise KeyError(f"{arch}.{name}")
+        return value
+
+    fields = glm4_moe.config_from_gguf(metadata, names)  # the MoE and the model's sizes, the same keys
+    rope_dim = key("rope.dimension_count")
+    rope = {"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)}
+    if key("rope.scaling.type", "none") == "yarn":
+        mscale = round(key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1, 6)
+        rope.update(rope_type="yarn", factor=key("rope.scaling.factor"),
+                    original_max_position_embeddings=key("rope.scaling.original_context_length"),
+                    beta_fast=key("rope.scaling.yarn_beta_fast", 32.0), beta_slow=key("rope.scaling.yarn_beta_slow", 1.0),
+                    mscale=mscale, mscale_all_dim=mscale)
+    for k in ("partial_rotary_factor", "use_qk_norm", "attention_bias"):
+        fields.pop(k)
+    return {**fields, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "num_key_value_heads": fields["num_attention_heads"], "q_lora_rank": key("attention.q_lora_rank", 0) or None,
+            "kv_lora_rank": key("attention.kv_lora_rank"), "qk_rope_head_dim": rope_dim,
+            "qk_nope_head_dim": key("attention.key_length_mla") - rope_dim,
+            "v_head_dim": key("attention.value_length_mla"), "rope_interleave": True, "rope_parameters": rope}
+
+
 def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
     yarn = f", YaRN x{cfg.rope_scaling.get('factor', 1):g}" if cfg.rope_scaling else ""
     return [("layers", f"{cfg.num_hidden_layers} multi-head latent attention ({cfg.num_attention_heads} heads, a "
@@ -105,7 +150,8 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 
 __all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "FLOAT32_RESIDENTS", "config_from_hf",
-           "resident_shapes", "resident_sources", "expert_prefix", "describe", "Model"]
+           "resident_shapes", "resident_sources", "expert_prefix", "describe", "Model", "GGUF_NAMES",
+           "GGUF_LAYER_NAMES", "from_gguf", "gguf_rows_only", "config_from_gguf"]
 
 
 def rope_of(cfg: ModelConfig, device) -> tuple[torch.Tensor, float, float]:

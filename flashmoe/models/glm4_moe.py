@@ -99,7 +99,7 @@ def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
 
     if key("expert_gating_func", SIGMOID_GATING) != SIGMOID_GATING:
         raise FlashMoeError(f"this {arch} GGUF's router is not a sigmoid one (expert_gating_func "
-                            f"{key('expert_gating_func')}); flashmoe runs GLM-4.5's")
+                            f"{key('expert_gating_func')}); flashmoe runs this family's sigmoid router only")
     fields = qwen3_moe.gguf_config_fields(metadata, names)
     fields["num_hidden_layers"] -= key("nextn_predict_layers", 0)
     return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **fields,
