@@ -10,6 +10,7 @@ import pytest
 import flashmoe
 from flashmoe.errors import FlashMoeError
 from flashmoe.models import FAMILIES, family_of
+from conftest import LAYOUTS
 
 GENERIC = ["engine.py", "convert.py", "decode_graphs.py", "routed.py", "experts.py", "store.py", "server.py"]
 FAMILY_WORDS = re.compile(r"qwen|deltanet|linear_attention|full_attention|mixtral|deepseek", re.IGNORECASE)
@@ -204,3 +205,20 @@ def test_multi_token_prediction_layers_are_left_out_and_said(built, tmp_path, ru
     assert code == 0, err
     assert "leaving out the multi-token-prediction layers: 2 tensors" in err
     assert flashmoe.load(tmp_path / "store").config.num_hidden_layers == layers
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_a_small_expert_cache_holds_its_budget_and_changes_no_answer(built, arch):
+    """Every family streams: with room for a fifth of its experts the cache evicts, stays within its bytes, and the
+    tokens are those of an uncached run."""
+    from test_reference import PROMPT
+
+    store = built.store(arch, 4)
+    with flashmoe.load(store, cache_gb=0) as uncached:
+        expected = list(uncached.generate(PROMPT[:8], 10, stop_token_ids=[]))
+        form = uncached.fetcher.kernel_form  # on the CPU a slot holds an expert in the int4 kernel's form
+        budget = uncached.fetcher.every_expert // 5 * (form.slot_bytes if form else uncached.store.expert_blob_bytes)
+    with flashmoe.load(store, cache_gb=budget / 1e9) as model:
+        assert list(model.generate(PROMPT[:8], 10, stop_token_ids=[])) == expected
+        s = model.stats
+        assert s["cache_evictions"] > 0 and 0 < s["cache_bytes"] <= budget
