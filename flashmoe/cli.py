@@ -343,7 +343,8 @@ def info(
 @app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="where to put the checkpoint and store (default: a temp dir)"),
-    arch: str = typer.Option("qwen3_5_moe", help="qwen3_5_moe, qwen3_5_moe_vl or qwen3_next"),
+    arch: str = typer.Option("qwen3_5_moe", help="qwen3_5_moe, qwen3_5_moe_vl, qwen3_next, qwen3_moe, mixtral, glm4_moe, "
+                                               "deepseek_v3 or minimax_m2"),
     max_tokens: int = typer.Option(32, min=1),
 ):
     """Build a small random-weight checkpoint with transformers, convert it, and generate from it (no download)."""
