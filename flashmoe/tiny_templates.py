@@ -98,3 +98,19 @@ GLM4_CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+
+# DeepSeek-V3's turn format (its released template without tools): the system text after the begin token, then
+# <｜User｜> and <｜Assistant｜> turns, a reply ended by <｜end▁of▁sentence｜>
+DEEPSEEK_V3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+# MiniMax-M2's turn format (its released template without tools and thinking): ]~b]ROLE, the text, [e~[; the
+# assistant's role is "ai"
+MINIMAX_M2_CHAT_TEMPLATE = (
+    "]~!b[{% for message in messages %}{{ ']~b]' + ('ai' if message['role'] == 'assistant' else message['role']) + "
+    "'\\n' + message['content'] + '[e~[\\n' }}{% endfor %}{% if add_generation_prompt %}{{ ']~b]ai\\n' }}{% endif %}"
+)
