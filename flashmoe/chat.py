@@ -3,7 +3,8 @@ content and tool calls, also while it streams.
 
 Tool-call formats, read off the template: Qwen3 and Qwen3-Next write `<tool_call>{"name", "arguments"}</tool_call>`
 ("json"); Qwen3.5 writes `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`
-("xml"), with string values raw and other values as JSON.
+("xml"); GLM-4.5 writes `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>` ("glm").
+The last two write string values raw and other values as JSON.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ THINK_BEGIN, THINK_END = "<think>", "</think>"
 CALL_BEGIN, CALL_END = "<tool_call>", "</tool_call>"
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
 def detect_tool_format(template: str | None) -> str | None:
-    """"xml", "json" or None (the template does not take tools)."""
+    """"xml", "glm", "json" or None (the template does not take tools)."""
     if not template or "tools" not in template:
         return None
+    if "<arg_key>" in template:
+        return "glm"
     if "<function=" in template:
         return "xml"
     if CALL_BEGIN in template:
@@ -136,8 +140,8 @@ def argument_schemas(parameters: dict | None) -> dict[str, dict | bool]:
 
 
 def writes_raw(schema) -> bool:
-    """Whether the XML format writes a value of this schema as its raw text rather than as JSON: Qwen3.5's
-    template writes a string as it is and anything else with tojson. A string is a schema of type "string"
+    """Whether the XML and GLM formats write a value of this schema as its raw text rather than as JSON: Qwen3.5's
+    and GLM-4.5's templates write a string as it is and anything else with tojson. A string is a schema of type "string"
     (a `format` aside: xgrammar constrains formats only as JSON strings) or an enum or const of strings only.
     The grammar (structural_tags.py) and the parser decide with this one function, so they cannot disagree."""
     if not isinstance(schema, dict):
@@ -149,7 +153,7 @@ def writes_raw(schema) -> bool:
 
 
 def _raw_arguments(tools: list[dict] | None) -> dict[str, set[str]]:
-    """For each tool, the arguments the XML format writes as raw text (the others are JSON)."""
+    """For each tool, the arguments the XML and GLM formats write as raw text (the others are JSON)."""
     raw = {}
     for tool in tools or []:
         fn = tool.get("function", {})
@@ -185,16 +189,23 @@ def parse_tool_call(block: str, tool_format: str, raw_arguments: dict[str, set[s
         head = f'{{"name": {json.dumps(obj["name"])}, "arguments": '  # as the template and the grammar write it
         as_written = _json_text(block[len(head):-1]) if block.startswith(head) and block.endswith("}") else None
         return ToolCall(obj["name"], as_written or json.dumps(args, ensure_ascii=False))
-    match = _XML_FUNCTION.search(block)
-    if match is None:
-        return None
-    name = match.group(1).strip()
-    raw_keys = raw_arguments.get(name, set())
-    fields = {}
-    for key, text in _XML_PARAMETER.findall(match.group(2)):
+    if tool_format == "glm":  # NAME, then <arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value> per argument
+        name, _, rest = block.partition("<arg_key>")
+        name, pairs = name.strip(), _GLM_ARGUMENT.findall("<arg_key>" + rest if rest else "")
+        if not name or "<" in name or "\n" in name:
+            return None
+    else:
+        match = _XML_FUNCTION.search(block)
+        if match is None:
+            return None
         # the template writes "<parameter=KEY>\nVALUE\n</parameter>": those two newlines are markup, the rest
         # is the value, a string's own leading or trailing whitespace included (the grammar adds none)
-        key, value = key.strip(), text.removeprefix("\n").removesuffix("\n")
+        name = match.group(1).strip()
+        pairs = [(k, v.removeprefix("\n").removesuffix("\n")) for k, v in _XML_PARAMETER.findall(match.group(2))]
+    raw_keys = raw_arguments.get(name, set())
+    fields = {}
+    for key, value in pairs:
+        key = key.strip()
         as_json = None if key in raw_keys else _json_text(value)  # text no grammar shaped may not be JSON
         fields[key] = as_json or json.dumps(value, ensure_ascii=False)
     arguments = ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {v}" for k, v in fields.items())

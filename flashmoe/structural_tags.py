@@ -20,8 +20,11 @@ from .errors import FlashMoeError
 # longest run of whitespace allowed between JSON elements: room for pretty-printing, while a weak (or 2-bit)
 # model cannot loop on newlines until max_tokens and leave output that does not parse
 MAX_WHITESPACE_RUN = 16
-# the parser ends a value, a call's arguments and a call at the first of these: no string in an XML call holds one
-CLOSING_MARKUP = ["</parameter>", "</function>", CALL_END]
+# the parser ends a value, a call's arguments and a call at the first of these: no string in an XML or GLM call holds one
+CLOSING_MARKUP = ["</parameter>", "</function>", "</arg_value>", CALL_END]
+# how the XML (Qwen3.5) and GLM (GLM-4.5) formats write one argument around its key and its value
+ARGUMENT_MARKUP = {"xml": ("<parameter=", ">\n", "\n</parameter>\n"),
+                   "glm": ("<arg_key>", "</arg_key>\n<arg_value>", "</arg_value>\n")}
 # the keywords whose values are data, not schemas (the rewrite leaves them as they are), and those whose values
 # map names to schemas (a property may be called "enum")
 _DATA_KEYWORDS = {"enum", "const", "default", "examples"}
@@ -114,25 +117,29 @@ def _call_tag(tool_format: str, tool: dict) -> TagFormat:
     if tool_format == "json":  # Qwen3 / Qwen3-Next: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
         return TagFormat(begin=f'{CALL_BEGIN}\n{{"name": {json.dumps(name)}, "arguments": ',
                          content=json_value(parameters, [CALL_END]), end=f"}}\n{CALL_END}")
-    return TagFormat(begin=f"{CALL_BEGIN}\n<function={name}>\n", content=_xml_arguments(name, parameters),
+    if tool_format == "glm":  # GLM-4.5: <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...
+        return TagFormat(begin=f"{CALL_BEGIN}{name}\n", content=_xml_arguments(name, parameters, "glm"), end=CALL_END)
+    return TagFormat(begin=f"{CALL_BEGIN}\n<function={name}>\n", content=_xml_arguments(name, parameters, "xml"),
                      end=f"</function>\n{CALL_END}")
 
 
-def _xml_arguments(tool: str, parameters: dict) -> SequenceFormat:
-    """Qwen3.5's `<parameter=KEY>\\nVALUE\\n</parameter>\\n` for each argument, in the schema's order: the
-    required ones always, the others optionally; a string VALUE raw, any other as JSON (chat.writes_raw)."""
+def _xml_arguments(tool: str, parameters: dict, tool_format: str) -> SequenceFormat:
+    """Each argument as the format writes it (ARGUMENT_MARKUP: Qwen3.5's `<parameter=KEY>\\nVALUE\\n</parameter>\\n`,
+    GLM-4.5's `<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n`), in the schema's order: the required ones
+    always, the others optionally; a string VALUE raw, any other as JSON (chat.writes_raw)."""
+    before_key, before_value, after_value = ARGUMENT_MARKUP[tool_format]
     defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}  # for a JSON value's $refs
     required = parameters.get("required") or []
     elements = []
     for key, schema in argument_schemas(parameters).items():
-        if ">" in key or "\n" in key:
-            raise FlashMoeError(f"tool {tool!r}: the parameter name {key!r} cannot be written as <parameter=NAME>")
+        if any(c in key for c in {"xml": ">\n", "glm": "<"}[tool_format]):  # what would end its markup
+            raise FlashMoeError(f"tool {tool!r}: the parameter name {key!r} cannot be written in a tool call")
         if writes_raw(schema):
             value = _raw_string(tool, key, schema)
         else:
             value = json_value({**defs, **schema} if isinstance(schema, dict) else schema, CLOSING_MARKUP)
-        argument = SequenceFormat(elements=[ConstStringFormat(value=f"<parameter={key}>\n"), value,
-                                            ConstStringFormat(value="\n</parameter>\n")])
+        argument = SequenceFormat(elements=[ConstStringFormat(value=f"{before_key}{key}{before_value}"), value,
+                                            ConstStringFormat(value=after_value)])
         elements.append(argument if key in required else OptionalFormat(content=argument))
     return SequenceFormat(elements=elements or [ConstStringFormat(value="")])
 

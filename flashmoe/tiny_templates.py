@@ -92,12 +92,37 @@ MIXTRAL_CHAT_TEMPLATE = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
-# GLM-4.5's turn format (its released template, without tools and thinking): [gMASK]<sop>, then <|role|> and the text;
-# the reply ends at <|user|> or <|endoftext|>
-GLM4_CHAT_TEMPLATE = (
-    "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
+# GLM-4.5's format (its released template, thinking aside): [gMASK]<sop>, then <|role|> and the text; tools listed in
+# a system turn, calls as <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...</tool_call> (a
+# string value raw, others as JSON), results in an <|observation|> turn; a reply ends at <|user|>, <|observation|> or
+# <|endoftext|>
+GLM4_CHAT_TEMPLATE = """\
+[gMASK]<sop>
+{%- if tools %}
+{{- '<|system|>\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\\n' }}
+{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}
+{{- '</tools>\\n\\nFor each function call, output the function name and arguments within the following XML format:' }}
+{{- '\\n<tool_call>{function-name}\\n<arg_key>{arg-key-1}</arg_key>\\n<arg_value>{arg-value-1}</arg_value>\\n...\\n</tool_call>' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|observation|>' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- else %}
+{{- '<|' + message.role + '|>\\n' + (message.content or '') }}
+{%- for call in (message.tool_calls or []) %}
+{%- set call = call.function if call.function is defined else call %}
+{{- '\\n<tool_call>' + call.name + '\\n' }}
+{%- for key, value in ((call.arguments | items) if call.arguments is mapping else []) %}
+{{- '<arg_key>' + key + '</arg_key>\\n<arg_value>' + (value if value is string else (value | tojson)) + '</arg_value>\\n' }}
+{%- endfor %}
+{{- '</tool_call>' }}
+{%- endfor %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}
+"""
 
 # DeepSeek-V3's turn format (its released template without tools): the system text after the begin token, then
 # <｜User｜> and <｜Assistant｜> turns, a reply ended by <｜end▁of▁sentence｜>

@@ -10,7 +10,7 @@ from flashmoe.chat import ChatFormat, OutputParser, detect_tool_format
 from flashmoe.errors import FlashMoeError
 from flashmoe.textstream import IncrementalDecoder, StopStrings
 from flashmoe.tiny import build_tokenizer
-from flashmoe.tiny_templates import QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
+from flashmoe.tiny_templates import GLM4_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -69,6 +69,24 @@ def test_xml_values_are_raw_strings_or_json_as_written():
     assert calls[0].arguments == '{"temp": -2E+999}'
 
 
+GLM_OUTPUT = ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>New York</arg_value>\n"
+              "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>hourly</arg_key>\n<arg_value>true</arg_value>\n"
+              "</tool_call>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value> 42\n</arg_value>\n</tool_call>")
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_glm_tool_calls_parse_the_same_however_the_text_is_split(size):
+    """GLM-4.5's format: the name after <tool_call>, each argument as <arg_key>/<arg_value>; a string value raw
+    (its own whitespace kept), others as JSON."""
+    _, content, calls = parse_in_pieces(OutputParser("glm", [WEATHER]), GLM_OUTPUT, size)
+    assert content == "Let me check."
+    assert [c.name for c in calls] == ["get_weather", "get_weather"]
+    assert json.loads(calls[0].arguments) == {"city": "New York", "days": 3, "hourly": True}
+    assert json.loads(calls[1].arguments) == {"city": " 42\n"}
+    _, content, calls = parse_in_pieces(OutputParser("glm"), "<tool_call>\n</tool_call>", 3)
+    assert calls == [] and "<tool_call>" in content  # no name: kept as text
+
+
 def test_malformed_or_unfinished_tool_calls_stay_as_text():
     _, content, calls = parse_in_pieces(OutputParser("json"), "<tool_call>\nnot json\n</tool_call> after", 3)
     assert calls == [] and "not json" in content and content.endswith("after")
@@ -120,6 +138,12 @@ def test_templates_render_tools_history_and_the_thinking_switch():
     js = ChatFormat(build_tokenizer(512, QWEN3_CHAT_TEMPLATE))
     assert js.tool_format == "json"
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in js.render(history, [WEATHER])
+
+    glm = ChatFormat(build_tokenizer(512, GLM4_CHAT_TEMPLATE, "glm"))
+    assert glm.tool_format == "glm" and not glm.thinks
+    text = glm.render(history, [WEATHER])
+    assert "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>" in text
+    assert text.endswith("<|observation|>\n<tool_response>\nsunny\n</tool_response><|assistant|>\n")
 
 
 def test_bad_messages_are_clear_errors():

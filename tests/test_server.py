@@ -124,7 +124,7 @@ def validate_calls(calls, names):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])  # the XML and the JSON tool-call formats
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "glm4_moe"])  # the XML, JSON and GLM tool-call formats
 def test_tool_call_round_trip_forced_by_tool_choice(built, arch):
     s = RunningServer(built.store(arch, 4), cache_gb=0.01)
     try:
@@ -181,11 +181,11 @@ XML_TOOLS = [
 ]
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, bits):
-    """Qwen3.5's XML calls sampled at temperature 1, forced by "required" (parallel calls allowed) or by name:
-    every argument is exactly what its schema types it as, and the turn ends with the calls."""
-    s = RunningServer(built.store("qwen3_5_moe", bits), cache_gb=0.01)
+@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 2), ("glm4_moe", 4)])
+def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, arch, bits):
+    """Qwen3.5's XML calls and GLM-4.5's (raw strings too) sampled at temperature 1, forced by "required" (parallel
+    calls allowed) or by name: every argument is exactly what its schema types it as, and the turn ends with them."""
+    s = RunningServer(built.store(arch, bits), cache_gb=0.01)
     try:
         client = s.client()
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in XML_TOOLS}
