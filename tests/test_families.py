@@ -222,3 +222,91 @@ def test_a_small_expert_cache_holds_its_budget_and_changes_no_answer(built, arch
         assert list(model.generate(PROMPT[:8], 10, stop_token_ids=[])) == expected
         s = model.stats
         assert s["cache_evictions"] > 0 and 0 < s["cache_bytes"] <= budget
+
+
+# ---- the released checkpoints' config.json files (the keys that matter, as published) --------------------------
+REAL_CONFIGS = {
+    "Qwen3-235B-A22B": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 40960,
+        "max_window_layers": 94, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 1536,
+        "norm_topk_prob": True, "num_attention_heads": 64, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 94, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "use_sliding_window": False,
+        "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645},
+    "Mixtral-8x7B": {
+        "architectures": ["MixtralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "vocab_size": 32000},
+    "GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "first_k_dense_replace": 1, "head_dim": 128,
+        "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+        "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 46,
+        "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 1000000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
+        "topk_group": 1, "use_qk_norm": False, "vocab_size": 151552, "eos_token_id": [151329, 151336, 151338]},
+    "DeepSeek-V3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+        "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 4,
+        "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280},
+    "Kimi-K2": {
+        "architectures": ["DeepseekV3ForCausalLM"], "first_k_dense_replace": 1, "hidden_size": 7168,
+        "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 2048, "n_group": 1, "n_routed_experts": 384, "n_shared_experts": 1,
+        "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+        "num_key_value_heads": 64, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-06, "rope_theta": 50000.0, "rope_scaling": {
+            "beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096, "type": "yarn"}, "routed_scaling_factor": 2.827,
+        "topk_group": 1, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 163840, "eos_token_id": 163585},
+    "MiniMax-M2": {
+        "architectures": ["MiniMaxM2ForCausalLM"], "head_dim": 128, "hidden_size": 3072, "intermediate_size": 1536,
+        "max_position_embeddings": 196608, "num_attention_heads": 48, "num_experts_per_tok": 8,
+        "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256, "qk_norm_type": "per_layer",
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+        "shared_intermediate_size": 0, "tie_word_embeddings": False, "use_qk_norm": True, "use_routing_bias": True,
+        "vocab_size": 200064},
+}
+# per model: (experts, K, MoE layers, the expert's intermediate size, a word of its `info`)
+REAL_SIZES = {"Qwen3-235B-A22B": (128, 8, 94, 1536, "no shared expert"), "Mixtral-8x7B": (8, 2, 32, 14336, "full attention"),
+              "GLM-4.5-Air": (128, 8, 45, 1408, "sigmoid router"), "DeepSeek-V3": (256, 8, 58, 2048, "YaRN x40"),
+              "Kimi-K2": (384, 8, 60, 2048, "a 512+64 latent"), "MiniMax-M2": (256, 8, 62, 1536, "sigmoid router")}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_the_released_configs_parse_as_their_models_are(name):
+    """What a user's download says: its family parses it, the MoE is the published size, and info describes it."""
+    from flashmoe.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(REAL_CONFIGS[name])
+    experts, k, moe_layers, inter, word = REAL_SIZES[name]
+    assert (cfg.num_experts, cfg.num_experts_per_tok, len(cfg.moe_layers), cfg.moe_intermediate_size) == (
+        experts, k, moe_layers, inter)
+    family = family_of(cfg.architecture)
+    assert word in " ".join(text for _, text in family.describe(cfg))
+    assert all(all(n > 0 for n in shape) for shape in family.resident_shapes(cfg).values())
+
+
+def test_released_configs_we_do_not_run_are_refused_in_one_line():
+    from flashmoe.config import ModelConfig
+
+    v2 = dict(REAL_CONFIGS["DeepSeek-V3"], topk_method="greedy")  # DeepSeek-V2's router
+    with pytest.raises(FlashMoeError, match="topk_method 'greedy' is not supported"):
+        ModelConfig.from_hf(v2)
+    qwen_yarn = dict(REAL_CONFIGS["Qwen3-235B-A22B"], rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                  "original_max_position_embeddings": 32768})
+    with pytest.raises(FlashMoeError, match="rope type 'yarn' is not supported yet"):
+        ModelConfig.from_hf(qwen_yarn)
+    with pytest.raises(FlashMoeError, match="unsupported architecture.*GptOssForCausalLM|supports"):
+        ModelConfig.from_hf({"architectures": ["GptOssForCausalLM"]})
