@@ -42,6 +42,7 @@ import flashmoe
 from flashmoe.expert_cache import host_slab
 from flashmoe.store import Store
 from flashmoe.synthetic import expert_layout, write_random_store
+from flashmoe.traces import TraceShape, calibrated_trace, uniform_trace
 from flashmoe.config import ModelConfig
 from common import GEOMETRIES, hbm_read_gbps, publish, timed_decode
 
@@ -141,7 +142,7 @@ REGIMES = {
 }
 
 
-def decode(store_path: Path, regime: str, tokens: int) -> dict:
+def decode(store_path: Path, regime: str, tokens: int, trace: str = "router") -> dict:
     spec = REGIMES[regime]
     store = Store(store_path)
     experts_gb = store.expert_bytes / 1e9
@@ -150,6 +151,10 @@ def decode(store_path: Path, regime: str, tokens: int) -> dict:
     cache_gb = experts_gb * 1.01 if spec["cache_gb"] == "all" else spec["cache_gb"]
     model = flashmoe.load(store_path, device="cuda", experts_per_token=K, vram_cache_gb=vram_gb, cache_gb=cache_gb,
                           direct_io=spec["direct_io"], io_threads=16)
+    if trace != "router":  # routing by a trace (replay.py) instead of the random weights' uniform router
+        cfg = store.config
+        shape = TraceShape(4 * (tokens + 32), len(cfg.moe_layers), cfg.num_experts, K)
+        model.route_by_trace(calibrated_trace(shape) if trace == "calibrated" else uniform_trace(shape))
     if not spec["cold"]:
         model.warm_cache()
     prompt = list(range(100, 116))
@@ -208,6 +213,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--geometry", choices=list(GEOMETRIES), default="397b")
+    ap.add_argument("--trace", choices=["router", "calibrated", "uniform"], default="router",
+                    help="route by the model's router (random weights: uniform) or by a trace (flashmoe.traces)")
     ap.add_argument("--expert-gb", type=float, default=35.0)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--regime", choices=list(REGIMES), default=None, help="run one regime, print its JSON")
@@ -219,7 +226,7 @@ def main() -> None:
     geometry, K, LAYERS_OF_REAL_MODEL, _ = GEOMETRIES[args.geometry]
     store_path = args.root / f"store-{args.geometry}"
     if args.regime:  # a child run (e.g. inside a cgroup)
-        print(json.dumps(decode(store_path, args.regime, args.tokens)))
+        print(json.dumps(decode(store_path, args.regime, args.tokens, args.trace)))
         return
 
     cfg = dict(geometry, num_experts_per_tok=K)
@@ -247,7 +254,7 @@ def main() -> None:
                 r = cgroup_run(args, "cold-buffered", "16G")
                 r["regime"] = "cold, buffered reads, cgroup memory.max=16G"
             else:
-                r = decode(store_path, regime, args.tokens)
+                r = decode(store_path, regime, args.tokens, args.trace)
         except (OSError, SystemExit, RuntimeError) as exc:  # e.g. no cgroup v2 memory controller: report, go on
             print(f"regime {regime} failed: {exc}", flush=True)
             continue
@@ -265,7 +272,7 @@ def cgroup_run(args, regime: str, memory_max: str) -> dict:
     group.mkdir(exist_ok=True)
     (group / "memory.max").write_text(memory_max)
     cmd = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {Path(__file__).resolve()} --root {args.root} "
-           f"--geometry {args.geometry} --regime {regime} --tokens {args.tokens}")
+           f"--geometry {args.geometry} --regime {regime} --tokens {args.tokens} --trace {args.trace}")
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise SystemExit(f"cgroup run failed:\n{out.stderr[-3000:]}")

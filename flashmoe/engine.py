@@ -24,6 +24,7 @@ from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .models import family_of
 from .quant import QuantizedTensor
+from .replay import TraceRouting, replaying
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import TokenConstraint, sample
@@ -81,6 +82,7 @@ class Model:
         self.routed = RoutedExperts(store, self.fetcher, self.device)
         self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
             self.device.type == "cuda" and use_cuda_graphs) else None
+        self.trace_routing: TraceRouting | None = None
         self._tokenizer = None
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
@@ -135,6 +137,16 @@ class Model:
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                    verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format)
+
+    def route_by_trace(self, trace) -> None:
+        """From now on each token picks the experts a routing trace gives (replay.py; int [tokens, MoE layers, K],
+        K replacing experts_per_token): for measuring caches under realistic routing. Sequences made before keep
+        their graphs, so call it before generating."""
+        self.trace_routing = TraceRouting(trace, self.config, self.device)
+        replaying(self.model, self.trace_routing)
+        self.experts_per_token = self.trace_routing.top_k
+        if self.graphs is not None:
+            self.graphs.k = self.experts_per_token
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -199,6 +211,8 @@ class Model:
             if state.position_t is None:
                 state.position_t = torch.zeros(1, dtype=torch.long, device=self.device)
             state.position_t.fill_(state.position)
+        if self.trace_routing is not None:
+            self.trace_routing.begin(state.position, len(token_ids))
         if self.layer_events is not None:
             self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.layer_events[-1][0].record()

@@ -1,0 +1,84 @@
+"""Routing by a trace (replay.py): the engine takes each token's experts from the trace, everything else unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flashmoe
+from conftest import rel_error
+from flashmoe.errors import FlashMoeError
+from flashmoe.traces import TraceShape, calibrated_trace
+from test_reference import PROMPT
+
+
+def recorded_routing(model, prompt: list[int], steps: list[int]) -> np.ndarray:
+    """The experts the model's own router picks for `prompt` then the tokens of `steps`, as a trace."""
+    route, picks = model.model.route, []
+
+    def recording(layer, projections, top_k, slot_table=None, counts=None):
+        ids, weights, slots = route(layer, projections, top_k, slot_table, counts)
+        picks.append(ids.clone())
+        return ids, weights, slots
+
+    model.model.route = recording
+    state = model.new_state()
+    for tokens in [prompt] + [[t] for t in steps]:
+        model.forward(tokens, state)
+    model.model.route = route
+    layers = len(model.config.moe_layers)
+    per_forward = [torch.stack(picks[i:i + layers], dim=1) for i in range(0, len(picks), layers)]
+    return torch.cat(per_forward).numpy()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "mixtral"])  # routers whose kept weights are a softmax over the kept
+def test_replaying_the_routers_own_choices_changes_nothing(built, arch):
+    store = built.store(arch, None)
+    model = flashmoe.load(store)
+    trace = recorded_routing(model, PROMPT[:20], PROMPT[20:26])
+    replayed = flashmoe.load(store)
+    replayed.route_by_trace(trace)
+    state = replayed.new_state()
+    got = [replayed.forward(PROMPT[:20], state)] + [replayed.forward([t], state) for t in PROMPT[20:26]]
+    state = model.new_state()
+    expected = [model.forward(PROMPT[:20], state)] + [model.forward([t], state) for t in PROMPT[20:26]]
+    assert rel_error(torch.cat(got), torch.cat(expected)) < 1e-6
+
+
+def test_a_trace_decides_which_experts_are_read(built):
+    store = built.store("qwen3_5_moe", 4)
+    model = flashmoe.load(store, cache_gb=1.0)
+    layers = len(model.config.moe_layers)
+    same = np.tile(np.arange(3), (40, layers, 1))  # every token picks experts 0, 1, 2 in every layer (K=3)
+    model.route_by_trace(same)
+    tokens = list(model.generate(PROMPT[:8], 8, stop_token_ids=[]))
+    assert len(tokens) == 8 and model.experts_per_token == 3
+    assert model.stats["expert_reads"] == 3 * layers  # each layer's three, once: the cache serves the rest
+    router = flashmoe.load(store, cache_gb=1.0)
+    list(router.generate(PROMPT[:8], 8, stop_token_ids=[]))
+    assert router.stats["expert_reads"] > 3 * layers
+
+
+def test_a_calibrated_trace_reads_fewer_experts_than_uniform_routing(built):
+    """The skewed, reusing routing of a trained model (traces.py) hits a small cache more than the random router."""
+    store = built.store("qwen3_5_moe", 4)
+    blob = flashmoe.load(store).store.expert_blob_bytes
+    model = flashmoe.load(store, cache_gb=16 * blob * 1.2 / 1e9)  # about a quarter of the 64 experts
+    cfg = model.config
+    trace = calibrated_trace(TraceShape(200, len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok), seed=1)
+    model.route_by_trace(trace)
+    list(model.generate(PROMPT[:4], 60, stop_token_ids=[]))
+    uniform = flashmoe.load(store, cache_gb=16 * blob * 1.2 / 1e9)
+    list(uniform.generate(PROMPT[:4], 60, stop_token_ids=[]))
+    assert model.stats["cache_hit_rate"] > uniform.stats["cache_hit_rate"]
+
+
+def test_a_trace_that_does_not_fit_the_model_is_one_line(built):
+    model = flashmoe.load(built.store("qwen3_5_moe", 4))
+    layers, experts = len(model.config.moe_layers), model.config.num_experts
+    for trace, message in [(np.zeros((5, layers + 1, 2), dtype=np.int64), r"is \[tokens, 4 MoE layers, K\]"),
+                           (np.full((5, layers, 2), experts), "expert ids 0..15"),
+                           (np.zeros((5, layers, 2), dtype=np.int64), "picks an expert twice")]:
+        with pytest.raises(FlashMoeError, match=message):
+            model.route_by_trace(trace)
