@@ -7,6 +7,7 @@ routed experts are being read, so I/O overlaps compute.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .models import family_of
 from .quant import QuantizedTensor
-from .replay import TraceRouting, replaying
+from .replay import RoutingRecorder, TraceRouting, replaying
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import TokenConstraint, sample
@@ -137,6 +138,17 @@ class Model:
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                    verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format)
+
+    @contextlib.contextmanager
+    def recording_routing(self) -> Iterator[RoutingRecorder]:
+        """Within the block, every forward's routing is recorded (`.trace()`: int [tokens, MoE layers, K]), the layers
+        run eagerly (no CUDA graphs: the host needs each router's choice)."""
+        recorder, route, graphs = RoutingRecorder(self.config), self.model.route, self.graphs
+        self.model.route, self.graphs = recorder.wrap(route), None
+        try:
+            yield recorder
+        finally:
+            self.model.route, self.graphs = route, graphs
 
     def route_by_trace(self, trace) -> None:
         """From now on each token picks the experts a routing trace gives (replay.py; int [tokens, MoE layers, K],

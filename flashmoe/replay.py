@@ -1,4 +1,5 @@
-"""Routing by a trace instead of the router: for benchmarks of caching and prefetch under realistic routing.
+"""Routing traces recorded from a model's router, and routing by a trace instead of the router: for benchmarks of
+caching and prefetch under realistic routing.
 
 A trace (traces.py: int [tokens, MoE layers, K]) says which experts token t picks in each MoE layer; the model's
 own router still runs (its logits give the kept experts' weights: a softmax over the trace's choices), and
@@ -62,3 +63,28 @@ def replaying(model, routing: TraceRouting):
 
     model.route = route
     return model
+
+
+class RoutingRecorder:
+    """The experts a model's router picks, forward after forward, as a trace (traces.py's layout). Recording runs the
+    layers eagerly (a graph's router output never reaches the host)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.layers = len(cfg.moe_layers)
+        self._picks: list[torch.Tensor] = []
+
+    def wrap(self, route):
+        def recording(layer, projections, top_k, slot_table=None, counts=None):
+            ids, weights, slots = route(layer, projections, top_k, slot_table, counts)
+            self._picks.append(ids.detach().to("cpu", copy=True))
+            return ids, weights, slots
+
+        return recording
+
+    def trace(self) -> np.ndarray:
+        """int64 [tokens, MoE layers, K] of everything recorded so far."""
+        if not self._picks:
+            return np.zeros((0, self.layers, 0), dtype=np.int64)
+        per_forward = [torch.stack(self._picks[i:i + self.layers], dim=1)
+                       for i in range(0, len(self._picks), self.layers)]
+        return torch.cat(per_forward).numpy()

@@ -15,21 +15,13 @@ from test_reference import PROMPT
 
 def recorded_routing(model, prompt: list[int], steps: list[int]) -> np.ndarray:
     """The experts the model's own router picks for `prompt` then the tokens of `steps`, as a trace."""
-    route, picks = model.model.route, []
-
-    def recording(layer, projections, top_k, slot_table=None, counts=None):
-        ids, weights, slots = route(layer, projections, top_k, slot_table, counts)
-        picks.append(ids.clone())
-        return ids, weights, slots
-
-    model.model.route = recording
-    state = model.new_state()
-    for tokens in [prompt] + [[t] for t in steps]:
-        model.forward(tokens, state)
-    model.model.route = route
-    layers = len(model.config.moe_layers)
-    per_forward = [torch.stack(picks[i:i + layers], dim=1) for i in range(0, len(picks), layers)]
-    return torch.cat(per_forward).numpy()
+    with model.recording_routing() as recorder:
+        state = model.new_state()
+        for tokens in [prompt] + [[t] for t in steps]:
+            model.forward(tokens, state)
+    trace = recorder.trace()
+    assert trace.shape == (len(prompt) + len(steps), len(model.config.moe_layers), model.experts_per_token)
+    return trace
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "mixtral"])  # routers whose kept weights are a softmax over the kept
