@@ -159,6 +159,14 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)
+    if arch == "minimax_m2":  # the released config.json's keys, which mlx-lm and llama.cpp read (transformers drops them)
+        import json
+
+        cfg = json.loads((path / "config.json").read_text())
+        rotary = int(cfg["head_dim"] * (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+        cfg.update(rotary_dim=rotary, shared_intermediate_size=0, use_qk_norm=True, qk_norm_type="per_layer",
+                   scoring_func="sigmoid", use_routing_bias=True)
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 
 
@@ -181,7 +189,7 @@ def hf_as_mlx_lm_reads_it(src, dst):
     """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
     (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
     no other), the rope settings at the top of config.json (where transformers 4 wrote them), Qwen3-MoE's expert count
-    as num_experts, MiniMax-M2's rotary_dim and router keys."""
+    as num_experts."""
     import json
     import shutil
 
@@ -211,9 +219,6 @@ def hf_as_mlx_lm_reads_it(src, dst):
         cfg.setdefault("rope_scaling", None)
     if cfg.get("model_type") == "qwen3_moe":  # the released configs' name, which mlx-lm reads (transformers 5 renames it)
         cfg.setdefault("num_experts", cfg.get("num_local_experts"))
-    if cfg.get("model_type") == "minimax_m2":  # the released config's keys, which mlx-lm reads
-        cfg.update(rotary_dim=int(cfg["head_dim"] * rope.get("partial_rotary_factor", 1.0)), shared_intermediate_size=0,
-                   use_qk_norm=True, qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     return dst

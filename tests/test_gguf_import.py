@@ -62,7 +62,7 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a != "minimax_m2"])  # its llama.cpp files: not mapped yet
+@pytest.mark.parametrize("arch", LAYOUTS)
 def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch):
     """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, Qwen3.5's
     value heads tiled, Qwen3-Next's qkvz split and ba kept, Mixtral's q and k rows permuted as a Llama's) undone:
@@ -238,7 +238,7 @@ def test_gguf_store_on_the_gpu(built, tmp_path):
     assert_runs_on_the_gpu(store, PROMPT, hf_logits(path.parent, path.name))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "minimax_m2"])
 def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch, monkeypatch):
     """Qwen3-MoE (`qwen3moe`), Mixtral (a `llama` with experts), GLM-4.5 (`glm4moe`) and DeepSeek-V3 (`deepseek2`):
     Q8_0 experts repacked, Q8_0 residents kept quantized (Mixtral's permuted q/k rows moved back as they are;
