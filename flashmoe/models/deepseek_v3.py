@@ -115,14 +115,7 @@ def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     """config.json of a DeepSeek-V3 GGUF (`deepseek2`: transformers 5 maps none), from the keys llama.cpp's converter
     writes (conversion/deepseek.py). It keeps the interleaved RoPE pairs, and stores YaRN's mscale_all_dim as
     yarn_log_multiplier = 0.1 x mscale_all_dim (mscale, which it does not keep, is taken equal: DeepSeek-V3's are)."""
-    arch = metadata["general.architecture"]
-
-    def key(name: str, default=KeyError):
-        value = metadata.get(f"{arch}.{name}", default)
-        if value is KeyError:
-            raise KeyError(f"{arch}.{name}")
-        return value
-
+    key = qwen3_moe.gguf_keys(metadata)
     fields = glm4_moe.config_from_gguf(metadata, names)  # the MoE and the model's sizes, the same keys
     rope_dim = key("rope.dimension_count")
     rope = {"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)}

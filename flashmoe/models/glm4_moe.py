@@ -89,13 +89,7 @@ SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     """config.json of a GLM-4.5 GGUF (`glm4moe`: transformers 5 maps none), from the keys llama.cpp's converter writes
     (conversion/glm.py); it changes no tensor (NEOX RoPE), and its MTP layers, if any, are the last blocks."""
-    arch = metadata["general.architecture"]
-
-    def key(name: str, default=KeyError):
-        value = metadata.get(f"{arch}.{name}", default)
-        if value is KeyError:
-            raise KeyError(f"{arch}.{name}")
-        return value
+    arch, key = metadata["general.architecture"], qwen3_moe.gguf_keys(metadata)
 
     if key("expert_gating_func", SIGMOID_GATING) != SIGMOID_GATING:
         raise FlashMoeError(f"this {arch} GGUF's router is not a sigmoid one (expert_gating_func "

@@ -141,8 +141,8 @@ def gguf_rows_only(cfg: ModelConfig, name: str) -> bool:
     return True
 
 
-def gguf_config_fields(metadata: dict, names: tuple[str, ...]) -> dict:
-    """config.json keys of a plain attention + MoE GGUF, from the keys llama.cpp's converter writes."""
+def gguf_keys(metadata: dict):
+    """key(name[, default]): the GGUF's `<architecture>.<name>` value; a KeyError naming it when absent without one."""
     arch = metadata["general.architecture"]
 
     def key(name: str, default=KeyError):
@@ -150,6 +150,13 @@ def gguf_config_fields(metadata: dict, names: tuple[str, ...]) -> dict:
         if value is KeyError:
             raise KeyError(f"{arch}.{name}")
         return value
+
+    return key
+
+
+def gguf_config_fields(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json keys of a plain attention + MoE GGUF, from the keys llama.cpp's converter writes."""
+    key = gguf_keys(metadata)
 
     layers, heads = key("block_count"), key("attention.head_count")
     rope = {"rope_type": key("rope.scaling.type", "default"), "rope_theta": key("rope.freq_base", 10000.0)}
