@@ -36,8 +36,10 @@ SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 def default_cache_bytes() -> int:
-    """An eighth of physical RAM: room for the hottest experts, the rest left to the page cache."""
-    return psutil.virtual_memory().total // 8
+    """An eighth of physical RAM, at most half of what is free: room for the hottest experts, the rest left to the
+    page cache (and never more than experts.check_fits allows)."""
+    memory = psutil.virtual_memory()
+    return min(memory.total // 8, memory.available // 2)
 
 
 def default_vram_cache_bytes(store: Store, device: torch.device) -> int:

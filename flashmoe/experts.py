@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from .errors import FlashMoeError
@@ -60,6 +61,20 @@ class LayerFetch:
     wait_ms: float = 0.0  # host time blocked on reads
 
 
+# of what the machine has free when a model loads, the most an expert cache may take: the rest is for the resident
+# weights' working memory, the page cache and the other processes
+MACHINE_SHARE = 0.9
+
+
+def check_fits(memory: str, option: str, cache_bytes: int, free_bytes: int) -> None:
+    """One line, before anything is allocated, when an expert cache would not fit in what the machine has free (a
+    pinned slab larger than RAM fails to register; an unpinned one is killed by the OOM killer once it fills)."""
+    if cache_bytes > MACHINE_SHARE * free_bytes:
+        raise FlashMoeError(f"{option} asks for {cache_bytes / 1e9:.1f} GB of {memory} for experts, but "
+                            f"{free_bytes / 1e9:.1f} GB is free; pass at most {option}="
+                            f"{MACHINE_SHARE * free_bytes / 1e9:.1f}")
+
+
 class ExpertFetcher:
     def __init__(self, store: Store, device: torch.device, ram_cache_bytes: int, vram_cache_bytes: int = 0,
                  batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
@@ -83,7 +98,13 @@ class ExpertFetcher:
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
-        self.ram = SlotCache(min(ram_cache_bytes // slot_bytes, every_expert), batch_experts, POLICIES[cache_policy]())
+        ram_slots = min(ram_cache_bytes // slot_bytes, every_expert)
+        # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
+        check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, psutil.virtual_memory().available)
+        if self.on_gpu:
+            check_fits("VRAM", "vram_cache_gb", (min(vram_cache_bytes // blob, every_expert) + batch_experts) * blob,
+                       torch.cuda.mem_get_info(device)[0])
+        self.ram = SlotCache(ram_slots, batch_experts, POLICIES[cache_policy]())
         self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
         self.vram: SlotCache | None = None
         if self.on_gpu:

@@ -119,3 +119,18 @@ def test_one_fetch_takes_more_than_a_batch_only_when_every_expert_is_cached(buil
     with fetcher.fetch(0, every) as f:  # all in RAM now: one fetch, no reads
         assert [e for e, _ in fetcher.arrivals(f)] == every and not f.reading
     fetcher.close()
+
+
+def test_a_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(built, monkeypatch):
+    import collections
+
+    import flashmoe.experts as experts
+
+    store = built.store("qwen3_5_moe", 4)
+    blob = flashmoe.load(store, cache_gb=0).store.expert_blob_bytes
+    free = collections.namedtuple("Memory", "available total")(60 * blob, 60 * blob)  # staging slots come on top
+    monkeypatch.setattr(experts.psutil, "virtual_memory", lambda: free)
+    with pytest.raises(FlashMoeError, match=r"cache_gb asks for .* GB of RAM for experts, but .* GB is free; pass at"):
+        flashmoe.load(store, cache_gb=50 * blob / 1e9)
+    # within what is free, it loads and its slab stays inside the share
+    assert flashmoe.load(store, cache_gb=8 * blob / 1e9).fetcher.ram_slab.numel() <= experts.MACHINE_SHARE * free.available
