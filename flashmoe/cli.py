@@ -139,7 +139,19 @@ def top_p_option(default: float):
 def load_model(store: Path, **load_options):
     from . import load
 
-    return load(store, **load_options)
+    model = load(store, **load_options)
+    say(placement_line(model.placement()), style="dim")
+    return model
+
+
+def placement_line(p: dict) -> str:
+    """Where the weights went, said at load."""
+    tiers = [f"VRAM cache {human_bytes(p['vram_cache_bytes'])} ({p['vram_cache_share']:.0%} of them)"] if (
+        "vram_cache_bytes" in p) else []
+    tiers.append(f"{'pinned ' if p['ram_pinned'] else ''}RAM cache {human_bytes(p['ram_cache_bytes'])} "
+                 f"({p['ram_cache_share']:.0%})")
+    return (f"resident weights {human_bytes(p['resident_bytes'])} on {p['device']}; experts "
+            f"{human_bytes(p['expert_bytes'])}: {', '.join(tiers)}, the rest read from disk as needed")
 
 
 def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,

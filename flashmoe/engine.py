@@ -141,6 +141,19 @@ class Model:
         return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                    verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format)
 
+    def placement(self) -> dict:
+        """Where the weights live: the resident weights' bytes (on `device`), the experts' bytes, and what the VRAM and
+        RAM caches hold as sized at load (bytes, and the share of the experts); the rest is read from the store."""
+        f, experts, blob = self.fetcher, self.store.expert_bytes, self.store.expert_blob_bytes
+        slot = f.kernel_form.slot_bytes if f.kernel_form is not None else blob
+        out = {"device": self.device.type, "resident_bytes": self.store.resident_bytes, "expert_bytes": experts,
+               "ram_cache_bytes": f.ram.cached_slots * slot,
+               "ram_cache_share": min(1.0, f.ram.cached_slots * blob / experts), "ram_pinned": f.on_gpu}
+        if f.vram is not None:
+            out.update(vram_cache_bytes=f.vram.cached_slots * blob,
+                       vram_cache_share=min(1.0, f.vram.cached_slots * blob / experts))
+        return out
+
     @contextlib.contextmanager
     def recording_routing(self) -> Iterator[RoutingRecorder]:
         """Within the block, every forward's routing is recorded (`.trace()`: int [tokens, MoE layers, K]), the layers
