@@ -28,7 +28,7 @@ def test_convert_info_generate(run_cli, built, tmp_path):
     assert out.strip()  # the streamed text
     assert "6 tokens" in err and "tok/s decode" in err and "MB of experts read" in err and "cache hit rate" in err
     # where the weights went, said at load: the cache was 1 MB of the store's experts
-    assert re.search(r"resident weights [\d.]+ [KM]B on cpu; experts [\d.]+ MB: RAM cache [\d.]+ KB \(\d+%\), the rest", err)
+    assert re.search(r"resident weights [\d.]+ [KM]B on cpu; experts [\d.]+ MB: RAM cache [\d.]+ [KM]B \(\d+%\), the rest", err)
 
 
 @pytest.mark.parametrize("args,message", [
