@@ -190,6 +190,20 @@ if triton is not None:
         tl.store(beta_ptr + row * H + h, tl.sigmoid(b).to(beta_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _top_k(choice, values, e, slot, K: tl.constexpr, KPAD: tl.constexpr, BLOCK_E: tl.constexpr):
+        """The K largest of `choice` by repeated argmax (K is small), the lowest id among ties: their ids, and
+        `values` at them, in pick order in the first K of KPAD slots."""
+        top_ids = tl.zeros((KPAD,), dtype=tl.int32)
+        top_values = tl.zeros((KPAD,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            best = tl.max(choice, axis=0)
+            pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+            top_ids = tl.where(slot == j, pick, top_ids)
+            top_values = tl.where(slot == j, tl.sum(tl.where(e == pick, values, 0.0), axis=0), top_values)
+            choice = tl.where(e == pick, float("-inf"), choice)
+        return top_ids, top_values
+
+    @triton.jit
     def _store_route(row, top_ids, top_w, kept, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr,
                      TOP_K: tl.constexpr, HAS_SLOTS: tl.constexpr, COUNT: tl.constexpr):
         """A router row's kept experts in ascending id order (each kept id's rank among the kept ones), their
@@ -217,14 +231,7 @@ if triton is not None:
         p = p / tl.sum(p, axis=0)
         p = tl.where(e < E, p, -1.0)
         slot = tl.arange(0, KPAD)
-        top_ids = tl.zeros((KPAD,), dtype=tl.int32)
-        top_p = tl.zeros((KPAD,), dtype=tl.float32)
-        for j in tl.static_range(K_MAX):  # repeated argmax: K is small
-            best = tl.max(p, axis=0)
-            pick = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # the lowest id among ties
-            top_ids = tl.where(slot == j, pick, top_ids)
-            top_p = tl.where(slot == j, best, top_p)
-            p = tl.where(e == pick, -1.0, p)
+        top_ids, top_p = _top_k(p, p, e, slot, K_MAX, KPAD, BLOCK_E)
         kept = slot < TOP_K
         total = tl.sum(tl.where(kept, top_p, 0.0), axis=0)
         if NORMALIZE:
@@ -264,14 +271,7 @@ if triton is not None:
                 group_score = tl.where(gi == pick, float("-inf"), group_score)
             choice = tl.where(eligible & valid, choice, float("-inf"))
         slot = tl.arange(0, KPAD)
-        top_ids = tl.zeros((KPAD,), dtype=tl.int32)
-        top_w = tl.zeros((KPAD,), dtype=tl.float32)
-        for j in tl.static_range(TOP_K):  # repeated argmax: K is small
-            best = tl.max(choice, axis=0)
-            pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)  # the lowest id among ties
-            top_ids = tl.where(slot == j, pick, top_ids)
-            top_w = tl.where(slot == j, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), top_w)
-            choice = tl.where(e == pick, float("-inf"), choice)
+        top_ids, top_w = _top_k(choice, scores, e, slot, TOP_K, KPAD, BLOCK_E)
         kept = slot < TOP_K
         if NORMALIZE:
             top_w = top_w / (tl.sum(tl.where(kept, top_w, 0.0), axis=0) + 1e-20)
