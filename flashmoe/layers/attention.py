@@ -48,6 +48,16 @@ def sdpa_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def grown(cache: torch.Tensor | None, kept: int, like: torch.Tensor, length: int) -> torch.Tensor:
+    """A cache tensor [rows, capacity, width] with room for `length` positions (twice that, at least 256), the old
+    one's first `kept` positions copied in; `like` gives rows, width, dtype and device. Zeros, not empty: attention
+    over the whole capacity multiplies masked slots by 0, and 0 * NaN is NaN."""
+    new = like.new_zeros(like.shape[0], max(256, 2 * length), like.shape[2])
+    if cache is not None:
+        new[:, :kept] = cache[:, :kept]
+    return new
+
+
 @dataclass
 class KVCache:
     """Keys and values of one full-attention layer, [kv_heads, capacity, head_dim], grown by doubling."""
@@ -62,16 +72,8 @@ class KVCache:
 
     def reserve(self, length: int, like: torch.Tensor) -> None:
         """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
-        if length <= self.capacity:
-            return
-        capacity = max(256, 2 * length)
-        # zeros, not empty: attention over the whole capacity multiplies masked slots by 0, and 0 * NaN is NaN
-        new_k = like.new_zeros(like.shape[0], capacity, like.shape[2])
-        new_v = like.new_zeros(like.shape[0], capacity, like.shape[2])
-        if self.k is not None:
-            new_k[:, : self.length] = self.k[:, : self.length]
-            new_v[:, : self.length] = self.v[:, : self.length]
-        self.k, self.v = new_k, new_v
+        if length > self.capacity:
+            self.k, self.v = grown(self.k, self.length, like, length), grown(self.v, self.length, like, length)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[1]

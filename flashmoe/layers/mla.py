@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..kernels import fused
 from ..kernels.linear import linear
-from .attention import sdpa_backends
+from .attention import grown, sdpa_backends
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,8 @@ class LatentCache:
         return 0 if self.k is None else self.k.shape[1]
 
     def reserve(self, length: int, like: torch.Tensor) -> None:
-        if length <= self.capacity:
-            return
-        new = like.new_zeros(1, max(256, 2 * length), like.shape[-1])  # zeros: masked slots times 0 stay 0
-        if self.k is not None:
-            new[:, : self.length] = self.k[:, : self.length]
-        self.k = new
+        if length > self.capacity:
+            self.k = grown(self.k, self.length, like, length)
 
     def append(self, latent: torch.Tensor) -> torch.Tensor:
         n = latent.shape[0]
