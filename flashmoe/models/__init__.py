@@ -59,6 +59,17 @@ def family_of(architecture: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def end_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The resident tensors at a decoder's two ends, every family's: the embedding, the head (only when untied) and
+    the final norm."""
+    h = cfg.hidden_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes["model.norm.weight"] = (h,)
+    return shapes
+
+
 @dataclass
 class ResidentItem:
     """Store tensors made from checkpoint tensors: usually one to one, sometimes a split or a merge."""

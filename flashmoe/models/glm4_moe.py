@@ -68,9 +68,7 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
     groups = f", {cfg.topk_group} of {cfg.n_group} expert groups" if cfg.n_group > 1 else ""
-    return [("layers", f"{cfg.num_hidden_layers} full attention ({cfg.num_attention_heads} query / "
-                       f"{cfg.num_key_value_heads} key-value heads of {cfg.head_dim}), the first "
-                       f"{len(cfg.dense_layers)} dense"),
+    return [qwen3_moe.attention_layers(cfg, f", the first {len(cfg.dense_layers)} dense"),
             ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok} by a sigmoid router{groups} "
                         f"(weights x {cfg.routed_scaling_factor:g}), shared expert {cfg.shared_expert_intermediate_size}")]
 

@@ -12,12 +12,12 @@ import torch
 from ..config import ModelConfig, config_value
 from ..errors import FlashMoeError
 from ..kernels import fused
-from . import mixtral, qwen3_moe
+from . import glm4_moe, mixtral, qwen3_moe
 from .mixtral import EXPERT_PROJECTIONS, MLP, ZERO_CENTRED_NORMS, expert_prefix
 from .qwen3_moe import GGUF_NAMES, from_gguf, gguf_rows_only, resident_sources
 
 ARCHITECTURES = {"MiniMaxM2ForCausalLM": "minimax_m2"}
-FLOAT32_RESIDENTS = (".e_score_correction_bias",)
+FLOAT32_RESIDENTS = glm4_moe.FLOAT32_RESIDENTS
 
 
 def config_from_hf(arch: str, raw: dict) -> ModelConfig:
@@ -57,14 +57,13 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 # llama.cpp's names: Mixtral's, and the router's choosing bias
 GGUF_LAYER_NAMES = {**mixtral.GGUF_LAYER_NAMES, "exp_probs_b.bias": MLP + "e_score_correction_bias"}
-SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
 def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
     """config.json of a MiniMax-M2 GGUF (`minimax-m2`: transformers 5 maps none), from the keys llama.cpp's converter
     writes; it changes no tensor."""
     arch = metadata["general.architecture"]
-    if metadata.get(f"{arch}.expert_gating_func", SIGMOID_GATING) != SIGMOID_GATING:
+    if metadata.get(f"{arch}.expert_gating_func", glm4_moe.SIGMOID_GATING) != glm4_moe.SIGMOID_GATING:
         raise FlashMoeError(f"this {arch} GGUF's router is not a sigmoid one; flashmoe runs MiniMax-M2's")
     return {"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
             **qwen3_moe.gguf_config_fields(metadata, names), "num_local_experts": metadata[f"{arch}.expert_count"],

@@ -38,9 +38,7 @@ def expert_prefix(layer: int) -> str:
 
 def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
     window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
-    return [("layers", f"{cfg.num_hidden_layers} full attention ({cfg.num_attention_heads} query / "
-                       f"{cfg.num_key_value_heads} key-value heads of {cfg.head_dim}){window}"),
-            ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
+    return [qwen3_moe.attention_layers(cfg, window), qwen3_moe.describe(cfg)[1]]
 
 
 GGUF_LAYER_NAMES = qwen3_moe.gguf_layer_names(MLP)

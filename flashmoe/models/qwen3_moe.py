@@ -19,7 +19,7 @@ from ..kernels.moe import swiglu_mlp
 from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
 from ..layers.resident import ResidentWeights
 from ..layers.state import SequenceState
-from . import ResidentItem
+from . import ResidentItem, end_shapes
 
 ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe"}
 ZERO_CENTRED_NORMS = False  # RMSNorm weights store an offset from 1 (else the scale itself)
@@ -80,10 +80,7 @@ def config_from_hf(arch: str, raw: dict) -> ModelConfig:
 def resident_shapes(cfg: ModelConfig, qk_norm: bool = True, mlp: str = MLP) -> dict[str, tuple[int, ...]]:
     """Every resident tensor of a store and its shape, named as the checkpoint names them."""
     h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    shapes["model.norm.weight"] = (h,)
+    shapes = end_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + mlp
@@ -109,10 +106,15 @@ def expert_prefix(layer: int) -> str:
     return f"model.layers.{layer}.{MLP}experts."
 
 
+def attention_layers(cfg: ModelConfig, more: str = "") -> tuple[str, str]:
+    """`flashmoe info`'s line for layers that are all full attention: their heads and sizes, then `more`."""
+    return ("layers", f"{cfg.num_hidden_layers} full attention ({cfg.num_attention_heads} query / "
+                      f"{cfg.num_key_value_heads} key-value heads of {cfg.head_dim}){more}")
+
+
 def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
     dense = f", {len(cfg.dense_layers)} of them dense" if cfg.dense_layers else ""
-    return [("layers", f"{cfg.num_hidden_layers} full attention ({cfg.num_attention_heads} query / "
-                       f"{cfg.num_key_value_heads} key-value heads of {cfg.head_dim}){dense}"),
+    return [attention_layers(cfg, dense),
             ("experts", f"{cfg.num_experts} per layer, K={cfg.num_experts_per_tok}, no shared expert")]
 
 

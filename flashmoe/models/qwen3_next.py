@@ -23,7 +23,7 @@ from ..kernels.moe import swiglu_mlp
 from ..layers.attention import Attention, AttentionSpec, KVCache, rope_inv_freq
 from ..layers.resident import ResidentWeights
 from ..layers.state import SequenceState
-from . import ResidentItem
+from . import ResidentItem, end_shapes
 
 
 def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -33,10 +33,7 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, nv = cfg.hidden_size, cfg.linear_num_value_heads
     kd = cfg.linear_key_head_dim * cfg.linear_num_key_heads
     vd = cfg.linear_value_head_dim * nv
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    shapes["model.norm.weight"] = (h,)
+    shapes = end_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (h,)
