@@ -62,14 +62,15 @@ def main() -> None:
     t = graph_ms([lambda r=r: mt.decode_gate_up_swiglu(x[:1], slab, r, qb) for r in rotations])
     print(f"gate_up, default tile, in a graph: {t * 1e3:6.1f} us {up_bytes / t / 1e6:5.0f} GB/s")
     # the default tile: down in one launch over all experts, or split (down_split) aiming at several program counts
+    default_programs = mt.DOWN_PROGRAMS
     for split, programs in ((False, 0), (True, 2048), (True, 4096), (True, 8192)):
-        mt.DOWN_PROGRAMS = programs or mt.DOWN_PROGRAMS
+        mt.DOWN_PROGRAMS = programs or default_programs
         t = graph_ms([lambda r=r: mt.down_weighted_sum(act, slab, r, weights, qb, split=split) for r in rotations])
         tile = mt.DECODE_TILE
         chunks = mt.down_split(qb, args.k, tile["block_n"], mt.gemv_block_bytes(qb, args.inter, tile["block_b"]))[1]
         how = f"split into {args.k * chunks} (expert, chunk) rows (DOWN_PROGRAMS {programs})" if split else "one launch"
         print(f"down, default tile, in a graph, {how}: {t * 1e3:6.1f} us {down_bytes / t / 1e6:5.0f} GB/s")
-    mt.DOWN_PROGRAMS = 2048
+    mt.DOWN_PROGRAMS = default_programs
     sweep = [] if args.no_sweep else [(n, b, w) for n in (2, 4, 8, 16) for b in (128, 256, 512) for w in (2, 4, 8)]
     for block_n, block_b, warps in sweep:  # in graphs, as decode runs them
         t_up = graph_ms([lambda r=r: mt.decode_gate_up_swiglu(x[:1], slab, r, qb, block_n, block_b, warps)
