@@ -64,12 +64,7 @@ def reference_route(logits, top_k, default_k, normalize, slot_table=None, counts
     mass = weights[:, :default_k].sum(-1, keepdim=True)
     weights, ids = weights[:, :top_k], ids[:, :top_k]
     weights = weights / weights.sum(-1, keepdim=True) * (1.0 if normalize else mass)
-    ids, order = ids.sort(dim=-1)
-    weights = weights.gather(-1, order)
-    slots = None if slot_table is None else slot_table[ids]
-    if counts is not None:
-        count_tiers(slots, counts)
-    return ids, weights, slots
+    return routed_in_order(ids, weights, slot_table, counts)
 
 
 def reference_route_sigmoid(logits, bias, top_k, n_group, topk_group, normalize, scale, slot_table=None, counts=None):
@@ -90,6 +85,12 @@ def reference_route_sigmoid(logits, bias, top_k, n_group, topk_group, normalize,
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     weights = weights * scale
+    return routed_in_order(ids, weights, slot_table, counts)
+
+
+def routed_in_order(ids, weights, slot_table=None, counts=None):
+    """A router's picks as it returns them: ids ascending within each row, the weights in the same order, and their
+    slots in `slot_table` if given, counted into `counts` by tier (the reference twin of _store_route)."""
     ids, order = ids.sort(dim=-1)
     weights = weights.gather(-1, order)
     slots = None if slot_table is None else slot_table[ids]
