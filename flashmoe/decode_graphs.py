@@ -75,9 +75,10 @@ class DecodeGraphs:
     def _pool(state):
         """The sequence's graph memory pool, after the work queued so far is done. One pool per sequence: a pool
         shared across sequences would outlive its graphs, and capturing into a pool whose graphs were all freed
-        trips an internal assert in torch's allocator (seen on 2.11)."""
+        trips an internal assert in torch's allocator (seen on 2.11). One per device, too: a model over several GPUs
+        captures each block on its own."""
         torch.cuda.synchronize()
-        return state.decode_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        return state.decode_graphs.setdefault(("pool", torch.cuda.current_device()), torch.cuda.graph_pool_handle())
 
     def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
         """The whole layer as one graph: with every expert resident (VRAM or pinned RAM) the GPU looks up the slots

@@ -14,10 +14,12 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import psutil
 import torch
 
+from . import placement
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
@@ -54,11 +56,31 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
 DEFAULT_CPU_RESIDENT_FORMAT = "int8"
 
 
+def _on(device: torch.device):
+    """The block runs with `device` current: Triton launches on the current GPU, whatever its tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass
+class Stage:
+    """One device's part of the model: a block of layers (placement.py), their resident weights (the family's model
+    over them), the fetcher of their experts (its VRAM tier; the RAM tier is shared) and its decode graphs."""
+
+    device: torch.device
+    layers: range
+    model: object
+    fetcher: ExpertFetcher
+    routed: RoutedExperts
+    graphs: DecodeGraphs | None
+
+
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
-                 resident_format: str = "float"):
+                 resident_format: str = "float", devices: list[torch.device] | None = None):
+        """devices: several GPUs (or, for tests, several CPU parts) to spread the layers over (placement.py); `device`
+        is then the first."""
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -67,25 +89,47 @@ class Model:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
         family = family_of(cfg.architecture)
+        devices = devices or [self.device]
+        on_gpu = self.device.type == "cuda"
+        capacity = [torch.cuda.mem_get_info(d)[0] if on_gpu else 1.0 for d in devices]
+        blocks = placement.plan(cfg, devices, store.expert_blob_bytes, store.resident_bytes, capacity)
         weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t for name, t in
-                   store.load_resident(dtype, str(self.device), getattr(family, "FLOAT32_RESIDENTS", ())).items()}
-        self.model = family.Model(cfg, weights)
+                   store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=lambda n: str(
+                       blocks[placement.block_of(n, blocks)].device)).items()}
+        parts = [{} for _ in blocks]
+        for name, t in weights.items():
+            parts[placement.block_of(name, blocks)][name] = t
+        if "lm_head.weight" not in weights and len(blocks) > 1:  # a tied head: the last device needs the table too
+            parts[-1][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[-1].device)
         self.resident_format = resident_format
-        if self.device.type == "cpu" and (resident_format != "float" or store.resident_quantized):
-            self.model.compress_matrices(lambda w: compress_matrix(w, resident_format))
-        if self.device.type == "cuda" and vram_cache_bytes is None:
-            vram_cache_bytes = default_vram_cache_bytes(store, self.device)
+        if on_gpu and vram_cache_bytes is None:
+            vram_budgets = [default_vram_cache_bytes(store, d) for d in devices]
+        else:  # a total given: each device's share follows its layers' experts
+            experts_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
+            vram_budgets = [int((vram_cache_bytes or 0) * n / max(1, sum(experts_of))) for n in experts_of]
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
         # on the CPU, RAM slots hold each expert in the form torch's int4 kernel reads (prepared as it lands)
-        kernel_form = None if self.device.type != "cpu" else KernelForm.for_store(
+        kernel_form = None if on_gpu else KernelForm.for_store(
             store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
             store.quantization["group_size"])
-        self.fetcher = ExpertFetcher(store, self.device, cache_bytes, vram_cache_bytes or 0, batch, io_threads,
-                                     direct_io, verify_reads, zero_copy, cache_policy, kernel_form)
-        self.routed = RoutedExperts(store, self.fetcher, self.device)
-        self.graphs = DecodeGraphs(self.model, self.routed, self.experts_per_token) if (
-            self.device.type == "cuda" and use_cuda_graphs) else None
-        self.trace_routing: TraceRouting | None = None
+        self.stages: list[Stage] = []
+        for block, part, vram_bytes in zip(blocks, parts, vram_budgets):
+            with _on(block.device):
+                model = family.Model(cfg, part)
+                if not on_gpu and (resident_format != "float" or store.resident_quantized):
+                    model.compress_matrices(lambda w: compress_matrix(w, resident_format))
+                host = self.stages[0].fetcher if self.stages else None
+                fetcher = ExpertFetcher(store, block.device, cache_bytes, vram_bytes, batch, io_threads, direct_io,
+                                        verify_reads, zero_copy, cache_policy, kernel_form,
+                                        [i for i in block.layers if cfg.is_moe_layer(i)], host)
+                routed = RoutedExperts(store, fetcher, block.device)
+                graphs = DecodeGraphs(model, routed, self.experts_per_token) if on_gpu and use_cuda_graphs else None
+            self.stages.append(Stage(block.device, block.layers, model, fetcher, routed, graphs))
+        self._stage_of = [next(s for s in self.stages if layer in s.layers) for layer in range(cfg.num_hidden_layers)]
+        # the first device's parts, under the names a one-device model has always had
+        self.model, self.fetcher, self.routed, self.graphs = (self.stages[0].model, self.stages[0].fetcher,
+                                                              self.stages[0].routed, self.stages[0].graphs)
+        self.trace_routing: list[TraceRouting] = []
         self._tokenizer = None
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
@@ -100,7 +144,7 @@ class Model:
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
-             resident_format: str | None = None) -> "Model":
+             resident_format: str | None = None, devices: str | list[str] | None = None) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -110,7 +154,15 @@ class Model:
         cache_policy: which cached expert gives up its slot, in both tiers: "frequency-lru" (default), "lru" or
         "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format (CPU): how the resident
         projections are kept: "float" (as `dtype`), "bf16", or quantized at load to "int8" / "int4" (group 32, read
-        by torch's int4 kernel); default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an exact one."""
+        by torch's int4 kernel); default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an exact one.
+        devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
+        its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them."""
+        if devices is not None:
+            parsed = placement.parse_devices(devices)
+            device = str(parsed[0])
+            for d in parsed:  # each checked as a lone device would be
+                if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+                    raise FlashMoeError(f"device {str(d)!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
         if cache_policy not in POLICIES:
             raise FlashMoeError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(POLICIES)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -139,41 +191,51 @@ class Model:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format)
+                   verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
+                   None if devices is None else parsed)
 
     def placement(self) -> dict:
         """Where the weights live: the resident weights' bytes (on `device`), the experts' bytes, and what the VRAM and
-        RAM caches hold as sized at load (bytes, and the share of the experts); the rest is read from the store."""
+        RAM caches hold as sized at load (bytes, and the share of the experts); the rest is read from the store. Over
+        several devices, `blocks` says which layers and how much VRAM cache each holds, and the VRAM figures are
+        their sums."""
         f, experts, blob = self.fetcher, self.store.expert_bytes, self.store.expert_blob_bytes
         slot = f.kernel_form.slot_bytes if f.kernel_form is not None else blob
         out = {"device": self.device.type, "resident_bytes": self.store.resident_bytes, "expert_bytes": experts,
                "ram_cache_bytes": f.ram.cached_slots * slot,
                "ram_cache_share": min(1.0, f.ram.cached_slots * blob / experts), "ram_pinned": f.on_gpu}
         if f.vram is not None:
-            out.update(vram_cache_bytes=f.vram.cached_slots * blob,
-                       vram_cache_share=min(1.0, f.vram.cached_slots * blob / experts))
+            vram = sum(s.fetcher.vram.cached_slots for s in self.stages) * blob
+            out.update(vram_cache_bytes=vram, vram_cache_share=min(1.0, vram / experts))
+        if len(self.stages) > 1:
+            out["blocks"] = [{"device": str(s.device), "layers": [s.layers.start, s.layers.stop - 1],
+                              "vram_cache_bytes": s.fetcher.vram.cached_slots * blob if s.fetcher.vram else 0}
+                             for s in self.stages]
         return out
 
     @contextlib.contextmanager
     def recording_routing(self) -> Iterator[RoutingRecorder]:
         """Within the block, every forward's routing is recorded (`.trace()`: int [tokens, MoE layers, K]), the layers
         run eagerly (no CUDA graphs: the host needs each router's choice)."""
-        recorder, route, graphs = RoutingRecorder(self.config), self.model.route, self.graphs
-        self.model.route, self.graphs = recorder.wrap(route), None
+        recorder, saved = RoutingRecorder(self.config), [(s.model.route, s.graphs) for s in self.stages]
+        for s, (route, _) in zip(self.stages, saved):
+            s.model.route, s.graphs = recorder.wrap(route), None
         try:
             yield recorder
         finally:
-            self.model.route, self.graphs = route, graphs
+            for s, (route, graphs) in zip(self.stages, saved):
+                s.model.route, s.graphs = route, graphs
 
     def route_by_trace(self, trace) -> None:
         """From now on each token picks the experts a routing trace gives (replay.py; int [tokens, MoE layers, K],
         K replacing experts_per_token): for measuring caches under realistic routing. Sequences made before keep
         their graphs, so call it before generating."""
-        self.trace_routing = TraceRouting(trace, self.config, self.device)
-        replaying(self.model, self.trace_routing)
-        self.experts_per_token = self.trace_routing.top_k
-        if self.graphs is not None:
-            self.graphs.k = self.experts_per_token
+        self.trace_routing = [TraceRouting(trace, self.config, s.device) for s in self.stages]
+        for s, routing in zip(self.stages, self.trace_routing):
+            replaying(s.model, routing)
+            if s.graphs is not None:
+                s.graphs.k = routing.top_k
+        self.experts_per_token = self.trace_routing[0].top_k
 
     # ---- tokenizer ------------------------------------------------------------------------
     @property
@@ -223,52 +285,70 @@ class Model:
     @sync_timing.setter
     def sync_timing(self, on: bool) -> None:
         """On a GPU, synchronize at the end of each phase so `stats` splits GPU time (slower; for benchmarks)."""
-        self.routed.sync_timing = on
+        for stage in self.stages:
+            stage.routed.sync_timing = on
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], state, all_logits: bool = True) -> torch.Tensor:
-        """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last."""
+        """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last (on the
+        last device)."""
         self._check_tokens(token_ids)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        x = self.model.embed(ids)
-        timers, clock = self._timers, self.routed._clock
+        with _on(self.device):
+            x = self.model.embed(ids)
+        timers = self._timers
         # graphs from the second one-token step on: the first compiles every kernel eagerly
-        graphed = self.graphs is not None and len(token_ids) == 1 and state.decode_steps >= 1
-        if graphed:  # graphs read the position from the device
-            if state.position_t is None:
-                state.position_t = torch.zeros(1, dtype=torch.long, device=self.device)
-            state.position_t.fill_(state.position)
-        if self.trace_routing is not None:
-            self.trace_routing.begin(state.position, len(token_ids))
-        if self.layer_events is not None:
-            self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            self.layer_events[-1][0].record()
-        for layer in range(self.config.num_hidden_layers):
-            if graphed and self.graphs.layer_can_use(layer):
-                x = self.graphs.step(layer, x, state, timers, self._expert_times, clock)
-                continue
-            t0 = clock()
-            x, h = self.model.mix(layer, x, state)
-            if not self.config.is_moe_layer(layer):
-                x = x + self.model.dense_mlp(layer, h)
-                timers["attention_ms"] += (clock() - t0) * 1e3
-                continue
-            t1 = clock()
-            timers["attention_ms"] += (t1 - t0) * 1e3
-            projections = self.model.moe_projections(layer, h)
-            topk_ids, topk_weights, _ = self.model.route(layer, projections, self.experts_per_token)
-            timers["routing_ms"] += (clock() - t1) * 1e3
-            x = x + self.routed(layer, h, topk_ids, topk_weights,
-                                lambda: self.model.shared_expert(layer, projections), self._expert_times)
-        if self.layer_events is not None:
-            self.layer_events[-1][1].record()
+        graphed = len(token_ids) == 1 and state.decode_steps >= 1
+        for routing in self.trace_routing:
+            routing.begin(state.position, len(token_ids))
+        for stage in self.stages:
+            with _on(stage.device):
+                x = x.to(stage.device)  # the hidden state crosses to the next device: a few KB, once per block
+                x = self._run_stage(stage, x, state, graphed and stage.graphs is not None, timers)
         timers["expert_io_ms"] = self._expert_times.io_wait_ms
         timers["expert_compute_ms"] = self._expert_times.compute_ms
         state.position += len(token_ids)
         state.decode_steps += len(token_ids) == 1
-        self.fetcher.tick()
+        for stage in self.stages:
+            stage.fetcher.tick()
         self._tokens["tokens"] += len(token_ids)
-        return self.model.logits(x if all_logits else x[-1:])
+        last = self.stages[-1]
+        with _on(last.device):
+            return last.model.logits(x if all_logits else x[-1:])
+
+    def _run_stage(self, stage: Stage, x: torch.Tensor, state, graphed: bool, timers: dict) -> torch.Tensor:
+        """The layers of one device's block."""
+        clock = stage.routed._clock
+        if graphed:  # graphs read the position from the device: one tensor per device, each graph bound to its own
+            state.position_t = state.positions_t.get(stage.device)
+            if state.position_t is None:
+                state.position_t = state.positions_t[stage.device] = torch.zeros(1, dtype=torch.long,
+                                                                                  device=stage.device)
+            state.position_t.fill_(state.position)
+        if self.layer_events is not None:
+            self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.layer_events[-1][0].record()
+        model, routed = stage.model, stage.routed
+        for layer in stage.layers:
+            if graphed and stage.graphs.layer_can_use(layer):
+                x = stage.graphs.step(layer, x, state, timers, self._expert_times, clock)
+                continue
+            t0 = clock()
+            x, h = model.mix(layer, x, state)
+            if not self.config.is_moe_layer(layer):
+                x = x + model.dense_mlp(layer, h)
+                timers["attention_ms"] += (clock() - t0) * 1e3
+                continue
+            t1 = clock()
+            timers["attention_ms"] += (t1 - t0) * 1e3
+            projections = model.moe_projections(layer, h)
+            topk_ids, topk_weights, _ = model.route(layer, projections, self.experts_per_token)
+            timers["routing_ms"] += (clock() - t1) * 1e3
+            x = x + routed(layer, h, topk_ids, topk_weights, lambda: model.shared_expert(layer, projections),
+                           self._expert_times)
+        if self.layer_events is not None:
+            self.layer_events[-1][1].record()
+        return x
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         if len(token_ids) == 0:
@@ -332,30 +412,33 @@ class Model:
     def warm_cache(self) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
         budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in."""
-        f = self.fetcher
-        for layer in self.config.moe_layers:
-            for i in range(0, self.config.num_experts, f.batch_experts):
-                with f.fetch(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts)))) as fetch:
-                    if f.on_gpu:
-                        f.gpu_slots(fetch)
-                    else:
-                        for _ in f.arrivals(fetch):
-                            pass
-        if f.on_gpu:
-            torch.cuda.synchronize(self.device)
+        for stage in self.stages:
+            f = stage.fetcher
+            with _on(stage.device):
+                for layer in sorted(f.layers):
+                    for i in range(0, self.config.num_experts, f.batch_experts):
+                        with f.fetch(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts)))) as fetch:
+                            if f.on_gpu:
+                                f.gpu_slots(fetch)
+                            else:
+                                for _ in f.arrivals(fetch):
+                                    pass
+                if f.on_gpu:
+                    torch.cuda.synchronize(stage.device)
         self.reset_stats()
 
     # ---- stats ----------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
-        f = self.fetcher
-        f.take_resident_counts()
-        t = self._tokens
+        fetchers = [s.fetcher for s in self.stages]
+        for f in fetchers:
+            f.take_resident_counts()
+        f, t = self.fetcher, self._tokens
         decode_steps = max(t["generated_tokens"] - 1, 0)
         out = {
             **t,
-            "expert_reads": f.stats.expert_reads,
-            "expert_bytes_read": f.stats.expert_bytes_read,
+            "expert_reads": sum(f.stats.expert_reads for f in fetchers),
+            "expert_bytes_read": sum(f.stats.expert_bytes_read for f in fetchers),
             "cache_hits": f.ram.stats.hits,
             "cache_misses": f.ram.stats.misses,
             "cache_evictions": f.ram.stats.evictions,
@@ -363,26 +446,29 @@ class Model:
             "cache_bytes": len(f.ram) * self.store.expert_blob_bytes,
         }
         if f.vram is not None:
+            tiers = [f.vram for f in fetchers]
+            hits, misses = sum(v.stats.hits for v in tiers), sum(v.stats.misses for v in tiers)
             out.update({
-                "vram_cache_hits": f.vram.stats.hits,
-                "vram_cache_misses": f.vram.stats.misses,
-                "vram_cache_evictions": f.vram.stats.evictions,
-                "vram_cache_hit_rate": f.vram.stats.hit_rate,
-                "vram_cache_bytes": len(f.vram) * self.store.expert_blob_bytes,
-                "expert_bytes_copied": f.stats.expert_bytes_copied,
-                "expert_bytes_zero_copy": f.stats.expert_bytes_zero_copy,
+                "vram_cache_hits": hits,
+                "vram_cache_misses": misses,
+                "vram_cache_evictions": sum(v.stats.evictions for v in tiers),
+                "vram_cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                "vram_cache_bytes": sum(len(v) for v in tiers) * self.store.expert_blob_bytes,
+                "expert_bytes_copied": sum(f.stats.expert_bytes_copied for f in fetchers),
+                "expert_bytes_zero_copy": sum(f.stats.expert_bytes_zero_copy for f in fetchers),
             })
         out.update({k: round(v, 3) for k, v in self._timers.items()})
         out["decode_tokens_per_s"] = decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0
         return out
 
     def reset_stats(self) -> None:
-        f = self.fetcher
-        f.take_resident_counts()  # and drop them with the rest
-        f.stats = type(f.stats)()
-        for tier in (f.ram, f.vram):
-            if tier is not None:
-                tier.stats = type(tier.stats)()
+        for stage in self.stages:
+            f = stage.fetcher
+            f.take_resident_counts()  # and drop them with the rest
+            f.stats = type(f.stats)()
+            for tier in (f.ram, f.vram):
+                if tier is not None:
+                    tier.stats = type(tier.stats)()
         self._timers = dict.fromkeys(TIMERS, 0.0)
         self._expert_times = ExpertTimes()
         self._tokens = dict.fromkeys(self._tokens, 0)
@@ -390,12 +476,15 @@ class Model:
             self.layer_events.clear()
 
     def layers_gpu_ms(self) -> float:
-        """Milliseconds of GPU timeline spent in the layers since layer_events was set (or the stats reset)."""
-        torch.cuda.synchronize(self.device)
+        """Milliseconds of GPU timeline spent in the layers since layer_events was set (or the stats reset); over
+        several devices, the sum of each block's time (the hops between them left out)."""
+        for stage in self.stages:
+            torch.cuda.synchronize(stage.device)
         return sum(start.elapsed_time(end) for start, end in self.layer_events or [])
 
     def close(self) -> None:
-        self.fetcher.close()
+        for stage in reversed(self.stages):  # the first owns the RAM tier and the reads: it goes last
+            stage.fetcher.close()
 
     def __enter__(self) -> "Model":
         return self

@@ -111,6 +111,9 @@ class SlotCache:
         self._staging_in_use.clear()
 
 
+CUDA_HOST_REGISTER_PORTABLE = 1
+
+
 def host_slab(n_slots: int, slot_bytes: int, pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(backing, slab): slab is [n_slots, slot_bytes] uint8 starting on a BLOCK_BYTES boundary (O_DIRECT needs it).
 
@@ -125,7 +128,8 @@ def host_slab(n_slots: int, slot_bytes: int, pinned: bool) -> tuple[torch.Tensor
     if pinned and slab.numel():
         cudart = torch.cuda.cudart()
         ptr = slab.data_ptr()
-        rc = int(cudart.cudaHostRegister(ptr, slab.numel(), 0))
+        # portable: pinned (and readable by the kernels) for every GPU's context, for a model over several GPUs
+        rc = int(cudart.cudaHostRegister(ptr, slab.numel(), CUDA_HOST_REGISTER_PORTABLE))
         if rc != 0:
             cudart.cudaGetLastError()  # clear it, or torch reports it at the next unrelated CUDA call
             raise RuntimeError(f"cudaHostRegister of {slab.numel() / 1e9:.2f} GB failed (CUDA error {rc})")

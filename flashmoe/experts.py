@@ -78,9 +78,13 @@ def check_fits(memory: str, option: str, cache_bytes: int, free_bytes: int) -> N
 class ExpertFetcher:
     def __init__(self, store: Store, device: torch.device, ram_cache_bytes: int, vram_cache_bytes: int = 0,
                  batch_experts: int = 32, io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
-                 zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY, kernel_form=None):
+                 zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY, kernel_form=None,
+                 layers: list[int] | None = None, host: "ExpertFetcher | None" = None):
         """kernel_form (CPU): slots are kernel_form.slot_bytes and each blob is turned into its kernel form by
-        kernel_form.prepare(slot) in the reading thread as it lands, so the RAM cache holds what the kernel reads."""
+        kernel_form.prepare(slot) in the reading thread as it lands, so the RAM cache holds what the kernel reads.
+        layers: the MoE layers whose experts this fetcher serves (default all; a model over several GPUs has one
+        fetcher per GPU, for its block of layers: placement.py). host: another device's fetcher whose RAM tier, I/O
+        pool and open files this one shares (ram_cache_bytes is then ignored)."""
         self.store = store
         self.kernel_form = kernel_form
         self.device = device
@@ -90,7 +94,9 @@ class ExpertFetcher:
         self.verify_reads = verify_reads
         self.stats = ExpertStats()
         blob = store.expert_blob_bytes
-        every_expert = self.every_expert = store.expert_bytes // blob  # no cache needs more slots than this
+        self.layers = set(store.config.moe_layers if layers is None else layers)
+        # no cache needs more slots than this
+        every_expert = self.every_expert = len(self.layers) * store.config.num_experts
         slot_bytes = blob if kernel_form is None else kernel_form.slot_bytes
         self.zero_copy = zero_copy and self.on_gpu
         self._slot_table: torch.Tensor | None = None  # on the device; rewritten in place (graphs hold its address)
@@ -98,23 +104,30 @@ class ExpertFetcher:
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
-        ram_slots = min(ram_cache_bytes // slot_bytes, every_expert)
-        # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
-        check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, psutil.virtual_memory().available)
         if self.on_gpu:
             check_fits("VRAM", "vram_cache_gb", (min(vram_cache_bytes // blob, every_expert) + batch_experts) * blob,
                        torch.cuda.mem_get_info(device)[0])
-        self.ram = SlotCache(ram_slots, batch_experts, POLICIES[cache_policy]())
-        self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
+        self.owns_host = host is None
+        if host is not None:
+            self.ram, self._ram_backing, self.ram_slab = host.ram, host._ram_backing, host.ram_slab
+            self._pool, self._fds, self._lock, self.siblings = host._pool, host._fds, host._lock, host.siblings
+            self.siblings.append(self)
+        else:
+            ram_slots = min(ram_cache_bytes // slot_bytes, store.expert_bytes // blob)
+            # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
+            check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, psutil.virtual_memory().available)
+            self.ram = SlotCache(ram_slots, batch_experts, POLICIES[cache_policy]())
+            self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
+            self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")
+            self._fds: dict[str, int] = {}
+            self._lock = threading.Lock()
+            self.siblings: list[ExpertFetcher] = [self]  # the fetchers sharing this RAM tier (one per device)
         self.vram: SlotCache | None = None
         if self.on_gpu:
             self.vram = SlotCache(min(vram_cache_bytes // blob, every_expert), batch_experts, POLICIES[cache_policy]())
             self.vram_slab = torch.empty(self.vram.n_slots, blob, dtype=torch.uint8, device=device)
             self.copy_stream = torch.cuda.Stream(device)
-            self._copies_done: torch.cuda.Event | None = None
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._copies_done: torch.cuda.Event | None = None
 
     # ---- reads -----------------------------------------------------------------------------
     def _fd(self, path) -> int:
@@ -151,8 +164,9 @@ class ExpertFetcher:
             raise ValueError(f"at most {self.batch_experts} experts per fetch unless all are cached, not {len(experts)}")
         f = LayerFetch(layer, list(experts))
         if self.on_gpu:
-            if self._copies_done is not None:  # RAM staging slots are reused only once their last copy is done
-                self._copies_done.synchronize()
+            for sibling in self.siblings:  # RAM staging slots are reused only once their last copy (any GPU's) is done
+                if sibling._copies_done is not None:
+                    sibling._copies_done.synchronize()
             # VRAM slots given up below may still feed kernels already queued: copies into them wait for those
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -177,7 +191,7 @@ class ExpertFetcher:
             slot = self.ram.lookup(key)
             if slot is None:
                 slot = self.ram.assign(key)
-                self._slot_table_current = False
+                self._ram_changed()
                 loc = self.store.expert_location(layer, expert)
                 f.reading[self._pool.submit(self._read, layer, expert, loc, slot)] = expert
             else:
@@ -186,6 +200,11 @@ class ExpertFetcher:
         if self.on_gpu:
             for expert in f.ready:
                 self._copy_to_vram(f, expert)
+
+    def _ram_changed(self) -> None:
+        """The RAM tier changed: every device's slot table may point at a RAM slot that now holds another expert."""
+        for fetcher in self.siblings:
+            fetcher._slot_table_current = False
 
     def all_cached(self, layer: int, experts: list[int]) -> bool:
         """Whether the fastest tier holds every one of `experts`: then one fetch may take them all, since no read or
@@ -229,7 +248,7 @@ class ExpertFetcher:
         if len(slot_of) < self.every_expert:
             if not self.zero_copy:
                 return None
-            in_ram = self.ram.cached()
+            in_ram = {key: slot for key, slot in self.ram.cached().items() if key[0] in self.layers}
             if len(slot_of.keys() | in_ram.keys()) < self.every_expert:
                 return None
             slot_of = {**{key: -1 - slot for key, slot in in_ram.items()}, **slot_of}  # VRAM wins where both hold it
@@ -275,7 +294,7 @@ class ExpertFetcher:
         for future in f.reading:
             future.cancel()
         wait(list(f.reading))  # no read may still be writing into a slot that is about to be reused
-        self._slot_table_current = False
+        self._ram_changed()
         for expert in f.reading.values():
             if expert not in f.landed:
                 self.ram.forget((f.layer, expert))
@@ -317,7 +336,7 @@ class ExpertFetcher:
 
     def tick(self) -> None:
         """A token is done: the caches' policies count recency and decay in tokens."""
-        for tier in (self.ram, self.vram):
+        for tier in (self.ram if self.owns_host else None, self.vram):
             if tier is not None:
                 tier.tick()
 
@@ -328,7 +347,13 @@ class ExpertFetcher:
             self.vram.unlock_all()
 
     def close(self) -> None:
+        """Close the host tier's files and pool (when this fetcher owns them: close the others first)."""
         if self.ram_slab is None:
+            return
+        if not self.owns_host:
+            if self.on_gpu:
+                torch.cuda.synchronize(self.device)
+            self._ram_backing = self.ram_slab = None
             return
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():

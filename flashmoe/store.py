@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,27 +206,32 @@ class Store:
         """Resident matrices kept quantized (MLX imports): name -> {bits, group_size}."""
         return self.manifest["resident"].get("quantized", {})
 
-    def load_resident(self, dtype: torch.dtype, device: str = "cpu", float32: tuple[str, ...] = ()
-                      ) -> dict[str, torch.Tensor | QuantizedTensor]:
+    def load_resident(self, dtype: torch.dtype, device: str = "cpu", float32: tuple[str, ...] = (),
+                      device_of: Callable[[str], str | None] | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
         """All resident tensors, floats cast to `dtype` (those whose names end with one of `float32` to float32: values
         a bf16 rounding would change decisions with, like a router's bias); a matrix kept quantized is one
         QuantizedTensor (codes, scales and biases as stored). Names, shapes and dtypes were checked against the config
-        when the store opened."""
+        when the store opened. device_of(name): where each tensor goes instead of `device` (a model over several
+        devices); None leaves it unread (another process holds it)."""
+        where = device_of or (lambda name: device)
         raw = {}
         for name in self.manifest["resident"]["files"]:
             try:
                 with safe_open(str(self.path / name), "pt") as f:
                     for key in f.keys():
-                        raw[key] = f.get_tensor(key)
+                        if where(key) is not None:
+                            raw[key] = f.get_tensor(key)
             except Exception as exc:  # safetensors raises its own types for truncated files
                 raise FlashMoeError(f"corrupt store: cannot read resident file {name}: {' '.join(str(exc).split())}") from None
         tensors = {}
         for name, q in self.resident_quantized.items():
-            packed, scales, biases = (raw.pop(part).to(device) for part in quantized_parts(name))
+            if where(name) is None:
+                continue
+            packed, scales, biases = (raw.pop(part).to(where(name)) for part in quantized_parts(name))
             tensors[name] = QuantizedTensor(packed, scales, biases, q["bits"], q["group_size"])
         for key, t in raw.items():
             want = torch.float32 if key.endswith(float32) else dtype
-            tensors[key] = (t.to(want) if t.is_floating_point() else t).to(device)
+            tensors[key] = (t.to(want) if t.is_floating_point() else t).to(where(key))
         return tensors
 
     def verify(self, progress=None) -> list[str]:

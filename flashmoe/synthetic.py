@@ -125,9 +125,12 @@ def _random_blobs(layout: BlobLayout, n: int, bits: int, gen: torch.Generator, d
 
 
 def write_random_store(dst: str | os.PathLike, hf_config: dict, bits: int = 4, group_size: int = 64, seed: int = 0,
-                       device: str = "cpu", progress: Callable[[int], None] | None = None) -> Path:
+                       device: str = "cpu", progress: Callable[[int], None] | None = None,
+                       sparse_experts: bool = False) -> Path:
     """Write a complete random-weight store for `hf_config` (a config.json dict) at `dst`; random numbers are
-    drawn on `device` (a GPU makes tens of GB in seconds)."""
+    drawn on `device` (a GPU makes tens of GB in seconds). sparse_experts: the expert files are holes of their full
+    size (every blob reads as zeros, and its checksum is that of zeros), for a benchmark that writes random blobs
+    straight into the caches because the disk cannot hold the experts."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FlashMoeError(f"destination {dst} exists and is not empty")
@@ -161,16 +164,22 @@ def write_random_store(dst: str | os.PathLike, hf_config: dict, bits: int = 4, g
 
     layout = expert_layout(cfg, bits, group_size)
     layers = {}
+    zeros_crc = crc32(torch.zeros(layout.blob_bytes, dtype=torch.uint8).numpy())
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         for layer in cfg.moe_layers:
-            blobs = _random_blobs(layout, cfg.num_experts, bits, gen, device).cpu().numpy()
-            sums = list(pool.map(crc32, blobs))
             rel = expert_file_name(layer)
-            with open(dst / rel, "wb") as f:
-                f.write(blobs.data)
+            if sparse_experts:
+                with open(dst / rel, "wb") as f:
+                    f.truncate(cfg.num_experts * layout.blob_bytes)
+                sums = [zeros_crc] * cfg.num_experts
+            else:
+                blobs = _random_blobs(layout, cfg.num_experts, bits, gen, device).cpu().numpy()
+                sums = list(pool.map(crc32, blobs))
+                with open(dst / rel, "wb") as f:
+                    f.write(blobs.data)
             layers[str(layer)] = {"file": rel, "offsets": [e * layout.blob_bytes for e in range(cfg.num_experts)],
                                   "sizes": [layout.blob_bytes] * cfg.num_experts, "crc32": sums}
-            progress(blobs.nbytes)
+            progress(cfg.num_experts * layout.blob_bytes)
     write_manifest(dst, cfg, bits, group_size, "BF16", files, resident_bytes, layout, layers,
                    {"path": None, "synthetic": {"seed": seed}})
     return dst

@@ -1,4 +1,7 @@
-"""What every family's model holds: its resident weights by store name, the embedding and the head."""
+"""What every family's model holds: its resident weights by store name, the embedding and the head.
+
+A model spread over several devices (placement.py) is one of these per device, each over its own layers' weights:
+the first holds the embedding, the last the final norm and the head (and the embedding too, when tied to it)."""
 
 from __future__ import annotations
 
@@ -10,12 +13,11 @@ from ..kernels.linear import embedding, is_matrix
 class ResidentWeights:
     def __init__(self, weights: dict[str, torch.Tensor]):
         self.w = weights
-        self.embed_weight = weights["model.embed_tokens.weight"]
+        self.embed_weight = weights.get("model.embed_tokens.weight")
         self.lm_head = weights.get("lm_head.weight", self.embed_weight)  # tied embeddings have no lm_head
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_weight.dtype
+        # every layer has an input norm, in the weights' dtype on their device: a part without the embedding has one
+        norm = next(t for name, t in weights.items() if name.endswith("input_layernorm.weight"))
+        self.device, self.dtype = norm.device, norm.dtype
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return embedding(token_ids, self.embed_weight)
@@ -26,4 +28,5 @@ class ResidentWeights:
         for name, t in self.w.items():
             if is_matrix(t) and name != "model.embed_tokens.weight":
                 self.w[name] = compress(t)
-        self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
+        if self.lm_head is not None:
+            self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)

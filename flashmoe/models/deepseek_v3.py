@@ -164,12 +164,14 @@ def rope_of(cfg: ModelConfig, device) -> tuple[torch.Tensor, float, float]:
 class Model(glm4_moe.Model):
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         super().__init__(cfg, weights)
-        inv_freq, factor, scale = rope_of(cfg, self.embed_weight.device)
+        inv_freq, factor, scale = rope_of(cfg, self.device)
         spec = MLASpec(cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                        cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rms_norm_eps, scale, cfg.rope_interleave, factor)
         self.attention = MLA(spec, inv_freq)  # attend / attend_at as layers.attention's: qwen3_moe's mix runs it
         for layer in range(cfg.num_hidden_layers):
             a = f"model.layers.{layer}.self_attn."
+            if a + "kv_b_proj.weight" not in self.w:  # a layer another device holds
+                continue
             kv_b = self.w.pop(a + "kv_b_proj.weight")
             kv_b = kv_b.dequantize() if isinstance(kv_b, AffineMatrix) else kv_b  # absorbed: used as a tensor
             self.w[a + "kv_b_proj.uk"], self.w[a + "kv_b_proj.uv"] = MLA.absorb(kv_b, spec)

@@ -202,7 +202,7 @@ class AttentionMoEModel(ResidentWeights):
         self.cfg = cfg
         spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
                              qk_norm=self.qk_norm(cfg), sliding_window=cfg.sliding_window, bias=cfg.attention_bias)
-        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
+        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.device))
         for layer in range(cfg.num_hidden_layers):
             p = f"model.layers.{layer}."
             # matrices that read the same input become one: a decode step reads them in one matrix-vector product

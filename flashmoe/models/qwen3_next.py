@@ -318,7 +318,7 @@ class Qwen3NextModel(ResidentWeights):
         self.cfg = cfg
         spec = AttentionSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
                              qk_norm="zero_centred", output_gate=True)
-        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.embed_weight.device))
+        self.attention = Attention(spec, rope_inv_freq(cfg.rope_theta, cfg.rotary_dim, self.device))
         for layer in range(cfg.num_hidden_layers):
             self._fuse_projections(layer)
 
