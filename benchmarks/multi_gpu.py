@@ -27,7 +27,6 @@ import torch
 import flashmoe
 from flashmoe.store import Store
 from flashmoe.synthetic import _random_blobs, expert_layout, write_random_store
-from flashmoe.config import ModelConfig
 from common import GEOMETRIES, hbm_read_gbps, publish, section, timed_decode
 
 POOL = 64  # distinct random blobs, placed by (layer, expert): every GPU's copy of an expert is the same blob
@@ -136,7 +135,7 @@ def main() -> None:
         write_random_store(small, dict(config, num_hidden_layers=args.check_layers), device="cuda", sparse_experts=True)
     store = Store(small)
     pool = blob_pool(store)
-    experts_gb = store.expert_bytes / 1e9
+    experts_gb = (store.expert_bytes + len(parsed) * store.expert_blob_bytes) / 1e9  # a slot to spare: GB round
     results = {}
     for label, kw in (("1 GPU", {"device": str(parsed[0])}), (f"{len(parsed)} GPUs", {"devices": devices})):
         model = flashmoe.load(small, vram_cache_gb=experts_gb, **kw)
@@ -162,7 +161,8 @@ def main() -> None:
     written = time.perf_counter() - t0
     store = Store(big)
     t0 = time.perf_counter()
-    model = flashmoe.load(big, devices=devices, vram_cache_gb=store.expert_bytes / 1e9)
+    model = flashmoe.load(big, devices=devices,
+                          vram_cache_gb=(store.expert_bytes + len(parsed) * store.expert_blob_bytes) / 1e9)
     fill_vram(model, pool)
     loaded = time.perf_counter() - t0
     blocks = model.placement()["blocks"]
