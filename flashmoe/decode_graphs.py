@@ -26,13 +26,26 @@ from .kernels.moe_triton import to_device_int32
 from .routed import ExpertTimes, RoutedExperts
 
 
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream() -> torch.cuda.Stream:
+    """A side stream on the current GPU to capture on. torch.cuda.graph's default is one stream made on whichever GPU
+    was current at its first use, so a graph of another GPU's work would be captured on that one's stream (and its
+    kernels launched there, on tensors they cannot reach)."""
+    device = torch.cuda.current_device()
+    if device not in _capture_streams:
+        _capture_streams[device] = torch.cuda.Stream(device)
+    return _capture_streams[device]
+
+
 class Captured:
     """A CUDA graph of fn over static inputs; `outputs` are its static results."""
 
     def __init__(self, fn: Callable, inputs: list[torch.Tensor], pool):
         self.inputs = [t.clone() for t in inputs]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream()):
             self.outputs = fn(*self.inputs)
 
     def replay(self, *inputs: torch.Tensor):

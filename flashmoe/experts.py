@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import weakref
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,8 +111,8 @@ class ExpertFetcher:
         self.owns_host = host is None
         if host is not None:
             self.ram, self._ram_backing, self.ram_slab = host.ram, host._ram_backing, host.ram_slab
-            self._pool, self._fds, self._lock, self.siblings = host._pool, host._fds, host._lock, host.siblings
-            self.siblings.append(self)
+            self._pool, self._fds, self._lock, self._siblings = host._pool, host._fds, host._lock, host._siblings
+            self._siblings.add(self)
         else:
             ram_slots = min(ram_cache_bytes // slot_bytes, store.expert_bytes // blob)
             # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
@@ -121,7 +122,9 @@ class ExpertFetcher:
             self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")
             self._fds: dict[str, int] = {}
             self._lock = threading.Lock()
-            self.siblings: list[ExpertFetcher] = [self]  # the fetchers sharing this RAM tier (one per device)
+            # the fetchers sharing this RAM tier (one per device). Weak: a fetcher in a cycle of its own would be freed
+            # by the garbage collector at any moment, and its pinned slab's unregistering then breaks a graph capture
+            self._siblings: weakref.WeakSet[ExpertFetcher] = weakref.WeakSet([self])
         self.vram: SlotCache | None = None
         if self.on_gpu:
             self.vram = SlotCache(min(vram_cache_bytes // blob, every_expert), batch_experts, POLICIES[cache_policy]())
@@ -164,7 +167,7 @@ class ExpertFetcher:
             raise ValueError(f"at most {self.batch_experts} experts per fetch unless all are cached, not {len(experts)}")
         f = LayerFetch(layer, list(experts))
         if self.on_gpu:
-            for sibling in self.siblings:  # RAM staging slots are reused only once their last copy (any GPU's) is done
+            for sibling in self._siblings:  # RAM staging slots are reused only once their last copy (any GPU's) is done
                 if sibling._copies_done is not None:
                     sibling._copies_done.synchronize()
             # VRAM slots given up below may still feed kernels already queued: copies into them wait for those
@@ -203,7 +206,7 @@ class ExpertFetcher:
 
     def _ram_changed(self) -> None:
         """The RAM tier changed: every device's slot table may point at a RAM slot that now holds another expert."""
-        for fetcher in self.siblings:
+        for fetcher in self._siblings:
             fetcher._slot_table_current = False
 
     def all_cached(self, layer: int, experts: list[int]) -> bool:
