@@ -111,7 +111,9 @@ def stats_line(stats: dict) -> str:
 
 
 # options shared by the commands that load a model
-DEVICE = typer.Option("cpu", help="cpu or cuda")
+DEVICE = typer.Option("cpu", "--device", "--devices",
+                      help="cpu, cuda (cuda:N), or several GPUs (cuda:0,cuda:1): each then holds a block of layers "
+                           "and their experts")
 EXPERTS_PER_TOKEN = typer.Option(None, min=1, help="override the router's K (renormalised)")
 CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM on the CPU; on a GPU none, "
                                             "the page cache serves, and a set size is pinned)")
@@ -139,6 +141,11 @@ def top_p_option(default: float):
 def load_model(store: Path, **load_options):
     from . import load
 
+    device = load_options.pop("device", "cpu")
+    if "," in device:  # several GPUs: placement.py spreads the layers over them
+        load_options["devices"] = device
+    else:
+        load_options["device"] = device
     model = load(store, **load_options)
     say(placement_line(model.placement()), style="dim")
     return model
@@ -150,8 +157,11 @@ def placement_line(p: dict) -> str:
         "vram_cache_bytes" in p) else []
     tiers.append(f"{'pinned ' if p['ram_pinned'] else ''}RAM cache {human_bytes(p['ram_cache_bytes'])} "
                  f"({p['ram_cache_share']:.0%})")
+    blocks = "".join(f"; {b['device']}: layers {b['layers'][0]}-{b['layers'][1]}" + (
+        f", VRAM cache {human_bytes(b['vram_cache_bytes'])}" if "vram_cache_bytes" in p else "")
+        for b in p.get("blocks", []))
     return (f"resident weights {human_bytes(p['resident_bytes'])} on {p['device']}; experts "
-            f"{human_bytes(p['expert_bytes'])}: {', '.join(tiers)}, the rest read from disk as needed")
+            f"{human_bytes(p['expert_bytes'])}: {', '.join(tiers)}, the rest read from disk as needed{blocks}")
 
 
 def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,

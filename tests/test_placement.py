@@ -6,6 +6,8 @@ several-GPU kinds)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -127,3 +129,12 @@ def test_two_gpus_answer_as_one(built, arch):
     assert ram.stats["expert_bytes_zero_copy"] > 0 and ram.stats["expert_reads"] == 0
     for m in (one, two, small, ram):
         m.close()
+
+
+def test_the_cli_spreads_layers_over_devices_and_says_where(run_cli, built):
+    store = built.store("qwen3_moe", 4)
+    code, out, err = run_cli("generate", store, "--prompt", "Hello", "--max-tokens", "4", "--devices", "cpu,cpu")
+    assert code == 0, err
+    assert re.search(r"the rest read from disk as needed; cpu: layers 0-\d; cpu: layers \d-3\n", err)
+    code, out, err = run_cli("generate", store, "--prompt", "Hello", "--devices", "cuda:0,gpu1")
+    assert code == 1 and "devices must be a comma-separated list like cuda:0,cuda:1" in err
