@@ -3,6 +3,7 @@ non-zero."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -160,6 +161,9 @@ def placement_line(p: dict) -> str:
     blocks = "".join(f"; {b['device']}: layers {b['layers'][0]}-{b['layers'][1]}" + (
         f", VRAM cache {human_bytes(b['vram_cache_bytes'])}" if "vram_cache_bytes" in p else "")
         for b in p.get("blocks", []))
+    if "rank" in p:
+        r = p["rank"]
+        blocks += f"; rank {r['rank']} of {r['ranks']}: layers {r['layers'][0]}-{r['layers'][1]}"
     return (f"resident weights {human_bytes(p['resident_bytes'])} on {p['device']}; experts "
             f"{human_bytes(p['expert_bytes'])}: {', '.join(tiers)}, the rest read from disk as needed{blocks}")
 
@@ -170,6 +174,9 @@ def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperat
     from .textstream import IncrementalDecoder
 
     model = load_model(store, **load_options)
+    out = sys.stdout
+    if model.pipeline is not None and not model.pipeline.first:  # one rank of several: rank 0 speaks for them all
+        out, console.quiet = open(os.devnull, "w"), True
     try:
         tok = model.tokenizer
         if chat:
@@ -182,14 +189,16 @@ def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperat
             raise FlashMoeError(f"the prompt is {len(ids)} tokens; the model's context is {limit}")
         decoder = IncrementalDecoder(tok)
         for token in model.generate(list(ids), min(max_tokens, limit - len(ids)), temperature, top_p, top_k, seed):
-            sys.stdout.write(decoder.add(token))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
+            out.write(decoder.add(token))
+            out.flush()
+        out.write(decoder.flush() + "\n")
         stats = model.stats
         say(stats_line(stats), style="dim")
         return stats
     finally:
         model.close()
+        if out is not sys.stdout:
+            out.close()
 
 
 @app.command()
@@ -212,12 +221,16 @@ def generate(
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
+    distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
+                                     "torchrun --nproc-per-node N -m flashmoe generate ... --distributed): each holds "
+                                     "a block of layers on its --device (cuda: its local rank's GPU)"),
 ):
     """Generate text, streaming it as it is made, then print a stats line."""
     chat = chat or system is not None or thinking is not None
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
-                 direct_io=direct_io, cache_policy=cache_policy, resident_format=resident_format)
+                 direct_io=direct_io, cache_policy=cache_policy, resident_format=resident_format,
+                 **({"distributed": True} if distributed else {}))
 
 
 @app.command()

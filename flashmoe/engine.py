@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from . import placement
+from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
@@ -78,9 +79,10 @@ class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
-                 resident_format: str = "float", devices: list[torch.device] | None = None):
+                 resident_format: str = "float", devices: list[torch.device] | None = None,
+                 pipeline: Pipeline | None = None):
         """devices: several GPUs (or, for tests, several CPU parts) to spread the layers over (placement.py); `device`
-        is then the first."""
+        is then the first. pipeline: this process is one rank of several (distributed.py), holding one block."""
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -89,18 +91,32 @@ class Model:
             raise FlashMoeError(f"experts_per_token must be between 1 and {cfg.num_experts}, not {experts_per_token}")
         self.experts_per_token = experts_per_token or cfg.num_experts_per_tok
         family = family_of(cfg.architecture)
+        self.pipeline = pipeline
         devices = devices or [self.device]
         on_gpu = self.device.type == "cuda"
         capacity = [torch.cuda.mem_get_info(d)[0] if on_gpu else 1.0 for d in devices]
+        if pipeline is not None:  # every rank plans alike, from what each has free
+            ranks = pipeline.gather((str(self.device), capacity[0]))
+            devices, capacity = [torch.device(d) for d, _ in ranks], [c for _, c in ranks]
         blocks = placement.plan(cfg, devices, store.expert_blob_bytes, store.resident_bytes, capacity)
-        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t for name, t in
-                   store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=lambda n: str(
-                       blocks[placement.block_of(n, blocks)].device)).items()}
-        parts = [{} for _ in blocks]
+        self.blocks = blocks
+        mine = range(len(blocks)) if pipeline is None else [pipeline.rank]
+        last = len(blocks) - 1
+        tied = cfg.tie_word_embeddings and len(blocks) > 1  # the last block's head is the first one's embedding
+
+        def home(name: str) -> str | None:  # where a resident tensor goes; None: another rank holds it
+            i = placement.block_of(name, blocks)
+            if i in mine:
+                return str(blocks[i].device)
+            return str(blocks[last].device) if tied and last in mine and name.startswith(placement.EMBEDDING) else None
+
+        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t for name, t in store.load_resident(
+            dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=home).items()}
+        parts = {i: {} for i in mine}
         for name, t in weights.items():
-            parts[placement.block_of(name, blocks)][name] = t
-        if "lm_head.weight" not in weights and len(blocks) > 1:  # a tied head: the last device needs the table too
-            parts[-1][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[-1].device)
+            parts.get(placement.block_of(name, blocks), parts.get(last))[name] = t
+        if tied and 0 in mine and last in mine:
+            parts[last][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[last].device)
         self.resident_format = resident_format
         if on_gpu and vram_cache_bytes is None:
             vram_budgets = [default_vram_cache_bytes(store, d) for d in devices]
@@ -112,8 +128,9 @@ class Model:
         kernel_form = None if on_gpu else KernelForm.for_store(
             store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
             store.quantization["group_size"])
-        self.stages: list[Stage] = []
-        for block, part, vram_bytes in zip(blocks, parts, vram_budgets):
+        self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
+        for i in mine:
+            block, part, vram_bytes = blocks[i], parts[i], vram_budgets[i]
             with _on(block.device):
                 model = family.Model(cfg, part)
                 if not on_gpu and (resident_format != "float" or store.resident_quantized):
@@ -125,7 +142,8 @@ class Model:
                 routed = RoutedExperts(store, fetcher, block.device)
                 graphs = DecodeGraphs(model, routed, self.experts_per_token) if on_gpu and use_cuda_graphs else None
             self.stages.append(Stage(block.device, block.layers, model, fetcher, routed, graphs))
-        self._stage_of = [next(s for s in self.stages if layer in s.layers) for layer in range(cfg.num_hidden_layers)]
+        self._stage_of = [next((s for s in self.stages if layer in s.layers), None)
+                          for layer in range(cfg.num_hidden_layers)]
         # the first device's parts, under the names a one-device model has always had
         self.model, self.fetcher, self.routed, self.graphs = (self.stages[0].model, self.stages[0].fetcher,
                                                               self.stages[0].routed, self.stages[0].graphs)
@@ -144,7 +162,8 @@ class Model:
              cache_gb: float | None = None, vram_cache_gb: float | None = None, dtype: torch.dtype | None = None,
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
-             resident_format: str | None = None, devices: str | list[str] | None = None) -> "Model":
+             resident_format: str | None = None, devices: str | list[str] | None = None,
+             distributed: bool = False) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -156,7 +175,11 @@ class Model:
         projections are kept: "float" (as `dtype`), "bf16", or quantized at load to "int8" / "int4" (group 32, read
         by torch's int4 kernel); default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an exact one.
         devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
-        its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them."""
+        its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them. distributed: this
+        process is one rank of a torch.distributed group (torchrun's environment; distributed.py) and holds one block
+        of layers on `device` ("cuda" is the GPU of its local rank); every rank runs the same calls."""
+        if distributed and devices is not None:
+            raise FlashMoeError("distributed runs one block per process: give each rank one device, not devices")
         if devices is not None:
             parsed = placement.parse_devices(devices)
             device = str(parsed[0])
@@ -190,9 +213,14 @@ class Model:
         else:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
+        pipeline = None
+        if distributed:
+            pipeline = Pipeline.join(torch.device(device).type)
+            if device == "cuda":
+                device = f"cuda:{local_device_index()}"
         return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                    verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
-                   None if devices is None else parsed)
+                   None if devices is None else parsed, pipeline)
 
     def placement(self) -> dict:
         """Where the weights live: the resident weights' bytes (on `device`), the experts' bytes, and what the VRAM and
@@ -207,6 +235,10 @@ class Model:
         if f.vram is not None:
             vram = sum(s.fetcher.vram.cached_slots for s in self.stages) * blob
             out.update(vram_cache_bytes=vram, vram_cache_share=min(1.0, vram / experts))
+        if self.pipeline is not None:
+            layers = self.stages[0].layers
+            out["rank"] = {"rank": self.pipeline.rank, "ranks": self.pipeline.world,
+                           "layers": [layers.start, layers.stop - 1]}
         if len(self.stages) > 1:
             out["blocks"] = [{"device": str(s.device), "layers": [s.layers.start, s.layers.stop - 1],
                               "vram_cache_bytes": s.fetcher.vram.cached_slots * blob if s.fetcher.vram else 0}
@@ -293,9 +325,12 @@ class Model:
         """Run tokens after `state` (updated in place); float32 logits, [T, vocab] or [1, vocab] for the last (on the
         last device)."""
         self._check_tokens(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pipe = self.pipeline
         with _on(self.device):
-            x = self.model.embed(ids)
+            if pipe is None or pipe.first:
+                x = self.model.embed(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+            else:  # the hidden state from the rank before
+                x = pipe.receive((len(token_ids), self.config.hidden_size), self.model.dtype, self.device)
         timers = self._timers
         # graphs from the second one-token step on: the first compiles every kernel eagerly
         graphed = len(token_ids) == 1 and state.decode_steps >= 1
@@ -314,7 +349,12 @@ class Model:
         self._tokens["tokens"] += len(token_ids)
         last = self.stages[-1]
         with _on(last.device):
-            return last.model.logits(x if all_logits else x[-1:])
+            if pipe is not None and not pipe.last:
+                pipe.send_on(x.to(self.model.dtype))
+                return pipe.share_logits(None, (len(token_ids) if all_logits else 1, self.config.vocab_size),
+                                         self.device)
+            logits = last.model.logits(x if all_logits else x[-1:])
+            return logits if pipe is None else pipe.share_logits(logits, logits.shape, self.device)
 
     def _run_stage(self, stage: Stage, x: torch.Tensor, state, graphed: bool, timers: dict) -> torch.Tensor:
         """The layers of one device's block."""
@@ -378,6 +418,8 @@ class Model:
         if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
             raise FlashMoeError(f"seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1] - 1}), not {seed}")
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if self.pipeline is not None and seed is None and temperature > 0:
+            seed = self.pipeline.shared_seed()  # every rank must draw the same token
         generator = None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)

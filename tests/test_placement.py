@@ -6,7 +6,11 @@ several-GPU kinds)."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,3 +142,51 @@ def test_the_cli_spreads_layers_over_devices_and_says_where(run_cli, built):
     assert re.search(r"the rest read from disk as needed; cpu: layers 0-\d; cpu: layers \d-3\n", err)
     code, out, err = run_cli("generate", store, "--prompt", "Hello", "--devices", "cuda:0,gpu1")
     assert code == 1 and "devices must be a comma-separated list like cuda:0,cuda:1" in err
+
+
+@pytest.mark.parametrize("arch, bits, ranks", [("qwen3_5_moe", 4, 2), ("deepseek_v3", None, 3)])
+def test_the_ranks_of_a_process_group_answer_as_one_process(built, tmp_path, arch, bits, ranks):
+    """torchrun, gloo on the CPU: each rank holds its block's weights and experts, the hidden state goes rank to rank,
+    every rank ends with the same logits, the one process's."""
+    store = built.store(arch, bits)
+    one = flashmoe.load(store, device="cpu", cache_gb=0.01)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                           "--master-port", str(free_port()), os.path.join(os.path.dirname(__file__), "tools",
+                                                                           "pipeline_rank.py"),
+                           str(store), str(tmp_path), ",".join(map(str, PROMPT))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(ranks)]
+    covered = [layer for r in results for layer in r["layers"][0]]
+    assert covered == list(range(one.config.num_hidden_layers))  # one block a rank, in order, none left out
+    for r in results:
+        assert r["held"] == r["layers"][0] and r["expert_reads"] > 0
+        assert torch.equal(r["logits"], results[0]["logits"]) and r["sampled"] == results[0]["sampled"]
+    assert torch.equal(results[0]["logits"], one.logits(PROMPT))
+    state = one.new_state()
+    steps = torch.cat([one.forward(PROMPT[:5], state)] + [one.forward([t], state) for t in PROMPT[5:]])
+    assert torch.equal(results[-1]["steps"], steps)
+    assert results[0]["greedy"] == list(one.generate(PROMPT[:8], 10, stop_token_ids=[]))
+    one.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_runs_the_cli_one_block_a_rank_and_rank_0_speaks(built, tmp_path):
+    store = built.store("qwen3_moe", 4)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "flashmoe", "generate", str(store), "--prompt", "Hello world",
+                           "--max-tokens", "5", "--distributed"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("5 tokens") == 1  # rank 0's stats line alone
+    alone = subprocess.run([sys.executable, "-m", "flashmoe", "generate", str(store), "--prompt", "Hello world",
+                            "--max-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert done.stdout == alone.stdout and done.stdout.strip()  # the same text, once
+    # each rank said where its block went
+    assert re.search(r"rank 0 of 2: layers 0-\d", done.stderr) and re.search(r"rank 1 of 2: layers \d-3", done.stderr)

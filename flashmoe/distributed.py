@@ -1,0 +1,78 @@
+"""One model over several processes (torch.distributed): one per GPU, or per host, for a model larger than one host.
+
+Rank r holds block r of the layers (placement.py: contiguous blocks sized by each rank's free memory), their resident
+weights and their experts. A forward pass starts on rank 0 (the embedding), the hidden state goes from rank to rank
+once (a few KB a token), and the last rank's logits are broadcast, so every rank holds the same logits, samples the
+same token and runs the same loop: every rank runs the same program (launch it with torchrun). NCCL carries the
+hidden state between GPUs, gloo between CPUs.
+
+    torchrun --nproc-per-node 2 -m flashmoe generate STORE --prompt "..." --device cuda --distributed
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import FlashMoeError
+
+
+@dataclass
+class Pipeline:
+    rank: int
+    world: int
+
+    @classmethod
+    def join(cls, device_type: str) -> "Pipeline":
+        """The default process group, joined from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+        unless the program joined one itself: NCCL for GPUs, gloo for CPUs."""
+        if not dist.is_initialized():
+            missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise FlashMoeError(f"distributed needs torchrun's environment ({', '.join(missing)} not set); launch "
+                                    "with: torchrun --nproc-per-node N -m flashmoe ...")
+            if device_type == "cuda":
+                torch.cuda.set_device(local_device_index())
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (a small picklable), in rank order."""
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def send_on(self, x: torch.Tensor) -> None:
+        dist.send(x.contiguous(), self.rank + 1)
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        x = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(x, self.rank - 1)
+        return x
+
+    def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The last rank's logits on every rank."""
+        if logits is None:
+            logits = torch.empty(shape, dtype=torch.float32, device=device)
+        dist.broadcast(logits, self.world - 1)
+        return logits
+
+    def shared_seed(self) -> int:
+        """A seed drawn on rank 0 and used by all: sampling must pick the same token on every rank."""
+        return self.gather(random.randrange(2**63) if self.first else None)[0]
+
+
+def local_device_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
