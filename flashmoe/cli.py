@@ -298,6 +298,9 @@ def serve(
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
     device: str = DEVICE,
+    distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
+                                     "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
+                                     "each rank holds a block of layers on its --device"),
 ):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), Anthropic's (/v1/messages), /health and
     /metrics."""
@@ -305,10 +308,20 @@ def serve(
 
     from .server import ServedModel, create_app
 
-    _check_port_free(host, port)  # before the minutes a big model takes to load
+    leader = int(os.environ.get("RANK", 0)) == 0 if distributed else True
+    if leader:
+        _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format)
+                       resident_format=resident_format, **({"distributed": True} if distributed else {}))
+    if model.pipeline is not None:
+        model.pipeline.led = True
+        if not leader:  # the other ranks run what rank 0 announces
+            try:
+                model.follow()
+            finally:
+                model.close()
+            return
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))

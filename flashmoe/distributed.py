@@ -6,14 +6,21 @@ once (a few KB a token), and the last rank's logits are broadcast, so every rank
 same token and runs the same loop: every rank runs the same program (launch it with torchrun). NCCL carries the
 hidden state between GPUs, gloo between CPUs.
 
+Serving is led by rank 0 instead (`led`): it alone takes requests, and announces each forward (which sequence, which
+tokens) to the others, which follow; each sequence's caches live on every rank under one id, dropped when rank 0's
+state is freed; the logits go from the last rank to rank 0 alone.
+
     torchrun --nproc-per-node 2 -m flashmoe generate STORE --prompt "..." --device cuda --distributed
+    torchrun --nproc-per-node 2 -m flashmoe serve STORE --device cuda --distributed
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,6 +32,9 @@ from .errors import FlashMoeError
 class Pipeline:
     rank: int
     world: int
+    led: bool = False  # rank 0 drives (serving) and the others follow; else every rank makes the same calls
+    _ids: itertools.count = field(default_factory=itertools.count)
+    _freed: list = field(default_factory=list)  # ids of sequences rank 0 dropped, told with the next announcement
 
     @classmethod
     def join(cls, device_type: str) -> "Pipeline":
@@ -62,12 +72,39 @@ class Pipeline:
         dist.recv(x, self.rank - 1)
         return x
 
-    def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The last rank's logits on every rank."""
+    def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
+                     ) -> torch.Tensor | None:
+        """The last rank's logits on every rank (led: on rank 0 alone; the others get None)."""
+        if self.led:
+            if self.last and not self.first:
+                dist.send(logits.contiguous(), 0)
+            elif self.first and not self.last:
+                logits = torch.empty(shape, dtype=torch.float32, device=device)
+                dist.recv(logits, self.world - 1)
+            return logits if self.first else None
         if logits is None:
             logits = torch.empty(shape, dtype=torch.float32, device=device)
         dist.broadcast(logits, self.world - 1)
         return logits
+
+    # ---- led by rank 0 ----------------------------------------------------------------------
+    def register(self, state) -> None:
+        """Rank 0's new sequence: an id the others know it by, told to drop when rank 0 frees it."""
+        state.pipeline_id = next(self._ids)
+        weakref.finalize(state, self._drop, state.pipeline_id)
+
+    def _drop(self, state_id: int) -> None:
+        self._freed.append(state_id)
+
+    def announce(self, op: str, state_id: int | None = None, tokens: list[int] = (), all_logits: bool = True) -> None:
+        """Rank 0 tells the others what comes next: "forward" (of tokens, for a sequence) or "stop"."""
+        freed, self._freed = self._freed, []
+        dist.broadcast_object_list([(op, state_id, list(tokens), all_logits, freed)], src=0)
+
+    def listen(self) -> tuple[str, int | None, list[int], bool, list[int]]:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        return message[0]
 
     def shared_seed(self) -> int:
         """A seed drawn on rank 0 and used by all: sampling must pick the same token on every rank."""

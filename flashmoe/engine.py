@@ -148,6 +148,7 @@ class Model:
         self.model, self.fetcher, self.routed, self.graphs = (self.stages[0].model, self.stages[0].fetcher,
                                                               self.stages[0].routed, self.stages[0].graphs)
         self.trace_routing: list[TraceRouting] = []
+        self._closed = False
         self._tokenizer = None
         self._eos_token_ids = self._read_eos_token_ids()
         self._timers = dict.fromkeys(TIMERS, 0.0)
@@ -308,7 +309,24 @@ class Model:
 
     # ---- forward --------------------------------------------------------------------------
     def new_state(self):
-        return self.model.new_state()
+        state = self.model.new_state()
+        if self.pipeline is not None and self.pipeline.led and self.pipeline.first:
+            self.pipeline.register(state)
+        return state
+
+    def follow(self) -> None:
+        """A rank after the first of a served distributed model: run the forward passes rank 0 announces, each for its
+        sequence, until it stops."""
+        states = {}
+        while True:
+            op, state_id, tokens, all_logits, freed = self.pipeline.listen()
+            for i in freed:
+                states.pop(i, None)
+            if op == "stop":
+                return
+            if state_id not in states:
+                states[state_id] = self.model.new_state()
+            self.forward(tokens, states[state_id], all_logits)
 
     @property
     def sync_timing(self) -> bool:
@@ -326,6 +344,8 @@ class Model:
         last device)."""
         self._check_tokens(token_ids)
         pipe = self.pipeline
+        if pipe is not None and pipe.led and pipe.first:
+            pipe.announce("forward", state.pipeline_id, token_ids, all_logits)
         with _on(self.device):
             if pipe is None or pipe.first:
                 x = self.model.embed(torch.tensor(token_ids, dtype=torch.long, device=self.device))
@@ -418,7 +438,7 @@ class Model:
         if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
             raise FlashMoeError(f"seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1] - 1}), not {seed}")
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        if self.pipeline is not None and seed is None and temperature > 0:
+        if self.pipeline is not None and not self.pipeline.led and seed is None and temperature > 0:
             seed = self.pipeline.shared_seed()  # every rank must draw the same token
         generator = None
         if seed is not None:
@@ -525,6 +545,9 @@ class Model:
         return sum(start.elapsed_time(end) for start, end in self.layer_events or [])
 
     def close(self) -> None:
+        if self.pipeline is not None and self.pipeline.led and self.pipeline.first and not self._closed:
+            self.pipeline.announce("stop")  # the followers' loops end
+        self._closed = True
         for stage in reversed(self.stages):  # the first owns the RAM tier and the reads: it goes last
             stage.fetcher.close()
 

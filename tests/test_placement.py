@@ -190,3 +190,84 @@ def test_torchrun_runs_the_cli_one_block_a_rank_and_rank_0_speaks(built, tmp_pat
     assert done.stdout == alone.stdout and done.stdout.strip()  # the same text, once
     # each rank said where its block went
     assert re.search(r"rank 0 of 2: layers 0-\d", done.stderr) and re.search(r"rank 1 of 2: layers \d-3", done.stderr)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_torchrun_over_two_gpus_answers_as_one_gpu(built, tmp_path):
+    """NCCL between the ranks, each on its local rank's GPU with its decode graphs."""
+    store = built.store("qwen3_5_moe", 4)
+    one = flashmoe.load(store, device="cuda:0", dtype=torch.float32)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), os.path.join(os.path.dirname(__file__), "tools", "pipeline_rank.py"),
+                           str(store), str(tmp_path), ",".join(map(str, PROMPT)), "cuda"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["device"] for r in results] == ["cuda:0", "cuda:1"]
+    assert rel_error(results[1]["logits"], one.logits(PROMPT).cpu()) < 1e-5
+    state = one.new_state()
+    steps = torch.cat([one.forward(PROMPT[:5], state)] + [one.forward([t], state) for t in PROMPT[5:]]).cpu()
+    assert rel_error(results[0]["steps"], steps) < 1e-5
+    assert results[0]["greedy"] == results[1]["greedy"] == list(one.generate(PROMPT[:8], 10, stop_token_ids=[]))
+    one.close()
+
+
+def _serve(cmd: list[str], port: int) -> subprocess.Popen:
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stdout.read().decode()[-3000:])
+            time.sleep(0.2)
+
+
+def _answers(port: int, prompts: list[str]) -> list[str]:
+    """The prompts asked at once (the server interleaves them), greedy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def ask(prompt):
+        r = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def test_a_served_model_over_torchrun_ranks_answers_as_one_process(built):
+    """Rank 0 serves and announces each forward; rank 1 follows, keeping each sequence's caches under its id."""
+    pytest.importorskip("openai")
+    store = str(built.store("qwen3_5_moe", 4))
+    prompts = ["Hello there", "The quick brown fox", "One two three four"]
+    port = free_port()
+    alone = _serve([sys.executable, "-m", "flashmoe", "serve", store, "--port", str(port), "--model-name", "m"], port)
+    try:
+        expected = [_answers(port, [p])[0] for p in prompts]
+    finally:
+        alone.terminate()
+        alone.wait(timeout=30)
+    port = free_port()
+    ranks = _serve([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "flashmoe", "serve", store, "--port", str(port), "--model-name", "m",
+                    "--distributed"], port)
+    try:
+        assert _answers(port, prompts) == expected  # three sequences interleaved on both ranks
+        assert _answers(port, prompts[:1]) == expected[:1]  # and again, after the first three were dropped
+    finally:
+        ranks.terminate()
+        out = ranks.communicate(timeout=60)[0].decode()
+    # both ranks loaded their blocks and ended without an error of ours (torchrun prints its own traceback on SIGTERM)
+    assert "rank 1 of 2: layers" in out and not re.search(r'File ".*/flashmoe/', out)

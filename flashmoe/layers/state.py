@@ -16,3 +16,4 @@ class SequenceState:
     decode_graphs: dict = field(default_factory=dict)  # layer -> captured CUDA graphs bound to this state's tensors
     position_t: torch.Tensor | None = None  # `position` on the device, for graphs that cannot read a host int
     positions_t: dict = field(default_factory=dict)  # device -> its position_t, for a model over several devices
+    pipeline_id: int | None = None  # how the ranks of a served distributed model name this sequence
