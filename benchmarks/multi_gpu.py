@@ -12,6 +12,11 @@ bound: each layer's resident bytes and K experts read from HBM at the measured r
 
 First, a check on a store of --check-layers layers that fits one GPU: the same blobs on one GPU and split over
 the devices give the same greedy tokens, and the one-GPU ms per layer beside the split one's, in the same run.
+
+    torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --root /data/bench --distributed [--out ...]
+
+measures the whole model again as torch.distributed ranks (one process a GPU, the hidden state over NCCL), after the
+run above wrote its store.
 """
 
 from __future__ import annotations
@@ -121,7 +126,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--check-layers", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--distributed", action="store_true", help="one rank of torchrun: the whole model over the ranks")
     args = ap.parse_args()
+    if args.distributed:
+        return distributed(args)
     devices = args.devices or ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     parsed = [torch.device(d) for d in devices.split(",")]
     config, _, real_layers, name = GEOMETRIES[args.geometry]
@@ -187,6 +195,38 @@ def main() -> None:
     publish(section(f"{name}, every expert in the VRAM of {len(parsed)} GPUs (issue 16)", machine(parsed), description,
                     ["layers (devices)", "K", "decode tok/s", "ms/token", "ms/layer (GPU)", "bound ms/layer",
                      "x bound"], table), args.out)
+
+
+def distributed(args) -> None:
+    """Each rank loads its block of the whole-model store onto its GPU, fills its VRAM and decodes with the others."""
+    config, _, real_layers, name = GEOMETRIES[args.geometry]
+    big = args.root / f"{args.geometry}-L{real_layers}-sparse"
+    store = Store(big)
+    model = flashmoe.load(big, device="cuda", distributed=True,
+                          vram_cache_gb=(store.expert_bytes + 2 * store.expert_blob_bytes) / 1e9)
+    fill_vram(model, blob_pool(store))
+    gbps = hbm_read_gbps()
+    rows = []
+    for k in [int(k) for k in args.k.split(",")]:
+        r = measure(model, k, args.tokens)
+        # the GPU time of this rank's block; each rank's share of a token is its layers'
+        rows.append((k, r["tok_s"], r["ms_token"], model.pipeline.gather(r["ms_layer"] * real_layers)))
+    mine = model.stages[0].layers
+    layers = model.pipeline.gather((mine.start, mine.stop - 1))
+    if model.pipeline.first:
+        world = model.pipeline.world
+        table = [f"| {real_layers} ({world} ranks) | {k} | {tok_s:.1f} | {ms:.2f} | "
+                 f"{sum(per_rank) / real_layers:.3f} | {bound_ms_per_layer(store, k, gbps):.3f} | "
+                 f"{sum(per_rank) / real_layers / bound_ms_per_layer(store, k, gbps):.2f}x |"
+                 for k, tok_s, ms, per_rank in rows]
+        description = (f"{name} geometry as above, the same store and blobs, run as {world} torch.distributed ranks "
+                       f"(torchrun, one process a GPU, the hidden state sent over NCCL and the logits broadcast back): "
+                       + ", ".join(f"rank {i} layers {a}-{b}" for i, (a, b) in enumerate(layers)) + ".")
+        publish(section(f"{name} over {world} torch.distributed ranks (issue 16)", machine(
+            [torch.device(f"cuda:{i}") for i in range(world)]), description,
+            ["layers (ranks)", "K", "decode tok/s", "ms/token", "ms/layer (GPU)", "bound ms/layer", "x bound"], table),
+            args.out)
+    model.close()
 
 
 if __name__ == "__main__":
