@@ -35,12 +35,14 @@ class Pipeline:
     led: bool = False  # rank 0 drives (serving) and the others follow; else every rank makes the same calls
     _ids: itertools.count = field(default_factory=itertools.count)
     _freed: list = field(default_factory=list)  # ids of sequences rank 0 dropped, told with the next announcement
+    owns_group: bool = False  # joined here from torchrun's environment: left again at close()
 
     @classmethod
     def join(cls, device_type: str) -> "Pipeline":
         """The default process group, joined from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
         unless the program joined one itself: NCCL for GPUs, gloo for CPUs."""
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
                 raise FlashMoeError(f"distributed needs torchrun's environment ({', '.join(missing)} not set); launch "
@@ -48,7 +50,12 @@ class Pipeline:
             if device_type == "cuda":
                 torch.cuda.set_device(local_device_index())
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owns_group=owns)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def first(self) -> bool:

@@ -550,6 +550,8 @@ class Model:
         self._closed = True
         for stage in reversed(self.stages):  # the first owns the RAM tier and the reads: it goes last
             stage.fetcher.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     def __enter__(self) -> "Model":
         return self
