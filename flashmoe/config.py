@@ -75,6 +75,12 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False
     rope_scaling: dict = field(default_factory=dict)  # config.json's rope parameters where not the default RoPE (YaRN)
+    # GPT-OSS: routed experts with biases and a clamped SwiGLU: gate <= limit, -limit <= up <= limit,
+    # act = (up + 1) * gate * sigmoid(alpha * gate); attention with a learned sink logit per head
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0  # 0: the plain SwiGLU, silu(gate) * up
+    swiglu_alpha: float = 1.0
+    attention_sinks: bool = False
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers

@@ -27,7 +27,7 @@ from .config import ModelConfig, read_hf_config
 from .errors import FlashMoeError
 from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
-from .quant import SCALE_DTYPE, blob_tensors, check_quant_params, quantize
+from .quant import SCALE_DTYPE, QuantizedTensor, blob_tensors, check_quant_params, quantize
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
@@ -84,14 +84,24 @@ def item_source_bytes(item: ResidentItem, ckpt: Checkpoint) -> int:
 
 class ExpertSource:
     """Reads one routed expert's gate, up and down weights, from per-expert tensors or fused [E, ...] ones: in float,
-    or (a compressed-tensors source whose codes import as they are) as its blob's quantized tensors."""
+    or (a compressed-tensors source whose codes import as they are) as its blob's quantized tensors.
+
+    What a family declares about its fused experts: FUSED_EXPERTS_TRANSPOSED (float ones stored [E, in, out], as
+    GPT-OSS's are; its MXFP4 ones are [E, out, in] like everyone's), GATE_UP_INTERLEAVED (gate and up rows
+    alternate; the blob has gate rows first), EXPERT_BIASES (the names of the two projections' [E, out] biases)."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, layer: int):
         family = family_of(cfg.architecture)
         self.ckpt, self.p, self.names = ckpt, family.expert_prefix(layer), family.EXPERT_PROJECTIONS
         h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.fused = ckpt.has(self.p + "gate_up_proj")
-        if self.fused:
+        self.transposed = (self.fused and getattr(family, "FUSED_EXPERTS_TRANSPOSED", False)
+                           and ckpt.quant(self.p + "gate_up_proj") is None)
+        self.interleaved = getattr(family, "GATE_UP_INTERLEAVED", False)
+        self.bias_names = [self.p + n for n in getattr(family, "EXPERT_BIASES", ())]
+        if self.transposed:
+            expect = {self.p + "gate_up_proj": (e, h, 2 * inter), self.p + "down_proj": (e, inter, h)}
+        elif self.fused:
             expect = {self.p + "gate_up_proj": (e, 2 * inter, h), self.p + "down_proj": (e, h, inter)}
         else:
             expect = {}
@@ -101,7 +111,9 @@ class ExpertSource:
                 expect[f"{self.p}{x}.{up}.weight"] = (inter, h)
                 expect[f"{self.p}{x}.{down}.weight"] = (h, inter)
         check_sources(ckpt, expect)
-        self.source_bytes = sum(ckpt.info(n).nbytes for n in expect)
+        if self.bias_names:
+            check_sources(ckpt, dict(zip(self.bias_names, [(e, 2 * inter), (e, h)])))
+        self.source_bytes = sum(ckpt.info(n).nbytes for n in [*expect, *self.bias_names])
         self.source_names = list(expect)
         self.dtype = SOURCE_DTYPES[ckpt.info(next(iter(expect))).dtype]  # kept by --no-quant
         quants = {ckpt.quant(n) for n in expect}
@@ -113,16 +125,35 @@ class ExpertSource:
         """The expert's blob tensors from the source's codes: gate_up.packed / .scales / .biases, down.*."""
         if self.fused:
             get = self.ckpt.get_quantized
-            return blob_tensors([get(self.p + "gate_up_proj", expert)], [get(self.p + "down_proj", expert)])
+            gate_up = get(self.p + "gate_up_proj", expert)
+            if self.interleaved:  # rows are quantized one by one: they move with their scales
+                gate_up = QuantizedTensor(*(None if t is None else gate_first(t) for t in (
+                    gate_up.packed, gate_up.scales, gate_up.biases)), gate_up.bits, gate_up.group_size)
+            return blob_tensors([gate_up], [get(self.p + "down_proj", expert)])
         gate, up, down = (self.ckpt.get_quantized(f"{self.p}{expert}.{x}.weight") for x in self.names)
         return blob_tensors([gate, up], [down])
 
     def read(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (gate_up [2I, H] with gate rows first, down [H, I])"""
         if self.fused:
-            return self.ckpt.get_row(self.p + "gate_up_proj", expert), self.ckpt.get_row(self.p + "down_proj", expert)
+            gate_up, down = (self.ckpt.get_row(self.p + n, expert) for n in ("gate_up_proj", "down_proj"))
+            if self.transposed:
+                gate_up, down = gate_up.t(), down.t()
+            return gate_first(gate_up) if self.interleaved else gate_up, down
         gate, up, down = (self.ckpt.get(f"{self.p}{expert}.{x}.weight") for x in self.names)
         return torch.cat([gate, up]), down
+
+    def read_biases(self, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's output biases, as the blob holds them (float32, gate rows first)."""
+        if not self.bias_names:
+            return {}
+        gate_up, down = (self.ckpt.get_row(n, expert).float() for n in self.bias_names)
+        return {"gate_up.bias": gate_first(gate_up) if self.interleaved else gate_up, "down.bias": down}
+
+
+def gate_first(rows: torch.Tensor) -> torch.Tensor:
+    """Alternating gate / up rows (GPT-OSS's) -> the gate rows, then the up rows."""
+    return torch.cat([rows[0::2], rows[1::2]])
 
 
 def check_sources(ckpt: Checkpoint, expect: dict[str, tuple[int, ...]]) -> None:
@@ -235,6 +266,9 @@ class Converter:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
             self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
         elif self.mlx:
+            if not getattr(family, "MLX_IMPORT", True):
+                raise FlashMoeError(f"{self.src} is an MLX checkpoint of {self.cfg.architecture}, which flashmoe does "
+                                    "not import yet; convert the Hugging Face release instead")
             # families whose mlx-lm sanitize() changes nothing but the experts' stacking have no from_mlx
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, getattr(family, "from_mlx", lambda name, t: t),
                                       self.remote)
@@ -338,9 +372,10 @@ class Converter:
 
     def expert_blob_tensors(self, source, expert: int) -> dict[str, torch.Tensor]:
         if self.repack:
-            return source.read_quantized(expert)
-        gate_up, down = source.read(expert)
-        return expert_tensors(gate_up, down, self.bits, self.group_size)
+            tensors = source.read_quantized(expert)
+        else:
+            tensors = expert_tensors(*source.read(expert), self.bits, self.group_size)
+        return {**tensors, **source.read_biases(expert)}
 
     # ---- planning -------------------------------------------------------------------------
     def _last_file(self, names) -> int:

@@ -24,7 +24,7 @@ from .quant import SUPPORTED_BITS
 from .store import (BLOCK_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SCALE_DTYPES, SOURCE_DTYPES, BlobLayout, crc32,
                     dtype_name, expert_file_name, expert_layout, quantized_parts, scheme_of)
 
-LAYER_TYPES = ("linear_attention", "full_attention")
+LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention")
 RESIDENT_FILE = re.compile(r"resident-[0-9]+(-of-[0-9]+)?\.safetensors")  # a bare name: nothing outside the store
 UINT32 = 1 << 32
 AGAIN = "convert the checkpoint again"

@@ -17,7 +17,7 @@ import torch
 
 from .experts import ExpertFetcher
 from .kernels import fused, moe_triton
-from .kernels.moe import expert_weights, routed_experts, swiglu_mlp
+from .kernels.moe import ExpertMath, expert_biases, expert_weights, routed_experts, swiglu_mlp
 from .store import Store
 
 
@@ -65,9 +65,11 @@ class RoutedExperts:
         self.bits = store.quantization["bits"]
         self.group_size = store.quantization["group_size"]
         self.sync_timing = sync_timing  # synchronize the GPU at phase ends, so the timers split GPU time too
+        self.math = ExpertMath.of(store.config)
         self.qb = None
         self.decode_kernels = False
-        if device.type == "cuda" and self.bits is not None and moe_triton.triton_available():
+        # the Triton kernels run the plain SwiGLU; experts with biases (GPT-OSS) take the torch path over the slots
+        if device.type == "cuda" and self.bits is not None and moe_triton.triton_available() and self.math == ExpertMath():
             qb = moe_triton.QuantBlob.from_layout(store.layout, self.bits, self.group_size)
             self.qb = qb if qb.supported else None
             self.decode_kernels = self.qb is not None and moe_triton.decode_supported(qb)
@@ -118,8 +120,12 @@ class RoutedExperts:
         form = self.fetcher.kernel_form
         if form is not None:
             return lambda x: form.forward(x, slot)
-        return lambda x: swiglu_mlp(x, *expert_weights(self.store.layout.unpack(slot.to(self.device)), self.bits,
-                                                       self.group_size, dtype))
+        def mlp(x):
+            views = self.store.layout.unpack(slot.to(self.device))
+            return swiglu_mlp(x, *expert_weights(views, self.bits, self.group_size, dtype), self.math,
+                              expert_biases(views, dtype))
+
+        return mlp
 
     # ---- GPU -------------------------------------------------------------------------------
     def _run_gpu(self, h, ids, pairs: "ExpertPairs", weights, experts: list[int], slots: list[int]) -> torch.Tensor:

@@ -152,6 +152,9 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int | None, dt
         tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
         if scale_dtype not in UNBIASED:
             tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=scale_dtype, device="meta")
+    if cfg.expert_bias:  # GPT-OSS: each projection's output bias, in float32 (a bf16 source's exactly)
+        tensors["gate_up.bias"] = torch.empty(2 * inter, dtype=torch.float32, device="meta")
+        tensors["down.bias"] = torch.empty(h, dtype=torch.float32, device="meta")
     return BlobLayout.for_tensors(tensors)
 
 

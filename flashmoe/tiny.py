@@ -15,7 +15,7 @@ from .tiny_templates import (DEEPSEEK_V3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, MINI
                              QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE)
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3",
-                 "minimax_m2")
+                 "minimax_m2", "gpt_oss")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
@@ -93,6 +93,16 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
         return MiniMaxM2Config(**{**common, "num_local_experts": 16, "intermediate_size": 64, "bos_token_id": None,
                                   "eos_token_id": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
                                                                             "partial_rotary_factor": 0.5}, **overrides})
+    if arch == "gpt_oss":  # GPT-OSS's structure: sinks, alternating sliding (8) / full layers, YaRN over 32 original
+        # positions (the tests' prompts reach past them), biases everywhere, the clamped SwiGLU (a limit the random
+        # weights reach: 0.5)
+        from transformers import GptOssConfig
+
+        rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+        return GptOssConfig(**{**common, "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2,
+                               "intermediate_size": 64, "sliding_window": 8, "max_position_embeddings": 128,
+                               "rope_parameters": rope, "swiglu_limit": 0.5, "rms_norm_eps": 1e-5, **overrides})
     if arch == "mixtral":  # 8 experts, K=2, head_dim = hidden / heads, as the real ones (mlx-lm assumes the last)
         return MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
                                 "rms_norm_eps": 1e-5, "head_dim": 16, **overrides})
@@ -114,7 +124,7 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
-def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
+def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool, gpt_oss: bool = False) -> None:
     """Give norms and DeltaNet parameters non-trivial values too, so the checks exercise them. zero_centred: the
     family's norms store an offset from 1 (Qwen3.5/Next's), else the scale itself."""
     gen = torch.Generator().manual_seed(seed)
@@ -125,8 +135,12 @@ def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if one else 0.0))
             elif name.endswith("dt_bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # a confident router
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)  # a confident router
+            elif gpt_oss and name.endswith(("_bias", ".bias", "sinks")):  # its biases and sinks (initialised to 0)
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name.endswith("sinks") else 0.1))
+            elif gpt_oss and name.endswith("experts.gate_up_proj"):  # gates past its clamp, so the clamp is exercised
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a sigmoid router's choosing bias (GLM-4.5, DeepSeek-V3)
                 b.copy_(torch.rand(b.shape, generator=gen) * 0.2)
@@ -135,7 +149,8 @@ def _randomize(model: torch.nn.Module, seed: int, zero_centred: bool) -> None:
 def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int = 0, dtype=torch.bfloat16,
                           max_shard_size: str = "200KB", **overrides) -> Path:
     """Save a random-weight checkpoint of `arch` with transformers' save_pretrained; returns its folder."""
-    from transformers import (DeepseekV3ForCausalLM, GenerationConfig, Glm4MoeForCausalLM, MiniMaxM2ForCausalLM,
+    from transformers import (DeepseekV3ForCausalLM, GenerationConfig, Glm4MoeForCausalLM, GptOssForCausalLM,
+                              MiniMaxM2ForCausalLM,
                               MixtralForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
                               Qwen3MoeForCausalLM, Qwen3NextForCausalLM)
 
@@ -145,9 +160,9 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
            "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
            "glm4_moe": Glm4MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
-           "minimax_m2": MiniMaxM2ForCausalLM}[arch]
+           "minimax_m2": MiniMaxM2ForCausalLM, "gpt_oss": GptOssForCausalLM}[arch]
     model = cls(config)
-    _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
+    _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")), gpt_oss=arch == "gpt_oss")
     template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
                 "glm4_moe": GLM4_CHAT_TEMPLATE, "deepseek_v3": DEEPSEEK_V3_CHAT_TEMPLATE,
                 "minimax_m2": MINIMAX_M2_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)

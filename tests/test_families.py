@@ -62,6 +62,13 @@ ODD = {
     "minimax_m2": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
                        num_local_experts=10, num_experts_per_tok=3, intermediate_size=64,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # GPT-OSS with no attention biases, the default RoPE, layer kinds out of the usual order, a 12-token window,
+    # 10 experts at K=3 and a clamped SwiGLU of its own limit and alpha
+    "gpt_oss": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                    num_local_experts=10, num_experts_per_tok=3, intermediate_size=96, sliding_window=12,
+                    attention_bias=False, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, swiglu_limit=1.0,
+                    swiglu_alpha=1.2),
     # 5 experts at K=3, a 12-token sliding window (the prompt crosses it many times)
     "mixtral": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                     num_local_experts=5, num_experts_per_tok=3, intermediate_size=64, sliding_window=12),
@@ -277,11 +284,25 @@ REAL_CONFIGS = {
         "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
         "shared_intermediate_size": 0, "tie_word_embeddings": False, "use_qk_norm": True, "use_routing_bias": True,
         "vocab_size": 200064},
+    "gpt-oss-120b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002, "experts_per_token": 4,
+        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+        "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 18,
+        "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+        "num_experts_per_tok": 4, "num_hidden_layers": 36, "num_key_value_heads": 8, "num_local_experts": 128,
+        "pad_token_id": 199999, "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+        "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                "truncate": False},
+        "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "vocab_size": 201088},
 }
 # per model: (experts, K, MoE layers, the expert's intermediate size, a word of its `info`)
 REAL_SIZES = {"Qwen3-235B-A22B": (128, 8, 94, 1536, "no shared expert"), "Mixtral-8x7B": (8, 2, 32, 14336, "full attention"),
               "GLM-4.5-Air": (128, 8, 45, 1408, "sigmoid router"), "DeepSeek-V3": (256, 8, 58, 2048, "YaRN x40"),
-              "Kimi-K2": (384, 8, 60, 2048, "a 512+64 latent"), "MiniMax-M2": (256, 8, 62, 1536, "sigmoid router")}
+              "Kimi-K2": (384, 8, 60, 2048, "a 512+64 latent"), "MiniMax-M2": (256, 8, 62, 1536, "sigmoid router"),
+              "gpt-oss-120b": (128, 4, 36, 2880, "sinks, YaRN x32), 18 of them in a sliding window of 128")}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
@@ -308,5 +329,6 @@ def test_released_configs_we_do_not_run_are_refused_in_one_line():
                                                                   "original_max_position_embeddings": 32768})
     with pytest.raises(FlashMoeError, match="rope type 'yarn' is not supported yet"):
         ModelConfig.from_hf(qwen_yarn)
-    with pytest.raises(FlashMoeError, match="unsupported architecture.*GptOssForCausalLM|supports"):
-        ModelConfig.from_hf({"architectures": ["GptOssForCausalLM"]})
+    oss = dict(REAL_CONFIGS["gpt-oss-120b"], layer_types=["sliding_attention", "chunked_attention"] * 18)
+    with pytest.raises(FlashMoeError, match="layer_types .* is not one of"):
+        ModelConfig.from_hf(oss)

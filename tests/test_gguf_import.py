@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import LAYOUTS, assert_runs_on_the_gpu, blob_views, rel_error
+from conftest import GGUF_LAYOUTS, LAYOUTS, assert_runs_on_the_gpu, blob_views, rel_error
 
 import flashmoe
 from flashmoe.convert import convert
@@ -62,7 +62,12 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-@pytest.mark.parametrize("arch", LAYOUTS)
+def test_a_gpt_oss_gguf_is_refused_in_one_line(built, tmp_path):
+    with pytest.raises(FlashMoeError, match="architecture 'gpt-oss', which flashmoe does not read; it reads"):
+        convert(built.gguf("gpt_oss", "f32"), tmp_path / "store", bits=None)
+
+
+@pytest.mark.parametrize("arch", GGUF_LAYOUTS)
 def test_llama_cpp_f32_gguf_is_the_checkpoint_it_came_from(built, tmp_path, arch):
     """Every name and every change llama.cpp's converter makes (norms + 1, -exp(A_log), conv1d squeezed, Qwen3.5's
     value heads tiled, Qwen3-Next's qkvz split and ba kept, Mixtral's q and k rows permuted as a Llama's) undone:

@@ -65,9 +65,11 @@ class KernelForm:
     @classmethod
     def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None
                   ) -> "KernelForm | None":
-        """None when the int4 kernel cannot run these experts (they are then dequantized per token). MXFP4 blobs (no
-        biases) run as 8-bit affine."""
+        """None when the int4 kernel cannot run these experts (they are then dequantized per token): GPT-OSS's, for
+        now. MXFP4 blobs (no quantization biases) run as 8-bit affine."""
         segments = {seg.name: seg for seg in blob.segments} if blob is not None else {}
+        if "gate_up.bias" in segments:  # GPT-OSS's experts (biases, a clamped SwiGLU): dequantized per token for now
+            return None
         if bits is not None and segments and "gate_up.biases" not in segments:
             if segments["gate_up.scales"].dtype != "uint8":  # FP8: not a uniform grid
                 return None

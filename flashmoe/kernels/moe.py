@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,44 @@ def expert_weights(views: dict[str, torch.Tensor], bits: int | None, group_size:
     return dense[0], dense[1]
 
 
-def swiglu_mlp(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """SwiGLU through [2I, H] and [H, I] weights: tensors, or compressed resident matrices (kernels/linear.py)."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, down)
+@dataclass(frozen=True)
+class ExpertMath:
+    """How a routed expert computes besides its two matrices: GPT-OSS adds a bias after each and clamps its SwiGLU
+    (limit > 0: gate <= limit, |up| <= limit, act = (up + 1) * gate * sigmoid(alpha * gate)); the others are plain."""
+
+    bias: bool = False
+    limit: float = 0.0
+    alpha: float = 1.0
+
+    @classmethod
+    def of(cls, cfg) -> "ExpertMath":
+        return cls(cfg.expert_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if not self.limit:
+            return F.silu(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+
+PLAIN = ExpertMath()
+
+
+def expert_biases(views: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An expert blob's gate_up and down biases (GPT-OSS), or None where it has none."""
+    return tuple(views[f"{n}.bias"].to(dtype) if f"{n}.bias" in views else None for n in ("gate_up", "down"))
+
+
+def swiglu_mlp(x: torch.Tensor, gate_up, down, math: ExpertMath = PLAIN,
+               biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+    """SwiGLU through [2I, H] and [H, I] weights: tensors, or compressed resident matrices (kernels/linear.py); with
+    an expert's biases and activation where `math` says."""
+    h = linear(x, gate_up)
+    if biases[0] is not None:
+        h = h + biases[0]
+    gate, up = h.chunk(2, dim=-1)
+    y = linear(math.activation(gate, up), down)
+    return y if biases[1] is None else y + biases[1]
 
 
 def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -1,9 +1,9 @@
 """Softmax attention over a growing KV cache, as every family's full-attention layers run it (GQA, RoPE, optional
-per-head query/key norms, an optional per-head output gate, an optional sliding window).
+per-head query/key norms, an optional per-head output gate, an optional sliding window, optional sinks).
 
 The layer's weights are read by store name under a prefix: `qkv_proj.fused` (q, k, v rows in one matrix: the
 queries, with each head's output gate after it when gated), `qkv_proj.fused_bias` where there are biases,
-`q_norm.weight` / `k_norm.weight` and `o_proj.weight`.
+`q_norm.weight` / `k_norm.weight`, `o_proj.weight` (and `o_proj.bias` where the checkpoint has one), `sinks`.
 Two paths: `attend` for any number of new tokens (the cache grows), `attend_at` for one decode token whose
 position is read from the device (for a CUDA graph: the whole capacity under a mask, no host values).
 """
@@ -33,7 +33,13 @@ class AttentionSpec:
     output_gate: bool = False  # Qwen3.5/Next: out *= sigmoid(gate), the gate stored after each query head
     sliding_window: int = 0  # a query sees this many positions back, itself included (0: all)
     bias: bool = False  # q, k, v biases (GLM-4.5), stored fused as qkv_proj.fused_bias
+    # GPT-OSS: a learned logit per head in every softmax's denominator (a key no value comes from), `sinks` [heads]
+    sinks: bool = False
+    scale: float = 0.0  # the softmax scale; 0: head_dim ** -0.5 (YaRN's cos/sin factor f is f ** 2 here)
 
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale or self.head_dim ** -0.5
 
 def rope_inv_freq(theta: float, rotary_dim: int, device) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
@@ -113,7 +119,17 @@ class Attention:
     def _out(self, w: dict, p: str, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return linear(out, w[p + "o_proj.weight"])
+        out = linear(out, w[p + "o_proj.weight"])
+        return out + w[p + "o_proj.bias"] if p + "o_proj.bias" in w else out
+
+    @staticmethod
+    def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Softmax over the last dim of float scores [..., heads-major rows, keys]; with sinks [rows' heads], each
+        row's denominator also holds exp(its head's sink)."""
+        if sinks is None:
+            return torch.softmax(scores, dim=-1)
+        sink = sinks.float().view(-1, *[1] * (scores.dim() - 1)).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
     def attend(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """New tokens at positions start.. (h [T, hidden]): written into the cache, each attending to every cached
@@ -130,10 +146,20 @@ class Attention:
                     & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past - s.sliding_window))
         elif t > 1 and past:  # token i sees every cached key and the new ones up to itself
             mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-        with sdpa_backends(h.device):
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                                 is_causal=mask is None and t > 1, scale=hd**-0.5,
-                                                 enable_gqa=s.heads != s.kv_heads)[0]
+        if s.sinks:  # torch's fused attention has no sink: the scores in float, per KV head's group of query heads
+            group = s.heads // s.kv_heads
+            scores = torch.matmul(q.reshape(s.kv_heads, group * t, hd).float(), keys.transpose(1, 2).float())
+            scores = scores.view(s.kv_heads, group, t, -1) * s.softmax_scale
+            visible = mask if mask is not None else torch.ones(t, keys.shape[1], dtype=torch.bool,
+                                                               device=h.device).tril(past)
+            probs = self._softmax(scores.masked_fill(~visible, float("-inf")).view(s.heads, t, -1), w[p + "sinks"])
+            out = torch.matmul(probs.view(s.kv_heads, group * t, -1), values.float()).view(s.heads, t, hd)
+            out = out.to(h.dtype)
+        else:
+            with sdpa_backends(h.device):
+                out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                     is_causal=mask is None and t > 1, scale=s.softmax_scale,
+                                                     enable_gqa=s.heads != s.kv_heads)[0]
         return self._out(w, p, out.transpose(0, 1).reshape(t, s.heads * hd), gate)
 
     def attend_at(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
@@ -145,10 +171,11 @@ class Attention:
         q, gate, k, v = self._qkv(w, p, h, position)
         cache.k.index_copy_(1, position, k.transpose(0, 1))
         cache.v.index_copy_(1, position, v.transpose(0, 1))
-        scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * hd**-0.5
+        scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * s.softmax_scale
         slot = torch.arange(cache.capacity, device=h.device)
         visible = slot <= position
         if s.sliding_window:
             visible &= slot > position - s.sliding_window
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(cache.v.dtype)
+        probs = self._softmax(scores.masked_fill(~visible, float("-inf")).view(nh, 1, -1),
+                              w[p + "sinks"] if s.sinks else None).view(nkv, nh // nkv, -1).to(cache.v.dtype)
         return self._out(w, p, torch.matmul(probs, cache.v).reshape(1, nh * hd), gate)

@@ -239,6 +239,9 @@ class MlxExpertSource:
         gate, up, down = (self.ckpt.get(self.names[p], expert) for p in PROJECTIONS)
         return torch.cat([gate, up]), down
 
+    def read_biases(self, expert: int) -> dict[str, torch.Tensor]:
+        return {}  # no family mlx-lm imports here has expert biases
+
     def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
         """The expert's blob tensors, repacked: gate_up.packed / .scales / .biases, down.*."""
         gate, up, down = (self.ckpt.get_quantized(self.names[p], expert) for p in PROJECTIONS)
