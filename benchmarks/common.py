@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flashmoe.synthetic import DEEPSEEK_V3, GLM4_5_AIR, MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B
+from flashmoe.synthetic import DEEPSEEK_V3, GLM4_5_AIR, GPT_OSS_120B, MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B
 
 # real models' geometries for random stores: name -> (config.json, K, the real model's layer count, its name)
 GEOMETRIES = {
@@ -18,6 +18,7 @@ GEOMETRIES = {
     "mixtral-8x7b": (MIXTRAL_8X7B, 2, 32, "Mixtral-8x7B"),
     "glm-4.5-air": (GLM4_5_AIR, 8, 46, "GLM-4.5-Air"),
     "deepseek-v3": (DEEPSEEK_V3, 8, 61, "DeepSeek-V3"),
+    "gpt-oss-120b": (GPT_OSS_120B, 4, 36, "gpt-oss-120b"),
 }
 
 

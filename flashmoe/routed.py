@@ -68,9 +68,8 @@ class RoutedExperts:
         self.math = ExpertMath.of(store.config)
         self.qb = None
         self.decode_kernels = False
-        # the Triton kernels run the plain SwiGLU; experts with biases (GPT-OSS) take the torch path over the slots
-        if device.type == "cuda" and self.bits is not None and moe_triton.triton_available() and self.math == ExpertMath():
-            qb = moe_triton.QuantBlob.from_layout(store.layout, self.bits, self.group_size)
+        if device.type == "cuda" and self.bits is not None and moe_triton.triton_available():
+            qb = moe_triton.QuantBlob.from_layout(store.layout, self.bits, self.group_size, self.math)
             self.qb = qb if qb.supported else None
             self.decode_kernels = self.qb is not None and moe_triton.decode_supported(qb)
 

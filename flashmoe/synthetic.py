@@ -76,6 +76,17 @@ DEEPSEEK_V3 = dict(
     rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}, rope_theta=10000, num_hidden_layers=61,
 )
+# gpt-oss-120b's config.json: 128 experts of 2880 at K=4 with biases and a clamped SwiGLU, sinks, sliding (128) and
+# full layers alternating, YaRN; 36 layers
+GPT_OSS_120B = dict(
+    architectures=["GptOssForCausalLM"], vocab_size=201088, hidden_size=2880, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, intermediate_size=2880,
+    layer_types=["sliding_attention", "full_attention"] * 18, sliding_window=128, attention_bias=True,
+    swiglu_limit=7.0, rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+    num_hidden_layers=36, rope_theta=150000,
+    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                  "original_max_position_embeddings": 4096, "truncate": False},
+)
 # Mixtral-8x7B's config.json: 8 experts of 14336 at K=2, 32 layers
 MIXTRAL_8X7B = dict(
     architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, num_attention_heads=32,
@@ -94,6 +105,9 @@ def expert_layout(cfg: ModelConfig, bits: int, group_size: int) -> BlobLayout:
         tensors[f"{name}.packed"] = torch.empty(rows, cols // per_byte, dtype=torch.uint8)
         tensors[f"{name}.scales"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
         tensors[f"{name}.biases"] = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
+    if cfg.expert_bias:  # as store.expert_layout: GPT-OSS's output biases, float32
+        tensors["gate_up.bias"] = torch.empty(2 * i, dtype=torch.float32)
+        tensors["down.bias"] = torch.empty(h, dtype=torch.float32)
     return BlobLayout.for_tensors(tensors)
 
 
@@ -117,6 +131,9 @@ def _random_blobs(layout: BlobLayout, n: int, bits: int, gen: torch.Generator, d
         region = blobs[:, s.offset : s.offset + s.nbytes]
         if s.name.endswith(".packed"):
             region.random_(0, 256, generator=gen)
+        elif s.name.endswith(".bias"):  # an expert's float32 output bias
+            bias = torch.empty(n, s.nbytes // 4, device=device).normal_(0, 0.02, generator=gen)
+            region.copy_(bias.view(torch.uint8).view(n, s.nbytes))
         else:
             scale = torch.empty(n, s.nbytes // 2, device=device).uniform_(0.06, 0.08, generator=gen) / levels
             value = scale if s.name.endswith(".scales") else -scale * levels / 2

@@ -13,6 +13,7 @@ from conftest import rel_error
 from flashmoe import mxfp4
 from flashmoe.convert import expert_tensors
 from flashmoe.kernels import moe_triton as mt
+from flashmoe.kernels.moe import ExpertMath, expert_biases, expert_weights, swiglu_mlp
 from flashmoe.store import BlobLayout
 
 pytestmark = pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
@@ -20,9 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, seed: int,
-              scale_dtype: torch.dtype = torch.float16):
+              scale_dtype: torch.dtype = torch.float16, math: ExpertMath | None = None):
     """A slab of n_experts random quantized blobs (one per slot), its layout and kernel geometry; scales and biases
-    in scale_dtype (bfloat16 as MLX imports have them; uint8: MXFP4 blobs, e8m0 scales and no biases)."""
+    in scale_dtype (bfloat16 as MLX imports have them; uint8: MXFP4 blobs, e8m0 scales and no biases). math: GPT-OSS's
+    experts (output biases in the blob, the clamped SwiGLU)."""
     gen = torch.Generator().manual_seed(seed)
     blobs, layout = [], None
     for _ in range(n_experts):
@@ -41,10 +43,13 @@ def make_slab(n_experts: int, hidden: int, inter: int, bits: int, group: int, se
         else:
             tensors = {k: v.to(scale_dtype) if v.is_floating_point() else v
                        for k, v in expert_tensors(gate_up, down, bits, group).items()}
+        if math is not None and math.bias:
+            tensors["gate_up.bias"] = torch.randn(2 * inter, generator=gen) * 0.3
+            tensors["down.bias"] = torch.randn(hidden, generator=gen) * 0.3
         layout = layout or BlobLayout.for_tensors(tensors)
         blobs.append(torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8))
     slab = torch.stack(blobs).to(DEVICE)
-    return slab, layout, mt.QuantBlob.from_layout(layout, bits, group)
+    return slab, layout, mt.QuantBlob.from_layout(layout, bits, group, math)
 
 
 def i32(values):
@@ -170,3 +175,38 @@ def test_kernels_read_bfloat16_scales_and_mxfp4(bits, scale_dtype, kind):
     weights = torch.rand(2, device=DEVICE)
     out = mt.down_weighted_sum(one, slab, slots, weights, qb)
     assert rel_error(out, mt.reference_down_weighted_sum(one, slab, slots, weights, layout, qb)) < 1e-4
+
+
+GPT_OSS = ExpertMath(bias=True, limit=0.3, alpha=1.702)  # a limit the random gates cross
+
+
+@pytest.mark.parametrize("bits,hidden,inter,group", [(4, 96, 80, 16), (8, 128, 64, 32)])
+def test_gpt_oss_experts_biases_and_clamped_swiglu_in_every_kernel(bits, hidden, inter, group):
+    slab, layout, qb = make_slab(5, hidden, inter, bits, group, seed=7, math=GPT_OSS)
+    assert qb.bias and qb.act == 1
+    # the reference is the model's own torch path: weights dequantized, biases added, the clamped SwiGLU
+    x = torch.randn(1, hidden, device=DEVICE) * 4
+    slots, weights = i32([3, 0, 4]), torch.rand(3, device=DEVICE)
+    act_ref = mt.reference_gate_up_swiglu(x, slab, slots, i32([0, 0, 0]), i32([0, 1, 2, 3]), layout, qb)
+    ref = mt.reference_down_weighted_sum(act_ref, slab, slots, weights, layout, qb)
+    by_torch = 0
+    for k, slot in enumerate(slots.tolist()):
+        views = layout.unpack(slab[slot])
+        by_torch = by_torch + weights[k] * swiglu_mlp(x, *expert_weights(views, bits, group, torch.float32), GPT_OSS,
+                                                      expert_biases(views, torch.float32))[0]
+    assert rel_error(ref, by_torch) < 1e-5
+    gate = torch.nn.functional.linear(x, expert_weights(layout.unpack(slab[3]), bits, group, torch.float32)[0])[0, :inter]
+    assert (gate > GPT_OSS.limit).any()  # the clamp is reached
+    # decode: gate_up, then down (split and not)
+    assert rel_error(mt.decode_gate_up_swiglu(x, slab, slots, qb), act_ref) < 1e-4
+    for split in (True, False):
+        assert rel_error(mt.down_weighted_sum(act_ref, slab, slots, weights, qb, split=split), ref) < 1e-4
+    # many tokens, grouped by expert
+    xs = torch.randn(7, hidden, device=DEVICE) * 4
+    token_of, expert_start = i32([0, 1, 2, 3, 4, 5, 6, 0, 2, 4]), i32([0, 7, 7, 10])
+    act = mt.gate_up_swiglu(xs, slab, slots, token_of, expert_start, qb)
+    act_ref = mt.reference_gate_up_swiglu(xs, slab, slots, token_of, expert_start, layout, qb)
+    assert rel_error(act, act_ref) < 1e-4
+    pair_weight = torch.rand(10, device=DEVICE)
+    y = mt.down_grouped(act_ref, slab, slots, expert_start, pair_weight, qb)
+    assert rel_error(y, mt.reference_down_grouped(act_ref, slab, slots, expert_start, pair_weight, layout, qb)) < 1e-4

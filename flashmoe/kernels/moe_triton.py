@@ -10,6 +10,10 @@ group by group in registers, so the weights cross HBM once, still packed.
   routing weight and the sum over the K experts in one launch, summed in slot-list order (deterministic).
 - down_grouped: weight * act @ down^T per (token, expert) pair for many tokens; the caller sums over K.
 
+GPT-OSS's experts (QuantBlob.bias, .act): each projection's float32 output bias in the blob, and the clamped SwiGLU
+(ACT 1: gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)), as constexpr branches of the same
+kernels.
+
 The torch references are reference_* below; tests compare both over awkward shapes.
 """
 
@@ -52,19 +56,36 @@ class QuantBlob:
     down_scales: int
     down_biases: int
     scale_kind: int = 0  # SCALE_FP16 | SCALE_BF16 (MLX imports) | SCALE_E8M0 (MXFP4) | SCALE_FP32 (FP8); no biases: the last two
+    # GPT-OSS: the projections' output biases (float32 [2I] and [H] in the blob) and the clamped SwiGLU (act 1)
+    bias: bool = False
+    gate_up_bias: int = 0
+    down_bias: int = 0
+    act: int = 0
+    limit: float = 0.0
+    alpha: float = 1.0
 
     @classmethod
-    def from_layout(cls, layout: BlobLayout, bits: int, group_size: int) -> "QuantBlob":
+    def from_layout(cls, layout: BlobLayout, bits: int, group_size: int, math=None) -> "QuantBlob":
+        """math: the experts' moe.ExpertMath (its clamped SwiGLU), where not the plain one."""
         seg = {s.name: s for s in layout.segments}
         two_i, packed_h = seg["gate_up.packed"].shape
         kind = {"float16": SCALE_FP16, "bfloat16": SCALE_BF16, "uint8": SCALE_E8M0,
                 "float32": SCALE_FP32}[seg["gate_up.scales"].dtype]
         return cls(
             hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
-            blob_bytes=layout.blob_bytes, scale_kind=kind,
+            blob_bytes=layout.blob_bytes, scale_kind=kind, bias="gate_up.bias" in seg,
+            act=1 if math is not None and math.limit else 0, limit=math.limit if math is not None else 0.0,
+            alpha=math.alpha if math is not None else 1.0,
             **{name.replace(".", "_"): seg[name].offset if name in seg else 0 for name in
-               ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases")},
+               ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases",
+                "gate_up.bias", "down.bias")},
         )
+
+    @property
+    def math(self):
+        from .moe import ExpertMath  # moe.py -> linear.py -> affine.py -> this module
+
+        return ExpertMath(self.bias, self.limit if self.act else 0.0, self.alpha)
 
     @property
     def block_k(self) -> int:
@@ -82,20 +103,24 @@ class QuantBlob:
 
 # ---- torch references ----------------------------------------------------------------------
 def _expert_views(slab: torch.Tensor, slot: int, layout: BlobLayout, qb: QuantBlob, dtype: torch.dtype):
-    from .moe import expert_weights  # moe.py -> linear.py -> affine.py -> this module
+    """[gate_up, down, gate_up bias or None, down bias or None] of the expert in `slot`."""
+    from .moe import expert_biases, expert_weights  # moe.py -> linear.py -> affine.py -> this module
 
-    return list(expert_weights(layout.unpack(slab[slot]), qb.bits, qb.group_size, dtype))
+    views = layout.unpack(slab[slot])
+    return [*expert_weights(views, qb.bits, qb.group_size, dtype), *expert_biases(views, torch.float32)]
 
 
 def reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb):
-    """act[j] = silu(gate_e x[token_of[j]]) * up_e x[token_of[j]] for pairs j of expert e (rows expert_start[e]..)."""
+    """act[j] = silu(gate_e x[token_of[j]]) * up_e x[token_of[j]] for pairs j of expert e (rows expert_start[e]..); with
+    qb's biases and clamped SwiGLU where it has them."""
     act = x.new_empty(token_of.numel(), qb.intermediate)
     starts = expert_start.tolist()
     for e, slot in enumerate(slots.tolist()):
         rows = slice(starts[e], starts[e + 1])
-        gate_up, _ = _expert_views(slab, slot, layout, qb, x.dtype)
-        g, u = F.linear(x[token_of[rows].long()].float(), gate_up.float()).chunk(2, dim=-1)
-        act[rows] = (F.silu(g) * u).to(x.dtype)
+        gate_up, _, bias, _ = _expert_views(slab, slot, layout, qb, x.dtype)
+        gu = F.linear(x[token_of[rows].long()].float(), gate_up.float())
+        g, u = (gu if bias is None else gu + bias).chunk(2, dim=-1)
+        act[rows] = qb.math.activation(g, u).to(x.dtype)
     return act
 
 
@@ -103,8 +128,9 @@ def reference_down_weighted_sum(act, slab, slots, weights, layout, qb):
     """out[H] = sum_e weights[e] * down_e act[e] for one token (act [G, I], one row per slot)."""
     out = torch.zeros(qb.hidden, dtype=torch.float32, device=act.device)
     for e, slot in enumerate(slots.tolist()):
-        _, down = _expert_views(slab, slot, layout, qb, act.dtype)
-        out += weights[e].float() * F.linear(act[e].float(), down.float())
+        _, down, _, bias = _expert_views(slab, slot, layout, qb, act.dtype)
+        y = F.linear(act[e].float(), down.float())
+        out += weights[e].float() * (y if bias is None else y + bias)
     return out.to(act.dtype)
 
 
@@ -114,8 +140,9 @@ def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, 
     starts = expert_start.tolist()
     for e, slot in enumerate(slots.tolist()):
         rows = slice(starts[e], starts[e + 1])
-        _, down = _expert_views(slab, slot, layout, qb, act.dtype)
-        y[rows] = (F.linear(act[rows].float(), down.float()) * pair_weight[rows, None].float()).to(act.dtype)
+        _, down, _, bias = _expert_views(slab, slot, layout, qb, act.dtype)
+        d = F.linear(act[rows].float(), down.float())
+        y[rows] = ((d if bias is None else d + bias) * pair_weight[rows, None].float()).to(act.dtype)
     return y
 
 
@@ -223,9 +250,25 @@ if triton is not None:
         return base
 
     @triton.jit
+    def _out_bias(base, bias_off, n, n_mask):
+        """An expert's float32 output bias at rows n (GPT-OSS)."""
+        return tl.load((base + bias_off).to(tl.pointer_type(tl.float32)) + n, mask=n_mask, other=0.0)
+
+    @triton.jit
+    def _swiglu(gate, up, ACT: tl.constexpr, limit, alpha):
+        """silu(gate) * up, or (ACT 1, GPT-OSS's) (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+        g = min(gate, limit)."""
+        if ACT == 1:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            return (up + 1.0) * gate * tl.sigmoid(gate * alpha)
+        return gate / (1.0 + tl.exp(-gate)) * up
+
+    @triton.jit
     def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
-                               gu_biases, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr):
+                               gu_biases, gu_bias, limit, alpha, BITS: tl.constexpr, GROUP: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr,
+                               BIAS: tl.constexpr, ACT: tl.constexpr):
         e = tl.program_id(0)
         base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -235,7 +278,10 @@ if triton is not None:
         for k0 in range(0, H, BLOCK_B * (8 // BITS)):
             gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_KIND)
             up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B, SCALE_KIND)
-        act = gate / (1.0 + tl.exp(-gate)) * up
+        if BIAS:
+            gate += _out_bias(base, gu_bias, n, n_mask)
+            up += _out_bias(base, gu_bias, I + n, n_mask)
+        act = _swiglu(gate, up, ACT, limit, alpha)
         tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -259,10 +305,10 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
-                               act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases,
+                               act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases, gu_bias, limit, alpha,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                               SCALE_KIND: tl.constexpr):
+                               SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
@@ -277,7 +323,10 @@ if triton is not None:
             wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP, SCALE_KIND)
             acc_g += _dot_weights_t(xt, wg, IEEE)
             acc_u += _dot_weights_t(xt, wu, IEEE)
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        if BIAS:
+            acc_g += _out_bias(base, gu_bias, n, n_mask)[None, :]
+            acc_u += _out_bias(base, gu_bias, I + n, n_mask)[None, :]
+        act = _swiglu(acc_g, acc_u, ACT, limit, alpha)
         tl.store(act_ptr + pairs[:, None].to(tl.int64) * I + n[None, :], act.to(act_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])
 
@@ -295,9 +344,10 @@ if triton is not None:
 
     @triton.jit
     def _down_weighted_sum_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, out_ptr, base_ptr, shared_ptr,
-                                  shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases,
+                                  shared_gate_ptr, n_experts, H, I, blob_bytes, d_packed, d_scales, d_biases, d_bias,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                                  EPILOGUE: tl.constexpr, SHARED: tl.constexpr, SCALE_KIND: tl.constexpr):
+                                  EPILOGUE: tl.constexpr, SHARED: tl.constexpr, SCALE_KIND: tl.constexpr,
+                                  BIAS: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -307,6 +357,8 @@ if triton is not None:
             for k0 in range(0, I, BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
                                    BLOCK_B, SCALE_KIND)
+            if BIAS:
+                part += _out_bias(base, d_bias, n, n_mask)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
             out += _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED)
@@ -314,8 +366,9 @@ if triton is not None:
 
     @triton.jit
     def _down_partial_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, partial_ptr, H, I, blob_bytes,
-                             d_packed, d_scales, d_biases, chunk, n_chunks, BITS: tl.constexpr, GROUP: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr):
+                             d_packed, d_scales, d_biases, d_bias, chunk, n_chunks, BITS: tl.constexpr,
+                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                             SCALE_KIND: tl.constexpr, BIAS: tl.constexpr):
         """partial[e * n_chunks + c] = weights[e] * down_e[:, chunk c] act[e, chunk c]: one program per block of
         output rows per (expert, chunk of I), so a layer's few experts still fill the GPU."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -328,6 +381,9 @@ if triton is not None:
         for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
             part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
                                BLOCK_B, SCALE_KIND)
+        if BIAS:
+            if k_start == 0:  # with the expert's first chunk
+                part += _out_bias(base, d_bias, n, n_mask)
         tl.store(partial_ptr + j * H + n, tl.load(weight_ptr + e).to(tl.float32) * part, mask=n_mask)
 
     @triton.jit
@@ -359,10 +415,10 @@ if triton is not None:
 
     @triton.jit
     def _down_grouped_kernel(act_ptr, slab_ptr, slot_ptr, pair_weight_ptr, tile_expert_ptr, tile_row_ptr,
-                             expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases,
+                             expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases, d_bias,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                               SCALE_KIND: tl.constexpr):
+                             SCALE_KIND: tl.constexpr, BIAS: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -373,6 +429,8 @@ if triton is not None:
             a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
             w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP, SCALE_KIND)
             acc += _dot_weights_t(a, w, IEEE)
+        if BIAS:
+            acc += _out_bias(base, d_bias, n, n_mask)[None, :]
         acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])
@@ -426,8 +484,9 @@ def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert
     grid = (tile_expert.numel(), triton.cdiv(qb.intermediate, block_n))
     _gate_up_swiglu_kernel[grid](
         x, slab, slots, token_of, tile_expert, tile_row, expert_start, act, qb.hidden, qb.intermediate, qb.blob_bytes,
-        qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t,
-        BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32, SCALE_KIND=qb.scale_kind)
+        qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha, BITS=qb.bits,
+        GROUP=qb.group_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32,
+        SCALE_KIND=qb.scale_kind, BIAS=qb.bias, ACT=qb.act)
     return act
 
 
@@ -461,9 +520,11 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
-                                 qb.gate_up_scales, qb.gate_up_biases, BITS=qb.bits, GROUP=qb.group_size,
+                                 qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha,
+                                 BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"]),
-                                 num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_KIND=qb.scale_kind)
+                                 num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_KIND=qb.scale_kind,
+                                 BIAS=qb.bias, ACT=qb.act)
     return act
 
 
@@ -506,8 +567,8 @@ def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | N
         partial = torch.empty(slots.numel() * n_chunks, qb.hidden, dtype=torch.float32, device=act.device)
         _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
             act, slab, host, slots, weights, partial, qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed,
-            qb.down_scales, qb.down_biases, chunk, n_chunks, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n,
-            BLOCK_B=block_b, num_warps=warps, SCALE_KIND=qb.scale_kind)
+            qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, BITS=qb.bits, GROUP=qb.group_size,
+            BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, SCALE_KIND=qb.scale_kind, BIAS=qb.bias)
         _sum_partials_kernel[(triton.cdiv(qb.hidden, 256),)](
             partial, out, base, shared, shared_gate, partial.shape[0], qb.hidden, BLOCK_N=256,
             EPILOGUE=epilogue is not None, SHARED=shared_kind)
@@ -515,8 +576,8 @@ def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | N
     _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
         act, slab, host, slots, weights, out, base, shared, shared_gate,
         slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
-        BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps,
-        EPILOGUE=epilogue is not None, SHARED=shared_kind, SCALE_KIND=qb.scale_kind)
+        qb.down_bias, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps,
+        EPILOGUE=epilogue is not None, SHARED=shared_kind, SCALE_KIND=qb.scale_kind, BIAS=qb.bias)
     return out
 
 
@@ -529,8 +590,9 @@ def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, exp
     grid = (tile_expert.numel(), triton.cdiv(qb.hidden, block_n))
     _down_grouped_kernel[grid](
         act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
-        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, BITS=qb.bits, GROUP=qb.group_size,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32, SCALE_KIND=qb.scale_kind)
+        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, BITS=qb.bits, GROUP=qb.group_size,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32,
+        SCALE_KIND=qb.scale_kind, BIAS=qb.bias)
     return y
 
 
