@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import GGUF_LAYOUTS, LAYOUTS, assert_runs_on_the_gpu, blob_views, rel_error
+from conftest import GGUF_LAYOUTS, assert_runs_on_the_gpu, blob_views, rel_error
 
 import flashmoe
 from flashmoe.convert import convert
