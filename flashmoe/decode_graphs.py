@@ -18,6 +18,7 @@ kernel, and belong to that sequence's state.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -45,8 +46,17 @@ class Captured:
     def __init__(self, fn: Callable, inputs: list[torch.Tensor], pool):
         self.inputs = [t.clone() for t in inputs]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream()):
-            self.outputs = fn(*self.inputs)
+        # no garbage collection inside the capture: a model freed then (a cycle the collector finds) unregisters its
+        # pinned slab, a CUDA call that invalidates the capture (seen when a failed test's models were collected)
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream()):
+                self.outputs = fn(*self.inputs)
+        finally:
+            if collecting:
+                gc.enable()
 
     def replay(self, *inputs: torch.Tensor):
         for static, new in zip(self.inputs, inputs):

@@ -81,7 +81,7 @@ DEEPSEEK_V3 = dict(
 GPT_OSS_120B = dict(
     architectures=["GptOssForCausalLM"], vocab_size=201088, hidden_size=2880, num_attention_heads=64,
     num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, intermediate_size=2880,
-    layer_types=["sliding_attention", "full_attention"] * 18, sliding_window=128, attention_bias=True,
+    sliding_window=128, attention_bias=True,  # layer_types left out: sliding and full alternate, whatever the count
     swiglu_limit=7.0, rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
     num_hidden_layers=36, rope_theta=150000,
     rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,

@@ -67,7 +67,7 @@ ODD = {
     "gpt_oss": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
                     num_local_experts=10, num_experts_per_tok=3, intermediate_size=96, sliding_window=12,
                     attention_bias=False, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, swiglu_limit=1.0,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, swiglu_limit=0.15,
                     swiglu_alpha=1.2),
     # 5 experts at K=3, a 12-token sliding window (the prompt crosses it many times)
     "mixtral": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
