@@ -56,8 +56,10 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
+# (4, 320, 192, 64): rows whose last decode step is part masked, over whole groups (GPT-OSS's 2880 is such a width)
 @pytest.mark.parametrize("bits,hidden,inter,group", [(4, 96, 80, 16), (2, 64, 48, 16), (8, 128, 64, 32), (4, 256, 128, 64),
-                                                     (4, 512, 192, 64), (2, 512, 256, 32), (8, 256, 320, 64)])
+                                                     (4, 512, 192, 64), (2, 512, 256, 32), (8, 256, 320, 64),
+                                                     (4, 320, 192, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernels_match_reference(bits, hidden, inter, group, dtype):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
@@ -148,7 +150,10 @@ def test_decode_step_covers_whole_groups():
     qb = lambda bits, group, hidden, inter: mt.QuantBlob(hidden, inter, bits, group, 4096, 0, 0, 0, 0, 0, 0)  # noqa: E731
     assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096) == 512  # 397B: four cache lines of each row per step
     assert mt.gemv_block_bytes(qb(4, 64, 4096, 1024), 4096, most=128) == 128
-    assert mt.gemv_block_bytes(qb(4, 16, 96, 80), 80) == 8
+    assert mt.gemv_block_bytes(qb(4, 64, 4096, 1536), 1536) == 256  # Qwen3-235B's down: an even step of 256 bytes
+    # GPT-OSS's 2880: only 32-byte steps divide it; 512-byte ones, the last masked, serve
+    assert mt.gemv_block_bytes(qb(4, 64, 2880, 2880), 2880) == 512 and not mt.gemv_even(qb(4, 64, 2880, 2880), 2880, 512)
+    assert mt.gemv_block_bytes(qb(4, 16, 96, 80), 80) == 32  # no step past the row itself
     assert not mt.decode_supported(qb(4, 24, 96, 72))  # 12-byte groups: the grouped kernels serve decode
 
 
