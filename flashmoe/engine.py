@@ -26,6 +26,7 @@ from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
+from .kernels.moe import ExpertMath
 from .models import family_of
 from .quant import QuantizedTensor
 from .replay import RoutingRecorder, TraceRouting, replaying
@@ -127,7 +128,7 @@ class Model:
         # on the CPU, RAM slots hold each expert in the form torch's int4 kernel reads (prepared as it lands)
         kernel_form = None if on_gpu else KernelForm.for_store(
             store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
-            store.quantization["group_size"])
+            store.quantization["group_size"], ExpertMath.of(cfg))
         self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
         for i in mine:
             block, part, vram_bytes = blocks[i], parts[i], vram_budgets[i]

@@ -76,9 +76,10 @@ def test_unsupported_shapes_are_refused():
     assert cpu_int4.KernelForm.for_store(None, 96, 48, None, None) is None  # unquantized store
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_engine_runs_experts_through_the_kernel_form(built, monkeypatch, bits):
-    store = built.store("qwen3_5_moe", bits)
+@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 8), ("gpt_oss", 4)])
+def test_engine_runs_experts_through_the_kernel_form(built, monkeypatch, arch, bits):
+    """(GPT-OSS's experts: their output biases beside the codes, the clamped SwiGLU after the kernel.)"""
+    store = built.store(arch, bits)
     with flashmoe.load(store, cache_gb=1) as model:
         assert model.fetcher.kernel_form is not None  # the tiny model's shapes fit the kernel
         ours = model.logits(PROMPT)

@@ -16,7 +16,7 @@ kernel form adds under a tenth of the store's own quantization error at 2 and 4 
 
 from __future__ import annotations
 
-import math
+import math as math_  # `math` names an expert's ExpertMath here
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import mxfp4
 from ..quant import QuantizedTensor, quantize, unpack
 from .affine import AffineMatrix, RowStack
+from .moe import PLAIN, ExpertMath
 from ..store import BLOCK_BYTES, SEGMENT_ALIGN, BlobLayout, round_up
 
 GROUP_SIZES = (32, 64, 128, 256)  # the kernel's K-blocks
@@ -61,15 +62,14 @@ class KernelForm:
     nbytes: int
     bits: int
     group_size: int
+    math: ExpertMath = PLAIN  # GPT-OSS: the output biases (kept float32 beside the codes) and the clamped SwiGLU
 
     @classmethod
-    def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None
-                  ) -> "KernelForm | None":
-        """None when the int4 kernel cannot run these experts (they are then dequantized per token): GPT-OSS's, for
-        now. MXFP4 blobs (no quantization biases) run as 8-bit affine."""
+    def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None,
+                  math: ExpertMath = PLAIN) -> "KernelForm | None":
+        """None when the int4 kernel cannot run these experts (they are then dequantized per token). MXFP4 blobs (no
+        quantization biases) run as 8-bit affine."""
         segments = {seg.name: seg for seg in blob.segments} if blob is not None else {}
-        if "gate_up.bias" in segments:  # GPT-OSS's experts (biases, a clamped SwiGLU): dequantized per token for now
-            return None
         if bits is not None and segments and "gate_up.biases" not in segments:
             if segments["gate_up.scales"].dtype != "uint8":  # FP8: not a uniform grid
                 return None
@@ -82,8 +82,11 @@ class KernelForm:
             for part, shape, dtype in (("int4", (rows, k // 2), torch.uint8),
                                        ("scale_zero", (k // group_size, rows, 2), torch.bfloat16)):
                 fields[f"{name}.{part}"] = (offset, shape, dtype)
-                offset = round_up(offset + math.prod(shape) * dtype.itemsize, SEGMENT_ALIGN)
-        return cls(blob, fields, round_up(offset, BLOCK_BYTES), bits, group_size)
+                offset = round_up(offset + math_.prod(shape) * dtype.itemsize, SEGMENT_ALIGN)
+            if "gate_up.bias" in segments:
+                fields[f"{name}.bias"] = (offset, (n,), torch.float32)
+                offset = round_up(offset + n * 4, SEGMENT_ALIGN)
+        return cls(blob, fields, round_up(offset, BLOCK_BYTES), bits, group_size, math)
 
     @property
     def slot_bytes(self) -> int:
@@ -91,7 +94,7 @@ class KernelForm:
         return max(self.nbytes, self.blob.blob_bytes)
 
     def views(self, slot: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: slot[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        return {name: slot[offset : offset + math_.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 for name, (offset, shape, dtype) in self.fields.items()}
 
     def prepare(self, slot: torch.Tensor) -> None:
@@ -102,10 +105,14 @@ class KernelForm:
             if f"{name}.biases" not in raw:
                 q = mxfp4.as_affine8(raw.pop(f"{name}.packed"), raw.pop(f"{name}.scales"))
                 raw.update({f"{name}.packed": q.packed, f"{name}.scales": q.scales, f"{name}.biases": q.biases})
-        prepare(raw, self.bits, self.views(slot))
+        views = self.views(slot)
+        prepare(raw, self.bits, views)
+        for name in ("gate_up.bias", "down.bias"):
+            if name in views:
+                views[name].copy_(raw[name])
 
     def forward(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        return expert_forward(x, self.views(slot), self.bits, self.group_size)
+        return expert_forward(x, self.views(slot), self.bits, self.group_size, self.math)
 
 
 # ---- torch's packed layout ------------------------------------------------------------------------
@@ -228,12 +235,16 @@ def linear(x: torch.Tensor, form: dict[str, torch.Tensor], name: str, bits: int,
     return y
 
 
-def expert_forward(x: torch.Tensor, form: dict[str, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
-    """One expert's SwiGLU MLP on rows x [T, H] (any float dtype) -> [T, H] in x's dtype."""
-    h = linear(x.to(torch.bfloat16).contiguous(), form, "gate_up", bits, group_size)
-    gate, up = h.float().chunk(2, dim=-1)
-    act = (F.silu(gate) * up).to(torch.bfloat16)
-    return linear(act, form, "down", bits, group_size).to(x.dtype)
+def expert_forward(x: torch.Tensor, form: dict[str, torch.Tensor], bits: int, group_size: int,
+                   math: ExpertMath = PLAIN) -> torch.Tensor:
+    """One expert's SwiGLU MLP on rows x [T, H] (any float dtype) -> [T, H] in x's dtype; with the form's output
+    biases and `math`'s activation where it has them (GPT-OSS)."""
+    h = linear(x.to(torch.bfloat16).contiguous(), form, "gate_up", bits, group_size).float()
+    if "gate_up.bias" in form:
+        h = h + form["gate_up.bias"]
+    gate, up = h.chunk(2, dim=-1)
+    y = linear(math.activation(gate, up).to(torch.bfloat16), form, "down", bits, group_size)
+    return (y.float() + form["down.bias"] if "down.bias" in form else y).to(x.dtype)
 
 
 # ---- resident matrices --------------------------------------------------------------------------
