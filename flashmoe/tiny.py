@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny_templates import (DEEPSEEK_V3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, MINIMAX_M2_CHAT_TEMPLATE, MIXTRAL_CHAT_TEMPLATE,
-                             QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE)
+from .tiny_templates import (DEEPSEEK_V3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, GPT_OSS_CHAT_TEMPLATE, MINIMAX_M2_CHAT_TEMPLATE,
+                             MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE)
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3",
                  "minimax_m2", "gpt_oss")
@@ -22,6 +22,7 @@ MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin a
 GLM_SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 DEEPSEEK_SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 MINIMAX_SPECIAL_TOKENS = ["]~!b[", "]~b]", "[e~["]
+HARMONY_SPECIAL_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|call|>"]  # GPT-OSS
 # added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
@@ -40,7 +41,7 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = {"mistral": MISTRAL_SPECIAL_TOKENS, "glm": GLM_SPECIAL_TOKENS, "deepseek": DEEPSEEK_SPECIAL_TOKENS,
-               "minimax": MINIMAX_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
+               "minimax": MINIMAX_SPECIAL_TOKENS, "harmony": HARMONY_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
     markup = MARKUP_TOKENS if style == "qwen" else []
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -49,7 +50,8 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
     names = {"mistral": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
              "glm": dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
              "deepseek": dict(bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"),
-             "minimax": dict(bos_token="]~!b[", eos_token="[e~[")}.get(
+             "minimax": dict(bos_token="]~!b[", eos_token="[e~["),
+             "harmony": dict(eos_token="<|return|>")}.get(
         style, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     fast.chat_template = chat_template
@@ -164,8 +166,9 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")), gpt_oss=arch == "gpt_oss")
     template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
                 "glm4_moe": GLM4_CHAT_TEMPLATE, "deepseek_v3": DEEPSEEK_V3_CHAT_TEMPLATE,
-                "minimax_m2": MINIMAX_M2_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
-    style = {"mixtral": "mistral", "glm4_moe": "glm", "deepseek_v3": "deepseek", "minimax_m2": "minimax"}.get(arch, "qwen")
+                "minimax_m2": MINIMAX_M2_CHAT_TEMPLATE, "gpt_oss": GPT_OSS_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
+    style = {"mixtral": "mistral", "glm4_moe": "glm", "deepseek_v3": "deepseek", "minimax_m2": "minimax",
+             "gpt_oss": "harmony"}.get(arch, "qwen")
     tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template, style)
     eos = tokenizer.eos_token_id
     if arch == "glm4_moe":  # GLM-4.5's generation_config: a reply ends at <|endoftext|>, <|user|> or <|observation|>

@@ -139,3 +139,10 @@ MINIMAX_M2_CHAT_TEMPLATE = (
     "]~!b[{% for message in messages %}{{ ']~b]' + ('ai' if message['role'] == 'assistant' else message['role']) + "
     "'\\n' + message['content'] + '[e~[\\n' }}{% endfor %}{% if add_generation_prompt %}{{ ']~b]ai\\n' }}{% endif %}"
 )
+
+# GPT-OSS's harmony format, its plainest part: <|start|>ROLE<|message|>TEXT<|end|> per turn, the reply after
+# <|start|>assistant (the real template adds the system preamble, channels and tools); a reply ends at <|return|>
+GPT_OSS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)

@@ -158,11 +158,18 @@ def test_info_describes_each_family(run_cli, built):
         assert words in out and flashmoe.load(built.store(arch, 4)).config.architecture in out
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "minimax_m2"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "minimax_m2", "gpt_oss"])
 def test_generate_chat_renders_the_family_template(run_cli, built, arch):
     code, out, err = run_cli("generate", built.store(arch, 4), "--prompt", "Hello world", "--chat", "--max-tokens", "4")
     assert code == 0, err
     assert "4 tokens" in err or "stop" in err
+
+
+def test_gpt_oss_chat_is_harmony_and_its_replies_end_at_return(built):
+    model = flashmoe.load(built.store("gpt_oss", 4))
+    ids = model.encode_chat([{"role": "user", "content": "Hello world"}])
+    assert model.tokenizer.decode(ids) == "<|start|>user<|message|>Hello world<|end|><|start|>assistant"
+    assert model.eos_token_ids == [model.tokenizer.convert_tokens_to_ids("<|return|>")]
 
 
 def test_a_store_written_before_a_config_field_existed_still_loads(built, tmp_path):
