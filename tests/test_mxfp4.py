@@ -158,3 +158,39 @@ def test_mxfp4_store_on_the_gpu(mx_pair, tmp_path):
     with torch.no_grad():
         ref = load_reference(float_dir, "qwen3_5_moe")(torch.tensor([PROMPT])).logits[0]
     assert_runs_on_the_gpu(store, PROMPT, ref)
+
+
+def test_gpt_oss_release_layout_converts_with_its_codes_and_matches_transformers(built, tmp_path):
+    """GPT-OSS as released: MXFP4 experts [E, 2I, H/32, 16] whose gate and up rows alternate, bf16 biases beside them.
+    The store keeps the codes (rows reordered, gate first) and answers as transformers does on the weights they
+    stand for (its own float layout: [E, H, 2I], columns alternating)."""
+    src = built.checkpoint("gpt_oss")
+    mx_dir, float_dir = tmp_path / "mx", tmp_path / "float"
+    tensors = weights_elsewhere(src, mx_dir, float_dir)
+    mx, dense = {}, {}
+    for name, t in tensors.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            mx[name] = dense[name] = t
+            continue
+        parts = [mxfp4.quantize(w.t().float()) for w in t]  # per expert, rows = outputs
+        mx[name + "_blocks"] = torch.stack([p.reshape(p.shape[0], -1, 16) for p, _ in parts])
+        mx[name + "_scales"] = torch.stack([s for _, s in parts])
+        dense[name] = torch.stack([transformers_dequantize(p, s).t() for p, s in parts]).to(t.dtype)
+    save_file(mx, str(mx_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mx_dir / "config.json").write_text(json.dumps(cfg))
+
+    store = Store(convert(mx_dir, tmp_path / "store"))
+    assert store.manifest["quantization"]["scheme"] == "mxfp4" and store.manifest["source"]["experts"] == "repacked"
+    views = blob_views(store, 1, 5)
+    blocks, inter = mx["model.layers.1.mlp.experts.gate_up_proj_blocks"][5], store.config.moe_intermediate_size
+    codes = blocks.reshape(blocks.shape[0], -1)
+    assert torch.equal(views["gate_up.packed"], torch.cat([codes[0::2], codes[1::2]]))  # the source's bytes, gate first
+    bias = tensors["model.layers.1.mlp.experts.gate_up_proj_bias"][5].float()
+    assert torch.equal(views["gate_up.bias"], torch.cat([bias[0::2], bias[1::2]])) and views["gate_up.bias"].shape == (2 * inter,)
+    with torch.no_grad():
+        expected = load_reference(float_dir, "gpt_oss")(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path, resident_format="float").logits(PROMPT), expected) < 1e-2
