@@ -95,9 +95,10 @@ class ExpertSource:
         self.ckpt, self.p, self.names = ckpt, family.expert_prefix(layer), family.EXPERT_PROJECTIONS
         h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.fused = ckpt.has(self.p + "gate_up_proj")
-        self.transposed = (self.fused and getattr(family, "FUSED_EXPERTS_TRANSPOSED", False)
+        native = not getattr(ckpt, "canonical_experts", False)  # a GGUF's are [E, out, in], gate rows first already
+        self.transposed = (native and self.fused and getattr(family, "FUSED_EXPERTS_TRANSPOSED", False)
                            and ckpt.quant(self.p + "gate_up_proj") is None)
-        self.interleaved = getattr(family, "GATE_UP_INTERLEAVED", False)
+        self.interleaved = native and getattr(family, "GATE_UP_INTERLEAVED", False)
         self.bias_names = [self.p + n for n in getattr(family, "EXPERT_BIASES", ())]
         if self.transposed:
             expect = {self.p + "gate_up_proj": (e, h, 2 * inter), self.p + "down_proj": (e, inter, h)}

@@ -45,7 +45,8 @@ from flashmoe.tiny import build_tiny_checkpoint, hf_as_mlx_lm_reads_it  # noqa: 
 # one tiny checkpoint per layout a family module reads (LAYOUTS), and the multimodal Qwen3.5 wrapper too (ARCHS)
 LAYOUTS = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "minimax_m2", "gpt_oss"]
 ARCHS = LAYOUTS + ["qwen3_5_moe_vl"]
-# the layouts llama.cpp's GGUF of which flashmoe imports (GPT-OSS's is refused in one line: README, Limits)
+# the layouts whose GGUF the generic import test reads back (GPT-OSS's file holds no clamp: its own test gives its
+# checkpoint the released one)
 GGUF_LAYOUTS = [a for a in LAYOUTS if a != "gpt_oss"]
 
 

@@ -62,9 +62,16 @@ def retype(src, dst, types: dict[str, "gguf.GGMLQuantizationType"]):
     return dst
 
 
-def test_a_gpt_oss_gguf_is_refused_in_one_line(built, tmp_path):
-    with pytest.raises(FlashMoeError, match="architecture 'gpt-oss', which flashmoe does not read; it reads"):
-        convert(built.gguf("gpt_oss", "f32"), tmp_path / "store", bits=None)
+def test_llama_cpp_gpt_oss_gguf_is_the_checkpoint_it_came_from(built, tmp_path):
+    """GPT-OSS as llama.cpp writes it: the experts' alternating gate/up split into ffn_gate_exps and ffn_up_exps, their
+    biases beside them, sinks, the router's bias. The file holds no clamp (llama.cpp fixes it at 7, as released), so
+    the checkpoint here has the released clamp too."""
+    store = convert(built.gguf("gpt_oss", "f32", swiglu_limit=7.0), tmp_path / "store", bits=None)
+    assert Store(store).config.swiglu_limit == 7.0 and Store(store).config.layer_types[:2] == [
+        "sliding_attention", "full_attention"]
+    assert rel_error(flashmoe.load(store).logits(PROMPT), hf_logits(built.checkpoint("gpt_oss", swiglu_limit=7.0))) < 1e-4
+    quantized = convert(built.gguf("gpt_oss", "f32", swiglu_limit=7.0), tmp_path / "q4", bits=4)
+    assert rel_error(flashmoe.load(quantized).logits(PROMPT), hf_logits(built.checkpoint("gpt_oss", swiglu_limit=7.0))) < 0.1
 
 
 @pytest.mark.parametrize("arch", GGUF_LAYOUTS)

@@ -45,7 +45,7 @@ FAMILIES = {
 
 # llama.cpp's general.architecture -> the same modules
 GGUF_FAMILIES = {"qwen35moe": "qwen3_next", "qwen3next": "qwen3_next", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe",
-                 "deepseek2": "deepseek_v3", "minimax-m2": "minimax_m2", "llama": "mixtral"}  # llama.cpp writes Mixtral as a llama with experts
+                 "deepseek2": "deepseek_v3", "minimax-m2": "minimax_m2", "llama": "mixtral", "gpt-oss": "gpt_oss"}  # llama.cpp writes Mixtral as a llama with experts
 
 
 def family_of_gguf(architecture: str) -> ModuleType | None:

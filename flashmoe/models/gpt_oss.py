@@ -19,7 +19,7 @@ from ..kernels.linear import linear
 from ..layers.attention import Attention, AttentionSpec
 from ..layers.state import SequenceState
 from . import qwen3_moe
-from .qwen3_moe import resident_sources
+from .qwen3_moe import GGUF_NAMES, gguf_rows_only, resident_sources
 
 ARCHITECTURES = {"GptOssForCausalLM": "gpt_oss"}
 ZERO_CENTRED_NORMS = False
@@ -88,6 +88,36 @@ def describe(cfg: ModelConfig) -> list[tuple[str, str]]:
                         f"(limit {cfg.swiglu_limit:g}), no shared expert")]
 
 
+# llama.cpp's names (its `gpt-oss` architecture) -> the HF checkpoint's, per layer; its converter splits the experts'
+# alternating gate/up into ffn_gate_exps and ffn_up_exps (sources/gguf.py fuses them back, gate rows first)
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+    **{f"attn_{g}.{kind}": f"self_attn.{h}_proj.{kind}" for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))
+       for kind in ("weight", "bias")},
+    "attn_sinks.weight": "self_attn.sinks", "ffn_gate_inp.weight": f"{MLP}router.weight",
+    "ffn_gate_inp.bias": f"{MLP}router.bias",
+}
+
+
+def from_gguf(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    return t  # llama.cpp keeps GPT-OSS's tensors as they are, but for the experts' split
+
+
+def config_from_gguf(metadata: dict, names: tuple[str, ...]) -> dict:
+    """config.json of a `gpt-oss` GGUF. llama.cpp alternates sliding and full layers from the first (its SWA pattern of
+    2) and fixes the clamp at 7 and alpha at 1.702, so the file holds none of them: these are the released values."""
+    key = qwen3_moe.gguf_keys(metadata)
+    fields = qwen3_moe.gguf_config_fields(metadata, names)
+    rope = {"rope_type": "yarn", "rope_theta": key("rope.freq_base"), "factor": key("rope.scaling.factor"),
+            "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+            "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
+            "truncate": False} if key("rope.scaling.type", "none") == "yarn" else fields["rope_parameters"]
+    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **fields, "rope_parameters": rope,
+            "num_local_experts": key("expert_count"), "intermediate_size": key("expert_feed_forward_length"),
+            "sliding_window": key("attention.sliding_window", 0), "attention_bias": True, "swiglu_limit": 7.0,
+            "swiglu_alpha": 1.702}
+
+
 def rope_of(cfg: ModelConfig, device) -> tuple[torch.Tensor, float]:
     """(inv_freq, YaRN's cos/sin factor), from transformers' own RoPE code."""
     from transformers import GptOssConfig
@@ -135,4 +165,5 @@ class Model(qwen3_moe.AttentionMoEModel):
 
 __all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "FUSED_EXPERTS_TRANSPOSED",
            "GATE_UP_INTERLEAVED", "EXPERT_BIASES", "FLOAT32_RESIDENTS", "MLX_IMPORT", "config_from_hf", "resident_shapes",
-           "resident_sources", "expert_prefix", "describe", "Model"]
+           "resident_sources", "expert_prefix", "describe", "Model", "GGUF_NAMES", "GGUF_LAYER_NAMES", "from_gguf",
+           "gguf_rows_only", "config_from_gguf"]

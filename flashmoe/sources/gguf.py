@@ -29,6 +29,7 @@ from .hf import TensorInfo
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type id -> dtype
 FLOAT_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+EXPERT_BIASES = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.bias$")  # GPT-OSS's
 LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 CHUNK_BYTES = 64 << 20
@@ -130,6 +131,8 @@ def write_tokenizer(files: list[Path], dst: Path) -> str | None:
 class GgufCheckpoint:
     """The tensors of a GGUF model under the HF checkpoint's names (the Checkpoint interface of sources/hf.py)."""
 
+    canonical_experts = True  # fused experts [E, out, in] with gate rows first, whatever the family's own layout
+
     def __init__(self, files: list[Path], cfg, family):
         GgufHeader, _, _, self._block, self._type_name, self._dequantize = _gguf()
         self.folder, self.cfg, self.family = files[0].parent, cfg, family
@@ -138,8 +141,10 @@ class GgufCheckpoint:
         self.types: Counter = Counter()  # the block types of the routed experts' tensors (for the manifest)
         self._where: dict[str, tuple] = {}  # HF name -> (file, torch shape, ggml type, offset, nbytes) per part
         self._experts: set[str] = set()  # the fused routed-expert names, read as they are
+        self._expert_biases: set[str] = set()  # their fused biases (GPT-OSS), [E, out]
         self._fds: dict[Path, int] = {}
         experts: dict[tuple[int, str], tuple] = {}
+        biases: dict[tuple[int, str], tuple] = {}
         for f in files:
             try:
                 header = GgufHeader.from_file(str(f))
@@ -156,6 +161,10 @@ class GgufCheckpoint:
                     experts[(int(m.group(1)), m.group(2))] = part
                     self.types[t.ggml_type] += 1
                     continue
+                m = EXPERT_BIASES.match(t.name)
+                if m:
+                    biases[(int(m.group(1)), m.group(2))] = part
+                    continue
                 names = self._hf_names(t.name)
                 if not names:
                     what = "multi-token-prediction head" if t.name.startswith("blk.") else "other"
@@ -168,6 +177,7 @@ class GgufCheckpoint:
                     self.tensors[name] = TensorInfo(f, t.name, self._dtype_name(t.ggml_type), shape,
                                                     t.nbytes // len(names))
         self._fuse_experts(experts)
+        self._fuse_expert_biases(biases)
         # experts whose blocks are flashmoe's affine scheme are repacked (ggml_blocks.py), the others quantized into
         # the same scheme; a file mixing 4- and 8-bit ones, or with none of them, is quantized to --bits instead
         widths = {REPACK_BITS[part[2]] for part in experts.values() if part[2] in REPACK_BITS}
@@ -207,6 +217,21 @@ class GgufCheckpoint:
                 self._experts.add(name)
                 self.tensors[name] = TensorInfo(group[0][0], name, self._dtype_name(group[0][2]),
                                                 (e, rows * len(group), cols), sum(g[4] for g in group))
+
+    def _fuse_expert_biases(self, biases: dict[tuple[int, str], tuple]) -> None:
+        """GPT-OSS's expert biases as its HF names hold them, gate then up: [E, 2I] and [E, H]."""
+        for layer in sorted({key[0] for key in biases}):
+            p = self.family.expert_prefix(layer)
+            for name, kinds in ((p + "gate_up_proj_bias", ("gate", "up")), (p + "down_proj_bias", ("down",))):
+                group = tuple(biases[(layer, k)] for k in kinds if (layer, k) in biases)
+                if len(group) != len(kinds):
+                    raise FlashMoeError(f"GGUF tensor blk.{layer}.ffn_{'_/'.join(kinds)}_exps.bias is missing: the "
+                                        "file is incomplete")
+                e, width = group[0][1]
+                self._where[name] = group
+                self._expert_biases.add(name)
+                self.tensors[name] = TensorInfo(group[0][0], name, self._dtype_name(group[0][2]),
+                                                (e, width * len(group)), sum(g[4] for g in group))
 
     # ---- the Checkpoint interface ----------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -287,6 +312,8 @@ class GgufCheckpoint:
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         parts = self._where[name]
+        if name in self._expert_biases:  # gate and up biases one after the other
+            return torch.cat([self._read(p, index) for p in parts], dim=-1)
         if name in self._experts:  # gate and up rows stacked, as HF fuses them
             dtype = SOURCE_DTYPES[self.tensors[name].dtype]
             return torch.cat([self._read(p, index).to(dtype) for p in parts], dim=-2)
