@@ -5,6 +5,9 @@ loader on the same file."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import re
 
 import numpy as np
@@ -72,6 +75,50 @@ def test_llama_cpp_gpt_oss_gguf_is_the_checkpoint_it_came_from(built, tmp_path):
     assert rel_error(flashmoe.load(store).logits(PROMPT), hf_logits(built.checkpoint("gpt_oss", swiglu_limit=7.0))) < 1e-4
     quantized = convert(built.gguf("gpt_oss", "f32", swiglu_limit=7.0), tmp_path / "q4", bits=4)
     assert rel_error(flashmoe.load(quantized).logits(PROMPT), hf_logits(built.checkpoint("gpt_oss", swiglu_limit=7.0))) < 0.1
+
+
+def test_ggml_mxfp4_blocks_repack_to_what_gguf_py_reads():
+    from gguf import GGMLQuantizationType, quants
+
+    from flashmoe import mxfp4
+    from flashmoe.sources.ggml_blocks import repack_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (18, 17), dtype=torch.uint8, generator=g)  # 6 rows of 96 weights
+    raw[:, 0] = torch.randint(110, 140, (18,), dtype=torch.uint8, generator=g)
+    q = repack_mxfp4(raw.reshape(-1), 6, 96)
+    expected = torch.from_numpy(quants.dequantize(raw.numpy().reshape(6, -1), GGMLQuantizationType.MXFP4))
+    assert torch.equal(mxfp4.dequantize(q.packed, q.scales), expected.float())
+
+
+def test_llama_cpp_mxfp4_gpt_oss_gguf_keeps_its_codes(built, tmp_path):
+    """The release's MXFP4 experts through llama.cpp's converter (its MXFP4 blocks) and back: the same codes and
+    scales as the checkpoint's, gate rows first, and transformers' answer on the weights they stand for."""
+    from test_mxfp4 import write_gpt_oss_mxfp4
+
+    llama = os.environ.get("FLASHMOE_LLAMA_CPP")
+    if not llama or not os.path.isfile(os.path.join(llama, "convert_hf_to_gguf.py")):
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not at $FLASHMOE_LLAMA_CPP")
+    mx, _ = write_gpt_oss_mxfp4(built.checkpoint("gpt_oss", swiglu_limit=7.0), tmp_path / "mx", tmp_path / "float")
+    gguf = tmp_path / "gguf" / "tiny-mxfp4.gguf"
+    gguf.parent.mkdir()
+    tool = os.path.join(os.path.dirname(__file__), "tools", "llama_convert.py")
+    done = subprocess.run([sys.executable, tool, llama, str(tmp_path / "mx"), str(gguf), "f32"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = Store(convert(gguf, tmp_path / "store"))
+    q = store.manifest["quantization"]
+    source = store.manifest["source"]
+    assert q["scheme"] == "mxfp4" and "requantized_from" not in source
+    assert source["repacked_from"] == {"MXFP4": 3 * len(store.config.moe_layers)}  # gate, up, down of each layer
+    views = blob_views(store, 2, 3)
+    codes = mx["model.layers.2.mlp.experts.gate_up_proj_blocks"][3]
+    codes = codes.reshape(codes.shape[0], -1)
+    scales = mx["model.layers.2.mlp.experts.gate_up_proj_scales"][3]
+    assert torch.equal(views["gate_up.packed"], torch.cat([codes[0::2], codes[1::2]]))
+    assert torch.equal(views["gate_up.scales"], torch.cat([scales[0::2], scales[1::2]]))
+    expected = hf_logits(tmp_path / "float")
+    assert rel_error(flashmoe.load(store.path, resident_format="float").logits(PROMPT), expected) < 1e-2
 
 
 @pytest.mark.parametrize("arch", GGUF_LAYOUTS)

@@ -160,12 +160,10 @@ def test_mxfp4_store_on_the_gpu(mx_pair, tmp_path):
     assert_runs_on_the_gpu(store, PROMPT, ref)
 
 
-def test_gpt_oss_release_layout_converts_with_its_codes_and_matches_transformers(built, tmp_path):
-    """GPT-OSS as released: MXFP4 experts [E, 2I, H/32, 16] whose gate and up rows alternate, bf16 biases beside them.
-    The store keeps the codes (rows reordered, gate first) and answers as transformers does on the weights they
-    stand for (its own float layout: [E, H, 2I], columns alternating)."""
-    src = built.checkpoint("gpt_oss")
-    mx_dir, float_dir = tmp_path / "mx", tmp_path / "float"
+def write_gpt_oss_mxfp4(src, mx_dir, float_dir) -> tuple[dict, dict]:
+    """A GPT-OSS checkpoint as released (experts MXFP4 [E, 2I, H/32, 16], gate and up rows alternating, bf16 biases)
+    and the float one its codes stand for (transformers' layout, [E, H, 2I]); returns (the MXFP4 tensors, the
+    source's)."""
     tensors = weights_elsewhere(src, mx_dir, float_dir)
     mx, dense = {}, {}
     for name, t in tensors.items():
@@ -182,7 +180,15 @@ def test_gpt_oss_release_layout_converts_with_its_codes_and_matches_transformers
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (mx_dir / "config.json").write_text(json.dumps(cfg))
+    return mx, tensors
 
+
+def test_gpt_oss_release_layout_converts_with_its_codes_and_matches_transformers(built, tmp_path):
+    """GPT-OSS as released: MXFP4 experts [E, 2I, H/32, 16] whose gate and up rows alternate, bf16 biases beside them.
+    The store keeps the codes (rows reordered, gate first) and answers as transformers does on the weights they
+    stand for (its own float layout: [E, H, 2I], columns alternating)."""
+    mx_dir, float_dir = tmp_path / "mx", tmp_path / "float"
+    mx, tensors = write_gpt_oss_mxfp4(built.checkpoint("gpt_oss"), mx_dir, float_dir)
     store = Store(convert(mx_dir, tmp_path / "store"))
     assert store.manifest["quantization"]["scheme"] == "mxfp4" and store.manifest["source"]["experts"] == "repacked"
     views = blob_views(store, 1, 5)

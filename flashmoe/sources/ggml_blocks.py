@@ -8,6 +8,9 @@ repacked instead of dequantized and quantized again (which would add a second ro
         of an fp16 and a 6-bit integer are rounded to fp16: a relative 2^-11 of a scale, against the half step a
         requantization costs)
 Codes come out in element order (ggml stores a block's low nibbles, then its high ones) and are packed flashmoe's way.
+
+  MXFP4 (GPT-OSS's experts) -> flashmoe's mxfp4 scheme (mxfp4.py): the same e2m1 codes and e8m0 exponents (ggml's
+        table holds each e2m1 value doubled and its scale is halved: the same weights), the codes reordered
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import torch
 
 from ..quant import SCALE_DTYPE, QuantizedTensor, pack
 
-Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12
+Q4_0, Q4_1, Q8_0, Q4_K, MXFP4 = 2, 3, 8, 12, 39
 REPACK_BITS = {Q4_0: 4, Q4_1: 4, Q4_K: 4, Q8_0: 8}
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144}
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, MXFP4: 17}
 GROUP = 32
 
 
@@ -57,3 +60,12 @@ def repack(raw: torch.Tensor, ggml_type: int, rows: int, cols: int) -> Quantized
     bits = REPACK_BITS[ggml_type]
     return QuantizedTensor(pack(codes.reshape(rows, cols), bits), scale.reshape(rows, -1).to(SCALE_DTYPE),
                            bias.reshape(rows, -1).to(SCALE_DTYPE), bits, GROUP)
+
+
+def repack_mxfp4(raw: torch.Tensor, rows: int, cols: int) -> QuantizedTensor:
+    """uint8 bytes of a [rows, cols] MXFP4 tensor (per 32 weights: an e8m0 byte, then 16 bytes whose byte j holds
+    elements j and j + 16) -> codes packed two a byte in element order, e8m0 scales [rows, cols / 32], no biases."""
+    blocks = raw.reshape(-1, BLOCK_BYTES[MXFP4])
+    codes = _nibbles(blocks[:, 1:], 16)
+    return QuantizedTensor(pack(codes.reshape(rows, cols), 4), blocks[:, 0].reshape(rows, -1).contiguous(), None, 4,
+                           GROUP)

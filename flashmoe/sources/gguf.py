@@ -23,7 +23,8 @@ from ..errors import FlashMoeError
 from ..models import GGUF_FAMILIES, family_of_gguf
 from ..store import SOURCE_DTYPES
 from ..quant import SCALE_DTYPE, QuantizedTensor, quantize
-from .ggml_blocks import GROUP, REPACK_BITS, repack
+from .. import mxfp4
+from .ggml_blocks import GROUP, MXFP4, REPACK_BITS, repack, repack_mxfp4
 from .hf import TensorInfo
 
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type id -> dtype
@@ -75,6 +76,9 @@ def _gguf():
     except ImportError:
         raise FlashMoeError("reading GGUF needs transformers >= 5.24 (its GGUF integration): pip install -U "
                             "transformers") from None
+    # its header reader sizes each tensor from this table, which has no MXFP4 (GPT-OSS's experts): its block is 32
+    # weights in 17 bytes. flashmoe reads those tensors itself (ggml_blocks.repack_mxfp4), never through transformers.
+    GGML_BLOCK.setdefault(MXFP4, (32, 17))
     return GgufHeader, get_gguf_config, read_gguf_metadata, GGML_BLOCK, GGML_NAME, dequantize
 
 
@@ -182,9 +186,13 @@ class GgufCheckpoint:
         # the same scheme; a file mixing 4- and 8-bit ones, or with none of them, is quantized to --bits instead
         widths = {REPACK_BITS[part[2]] for part in experts.values() if part[2] in REPACK_BITS}
         self.expert_scheme = (widths.pop(), GROUP) if len(widths) == 1 else None
+        # experts all MXFP4 (GPT-OSS's files): kept as the store's mxfp4 scheme
+        self.mxfp4 = bool(experts) and all(part[2] == MXFP4 for part in experts.values())
+        if self.mxfp4:
+            self.expert_scheme = (4, mxfp4.GROUP)
 
     def _name_of(self, ggml_type: int) -> str:
-        return FLOAT_NAMES.get(ggml_type) or self._type_name.get(ggml_type, str(ggml_type))
+        return FLOAT_NAMES.get(ggml_type) or self._type_name.get(ggml_type, "MXFP4" if ggml_type == MXFP4 else str(ggml_type))
 
     def _dtype_name(self, ggml_type: int) -> str:
         return FLOAT_NAMES.get(ggml_type, "BF16")  # block types dequantize to bf16
@@ -251,9 +259,11 @@ class GgufCheckpoint:
         return REPACK_BITS[ggml_type], GROUP
 
     def scale_dtype_of(self, name: str) -> torch.dtype:
-        return SCALE_DTYPE  # of repacked experts: ggml's scales are fp16
+        return torch.uint8 if self.mxfp4 else SCALE_DTYPE  # of repacked experts: ggml's scales are fp16 (e8m0: MXFP4)
 
     def repacked(self, ggml_type: int) -> bool:
+        if self.mxfp4:
+            return ggml_type == MXFP4
         return self.expert_scheme is not None and REPACK_BITS.get(ggml_type) == self.expert_scheme[0]
 
     def expert_types(self, repacking: bool) -> tuple[dict[str, int], dict[str, int]]:
@@ -277,10 +287,12 @@ class GgufCheckpoint:
             rows, cols = shape[1:]
             if self.repacked(ggml_type):
                 per = nbytes // shape[0]
-                parts.append(repack(self._pread(file, offset + index * per, per), ggml_type, rows, cols))
+                raw = self._pread(file, offset + index * per, per)
+                parts.append(repack_mxfp4(raw, rows, cols) if ggml_type == MXFP4 else repack(raw, ggml_type, rows, cols))
             else:
                 parts.append(quantize(self._read((file, shape, ggml_type, offset, nbytes), index), bits, group))
-        return QuantizedTensor(*(torch.cat([getattr(q, f) for q in parts]) for f in ("packed", "scales", "biases")),
+        return QuantizedTensor(*(None if parts[0].biases is None and f == "biases" else
+                                 torch.cat([getattr(q, f) for q in parts]) for f in ("packed", "scales", "biases")),
                                bits, group)
 
     def _pread(self, file: Path, offset: int, nbytes: int) -> torch.Tensor:
@@ -300,6 +312,9 @@ class GgufCheckpoint:
             shape = shape[1:]
         if ggml_type in FLOAT_TYPES:
             return self._pread(file, offset, nbytes).view(FLOAT_TYPES[ggml_type]).reshape(shape)
+        if ggml_type == MXFP4:  # transformers has no dequantizer for it: ours, from the repacked codes
+            q = repack_mxfp4(self._pread(file, offset, nbytes), nbytes // (shape[-1] // 32 * 17), shape[-1])
+            return mxfp4.dequantize(q.packed, q.scales, torch.bfloat16).reshape(shape)
         # row slices of at most CHUNK_BYTES: a 397B model's Q4_K embedding at once would pass through 4 GB of float32
         out = torch.empty(shape, dtype=torch.bfloat16)
         flat, row_bytes = out.view(-1, shape[-1]), nbytes // (out.numel() // shape[-1])
