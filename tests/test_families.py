@@ -339,3 +339,20 @@ def test_released_configs_we_do_not_run_are_refused_in_one_line():
     oss = dict(REAL_CONFIGS["gpt-oss-120b"], layer_types=["sliding_attention", "chunked_attention"] * 18)
     with pytest.raises(FlashMoeError, match="layer_types .* is not one of"):
         ModelConfig.from_hf(oss)
+
+
+def test_gpt_oss_sink_attention_in_query_blocks_is_the_whole_prompts(built, monkeypatch):
+    """A prompt's sink attention runs a block of queries at a time, a sliding layer over the keys the block can see
+    only: blocks of 7 (windows of 8 crossing them) give what one block of the whole prompt gives."""
+    import torch
+
+    from flashmoe.layers import attention
+    from test_reference import PROMPT
+
+    model = flashmoe.load(built.store("gpt_oss", None))
+    whole = model.logits(PROMPT)
+    monkeypatch.setattr(attention, "SINK_QUERY_BLOCK", 7)
+    blocked = model.logits(PROMPT)
+    state = model.new_state()
+    chunked = torch.cat([model.forward(PROMPT[i : i + 13], state) for i in range(0, len(PROMPT), 13)])
+    assert (blocked - whole).abs().max() < 1e-5 and (chunked - whole).abs().max() < 1e-5

@@ -20,6 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels import fused
 from ..kernels.linear import linear
 
+# queries per block of the sink attention's float scores (GPT-OSS prompts): bounds them to heads x block x keys
+SINK_QUERY_BLOCK = 256
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -140,27 +143,41 @@ class Attention:
         keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
         q = q.transpose(0, 1)  # [heads, T, hd]
         past = keys.shape[1] - t
-        mask = None
-        if s.sliding_window and keys.shape[1] > s.sliding_window:  # token i sees keys past+i-window+1 .. past+i
-            mask = (torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-                    & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past - s.sliding_window))
-        elif t > 1 and past:  # token i sees every cached key and the new ones up to itself
-            mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-        if s.sinks:  # torch's fused attention has no sink: the scores in float, per KV head's group of query heads
-            group = s.heads // s.kv_heads
-            scores = torch.matmul(q.reshape(s.kv_heads, group * t, hd).float(), keys.transpose(1, 2).float())
-            scores = scores.view(s.kv_heads, group, t, -1) * s.softmax_scale
-            visible = mask if mask is not None else torch.ones(t, keys.shape[1], dtype=torch.bool,
-                                                               device=h.device).tril(past)
-            probs = self._softmax(scores.masked_fill(~visible, float("-inf")).view(s.heads, t, -1), w[p + "sinks"])
-            out = torch.matmul(probs.view(s.kv_heads, group * t, -1), values.float()).view(s.heads, t, hd)
+        if s.sinks:  # torch's fused attention has no sink: the scores in float, SINK_QUERY_BLOCK queries at a time
+            out = torch.cat([self._sink_attention(q[:, i : i + SINK_QUERY_BLOCK], keys, values, past + i,
+                                                  w[p + "sinks"]) for i in range(0, t, SINK_QUERY_BLOCK)], dim=1)
             out = out.to(h.dtype)
         else:
+            mask = None
+            if s.sliding_window and keys.shape[1] > s.sliding_window:  # token i sees keys past+i-window+1 .. past+i
+                mask = (torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
+                        & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past - s.sliding_window))
+            elif t > 1 and past:  # token i sees every cached key and the new ones up to itself
+                mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
             with sdpa_backends(h.device):
                 out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
                                                      is_causal=mask is None and t > 1, scale=s.softmax_scale,
                                                      enable_gqa=s.heads != s.kv_heads)[0]
         return self._out(w, p, out.transpose(0, 1).reshape(t, s.heads * hd), gate)
+
+    def _sink_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int,
+                        sinks: torch.Tensor) -> torch.Tensor:
+        """Queries q [heads, n, hd] at positions first.. over keys/values [kv_heads, L, hd], each seeing the keys up to
+        itself (within the window), with each head's sink in the softmax: [heads, n, hd] float. A sliding window reads
+        only the keys the block can see, so memory is heads x n x (window + n), not the whole prompt's square."""
+        s = self.spec
+        n, hd, group = q.shape[1], s.head_dim, s.heads // s.kv_heads
+        lo = max(0, first - s.sliding_window + 1) if s.sliding_window else 0
+        keys, values = keys[:, lo : first + n], values[:, lo : first + n]
+        scores = torch.matmul(q.reshape(s.kv_heads, group * n, hd).float(), keys.transpose(1, 2).float())
+        scores = scores.view(s.heads, n, -1) * s.softmax_scale
+        position = torch.arange(first, first + n, device=q.device)[:, None]
+        key_position = torch.arange(lo, first + n, device=q.device)[None, :]
+        visible = key_position <= position
+        if s.sliding_window:
+            visible &= key_position > position - s.sliding_window
+        probs = self._softmax(scores.masked_fill(~visible, float("-inf")), sinks)
+        return torch.matmul(probs.view(s.kv_heads, group * n, -1), values.float()).view(s.heads, n, hd)
 
     def attend_at(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
         """One token at device position `position` ([1] int64): written into the cache there, attending to every
