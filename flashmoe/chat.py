@@ -4,7 +4,8 @@ content and tool calls, also while it streams.
 Tool-call formats, read off the template: Qwen3 and Qwen3-Next write `<tool_call>{"name", "arguments"}</tool_call>`
 ("json"); Qwen3.5 writes `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`
 ("xml"); GLM-4.5 writes `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>` ("glm").
-The last two write string values raw and other values as JSON.
+The last two write string values raw and other values as JSON. GPT-OSS's whole reply is harmony messages
+("harmony": harmony.py parses it).
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
+HARMONY_MARKERS = ("<|channel|>", "<|message|>")
+
+
+def is_harmony(template: str | None) -> bool:
+    """Whether replies are harmony messages (GPT-OSS): channels, not <think> and <tool_call>."""
+    return bool(template) and all(m in template for m in HARMONY_MARKERS)
+
+
 def detect_tool_format(template: str | None) -> str | None:
-    """"xml", "glm", "json" or None (the template does not take tools)."""
+    """"xml", "glm", "json", "harmony" or None (the template does not take tools)."""
     if not template or "tools" not in template:
         return None
+    if is_harmony(template):
+        return "harmony"
     if "<arg_key>" in template:
         return "glm"
     if "<function=" in template:
@@ -79,7 +90,8 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.template = getattr(tokenizer, "chat_template", None)
         self.tool_format = detect_tool_format(self.template)
-        self.thinks = bool(self.template) and THINK_BEGIN in self.template
+        self.harmony = is_harmony(self.template)
+        self.thinks = bool(self.template) and THINK_BEGIN in self.template and not self.harmony
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         if not self.template:

@@ -30,6 +30,7 @@ from .metrics import metrics_response
 from . import messages_api
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .scheduler import DEFAULT_PREFILL_CHUNK, Finished, QueueFull, SamplingParams, Scheduler
+from .harmony import HarmonyParser
 from .textstream import IncrementalDecoder, StopStrings
 
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its routes answer errors in its shape
@@ -237,9 +238,15 @@ def _prepare_chat(served: ServedModel, body: ChatCompletionRequest):
     if wants_json:
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
         constraint = served.grammars.json(schema, reasoning)
+    elif tools and served.chat.harmony:  # its calls are parsed, not yet constrained by a grammar
+        if choice != "auto":
+            raise ApiError(400, "this model writes harmony (GPT-OSS); tool_choice 'required' or a named function is not "
+                                "supported for it yet: send tool_choice 'auto'", param="tool_choice")
     elif tools:
         constraint = served.grammars.tool_calls(served.chat.tool_format, tools, choice, reasoning,
                                                 body.parallel_tool_calls)
+    if served.chat.harmony:
+        return prompt_ids, HarmonyParser(), constraint
     parser = OutputParser(served.chat.tool_format if tools else None, tools,
                           prompt_opened_think=reasoning == "enabled", parse_reasoning=served.chat.thinks)
     return prompt_ids, parser, constraint
@@ -298,7 +305,8 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
                   ) -> AsyncIterator[tuple[ParsedDelta, _Outcome]]:
     """The job's output as parsed deltas; the last one comes with outcome.finished set."""
     outcome = _Outcome(len(job.prompt_ids))
-    decoder = IncrementalDecoder(served.model.tokenizer, skip_token_ids=set(served.model.eos_token_ids))
+    decoder = IncrementalDecoder(served.model.tokenizer, skip_token_ids=set(served.model.eos_token_ids),
+                                 keep_special=isinstance(parser, HarmonyParser))  # harmony's markers are its syntax
     stop = StopStrings(stops)
     feed = parser.feed if parser else (lambda text: ParsedDelta(content=text))
     close = parser.close if parser else ParsedDelta

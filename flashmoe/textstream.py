@@ -9,9 +9,11 @@ from __future__ import annotations
 
 
 class IncrementalDecoder:
-    def __init__(self, tokenizer, skip_token_ids: set[int] = frozenset()):
+    def __init__(self, tokenizer, skip_token_ids: set[int] = frozenset(), keep_special: bool = False):
+        """keep_special: special tokens stay in the text (harmony's markers, which its parser reads)."""
         self.tokenizer = tokenizer
         self.skip = set(skip_token_ids)
+        self.keep_special = keep_special
         self.ids: list[int] = []
         self._prefix = 0  # window start: decoded text of ids[_prefix:_read] was already emitted
         self._read = 0
@@ -35,7 +37,7 @@ class IncrementalDecoder:
         return rest
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=not self.keep_special)
 
 
 class StopStrings:

@@ -141,8 +141,25 @@ MINIMAX_M2_CHAT_TEMPLATE = (
 )
 
 # GPT-OSS's harmony format, its plainest part: <|start|>ROLE<|message|>TEXT<|end|> per turn, the reply after
-# <|start|>assistant (the real template adds the system preamble, channels and tools); a reply ends at <|return|>
-GPT_OSS_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
-)
+# <|start|>assistant; tools listed in a developer turn (the real template writes them as a TypeScript namespace, and
+# adds the system preamble and the reasoning effort), calls as commentary to=functions.NAME with JSON arguments,
+# results as a message from functions.NAME; a reply ends at <|return|> or <|call|>
+GPT_OSS_CHAT_TEMPLATE = """\
+{%- if tools %}<|start|>developer<|message|># Tools
+
+namespace functions {
+{%- for tool in tools %}{% set f = tool.function if tool.function is defined else tool %}
+type {{ f.name }} = (_: {{ f.parameters | tojson }}) => any;
+{%- endfor %}
+} // namespace functions<|end|>{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'assistant' and message.tool_calls %}
+{%- for call in message.tool_calls %}<|start|>assistant<|channel|>commentary to=functions.{{ call.function.name }} \
+<|constrain|>json<|message|>{{ call.function.arguments | tojson }}<|call|>{% endfor %}
+{%- elif message.role == 'tool' %}<|start|>functions.{{ message.name or 'tool' }} to=assistant<|channel|>commentary\
+<|message|>{{ message.content }}<|end|>
+{%- elif message.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+{%- else %}<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|start|>assistant{% endif %}"""
