@@ -238,10 +238,8 @@ def _prepare_chat(served: ServedModel, body: ChatCompletionRequest):
     if wants_json:
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
         constraint = served.grammars.json(schema, reasoning)
-    elif tools and served.chat.harmony:  # its calls are parsed, not yet constrained by a grammar
-        if choice != "auto":
-            raise ApiError(400, "this model writes harmony (GPT-OSS); tool_choice 'required' or a named function is not "
-                                "supported for it yet: send tool_choice 'auto'", param="tool_choice")
+    elif tools and served.chat.harmony and choice == "auto":
+        pass  # harmony (GPT-OSS): free text, its calls parsed; a forced call is constrained below
     elif tools:
         constraint = served.grammars.tool_calls(served.chat.tool_format, tools, choice, reasoning,
                                                 body.parallel_tool_calls)
@@ -305,8 +303,9 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
                   ) -> AsyncIterator[tuple[ParsedDelta, _Outcome]]:
     """The job's output as parsed deltas; the last one comes with outcome.finished set."""
     outcome = _Outcome(len(job.prompt_ids))
-    decoder = IncrementalDecoder(served.model.tokenizer, skip_token_ids=set(served.model.eos_token_ids),
-                                 keep_special=isinstance(parser, HarmonyParser))  # harmony's markers are its syntax
+    harmony = isinstance(parser, HarmonyParser)  # its markers are its syntax, the ending ones (<|call|>) included
+    decoder = IncrementalDecoder(served.model.tokenizer, skip_token_ids=set() if harmony else set(served.model.eos_token_ids),
+                                 keep_special=harmony)
     stop = StopStrings(stops)
     feed = parser.feed if parser else (lambda text: ParsedDelta(content=text))
     close = parser.close if parser else ParsedDelta

@@ -95,6 +95,8 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
     """Calls in the model's own format. "auto": text with calls anywhere in it; "required": one call or, with
     parallel_tool_calls, several separated by newlines as the templates write them, then the end of the turn;
     a named function: exactly that one call, then the end of the turn."""
+    if tool_format == "harmony":
+        return _harmony_call(tools, tool_choice)
     if isinstance(tool_choice, dict):
         name = tool_choice["function"]["name"]
         tool = next((t for t in tools if t["function"]["name"] == name), None)
@@ -109,6 +111,22 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
         calls = TriggeredTagsFormat(triggers=[CALL_BEGIN], tags=tags, excludes=[THINK_BEGIN, THINK_END],
                                     stop_after_first=not parallel_tool_calls)
     return _after_reasoning(calls, reasoning)
+
+
+def _harmony_call(tools: list[dict], tool_choice) -> StructuralTag:
+    """GPT-OSS's forced call (harmony.py): one commentary message to the function with JSON arguments, ended by
+    <|call|> (which ends the turn). No analysis message first: one of unbounded length let a weak model write it until
+    max_tokens and never call. "auto" is not constrained."""
+    if not (tool_choice == "required" or isinstance(tool_choice, dict)):
+        raise FlashMoeError("harmony tool calls are constrained only when forced (tool_choice required or named)")
+    if isinstance(tool_choice, dict):
+        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
+        if not tools:
+            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    calls = [TagFormat(begin=f"<|channel|>commentary to=functions.{t['function']['name']} <|constrain|>json<|message|>",
+                       content=json_value(t["function"].get("parameters") or {"type": "object"}, ["<|call|>"]),
+                       end="<|call|>") for t in tools]
+    return StructuralTag(format=calls[0] if len(calls) == 1 else OrFormat(elements=calls))
 
 
 def _call_tag(tool_format: str, tool: dict) -> TagFormat:

@@ -173,6 +173,8 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     eos = tokenizer.eos_token_id
     if arch == "glm4_moe":  # GLM-4.5's generation_config: a reply ends at <|endoftext|>, <|user|> or <|observation|>
         eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    if arch == "gpt_oss":  # gpt-oss's generation_config: a reply ends at <|return|>, or at <|call|> after a tool call
+        eos = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(path)

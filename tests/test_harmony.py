@@ -57,10 +57,14 @@ def test_harmony_templates_are_recognised():
     assert detect_tool_format(GPT_OSS_CHAT_TEMPLATE) == "harmony"
 
 
+# bounded values, so the random model held to a grammar finishes its call (a free string it writes until max_tokens)
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {
-                                               "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-                                               "required": ["city"]}}}]
+                                               "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+                                               "required": ["city"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "set_alarm", "description": "Set an alarm", "parameters": {
+             "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+             "required": ["hour"], "additionalProperties": False}}}]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +114,17 @@ def test_the_server_returns_reasoning_and_tool_calls_from_a_harmony_reply(gpt_os
     assert r2.choices[0].message.model_extra["reasoning_content"] == "Easy."
 
 
-def test_forcing_a_call_on_a_harmony_model_is_refused_in_one_line(gpt_oss_server):
-    with pytest.raises(openai.BadRequestError, match="harmony .*tool_choice 'auto'"):
-        gpt_oss_server.client().chat.completions.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, tool_choice="required",
-            max_tokens=8)
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_is_written_in_harmony_and_matches_its_schema(gpt_oss_server, choice):
+    """The random model, held to the grammar: one call to the function, arguments valid for its schema, the turn
+    ended by <|call|>."""
+    import jsonschema
+
+    r = gpt_oss_server.client().chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, tool_choice=choice,
+        max_tokens=300, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) == 1 and (choice == "required" or calls[0].function.name == "get_weather")
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == calls[0].function.name)
+    jsonschema.validate(json.loads(calls[0].function.arguments), schema)
