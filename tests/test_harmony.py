@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 from flashmoe.chat import ChatFormat, ParsedDelta, detect_tool_format, is_harmony
