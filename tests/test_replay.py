@@ -74,3 +74,20 @@ def test_a_trace_that_does_not_fit_the_model_is_one_line(built):
                            (np.zeros((5, layers, 2), dtype=np.int64), "picks an expert twice")]:
         with pytest.raises(FlashMoeError, match=message):
             model.route_by_trace(trace)
+
+
+def test_recording_and_replaying_span_every_part_of_a_split_model(built):
+    """Over several devices (here CPU parts) each part's router is recorded and each replays the trace."""
+    store = built.store("qwen3_5_moe", None)
+    one = flashmoe.load(store)
+    split = flashmoe.load(store, devices="cpu,cpu")
+    trace = recorded_routing(split, PROMPT[:20], PROMPT[20:26])
+    assert np.array_equal(trace, recorded_routing(one, PROMPT[:20], PROMPT[20:26]))
+    shifted = (trace + 1) % split.config.num_experts  # another routing: the replay, not the router, decides
+    for model in (one, split):
+        model.route_by_trace(shifted)
+    state_one, state_split = one.new_state(), split.new_state()
+    got = [split.forward(PROMPT[:20], state_split)] + [split.forward([t], state_split) for t in PROMPT[20:26]]
+    expected = [one.forward(PROMPT[:20], state_one)] + [one.forward([t], state_one) for t in PROMPT[20:26]]
+    assert torch.equal(torch.cat(got), torch.cat(expected))
+    assert recorded_routing(split, PROMPT[:4], []).shape[1] == len(split.config.moe_layers)
