@@ -124,6 +124,7 @@ def test_two_gpus_answer_as_one(built, arch):
     assert list(small.generate(PROMPT[:8], 16, stop_token_ids=[])) == greedy
     s = small.stats
     assert s["vram_cache_evictions"] > 0 and s["expert_reads"] > 0
+    assert small.placement()["vram_cache_bytes"] <= 8 * blob  # --vram-cache-gb is the total over the GPUs
     # every expert in the shared pinned RAM tier: each GPU's kernels read it over PCIe (zero copy)
     ram = flashmoe.load(store, devices="cuda:0,cuda:1", dtype=torch.float32, vram_cache_gb=8 * blob / 1e9,
                         cache_gb=(Store(store).expert_bytes // blob + 1) * blob / 1e9)
