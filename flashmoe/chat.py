@@ -4,8 +4,10 @@ content and tool calls, also while it streams.
 Tool-call formats, read off the template: Qwen3 and Qwen3-Next write `<tool_call>{"name", "arguments"}</tool_call>`
 ("json"); Qwen3.5 writes `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`
 ("xml"); GLM-4.5 writes `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>` ("glm").
-The last two write string values raw and other values as JSON. GPT-OSS's whole reply is harmony messages
-("harmony": harmony.py parses it).
+The last two write string values raw and other values as JSON. DeepSeek-V3.1 writes
+`<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`
+("deepseek": a section around one or more calls). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
+parses it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from .errors import FlashMoeError
 
 THINK_BEGIN, THINK_END = "<think>", "</think>"
 CALL_BEGIN, CALL_END = "<tool_call>", "</tool_call>"
+# DeepSeek-V3.1's: a section of calls, each NAME<｜tool▁sep｜>JSON
+DS_SECTION_BEGIN, DS_SECTION_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+# per format: (what opens a call, what closes it, markup around the calls that the reply's text leaves out)
+CALL_MARKUP = {"deepseek": (DS_CALL_BEGIN, DS_CALL_END, (DS_SECTION_BEGIN, DS_SECTION_END))}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
@@ -38,6 +45,10 @@ def detect_tool_format(template: str | None) -> str | None:
         return None
     if is_harmony(template):
         return "harmony"
+    if DS_SEP in template and DS_CALL_BEGIN in template:
+        if "```json" in template:  # DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced block)
+            return None
+        return "deepseek"
     if "<arg_key>" in template:
         return "glm"
     if "<function=" in template:
@@ -187,7 +198,14 @@ def _json_text(text: str) -> str | None:
 
 
 def parse_tool_call(block: str, tool_format: str, raw_arguments: dict[str, set[str]]) -> ToolCall | None:
-    """The text between <tool_call> and </tool_call> as a ToolCall, or None if it is not one."""
+    """The text between <tool_call> and </tool_call> (the format's own markers) as a ToolCall, or None if it is not
+    one."""
+    if tool_format == "deepseek":  # NAME<｜tool▁sep｜>{...}
+        name, sep, arguments = block.partition(DS_SEP)
+        name, arguments = name.strip(), _json_text(arguments) if sep else None
+        if not name or arguments is None or not arguments.startswith("{"):
+            return None
+        return ToolCall(name, arguments)
     if tool_format == "json":
         try:
             obj = json.loads(block)
@@ -242,6 +260,7 @@ class OutputParser:
     def __init__(self, tool_format: str | None = None, tools: list[dict] | None = None,
                  prompt_opened_think: bool = False, parse_reasoning: bool = True):
         self.tool_format = tool_format
+        self._call_begin, self._call_end, self._drop = CALL_MARKUP.get(tool_format, (CALL_BEGIN, CALL_END, ()))
         self._raw_arguments = _raw_arguments(tools)
         self._state = "reasoning" if prompt_opened_think else "content"
         self._parse_reasoning = parse_reasoning
@@ -251,6 +270,8 @@ class OutputParser:
 
     def feed(self, text: str) -> ParsedDelta:
         self._pending += text
+        for marker in self._drop:  # markup around the calls (each marker is one token: it arrives whole)
+            self._pending = self._pending.replace(marker, "")
         delta = ParsedDelta()
         while self._step(delta):
             pass
@@ -287,26 +308,26 @@ class OutputParser:
                 if stripped.startswith(THINK_BEGIN):
                     self._pending, self._state = stripped[len(THINK_BEGIN):], "reasoning"
                     return True
-            i = p.find(CALL_BEGIN) if self.tool_format else -1
+            i = p.find(self._call_begin) if self.tool_format else -1
             if i >= 0:
                 self._emit_content(delta, p[:i].rstrip())
-                self._pending, self._state = p[i + len(CALL_BEGIN):], "tool"
+                self._pending, self._state = p[i + len(self._call_begin):], "tool"
                 return True
-            keep = _partial_suffix(p, CALL_BEGIN) if self.tool_format else 0
+            keep = max(_partial_suffix(p, m) for m in (self._call_begin, *self._drop)) if self.tool_format else 0
             body = p[:len(p) - keep]
             ready = body.rstrip()  # trailing whitespace waits: it may be what separates content from a tool call
             self._emit_content(delta, ready)
             self._pending = body[len(ready):] + p[len(p) - keep:]
             return False
-        i = p.find(CALL_END)
+        i = p.find(self._call_end)
         if i < 0:
             return False
         call = parse_tool_call(p[:i].strip(), self.tool_format, self._raw_arguments)
         if call is None:  # not a well-formed call: keep the text as content rather than lose it
-            self._emit_content(delta, CALL_BEGIN + p[:i + len(CALL_END)])
+            self._emit_content(delta, self._call_begin + p[:i + len(self._call_end)])
         else:
             delta.tool_calls.append(call)
-        self._pending, self._state = p[i + len(CALL_END):], "content"
+        self._pending, self._state = p[i + len(self._call_end):], "content"
         return True
 
     def _emit_content(self, delta: ParsedDelta, text: str) -> None:

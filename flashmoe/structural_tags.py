@@ -14,7 +14,8 @@ from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchem
                                      OrFormat, RegexFormat, SequenceFormat, StructuralTag, TagFormat,
                                      TagsWithSeparatorFormat, TriggeredTagsFormat)
 
-from .chat import CALL_BEGIN, CALL_END, THINK_BEGIN, THINK_END, argument_schemas, writes_raw
+from .chat import (CALL_BEGIN, CALL_END, DS_CALL_BEGIN, DS_CALL_END, DS_SECTION_BEGIN, DS_SECTION_END, DS_SEP,
+                   THINK_BEGIN, THINK_END, argument_schemas, writes_raw)
 from .errors import FlashMoeError
 
 # longest run of whitespace allowed between JSON elements: room for pretty-printing, while a weak (or 2-bit)
@@ -97,6 +98,8 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
     a named function: exactly that one call, then the end of the turn."""
     if tool_format == "harmony":
         return _harmony_call(tools, tool_choice)
+    if tool_format == "deepseek":
+        return _deepseek_calls(tools, tool_choice, reasoning, parallel_tool_calls)
     if isinstance(tool_choice, dict):
         name = tool_choice["function"]["name"]
         tool = next((t for t in tools if t["function"]["name"] == name), None)
@@ -127,6 +130,28 @@ def _harmony_call(tools: list[dict], tool_choice) -> StructuralTag:
                        content=json_value(t["function"].get("parameters") or {"type": "object"}, ["<|call|>"]),
                        end="<|call|>") for t in tools]
     return StructuralTag(format=calls[0] if len(calls) == 1 else OrFormat(elements=calls))
+
+
+def _deepseek_calls(tools: list[dict], tool_choice, reasoning: str, parallel_tool_calls: bool) -> StructuralTag:
+    """DeepSeek-V3.1's calls: one section of calls (several with parallel_tool_calls), each NAME<｜tool▁sep｜>JSON;
+    "auto" lets text come first and the section start anywhere (its opening marker triggers it)."""
+    if isinstance(tool_choice, dict):
+        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
+        if not tools:
+            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    tags = [TagFormat(begin=f"{DS_CALL_BEGIN}{t['function']['name']}{DS_SEP}",
+                      content=json_value(t["function"].get("parameters") or {"type": "object"}, [DS_CALL_END]),
+                      end=DS_CALL_END) for t in tools]
+    several = parallel_tool_calls and not isinstance(tool_choice, dict)
+    calls = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True, stop_after_first=not several)
+    if tool_choice == "auto":
+        section = TriggeredTagsFormat(triggers=[DS_SECTION_BEGIN], tags=[
+            TagFormat(begin=DS_SECTION_BEGIN, content=calls, end=DS_SECTION_END)], excludes=[THINK_BEGIN, THINK_END],
+            stop_after_first=True)
+        return _after_reasoning(section, reasoning)
+    section = SequenceFormat(elements=[ConstStringFormat(value=DS_SECTION_BEGIN), calls,
+                                       ConstStringFormat(value=DS_SECTION_END)])
+    return _after_reasoning(section, reasoning)
 
 
 def _call_tag(tool_format: str, tool: dict) -> TagFormat:

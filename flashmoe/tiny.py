@@ -25,6 +25,8 @@ MINIMAX_SPECIAL_TOKENS = ["]~!b[", "]~b]", "[e~["]
 HARMONY_SPECIAL_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|call|>"]  # GPT-OSS
 # added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+DEEPSEEK_MARKUP_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                          "<｜tool▁sep｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]
 CORPUS = """Mixture-of-Experts language models route every token to a few experts out of many.
 Only the experts the router picks are read from the disk, so a model far larger than memory still runs.
 The quick brown fox jumps over the lazy dog. Hello world! What is the capital of France? Paris.
@@ -42,7 +44,7 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
     tok.decoder = decoders.ByteLevel()
     special = {"mistral": MISTRAL_SPECIAL_TOKENS, "glm": GLM_SPECIAL_TOKENS, "deepseek": DEEPSEEK_SPECIAL_TOKENS,
                "minimax": MINIMAX_SPECIAL_TOKENS, "harmony": HARMONY_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
-    markup = MARKUP_TOKENS if style == "qwen" else []
+    markup = {"qwen": MARKUP_TOKENS, "deepseek": DEEPSEEK_MARKUP_TOKENS}.get(style, [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)

@@ -124,14 +124,34 @@ GLM4_CHAT_TEMPLATE = """\
 {%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}
 """
 
-# DeepSeek-V3's turn format (its released template without tools): the system text after the begin token, then
-# <｜User｜> and <｜Assistant｜> turns, a reply ended by <｜end▁of▁sentence｜>
-DEEPSEEK_V3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
-)
+# DeepSeek-V3.1's turn format (its released template, thinking aside): the system text (and the tools' listing) after
+# the begin token, then <｜User｜> and <｜Assistant｜> turns, a reply ended by <｜end▁of▁sentence｜>; calls as
+# <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>, results
+# between <｜tool▁output▁begin｜> and <｜tool▁output▁end｜>
+DEEPSEEK_V3_CHAT_TEMPLATE = """\
+{{ bos_token }}{% if tools %}## Tools
+You have access to the following tools:
+{% for tool in tools %}
+### {{ tool.function.name }}
+Description: {{ tool.function.description }}
+
+Parameters: {{ tool.function.parameters | tojson }}
+{% endfor %}
+IMPORTANT: ALWAYS adhere to this exact format for tool use:
+<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜>\
+{{ '{{additional_tool_calls}}' }}<｜tool▁calls▁end｜>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}{{ message.content }}
+{%- elif message.role == 'user' %}<｜User｜>{{ message.content }}
+{%- elif message.role == 'assistant' and message.tool_calls %}<｜Assistant｜>{{ message.content or '' }}\
+<｜tool▁calls▁begin｜>{% for call in message.tool_calls %}<｜tool▁call▁begin｜>{{ call.function.name }}<｜tool▁sep｜>\
+{{ call.function.arguments | tojson }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{{ eos_token }}
+{%- elif message.role == 'tool' %}<｜tool▁output▁begin｜>{{ message.content }}<｜tool▁output▁end｜>
+{%- elif message.role == 'assistant' %}<｜Assistant｜>{{ message.content }}{{ eos_token }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<｜Assistant｜>{% endif %}"""
 
 # MiniMax-M2's turn format (its released template without tools and thinking): ]~b]ROLE, the text, [e~[; the
 # assistant's role is "ai"

@@ -87,6 +87,31 @@ def test_glm_tool_calls_parse_the_same_however_the_text_is_split(size):
     assert calls == [] and "<tool_call>" in content  # no name: kept as text
 
 
+DEEPSEEK_OUTPUT = ("Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+                   '{"city": "New York", "days": 3}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>'
+                   '{"city": "Oslo"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_deepseek_tool_calls_parse_the_same_however_the_text_is_split(size):
+    """DeepSeek-V3.1's format: a section of calls, each NAME<｜tool▁sep｜>JSON; the section's markers are not text."""
+    _, content, calls = parse_in_pieces(OutputParser("deepseek", [WEATHER]), DEEPSEEK_OUTPUT, size)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "New York", "days": 3}), ("get_weather", {"city": "Oslo"})]
+    _, content, calls = parse_in_pieces(OutputParser("deepseek"), "<｜tool▁call▁begin｜>f<｜tool▁sep｜>[1]<｜tool▁call▁end｜>", 3)
+    assert calls == [] and "[1]" in content  # arguments that are not an object: kept as text
+
+
+def test_deepseek_v3_1_templates_are_told_from_the_older_fenced_calls():
+    from flashmoe.tiny_templates import DEEPSEEK_V3_CHAT_TEMPLATE
+
+    assert detect_tool_format(DEEPSEEK_V3_CHAT_TEMPLATE) == "deepseek"
+    # DeepSeek-V3/R1's template writes function<｜tool▁sep｜>NAME and a ```json block: not this format
+    older = "{% if tools %}<｜tool▁call▁begin｜>function<｜tool▁sep｜>{{ name }}\n```json\n{{ args }}\n```{% endif %}"
+    assert detect_tool_format(older) is None
+
+
 def test_malformed_or_unfinished_tool_calls_stay_as_text():
     _, content, calls = parse_in_pieces(OutputParser("json"), "<tool_call>\nnot json\n</tool_call> after", 3)
     assert calls == [] and "not json" in content and content.endswith("after")

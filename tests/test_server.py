@@ -124,9 +124,20 @@ def validate_calls(calls, names):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "glm4_moe"])  # the XML, JSON and GLM tool-call formats
-def test_tool_call_round_trip_forced_by_tool_choice(built, arch):
-    s = RunningServer(built.store(arch, 4), cache_gb=0.01)
+def tool_store(built, arch: str, bits: int, tmp_path):
+    """The tiny store of `arch`; DeepSeek-V3's with a context long enough for the tools' listing (its default tiny
+    config has 128 positions, for YaRN's sake)."""
+    if arch != "deepseek_v3":
+        return built.store(arch, bits)
+    from flashmoe.convert import convert
+
+    return convert(built.checkpoint(arch, max_position_embeddings=4096), tmp_path / f"ds-{bits}", bits=bits)
+
+
+# the XML, JSON, GLM and DeepSeek-V3.1 tool-call formats
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "glm4_moe", "deepseek_v3"])
+def test_tool_call_round_trip_forced_by_tool_choice(built, arch, tmp_path):
+    s = RunningServer(tool_store(built, arch, 4, tmp_path), cache_gb=0.01)
     try:
         client = s.client()
         messages = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -181,11 +192,11 @@ XML_TOOLS = [
 ]
 
 
-@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 2), ("glm4_moe", 4)])
-def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, arch, bits):
+@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 2), ("glm4_moe", 4), ("deepseek_v3", 4)])
+def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, arch, bits, tmp_path):
     """Qwen3.5's XML calls and GLM-4.5's (raw strings too) sampled at temperature 1, forced by "required" (parallel
     calls allowed) or by name: every argument is exactly what its schema types it as, and the turn ends with them."""
-    s = RunningServer(built.store(arch, bits), cache_gb=0.01)
+    s = RunningServer(tool_store(built, arch, bits, tmp_path), cache_gb=0.01)
     try:
         client = s.client()
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in XML_TOOLS}
