@@ -6,7 +6,9 @@ Tool-call formats, read off the template: Qwen3 and Qwen3-Next write `<tool_call
 ("xml"); GLM-4.5 writes `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>` ("glm").
 The last two write string values raw and other values as JSON. DeepSeek-V3.1 writes
 `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`
-("deepseek": a section around one or more calls). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
+("deepseek": a section around one or more calls). MiniMax-M2 writes `<minimax:tool_call>\n<invoke name="NAME">\n
+<parameter name="KEY">VALUE</parameter>\n...</invoke>\n</minimax:tool_call>` ("minimax": values as the XML format
+writes them). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
 parses it).
 """
 
@@ -25,10 +27,14 @@ CALL_BEGIN, CALL_END = "<tool_call>", "</tool_call>"
 DS_SECTION_BEGIN, DS_SECTION_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 # per format: (what opens a call, what closes it, markup around the calls that the reply's text leaves out)
-CALL_MARKUP = {"deepseek": (DS_CALL_BEGIN, DS_CALL_END, (DS_SECTION_BEGIN, DS_SECTION_END))}
+MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END = "<minimax:tool_call>", "</minimax:tool_call>"
+MINIMAX_CALL_BEGIN, MINIMAX_CALL_END = '<invoke name="', "</invoke>"
+CALL_MARKUP = {"deepseek": (DS_CALL_BEGIN, DS_CALL_END, (DS_SECTION_BEGIN, DS_SECTION_END)),
+               "minimax": (MINIMAX_CALL_BEGIN, MINIMAX_CALL_END, (MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END))}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+_MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)</parameter>', re.DOTALL)
 
 
 HARMONY_MARKERS = ("<|channel|>", "<|message|>")
@@ -45,6 +51,8 @@ def detect_tool_format(template: str | None) -> str | None:
         return None
     if is_harmony(template):
         return "harmony"
+    if MINIMAX_SECTION_BEGIN in template:
+        return "minimax"
     if DS_SEP in template and DS_CALL_BEGIN in template:
         if "```json" in template:  # DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced block)
             return None
@@ -219,7 +227,12 @@ def parse_tool_call(block: str, tool_format: str, raw_arguments: dict[str, set[s
         head = f'{{"name": {json.dumps(obj["name"])}, "arguments": '  # as the template and the grammar write it
         as_written = _json_text(block[len(head):-1]) if block.startswith(head) and block.endswith("}") else None
         return ToolCall(obj["name"], as_written or json.dumps(args, ensure_ascii=False))
-    if tool_format == "glm":  # NAME, then <arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value> per argument
+    if tool_format == "minimax":  # NAME">, then <parameter name="KEY">VALUE</parameter>\n per argument
+        name, sep, rest = block.partition('">')
+        name, pairs = name.strip(), _MINIMAX_PARAMETER.findall(rest)
+        if not sep or not name or '"' in name or "\n" in name:
+            return None
+    elif tool_format == "glm":  # NAME, then <arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value> per argument
         name, _, rest = block.partition("<arg_key>")
         name, pairs = name.strip(), _GLM_ARGUMENT.findall("<arg_key>" + rest if rest else "")
         if not name or "<" in name or "\n" in name:

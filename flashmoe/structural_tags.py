@@ -15,17 +15,20 @@ from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchem
                                      TagsWithSeparatorFormat, TriggeredTagsFormat)
 
 from .chat import (CALL_BEGIN, CALL_END, DS_CALL_BEGIN, DS_CALL_END, DS_SECTION_BEGIN, DS_SECTION_END, DS_SEP,
-                   THINK_BEGIN, THINK_END, argument_schemas, writes_raw)
+                   MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END, THINK_BEGIN, THINK_END, argument_schemas, writes_raw)
 from .errors import FlashMoeError
 
 # longest run of whitespace allowed between JSON elements: room for pretty-printing, while a weak (or 2-bit)
 # model cannot loop on newlines until max_tokens and leave output that does not parse
 MAX_WHITESPACE_RUN = 16
 # the parser ends a value, a call's arguments and a call at the first of these: no string in an XML or GLM call holds one
-CLOSING_MARKUP = ["</parameter>", "</function>", "</arg_value>", CALL_END]
+CLOSING_MARKUP = ["</parameter>", "</function>", "</arg_value>", CALL_END, "</invoke>"]
 # how the XML (Qwen3.5) and GLM (GLM-4.5) formats write one argument around its key and its value
 ARGUMENT_MARKUP = {"xml": ("<parameter=", ">\n", "\n</parameter>\n"),
-                   "glm": ("<arg_key>", "</arg_key>\n<arg_value>", "</arg_value>\n")}
+                   "glm": ("<arg_key>", "</arg_key>\n<arg_value>", "</arg_value>\n"),
+                   "minimax": ('<parameter name="', '">', "</parameter>\n")}
+# per format, the characters a parameter's name may not hold (they would end its markup)
+KEY_STOPS = {"xml": ">\n", "glm": "<", "minimax": '"\n'}
 # the keywords whose values are data, not schemas (the rewrite leaves them as they are), and those whose values
 # map names to schemas (a property may be called "enum")
 _DATA_KEYWORDS = {"enum", "const", "default", "examples"}
@@ -111,7 +114,8 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
         calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
                                         stop_after_first=not parallel_tool_calls)
     else:
-        calls = TriggeredTagsFormat(triggers=[CALL_BEGIN], tags=tags, excludes=[THINK_BEGIN, THINK_END],
+        trigger = MINIMAX_SECTION_BEGIN if tool_format == "minimax" else CALL_BEGIN
+        calls = TriggeredTagsFormat(triggers=[trigger], tags=tags, excludes=[THINK_BEGIN, THINK_END],
                                     stop_after_first=not parallel_tool_calls)
     return _after_reasoning(calls, reasoning)
 
@@ -160,6 +164,9 @@ def _call_tag(tool_format: str, tool: dict) -> TagFormat:
     if tool_format == "json":  # Qwen3 / Qwen3-Next: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
         return TagFormat(begin=f'{CALL_BEGIN}\n{{"name": {json.dumps(name)}, "arguments": ',
                          content=json_value(parameters, [CALL_END]), end=f"}}\n{CALL_END}")
+    if tool_format == "minimax":  # MiniMax-M2: one invoke per block, as its template writes a call
+        return TagFormat(begin=f'{MINIMAX_SECTION_BEGIN}\n<invoke name="{name}">\n',
+                         content=_xml_arguments(name, parameters, "minimax"), end=f"</invoke>\n{MINIMAX_SECTION_END}")
     if tool_format == "glm":  # GLM-4.5: <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...
         return TagFormat(begin=f"{CALL_BEGIN}{name}\n", content=_xml_arguments(name, parameters, "glm"), end=CALL_END)
     return TagFormat(begin=f"{CALL_BEGIN}\n<function={name}>\n", content=_xml_arguments(name, parameters, "xml"),
@@ -175,7 +182,7 @@ def _xml_arguments(tool: str, parameters: dict, tool_format: str) -> SequenceFor
     required = parameters.get("required") or []
     elements = []
     for key, schema in argument_schemas(parameters).items():
-        if any(c in key for c in {"xml": ">\n", "glm": "<"}[tool_format]):  # what would end its markup
+        if any(c in key for c in KEY_STOPS[tool_format]):  # what would end its markup
             raise FlashMoeError(f"tool {tool!r}: the parameter name {key!r} cannot be written in a tool call")
         if writes_raw(schema):
             value = _raw_string(tool, key, schema)

@@ -153,12 +153,43 @@ IMPORTANT: ALWAYS adhere to this exact format for tool use:
 {%- endfor %}
 {%- if add_generation_prompt %}<｜Assistant｜>{% endif %}"""
 
-# MiniMax-M2's turn format (its released template without tools and thinking): ]~b]ROLE, the text, [e~[; the
-# assistant's role is "ai"
-MINIMAX_M2_CHAT_TEMPLATE = (
-    "]~!b[{% for message in messages %}{{ ']~b]' + ('ai' if message['role'] == 'assistant' else message['role']) + "
-    "'\\n' + message['content'] + '[e~[\\n' }}{% endfor %}{% if add_generation_prompt %}{{ ']~b]ai\\n' }}{% endif %}"
-)
+# MiniMax-M2's turn format (its released template, thinking aside): ]~b]ROLE, the text, [e~[; the assistant's role
+# is "ai"; tools listed in a system turn between <tools> and </tools>, calls as <minimax:tool_call> blocks of
+# <invoke name="NAME"> with <parameter name="KEY">VALUE</parameter> lines (a string value raw, others as JSON),
+# results in a tool turn between <response> and </response>
+MINIMAX_M2_CHAT_TEMPLATE = """\
+]~!b[
+{%- if tools %}]~b]system
+# Tools
+<tools>
+{% for tool in tools %}<tool>{{ tool.function | tojson }}</tool>
+{% endfor %}</tools>
+When making tool calls, use XML format to invoke tools and pass parameters:
+<minimax:tool_call>
+<invoke name="tool-name-1">
+<parameter name="param-key-1">param-value-1</parameter>
+</invoke>
+</minimax:tool_call>[e~[
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'assistant' %}]~b]ai
+{{ message.content or '' }}
+{%- if message.tool_calls %}
+{%- for call in message.tool_calls %}<minimax:tool_call>
+<invoke name="{{ call.function.name }}">
+{% for key, value in call.function.arguments.items() %}<parameter name="{{ key }}">\
+{{ value if value is string else (value | tojson) }}</parameter>
+{% endfor %}</invoke>
+</minimax:tool_call>{% endfor %}
+{%- endif %}[e~[
+{% elif message.role == 'tool' %}]~b]tool
+<response>{{ message.content }}</response>[e~[
+{% else %}]~b]{{ message.role }}
+{{ message.content }}[e~[
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}]~b]ai
+{% endif %}"""
 
 # GPT-OSS's harmony format, its plainest part: <|start|>ROLE<|message|>TEXT<|end|> per turn, the reply after
 # <|start|>assistant; tools listed in a developer turn (the real template writes them as a TypeScript namespace, and

@@ -103,6 +103,24 @@ def test_deepseek_tool_calls_parse_the_same_however_the_text_is_split(size):
     assert calls == [] and "[1]" in content  # arguments that are not an object: kept as text
 
 
+MINIMAX_OUTPUT = ('Let me check.\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">New York'
+                  '</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n<invoke name="get_weather">\n'
+                  '<parameter name="city"> 42\n</parameter>\n</invoke>\n</minimax:tool_call>')
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_minimax_tool_calls_parse_the_same_however_the_text_is_split(size):
+    """MiniMax-M2's format: invoke blocks inside <minimax:tool_call>; a string value raw (its own whitespace kept),
+    others as JSON."""
+    _, content, calls = parse_in_pieces(OutputParser("minimax", [WEATHER]), MINIMAX_OUTPUT, size)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "New York", "days": 3}), ("get_weather", {"city": " 42\n"})]
+    from flashmoe.tiny_templates import MINIMAX_M2_CHAT_TEMPLATE
+
+    assert detect_tool_format(MINIMAX_M2_CHAT_TEMPLATE) == "minimax"
+
+
 def test_deepseek_v3_1_templates_are_told_from_the_older_fenced_calls():
     from flashmoe.tiny_templates import DEEPSEEK_V3_CHAT_TEMPLATE
 
