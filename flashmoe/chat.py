@@ -8,7 +8,9 @@ The last two write string values raw and other values as JSON. DeepSeek-V3.1 wri
 `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`
 ("deepseek": a section around one or more calls). MiniMax-M2 writes `<minimax:tool_call>\n<invoke name="NAME">\n
 <parameter name="KEY">VALUE</parameter>\n...</invoke>\n</minimax:tool_call>` ("minimax": values as the XML format
-writes them). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
+writes them). Kimi-K2 writes `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:INDEX
+<|tool_call_argument_begin|>{ARGUMENTS}<|tool_call_end|>...<|tool_calls_section_end|>` ("kimi": the call's id is
+functions.NAME:INDEX, as its template refers to it). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
 parses it).
 """
 
@@ -29,7 +31,11 @@ DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁
 # per format: (what opens a call, what closes it, markup around the calls that the reply's text leaves out)
 MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END = "<minimax:tool_call>", "</minimax:tool_call>"
 MINIMAX_CALL_BEGIN, MINIMAX_CALL_END = '<invoke name="', "</invoke>"
+KIMI_SECTION_BEGIN, KIMI_SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+KIMI_CALL_BEGIN, KIMI_CALL_END, KIMI_ARGUMENTS = "<|tool_call_begin|>", "<|tool_call_end|>", "<|tool_call_argument_begin|>"
+_KIMI_ID = re.compile(r"functions\.([^:\s]+):(\d+)")
 CALL_MARKUP = {"deepseek": (DS_CALL_BEGIN, DS_CALL_END, (DS_SECTION_BEGIN, DS_SECTION_END)),
+               "kimi": (KIMI_CALL_BEGIN, KIMI_CALL_END, (KIMI_SECTION_BEGIN, KIMI_SECTION_END)),
                "minimax": (MINIMAX_CALL_BEGIN, MINIMAX_CALL_END, (MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END))}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
@@ -45,6 +51,19 @@ def is_harmony(template: str | None) -> bool:
     return bool(template) and all(m in template for m in HARMONY_MARKERS)
 
 
+HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>")
+
+
+def format_markers(tool_format: str | None, harmony: bool = False) -> tuple[str, ...]:
+    """The markup the output parsers read, for IncrementalDecoder to keep where the tokenizer makes it special."""
+    if harmony:
+        return HARMONY_TOKENS
+    begin, end, drop = CALL_MARKUP.get(tool_format, (CALL_BEGIN, CALL_END, ()))
+    glm = ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>") if tool_format == "glm" else ()
+    sep = {"deepseek": (DS_SEP,), "kimi": (KIMI_ARGUMENTS,)}.get(tool_format, ())
+    return (THINK_BEGIN, THINK_END, begin, end, *drop, *glm, *sep)
+
+
 def detect_tool_format(template: str | None) -> str | None:
     """"xml", "glm", "json", "harmony" or None (the template does not take tools)."""
     if not template or "tools" not in template:
@@ -53,6 +72,8 @@ def detect_tool_format(template: str | None) -> str | None:
         return "harmony"
     if MINIMAX_SECTION_BEGIN in template:
         return "minimax"
+    if KIMI_SECTION_BEGIN in template:
+        return "kimi"
     if DS_SEP in template and DS_CALL_BEGIN in template:
         if "```json" in template:  # DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced block)
             return None
@@ -208,6 +229,12 @@ def _json_text(text: str) -> str | None:
 def parse_tool_call(block: str, tool_format: str, raw_arguments: dict[str, set[str]]) -> ToolCall | None:
     """The text between <tool_call> and </tool_call> (the format's own markers) as a ToolCall, or None if it is not
     one."""
+    if tool_format == "kimi":  # functions.NAME:INDEX<|tool_call_argument_begin|>{...}
+        head, sep, arguments = block.partition(KIMI_ARGUMENTS)
+        match, arguments = _KIMI_ID.fullmatch(head.strip()), _json_text(arguments) if sep else None
+        if match is None or arguments is None or not arguments.startswith("{"):
+            return None
+        return ToolCall(match.group(1), arguments, id=head.strip())
     if tool_format == "deepseek":  # NAME<｜tool▁sep｜>{...}
         name, sep, arguments = block.partition(DS_SEP)
         name, arguments = name.strip(), _json_text(arguments) if sep else None

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import ChatFormat, OutputParser, ParsedDelta
+from .chat import ChatFormat, OutputParser, ParsedDelta, format_markers
 from .errors import FlashMoeError
 from .grammar import Grammars, reasoning_mode
 from .metrics import metrics_response
@@ -303,9 +303,11 @@ async def _pieces(served: ServedModel, job, stops: list[str], parser: OutputPars
                   ) -> AsyncIterator[tuple[ParsedDelta, _Outcome]]:
     """The job's output as parsed deltas; the last one comes with outcome.finished set."""
     outcome = _Outcome(len(job.prompt_ids))
-    harmony = isinstance(parser, HarmonyParser)  # its markers are its syntax, the ending ones (<|call|>) included
-    decoder = IncrementalDecoder(served.model.tokenizer, skip_token_ids=set() if harmony else set(served.model.eos_token_ids),
-                                 keep_special=harmony)
+    markers = () if parser is None else format_markers(served.chat.tool_format, served.chat.harmony)
+    tok = served.model.tokenizer
+    # an end-of-turn token that is markup (harmony's <|call|> and <|return|>) stays in the text its parser reads
+    ends = {i for i in served.model.eos_token_ids if tok.convert_ids_to_tokens(i) not in markers}
+    decoder = IncrementalDecoder(tok, skip_token_ids=ends, markers=markers)
     stop = StopStrings(stops)
     feed = parser.feed if parser else (lambda text: ParsedDelta(content=text))
     close = parser.close if parser else ParsedDelta

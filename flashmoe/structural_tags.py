@@ -15,6 +15,7 @@ from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchem
                                      TagsWithSeparatorFormat, TriggeredTagsFormat)
 
 from .chat import (CALL_BEGIN, CALL_END, DS_CALL_BEGIN, DS_CALL_END, DS_SECTION_BEGIN, DS_SECTION_END, DS_SEP,
+                   KIMI_ARGUMENTS, KIMI_CALL_BEGIN, KIMI_CALL_END, KIMI_SECTION_BEGIN, KIMI_SECTION_END,
                    MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END, THINK_BEGIN, THINK_END, argument_schemas, writes_raw)
 from .errors import FlashMoeError
 
@@ -101,8 +102,8 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
     a named function: exactly that one call, then the end of the turn."""
     if tool_format == "harmony":
         return _harmony_call(tools, tool_choice)
-    if tool_format == "deepseek":
-        return _deepseek_calls(tools, tool_choice, reasoning, parallel_tool_calls)
+    if tool_format in ("deepseek", "kimi"):
+        return _section_calls(tool_format, tools, tool_choice, reasoning, parallel_tool_calls)
     if isinstance(tool_choice, dict):
         name = tool_choice["function"]["name"]
         tool = next((t for t in tools if t["function"]["name"] == name), None)
@@ -136,25 +137,40 @@ def _harmony_call(tools: list[dict], tool_choice) -> StructuralTag:
     return StructuralTag(format=calls[0] if len(calls) == 1 else OrFormat(elements=calls))
 
 
-def _deepseek_calls(tools: list[dict], tool_choice, reasoning: str, parallel_tool_calls: bool) -> StructuralTag:
-    """DeepSeek-V3.1's calls: one section of calls (several with parallel_tool_calls), each NAME<｜tool▁sep｜>JSON;
+# per format: (section begin, section end, call begin + NAME + this, call end) of the formats whose calls sit in a section
+SECTION_MARKUP = {"deepseek": (DS_SECTION_BEGIN, DS_SECTION_END, DS_CALL_BEGIN, DS_SEP, DS_CALL_END),
+                  "kimi": (KIMI_SECTION_BEGIN, KIMI_SECTION_END, KIMI_CALL_BEGIN + "functions.", None, KIMI_CALL_END)}
+
+
+def _section_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
+                   parallel_tool_calls: bool) -> StructuralTag:
+    """DeepSeek-V3.1's and Kimi-K2's calls: one section of calls (several with parallel_tool_calls), each its
+    name then JSON arguments (DeepSeek: NAME<｜tool▁sep｜>; Kimi: functions.NAME:INDEX<|tool_call_argument_begin|>);
     "auto" lets text come first and the section start anywhere (its opening marker triggers it)."""
     if isinstance(tool_choice, dict):
         tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
         if not tools:
             raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
-    tags = [TagFormat(begin=f"{DS_CALL_BEGIN}{t['function']['name']}{DS_SEP}",
-                      content=json_value(t["function"].get("parameters") or {"type": "object"}, [DS_CALL_END]),
-                      end=DS_CALL_END) for t in tools]
+    section_begin, section_end, call_begin, sep, call_end = SECTION_MARKUP[tool_format]
+
+    def arguments(t):
+        schema = json_value(t["function"].get("parameters") or {"type": "object"}, [call_end])
+        if sep is not None:
+            return schema
+        return SequenceFormat(elements=[RegexFormat(pattern=r"[0-9]{1,3}"), ConstStringFormat(value=KIMI_ARGUMENTS),
+                                        schema])
+
+    tags = [TagFormat(begin=f"{call_begin}{t['function']['name']}{sep if sep is not None else ':'}",
+                      content=arguments(t), end=call_end) for t in tools]
     several = parallel_tool_calls and not isinstance(tool_choice, dict)
     calls = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True, stop_after_first=not several)
     if tool_choice == "auto":
-        section = TriggeredTagsFormat(triggers=[DS_SECTION_BEGIN], tags=[
-            TagFormat(begin=DS_SECTION_BEGIN, content=calls, end=DS_SECTION_END)], excludes=[THINK_BEGIN, THINK_END],
+        section = TriggeredTagsFormat(triggers=[section_begin], tags=[
+            TagFormat(begin=section_begin, content=calls, end=section_end)], excludes=[THINK_BEGIN, THINK_END],
             stop_after_first=True)
         return _after_reasoning(section, reasoning)
-    section = SequenceFormat(elements=[ConstStringFormat(value=DS_SECTION_BEGIN), calls,
-                                       ConstStringFormat(value=DS_SECTION_END)])
+    section = SequenceFormat(elements=[ConstStringFormat(value=section_begin), calls,
+                                       ConstStringFormat(value=section_end)])
     return _after_reasoning(section, reasoning)
 
 

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 
 class IncrementalDecoder:
-    def __init__(self, tokenizer, skip_token_ids: set[int] = frozenset(), keep_special: bool = False):
-        """keep_special: special tokens stay in the text (harmony's markers, which its parser reads)."""
+    def __init__(self, tokenizer, skip_token_ids: set[int] = frozenset(), markers: tuple[str, ...] = ()):
+        """markers: the output format's markup (chat.format_markers), kept in the text even where the tokenizer makes
+        them special tokens (harmony's always; DeepSeek's or Kimi's tool-call markers in some releases), which
+        decoding would otherwise drop; every other special token is dropped, as before."""
         self.tokenizer = tokenizer
         self.skip = set(skip_token_ids)
-        self.keep_special = keep_special
+        self.keep_special = False
+        special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        kept = {i for i in special if tokenizer.convert_ids_to_tokens(i) in set(markers)}
+        if kept:  # decode specials, and drop the ones that are not markup ourselves
+            self.keep_special = True
+            self.skip |= (special | set(getattr(tokenizer, "all_special_ids", ()))) - kept
         self.ids: list[int] = []
         self._prefix = 0  # window start: decoded text of ids[_prefix:_read] was already emitted
         self._read = 0

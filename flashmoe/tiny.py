@@ -11,17 +11,21 @@ from pathlib import Path
 
 import torch
 
-from .tiny_templates import (DEEPSEEK_V3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, GPT_OSS_CHAT_TEMPLATE, MINIMAX_M2_CHAT_TEMPLATE,
-                             MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE)
+from .tiny_templates import (DEEPSEEK_V3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, GPT_OSS_CHAT_TEMPLATE, KIMI_K2_CHAT_TEMPLATE,
+                             MINIMAX_M2_CHAT_TEMPLATE, MIXTRAL_CHAT_TEMPLATE, QWEN3_5_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE)
 
 ARCHITECTURES = ("qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_next", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3",
-                 "minimax_m2", "gpt_oss")
+                 "minimax_m2", "gpt_oss", "kimi_k2")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # Mixtral's: unknown, begin and end of a sequence
 GLM_SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 DEEPSEEK_SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 MINIMAX_SPECIAL_TOKENS = ["]~!b[", "]~b]", "[e~["]
+# Kimi-K2's: its turn and tool-call markers are special tokens (so decoding keeps only the ones a parser reads)
+KIMI_SPECIAL_TOKENS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
+                       "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                       "<|tool_call_argument_begin|>", "<|tool_call_end|>"]
 HARMONY_SPECIAL_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|call|>"]  # GPT-OSS
 # added but not special, as in the real Qwen vocabularies: they stay in decoded text, where the parsers find them
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
@@ -43,7 +47,8 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = {"mistral": MISTRAL_SPECIAL_TOKENS, "glm": GLM_SPECIAL_TOKENS, "deepseek": DEEPSEEK_SPECIAL_TOKENS,
-               "minimax": MINIMAX_SPECIAL_TOKENS, "harmony": HARMONY_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
+               "minimax": MINIMAX_SPECIAL_TOKENS, "harmony": HARMONY_SPECIAL_TOKENS,
+               "kimi": KIMI_SPECIAL_TOKENS}.get(style, SPECIAL_TOKENS)
     markup = {"qwen": MARKUP_TOKENS, "deepseek": DEEPSEEK_MARKUP_TOKENS}.get(style, [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -53,7 +58,8 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
              "glm": dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
              "deepseek": dict(bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"),
              "minimax": dict(bos_token="]~!b[", eos_token="[e~["),
-             "harmony": dict(eos_token="<|return|>")}.get(
+             "harmony": dict(eos_token="<|return|>"),
+             "kimi": dict(bos_token="[BOS]", eos_token="<|im_end|>")}.get(
         style, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     fast.chat_template = chat_template
@@ -91,6 +97,9 @@ def tiny_config(arch: str = "qwen3_5_moe", **overrides):
                                    "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
                                    "routed_scaling_factor": 2.5, "n_shared_experts": 1, "rope_parameters": rope,
                                    **overrides})
+    if arch == "kimi_k2":  # Kimi-K2 is DeepSeek-V3's architecture with its own tokenizer and template; a longer
+        # context than the DeepSeek tiny one's, for its tools' listing
+        return tiny_config("deepseek_v3", **{"max_position_embeddings": 4096, **overrides})
     if arch == "minimax_m2":  # MiniMax-M2's structure: half-rotary heads, whole-vector q/k norms, a sigmoid router
         from transformers import MiniMaxM2Config
 
@@ -163,14 +172,15 @@ def build_tiny_checkpoint(path: str | Path, arch: str = "qwen3_5_moe", seed: int
     cls = {"qwen3_5_moe": Qwen3_5MoeForCausalLM, "qwen3_5_moe_vl": Qwen3_5MoeForConditionalGeneration,
            "qwen3_next": Qwen3NextForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
            "glm4_moe": Glm4MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
-           "minimax_m2": MiniMaxM2ForCausalLM, "gpt_oss": GptOssForCausalLM}[arch]
+           "minimax_m2": MiniMaxM2ForCausalLM, "gpt_oss": GptOssForCausalLM, "kimi_k2": DeepseekV3ForCausalLM}[arch]
     model = cls(config)
     _randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")), gpt_oss=arch == "gpt_oss")
     template = {"qwen3_next": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE, "mixtral": MIXTRAL_CHAT_TEMPLATE,
                 "glm4_moe": GLM4_CHAT_TEMPLATE, "deepseek_v3": DEEPSEEK_V3_CHAT_TEMPLATE,
-                "minimax_m2": MINIMAX_M2_CHAT_TEMPLATE, "gpt_oss": GPT_OSS_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
+                "minimax_m2": MINIMAX_M2_CHAT_TEMPLATE, "gpt_oss": GPT_OSS_CHAT_TEMPLATE,
+                "kimi_k2": KIMI_K2_CHAT_TEMPLATE}.get(arch, QWEN3_5_CHAT_TEMPLATE)
     style = {"mixtral": "mistral", "glm4_moe": "glm", "deepseek_v3": "deepseek", "minimax_m2": "minimax",
-             "gpt_oss": "harmony"}.get(arch, "qwen")
+             "gpt_oss": "harmony", "kimi_k2": "kimi"}.get(arch, "qwen")
     tokenizer = build_tokenizer(getattr(config, "text_config", config).vocab_size, template, style)
     eos = tokenizer.eos_token_id
     if arch == "glm4_moe":  # GLM-4.5's generation_config: a reply ends at <|endoftext|>, <|user|> or <|observation|>

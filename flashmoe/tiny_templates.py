@@ -214,3 +214,21 @@ type {{ f.name }} = (_: {{ f.parameters | tojson }}) => any;
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}<|start|>assistant{% endif %}"""
+
+# Kimi-K2's format (its released template, simplified): <|im_ROLE|>ROLE<|im_middle|>TEXT<|im_end|> turns, tools declared
+# in a tool_declare system turn as JSON, calls in a section, each <|tool_call_begin|>ID<|tool_call_argument_begin|>JSON
+# <|tool_call_end|> with ID functions.NAME:INDEX, results in a tool turn headed "## Return of ID"
+KIMI_K2_CHAT_TEMPLATE = """\
+{%- if tools %}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}<|im_system|>system<|im_middle|>{{ message.content }}<|im_end|>
+{%- elif message.role == 'user' %}<|im_user|>user<|im_middle|>{{ message.content }}<|im_end|>
+{%- elif message.role == 'assistant' %}<|im_assistant|>assistant<|im_middle|>{{ message.content or '' }}
+{%- if message.tool_calls %}<|tool_calls_section_begin|>{% for call in message.tool_calls %}<|tool_call_begin|>\
+{{ call.id }}<|tool_call_argument_begin|>{{ call.function.arguments | tojson }}<|tool_call_end|>{% endfor %}\
+<|tool_calls_section_end|>{% endif %}<|im_end|>
+{%- elif message.role == 'tool' %}<|im_system|>tool<|im_middle|>## Return of {{ message.tool_call_id }}
+{{ message.content }}<|im_end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}"""

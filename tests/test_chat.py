@@ -121,6 +121,25 @@ def test_minimax_tool_calls_parse_the_same_however_the_text_is_split(size):
     assert detect_tool_format(MINIMAX_M2_CHAT_TEMPLATE) == "minimax"
 
 
+KIMI_OUTPUT = ("Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+               '<|tool_call_argument_begin|>{"city": "New York", "days": 3}<|tool_call_end|><|tool_call_begin|>'
+               'functions.get_weather:1<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
+               "<|tool_calls_section_end|>")
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_kimi_tool_calls_parse_with_the_ids_its_template_refers_to(size):
+    """Kimi-K2's format: functions.NAME:INDEX ids, the arguments after <|tool_call_argument_begin|>."""
+    from flashmoe.tiny_templates import KIMI_K2_CHAT_TEMPLATE
+
+    _, content, calls = parse_in_pieces(OutputParser("kimi", [WEATHER]), KIMI_OUTPUT, size)
+    assert content == "Let me check."
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("functions.get_weather:0", "get_weather", {"city": "New York", "days": 3}),
+        ("functions.get_weather:1", "get_weather", {"city": "Oslo"})]
+    assert detect_tool_format(KIMI_K2_CHAT_TEMPLATE) == "kimi"
+
+
 def test_deepseek_v3_1_templates_are_told_from_the_older_fenced_calls():
     from flashmoe.tiny_templates import DEEPSEEK_V3_CHAT_TEMPLATE
 
@@ -160,6 +179,26 @@ def test_incremental_decoding_keeps_multibyte_characters_whole():
     assert all("\ufffd" not in p for p in pieces)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert IncrementalDecoder(tok, skip_token_ids={eos}).add(eos) == ""
+
+
+def test_markup_that_a_tokenizer_makes_special_stays_in_the_text_and_other_specials_go():
+    """Some releases make their tool-call markers special tokens (decoding would drop them): the format's markers are
+    kept, every other special token still goes."""
+    from tokenizers import AddedToken
+
+    from flashmoe.chat import format_markers
+
+    tok = build_tokenizer(512)
+    tok.add_tokens([AddedToken(m, special=True, normalized=False) for m in ("<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                                                                           "<｜tool▁call▁end｜>")])
+    text = 'a<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"x": 1}<｜tool▁call▁end｜><|im_start|>b'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == 'af{"x": 1}b'  # what plain decoding would give the parser
+    dec = IncrementalDecoder(tok, markers=format_markers("deepseek"))
+    assert "".join(dec.add(i) for i in ids) + dec.flush() == 'a<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"x": 1}<｜tool▁call▁end｜>b'
+    _, content, calls = parse_in_pieces(OutputParser("deepseek"), 'a<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"x": 1}'
+                                        '<｜tool▁call▁end｜>b', 4)
+    assert [c.name for c in calls] == ["f"] and content == "ab"
 
 
 def test_templates_render_tools_history_and_the_thinking_switch():
