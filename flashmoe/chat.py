@@ -10,7 +10,9 @@ The last two write string values raw and other values as JSON. DeepSeek-V3.1 wri
 <parameter name="KEY">VALUE</parameter>\n...</invoke>\n</minimax:tool_call>` ("minimax": values as the XML format
 writes them). Kimi-K2 writes `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:INDEX
 <|tool_call_argument_begin|>{ARGUMENTS}<|tool_call_end|>...<|tool_calls_section_end|>` ("kimi": the call's id is
-functions.NAME:INDEX, as its template refers to it). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
+functions.NAME:INDEX, as its template refers to it). Mistral writes `[TOOL_CALLS] [{"name": ..., "arguments": {...}},
+...]` to the end of the turn ("mistral": no closing marker, so its calls come when the text ends; ids of 9 letters and
+digits, which its templates check). GPT-OSS's whole reply is harmony messages ("harmony": harmony.py
 parses it).
 """
 
@@ -34,8 +36,10 @@ MINIMAX_CALL_BEGIN, MINIMAX_CALL_END = '<invoke name="', "</invoke>"
 KIMI_SECTION_BEGIN, KIMI_SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 KIMI_CALL_BEGIN, KIMI_CALL_END, KIMI_ARGUMENTS = "<|tool_call_begin|>", "<|tool_call_end|>", "<|tool_call_argument_begin|>"
 _KIMI_ID = re.compile(r"functions\.([^:\s]+):(\d+)")
+MISTRAL_CALLS = "[TOOL_CALLS]"
 CALL_MARKUP = {"deepseek": (DS_CALL_BEGIN, DS_CALL_END, (DS_SECTION_BEGIN, DS_SECTION_END)),
                "kimi": (KIMI_CALL_BEGIN, KIMI_CALL_END, (KIMI_SECTION_BEGIN, KIMI_SECTION_END)),
+               "mistral": (MISTRAL_CALLS, None, ()),  # the calls run to the end of the turn
                "minimax": (MINIMAX_CALL_BEGIN, MINIMAX_CALL_END, (MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END))}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
@@ -61,7 +65,7 @@ def format_markers(tool_format: str | None, harmony: bool = False) -> tuple[str,
     begin, end, drop = CALL_MARKUP.get(tool_format, (CALL_BEGIN, CALL_END, ()))
     glm = ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>") if tool_format == "glm" else ()
     sep = {"deepseek": (DS_SEP,), "kimi": (KIMI_ARGUMENTS,)}.get(tool_format, ())
-    return (THINK_BEGIN, THINK_END, begin, end, *drop, *glm, *sep)
+    return tuple(m for m in (THINK_BEGIN, THINK_END, begin, end, *drop, *glm, *sep) if m)
 
 
 def detect_tool_format(template: str | None) -> str | None:
@@ -74,6 +78,8 @@ def detect_tool_format(template: str | None) -> str | None:
         return "minimax"
     if KIMI_SECTION_BEGIN in template:
         return "kimi"
+    if MISTRAL_CALLS in template:
+        return "mistral"
     if DS_SEP in template and DS_CALL_BEGIN in template:
         if "```json" in template:  # DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced block)
             return None
@@ -148,6 +154,25 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def mistral_calls(body: str) -> list[ToolCall] | None:
+    """What follows [TOOL_CALLS]: a JSON list of {"name", "arguments"[, "id"]} objects, or None if it is not one."""
+    try:
+        calls = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(calls, list) or not calls or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments", {}), dict)
+            for c in calls):
+        return None
+    return [ToolCall(c["name"], json.dumps(c.get("arguments", {}), ensure_ascii=False),
+                     id=c["id"] if isinstance(c.get("id"), str) and len(c["id"]) == 9 else _nine_characters())
+            for c in calls]
+
+
+def _nine_characters() -> str:
+    return uuid.uuid4().hex[:9]
 
 
 @dataclass
@@ -322,6 +347,12 @@ class OutputParser:
         rest, self._pending = self._pending, ""
         if self._state == "reasoning":
             delta.reasoning = rest
+        elif self._state == "tool" and self._call_end is None:  # calls that run to the end of the text (Mistral's)
+            calls = mistral_calls(rest)
+            if calls is None:
+                self._emit_content(delta, self._call_begin + rest.rstrip())
+            else:
+                delta.tool_calls.extend(calls)
         else:  # an unfinished tool call is shown as the text it is
             self._emit_content(delta, rest.rstrip())
         return delta
@@ -359,7 +390,7 @@ class OutputParser:
             self._emit_content(delta, ready)
             self._pending = body[len(ready):] + p[len(p) - keep:]
             return False
-        i = p.find(self._call_end)
+        i = p.find(self._call_end) if self._call_end is not None else -1
         if i < 0:
             return False
         call = parse_tool_call(p[:i].strip(), self.tool_format, self._raw_arguments)

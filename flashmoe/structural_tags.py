@@ -15,7 +15,7 @@ from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, JSONSchem
                                      TagsWithSeparatorFormat, TriggeredTagsFormat)
 
 from .chat import (CALL_BEGIN, CALL_END, DS_CALL_BEGIN, DS_CALL_END, DS_SECTION_BEGIN, DS_SECTION_END, DS_SEP,
-                   KIMI_ARGUMENTS, KIMI_CALL_BEGIN, KIMI_CALL_END, KIMI_SECTION_BEGIN, KIMI_SECTION_END,
+                   KIMI_ARGUMENTS, KIMI_CALL_BEGIN, KIMI_CALL_END, KIMI_SECTION_BEGIN, KIMI_SECTION_END, MISTRAL_CALLS,
                    MINIMAX_SECTION_BEGIN, MINIMAX_SECTION_END, THINK_BEGIN, THINK_END, argument_schemas, writes_raw)
 from .errors import FlashMoeError
 
@@ -104,6 +104,8 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
         return _harmony_call(tools, tool_choice)
     if tool_format in ("deepseek", "kimi"):
         return _section_calls(tool_format, tools, tool_choice, reasoning, parallel_tool_calls)
+    if tool_format == "mistral":
+        return _mistral_calls(tools, tool_choice, reasoning, parallel_tool_calls)
     if isinstance(tool_choice, dict):
         name = tool_choice["function"]["name"]
         tool = next((t for t in tools if t["function"]["name"] == name), None)
@@ -135,6 +137,24 @@ def _harmony_call(tools: list[dict], tool_choice) -> StructuralTag:
                        content=json_value(t["function"].get("parameters") or {"type": "object"}, ["<|call|>"]),
                        end="<|call|>") for t in tools]
     return StructuralTag(format=calls[0] if len(calls) == 1 else OrFormat(elements=calls))
+
+
+def _mistral_calls(tools: list[dict], tool_choice, reasoning: str, parallel_tool_calls: bool) -> StructuralTag:
+    """Mistral's calls: [TOOL_CALLS] then one JSON list of {"name", "arguments"} objects, which ends the turn."""
+    if isinstance(tool_choice, dict):
+        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
+        if not tools:
+            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    objects = [TagFormat(begin=f'{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
+                         content=json_value(t["function"].get("parameters") or {"type": "object"}), end="}")
+               for t in tools]
+    several = parallel_tool_calls and not isinstance(tool_choice, dict)
+    calls = TagsWithSeparatorFormat(tags=objects, separator=", ", at_least_one=True, stop_after_first=not several)
+    if tool_choice == "auto":
+        return _after_reasoning(TriggeredTagsFormat(triggers=[MISTRAL_CALLS], tags=[
+            TagFormat(begin=f"{MISTRAL_CALLS} [", content=calls, end="]")], stop_after_first=True), reasoning)
+    return _after_reasoning(SequenceFormat(elements=[ConstStringFormat(value=f"{MISTRAL_CALLS} ["), calls,
+                                                     ConstStringFormat(value="]")]), reasoning)
 
 
 # per format: (section begin, section end, call begin + NAME + this, call end) of the formats whose calls sit in a section

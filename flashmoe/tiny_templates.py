@@ -82,15 +82,26 @@ QWEN3_5_CHAT_TEMPLATE = (
 """
 )
 
-# Mixtral-8x7B-Instruct-v0.1's own template, as released: alternating [INST] user turns and assistant replies
-# ended by </s>; no system role and no tools (those belong to later Mistral templates)
-MIXTRAL_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
+# Mixtral-8x22B-Instruct-v0.1's format (Mistral's v3 tokenizer, simplified): [INST] user turns, assistant replies
+# ended by </s>; the tools as JSON in [AVAILABLE_TOOLS] before the last user turn, calls as [TOOL_CALLS] and a JSON
+# list that ends the turn, results in [TOOL_RESULTS] (each call's id 9 letters and digits)
+MIXTRAL_CHAT_TEMPLATE = """\
+{{ bos_token }}
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}
+{%- if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}\
+[INST] {{ message.content }} [/INST]
+{%- elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS] [\
+{%- for call in message.tool_calls %}{{ {"name": call.function.name, "arguments": call.function.arguments, "id": call.id}\
+ | tojson }}{{ ", " if not loop.last }}{% endfor %}]{{ eos_token }}
+{%- elif message.role == 'tool' %}[TOOL_RESULTS] {{ {"content": message.content, "call_id": message.tool_call_id} \
+| tojson }}[/TOOL_RESULTS]
+{%- elif message.role == 'assistant' %}{{ message.content }}{{ eos_token }}
+{%- else %}{{ raise_exception('Only user, assistant and tool roles are supported!') }}
+{%- endif %}
+{%- endfor %}"""
 
 # GLM-4.5's format (its released template, thinking aside): [gMASK]<sop>, then <|role|> and the text; tools listed in
 # a system turn, calls as <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...</tool_call> (a

@@ -140,6 +140,23 @@ def test_kimi_tool_calls_parse_with_the_ids_its_template_refers_to(size):
     assert detect_tool_format(KIMI_K2_CHAT_TEMPLATE) == "kimi"
 
 
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_mistral_tool_calls_run_to_the_end_of_the_text(size):
+    """Mistral's format: [TOOL_CALLS] and one JSON list; its calls come when the text ends, with 9-character ids."""
+    from flashmoe.tiny_templates import MIXTRAL_CHAT_TEMPLATE
+
+    text = ('Let me check.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}, '
+            '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]')
+    _, content, calls = parse_in_pieces(OutputParser("mistral", [WEATHER]), text, size)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                                  ("get_weather", {"city": "Oslo", "days": 2})]
+    assert calls[0].id == "abc123def" and len(calls[1].id) == 9
+    _, content, calls = parse_in_pieces(OutputParser("mistral"), "[TOOL_CALLS] [{not json", 3)
+    assert calls == [] and content == "[TOOL_CALLS] [{not json"
+    assert detect_tool_format(MIXTRAL_CHAT_TEMPLATE) == "mistral"
+
+
 def test_deepseek_v3_1_templates_are_told_from_the_older_fenced_calls():
     from flashmoe.tiny_templates import DEEPSEEK_V3_CHAT_TEMPLATE
 

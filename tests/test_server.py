@@ -134,8 +134,10 @@ def tool_store(built, arch: str, bits: int, tmp_path):
     return convert(built.checkpoint(arch, max_position_embeddings=4096), tmp_path / f"ds-{bits}", bits=bits)
 
 
-# the XML, JSON, GLM, DeepSeek-V3.1, MiniMax-M2 and Kimi-K2 tool-call formats (Kimi's markers special tokens)
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "glm4_moe", "deepseek_v3", "minimax_m2", "kimi_k2"])
+# the XML, JSON, GLM, DeepSeek-V3.1, MiniMax-M2, Kimi-K2 and Mistral tool-call formats (Kimi's and Mistral's markers
+# special tokens)
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next", "glm4_moe", "deepseek_v3", "minimax_m2", "kimi_k2",
+                                  "mixtral"])
 def test_tool_call_round_trip_forced_by_tool_choice(built, arch, tmp_path):
     s = RunningServer(tool_store(built, arch, 4, tmp_path), cache_gb=0.01)
     try:
@@ -193,7 +195,7 @@ XML_TOOLS = [
 
 
 @pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 2), ("glm4_moe", 4), ("deepseek_v3", 4),
-                                       ("minimax_m2", 4), ("kimi_k2", 4)])
+                                       ("minimax_m2", 4), ("kimi_k2", 4), ("mixtral", 4)])
 def test_xml_tool_calls_match_their_schema_and_end_the_turn(built, arch, bits, tmp_path):
     """Qwen3.5's XML calls and GLM-4.5's (raw strings too) sampled at temperature 1, forced by "required" (parallel
     calls allowed) or by name: every argument is exactly what its schema types it as, and the turn ends with them."""
