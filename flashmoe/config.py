@@ -128,6 +128,15 @@ def config_value(source: dict, key: str, kind: type, default=KeyError):
     return float(value) if kind is float else value
 
 
+def rope_settings(source: dict) -> tuple[dict, str]:
+    """config.json's RoPE parameters (`rope_parameters`, or the older `rope_scaling`) and their rope type, "default"
+    where none is named; one clear line when they are not an object."""
+    rope = source.get("rope_parameters") or source.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
+    return rope, rope.get("rope_type", rope.get("type", "default"))
+
+
 def read_hf_config(checkpoint: Path) -> tuple[ModelConfig, dict]:
     path = checkpoint / "config.json"
     if not path.is_file():

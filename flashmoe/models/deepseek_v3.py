@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, config_value
+from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
 from ..kernels.affine import AffineMatrix
 from ..layers.mla import MLA, LatentCache, MLASpec
@@ -30,8 +30,7 @@ def config_from_hf(arch: str, raw: dict) -> ModelConfig:
     def get(key: str, kind: type, default=KeyError):
         return config_value(raw, key, kind, default)
 
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope, rope_type = rope_settings(raw)
     if rope_type not in ROPE_TYPES:
         raise FlashMoeError(f"{arch}: rope type {rope_type!r} is not supported (only {', '.join(ROPE_TYPES)})")
     if get("topk_method", str, "noaux_tc") != "noaux_tc":

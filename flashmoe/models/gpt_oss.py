@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, config_value
+from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.linear import linear
@@ -37,10 +37,7 @@ def config_from_hf(arch: str, raw: dict) -> ModelConfig:
     def get(key: str, kind: type, default=KeyError):
         return config_value(raw, key, kind, default)
 
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope, rope_type = rope_settings(raw)
     if rope_type not in ("default", "yarn"):
         raise FlashMoeError(f"{arch}: rope type {rope_type!r} is not supported (default or yarn)")
     theta = config_value(rope, "rope_theta", float, get("rope_theta", float, 150000.0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, config_value
+from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.linear import cat_rows, linear
@@ -34,10 +34,7 @@ def config_fields(arch: str, family: str, raw: dict) -> dict:
         return config_value(raw, key, kind, default)
 
     layers, hidden, heads = get("num_hidden_layers", int), get("hidden_size", int), get("num_attention_heads", int)
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope, rope_type = rope_settings(raw)
     if rope_type != "default":
         raise FlashMoeError(f"{arch}: rope type {rope_type!r} is not supported yet (only the default RoPE)")
     if get("attention_bias", bool, False):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, config_value
+from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
 from ..kernels import fused
 from ..kernels.gated_delta import gated_delta_rule
@@ -77,10 +77,7 @@ def config_from_hf(arch: str, raw: dict) -> ModelConfig:
         return config_value(source, key, kind, default)
 
     layers = get("num_hidden_layers", int)
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise FlashMoeError(f"config.json: rope_parameters is {rope!r}, not an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope, rope_type = rope_settings(t)
     if rope_type not in ("default", "mrope"):
         raise FlashMoeError(f"rope type {rope_type!r} is not supported yet (only the default RoPE)")
     layer_types = t.get("layer_types")
