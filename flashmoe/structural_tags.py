@@ -107,11 +107,7 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
     if tool_format == "mistral":
         return _mistral_calls(tools, tool_choice, reasoning, parallel_tool_calls)
     if isinstance(tool_choice, dict):
-        name = tool_choice["function"]["name"]
-        tool = next((t for t in tools if t["function"]["name"] == name), None)
-        if tool is None:
-            raise FlashMoeError(f"tool_choice names {name!r}, which is not among the tools")
-        return _after_reasoning(_call_tag(tool_format, tool), reasoning)
+        return _after_reasoning(_call_tag(tool_format, _chosen(tools, tool_choice)[0]), reasoning)
     tags = [_call_tag(tool_format, t) for t in tools]
     if tool_choice == "required":
         calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
@@ -123,30 +119,40 @@ def tool_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: str,
     return _after_reasoning(calls, reasoning)
 
 
+def _chosen(tools: list[dict], tool_choice) -> list[dict]:
+    """The tools a call may name: the one tool_choice names, or all of them."""
+    if not isinstance(tool_choice, dict):
+        return tools
+    name = tool_choice["function"]["name"]
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise FlashMoeError(f"tool_choice names {name!r}, which is not among the tools")
+    return chosen
+
+
+def _parameters(tool: dict) -> dict:
+    """A tool's parameters schema (none: any object)."""
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
 def _harmony_call(tools: list[dict], tool_choice) -> StructuralTag:
     """GPT-OSS's forced call (harmony.py): one commentary message to the function with JSON arguments, ended by
     <|call|> (which ends the turn). No analysis message first: one of unbounded length let a weak model write it until
     max_tokens and never call. "auto" is not constrained."""
     if not (tool_choice == "required" or isinstance(tool_choice, dict)):
         raise FlashMoeError("harmony tool calls are constrained only when forced (tool_choice required or named)")
-    if isinstance(tool_choice, dict):
-        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
-        if not tools:
-            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    tools = _chosen(tools, tool_choice)
     calls = [TagFormat(begin=f"<|channel|>commentary to=functions.{t['function']['name']} <|constrain|>json<|message|>",
-                       content=json_value(t["function"].get("parameters") or {"type": "object"}, ["<|call|>"]),
+                       content=json_value(_parameters(t), ["<|call|>"]),
                        end="<|call|>") for t in tools]
     return StructuralTag(format=calls[0] if len(calls) == 1 else OrFormat(elements=calls))
 
 
 def _mistral_calls(tools: list[dict], tool_choice, reasoning: str, parallel_tool_calls: bool) -> StructuralTag:
     """Mistral's calls: [TOOL_CALLS] then one JSON list of {"name", "arguments"} objects, which ends the turn."""
-    if isinstance(tool_choice, dict):
-        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
-        if not tools:
-            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    tools = _chosen(tools, tool_choice)
     objects = [TagFormat(begin=f'{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
-                         content=json_value(t["function"].get("parameters") or {"type": "object"}), end="}")
+                         content=json_value(_parameters(t)), end="}")
                for t in tools]
     several = parallel_tool_calls and not isinstance(tool_choice, dict)
     calls = TagsWithSeparatorFormat(tags=objects, separator=", ", at_least_one=True, stop_after_first=not several)
@@ -167,14 +173,11 @@ def _section_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: 
     """DeepSeek-V3.1's and Kimi-K2's calls: one section of calls (several with parallel_tool_calls), each its
     name then JSON arguments (DeepSeek: NAME<｜tool▁sep｜>; Kimi: functions.NAME:INDEX<|tool_call_argument_begin|>);
     "auto" lets text come first and the section start anywhere (its opening marker triggers it)."""
-    if isinstance(tool_choice, dict):
-        tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
-        if not tools:
-            raise FlashMoeError(f"tool_choice names {tool_choice['function']['name']!r}, which is not among the tools")
+    tools = _chosen(tools, tool_choice)
     section_begin, section_end, call_begin, sep, call_end = SECTION_MARKUP[tool_format]
 
     def arguments(t):
-        schema = json_value(t["function"].get("parameters") or {"type": "object"}, [call_end])
+        schema = json_value(_parameters(t), [call_end])
         if sep is not None:
             return schema
         return SequenceFormat(elements=[RegexFormat(pattern=r"[0-9]{1,3}"), ConstStringFormat(value=KIMI_ARGUMENTS),
@@ -196,7 +199,7 @@ def _section_calls(tool_format: str, tools: list[dict], tool_choice, reasoning: 
 
 def _call_tag(tool_format: str, tool: dict) -> TagFormat:
     function = tool["function"]
-    name, parameters = function["name"], function.get("parameters") or {"type": "object"}
+    name, parameters = function["name"], _parameters(tool)
     if tool_format == "json":  # Qwen3 / Qwen3-Next: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
         return TagFormat(begin=f'{CALL_BEGIN}\n{{"name": {json.dumps(name)}, "arguments": ',
                          content=json_value(parameters, [CALL_END]), end=f"}}\n{CALL_END}")
