@@ -315,7 +315,38 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-class OutputParser:
+class StreamParser:
+    """What the output parsers share (OutputParser here, harmony.HarmonyParser): text arrives in pieces, `_step`
+    consumes what can be decided of the pending text until it returns False, and content never starts with
+    whitespace."""
+
+    def __init__(self):
+        self._pending = ""
+        self._content_started = False
+
+    def feed(self, text: str) -> ParsedDelta:
+        self._pending = self._take(self._pending + text)
+        delta = ParsedDelta()
+        while self._step(delta):
+            pass
+        return delta
+
+    def _take(self, pending: str) -> str:
+        """The pending text as the parser reads it."""
+        return pending
+
+    def _step(self, delta: ParsedDelta) -> bool:
+        raise NotImplementedError
+
+    def _emit_content(self, delta: ParsedDelta, text: str) -> None:
+        if not self._content_started:
+            text = text.lstrip()
+        if text:
+            delta.content += text
+            self._content_started = True
+
+
+class OutputParser(StreamParser):
     """Splits generated text into reasoning, content and tool calls as it arrives.
 
     Text that may be the start of a marker is held back until it is decided; a tool call is reported whole
@@ -324,23 +355,18 @@ class OutputParser:
 
     def __init__(self, tool_format: str | None = None, tools: list[dict] | None = None,
                  prompt_opened_think: bool = False, parse_reasoning: bool = True):
+        super().__init__()
         self.tool_format = tool_format
         self._call_begin, self._call_end, self._drop = CALL_MARKUP.get(tool_format, (CALL_BEGIN, CALL_END, ()))
         self._raw_arguments = _raw_arguments(tools)
         self._state = "reasoning" if prompt_opened_think else "content"
         self._parse_reasoning = parse_reasoning
         self._at_start = True
-        self._pending = ""
-        self._content_started = False
 
-    def feed(self, text: str) -> ParsedDelta:
-        self._pending += text
+    def _take(self, pending: str) -> str:
         for marker in self._drop:  # markup around the calls (each marker is one token: it arrives whole)
-            self._pending = self._pending.replace(marker, "")
-        delta = ParsedDelta()
-        while self._step(delta):
-            pass
-        return delta
+            pending = pending.replace(marker, "")
+        return pending
 
     def close(self) -> ParsedDelta:
         delta = ParsedDelta()
@@ -400,10 +426,3 @@ class OutputParser:
             delta.tool_calls.append(call)
         self._pending, self._state = p[i + len(self._call_end):], "content"
         return True
-
-    def _emit_content(self, delta: ParsedDelta, text: str) -> None:
-        if not self._content_started:
-            text = text.lstrip()
-        if text:
-            delta.content += text
-            self._content_started = True

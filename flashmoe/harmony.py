@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from .chat import ParsedDelta, ToolCall, _partial_suffix
+from .chat import ParsedDelta, StreamParser, ToolCall, _partial_suffix
 
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")
@@ -26,32 +26,23 @@ _RECIPIENT = re.compile(r"to=(\S+?)(?=\s|<\||$)")
 _CHANNEL = re.compile(re.escape(CHANNEL) + r"\s*([A-Za-z_]+)")
 
 
-class HarmonyParser:
+class HarmonyParser(StreamParser):
     """OutputParser's interface (feed / close -> ParsedDelta) for harmony replies."""
 
     def __init__(self):
-        self._pending = ""
+        super().__init__()
         self._state = "header"
-        self._header = ""
         self._channel = "final"
         self._recipient: str | None = None
         self._body = ""  # a tool call's arguments, gathered until its end
-        self._content_started = False
-
-    def feed(self, text: str) -> ParsedDelta:
-        self._pending += text
-        delta = ParsedDelta()
-        while self._step(delta):
-            pass
-        return delta
 
     def close(self) -> ParsedDelta:
         delta = ParsedDelta()
         rest, self._pending = self._pending, ""
-        if self._state == "body":
-            self._emit(delta, rest if self._recipient is None else "")
-            if self._recipient is not None:  # a call cut short is shown as the text it is
-                self._emit_content(delta, self._body + rest)
+        if self._state == "body" and self._recipient is None:
+            self._emit(delta, rest)
+        elif self._state == "body":  # a call cut short is shown as the text it is
+            self._emit_content(delta, self._body + rest)
         elif self._state == "header" and rest and not rest.lstrip().startswith(("<|", "to=")):
             self._emit_content(delta, rest)
         return delta
@@ -62,7 +53,7 @@ class HarmonyParser:
             i = p.find(MESSAGE)
             if i < 0:
                 stripped = p.lstrip()
-                if stripped and not any(m.startswith(stripped[:len(m)]) for m in (START, CHANNEL, "to=", "<|")):
+                if stripped and not any(m.startswith(stripped[:len(m)]) for m in ("<|", "to=")):
                     # no header at all: plain text, read as the final answer
                     self._channel, self._recipient, self._state = "final", None, "body"
                     return True
@@ -114,10 +105,3 @@ class HarmonyParser:
             delta.tool_calls.append(ToolCall(name, json.dumps(arguments, ensure_ascii=False)))
         else:  # not a well-formed call: keep its text as content rather than lose it
             self._emit_content(delta, self._body)
-
-    def _emit_content(self, delta: ParsedDelta, text: str) -> None:
-        if not self._content_started:
-            text = text.lstrip()
-        if text:
-            delta.content += text
-            self._content_started = True
