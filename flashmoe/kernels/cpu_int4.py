@@ -16,7 +16,7 @@ kernel form adds under a tenth of the store's own quantization error at 2 and 4 
 
 from __future__ import annotations
 
-import math as math_  # `math` names an expert's ExpertMath here
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -62,11 +62,11 @@ class KernelForm:
     nbytes: int
     bits: int
     group_size: int
-    math: ExpertMath = PLAIN  # GPT-OSS: the output biases (kept float32 beside the codes) and the clamped SwiGLU
+    expert_math: ExpertMath = PLAIN  # GPT-OSS: the output biases (kept float32 beside the codes) and the clamped SwiGLU
 
     @classmethod
     def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None,
-                  math: ExpertMath = PLAIN) -> "KernelForm | None":
+                  expert_math: ExpertMath = PLAIN) -> "KernelForm | None":
         """None when the int4 kernel cannot run these experts (they are then dequantized per token). MXFP4 blobs (no
         quantization biases) run as 8-bit affine."""
         segments = {seg.name: seg for seg in blob.segments} if blob is not None else {}
@@ -82,11 +82,11 @@ class KernelForm:
             for part, shape, dtype in (("int4", (rows, k // 2), torch.uint8),
                                        ("scale_zero", (k // group_size, rows, 2), torch.bfloat16)):
                 fields[f"{name}.{part}"] = (offset, shape, dtype)
-                offset = round_up(offset + math_.prod(shape) * dtype.itemsize, SEGMENT_ALIGN)
+                offset = round_up(offset + math.prod(shape) * dtype.itemsize, SEGMENT_ALIGN)
             if "gate_up.bias" in segments:
                 fields[f"{name}.bias"] = (offset, (n,), torch.float32)
                 offset = round_up(offset + n * 4, SEGMENT_ALIGN)
-        return cls(blob, fields, round_up(offset, BLOCK_BYTES), bits, group_size, math)
+        return cls(blob, fields, round_up(offset, BLOCK_BYTES), bits, group_size, expert_math)
 
     @property
     def slot_bytes(self) -> int:
@@ -94,7 +94,7 @@ class KernelForm:
         return max(self.nbytes, self.blob.blob_bytes)
 
     def views(self, slot: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: slot[offset : offset + math_.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        return {name: slot[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 for name, (offset, shape, dtype) in self.fields.items()}
 
     def prepare(self, slot: torch.Tensor) -> None:
@@ -112,7 +112,7 @@ class KernelForm:
                 views[name].copy_(raw[name])
 
     def forward(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        return expert_forward(x, self.views(slot), self.bits, self.group_size, self.math)
+        return expert_forward(x, self.views(slot), self.bits, self.group_size, self.expert_math)
 
 
 # ---- torch's packed layout ------------------------------------------------------------------------
@@ -236,14 +236,14 @@ def linear(x: torch.Tensor, form: dict[str, torch.Tensor], name: str, bits: int,
 
 
 def expert_forward(x: torch.Tensor, form: dict[str, torch.Tensor], bits: int, group_size: int,
-                   math: ExpertMath = PLAIN) -> torch.Tensor:
+                   expert_math: ExpertMath = PLAIN) -> torch.Tensor:
     """One expert's SwiGLU MLP on rows x [T, H] (any float dtype) -> [T, H] in x's dtype; with the form's output
-    biases and `math`'s activation where it has them (GPT-OSS)."""
+    biases and `expert_math`'s activation where it has them (GPT-OSS)."""
     h = linear(x.to(torch.bfloat16).contiguous(), form, "gate_up", bits, group_size).float()
     if "gate_up.bias" in form:
         h = h + form["gate_up.bias"]
     gate, up = h.chunk(2, dim=-1)
-    y = linear(math.activation(gate, up).to(torch.bfloat16), form, "down", bits, group_size)
+    y = linear(expert_math.activation(gate, up).to(torch.bfloat16), form, "down", bits, group_size)
     return (y.float() + form["down.bias"] if "down.bias" in form else y).to(x.dtype)
 
 
