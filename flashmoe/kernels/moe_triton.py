@@ -56,11 +56,10 @@ class QuantBlob:
     down_scales: int
     down_biases: int
     scale_kind: int = 0  # SCALE_FP16 | SCALE_BF16 (MLX imports) | SCALE_E8M0 (MXFP4) | SCALE_FP32 (FP8); no biases: the last two
-    # GPT-OSS: the projections' output biases (float32 [2I] and [H] in the blob) and the clamped SwiGLU (act 1)
+    # GPT-OSS: the projections' output biases (float32 [2I] and [H] in the blob) and the clamped SwiGLU (limit > 0)
     bias: bool = False
     gate_up_bias: int = 0
     down_bias: int = 0
-    act: int = 0
     limit: float = 0.0
     alpha: float = 1.0
 
@@ -74,18 +73,22 @@ class QuantBlob:
         return cls(
             hidden=packed_h * 8 // bits, intermediate=two_i // 2, bits=bits, group_size=group_size,
             blob_bytes=layout.blob_bytes, scale_kind=kind, bias="gate_up.bias" in seg,
-            act=1 if math is not None and math.limit else 0, limit=math.limit if math is not None else 0.0,
-            alpha=math.alpha if math is not None else 1.0,
+            limit=math.limit if math is not None else 0.0, alpha=math.alpha if math is not None else 1.0,
             **{name.replace(".", "_"): seg[name].offset if name in seg else 0 for name in
                ("gate_up.packed", "gate_up.scales", "gate_up.biases", "down.packed", "down.scales", "down.biases",
                 "gate_up.bias", "down.bias")},
         )
 
     @property
+    def act(self) -> int:
+        """The kernels' ACT: 1 for the clamped SwiGLU, 0 for the plain one."""
+        return 1 if self.limit else 0
+
+    @property
     def math(self):
         from .moe import ExpertMath  # moe.py -> linear.py -> affine.py -> this module
 
-        return ExpertMath(self.bias, self.limit if self.act else 0.0, self.alpha)
+        return ExpertMath(self.bias, self.limit, self.alpha)
 
     @property
     def block_k(self) -> int:
