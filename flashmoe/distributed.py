@@ -115,7 +115,9 @@ class Pipeline:
 
     def shared_seed(self) -> int:
         """A seed drawn on rank 0 and used by all: sampling must pick the same token on every rank."""
-        return self.gather(random.randrange(2**63) if self.first else None)[0]
+        seed = [random.randrange(2**63) if self.first else None]
+        dist.broadcast_object_list(seed, src=0)  # rank 0's alone travels (a gather would send every rank's)
+        return seed[0]
 
 
 def local_device_index() -> int:
