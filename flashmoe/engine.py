@@ -100,7 +100,6 @@ class Model:
             ranks = pipeline.gather((str(self.device), capacity[0]))
             devices, capacity = [torch.device(d) for d, _ in ranks], [c for _, c in ranks]
         blocks = placement.plan(cfg, devices, store.expert_blob_bytes, store.resident_bytes, capacity)
-        self.blocks = blocks
         mine = range(len(blocks)) if pipeline is None else [pipeline.rank]
         last = len(blocks) - 1
         tied = cfg.tie_word_embeddings and len(blocks) > 1  # the last block's head is the first one's embedding
