@@ -1,11 +1,13 @@
 """CPU decode and prompt speed of each expert path and resident format, side by side in one process.
 
-    python benchmarks/cpu_paths.py [--layers 8] [--experts 256] [--bits 8,4] [--threads 16] [--out RESULTS.md]
+    python benchmarks/cpu_paths.py [--layers 8] [--experts 256] [--bits 8,4] [--threads 16] [--paths ours,int4]
+                                   [--out RESULTS.md]
 
 A random-weight store with the Qwen3.5-35B-A3B geometry (hidden 2048, experts of 512, K=8, shared expert,
 DeltaNet + gated attention, the real 248k vocabulary) is written per bit width; every expert is then cached
-in RAM and each configuration is timed on the same store: the expert path ("dequantize": every expert to
-float per token, as before torch's int4 kernel; "int4 kernel": kernels/cpu_int4.py) and the resident format.
+in RAM and each configuration is timed on the same store: the kernels ("dequantize": every expert to float per
+token, as before torch's int4 kernel; "int4": torch's int4 kernel, kernels/cpu_int4.py; "ours": kernels/cpu_native.c,
+experts and residents) and the resident format.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 import flashmoe
-from flashmoe.kernels import cpu_int4
+from flashmoe.kernels import cpu_int4, cpu_native
 from flashmoe.synthetic import QWEN3_5_35B, write_random_store
 from common import publish, section, timed_decode
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--formats", default="float,bf16,int8,int4")
+    ap.add_argument("--paths", default="dequantize,int4,ours")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -59,12 +62,19 @@ def main() -> None:
         for bits in map(int, args.bits.split(",")):
             store = write_random_store(Path(tmp) / f"store{bits}", cfg, bits=bits, group_size=args.group_size,
                                        device="cuda" if torch.cuda.is_available() else "cpu")
-            real_for_store = cpu_int4.KernelForm.for_store
-            configs = [("dequantize", "float")] + [("int4 kernel", f) for f in args.formats.split(",")]
+            real_for_store, real_library = cpu_int4.KernelForm.for_store, cpu_native.library
+            paths = args.paths.split(",")
+            configs = [(p, "float") for p in paths if p == "dequantize"]
+            configs += [(p, f) for p in paths if p != "dequantize" for f in args.formats.split(",")]
             for path, fmt in configs:
-                cpu_int4.KernelForm.for_store = (lambda *a, **k: None) if path == "dequantize" else real_for_store
-                r = measure(store, fmt, args.tokens, args.prompt_tokens)
-                cpu_int4.KernelForm.for_store = real_for_store
+                if path == "dequantize":
+                    cpu_int4.KernelForm.for_store = lambda *a, **k: None
+                if path != "ours":
+                    cpu_native.library = lambda: None
+                try:
+                    r = measure(store, fmt, args.tokens, args.prompt_tokens)
+                finally:
+                    cpu_int4.KernelForm.for_store, cpu_native.library = real_for_store, real_library
                 print(bits, path, fmt, {k: round(v, 2) for k, v in r.items()}, flush=True)
                 layer_ms = r["attention_ms"] + r["routing_ms"] + r["expert_compute_ms"]
                 at_real = 1e3 / (r["decode_ms"] + (REAL_LAYERS - args.layers) * layer_ms)

@@ -225,9 +225,10 @@ def fresh_cgroup(name: str, memory_gb: float) -> Path:
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------
-def build_llama(tgz: Path, root: Path, cuda_arch: str) -> dict:
-    """Unpack and build llama.cpp once per --root; the build's flags and seconds are kept beside it."""
-    src, build = root / "llama.cpp", root / "llama.cpp" / "build"
+def build_llama(tgz: Path, root: Path, cuda_arch: str, want_cuda: bool = True) -> dict:
+    """Unpack and build llama.cpp once per --root (with CUDA where there is a GPU and a GPU regime asks for it: a
+    CPU-only build takes a fraction of the time); the build's flags and seconds are kept beside it."""
+    src, build = root / "llama.cpp", root / "llama.cpp" / ("build" if want_cuda else "build-cpu")
     marker = build / "peers-build.json"
     if marker.exists() and all((build / "bin" / b).exists() for b in LLAMA_BINARIES):
         info = json.loads(marker.read_text())
@@ -236,7 +237,7 @@ def build_llama(tgz: Path, root: Path, cuda_arch: str) -> dict:
     if not src.exists():
         subprocess.run(["tar", "xzf", tgz, "-C", root], check=True)
     nvcc = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if Path(p).exists()), None)
-    cuda = nvcc is not None and nvidia_smi("name") is not None
+    cuda = want_cuda and nvcc is not None and nvidia_smi("name") is not None
     flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
     flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda \
@@ -262,7 +263,8 @@ def convert_gguf(src: Path, ckpt: Path, out: Path, bits: int, log_dir: Path) -> 
     run_logged([sys.executable, "-c", CONVERT_GGUF, src, ckpt, "--outfile", first,
                 "--outtype", "q8_0" if bits == 8 else "bf16", "--no-mtp"], log_dir / "convert-gguf.log", env)
     if bits == 4:
-        run_logged([src / "build/bin/llama-quantize", first, partial, "Q4_0"], log_dir / "quantize.log")
+        quantize = next(q for q in (src / "build/bin/llama-quantize", src / "build-cpu/bin/llama-quantize") if q.exists())
+        run_logged([quantize, first, partial, "Q4_0"], log_dir / "quantize.log")
         first.unlink()
         first = partial
     first.rename(out)
@@ -504,8 +506,10 @@ def main() -> None:
     args.root = args.root.resolve()
     (args.root / "logs").mkdir(parents=True, exist_ok=True)
 
-    build = build_llama(args.llama_src.resolve(), args.root, args.cuda_arch)
-    src, bin_dir = args.root / "llama.cpp", args.root / "llama.cpp" / "build" / "bin"
+    want_cuda = any(REGIMES[r].needs_cuda for r in regimes)
+    build = build_llama(args.llama_src.resolve(), args.root, args.cuda_arch, want_cuda)
+    src = args.root / "llama.cpp"
+    bin_dir = src / ("build" if want_cuda else "build-cpu") / "bin"
     gguf_path, store, info = prepare_models(args, src)
     if args.prepare_only:
         say(f"prepared under {args.root}: {json.dumps(info)}")

@@ -26,6 +26,7 @@ from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
+from .kernels.cpu_native import NativeExperts
 from .kernels.moe import ExpertMath
 from .models import family_of
 from .quant import QuantizedTensor
@@ -124,10 +125,13 @@ class Model:
             experts_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
             vram_budgets = [int((vram_cache_bytes or 0) * n / max(1, sum(experts_of))) for n in experts_of]
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
-        # on the CPU, RAM slots hold each expert in the form torch's int4 kernel reads (prepared as it lands)
-        kernel_form = None if on_gpu else KernelForm.for_store(
-            store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
-            store.quantization["group_size"], ExpertMath.of(cfg))
+        # on the CPU, RAM slots hold each expert in the form the kernels read: the blob as stored for ours, else
+        # torch's int4 layout (prepared as it lands)
+        kernel_form = None
+        if not on_gpu:
+            form_args = (store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
+                         store.quantization["group_size"], ExpertMath.of(cfg))
+            kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
         self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
         for i in mine:
             block, part, vram_bytes = blocks[i], parts[i], vram_budgets[i]

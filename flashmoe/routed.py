@@ -1,7 +1,9 @@
 """One layer's routed experts: fetch the chosen ones through the tiers and run them.
 
-CPU: each expert runs as its read lands, through torch's int4 kernel from the kernel form its RAM slot holds
-(kernels/cpu_int4.py), or dequantized (torch) where that kernel does not fit the store. GPU: the batch's blobs are copied
+CPU: a layer's experts run in one call of our kernels (kernels/cpu_native.py) over the blobs in their RAM slots, once
+they are all there; where those kernels are not built, each expert runs as its read lands, through torch's int4
+kernel from the kernel form its RAM slot holds (kernels/cpu_int4.py), or dequantized (torch) where that kernel does
+not fit the store. GPU: the batch's blobs are copied
 into VRAM slots and two Triton launches run them all (gate+up with SwiGLU, then down with the routing
 weights and the sum over experts); unquantized stores and odd group sizes take the torch path over the
 same VRAM slots. The shared expert is queued while the reads are in flight.
@@ -17,6 +19,7 @@ import torch
 
 from .experts import ExpertFetcher
 from .kernels import fused, moe_triton
+from .kernels.cpu_native import NativeExperts
 from .kernels.moe import ExpertMath, expert_biases, expert_weights, routed_experts, swiglu_mlp
 from .store import Store
 
@@ -82,6 +85,8 @@ class RoutedExperts:
                  shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
         """shared() + sum_k weights[t, k] * expert_{ids[t, k]}(h[t]); ids/weights [T, K] from the router; shared()
         may be None (no shared expert)."""
+        if isinstance(self.fetcher.kernel_form, NativeExperts):
+            return self._run_native(layer, h, ids, weights, shared, times)
         resident = self.fetcher.resident_slots() if ids.shape[0] == 1 and self.decode_kernels else None
         if resident is not None:  # every expert resident: no host sync, the GPU looks the slots up
             t0 = self._clock()
@@ -112,6 +117,41 @@ class RoutedExperts:
             times.io_wait_ms += (t2 - t1) * 1e3 if self.device.type == "cuda" else f.wait_ms
             times.compute_ms += (t1 - t0) * 1e3 + (t3 - t2) * 1e3
         return out
+
+    def _run_native(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
+        """CPU, our kernels (kernels/cpu_native.py): the layer's experts in one call when the RAM cache holds them
+        all (a decoded token's usual case), else one call per expert as its read lands, summed in expert order."""
+        k = ids.shape[1]
+        if ids.shape[0] == 1:  # one token: no grouping ops, its K experts ascending
+            order = sorted(range(k), key=ids[0].tolist().__getitem__)
+            chosen = [int(ids[0, i]) for i in order]
+            pair_row, starts = torch.tensor(order), list(range(k + 1))
+        else:
+            pairs = ExpertPairs.of(ids)
+            chosen = pairs.experts
+            pair_row, starts = pairs.batch(chosen)
+        token, weight = pair_row // k, weights.reshape(-1)[pair_row]
+        batch = len(chosen) if self.fetcher.all_cached(layer, chosen) else self.fetcher.batch_experts
+        out, y = None, None
+        for b in range(0, len(chosen), batch):
+            t0 = time.perf_counter()
+            with self.fetcher.fetch(layer, chosen[b : b + batch]) as f:
+                if b == 0:
+                    out = shared()  # computed while the reads are in flight
+                y = self._native_batch(f, starts[b : b + batch + 1], token, weight, h, y)
+            times.io_wait_ms += f.wait_ms
+            times.compute_ms += (time.perf_counter() - t0) * 1e3 - f.wait_ms
+        return _plus(out, y.to(h.dtype))
+
+    def _native_batch(self, f, starts: list[int], token, weight, h, y) -> torch.Tensor:
+        """One fetch's experts in one call, once their blobs are all in RAM, added into y (the batches before): the
+        sums then have one order whatever was cached, so a layer's result does not depend on the cache's state
+        (one token's experts are a few ms of reads against ~0.1 ms of compute, so little overlap is lost)."""
+        slot_of = dict(self.fetcher.arrivals(f))
+        pairs = slice(starts[0], starts[-1])
+        return self.fetcher.kernel_form.run(h, [slot_of[e] for e in f.experts], [s - starts[0] for s in starts],
+                                            token[pairs], weight[pairs], y)
 
     def _mlp(self, slot: torch.Tensor, dtype: torch.dtype):
         """The expert in `slot` as a function of its rows of input: through the CPU int4 kernel when the slot holds

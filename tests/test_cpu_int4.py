@@ -1,5 +1,6 @@
-"""The CPU expert path: our packing equals torch's int4 packing op, the kernel form of an expert computes what the
-store's dequantized expert computes (within the stated bf16 bounds), and the engine uses it on the CPU."""
+"""The CPU expert path through torch's int4 kernel (where our own kernels are not built): our packing equals torch's
+int4 packing op, the kernel form of an expert computes what the store's dequantized expert computes (within the
+stated bf16 bounds), and the engine uses it on the CPU."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import torch
 
 import flashmoe
 from flashmoe.convert import expert_tensors
-from flashmoe.kernels import cpu_int4
+from flashmoe.kernels import cpu_int4, cpu_native
 from flashmoe.kernels.moe import expert_weights, swiglu_mlp
 from flashmoe.store import BlobLayout
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 23, 84]
+
+
+@pytest.fixture(autouse=True)
+def without_our_kernels(monkeypatch):
+    """These tests are of torch's path: what a machine without a C compiler runs (tests/test_cpu_native.py: ours)."""
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
 
 
 @pytest.mark.parametrize("n,k", [(16, 64), (48, 64), (80, 96), (96, 256), (1040, 64), (128, 512)])

@@ -13,19 +13,28 @@ PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
 def _interrupt_after(calls: int, monkeypatch, take_one_arrival: bool):
-    """Make the routed-expert compute raise KeyboardInterrupt on its `calls`-th use, as Ctrl-C would."""
-    real = flashmoe.routed.routed_experts
+    """Make the routed-expert compute raise KeyboardInterrupt on its `calls`-th use, as Ctrl-C would (torch's path
+    and our kernels' alike)."""
+    real, real_native = flashmoe.routed.routed_experts, flashmoe.routed.RoutedExperts._native_batch
     seen = {"n": 0}
 
-    def interrupted(h, ids, weights, arriving):
+    def interrupt(arriving):
         seen["n"] += 1
         if seen["n"] == calls:
             if take_one_arrival:  # some reads landed, the rest are still in flight
                 next(iter(arriving))
             raise KeyboardInterrupt
+
+    def interrupted(h, ids, weights, arriving):
+        interrupt(arriving)
         return real(h, ids, weights, arriving)
 
+    def interrupted_native(self, f, *args):
+        interrupt(self.fetcher.arrivals(f))
+        return real_native(self, f, *args)
+
     monkeypatch.setattr(flashmoe.routed, "routed_experts", interrupted)
+    monkeypatch.setattr(flashmoe.routed.RoutedExperts, "_native_batch", interrupted_native)
 
 
 @pytest.mark.parametrize("cache_gb", [0, 0.002])

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import mxfp4
 from ..quant import QuantizedTensor, quantize, unpack
 from .affine import AffineMatrix, RowStack
+from .cpu_native import NativeMatrix
 from .moe import PLAIN, ExpertMath
 from ..store import BLOCK_BYTES, SEGMENT_ALIGN, BlobLayout, round_up
 
@@ -309,16 +310,17 @@ RESIDENT_FORMATS = ("float", "bf16", "int8", "int4")
 
 
 def compress_matrix(weight, resident_format: str):
-    """A resident projection weight in `resident_format` (see RESIDENT_FORMATS); shapes the kernel cannot take stay
-    float. A matrix the store keeps quantized keeps its own codes (the kernel form, else dequantized once)."""
+    """A resident projection weight in `resident_format` (see RESIDENT_FORMATS), multiplied by our kernels
+    (kernels/cpu_native.py) where they are built, else by torch's int4 one; shapes neither takes stay float. A matrix the store keeps quantized keeps its own codes (the kernel form, else dequantized once)."""
     if isinstance(weight, RowStack):
         return RowStack([compress_matrix(p, resident_format) for p in weight.parts])
     if isinstance(weight, AffineMatrix):
-        packed = PackedMatrix.from_quantized(weight.q)
+        packed = NativeMatrix.from_quantized(weight.q) or PackedMatrix.from_quantized(weight.q)
         return weight.dequantize() if packed is None else packed
     if resident_format == "bf16":
         return Bf16Matrix(weight.to(torch.bfloat16))
     if resident_format in ("int8", "int4"):
-        packed = PackedMatrix.from_float(weight, 8 if resident_format == "int8" else 4, 32)
+        bits = 8 if resident_format == "int8" else 4
+        packed = NativeMatrix.from_float(weight, bits, 32) or PackedMatrix.from_float(weight, bits, 32)
         return weight if packed is None else packed
     return weight

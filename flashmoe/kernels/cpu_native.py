@@ -1,0 +1,226 @@
+"""The CPU path's own kernels (cpu_native.c): products of float32 activations with matrices in the store's affine
+format, read where they lie, and a layer's routed experts in one call.
+
+Why our own: torch's int4 kernel wants its own packed layout (a prepare per expert as it lands, and RAM slots 11%
+larger at 8 bits), reads ~24 GB/s of a 16-core machine's 115 at one token, and a layer took ~50 torch ops, each an
+OpenMP fork/join. Here a layer's experts are one call, one parallel region.
+
+The C file is compiled on first use with the system's C compiler (`$CC`, else cc) for this machine
+(-O3 -march=native -fopenmp) into ~/.cache/flashmoe (or $FLASHMOE_CACHE_DIR), keyed by the source, the compiler
+and the CPU. Without a compiler, or with FLASHMOE_NATIVE=0, `library()` is None and the CPU path uses torch's int4
+kernel (kernels/cpu_int4.py). Its OpenMP is torch's own runtime: both name libgomp.so.1, which the loader shares.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import QuantizedTensor, dequantize, quantize
+from ..store import BlobLayout
+from .moe import PLAIN, ExpertMath
+
+SOURCE = Path(__file__).with_name("cpu_native.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# above this many rows a float GEMM over the dequantized matrix wins (the kernel is a dot per row and token)
+KERNEL_MAX_ROWS = 64
+
+
+class Matrix(ctypes.Structure):
+    """fm_matrix: where a matrix's codes, scales, biases (and output bias) sit, as byte offsets from a base."""
+
+    _fields_ = [("packed", ctypes.c_int64), ("scales", ctypes.c_int64), ("biases", ctypes.c_int64),
+                ("bias", ctypes.c_int64), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("group", ctypes.c_int32), ("bf16", ctypes.c_int32)]
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FLASHMOE_CACHE_DIR") or Path.home() / ".cache" / "flashmoe"
+    return Path(root) / "native"
+
+
+def _compile(cc: str, out: Path) -> str | None:
+    """Build the library at `out` (atomically); the compiler's complaint on failure, else None."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(lib), "-lm"], capture_output=True, text=True)
+        if run.returncode:
+            return (run.stderr.strip().splitlines() or ["failed"])[-1]
+        os.replace(lib, out)
+    return None
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built here on first use; None where they cannot be (said once on stderr)."""
+    if os.environ.get("FLASHMOE_NATIVE", "1") == "0":
+        return None
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        print(f"flashmoe: no C compiler ({cc}); the CPU path uses torch's kernels (slower). Install gcc, or set CC.",
+              file=sys.stderr)
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    path = _cache_dir() / f"cpu_native-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            error = _compile(cc, path)
+        except OSError as e:
+            error = str(e)
+        if error:
+            print(f"flashmoe: could not build the CPU kernels ({error}); using torch's (slower).", file=sys.stderr)
+            return None
+    lib = ctypes.CDLL(str(path))
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    mat = ctypes.POINTER(Matrix)
+    lib.fm_linear.argtypes = [mat, i32, ptr, ptr, ptr, ptr, i32]
+    lib.fm_linear.restype = None
+    lib.fm_moe.argtypes = [mat, mat, i32, ptr, ptr, ptr, ptr, i32, ptr, f32, f32, ptr, i32, ptr, ptr, ptr, ptr, ptr,
+                           i32]
+    lib.fm_moe.restype = None
+    return lib
+
+
+def fits(bits: int, group_size: int, k: int) -> bool:
+    """Whether the kernels take a matrix of `k` inputs with these codes: their vector loops read 32 inputs a step at
+    4 bits, 16 at 8, 4 at 2, never across a group."""
+    step = {4: 32, 8: 16, 2: 4}.get(bits)
+    return step is not None and group_size % step == 0 and k % group_size == 0
+
+
+_SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+# ---- resident matrices ---------------------------------------------------------------------------
+@dataclass
+class NativeMatrix:
+    """A resident [N, K] weight kept group-wise affine (quantized at load, or an MLX import's own codes), multiplied
+    by fm_linear for a few rows of input and by a float GEMM over its dequantized copy for many."""
+
+    q: QuantizedTensor
+    matrix: Matrix
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor) -> "NativeMatrix | None":
+        """None when the kernels cannot take it (codes or scales they do not read, or groups that do not fit)."""
+        n, k = q.shape
+        if (library() is None or q.biases is None or q.scales.dtype not in _SCALE_DTYPES
+                or q.packed.device.type != "cpu" or not fits(q.bits, q.group_size, k)):
+            return None
+        q = QuantizedTensor(q.packed.contiguous(), q.scales.contiguous(), q.biases.contiguous(), q.bits, q.group_size)
+        m = Matrix(_ptr(q.packed), _ptr(q.scales), _ptr(q.biases), -1, n, k, q.bits, q.group_size,
+                   _SCALE_DTYPES[q.scales.dtype])
+        return cls(q, m)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> "NativeMatrix | None":
+        if not fits(bits, group_size, weight.shape[1]):
+            return None
+        return cls.from_quantized(quantize(weight, bits, group_size))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        n, k = self.shape
+        rows = x.reshape(-1, k)
+        if rows.shape[0] > KERNEL_MAX_ROWS:
+            y = F.linear(rows.float(), dequantize(self.q))
+        else:
+            rows = rows.float().contiguous()
+            y = torch.empty(rows.shape[0], n)
+            xa, xs = torch.empty_like(rows), torch.empty(rows.shape[0], k // self.q.group_size)
+            library().fm_linear(ctypes.byref(self.matrix), rows.shape[0], _ptr(rows), _ptr(y), _ptr(xa), _ptr(xs),
+                                torch.get_num_threads())
+        return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+# ---- routed experts -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NativeExperts:
+    """A store's experts as the kernels read them: the blob as stored, so a RAM slot holds exactly what was read
+    (`prepare` has nothing to do). `run` multiplies a layer's (token, expert) pairs through their slots in one call."""
+
+    gate_up: Matrix
+    down: Matrix
+    blob: BlobLayout
+    group_size: int
+    expert_math: ExpertMath = PLAIN
+
+    @classmethod
+    def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None,
+                  expert_math: ExpertMath = PLAIN) -> "NativeExperts | None":
+        """None when the kernels cannot run these experts (unquantized, MXFP4 or FP8 codes, or groups they do not
+        fit): kernels/cpu_int4.py's form takes those."""
+        if library() is None or bits is None or blob is None:
+            return None
+        seg = {s.name: s for s in blob.segments}
+        matrices = []
+        for name, (n, k) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+            parts = [seg.get(f"{name}.{p}") for p in ("packed", "scales", "biases")]
+            if None in parts or parts[1].dtype not in ("float16", "bfloat16") or not fits(bits, group_size, k):
+                return None
+            bias = seg.get(f"{name}.bias")
+            matrices.append(Matrix(parts[0].offset, parts[1].offset, parts[2].offset,
+                                   -1 if bias is None else bias.offset, n, k, bits, group_size,
+                                   int(parts[1].dtype == "bfloat16")))
+        return cls(*matrices, blob, group_size, expert_math)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.blob.blob_bytes
+
+    def prepare(self, slot: torch.Tensor) -> None:
+        """Nothing: the kernels read the blob as stored."""
+
+    def run(self, x: torch.Tensor, slots: list[torch.Tensor], first: list[int], token: torch.Tensor,
+            weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] (+)= sum over pairs p of token t: weight[p] * expert(x[t]), where expert e's pairs are
+        first[e]..first[e+1] and its blob is slots[e]. x [T, H] -> [T, H] float32: a new tensor, or added into `out`,
+        element by element in the order one call over all the experts would have used."""
+        t, hidden = x.shape
+        inter, pairs, g = self.down.k, first[-1], self.group_size
+        x = x.float().contiguous()
+        experts = torch.tensor([_ptr(s) for s in slots], dtype=torch.int64)
+        first_t = torch.tensor(first, dtype=torch.int32)
+        token = token.to(torch.int32).contiguous()
+        weight = weight.float().contiguous()
+        accumulate = out is not None
+        if out is None:
+            out = torch.empty(t, hidden)
+        assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
+        scratch = (torch.empty(t, hidden), torch.empty(t, hidden // g), torch.empty(pairs, 2 * inter),
+                   torch.empty(pairs, inter), torch.empty(pairs, inter // g))
+        math = self.expert_math
+        library().fm_moe(ctypes.byref(self.gate_up), ctypes.byref(self.down), len(slots), _ptr(experts),
+                         _ptr(first_t), _ptr(token), _ptr(weight), t, _ptr(x), math.limit, math.alpha, _ptr(out),
+                         int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
+        return out

@@ -1,0 +1,200 @@
+"""Our CPU kernels (kernels/cpu_native.c): they compute exactly what the store's codes hold (float32 products of the
+dequantized weights, to float rounding), on odd shapes and every code width and scale type they take, the same on
+any number of threads; the engine uses them on the CPU and falls back to torch's kernels, saying so once, where
+they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashmoe
+from flashmoe.kernels import cpu_native
+from flashmoe.kernels.moe import ExpertMath, routed_experts, swiglu_mlp
+from flashmoe.quant import dequantize, quantize
+from flashmoe.store import BlobLayout
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 23, 84]
+
+pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler to build the CPU kernels")
+
+
+def _close(y: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
+    assert ((y - reference).norm() / reference.norm()).item() < rel
+
+
+# (bits, group, rows, inputs): every code width, the smallest and larger groups each takes, row counts that leave
+# a remainder after the kernel's blocks of 4 and 16 rows
+MATRICES = [(4, 32, 13, 96), (4, 64, 48, 256), (4, 128, 61, 384), (8, 16, 7, 80), (8, 32, 33, 256), (8, 64, 16, 128),
+            (2, 8, 19, 72), (2, 32, 40, 128)]
+
+
+@pytest.mark.parametrize("bits,group,rows,inputs", MATRICES)
+@pytest.mark.parametrize("scales", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, cpu_native.KERNEL_MAX_ROWS + 2])
+def test_matrix_product_is_the_dequantized_one(bits, group, rows, inputs, scales, tokens):
+    gen = torch.Generator().manual_seed(bits * 1000 + group + rows)
+    q = quantize(torch.randn(rows, inputs, generator=gen), bits, group)
+    q.scales, q.biases = q.scales.to(scales), q.biases.to(scales)  # an MLX import's residents carry bf16 ones
+    matrix = cpu_native.NativeMatrix.from_quantized(q)
+    x = torch.randn(tokens, inputs, generator=gen)
+    _close(matrix(x), x @ dequantize(q).T)
+
+
+def test_matrices_the_kernels_cannot_read_are_refused():
+    assert cpu_native.NativeMatrix.from_float(torch.randn(16, 48), 4, 16) is None  # 4-bit groups step by 32 inputs
+    assert cpu_native.NativeMatrix.from_float(torch.randn(16, 96), 8, 64) is None  # groups must divide the inputs
+    q = quantize(torch.randn(16, 64), 4, 32)
+    q.biases = None  # MXFP4: no biases
+    assert cpu_native.NativeMatrix.from_quantized(q) is None
+
+
+def _experts(n: int, hidden: int, inter: int, bits: int, group: int, math: ExpertMath, seed: int):
+    """n random experts as store blobs (with GPT-OSS's output biases when `math` has them), and their dequantized
+    weights."""
+    gen = torch.Generator().manual_seed(seed)
+    blobs, weights = [], []
+    for _ in range(n):
+        tensors = {}
+        for name, shape in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+            q = quantize(torch.randn(*shape, generator=gen) * 0.1, bits, group)
+            tensors.update({f"{name}.packed": q.packed, f"{name}.scales": q.scales, f"{name}.biases": q.biases})
+            if math.bias:
+                tensors[f"{name}.bias"] = torch.randn(shape[0], generator=gen)
+            weights.append(dequantize(q))
+        layout = BlobLayout.for_tensors(tensors)
+        blobs.append(torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8))
+        if math.bias:
+            weights.append((tensors["gate_up.bias"], tensors["down.bias"]))
+    per = 3 if math.bias else 2
+    return layout, blobs, [tuple(weights[i : i + per]) for i in range(0, len(weights), per)]
+
+
+@pytest.mark.parametrize("bits,group,hidden,inter", [(4, 32, 96, 64), (8, 16, 80, 48), (4, 64, 128, 192), (2, 8, 72, 40)])
+@pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_a_layers_experts_are_the_dequantized_ones(bits, group, hidden, inter, math, tokens):
+    n, k = 6, 3
+    layout, blobs, weights = _experts(n, hidden, inter, bits, group, math, seed=bits + hidden + tokens)
+    form = cpu_native.NativeExperts.for_store(layout, hidden, inter, bits, group, math)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
+    routing = torch.rand(tokens, k, generator=gen)
+
+    def mlp(e):
+        gate_up, down, *biases = weights[e]
+        return lambda rows: swiglu_mlp(rows, gate_up, down, math, tuple(biases[0]) if biases else (None, None))
+
+    reference = routed_experts(x, ids, routing, ((e, mlp(e)) for e in range(n)))
+    # the pairs grouped by expert, as routed.py hands them over
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    chosen = sorted(set(flat.tolist()))
+    first = [0]
+    for e in chosen:
+        first.append(first[-1] + int((flat == e).sum()))
+    token, weight = order // k, routing.reshape(-1)[order]
+    y = form.run(x, [blobs[e] for e in chosen], first, token, weight)
+    _close(y, reference)
+    # the same layer in two calls, the second adding into the first's output: the same bits
+    half = len(chosen) // 2
+    split = form.run(x, [blobs[e] for e in chosen[:half]], first[: half + 1], token, weight)
+    rest = slice(first[half], first[-1])
+    form.run(x, [blobs[e] for e in chosen[half:]], [f - first[half] for f in first[half:]], token[rest], weight[rest],
+             out=split)
+    assert torch.equal(split, y)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    layout, blobs, _ = _experts(4, 128, 64, 4, 32, ExpertMath(), seed=7)
+    form = cpu_native.NativeExperts.for_store(layout, 128, 64, 4, 32)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    run = lambda: form.run(x, blobs, [0, 2, 3, 5, 6], torch.tensor([0, 1, 2, 0, 1, 2]), torch.rand(6))  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        torch.manual_seed(0)
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_forms_the_kernels_do_not_read_are_left_to_torch():
+    layout, *_ = _experts(1, 96, 64, 4, 32, ExpertMath(), seed=1)
+    assert cpu_native.NativeExperts.for_store(layout, 96, 64, None, None) is None  # unquantized
+    assert cpu_native.NativeExperts.for_store(layout, 96, 64, 4, 16) is None  # a group they do not step by
+
+
+@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 8), ("gpt_oss", 4), ("qwen3_moe", 2)])
+def test_engine_runs_the_layers_experts_through_our_kernels(built, monkeypatch, arch, bits):
+    """With float residents both paths are float32 products of the same dequantized experts: equal to rounding."""
+    store = built.store(arch, bits)
+    with flashmoe.load(store, cache_gb=1, resident_format="float") as model:
+        assert isinstance(model.fetcher.kernel_form, cpu_native.NativeExperts)
+        ours = model.logits(PROMPT)  # reads land one by one: a call per expert
+        again = model.logits(PROMPT)  # all in the RAM cache: one call per layer
+        tokens = list(model.generate(PROMPT, 4))  # one token at a time
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    from flashmoe.kernels import cpu_int4
+    monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    with flashmoe.load(store, cache_gb=1, resident_format="float") as dequantizing:
+        assert dequantizing.fetcher.kernel_form is None
+        reference = dequantizing.logits(PROMPT)
+        assert list(dequantizing.generate(PROMPT, 4)) == tokens
+    _close(ours, reference, 1e-4)
+    _close(again, ours, 1e-5)
+
+
+def test_engine_keeps_residents_quantized_in_our_form(built):
+    with flashmoe.load(built.store("qwen3_5_moe", 8), resident_format="float") as exact:
+        reference = exact.logits(PROMPT)
+    with flashmoe.load(built.store("qwen3_5_moe", 8)) as model:  # the CPU default: int8
+        assert any(isinstance(w, cpu_native.NativeMatrix) for w in model.model.w.values())
+        assert isinstance(model.model.lm_head, cpu_native.NativeMatrix)
+        ours = model.logits(PROMPT)
+    assert (ours - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_without_a_compiler_the_cpu_path_says_so_once_and_uses_torch(built, monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is None
+        assert cpu_native.library() is None
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and "no C compiler" in err and "torch's kernels" in err
+        with flashmoe.load(built.store("qwen3_5_moe", 4)) as model:
+            assert type(model.fetcher.kernel_form).__name__ == "KernelForm"
+    finally:
+        cpu_native.library.cache_clear()
+
+
+def test_a_compiler_that_fails_is_reported_and_nothing_half_built_is_kept(monkeypatch, tmp_path, capfd):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                  "echo 'fatal: broken' >&2; touch \"$(eval echo \\${$(($#-1))})\"; exit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is None
+        assert "could not build the CPU kernels (fatal: broken)" in capfd.readouterr().err
+        assert not list((tmp_path / "cache").rglob("*.so"))
+    finally:
+        cpu_native.library.cache_clear()
+
+
+def test_flashmoe_native_0_turns_them_off(monkeypatch):
+    monkeypatch.setenv("FLASHMOE_NATIVE", "0")
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is None
+    finally:
+        cpu_native.library.cache_clear()
