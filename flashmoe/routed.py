@@ -124,8 +124,9 @@ class RoutedExperts:
         all (a decoded token's usual case), else one call per expert as its read lands, summed in expert order."""
         k = ids.shape[1]
         if ids.shape[0] == 1:  # one token: no grouping ops, its K experts ascending
-            order = sorted(range(k), key=ids[0].tolist().__getitem__)
-            chosen = [int(ids[0, i]) for i in order]
+            row = ids[0].tolist()
+            order = sorted(range(k), key=row.__getitem__)
+            chosen = [row[i] for i in order]
             pair_row, starts = torch.tensor(order), list(range(k + 1))
         else:
             pairs = ExpertPairs.of(ids)

@@ -198,3 +198,20 @@ def test_flashmoe_native_0_turns_them_off(monkeypatch):
         assert cpu_native.library() is None
     finally:
         cpu_native.library.cache_clear()
+
+
+@pytest.mark.parametrize("hk,hv,dk,dv", [(2, 4, 16, 24), (3, 3, 8, 5), (1, 6, 12, 7)])
+@pytest.mark.parametrize("start", ["zeros", "float32", "bfloat16"])
+def test_a_gated_delta_step_is_the_references(hk, hv, dk, dv, start):
+    from flashmoe.kernels.gated_delta import recurrent_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(hk * 100 + dk)
+    q, k = torch.randn(1, 1, hk, dk, generator=gen), torch.randn(1, 1, hk, dk, generator=gen)
+    v = torch.randn(1, 1, hv, dv, generator=gen)
+    g, beta = -torch.rand(1, 1, hv, generator=gen), torch.rand(1, 1, hv, generator=gen)
+    state = None if start == "zeros" else torch.randn(1, hv, dk, dv, generator=gen).to(getattr(torch, start))
+    reference, reference_state = recurrent_gated_delta_rule(q, k, v, g, beta, None if state is None else state.clone())
+    out, final = cpu_native.gated_delta_step(q, k, v, g, beta, state)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(final, reference_state, rtol=1e-5, atol=1e-6)
+    assert (final is state) == (start == "float32")  # updated in place where it can be

@@ -239,3 +239,46 @@ void fm_moe(const fm_matrix *gate_up, const fm_matrix *down, int n_experts, cons
         }
     }
 }
+
+/* One decode step of the gated delta rule (Gated DeltaNet) for every value head, the state updated in place:
+ * the torch reference (kernels/gated_delta.py) is ~30 small ops, here one parallel region over the heads.
+ * q, k [hk, dk]; v [hv, dv]; g (log decay), beta [hv]; state [hv, dk, dv]; out [hv, dv]. Value head h reads q/k
+ * head h / (hv / hk). q and k are L2-normalised here (x / sqrt(sum x^2 + 1e-6)), q then scaled by dk^-1/2. */
+void fm_gated_delta_step(int hk, int hv, int dk, int dv, const float *q, const float *k, const float *v,
+                         const float *g, const float *beta, float *state, float *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < hv; h++) {
+        const float *qh = q + (int64_t)(h / (hv / hk)) * dk, *kh = k + (int64_t)(h / (hv / hk)) * dk;
+        float qn[dk], kn[dk], mem[dv], delta[dv], o[dv], sq = 0.f, sk = 0.f;
+        for (int i = 0; i < dk; i++) {
+            sq += qh[i] * qh[i];
+            sk += kh[i] * kh[i];
+        }
+        float rq = 1.f / sqrtf(sq + 1e-6f) / sqrtf((float)dk), rk = 1.f / sqrtf(sk + 1e-6f);
+        for (int i = 0; i < dk; i++) {
+            qn[i] = qh[i] * rq;
+            kn[i] = kh[i] * rk;
+        }
+        float decay = expf(g[h]), b = beta[h];
+        float *s = state + (int64_t)h * dk * dv;
+        for (int j = 0; j < dv; j++) mem[j] = o[j] = 0.f;
+        for (int i = 0; i < dk; i++) {  /* decay, and what the state recalls for k */
+            float *row = s + (int64_t)i * dv, ki = kn[i];
+            #pragma omp simd
+            for (int j = 0; j < dv; j++) {
+                row[j] *= decay;
+                mem[j] += row[j] * ki;
+            }
+        }
+        for (int j = 0; j < dv; j++) delta[j] = (v[(int64_t)h * dv + j] - mem[j]) * b;
+        for (int i = 0; i < dk; i++) {  /* write k -> delta, read q */
+            float *row = s + (int64_t)i * dv, ki = kn[i], qi = qn[i];
+            #pragma omp simd
+            for (int j = 0; j < dv; j++) {
+                row[j] += ki * delta[j];
+                o[j] += row[j] * qi;
+            }
+        }
+        for (int j = 0; j < dv; j++) out[(int64_t)h * dv + j] = o[j];
+    }
+}

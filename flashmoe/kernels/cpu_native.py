@@ -100,6 +100,8 @@ def library() -> ctypes.CDLL | None:
     lib.fm_moe.argtypes = [mat, mat, i32, ptr, ptr, ptr, ptr, i32, ptr, f32, f32, ptr, i32, ptr, ptr, ptr, ptr, ptr,
                            i32]
     lib.fm_moe.restype = None
+    lib.fm_gated_delta_step.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.fm_gated_delta_step.restype = None
     return lib
 
 
@@ -224,3 +226,21 @@ class NativeExperts:
                          _ptr(first_t), _ptr(token), _ptr(weight), t, _ptr(x), math.limit, math.alpha, _ptr(out),
                          int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
         return out
+
+
+# ---- Gated DeltaNet ------------------------------------------------------------------------------
+def gated_delta_step(q, k, v, g, beta, state: torch.Tensor | None):
+    """One decode token of the gated delta rule in one call (kernels/gated_delta.py's shapes: q, k [1, 1, Hk, Dk],
+    v [1, 1, Hv, Dv], g and beta [1, 1, Hv], state [1, Hv, Dk, Dv] float32 or None). Returns (out [1, 1, Hv, Dv] in
+    v's dtype, the final state: `state` itself, updated in place, when it is float32 and contiguous); None where the
+    kernels are not built."""
+    lib = library()
+    if lib is None:
+        return None
+    hk, dk, hv, dv = k.shape[2], k.shape[3], v.shape[2], v.shape[3]
+    if state is None or state.dtype != torch.float32 or not state.is_contiguous():
+        state = torch.zeros(1, hv, dk, dv) if state is None else state.float().contiguous()
+    q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, g, beta))
+    out = torch.empty(1, 1, hv, dv)
+    lib.fm_gated_delta_step(hk, hv, dk, dv, *map(_ptr, (q, k, v, g, beta, state, out)), torch.get_num_threads())
+    return out.to(v.dtype), state

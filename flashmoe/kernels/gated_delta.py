@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_native import gated_delta_step
+
 
 def _prepare(q, k, v, g, beta):
     hk, hv = k.shape[2], v.shape[2]
@@ -88,8 +90,9 @@ def fla_available() -> bool:
 
 
 def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None):
-    """The rule through fla-core on CUDA when it is installed, else the torch reference; same shapes and math
-    (fla normalises q and k in the kernel and takes the grouped value heads as they are)."""
+    """The rule through fla-core on CUDA when it is installed, a decode token on the CPU through our kernel
+    (kernels/cpu_native.c) where it is built, else the torch reference; same shapes and math (fla and ours normalise
+    q and k in the kernel and take the grouped value heads as they are)."""
     t = q.shape[1]
     if q.is_cuda and fla_available():
         rule = _fla_recurrent if t == 1 else _fla_chunk
@@ -97,5 +100,7 @@ def gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None):
         out, final = rule(q, k, v, g=g.float().contiguous(), beta=beta, scale=q.shape[-1] ** -0.5,
                           initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
         return out.to(v.dtype), final
+    if t == 1 and q.shape[0] == 1 and q.device.type == "cpu" and (step := gated_delta_step(q, k, v, g, beta, state)):
+        return step  # our CPU kernel: one call instead of ~30 ops
     rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
     return rule(q, k, v, g, beta, state)
