@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -56,10 +56,18 @@ static inline float hsum(v16f v) {
     return s;
 }
 
-/* An activation vector laid out for the codes it meets: at 4 bits each run of 32 inputs as its 16 even ones then
- * its 16 odd ones (a byte's low and high nibbles); at 8 bits as it is; at 2 bits as it is (scalar path). Plus the
- * sum of each group, which the group's bias multiplies. */
-static void arrange(const float *x, int k, int bits, int g, float *xa, float *xs) {
+/* The sum of each group of inputs, which the group's bias multiplies. */
+static void group_sums(const float *x, int k, int g, float *xs) {
+    for (int gi = 0; gi < k / g; gi++) {
+        float s = 0.f;
+        for (int j = 0; j < g; j++) s += x[gi * g + j];
+        xs[gi] = s;
+    }
+}
+
+/* An activation vector laid out for the codes it meets (float path): at 4 bits each run of 32 inputs as its 16 even
+ * ones then its 16 odd ones (a byte's low and high nibbles); at 8 and 2 bits as it is. */
+static void arrange(const float *x, int k, int bits, float *xa) {
     if (bits == 4) {
         for (int c = 0; c < k; c += 32)
             for (int j = 0; j < 16; j++) {
@@ -68,11 +76,6 @@ static void arrange(const float *x, int k, int bits, int g, float *xa, float *xs
             }
     } else {
         memcpy(xa, x, sizeof(float) * k);
-    }
-    for (int gi = 0; gi < k / g; gi++) {
-        float s = 0.f;
-        for (int j = 0; j < g; j++) s += x[gi * g + j];
-        xs[gi] = s;
     }
 }
 
@@ -84,16 +87,24 @@ static inline float half_at(const uint16_t *p, int64_t i, int bf16) {
 #endif
 }
 
-/* sum over groups of bias * (the group's sum of inputs), a vector of groups at a time */
+#ifdef __AVX512F__
+/* 16 fp16 or bf16 values as float32 (compilers leave a loop of half conversions scalar) */
+static inline __m512 halves16(const uint16_t *p, int bf16) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+#endif
+
+/* sum over groups of bias * (the group's sum of inputs) */
 static inline float bias_dot(const uint16_t *biases, int bf16, const float *xs, int groups) {
     float s = 0.f;
-    if (bf16) {
-        #pragma omp simd reduction(+:s)
-        for (int i = 0; i < groups; i++) s += bf16_to_f32(biases[i]) * xs[i];
-    } else {
-        #pragma omp simd reduction(+:s)
-        for (int i = 0; i < groups; i++) s += half_at(biases, i, 0) * xs[i];
-    }
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= groups; i += 16) acc = _mm512_fmadd_ps(halves16(biases + i, bf16), _mm512_loadu_ps(xs + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < groups; i++) s += half_at(biases, i, bf16) * xs[i];
     return s;
 }
 
@@ -142,20 +153,130 @@ ROWS_DOT(4)
 typedef struct {
     int64_t packed, scales, biases, bias;  /* bias: float32 [n] added to the output (GPT-OSS), < 0: none */
     int32_t n, k, bits, group, bf16;
+    int32_t q8;  /* activations rounded to int8 per 32 inputs where the machine has VNNI (q8_path) */
 } fm_matrix;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_Q8 1
+#else
+#define HAVE_Q8 0
+#endif
+enum { Q8_MAX_K = 32768 };
+
+/* Whether a matrix runs on int8 activations: VNNI's vpdpbusd multiplies 64 unsigned codes by 64 signed bytes in one
+ * instruction, against ~10 float instructions for 32 codes (the float path ran ~5 G weights/s a core on the
+ * device's Xeon, torch's int4 kernel ~17). Rounding the activations to 8 bits per 32 inputs is llama.cpp's CPU
+ * trade too (tests/test_cpu_native.py bounds the error against the store's own). */
+static inline int q8_path(const fm_matrix *m) {
+    return HAVE_Q8 && m->q8 && (m->bits == 4 || m->bits == 8) && m->k % 64 == 0 && m->k <= Q8_MAX_K;
+}
+
+/* x rounded to int8 per block of 32 inputs (d = max|x| / 127), at 4 bits each run of 64 inputs as its 32 even ones
+ * then its 32 odd ones (a 32-byte load's low nibbles, then its high ones), written over the row's float scratch:
+ * [k / 32 float d][k int8]. The group sums the biases multiply are those of the rounded inputs: the product is then
+ * w . x' for one rounded x', whose error the weights' own magnitudes scale (with the exact sums, the unsigned codes'
+ * offset, ~half their range, would scale it instead: 2-4x the error, measured). */
+static void arrange_q8(const float *x, int k, int bits, int g, float *xa, float *xs) {
+    float *d = xa;
+    int8_t *q = (int8_t *)(xa + k / 32);
+    for (int gi = 0; gi < k / g; gi++) xs[gi] = 0.f;
+    for (int b = 0; b < k / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        d[b] = amax / 127.f;
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            int i = b * 32 + j, o = i & 63;
+            int8_t v = (int8_t)lrintf(x[i] * inv);
+            q[bits == 4 ? (i - o) + (o & 1) * 32 + (o >> 1) : i] = v;
+            sum += v;
+        }
+        xs[b * 32 / g] += (float)sum * d[b];
+    }
+}
+
+/* x laid out for matrix m's rows (float or int8), and its groups' float sums, which the biases multiply */
+static void arrange_for(const fm_matrix *m, const float *x, float *xa, float *xs) {
+    if (q8_path(m)) {
+        arrange_q8(x, m->k, m->bits, m->group, xa, xs);
+    } else {
+        group_sums(x, m->k, m->group, xs);
+        arrange(x, m->k, m->bits, xa);
+    }
+}
+
+#if HAVE_Q8
+#define ROWS_DOT_Q8(R)                                                                                               \
+static void rows_dot_q8_##R(const uint8_t *p, int64_t row_bytes, const uint16_t *scales, const uint16_t *biases,    \
+                            int bf16, const float *xa, const float *xs, int k, int bits, int g, float *y) {          \
+    const float *d = xa;                                                                                             \
+    const int8_t *q = (const int8_t *)(xa + k / 32);                                                                 \
+    int groups = k / g;                                                                                              \
+    float sd[R][Q8_MAX_K / 32];  /* per 32 inputs: the codes' scale times the activations' */                       \
+    for (int r = 0; r < R; r++)                                                                                      \
+        if (g == 32) {  /* a scale per block: 16 at a time */                                                        \
+            int b = 0;                                                                                               \
+            for (; b + 16 <= groups; b += 16)                                                                        \
+                _mm512_storeu_ps(&sd[r][b], _mm512_mul_ps(halves16(scales + (int64_t)r * groups + b, bf16),          \
+                                                          _mm512_loadu_ps(d + b)));                                  \
+            for (; b < groups; b++) sd[r][b] = half_at(scales, (int64_t)r * groups + b, bf16) * d[b];               \
+        } else {                                                                                                     \
+            for (int gi = 0, per = g / 32; gi < groups; gi++) {                                                      \
+                float sc = half_at(scales, (int64_t)r * groups + gi, bf16);                                          \
+                for (int b = gi * per; b < (gi + 1) * per; b++) sd[r][b] = sc * d[b];                                \
+            }                                                                                                        \
+        }                                                                                                            \
+    /* which 32-input block (of the two a step covers) each lane's four products belong to */                        \
+    const __m512i idx = bits == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)                 \
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);                \
+    const __m256i low4 = _mm256_set1_epi8(0x0f);                                                                     \
+    __m512 acc[R];                                                                                                   \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                        \
+    for (int c = 0; c < k; c += 64) {                                                                                \
+        __m512i xv = _mm512_loadu_si512(q + c);                                                                      \
+        for (int r = 0; r < R; r++) {                                                                                \
+            __m512i w;                                                                                               \
+            if (bits == 4) {                                                                                         \
+                __m256i b = _mm256_loadu_si256((const __m256i *)(p + r * row_bytes + c / 2));                        \
+                w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),                            \
+                                       _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);                          \
+            } else {                                                                                                 \
+                w = _mm512_loadu_si512(p + r * row_bytes + c);                                                       \
+            }                                                                                                        \
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);                                        \
+            double pair;                                                                                             \
+            memcpy(&pair, &sd[r][c / 32], sizeof pair);                                                              \
+            __m512 s = _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(pair)));                           \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[r]);                                            \
+        }                                                                                                            \
+    }                                                                                                                \
+    for (int r = 0; r < R; r++)                                                                                      \
+        y[r] = _mm512_reduce_add_ps(acc[r]) + bias_dot(biases + (int64_t)r * groups, bf16, xs, groups);             \
+}
+ROWS_DOT_Q8(1)
+ROWS_DOT_Q8(4)
+#endif
 
 /* Rows r0..r0+n of a matrix (base + its offsets) times an arranged vector: y[i * stride] for row r0 + i. */
 static inline void matrix_rows(const fm_matrix *m, const uint8_t *base, int r0, int n, const float *xa,
                                const float *xs, float *y, int64_t stride) {
     int64_t row_bytes = (int64_t)m->k * m->bits / 8, groups = m->k / m->group;
+    int q8 = q8_path(m);
     float out[4];
     for (int r = r0; r < r0 + n; ) {
         int four = r + 4 <= r0 + n;
         const uint8_t *p = base + m->packed + r * row_bytes;
         const uint16_t *s = (const uint16_t *)(base + m->scales) + r * groups;
         const uint16_t *b = (const uint16_t *)(base + m->biases) + r * groups;
+#if HAVE_Q8
+        if (q8 && four) rows_dot_q8_4(p, row_bytes, s, b, m->bf16, xa, xs, m->k, m->bits, m->group, out);
+        else if (q8) rows_dot_q8_1(p, row_bytes, s, b, m->bf16, xa, xs, m->k, m->bits, m->group, out);
+        else
+#endif
         if (four) rows_dot4(p, row_bytes, s, b, m->bf16, xa, xs, m->k, m->bits, m->group, out);
         else rows_dot1(p, row_bytes, s, b, m->bf16, xa, xs, m->k, m->bits, m->group, out);
+        (void)q8;
         for (int i = 0; i < (four ? 4 : 1); i++, r++) {
             float v = m->bias >= 0 ? out[i] + ((const float *)(base + m->bias))[r] : out[i];
             y[(int64_t)(r - r0) * stride] = v;
@@ -168,8 +289,7 @@ enum { ROWS = 16 };  /* rows a thread takes at a time */
 /* y [t, n] = x [t, k] @ w^T. xa: scratch [t, k]; xs: scratch [t, k / group]. */
 void fm_linear(const fm_matrix *w, int t, const float *x, float *y, float *xa, float *xs, int threads) {
     int groups = w->k / w->group;
-    for (int i = 0; i < t; i++) arrange(x + (int64_t)i * w->k, w->k, w->bits, w->group, xa + (int64_t)i * w->k,
-                                        xs + (int64_t)i * groups);
+    for (int i = 0; i < t; i++) arrange_for(w, x + (int64_t)i * w->k, xa + (int64_t)i * w->k, xs + (int64_t)i * groups);
     int blocks = (w->n + ROWS - 1) / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
@@ -194,8 +314,8 @@ void fm_moe(const fm_matrix *gate_up, const fm_matrix *down, int n_experts, cons
     int hidden = gate_up->k, inter = down->k, g = gate_up->group, pairs = first[n_experts];
     int up_blocks = (2 * inter + ROWS - 1) / ROWS, down_blocks = (hidden + ROWS - 1) / ROWS;
     int act_groups = inter / down->group;
-    for (int i = 0; i < t; i++) arrange(x + (int64_t)i * hidden, hidden, gate_up->bits, g, xa + (int64_t)i * hidden,
-                                        xs + (int64_t)i * (hidden / g));
+    for (int i = 0; i < t; i++)
+        arrange_for(gate_up, x + (int64_t)i * hidden, xa + (int64_t)i * hidden, xs + (int64_t)i * (hidden / g));
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(dynamic, 4)
@@ -220,7 +340,7 @@ void fm_moe(const fm_matrix *gate_up, const fm_matrix *down, int n_experts, cons
                     act[i] = gate / (1.f + expf(-gate)) * up;
                 }
             }
-            arrange(act, inter, down->bits, down->group, aa + (int64_t)p * inter, as + (int64_t)p * act_groups);
+            arrange_for(down, act, aa + (int64_t)p * inter, as + (int64_t)p * act_groups);
         }
         #pragma omp for schedule(static)
         for (int b = 0; b < down_blocks; b++) {
@@ -282,3 +402,6 @@ void fm_gated_delta_step(int hk, int hv, int dk, int dv, const float *q, const f
         for (int j = 0; j < dv; j++) out[(int64_t)h * dv + j] = o[j];
     }
 }
+
+/* Whether this build multiplies int8 activations (AVX-512 VNNI), for reports and tests. */
+int fm_has_q8(void) { return HAVE_Q8; }
