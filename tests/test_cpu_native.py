@@ -40,13 +40,15 @@ def _has_vnni() -> bool:
 
 @pytest.fixture(params=["float", "int8"])
 def activations(request, monkeypatch):
+    """(conftest.py keeps the other tests on float activations.)"""
     monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", request.param == "int8")
     if request.param == "int8" and not cpu_native.int8_activations():
         pytest.skip("this CPU has no AVX-512 VNNI: the kernels keep float activations")
     return request.param
 
 
-def test_a_cpu_with_vnni_gets_the_int8_kernels():
+def test_a_cpu_with_vnni_gets_the_int8_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", True)  # the default outside the tests (conftest.py)
     assert cpu_native.int8_activations() == _has_vnni()
 
 
@@ -257,3 +259,49 @@ def test_a_gated_delta_step_is_the_references(hk, hv, dk, dv, start):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(final, reference_state, rtol=1e-5, atol=1e-6)
     assert (final is state) == (start == "float32")  # updated in place where it can be
+
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (3, 40), (17, 24)])
+@pytest.mark.parametrize("residual,gate,zero_centred", [(False, False, True), (True, False, True), (False, True, False),
+                                                        (True, True, False)])
+def test_the_small_ops_are_the_references(rows, d, residual, gate, zero_centred):
+    from flashmoe.kernels import fused
+
+    gen = torch.Generator().manual_seed(rows * d)
+    x, w = torch.randn(rows, d, generator=gen), torch.randn(d, generator=gen) * 0.1
+    extra = {"residual": torch.randn(rows, d, generator=gen) if residual else None,
+             "gate": torch.randn(rows, d, generator=gen) if gate else None}
+    ours = cpu_native.rms_norm(x, w, 1e-6, zero_centred, **extra)
+    reference = fused.reference_rms_norm(x, w, 1e-6, zero_centred, **extra)
+    for a, b in zip(ours if residual else [ours], reference if residual else [reference]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    channels, kernel = rows * 8 + 1, 4
+    mixed, state, conv = (torch.randn(channels, generator=gen), torch.randn(channels, kernel - 1, generator=gen),
+                          torch.randn(channels, 1, kernel, generator=gen))
+    state_ref = state.clone()
+    torch.testing.assert_close(cpu_native.conv_step(mixed, state, conv),
+                               fused.reference_conv_step(mixed, state_ref, conv), rtol=1e-5, atol=1e-6)
+    assert torch.equal(state, state_ref)  # shifted in place alike
+    a, b = torch.randn(rows, d, generator=gen) * 15, torch.randn(rows, d, generator=gen)  # softplus's threshold too
+    a_log, dt_bias = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    for ours, reference in zip(cpu_native.delta_gates(a, b, a_log, dt_bias), fused.reference_delta_gates(a, b, a_log, dt_bias)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert cpu_native.rms_norm(x.bfloat16(), w, 1e-6) is None  # other dtypes: the torch reference
+
+
+@pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 8), ("gpt_oss", 4), ("mixtral", 8),
+                                       ("deepseek_v3", 4)])
+def test_int8_activations_keep_a_models_answers(built, monkeypatch, arch, bits):
+    """The users' default where the CPU has VNNI, against the same kernels on float activations: the logits move
+    by a bounded amount and greedy decoding picks the same tokens."""
+    store = built.store(arch, bits)
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", False)
+    with flashmoe.load(store) as exact:
+        reference, reference_tokens = exact.logits(PROMPT), list(exact.generate(PROMPT, 6))
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", True)
+    if not cpu_native.int8_activations():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    with flashmoe.load(store) as model:
+        ours, tokens = model.logits(PROMPT), list(model.generate(PROMPT, 6))
+    assert _error(ours, reference) < 0.03  # 0.7-1.0% measured on these tiny models
+    assert tokens == reference_tokens

@@ -110,13 +110,14 @@ def test_odd_shapes_prompt_in_one_pass_equals_token_by_token(odd, monkeypatch):
     import torch
 
     from conftest import rel_error
-    from flashmoe.kernels import cpu_int4
+    from flashmoe.kernels import cpu_int4, cpu_native
     from test_reference import PROMPT
 
     _, _, stores = odd
-    # float residents and experts dequantized to float: this is about the state's paths, not bf16 rounding (the
-    # int4 kernel's one-token and many-token paths round differently, ~1e-4 apart)
+    # float residents and experts in float: this is about the state's paths, not rounding (the int4 kernel's one-token
+    # and many-token paths round differently, ~1e-4 apart; so do our kernels' int8 activations)
     monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", False)
     model = flashmoe.load(stores[4], resident_format="float")
     whole = model.logits(PROMPT)
     state = model.new_state()

@@ -312,10 +312,11 @@ def test_q8_0_gguf_of_the_plain_families_keeps_its_codes(built, tmp_path, arch, 
     # against transformers running the file's own weights, dequantized by the gguf package (Q8_0 of every matrix
     # moves these random models' logits by ~2% from the bf16 checkpoint's; that is the file's, not ours). In float
     # here, residents and experts dequantized once (the CPU's int4 kernel computes in bf16: tests/test_cpu_int4.py)
-    from flashmoe.kernels import cpu_int4
+    from flashmoe.kernels import cpu_int4, cpu_native
 
     monkeypatch.setattr(cpu_int4.PackedMatrix, "from_quantized", staticmethod(lambda q: None))
     monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
     ours = flashmoe.load(store.path, resident_format="float").logits(PROMPT)
     assert rel_error(ours, logits_of_gguf_weights(built.checkpoint(arch), path, store.config)) < 1e-4
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashmoe
-from flashmoe.kernels import cpu_int4
+from flashmoe.kernels import cpu_int4, cpu_native
 from flashmoe.store import Store
 from conftest import ARCHS, LAYOUTS, load_reference, rel_error
 from test_reference import PROMPT
@@ -39,6 +39,7 @@ def test_cuda_4bit_matches_cpu_4bit(built, monkeypatch):
     store = built.store("qwen3_5_moe", 4)
     # the CPU's exact path: experts dequantized to float (not torch's bf16 int4 kernel), residents in float32
     monkeypatch.setattr(cpu_int4.KernelForm, "for_store", classmethod(lambda *a, **k: None))
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
     cpu = flashmoe.load(store, resident_format="float").logits(PROMPT)
     gpu = flashmoe.load(store, device="cuda", dtype=torch.float32).logits(PROMPT).cpu()
     assert rel_error(gpu, cpu) < 1e-3

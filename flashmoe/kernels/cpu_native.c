@@ -405,3 +405,59 @@ void fm_gated_delta_step(int hk, int hv, int dk, int dv, const float *q, const f
 
 /* Whether this build multiplies int8 activations (AVX-512 VNNI), for reports and tests. */
 int fm_has_q8(void) { return HAVE_Q8; }
+
+/* ---- the small ops around a layer, one call each instead of 5-10 torch ops ---------------------------------- */
+
+/* RMSNorm of rows of x (+ residual, whose sum is written to total), times (1 + weight) if zero_centred else weight,
+ * times silu(gate) if given: kernels/fused.py's reference_rms_norm. */
+void fm_rms_norm(int rows, int d, const float *x, const float *residual, const float *gate, const float *weight,
+                 int zero_centred, float eps, float *y, float *total, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * d;
+        float *yr = y + (int64_t)r * d, ss = 0.f;
+        if (residual) {
+            float *tr = total + (int64_t)r * d;
+            const float *rr = residual + (int64_t)r * d;
+            for (int i = 0; i < d; i++) {
+                tr[i] = xr[i] + rr[i];
+                ss += tr[i] * tr[i];
+            }
+            xr = tr;
+        } else {
+            for (int i = 0; i < d; i++) ss += xr[i] * xr[i];
+        }
+        float inv = 1.f / sqrtf(ss / d + eps);
+        for (int i = 0; i < d; i++) {
+            float v = xr[i] * inv * (zero_centred ? 1.f + weight[i] : weight[i]);
+            if (gate) {
+                float gv = gate[(int64_t)r * d + i];
+                v *= gv / (1.f + expf(-gv));
+            }
+            yr[i] = v;
+        }
+    }
+}
+
+/* One token through the causal depthwise conv: out[c] = silu(sum_j window[c, j] w[c, j]) over [state[c], mixed[c]];
+ * the state ([C, kernel - 1], oldest first) shifts in place: kernels/fused.py's reference_conv_step. */
+void fm_conv_step(int channels, int kernel, const float *mixed, float *state, const float *weight, float *out) {
+    for (int c = 0; c < channels; c++) {
+        float *s = state + (int64_t)c * (kernel - 1), acc = mixed[c] * weight[(int64_t)c * kernel + kernel - 1];
+        for (int j = 0; j < kernel - 1; j++) acc += s[j] * weight[(int64_t)c * kernel + j];
+        for (int j = 0; j + 1 < kernel - 1; j++) s[j] = s[j + 1];
+        if (kernel > 1) s[kernel - 2] = mixed[c];
+        out[c] = acc / (1.f + expf(-acc));
+    }
+}
+
+/* DeltaNet's gates: g = -exp(A_log) softplus(a + dt_bias) (softplus as torch's: x above 20 stays x), beta =
+ * sigmoid(b); n = tokens x heads, a_log and dt_bias per head. */
+void fm_delta_gates(int n, int heads, const float *a, const float *b, const float *a_log, const float *dt_bias,
+                    float *g, float *beta) {
+    for (int i = 0; i < n; i++) {
+        float x = a[i] + dt_bias[i % heads];
+        g[i] = -expf(a_log[i % heads]) * (x > 20.f ? x : log1pf(expf(x)));
+        beta[i] = 1.f / (1.f + expf(-b[i]));
+    }
+}

@@ -107,6 +107,11 @@ def library() -> ctypes.CDLL | None:
     lib.fm_gated_delta_step.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.fm_gated_delta_step.restype = None
     lib.fm_has_q8.restype = ctypes.c_int
+    lib.fm_rms_norm.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, f32, ptr, ptr, i32]
+    lib.fm_conv_step.argtypes = [i32, i32, ptr, ptr, ptr, ptr]
+    lib.fm_delta_gates.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
+    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates):
+        f.restype = None
     return lib
 
 
@@ -254,3 +259,51 @@ def gated_delta_step(q, k, v, g, beta, state: torch.Tensor | None):
     out = torch.empty(1, 1, hv, dv)
     lib.fm_gated_delta_step(hk, hv, dk, dv, *map(_ptr, (q, k, v, g, beta, state, out)), torch.get_num_threads())
     return out.to(v.dtype), state
+
+
+# ---- the small ops around a layer (kernels/fused.py's references, one call each) ---------------------------------
+def _floats(*tensors) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+
+
+def rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
+    """fused.reference_rms_norm for float32 CPU tensors, in one call; None where this cannot run it."""
+    lib = library()
+    if lib is None or not _floats(x, residual, gate):
+        return None
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    res = None if residual is None else residual.reshape(-1, d).contiguous()
+    g = None if gate is None else gate.reshape(-1, d).contiguous()
+    y = torch.empty_like(x2)
+    total = torch.empty_like(x2) if residual is not None else None
+    lib.fm_rms_norm(x2.shape[0], d, _ptr(x2), None if res is None else _ptr(res), None if g is None else _ptr(g),
+                    _ptr(weight.float().contiguous()), int(zero_centred), eps, _ptr(y),
+                    None if total is None else _ptr(total), torch.get_num_threads())
+    y = y.view(x.shape)
+    return y if residual is None else (total.view(x.shape), y)
+
+
+def conv_step(mixed, conv_state, conv_weight):
+    """fused.reference_conv_step for float32 CPU tensors (the state contiguous, shifted in place); None where this
+    cannot run it."""
+    lib = library()
+    if lib is None or not _floats(mixed, conv_state) or not conv_state.is_contiguous():
+        return None
+    mixed = mixed.contiguous()
+    out = torch.empty_like(mixed)
+    weight = conv_weight.float().contiguous()
+    lib.fm_conv_step(mixed.shape[0], weight.shape[-1], _ptr(mixed), _ptr(conv_state), _ptr(weight), _ptr(out))
+    return out
+
+
+def delta_gates(a, b, a_log, dt_bias):
+    """fused.reference_delta_gates for float32 CPU tensors; None where this cannot run it."""
+    lib = library()
+    if lib is None or not _floats(a, b):
+        return None
+    a, b = a.contiguous(), b.contiguous()
+    g, beta = torch.empty(a.shape), torch.empty(b.shape)
+    lib.fm_delta_gates(a.numel(), a.shape[-1], _ptr(a), _ptr(b), _ptr(a_log.float().contiguous()),
+                       _ptr(dt_bias.float().contiguous()), _ptr(g), _ptr(beta))
+    return g, beta

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
+
 try:
     import triton
     import triton.language as tl
@@ -413,22 +415,27 @@ def qk_norm_rope_triton(proj, positions, q_norm, k_norm, inv_freq, heads, kv_hea
 
 
 # ---- what the model calls: Triton on CUDA, the reference elsewhere --------------------------------
+# dispatchers: Triton on CUDA; on the CPU our kernels (cpu_native.c, one call instead of 5-10 torch ops) where they
+# are built and the tensors are float32; else the torch reference
 def rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, zero_centred, residual, gate)
-    return reference_rms_norm(x, weight, eps, zero_centred, residual, gate)
+    native = cpu_native.rms_norm(x, weight, eps, zero_centred, residual, gate)
+    return native if native is not None else reference_rms_norm(x, weight, eps, zero_centred, residual, gate)
 
 
 def conv_step(mixed, conv_state, conv_weight):
     if use_triton(mixed):
         return conv_step_triton(mixed, conv_state, conv_weight)
-    return reference_conv_step(mixed, conv_state, conv_weight)
+    native = cpu_native.conv_step(mixed, conv_state, conv_weight)
+    return native if native is not None else reference_conv_step(mixed, conv_state, conv_weight)
 
 
 def delta_gates(a, b, a_log, dt_bias):
     if use_triton(a):
         return delta_gates_triton(a, b, a_log, dt_bias)
-    return reference_delta_gates(a, b, a_log, dt_bias)
+    native = cpu_native.delta_gates(a, b, a_log, dt_bias)
+    return native if native is not None else reference_delta_gates(a, b, a_log, dt_bias)
 
 
 def route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
