@@ -65,7 +65,7 @@ MATRICES = [(4, 32, 13, 96), (4, 64, 48, 256), (4, 128, 61, 384), (8, 16, 7, 80)
 
 @pytest.mark.parametrize("bits,group,rows,inputs", MATRICES)
 @pytest.mark.parametrize("scales", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 3, cpu_native.KERNEL_MAX_ROWS + 2])
+@pytest.mark.parametrize("tokens", [1, 3, cpu_native.KERNEL_MAX_ROWS + 2, cpu_native.KERNEL_MAX_ROWS_INT8 + 1])
 def test_matrix_product_is_the_dequantized_one(bits, group, rows, inputs, scales, tokens, activations):
     gen = torch.Generator().manual_seed(bits * 1000 + group + rows)
     w = torch.randn(rows, inputs, generator=gen)

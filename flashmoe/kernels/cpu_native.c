@@ -461,3 +461,6 @@ void fm_delta_gates(int n, int heads, const float *a, const float *b, const floa
         beta[i] = 1.f / (1.f + expf(-b[i]));
     }
 }
+
+/* Whether matrix m runs on int8 activations in this build (then it wins over a float GEMM up to many rows). */
+int fm_q8_path(const fm_matrix *m) { return q8_path(m); }

@@ -33,8 +33,11 @@ from .moe import PLAIN, ExpertMath
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# above this many rows a float GEMM over the dequantized matrix wins (the kernel is a dot per row and token)
+# above this many rows a float GEMM over the dequantized matrix wins (the kernel is a dot per row and token): 64 on
+# float activations; on int8 ones the kernel still wins at 256 (12288x2048 at 8 bits, 2 cores: 72 ms against 126 for
+# dequantizing + torch's GEMM, whose dequantization alone is 80)
 KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS_INT8 = 1024
 # round the activations to int8 per 32 inputs where the CPU has AVX-512 VNNI (~3x the float path's weights per
 # second; llama.cpp's CPU path does the same): FLASHMOE_CPU_ACTIVATIONS=float keeps them exact. Read when a matrix
 # or a store's experts are set up.
@@ -107,6 +110,8 @@ def library() -> ctypes.CDLL | None:
     lib.fm_gated_delta_step.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.fm_gated_delta_step.restype = None
     lib.fm_has_q8.restype = ctypes.c_int
+    lib.fm_q8_path.argtypes = [mat]
+    lib.fm_q8_path.restype = ctypes.c_int
     lib.fm_rms_norm.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, f32, ptr, ptr, i32]
     lib.fm_conv_step.argtypes = [i32, i32, ptr, ptr, ptr, ptr]
     lib.fm_delta_gates.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
@@ -169,7 +174,8 @@ class NativeMatrix:
         """x [..., K] -> [..., N] in x's dtype."""
         n, k = self.shape
         rows = x.reshape(-1, k)
-        if rows.shape[0] > KERNEL_MAX_ROWS:
+        int8 = self.matrix.q8 and library().fm_q8_path(ctypes.byref(self.matrix))
+        if rows.shape[0] > (KERNEL_MAX_ROWS_INT8 if int8 else KERNEL_MAX_ROWS):
             y = F.linear(rows.float(), dequantize(self.q))
         else:
             rows = rows.float().contiguous()
