@@ -280,6 +280,22 @@ def gguf_expert_bits(src: Path, gguf_path: Path) -> tuple[float, list[str]]:
             sorted({t.tensor_type.name for t in exps}))
 
 
+def merged(rounds: list[dict]) -> dict:
+    """One engine's results over --rounds: the median rate, the largest peak, each round's rates kept; a failed
+    round is the answer (its error is the news)."""
+    if failed := next((r for r in rounds if "error" in r), None):
+        return failed
+    out = dict(rounds[0])
+    for key in ("pp_tok_s", "tg_tok_s"):
+        if all(key in r for r in rounds):
+            out[key] = statistics.median(r[key] for r in rounds)
+    for key in [k for k in out if "peak" in k]:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    out["rounds"] = [{k: r.get(k) for k in ("pp_tok_s", "tg_tok_s")} for r in rounds]
+    return out
+
+
 def llama_bench(bin_dir: Path, gguf_path: Path, regime: Regime, args, log: Path, cgroup: Path | None) -> dict:
     cmd = [bin_dir / "llama-bench", "-m", gguf_path, "-p", PROMPT_TOKENS, "-n", GEN_TOKENS, "-r", args.reps,
            "-t", args.threads, *regime.llama_args, "-o", "json"]
@@ -412,7 +428,8 @@ def report(args, info: dict, rows: list[dict]) -> str:
         f"them bf16 on the GPU, int8 on the CPU.\n\n"
         f"pp512: one prefill of 512 tokens; tg128: 128 decode steps; tok/s, the median of {args.reps} after a "
         f"warm-up (llama.cpp: llama-bench's samples; flashmoe: a fresh process per regime, experts warmed into the "
-        f"regime's caches first, except beyond-ram). Peak memory, llama.cpp / flashmoe: RSS of the process "
+        f"regime's caches first, except beyond-ram)"
+        f"{f', in each of {args.rounds} rounds in which the engines take turns; the table holds the medians of the rounds (each round: the JSON)' if args.rounds > 1 else ''}. Peak memory, llama.cpp / flashmoe: RSS of the process "
         f"(getrusage; llama.cpp's mmap'd pages count), VRAM (nvidia-smi, less the baseline). Greedy agree: of the "
         f"first {args.greedy_tokens} greedy tokens for prompt ids {GREEDY_PROMPT[0]}..{GREEDY_PROMPT[-1]}, how many "
         f"lead alike in llama-greedy-ids ({info['llama_greedy']}) and flashmoe; in brackets, at how many of those "
@@ -476,6 +493,8 @@ def main() -> None:
     ap.add_argument("--regimes", default="vram,ram,cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="measure each engine this many times, taking turns; "
+                    "report the medians")
     ap.add_argument("--vram-cache-gb", type=float, default=0.3, help="flashmoe's VRAM cache in ram / beyond-ram")
     ap.add_argument("--cgroup-gb", type=float, default=None,
                     help="beyond-ram's memory.max (default: half the GGUF, at least 3)")
@@ -531,19 +550,25 @@ def main() -> None:
             continue
         limit = f", memory.max {cgroup_gb:.1f} GB" if regime.cgroup else ""
         try:
-            say(f"regime {name}{limit}: llama-bench")
-            cgroup = fresh_cgroup("flashmoe-peers-llama", cgroup_gb) if regime.cgroup else None
-            llama = llama_bench(bin_dir, gguf_path, regime, args, args.root / "logs" / f"llama-{name}.log", cgroup)
-            say(f"  {json.dumps({k: v for k, v in llama.items() if k != 'command'})}")
+            # the engines take turns, round by round, so a machine that slows down for a while slows both
+            llama_rounds, fm_rounds = [], {v: [] for v in range(len(regime.flashmoe))}
+            for r in range(args.rounds):
+                say(f"regime {name}{limit}, round {r + 1} of {args.rounds}: llama-bench")
+                cgroup = fresh_cgroup("flashmoe-peers-llama", cgroup_gb) if regime.cgroup else None
+                llama_rounds.append(llama_bench(bin_dir, gguf_path, regime, args,
+                                                args.root / "logs" / f"llama-{name}-{r}.log", cgroup))
+                say(f"  {json.dumps({k: v for k, v in llama_rounds[-1].items() if k != 'command'})}")
+                for variant, placement in enumerate(regime.flashmoe):
+                    say(f"regime {name}{limit} variant {variant}, round {r + 1}: flashmoe")
+                    cgroup = fresh_cgroup(f"flashmoe-peers-{variant}", cgroup_gb) if regime.cgroup else None
+                    log = args.root / "logs" / f"flashmoe-{name}-{variant}-{r}.log"
+                    fm_rounds[variant].append(flashmoe_run(store, name, variant, args, greedy, log, cgroup))
+                    say(f"  {json.dumps(fm_rounds[variant][-1])}")
+            llama = merged(llama_rounds)
             for variant, placement in enumerate(regime.flashmoe):
                 label = name + limit + (", O_DIRECT" if placement.get("direct_io") else ", buffered" if limit else "")
-                say(f"regime {label}: flashmoe")
-                cgroup = fresh_cgroup(f"flashmoe-peers-{variant}", cgroup_gb) if regime.cgroup else None
-                log = args.root / "logs" / f"flashmoe-{name}-{variant}.log"
-                fm = flashmoe_run(store, name, variant, args, greedy, log, cgroup)
-                say(f"  {json.dumps(fm)}")
-                rows.append({"regime": name, "label": label, "llama": llama, "flashmoe": fm, "llama_greedy": greedy,
-                             "cgroup_gb": cgroup_gb if cgroup else None})
+                rows.append({"regime": name, "label": label, "llama": llama, "flashmoe": merged(fm_rounds[variant]),
+                             "llama_greedy": greedy, "cgroup_gb": cgroup_gb if regime.cgroup else None})
                 if args.json:  # after every row, so a run cut short keeps what it measured
                     args.json.parent.mkdir(parents=True, exist_ok=True)
                     args.json.write_text(json.dumps({**info, "rows": rows}, indent=1))

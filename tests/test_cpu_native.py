@@ -305,3 +305,15 @@ def test_int8_activations_keep_a_models_answers(built, monkeypatch, arch, bits):
         ours, tokens = model.logits(PROMPT), list(model.generate(PROMPT, 6))
     assert _error(ours, reference) < 0.03  # 0.7-1.0% measured on these tiny models
     assert tokens == reference_tokens
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,default_k,normalize", [(1, 512, 4, 10, False), (3, 64, 8, 8, True),
+                                                                       (2, 17, 3, 2, False), (5, 256, 10, 8, True)])
+def test_the_softmax_router_is_the_reference(tokens, experts, top_k, default_k, normalize):
+    from flashmoe.kernels import fused
+
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(experts)) * 3
+    ids, weights, slots = cpu_native.route(logits, top_k, default_k, normalize)
+    ref_ids, ref_weights, _ = fused.reference_route(logits, top_k, default_k, normalize)
+    assert torch.equal(ids, ref_ids) and slots is None
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)

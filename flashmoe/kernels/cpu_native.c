@@ -464,3 +464,37 @@ void fm_delta_gates(int n, int heads, const float *a, const float *b, const floa
 
 /* Whether matrix m runs on int8 activations in this build (then it wins over a float GEMM up to many rows). */
 int fm_q8_path(const fm_matrix *m) { return q8_path(m); }
+
+/* The softmax router, kernels/fused.py's reference_route without slots: per row, the top max(top_k, default_k)
+ * experts by probability, the first top_k kept and renormalised to 1 (normalize) or to the mass the default K had;
+ * ids ascending, the weights in their order. */
+void fm_route_softmax(int t, int e, const float *logits, int top_k, int default_k, int normalize, int64_t *ids,
+                      float *weights) {
+    int n = top_k > default_k ? top_k : default_k;
+    for (int r = 0; r < t; r++) {
+        const float *l = logits + (int64_t)r * e;
+        float p[e], top[n], mx = l[0], sum = 0.f, mass = 0.f, kept = 0.f;
+        int pick[n];
+        for (int i = 1; i < e; i++) mx = l[i] > mx ? l[i] : mx;
+        for (int i = 0; i < e; i++) sum += p[i] = expf(l[i] - mx);
+        for (int j = 0; j < n; j++) {  /* n passes: n is a few, e a few hundred */
+            int best = -1;
+            for (int i = 0; i < e; i++)
+                if (p[i] >= 0.f && (best < 0 || p[i] > p[best])) best = i;
+            pick[j] = best;
+            top[j] = p[best] / sum;
+            p[best] = -1.f;
+        }
+        for (int j = 0; j < default_k; j++) mass += top[j];
+        for (int j = 0; j < top_k; j++) kept += top[j];
+        for (int j = 1; j < top_k; j++)  /* ascending ids, weights alongside */
+            for (int i = j; i > 0 && pick[i - 1] > pick[i]; i--) {
+                int a = pick[i]; pick[i] = pick[i - 1]; pick[i - 1] = a;
+                float b = top[i]; top[i] = top[i - 1]; top[i - 1] = b;
+            }
+        for (int j = 0; j < top_k; j++) {
+            ids[(int64_t)r * top_k + j] = pick[j];
+            weights[(int64_t)r * top_k + j] = top[j] / kept * (normalize ? 1.f : mass);
+        }
+    }
+}

@@ -115,7 +115,8 @@ def library() -> ctypes.CDLL | None:
     lib.fm_rms_norm.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, f32, ptr, ptr, i32]
     lib.fm_conv_step.argtypes = [i32, i32, ptr, ptr, ptr, ptr]
     lib.fm_delta_gates.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
-    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates):
+    lib.fm_route_softmax.argtypes = [i32, i32, ptr, i32, i32, i32, ptr, ptr]
+    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax):
         f.restype = None
     return lib
 
@@ -313,3 +314,15 @@ def delta_gates(a, b, a_log, dt_bias):
     lib.fm_delta_gates(a.numel(), a.shape[-1], _ptr(a), _ptr(b), _ptr(a_log.float().contiguous()),
                        _ptr(dt_bias.float().contiguous()), _ptr(g), _ptr(beta))
     return g, beta
+
+
+def route(logits, top_k, default_k, normalize):
+    """fused.reference_route (without slots) for float32 CPU logits, in one call; None where this cannot run it."""
+    lib = library()
+    if lib is None or not _floats(logits):
+        return None
+    logits = logits.contiguous()
+    t, e = logits.shape
+    ids, weights = torch.empty(t, top_k, dtype=torch.int64), torch.empty(t, top_k)
+    lib.fm_route_softmax(t, e, _ptr(logits), top_k, default_k, int(normalize), _ptr(ids), _ptr(weights))
+    return ids, weights, None

@@ -441,6 +441,8 @@ def delta_gates(a, b, a_log, dt_bias):
 def route(logits, top_k, default_k, normalize, slot_table=None, counts=None):
     if use_triton(logits):
         return route_triton(logits, top_k, default_k, normalize, slot_table, counts)
+    if slot_table is None and counts is None and (native := cpu_native.route(logits, top_k, default_k, normalize)):
+        return native
     return reference_route(logits, top_k, default_k, normalize, slot_table, counts)
 
 
