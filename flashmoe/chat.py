@@ -139,7 +139,8 @@ class ChatFormat:
         self.harmony = is_harmony(self.template)
         self.thinks = bool(self.template) and THINK_BEGIN in self.template and not self.harmony
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **template_kwargs) -> str:
         if not self.template:
             raise FlashMoeError("this model has no chat template; use /v1/completions with a plain prompt")
         if tools and self.tool_format is None:
@@ -148,9 +149,21 @@ class ChatFormat:
 
         try:
             return self.tokenizer.apply_chat_template([_template_message(m) for m in messages], tools=tools or None,
-                                                      add_generation_prompt=True, tokenize=False, **template_kwargs)
+                                                      add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      **template_kwargs)
         except TemplateError as exc:
             raise FlashMoeError(f"the chat template rejected these messages: {exc}") from exc
+
+    def history_length(self, prompt_ids: list[int], messages: list[dict], tools: list[dict] | None = None,
+                       **template_kwargs) -> int | None:
+        """How many of a chat prompt's tokens are its messages, before the reply's header (a thinking template's
+        empty think block included): the next turn re-renders the reply, often differently (its thinking dropped),
+        so this is where it branches. None where that rendering is not a prefix of the prompt's."""
+        try:
+            history = self.encode(self.render(messages, tools, add_generation_prompt=False, **template_kwargs))
+        except FlashMoeError:
+            return None
+        return len(history) if 0 < len(history) < len(prompt_ids) and prompt_ids[: len(history)] == history else None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -291,6 +291,9 @@ def serve(
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
     prefill_chunk: int = typer.Option(512, min=1, help="a prompt goes through this many tokens at a time, the running "
                                                        "streams' next tokens in between"),
+    prefix_cache_gb: float = typer.Option(1.0, min=0.0, help="RAM for sequence states kept at the ends of prompts and "
+                                          "replies, so a chat's next turn prefills only its new tokens (0: off; "
+                                          "not with --distributed)"),
     experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
@@ -313,7 +316,8 @@ def serve(
         _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format, **({"distributed": True} if distributed else {}))
+                       resident_format=resident_format,
+                       **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
     if model.pipeline is not None:
         model.pipeline.led = True
         if not leader:  # the other ranks run what rank 0 announces

@@ -29,6 +29,7 @@ from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .kernels.cpu_native import NativeExperts
 from .kernels.moe import ExpertMath
 from .models import family_of
+from .prefix_cache import PrefixCache
 from .quant import QuantizedTensor
 from .replay import RoutingRecorder, TraceRouting, replaying
 from .decode_graphs import DecodeGraphs
@@ -161,6 +162,7 @@ class Model:
         # the layers alone, without the per-token work before and after them (embedding, head, sampling, host)
         self.layer_events: list | None = None
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
+        self.prefix_cache: PrefixCache | None = None  # load(prefix_cache_gb=...): states kept for the next turn
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", experts_per_token: int | None = None,
@@ -168,7 +170,7 @@ class Model:
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
              resident_format: str | None = None, devices: str | list[str] | None = None,
-             distributed: bool = False) -> "Model":
+             distributed: bool = False, prefix_cache_gb: float = 0.0) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -182,7 +184,9 @@ class Model:
         devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
         its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them. distributed: this
         process is one rank of a torch.distributed group (torchrun's environment; distributed.py) and holds one block
-        of layers on `device` ("cuda" is the GPU of its local rank); every rank runs the same calls."""
+        of layers on `device` ("cuda" is the GPU of its local rank); every rank runs the same calls.
+        prefix_cache_gb: RAM for sequence states kept at the ends of prompts and replies (prefix_cache.py), so a
+        `generate` whose tokens begin with a kept state's prefills only the rest (a chat's next turn); 0: none."""
         if distributed and devices is not None:
             raise FlashMoeError("distributed runs one block per process: give each rank one device, not devices")
         if devices is not None:
@@ -200,7 +204,9 @@ class Model:
             raise FlashMoeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
         if on_gpu and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
             raise FlashMoeError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-        for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb)):
+        if prefix_cache_gb and distributed:
+            raise FlashMoeError("the prefix cache is not built for distributed runs yet; pass prefix_cache_gb=0")
+        for name, value in (("cache_gb", cache_gb), ("vram_cache_gb", vram_cache_gb), ("prefix_cache_gb", prefix_cache_gb)):
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise FlashMoeError(f"{name} must be >= 0, not {value} (a finite number of GB)")
         if vram_cache_gb is not None and not on_gpu:
@@ -223,9 +229,12 @@ class Model:
             pipeline = Pipeline.join(torch.device(device).type)
             if device == "cuda":
                 device = f"cuda:{local_device_index()}"
-        return cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
-                   verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
-                   None if devices is None else parsed, pipeline)
+        model = cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
+                    verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
+                    None if devices is None else parsed, pipeline)
+        if prefix_cache_gb:
+            model.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
+        return model
 
     def placement(self) -> dict:
         """Where the weights live: the resident weights' bytes (on `device`), the experts' bytes, and what the VRAM and
@@ -427,13 +436,17 @@ class Model:
 
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 constraint: TokenConstraint | None = None, prefill_chunk: int | None = None) -> Iterator[int | None]:
+                 constraint: TokenConstraint | None = None, prefill_chunk: int | None = None,
+                 keep_at: tuple[int, ...] = ()) -> Iterator[int | None]:
         """Yield new token ids as they are made; stops after max_new_tokens or on a stop token (which is yielded).
 
         stop_token_ids=None stops on the model's end-of-sequence tokens; [] never stops early. `constraint`
         (a grammar, see grammar.py) masks the logits of each step and ends generation when it is complete.
         prefill_chunk: the prompt goes through this many tokens at a time, and None is yielded after each chunk but
         the last, so a caller serving others can run them in between (the result is the same as in one pass).
+        With a prefix cache (load(prefix_cache_gb=...)), the state is kept at the end of the prompt, at the end of
+        the reply, and at each position in `keep_at` (a chat's end of history before the reply's header: where the
+        next turn re-renders the reply differently, thinking dropped, it still starts from there).
         """
         if max_new_tokens < 0:
             raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
@@ -447,33 +460,64 @@ class Model:
         generator = None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        state = self.new_state()
         ids = list(token_ids)
         chunk = prefill_chunk or max(len(ids), 1)
         if chunk < 1:
             raise FlashMoeError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
-        for start in range(0, max(len(ids), 1), chunk):
+        state, done = self._resume(ids)
+        keep = sorted(p for p in set(keep_at) if done < p < len(ids)) if self.prefix_cache is not None else []
+        ends = sorted(set(range(done + chunk, len(ids), chunk)) | set(keep) | {max(len(ids), 1)})
+        start = done
+        for end in ends:  # the chunks, cut at the positions to keep as well
             t0 = time.perf_counter()
-            logits = self.forward(ids[start:start + chunk], state, all_logits=False)
+            logits = self.forward(ids[start:end], state, all_logits=False)
             self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
-            if start + chunk < len(ids):
+            if end in keep:
+                self._keep(ids[:end], state)
+            start = end
+            if end < len(ids):
                 yield None
         self._tokens["prompt_tokens"] += len(ids)
-        for i in range(max_new_tokens):
-            row = logits[-1].float().cpu()
-            if constraint is not None:
-                row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
-                constraint.mask(row)
-            token = sample(row, temperature, top_p, top_k, generator)
-            if constraint is not None:
-                constraint.accept(token)
-            self._tokens["generated_tokens"] += 1
-            yield token
-            if token in stops or i == max_new_tokens - 1 or (constraint is not None and constraint.finished):
-                return
-            t0 = time.perf_counter()
-            logits = self.forward([token], state, all_logits=False)
-            self._tokens["decode_ms"] += (time.perf_counter() - t0) * 1e3
+        seen = list(ids)  # the tokens the state holds
+        self._keep(seen, state)  # the end of the prompt: where a retry or an edited reply branches
+        consistent = True
+        try:
+            for i in range(max_new_tokens):
+                row = logits[-1].float().cpu()
+                if constraint is not None:
+                    row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
+                    constraint.mask(row)
+                token = sample(row, temperature, top_p, top_k, generator)
+                if constraint is not None:
+                    constraint.accept(token)
+                self._tokens["generated_tokens"] += 1
+                yield token
+                if token in stops or i == max_new_tokens - 1 or (constraint is not None and constraint.finished):
+                    return
+                t0 = time.perf_counter()
+                consistent = False  # a forward cut short (Ctrl-C, an error) leaves a state no one may resume
+                logits = self.forward([token], state, all_logits=False)
+                consistent = True
+                seen.append(token)
+                self._tokens["decode_ms"] += (time.perf_counter() - t0) * 1e3
+        finally:
+            if consistent:
+                self._keep(seen, state)  # the end of the reply: where the next turn of a chat starts
+
+    def _resume(self, ids: list[int]):
+        """A state for `ids`: a copy of the prefix cache's longest kept prefix of them, and how many tokens it holds;
+        else a new state and 0."""
+        state = self.new_state()
+        snap = self.prefix_cache.longest(ids) if self.prefix_cache is not None else None
+        if snap is None:
+            return state, 0
+        state.layers = PrefixCache.restore(snap)
+        state.position = len(snap.tokens)
+        return state, len(snap.tokens)
+
+    def _keep(self, tokens: list[int], state) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.put(tokens, state.layers)
 
     def warm_cache(self) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
@@ -511,6 +555,8 @@ class Model:
             "cache_hit_rate": f.ram.stats.hit_rate,
             "cache_bytes": len(f.ram) * self.store.expert_blob_bytes,
         }
+        if self.prefix_cache is not None:
+            out.update({f"prefix_{k}": v for k, v in self.prefix_cache.stats.__dict__.items()})
         if f.vram is not None:
             tiers = [f.vram for f in fetchers]
             hits, misses = sum(v.stats.hits for v in tiers), sum(v.stats.misses for v in tiers)
@@ -540,6 +586,9 @@ class Model:
         self._tokens = dict.fromkeys(self._tokens, 0)
         if self.layer_events is not None:
             self.layer_events.clear()
+        if self.prefix_cache is not None:  # what it holds stays; the counts start again
+            st = self.prefix_cache.stats
+            st.hits = st.misses = st.tokens_saved = 0
 
     def layers_gpu_ms(self) -> float:
         """Milliseconds of GPU timeline spent in the layers since layer_events was set (or the stats reset); over

@@ -36,6 +36,16 @@ class ServerCollector:
         yield hit_rate
         yield CounterMetricFamily("flashmoe_expert_bytes_read", "Expert bytes read from the store",
                                   value=m["expert_bytes_read"])
+        if "prefix_hits" in m:  # serve --prefix-cache-gb
+            lookups = CounterMetricFamily("flashmoe_prefix_cache_lookups", "Prompts looked up in the prefix cache, "
+                                          "by result", labels=["result"])
+            lookups.add_metric(["hit"], m["prefix_hits"])
+            lookups.add_metric(["miss"], m["prefix_misses"])
+            yield lookups
+            yield CounterMetricFamily("flashmoe_prefix_cache_tokens_saved", "Prompt tokens not prefilled: a kept state "
+                                      "held them", value=m["prefix_tokens_saved"])
+            yield GaugeMetricFamily("flashmoe_prefix_cache_bytes", "Bytes of kept sequence states",
+                                    value=m["prefix_bytes"])
 
 
 def metrics_response(scheduler) -> Response:

@@ -50,9 +50,10 @@ class Job:
     _ids = itertools.count(1)
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, keep_at: tuple[int, ...] = ()):
         self.id = next(self._ids)
         self.prompt_ids, self.params, self.constraint = prompt_ids, params, constraint
+        self.keep_at = keep_at  # prompt positions where the prefix cache keeps the state (Model.generate)
         self.completion_tokens = 0
         self.last_token: int | None = None
         self.cancel_reason: str | None = None
@@ -123,9 +124,10 @@ class Scheduler:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None) -> Job:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None,
+               keep_at: tuple[int, ...] = ()) -> Job:
         """Queue a request (from the event loop's thread); raises QueueFull when max_waiting are waiting."""
-        job = Job(prompt_ids, params, constraint, asyncio.get_running_loop())
+        job = Job(prompt_ids, params, constraint, asyncio.get_running_loop(), keep_at)
         with self._wake:
             if len(self._waiting) >= self.max_waiting and len(self._active) >= self.max_active:
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
@@ -185,7 +187,7 @@ class Scheduler:
             if job.generator is None:
                 job.generator = self.model.generate(job.prompt_ids, p.max_tokens, p.temperature, p.top_p, p.top_k,
                                                     p.seed, constraint=job.constraint,
-                                                    prefill_chunk=self.prefill_chunk)
+                                                    prefill_chunk=self.prefill_chunk, keep_at=job.keep_at)
                 with self._wake:
                     self._counts.prompt_tokens += len(job.prompt_ids)
             token = next(job.generator)

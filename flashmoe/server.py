@@ -147,8 +147,8 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        prompt_ids, parser, constraint = await run_in_threadpool(_prepare_chat, served, body)
-        return await _respond(served, request, body, prompt_ids, parser, constraint, chat=True)
+        prompt_ids, parser, constraint, keep_at = await run_in_threadpool(_prepare_chat, served, body)
+        return await _respond(served, request, body, prompt_ids, parser, constraint, chat=True, keep_at=keep_at)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
@@ -167,8 +167,8 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def messages(body: messages_api.MessagesRequest, request: Request):
         check_model(body.model)
         chat = messages_api.to_chat_request(body)
-        prompt_ids, parser, constraint = await run_in_threadpool(_prepare_chat, served, chat)
-        job = _submit(served, chat, prompt_ids, constraint)
+        prompt_ids, parser, constraint, keep_at = await run_in_threadpool(_prepare_chat, served, chat)
+        job = _submit(served, chat, prompt_ids, constraint, keep_at)
         meta = {"id": f"msg_{uuid.uuid4().hex}", "model": served.name}
         pieces = _pieces(served, job, chat.stop_strings(), parser)
         if body.stream:
@@ -184,7 +184,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     @app.post(MESSAGES_PATH + "/count_tokens", dependencies=[Depends(check_key)])
     async def count_tokens(body: messages_api.CountTokensRequest):
         check_model(body.model)
-        prompt_ids, _, _ = await run_in_threadpool(_prepare_chat, served, messages_api.to_chat_request(body))
+        prompt_ids, *_ = await run_in_threadpool(_prepare_chat, served, messages_api.to_chat_request(body))
         return {"input_tokens": len(prompt_ids)}
 
     return app
@@ -232,6 +232,10 @@ def _prepare_chat(served: ServedModel, body: ChatCompletionRequest):
     prompt = served.chat.render(messages, tools, **(body.chat_template_kwargs or {}))
     prompt_ids = served.chat.encode(prompt)
     _check_length(served, prompt_ids, body.token_limit(), "messages")
+    keep_at = ()  # where the prefix cache keeps the state for the next turn, besides the prompt's and reply's ends
+    if served.model.prefix_cache is not None:
+        history = served.chat.history_length(prompt_ids, messages, tools, **(body.chat_template_kwargs or {}))
+        keep_at = () if history is None else (history,)
 
     reasoning = reasoning_mode(prompt, served.chat.thinks)
     constraint = None
@@ -244,10 +248,10 @@ def _prepare_chat(served: ServedModel, body: ChatCompletionRequest):
         constraint = served.grammars.tool_calls(served.chat.tool_format, tools, choice, reasoning,
                                                 body.parallel_tool_calls)
     if served.chat.harmony:
-        return prompt_ids, HarmonyParser(), constraint
+        return prompt_ids, HarmonyParser(), constraint, keep_at
     parser = OutputParser(served.chat.tool_format if tools else None, tools,
                           prompt_opened_think=reasoning == "enabled", parse_reasoning=served.chat.thinks)
-    return prompt_ids, parser, constraint
+    return prompt_ids, parser, constraint, keep_at
 
 
 def _check_length(served: ServedModel, prompt_ids: list[int], max_tokens: int | None, param: str) -> None:
@@ -260,19 +264,19 @@ def _check_length(served: ServedModel, prompt_ids: list[int], max_tokens: int | 
         raise ApiError(400, "the prompt is empty", param=param)
 
 
-def _submit(served: ServedModel, body, prompt_ids: list[int], constraint):
+def _submit(served: ServedModel, body, prompt_ids: list[int], constraint, keep_at: tuple[int, ...] = ()):
     params = SamplingParams(max_tokens=body.token_limit() or served.context_length - len(prompt_ids),
                             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
     try:
-        return served.scheduler.submit(prompt_ids, params, constraint)
+        return served.scheduler.submit(prompt_ids, params, constraint, keep_at)
     except QueueFull as exc:
         raise ApiError(503, str(exc), type="server_error", code="server_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
 
 async def _respond(served: ServedModel, request: Request, body, prompt_ids: list[int], parser: OutputParser | None,
-                   constraint, chat: bool):
-    job = _submit(served, body, prompt_ids, constraint)
+                   constraint, chat: bool, keep_at: tuple[int, ...] = ()):
+    job = _submit(served, body, prompt_ids, constraint, keep_at)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.name}
     pieces = _pieces(served, job, body.stop_strings(), parser)
