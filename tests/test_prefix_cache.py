@@ -131,3 +131,16 @@ def test_a_served_chats_second_turn_hits_the_cache(built):
         assert values["flashmoe_prefix_cache_bytes"] > 0
     finally:
         s.close()
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_resumed_sequence_answers_as_a_fresh_one(built):
+    """Snapshots go to RAM and come back to the GPU; the resumed sequence then captures its own decode graphs."""
+    store = built.store("qwen3_5_moe", 4)
+    with flashmoe.load(store, device="cuda", prefix_cache_gb=0.1) as model:
+        second, tokens, ran = _turns(model, PROMPT, [7, 8, 9], n=8)
+        assert model.stats["prefix_hits"] == 1
+        assert all(c is None or all(t.device.type == "cpu" for t in (c.k, c.v) if t is not None)
+                   for c in model.prefix_cache._entries[tuple(PROMPT)].layers if hasattr(c, "v"))
+    with flashmoe.load(store, device="cuda") as fresh:
+        assert tokens == list(fresh.generate(second, 8, stop_token_ids=[]))
