@@ -1,0 +1,179 @@
+"""The server under load (issue 15): aggregate decode tok/s at 1..N concurrent streams, and a chat's turn-by-turn time
+to first token with and without the prefix cache, through the HTTP API with the official openai client.
+
+    python benchmarks/serve.py STORE [--device cuda] [--streams 1,2,4,8,16] [--tokens 64] [--turns 5] [--words 150]
+    python benchmarks/serve.py --geometry 35b --layers 4 --experts 64 ...   # a random-weight checkpoint, made here
+
+`flashmoe serve` runs as its own process on 127.0.0.1 (a free port), as users run it; the load comes from threads
+here. Streams: N clients each ask /v1/completions for --tokens tokens at once (the server runs up to N at a time);
+aggregate tok/s = all completion tokens / wall time from the first request to the last answer. Turns: one chat of
+--turns turns (--words-word user messages, --reply-token replies, thinking off, greedy), streamed; TTFT = time to
+the first chunk that carries text; once on a server with --prefix-cache-gb 0, once with the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from common import publish, section
+
+WORDS = "sea river mountain stone light wind city garden road bridge tower forest winter summer song story".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m flashmoe serve STORE ...` on a free port, until closed."""
+
+    def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "flashmoe", "serve", str(store), "--port", str(self.port), "--device", device,
+               "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb)]
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start; see {log}")
+                time.sleep(0.5)
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=3600)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def streams(server: Server, n: int, tokens: int) -> float:
+    """Aggregate completion tok/s of n clients at once."""
+    client, done = server.client(), []
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        r = client.completions.create(model=server_model(server), prompt=f"Story {i}: the {WORDS[i % len(WORDS)]}",
+                                      max_tokens=tokens, temperature=0)
+        done.append((time.perf_counter(), r.usage.completion_tokens))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(c for _, c in done) / (max(t for t, _ in done) - t0)
+
+
+def server_model(server: Server) -> str:
+    return server.client().models.list().data[0].id
+
+
+def turns(server: Server, n: int, words: int, reply: int, seed: int) -> list[float]:
+    """TTFT (ms) of each turn of one chat."""
+    client, rng, model = server.client(), random.Random(seed), server_model(server)
+    messages, out = [], []
+    for _ in range(n):
+        messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(words))})
+        t0, first, text = time.perf_counter(), None, []
+        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=reply, temperature=0,
+                                                    stream=True,
+                                                    extra_body={"chat_template_kwargs": {"enable_thinking": False}}):
+            delta = chunk.choices[0].delta if chunk.choices else None
+            piece = delta and (delta.content or getattr(delta, "reasoning_content", None))
+            if piece:
+                first = first or time.perf_counter()
+                text.append(delta.content or "")
+        out.append(((first or time.perf_counter()) - t0) * 1e3)
+        messages.append({"role": "assistant", "content": "".join(text)})
+    return out
+
+
+def random_store(root: Path, geometry: str, layers: int, experts: int) -> Path:
+    from flashmoe.convert import convert
+    from flashmoe.tiny import build_tiny_checkpoint
+    from prefix_turns import GEOMETRIES
+
+    shape = dict(GEOMETRIES[geometry], num_hidden_layers=layers, num_experts=experts,
+                 layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)])
+    ckpt = build_tiny_checkpoint(root / "ckpt", "qwen3_5_moe", max_shard_size="2GB", **shape)
+    return convert(ckpt, root / "store", bits=8, group_size=32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("store", type=Path, nargs="?")
+    ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", default="1,2,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--words", type=int, default=150)
+    ap.add_argument("--reply", type=int, default=32)
+    ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+        tmp = Path(tmp)
+        store = args.store or random_store(tmp, args.geometry, args.layers, args.experts)
+        rows, ttft = [], {}
+        server = Server(store, args.device, max(counts), 1.0, tmp / "serve-cache.log")
+        try:
+            streams(server, 1, 4)  # warm-up: kernels, caches
+            base = None
+            for n in counts:
+                rate = streams(server, n, args.tokens)
+                base = base or rate
+                rows.append(f"| {n} streams | {rate:.1f} tok/s | {rate / base:.2f}x |")
+                print(rows[-1], flush=True)
+            turns(server, 1, 20, 4, seed=99)  # warm-up on another chat
+            ttft["cache"] = turns(server, args.turns, args.words, args.reply, seed=1)
+        finally:
+            server.close()
+        server = Server(store, args.device, 1, 0.0, tmp / "serve-nocache.log")
+        try:
+            turns(server, 1, 20, 4, seed=99)
+            ttft["none"] = turns(server, args.turns, args.words, args.reply, seed=1)
+        finally:
+            server.close()
+    for i, (off, on) in enumerate(zip(ttft["none"], ttft["cache"])):
+        rows.append(f"| turn {i + 1} TTFT | {off:.0f} ms without the prefix cache, {on:.0f} ms with | {off / on:.1f}x |")
+        print(rows[-1], flush=True)
+    what = f"store {args.store}" if args.store else f"a random {args.geometry} checkpoint, {args.layers} layers, {args.experts} experts, 8-bit"
+    text = section(f"Serving under load, {what}", f"device {args.device}, {os.cpu_count()} CPU cores",
+                   f"/v1/completions of {args.tokens} tokens per stream, all streams at once; then a {args.turns}-turn "
+                   f"chat ({args.words}-word messages, {args.reply}-token replies), streamed.",
+                   ["load", "result", "vs one stream / speed-up"], rows)
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
