@@ -23,7 +23,7 @@ from . import placement
 from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
-from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher
+from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher, check_fits
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .kernels.cpu_native import NativeExperts
@@ -229,6 +229,9 @@ class Model:
             pipeline = Pipeline.join(torch.device(device).type)
             if device == "cuda":
                 device = f"cuda:{local_device_index()}"
+        if prefix_cache_gb:  # a budget the machine cannot hold is refused now, not when a long chat fills it
+            check_fits("RAM", "prefix_cache_gb", int(prefix_cache_gb * 1e9), psutil.virtual_memory().available,
+                       "kept sequence states")
         model = cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                     verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
                     None if devices is None else parsed, pipeline)

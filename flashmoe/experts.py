@@ -67,11 +67,11 @@ class LayerFetch:
 MACHINE_SHARE = 0.9
 
 
-def check_fits(memory: str, option: str, cache_bytes: int, free_bytes: int) -> None:
-    """One line, before anything is allocated, when an expert cache would not fit in what the machine has free (a
-    pinned slab larger than RAM fails to register; an unpinned one is killed by the OOM killer once it fills)."""
+def check_fits(memory: str, option: str, cache_bytes: int, free_bytes: int, what: str = "experts") -> None:
+    """One line, before anything is allocated, when a cache would not fit in what the machine has free (a pinned
+    slab larger than RAM fails to register; an unpinned one is killed by the OOM killer once it fills)."""
     if cache_bytes > MACHINE_SHARE * free_bytes:
-        raise FlashMoeError(f"{option} asks for {cache_bytes / 1e9:.1f} GB of {memory} for experts, but "
+        raise FlashMoeError(f"{option} asks for {cache_bytes / 1e9:.1f} GB of {memory} for {what}, but "
                             f"{free_bytes / 1e9:.1f} GB is free; pass at most {option}="
                             f"{MACHINE_SHARE * free_bytes / 1e9:.1f}")
 

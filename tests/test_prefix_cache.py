@@ -102,6 +102,8 @@ def test_bad_budgets_and_distributed_runs_get_one_line(built):
         flashmoe.load(store, prefix_cache_gb=-1)
     with pytest.raises(flashmoe.FlashMoeError, match="not built for distributed runs"):
         flashmoe.load(store, prefix_cache_gb=1, distributed=True)
+    with pytest.raises(flashmoe.FlashMoeError, match="prefix_cache_gb asks for .* GB of RAM .* is free"):
+        flashmoe.load(store, prefix_cache_gb=1e6)  # a petabyte
 
 
 def test_a_served_chats_second_turn_hits_the_cache(built):
