@@ -6,6 +6,8 @@ kernels, saying so once, where they cannot be built."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -317,3 +319,29 @@ def test_the_softmax_router_is_the_reference(tokens, experts, top_k, default_k, 
     ref_ids, ref_weights, _ = fused.reference_route(logits, top_k, default_k, normalize)
     assert torch.equal(ids, ref_ids) and slots is None
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 levels")
+@pytest.mark.parametrize("level", ["x86-64-v2", "x86-64-v3"])
+def test_builds_for_older_cpus_compute_the_same(monkeypatch, tmp_path, level):
+    """What a CPU without AVX-512 runs (SSE4.2, AVX2): the portable vector code and scalar half conversions."""
+    monkeypatch.setattr(cpu_native, "FLAGS", tuple("-march=" + level if f == "-march=native" else f
+                                                   for f in cpu_native.FLAGS))
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is not None and not cpu_native.library().fm_has_q8()
+        gen = torch.Generator().manual_seed(5)
+        for bits, group in ((4, 32), (8, 16), (2, 32)):
+            q = quantize(torch.randn(21, 128, generator=gen), bits, group)
+            x = torch.randn(3, 128, generator=gen)
+            _close(cpu_native.NativeMatrix.from_quantized(q)(x), x @ dequantize(q).T)
+        layout, blobs, weights = _experts(2, 64, 32, 4, 32, ExpertMath(bias=True, limit=7.0, alpha=1.702), seed=3)
+        form = cpu_native.NativeExperts.for_store(layout, 64, 32, 4, 32, ExpertMath(bias=True, limit=7.0, alpha=1.702))
+        x = torch.randn(1, 64, generator=gen)
+        y = form.run(x, blobs, [0, 1, 2], torch.zeros(2, dtype=torch.long), torch.tensor([0.25, 0.75]))
+        math = ExpertMath(bias=True, limit=7.0, alpha=1.702)
+        reference = sum(w * swiglu_mlp(x, g, d, math, tuple(b)) for w, (g, d, b) in zip((0.25, 0.75), weights))
+        _close(y, reference)
+    finally:
+        cpu_native.library.cache_clear()
