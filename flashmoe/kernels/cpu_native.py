@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -149,6 +149,11 @@ class NativeMatrix:
 
     q: QuantizedTensor
     matrix: Matrix
+    max_rows: int  # more rows of input than this go through a float GEMM instead
+    linear: object  # the library's fm_linear this matrix was set up for
+    # one token's scratch, kept: a decode step calls each matrix once, and ~20 us of Python per call (allocations,
+    # lookups) is a tenth of a layer's time on 16 cores
+    _one: tuple = ()
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor) -> "NativeMatrix | None":
@@ -160,7 +165,8 @@ class NativeMatrix:
         q = QuantizedTensor(q.packed.contiguous(), q.scales.contiguous(), q.biases.contiguous(), q.bits, q.group_size)
         m = Matrix(_ptr(q.packed), _ptr(q.scales), _ptr(q.biases), -1, n, k, q.bits, q.group_size,
                    _SCALE_DTYPES[q.scales.dtype], INT8_ACTIVATIONS)
-        return cls(q, m)
+        lib = library()
+        return cls(q, m, KERNEL_MAX_ROWS_INT8 if lib.fm_q8_path(m) else KERNEL_MAX_ROWS, lib.fm_linear)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> "NativeMatrix | None":
@@ -174,18 +180,21 @@ class NativeMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype."""
-        n, k = self.shape
+        n, k = self.matrix.n, self.matrix.k
         rows = x.reshape(-1, k)
-        int8 = self.matrix.q8 and library().fm_q8_path(ctypes.byref(self.matrix))
-        if rows.shape[0] > (KERNEL_MAX_ROWS_INT8 if int8 else KERNEL_MAX_ROWS):
-            y = F.linear(rows.float(), dequantize(self.q))
+        t = rows.shape[0]
+        if t > self.max_rows:
+            return F.linear(rows.float(), dequantize(self.q)).to(x.dtype).view(*x.shape[:-1], n)
+        rows = rows.float().contiguous()
+        y = torch.empty(t, n)
+        if t == 1:
+            if not self._one:
+                self._one = (torch.empty(1, k), torch.empty(1, k // self.q.group_size))
+            xa, xs = self._one
         else:
-            rows = rows.float().contiguous()
-            y = torch.empty(rows.shape[0], n)
-            xa, xs = torch.empty_like(rows), torch.empty(rows.shape[0], k // self.q.group_size)
-            library().fm_linear(ctypes.byref(self.matrix), rows.shape[0], _ptr(rows), _ptr(y), _ptr(xa), _ptr(xs),
-                                torch.get_num_threads())
-        return y.to(x.dtype).view(*x.shape[:-1], n)
+            xa, xs = torch.empty_like(rows), torch.empty(t, k // self.q.group_size)
+        self.linear(self.matrix, t, rows.data_ptr(), y.data_ptr(), xa.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+        return y if x.dtype == torch.float32 and x.dim() == 2 else y.to(x.dtype).view(*x.shape[:-1], n)
 
 
 # ---- routed experts -------------------------------------------------------------------------------
@@ -199,6 +208,8 @@ class NativeExperts:
     blob: BlobLayout
     group_size: int
     expert_math: ExpertMath = PLAIN
+    moe: object = None  # the library's fm_moe these were set up for
+    _scratch: dict = field(default_factory=dict, compare=False)  # (tokens, pairs) -> scratch tensors
 
     @classmethod
     def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None,
@@ -217,7 +228,7 @@ class NativeExperts:
             matrices.append(Matrix(parts[0].offset, parts[1].offset, parts[2].offset,
                                    -1 if bias is None else bias.offset, n, k, bits, group_size,
                                    int(parts[1].dtype == "bfloat16"), INT8_ACTIVATIONS))
-        return cls(*matrices, blob, group_size, expert_math)
+        return cls(*matrices, blob, group_size, expert_math, library().fm_moe)
 
     @property
     def slot_bytes(self) -> int:
@@ -232,23 +243,32 @@ class NativeExperts:
         first[e]..first[e+1] and its blob is slots[e]. x [T, H] -> [T, H] float32: a new tensor, or added into `out`,
         element by element in the order one call over all the experts would have used."""
         t, hidden = x.shape
-        inter, pairs, g = self.down.k, first[-1], self.group_size
+        pairs = first[-1]
         x = x.float().contiguous()
-        experts = torch.tensor([_ptr(s) for s in slots], dtype=torch.int64)
-        first_t = torch.tensor(first, dtype=torch.int32)
         token = token.to(torch.int32).contiguous()
         weight = weight.float().contiguous()
         accumulate = out is not None
         if out is None:
             out = torch.empty(t, hidden)
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
-        scratch = (torch.empty(t, hidden), torch.empty(t, hidden // g), torch.empty(pairs, 2 * inter),
-                   torch.empty(pairs, inter), torch.empty(pairs, inter // g))
+        scratch = self._scratch.get((t, pairs)) or self._new_scratch(t, pairs)  # held through the call
+        experts = (ctypes.c_int64 * len(slots))(*(s.data_ptr() for s in slots))
+        starts = (ctypes.c_int32 * len(first))(*first)
         math = self.expert_math
-        library().fm_moe(ctypes.byref(self.gate_up), ctypes.byref(self.down), len(slots), _ptr(experts),
-                         _ptr(first_t), _ptr(token), _ptr(weight), t, _ptr(x), math.limit, math.alpha, _ptr(out),
-                         int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
+        self.moe(self.gate_up, self.down, len(slots), experts, starts, token.data_ptr(), weight.data_ptr(), t,
+                 x.data_ptr(), math.limit, math.alpha, out.data_ptr(), int(accumulate),
+                 *(a.data_ptr() for a in scratch), torch.get_num_threads())
         return out
+
+    def _new_scratch(self, t: int, pairs: int) -> tuple[torch.Tensor, ...]:
+        """Scratch for t tokens and their pairs; one token's is kept (a decode step's shape, every layer, every
+        token: allocating it each time was ~10 of the call's ~60 us of Python)."""
+        hidden, inter, g = self.gate_up.k, self.down.k, self.group_size
+        tensors = (torch.empty(t, hidden), torch.empty(t, hidden // g), torch.empty(pairs, 2 * inter),
+                   torch.empty(pairs, inter), torch.empty(pairs, inter // g))
+        if t == 1:
+            self._scratch[(t, pairs)] = tensors
+        return tensors
 
 
 # ---- Gated DeltaNet ------------------------------------------------------------------------------
