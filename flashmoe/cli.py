@@ -241,6 +241,8 @@ def chat(
     temperature: float = typer.Option(0.7, min=0.0, help="0 is greedy"),
     top_p: float = top_p_option(0.95),
     thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="the template's thinking switch"),
+    prefix_cache_gb: float = typer.Option(1.0, min=0.0, help="RAM for sequence states kept between turns, so each "
+                                          "turn prefills only what is new (0: off)"),
     experts_per_token: Optional[int] = EXPERTS_PER_TOKEN,
     cache_gb: Optional[float] = CACHE_GB,
     vram_cache_gb: Optional[float] = VRAM_CACHE_GB,
@@ -254,7 +256,7 @@ def chat(
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format)
+                       resident_format=resident_format, prefix_cache_gb=prefix_cache_gb)
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:

@@ -478,7 +478,7 @@ class Model:
             if end in keep:
                 self._keep(ids[:end], state)
             start = end
-            if end < len(ids):
+            if prefill_chunk and end < len(ids):  # a caller serving others asked for its turns
                 yield None
         self._tokens["prompt_tokens"] += len(ids)
         seen = list(ids)  # the tokens the state holds

@@ -165,3 +165,12 @@ def test_piped_input_is_one_line_one_turn(model, generate_calls, monkeypatch):
     chat = TerminalChat(model, Console(file=io.StringIO()), None, 2, 0.0, 1.0, False)  # stdin is no terminal
     chat.run()
     assert user_messages(chat) == ["one", "two"] and len(generate_calls) == 2
+
+
+def test_a_chats_next_turn_resumes_from_the_prefix_cache(built, monkeypatch):
+    with flashmoe.load(built.store("qwen3_5_moe", 4), prefix_cache_gb=0.05) as cached:
+        monkeypatch.setattr(sys, "stdin", io.StringIO("tell me about the sea\nand the mountains\n"))
+        chat = TerminalChat(cached, Console(file=io.StringIO()), None, 4, 0.0, 1.0, False)
+        chat.run()
+        assert user_messages(chat) == ["tell me about the sea", "and the mountains"]
+        assert cached.stats["prefix_hits"] == 1 and cached.stats["prefix_tokens_saved"] > 0  # the second turn's
