@@ -1,7 +1,8 @@
 """Sequence states kept where the next request is likely to branch, so a chat's next turn prefills only what is new.
 
 A hybrid model's DeltaNet state cannot be cut back to an earlier token the way a KV cache can, so states are kept
-whole, as snapshots, at the two places a following turn starts from: the end of a prompt and the end of a reply.
+whole, as snapshots, where a following turn starts from: the end of a prompt, the end of a reply, and the end of a
+chat's history before the reply's header (Model.generate's keep_at).
 A request whose tokens begin with a snapshot's starts from a copy of it and prefills only the rest. Snapshots live
 in RAM (copied back to each layer's device on a hit), in an LRU bounded in bytes.
 """
@@ -14,24 +15,25 @@ from dataclasses import dataclass, fields
 import torch
 
 
-def copy_cache(cache, device: torch.device | str | None = None):
-    """A copy of one layer's cache (KVCache, LatentCache, DeltaNetState: a dataclass of tensors and ints) on `device`
-    (each tensor's own device when None). Position-indexed tensors ([rows, capacity, width] with a `length`) are cut to
-    their filled length: the copy holds what was computed, not the reserve."""
+def _kept(cache) -> dict:
+    """A layer's cache (KVCache, LatentCache, DeltaNetState: a dataclass of tensors and ints) as a snapshot keeps it:
+    its fields, position-indexed tensors ([rows, capacity, width] with a `length`) cut to their filled length, so a
+    snapshot holds (and is counted as) what was computed, not the reserve."""
     length = getattr(cache, "length", None)
-    values = {}
-    for f in fields(cache):
-        v = getattr(cache, f.name)
-        if isinstance(v, torch.Tensor):
-            if length is not None and v.dim() == 3:
-                v = v[:, :length]
-            v = v.to(device or v.device, copy=True)
-        values[f.name] = v
+    values = {f.name: getattr(cache, f.name) for f in fields(cache)}
+    return {name: v[:, :length] if isinstance(v, torch.Tensor) and length is not None and v.dim() == 3 else v
+            for name, v in values.items()}
+
+
+def copy_cache(cache, device: torch.device | str | None = None):
+    """A copy of one layer's cache as _kept cuts it, on `device` (each tensor's own device when None)."""
+    values = {name: v.to(device or v.device, copy=True) if isinstance(v, torch.Tensor) else v
+              for name, v in _kept(cache).items()}
     return type(cache)(**values)
 
 
-def _nbytes(cache) -> int:
-    return sum(v.numel() * v.element_size() for f in fields(cache) if isinstance(v := getattr(cache, f.name), torch.Tensor))
+def _tensors(cache) -> list[torch.Tensor]:
+    return [v for v in _kept(cache).values() if isinstance(v, torch.Tensor)]
 
 
 @dataclass
@@ -80,18 +82,16 @@ class PrefixCache:
         """Keep a copy of a state whose caches hold exactly `tokens`, evicting the least recently used snapshots; a
         state larger than the whole budget is not kept."""
         key = tuple(tokens)
-        if not key or key in self._entries:
-            if key:
-                self._entries.move_to_end(key)
+        if key in self._entries:
+            self._entries.move_to_end(key)
             return
-        size = sum(_nbytes(c) for c in layers if c is not None)
-        if size > self.max_bytes:
+        tensors = [[] if c is None else _tensors(c) for c in layers]
+        size = sum(t.numel() * t.element_size() for ts in tensors for t in ts)
+        if not key or size > self.max_bytes:
             return
         while self._entries and self.stats.bytes + size > self.max_bytes:
             self.stats.bytes -= self._entries.popitem(last=False)[1].nbytes
-        devices = [None if c is None else next((v.device for f in fields(c)
-                                                if isinstance(v := getattr(c, f.name), torch.Tensor)), None)
-                   for c in layers]
+        devices = [ts[0].device if ts else None for ts in tensors]
         copies = [None if c is None else copy_cache(c, "cpu") for c in layers]
         self._entries[key] = Snapshot(key, copies, devices, size)
         self.stats.bytes += size
