@@ -40,10 +40,10 @@ def chat(model, fmt: ChatFormat, turns: int, words: int, reply: int, seed: int) 
         messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(words))})
         kwargs = {"enable_thinking": False}
         prompt = fmt.encode(fmt.render(messages, **kwargs))
-        history = fmt.history_length(prompt, messages, **kwargs) if model.prefix_cache is not None else None
+        keep_at = fmt.branch_points(prompt, messages, **kwargs) if model.prefix_cache is not None else ()
         before = model.stats["tokens"]
         t0 = time.perf_counter()
-        generator = model.generate(prompt, reply, stop_token_ids=[], keep_at=() if history is None else (history,))
+        generator = model.generate(prompt, reply, stop_token_ids=[], keep_at=keep_at)
         first = next(t for t in generator if t is not None)
         ttft = time.perf_counter() - t0
         prefilled = model.stats["tokens"] - before

@@ -154,16 +154,16 @@ class ChatFormat:
         except TemplateError as exc:
             raise FlashMoeError(f"the chat template rejected these messages: {exc}") from exc
 
-    def history_length(self, prompt_ids: list[int], messages: list[dict], tools: list[dict] | None = None,
-                       **template_kwargs) -> int | None:
-        """How many of a chat prompt's tokens are its messages, before the reply's header (a thinking template's
-        empty think block included): the next turn re-renders the reply, often differently (its thinking dropped),
-        so this is where it branches. None where that rendering is not a prefix of the prompt's."""
+    def branch_points(self, prompt_ids: list[int], messages: list[dict], tools: list[dict] | None = None,
+                      **template_kwargs) -> tuple[int, ...]:
+        """Where in a chat prompt the next turn will branch, for Model.generate's keep_at: the end of its messages,
+        before the reply's header (a thinking template's empty think block included), since the next turn re-renders
+        the reply, often differently (its thinking dropped). () where that rendering is not a prefix of the prompt's."""
         try:
             history = self.encode(self.render(messages, tools, add_generation_prompt=False, **template_kwargs))
         except FlashMoeError:
-            return None
-        return len(history) if 0 < len(history) < len(prompt_ids) and prompt_ids[: len(history)] == history else None
+            return ()
+        return (len(history),) if 0 < len(history) < len(prompt_ids) and prompt_ids[: len(history)] == history else ()
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -229,14 +229,14 @@ class Model:
             pipeline = Pipeline.join(torch.device(device).type)
             if device == "cuda":
                 device = f"cuda:{local_device_index()}"
-        if prefix_cache_gb:  # a budget the machine cannot hold is refused now, not when a long chat fills it
-            check_fits("RAM", "prefix_cache_gb", int(prefix_cache_gb * 1e9), psutil.virtual_memory().available,
-                       "kept sequence states")
+        prefix_bytes = int(prefix_cache_gb * 1e9)
+        if prefix_bytes:  # a budget the machine cannot hold is refused now, not when a long chat fills it
+            check_fits("RAM", "prefix_cache_gb", prefix_bytes, psutil.virtual_memory().available, "kept sequence states")
         model = cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                     verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
                     None if devices is None else parsed, pipeline)
-        if prefix_cache_gb:
-            model.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
+        if prefix_bytes:
+            model.prefix_cache = PrefixCache(prefix_bytes)
         return model
 
     def placement(self) -> dict:

@@ -121,7 +121,8 @@ class RoutedExperts:
     def _run_native(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                     shared: Callable[[], torch.Tensor], times: ExpertTimes) -> torch.Tensor:
         """CPU, our kernels (kernels/cpu_native.py): the layer's experts in one call when the RAM cache holds them
-        all (a decoded token's usual case), else one call per expert as its read lands, summed in expert order."""
+        all (a decoded token's usual case), else one call per fetch batch once its reads have landed, each adding
+        into the last one's sums."""
         k = ids.shape[1]
         if ids.shape[0] == 1:  # one token: no grouping ops, its K experts ascending
             row = ids[0].tolist()

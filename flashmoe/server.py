@@ -232,10 +232,9 @@ def _prepare_chat(served: ServedModel, body: ChatCompletionRequest):
     prompt = served.chat.render(messages, tools, **(body.chat_template_kwargs or {}))
     prompt_ids = served.chat.encode(prompt)
     _check_length(served, prompt_ids, body.token_limit(), "messages")
-    keep_at = ()  # where the prefix cache keeps the state for the next turn, besides the prompt's and reply's ends
-    if served.model.prefix_cache is not None:
-        history = served.chat.history_length(prompt_ids, messages, tools, **(body.chat_template_kwargs or {}))
-        keep_at = () if history is None else (history,)
+    # where the prefix cache keeps the state for the next turn, besides the prompt's and reply's ends
+    keep_at = served.chat.branch_points(prompt_ids, messages, tools, **(body.chat_template_kwargs or {})) \
+        if served.model.prefix_cache is not None else ()
 
     reasoning = reasoning_mode(prompt, served.chat.thinks)
     constraint = None

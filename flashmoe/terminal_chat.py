@@ -131,10 +131,10 @@ class TerminalChat:
         sys.stdout.write("model> ")
         # with a prefix cache, the state at the end of the history is kept too: the next turn re-renders this reply
         # (its thinking dropped) and branches there, prefilling only the new message and the reply
-        history = self.format.history_length(ids, self.messages, **self.template_kwargs) \
-            if self.model.prefix_cache is not None else None
+        keep_at = self.format.branch_points(ids, self.messages, **self.template_kwargs) \
+            if self.model.prefix_cache is not None else ()
         tokens = self.model.generate(ids, min(self.max_tokens, limit - len(ids)), self.temperature, self.top_p,
-                                     keep_at=() if history is None else (history,))
+                                     keep_at=keep_at)
         try:
             for token in tokens:
                 reply.append(self._show(parser.feed(decoder.add(token))))

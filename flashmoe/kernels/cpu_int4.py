@@ -311,7 +311,8 @@ RESIDENT_FORMATS = ("float", "bf16", "int8", "int4")
 
 def compress_matrix(weight, resident_format: str):
     """A resident projection weight in `resident_format` (see RESIDENT_FORMATS), multiplied by our kernels
-    (kernels/cpu_native.py) where they are built, else by torch's int4 one; shapes neither takes stay float. A matrix the store keeps quantized keeps its own codes (the kernel form, else dequantized once)."""
+    (kernels/cpu_native.py) where they are built, else by torch's int4 one; shapes neither takes stay float. A matrix
+    the store keeps quantized keeps its own codes (our form or the kernel form, else dequantized once)."""
     if isinstance(weight, RowStack):
         return RowStack([compress_matrix(p, resident_format) for p in weight.parts])
     if isinstance(weight, AffineMatrix):

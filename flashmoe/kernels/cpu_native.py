@@ -137,8 +137,9 @@ def fits(bits: int, group_size: int, k: int) -> bool:
 _SCALE_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for the C side; None (NULL) for an argument left out."""
+    return None if t is None else t.data_ptr()
 
 
 # ---- resident matrices ---------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class NativeMatrix:
             xa, xs = self._one
         else:
             xa, xs = torch.empty_like(rows), torch.empty(t, k // self.q.group_size)
-        self.linear(self.matrix, t, rows.data_ptr(), y.data_ptr(), xa.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+        self.linear(self.matrix, t, _ptr(rows), _ptr(y), _ptr(xa), _ptr(xs), torch.get_num_threads())
         return y if x.dtype == torch.float32 and x.dim() == 2 else y.to(x.dtype).view(*x.shape[:-1], n)
 
 
@@ -252,12 +253,11 @@ class NativeExperts:
             out = torch.empty(t, hidden)
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
         scratch = self._scratch.get((t, pairs)) or self._new_scratch(t, pairs)  # held through the call
-        experts = (ctypes.c_int64 * len(slots))(*(s.data_ptr() for s in slots))
+        experts = (ctypes.c_int64 * len(slots))(*map(_ptr, slots))
         starts = (ctypes.c_int32 * len(first))(*first)
         math = self.expert_math
-        self.moe(self.gate_up, self.down, len(slots), experts, starts, token.data_ptr(), weight.data_ptr(), t,
-                 x.data_ptr(), math.limit, math.alpha, out.data_ptr(), int(accumulate),
-                 *(a.data_ptr() for a in scratch), torch.get_num_threads())
+        self.moe(self.gate_up, self.down, len(slots), experts, starts, _ptr(token), _ptr(weight), t, _ptr(x),
+                 math.limit, math.alpha, _ptr(out), int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
         return out
 
     def _new_scratch(self, t: int, pairs: int) -> tuple[torch.Tensor, ...]:
@@ -305,9 +305,8 @@ def rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
     g = None if gate is None else gate.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
     total = torch.empty_like(x2) if residual is not None else None
-    lib.fm_rms_norm(x2.shape[0], d, _ptr(x2), None if res is None else _ptr(res), None if g is None else _ptr(g),
-                    _ptr(weight.float().contiguous()), int(zero_centred), eps, _ptr(y),
-                    None if total is None else _ptr(total), torch.get_num_threads())
+    lib.fm_rms_norm(x2.shape[0], d, _ptr(x2), _ptr(res), _ptr(g), _ptr(weight.float().contiguous()), int(zero_centred),
+                    eps, _ptr(y), _ptr(total), torch.get_num_threads())
     y = y.view(x.shape)
     return y if residual is None else (total.view(x.shape), y)
 
