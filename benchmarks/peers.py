@@ -107,7 +107,11 @@ class Regime:
 
 REGIMES = {
     "vram": Regime(True, ("-ngl", "99"), (dict(device="cuda", vram_cache_gb="all", cache_gb=0),)),
-    "ram": Regime(True, ("-ngl", "99", "-ncmoe", "99"), (dict(device="cuda", vram_cache_gb="small", cache_gb="all"),)),
+    # flashmoe's default shares the RAM-held experts between the CPU and the GPU's PCIe reads (cpu_share.py); the
+    # second row has the GPU read them all, as before that
+    "ram": Regime(True, ("-ngl", "99", "-ncmoe", "99"), (dict(device="cuda", vram_cache_gb="small", cache_gb="all"),
+                                                         dict(device="cuda", vram_cache_gb="small", cache_gb="all",
+                                                              cpu_share=0))),
     # -dev none: with a CUDA build, -ngl 0 alone still sends prompt-sized matmuls to the GPU (op offload)
     "cpu": Regime(False, ("-ngl", "0", "-dev", "none"), (dict(device="cpu", cache_gb="all"),)),
     "beyond-ram": Regime(True, ("-ngl", "99", "-ncmoe", "99", "-lm", "mmap"),
@@ -358,6 +362,7 @@ def flashmoe_child(args) -> dict:
         seconds.append(time.perf_counter() - t)
     pp = PROMPT_TOKENS / statistics.median(seconds[1:])
     tg = statistics.median(GEN_TOKENS / (timed_decode(model, prompt[:1], GEN_TOKENS) / 1e3) for _ in range(args.reps))
+    shares = model.stats.get("cpu_share")  # where the CPU's share settled (cpu_share.py)
     greedy = list(model.generate(GREEDY_PROMPT, args.greedy_tokens, stop_token_ids=[]))
     # teacher-forced: fed llama.cpp's tokens, how often is flashmoe's next token the same (no compounding divergence)
     theirs = [int(t) for t in args.llama_greedy.split(",")]
@@ -365,7 +370,7 @@ def flashmoe_child(args) -> dict:
     forced = sum(int(row.argmax()) == t for row, t in zip(logits, theirs))
     model.close()
     return {"placement": placement, "load_s": load_s, "pp_tok_s": pp, "tg_tok_s": tg, "greedy": greedy,
-            "greedy_forced_agree": forced,
+            "greedy_forced_agree": forced, "cpu_share": shares,
             "torch_max_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None}
 
 
@@ -567,6 +572,7 @@ def main() -> None:
             llama = merged(llama_rounds)
             for variant, placement in enumerate(regime.flashmoe):
                 label = name + limit + (", O_DIRECT" if placement.get("direct_io") else ", buffered" if limit else "")
+                label += ", GPU reads every RAM expert" if placement.get("cpu_share") == 0 else ""
                 rows.append({"regime": name, "label": label, "llama": llama, "flashmoe": merged(fm_rounds[variant]),
                              "llama_greedy": greedy, "cgroup_gb": cgroup_gb if regime.cgroup else None})
                 if args.json:  # after every row, so a run cut short keeps what it measured

@@ -104,6 +104,9 @@ def convert(
 def stats_line(stats: dict) -> str:
     prefill = stats["prompt_tokens"] / (stats["prefill_ms"] / 1e3) if stats["prefill_ms"] else 0.0
     vram = f", VRAM cache hit rate {stats['vram_cache_hit_rate']:.0%}" if "vram_cache_hit_rate" in stats else ""
+    in_ram = stats.get("experts_on_cpu", 0) + stats.get("experts_over_pcie", 0)
+    if in_ram:
+        vram += f", {stats['experts_on_cpu'] / in_ram:.0%} of the RAM-held experts computed on the CPU"
     return (f"{stats['generated_tokens']} tokens, {stats['decode_tokens_per_s']:.2f} tok/s decode, "
             f"{prefill:.1f} tok/s prefill, {stats['expert_bytes_read'] / 1e6:.1f} MB of experts read, "
             f"cache hit rate {stats['cache_hit_rate']:.0%}{vram} | attention {stats['attention_ms']:.0f} ms, "
@@ -125,6 +128,8 @@ CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up 
                                                   "decayed-lfu")
 RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16, int8 or int4 (quantized at "
                                           "load; int8 is the default for a quantized store)")
+CPU_SHARE = typer.Option(None, min=0.0, max=1.0, help="GPU: of the experts read from pinned RAM, the share the CPU "
+                                                      "computes meanwhile (default: set by measured times; 0: none)")
 
 
 def _top_p_in_range(value: float) -> float:
@@ -220,6 +225,7 @@ def generate(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
+    cpu_share: Optional[float] = CPU_SHARE,
     device: str = DEVICE,
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe generate ... --distributed): each holds "
@@ -230,7 +236,7 @@ def generate(
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
                  direct_io=direct_io, cache_policy=cache_policy, resident_format=resident_format,
-                 **({"distributed": True} if distributed else {}))
+                 cpu_share=cpu_share, **({"distributed": True} if distributed else {}))
 
 
 @app.command()
@@ -249,6 +255,7 @@ def chat(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
+    cpu_share: Optional[float] = CPU_SHARE,
     device: str = DEVICE,
 ):
     """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
@@ -256,7 +263,7 @@ def chat(
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format, prefix_cache_gb=prefix_cache_gb)
+                       resident_format=resident_format, prefix_cache_gb=prefix_cache_gb, cpu_share=cpu_share)
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
@@ -302,6 +309,7 @@ def serve(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
+    cpu_share: Optional[float] = CPU_SHARE,
     device: str = DEVICE,
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
@@ -318,7 +326,7 @@ def serve(
         _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format,
+                       resident_format=resident_format, cpu_share=cpu_share,
                        **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
     if model.pipeline is not None:
         model.pipeline.led = True

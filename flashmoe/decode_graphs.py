@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from .kernels.moe_triton import to_device_int32
+from .cpu_share import CpuShare
 from .routed import ExpertTimes, RoutedExperts
 
 
@@ -67,9 +68,10 @@ class Captured:
 
 
 class DecodeGraphs:
-    def __init__(self, model, routed: RoutedExperts, experts_per_token: int):
+    def __init__(self, model, routed: RoutedExperts, experts_per_token: int, cpu_share: CpuShare | None = None):
         self.model, self.routed, self.k = model, routed, experts_per_token
         self.enabled = routed.decode_kernels
+        self.cpu_share = cpu_share  # with experts in pinned RAM, the CPU computes part of them (cpu_share.py)
 
     def layer_can_use(self, layer: int) -> bool:
         return self.enabled and self.model.cfg.is_moe_layer(layer)
@@ -117,6 +119,61 @@ class DecodeGraphs:
 
         return Captured(whole, [x], self._pool(state))
 
+    def _capture_shared(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor):
+        """The layer as three graphs around the host's split of its RAM-held experts (cpu_share.py): front (to the
+        router, staging h, weights and slots for the host), back (the GPU's experts: partial sums, one row left
+        for the CPU's) and tail (the CPU's sum in, the partials summed with the layer's end)."""
+        m, k = self.model, self.k
+
+        def front(x):
+            x, h = m.mix(layer, x, state, static=True)
+            projections = m.moe_projections(layer, h)
+            _, weights, slots = m.route(layer, projections, k, resident_slots[layer], self.routed.fetcher.resident_counts)
+            shared, shared_gate = m.shared_expert_parts(layer, projections)
+            staged = torch.cat([h[0].float(), weights[0].float(), slots[0].float()])
+            return x, h, weights, shared, shared_gate, staged
+
+        pool = self._pool(state)
+        front_graph = Captured(front, [x], pool)
+        x_mid, h, weights, shared, shared_gate, _ = front_graph.outputs
+        back_graph = Captured(lambda slots: self.routed.decode_partials(h, weights, slots),
+                              [torch.zeros(k, dtype=torch.int32, device=x.device)], pool)
+        partial = back_graph.outputs
+
+        def tail(cpu_sum):
+            partial[-1].copy_(cpu_sum)
+            return self.routed.decode_finish(partial, x.dtype, (x_mid, shared, shared_gate))
+
+        tail_graph = Captured(tail, [torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)], pool)
+        return front_graph, back_graph, tail_graph
+
+    def _step_shared(self, layer: int, x: torch.Tensor, state, capacity: int, timers: dict, times: ExpertTimes,
+                     clock: Callable[[], float], resident: torch.Tensor) -> torch.Tensor:
+        captured = state.decode_graphs.get(("shared", layer))
+        if captured is None or captured[0] != capacity:
+            captured = state.decode_graphs[("shared", layer)] = (
+                capacity, self._capture_shared(layer, x, state, resident))
+        front, back, tail = captured[1]
+        share = self.cpu_share
+        t0 = clock()
+        share.receive(front.replay(x)[-1])  # the layer's one sync
+        cache = self.model.kv_cache(state, layer)
+        if cache is not None:
+            cache.length += 1
+        t1 = clock()
+        take = share.split()
+        share.gpu_started()
+        back.replay(share.gpu_slots)
+        share.gpu_queued()
+        x = tail.replay(share.compute(take))  # the CPU's experts while the GPU does its own
+        timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
+        times.compute_ms += (clock() - t1) * 1e3
+        return x
+
+    def uses_cpu_share(self) -> bool:
+        """A share for the CPU exists and some resident expert is in pinned RAM (else the one-graph layer is faster)."""
+        return self.cpu_share is not None and self.routed.fetcher.resident_in_ram > 0
+
     def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
              clock: Callable[[], float]) -> torch.Tensor:
         """One decode step of `layer` through its graphs (captured on first use for this state)."""
@@ -125,6 +182,8 @@ class DecodeGraphs:
         if cache is not None:  # the prefill allocated it; a graph is bound to its tensors, so growth recaptures
             cache.reserve(cache.length + 1, cache.k)
         capacity = cache.capacity if cache is not None else 0
+        if resident is not None and self.uses_cpu_share():
+            return self._step_shared(layer, x, state, capacity, timers, times, clock, resident)
         if resident is not None:
             captured = state.decode_graphs.get(("resident", layer))
             if captured is None or captured[0] != capacity:

@@ -32,6 +32,7 @@ from .models import family_of
 from .prefix_cache import PrefixCache
 from .quant import QuantizedTensor
 from .replay import RoutingRecorder, TraceRouting, replaying
+from .cpu_share import CpuShare
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
 from .sampling import TokenConstraint, sample
@@ -83,7 +84,7 @@ class Model:
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
                  resident_format: str = "float", devices: list[torch.device] | None = None,
-                 pipeline: Pipeline | None = None):
+                 pipeline: Pipeline | None = None, cpu_share: float | None = None):
         """devices: several GPUs (or, for tests, several CPU parts) to spread the layers over (placement.py); `device`
         is then the first. pipeline: this process is one rank of several (distributed.py), holding one block."""
         self.store = store
@@ -133,6 +134,15 @@ class Model:
             form_args = (store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
                          store.quantization["group_size"], ExpertMath.of(cfg))
             kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
+        # on a GPU, the CPU's kernels for its share of the experts held in pinned RAM (cpu_share.py)
+        share_form = None
+        if on_gpu and use_cuda_graphs and cpu_share != 0:
+            share_form = NativeExperts.for_store(store.layout, cfg.hidden_size, cfg.moe_intermediate_size,
+                                                 store.quantization["bits"], store.quantization["group_size"],
+                                                 ExpertMath.of(cfg))
+            if share_form is None and cpu_share is not None:
+                raise FlashMoeError("cpu_share needs the CPU expert kernels (a C compiler, and experts stored "
+                                    "2/4/8-bit affine); pass cpu_share=0")
         self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
         for i in mine:
             block, part, vram_bytes = blocks[i], parts[i], vram_budgets[i]
@@ -145,7 +155,10 @@ class Model:
                                         verify_reads, zero_copy, cache_policy, kernel_form,
                                         [i for i in block.layers if cfg.is_moe_layer(i)], host)
                 routed = RoutedExperts(store, fetcher, block.device)
-                graphs = DecodeGraphs(model, routed, self.experts_per_token) if on_gpu and use_cuda_graphs else None
+                share = None
+                if share_form is not None and fetcher.ram_slab is not None and fetcher.zero_copy:
+                    share = CpuShare(share_form, fetcher.ram_slab, cfg.hidden_size, cpu_share)
+                graphs = DecodeGraphs(model, routed, self.experts_per_token, share) if on_gpu and use_cuda_graphs else None
             self.stages.append(Stage(block.device, block.layers, model, fetcher, routed, graphs))
         self._stage_of = [next((s for s in self.stages if layer in s.layers), None)
                           for layer in range(cfg.num_hidden_layers)]
@@ -170,7 +183,7 @@ class Model:
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
              resident_format: str | None = None, devices: str | list[str] | None = None,
-             distributed: bool = False, prefix_cache_gb: float = 0.0) -> "Model":
+             distributed: bool = False, prefix_cache_gb: float = 0.0, cpu_share: float | None = None) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -186,7 +199,10 @@ class Model:
         process is one rank of a torch.distributed group (torchrun's environment; distributed.py) and holds one block
         of layers on `device` ("cuda" is the GPU of its local rank); every rank runs the same calls.
         prefix_cache_gb: RAM for sequence states kept at the ends of prompts and replies (prefix_cache.py), so a
-        `generate` whose tokens begin with a kept state's prefills only the rest (a chat's next turn); 0: none."""
+        `generate` whose tokens begin with a kept state's prefills only the rest (a chat's next turn); 0: none.
+        cpu_share (GPU): while experts are read from pinned RAM (zero_copy), the share of them the CPU computes
+        instead, at the same time as the GPU reads the rest (cpu_share.py): None (default) follows the measured
+        times of both, a number 0..1 fixes it, 0 leaves the CPU out."""
         if distributed and devices is not None:
             raise FlashMoeError("distributed runs one block per process: give each rank one device, not devices")
         if devices is not None:
@@ -211,6 +227,10 @@ class Model:
                 raise FlashMoeError(f"{name} must be >= 0, not {value} (a finite number of GB)")
         if vram_cache_gb is not None and not on_gpu:
             raise FlashMoeError("vram_cache_gb needs device='cuda'")
+        if cpu_share is not None and not (math.isfinite(cpu_share) and 0 <= cpu_share <= 1):
+            raise FlashMoeError(f"cpu_share must be between 0 and 1 (or None: follow measured times), not {cpu_share}")
+        if cpu_share and not on_gpu:
+            raise FlashMoeError("cpu_share is for device='cuda' (on the CPU it computes every expert already)")
         if resident_format is not None and resident_format not in RESIDENT_FORMATS:
             raise FlashMoeError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
         if resident_format not in (None, "float") and on_gpu:
@@ -234,7 +254,7 @@ class Model:
             check_fits("RAM", "prefix_cache_gb", prefix_bytes, psutil.virtual_memory().available, "kept sequence states")
         model = cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                     verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
-                    None if devices is None else parsed, pipeline)
+                    None if devices is None else parsed, pipeline, cpu_share)
         if prefix_bytes:
             model.prefix_cache = PrefixCache(prefix_bytes)
         return model
@@ -547,6 +567,7 @@ class Model:
         for f in fetchers:
             f.take_resident_counts()
         f, t = self.fetcher, self._tokens
+        shares = [s.graphs.cpu_share for s in self.stages if s.graphs is not None and s.graphs.cpu_share is not None]
         decode_steps = max(t["generated_tokens"] - 1, 0)
         out = {
             **t,
@@ -570,8 +591,14 @@ class Model:
                 "vram_cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
                 "vram_cache_bytes": sum(len(v) for v in tiers) * self.store.expert_blob_bytes,
                 "expert_bytes_copied": sum(f.stats.expert_bytes_copied for f in fetchers),
-                "expert_bytes_zero_copy": sum(f.stats.expert_bytes_zero_copy for f in fetchers),
+                # the RAM-held experts the GPU read over PCIe; those the CPU computed instead are experts_on_cpu
+                "expert_bytes_zero_copy": sum(f.stats.expert_bytes_zero_copy for f in fetchers)
+                - sum(s.experts_on_cpu for s in shares) * self.store.expert_blob_bytes,
             })
+            if shares:
+                out.update(experts_on_cpu=sum(s.experts_on_cpu for s in shares),
+                           experts_over_pcie=sum(s.experts_over_pcie for s in shares),
+                           cpu_share=[round(s.fraction, 3) for s in shares])
         out.update({k: round(v, 3) for k, v in self._timers.items()})
         out["decode_tokens_per_s"] = decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0
         return out
@@ -581,6 +608,8 @@ class Model:
             f = stage.fetcher
             f.take_resident_counts()  # and drop them with the rest
             f.stats = type(f.stats)()
+            if stage.graphs is not None and stage.graphs.cpu_share is not None:
+                stage.graphs.cpu_share.experts_on_cpu = stage.graphs.cpu_share.experts_over_pcie = 0
             for tier in (f.ram, f.vram):
                 if tier is not None:
                     tier.stats = type(tier.stats)()

@@ -102,6 +102,7 @@ class ExpertFetcher:
         self.zero_copy = zero_copy and self.on_gpu
         self._slot_table: torch.Tensor | None = None  # on the device; rewritten in place (graphs hold its address)
         self._slot_table_current = False
+        self.resident_in_ram = 0  # of the slot table's experts, how many are read from pinned RAM
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
@@ -255,6 +256,7 @@ class ExpertFetcher:
             if len(slot_of.keys() | in_ram.keys()) < self.every_expert:
                 return None
             slot_of = {**{key: -1 - slot for key, slot in in_ram.items()}, **slot_of}  # VRAM wins where both hold it
+        self.resident_in_ram = sum(slot < 0 for slot in slot_of.values())
         cfg = self.store.config
         table = torch.full((cfg.num_hidden_layers, cfg.num_experts), -1 - self.ram.n_slots, dtype=torch.int32)
         for (layer, expert), slot in slot_of.items():

@@ -161,7 +161,7 @@ def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, ar
     everything.warm_cache()
     every_expert = everything.fetcher.every_expert
     small = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
-                          cache_gb=(every_expert + 1) * blob / 1e9)
+                          cache_gb=(every_expert + 1) * blob / 1e9, cpu_share=0)  # the GPU reads them all
     assert small.fetcher.resident_slots() is None  # nothing read yet
     small.warm_cache()
     table = small.fetcher.resident_slots()
@@ -184,3 +184,35 @@ def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, ar
                             cache_gb=(every_expert + 1) * blob / 1e9, zero_copy=False)
     copying.warm_cache()
     assert copying.fetcher.resident_slots() is None
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
+    """With experts in pinned RAM, the CPU computes a share of them while the GPU reads the rest (cpu_share.py):
+    the answers are those of a model with everything in VRAM, at any share, fixed or following the times."""
+    store = built.store(arch, 4)
+    blob = Store(store).expert_blob_bytes
+    everything = flashmoe.load(store, device="cuda", dtype=torch.float32)
+    everything.warm_cache()
+    every_expert = everything.fetcher.every_expert
+    expected = list(everything.generate(PROMPT[:8], 12, stop_token_ids=[]))
+    for share in (1.0, 0.5, None):
+        shared = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
+                               cache_gb=(every_expert + 1) * blob / 1e9, cpu_share=share)
+        shared.warm_cache()
+        s_all, s_shared = everything.new_state(), shared.new_state()
+        everything.forward(PROMPT[:8], s_all)
+        shared.forward(PROMPT[:8], s_shared)
+        shared.reset_stats()
+        for t in PROMPT[8:20]:
+            assert rel_error(shared.forward([t], s_shared).cpu(), everything.forward([t], s_all).cpu()) < 1e-5
+        assert any(isinstance(key, tuple) and key[0] == "shared" for key in s_shared.decode_graphs)
+        stats = shared.stats
+        assert stats["experts_on_cpu"] > 0 and stats["expert_reads"] == 0 and stats["expert_bytes_copied"] == 0
+        assert stats["experts_on_cpu"] + stats["experts_over_pcie"] == stats["vram_cache_misses"]
+        assert stats["expert_bytes_zero_copy"] == stats["experts_over_pcie"] * blob
+        moe_steps = 12 * len(shared.config.moe_layers) * shared.experts_per_token
+        assert stats["vram_cache_hits"] + stats["vram_cache_misses"] == moe_steps
+        if share == 1.0:
+            assert stats["experts_over_pcie"] == 0
+        assert list(shared.generate(PROMPT[:8], 12, stop_token_ids=[])) == expected

@@ -38,6 +38,8 @@ def triton_available() -> bool:
 
 
 SCALE_FP16, SCALE_BF16, SCALE_E8M0, SCALE_FP32 = 0, 1, 2, 3  # the kernels' SCALE_KIND (E8M0: MXFP4, FP32: FP8)
+# a decode slot the GPU leaves out (the CPU computes that expert: cpu_share.py): read nothing, contribute zeros
+SKIP = -(2 ** 31)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ def reference_down_grouped(act, slab, slots, expert_start, pair_weight, layout, 
 
 # ---- Triton kernels -------------------------------------------------------------------------
 if triton is not None:
+    SKIP_SLOT = tl.constexpr(SKIP)  # tested as tl.where(slot != SKIP_SLOT, mask, False): Triton's interpreter
+    # makes a bool scalar & a bool vector an integer mask
 
     @triton.jit
     def _e2m1(codes):
@@ -287,19 +291,21 @@ if triton is not None:
                                BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr,
                                BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr):
         e = tl.program_id(0)
-        base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
+        slot = tl.load(slot_ptr + e)
+        base = _blob_base(slab_ptr, host_ptr, slot.to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < I
+        read = tl.where(slot != SKIP_SLOT, n_mask, False)  # a skipped expert reads nothing, stores silu(0) * 0
         gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_B * (8 // BITS)):
-            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
+            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, read, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
                                SCALE_KIND, EVEN_K)
-            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
+            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, read, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
                              SCALE_KIND, EVEN_K)
         if BIAS:
-            gate += _out_bias(base, gu_bias, n, n_mask)
-            up += _out_bias(base, gu_bias, I + n, n_mask)
+            gate += _out_bias(base, gu_bias, n, read)
+            up += _out_bias(base, gu_bias, I + n, read)
         act = _swiglu(gate, up, ACT, limit, alpha)
         tl.store(act_ptr + e * I + n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
@@ -371,13 +377,15 @@ if triton is not None:
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for e in range(n_experts):  # in slot-list order: the sum is deterministic
-            base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
+            slot = tl.load(slot_ptr + e)
+            base = _blob_base(slab_ptr, host_ptr, slot.to(tl.int64), blob_bytes)
+            read = tl.where(slot != SKIP_SLOT, n_mask, False)
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_B * (8 // BITS)):
-                part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
+                part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
                                    BLOCK_B, SCALE_KIND, EVEN_K)
             if BIAS:
-                part += _out_bias(base, d_bias, n, n_mask)
+                part += _out_bias(base, d_bias, n, read)
             out += tl.load(weight_ptr + e).to(tl.float32) * part
         if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
             out += _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED)
@@ -395,14 +403,16 @@ if triton is not None:
         j = tl.program_id(1)
         e = j // n_chunks
         k_start = (j % n_chunks) * chunk
-        base = _blob_base(slab_ptr, host_ptr, tl.load(slot_ptr + e).to(tl.int64), blob_bytes)
+        slot = tl.load(slot_ptr + e)
+        base = _blob_base(slab_ptr, host_ptr, slot.to(tl.int64), blob_bytes)
+        read = tl.where(slot != SKIP_SLOT, n_mask, False)  # a skipped expert's partial is zeros
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
-            part += _gemv_tile(base, d_packed, d_scales, d_biases, n, n_mask, act_ptr + e * I, k0, I, BITS, GROUP,
+            part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
                                BLOCK_B, SCALE_KIND, EVEN_K)
         if BIAS:
             if k_start == 0:  # with the expert's first chunk
-                part += _out_bias(base, d_bias, n, n_mask)
+                part += _out_bias(base, d_bias, n, read)
         tl.store(partial_ptr + j * H + n, tl.load(weight_ptr + e).to(tl.float32) * part, mask=n_mask)
 
     @triton.jit
@@ -585,33 +595,57 @@ def down_weighted_sum(act, slab, slots, weights, qb: QuantBlob, block_n: int | N
     shared, times sigmoid(shared_gate) where there is one, in the same launch (a layer's residual and shared expert).
     split: per (expert, chunk of I) partial sums, then their sum (two launches, many more programs: down_split);
     else one launch whose programs each loop over every expert."""
+    if split:
+        return sum_partials(down_partials(act, slab, slots, weights, qb, block_n, block_b, num_warps, host_slab),
+                            act.dtype, epilogue)
     block_n = block_n or DECODE_TILE["block_n"]
     block_b = gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"])
     out = torch.empty(qb.hidden, dtype=act.dtype, device=act.device)
+    base, shared, shared_gate, shared_kind = _epilogue_args(epilogue, out)
+    _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
+        act, slab, slab if host_slab is None else host_slab, slots, weights, out, base, shared, shared_gate,
+        slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
+        qb.down_bias, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        num_warps=num_warps or DECODE_TILE["num_warps"], EPILOGUE=epilogue is not None, SHARED=shared_kind,
+        SCALE_KIND=qb.scale_kind, BIAS=qb.bias, EVEN_K=gemv_even(qb, qb.intermediate, block_b))
+    return out
+
+
+def _epilogue_args(epilogue, out: torch.Tensor):
+    """The kernels' (base, shared, shared_gate, SHARED) for an epilogue or None (unused pointers: out)."""
     base, shared, shared_gate = epilogue if epilogue is not None else (out, None, None)
     shared_kind = 0 if shared is None else 1 if shared_gate is None else 2
-    shared = out if shared is None else shared
-    shared_gate = out if shared_gate is None else shared_gate
-    host = slab if host_slab is None else host_slab
-    warps = num_warps or DECODE_TILE["num_warps"]
-    if split:
-        chunk, n_chunks = down_split(qb, slots.numel(), block_n, block_b)
-        partial = torch.empty(slots.numel() * n_chunks, qb.hidden, dtype=torch.float32, device=act.device)
-        _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
-            act, slab, host, slots, weights, partial, qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed,
-            qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, BITS=qb.bits, GROUP=qb.group_size,
-            BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, SCALE_KIND=qb.scale_kind, BIAS=qb.bias,
-            EVEN_K=gemv_even(qb, qb.intermediate, block_b))
-        _sum_partials_kernel[(triton.cdiv(qb.hidden, 256),)](
-            partial, out, base, shared, shared_gate, partial.shape[0], qb.hidden, BLOCK_N=256,
-            EPILOGUE=epilogue is not None, SHARED=shared_kind)
-        return out
-    _down_weighted_sum_kernel[(triton.cdiv(qb.hidden, block_n),)](
-        act, slab, host, slots, weights, out, base, shared, shared_gate,
-        slots.numel(), qb.hidden, qb.intermediate, qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases,
-        qb.down_bias, BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps,
-        EPILOGUE=epilogue is not None, SHARED=shared_kind, SCALE_KIND=qb.scale_kind, BIAS=qb.bias,
-        EVEN_K=gemv_even(qb, qb.intermediate, block_b))
+    return base, out if shared is None else shared, out if shared_gate is None else shared_gate, shared_kind
+
+
+def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
+                  num_warps: int | None = None, host_slab: torch.Tensor | None = None,
+                  extra_rows: int = 0) -> torch.Tensor:
+    """The first half of down_weighted_sum's split: float32 [G * chunks + extra_rows, H] of weighted partial sums,
+    per (expert, chunk of I); the extra rows are left for the caller to fill (the CPU's share of the experts,
+    cpu_share.py) before sum_partials."""
+    block_n = block_n or DECODE_TILE["block_n"]
+    block_b = gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"])
+    chunk, n_chunks = down_split(qb, slots.numel(), block_n, block_b)
+    partial = torch.empty(slots.numel() * n_chunks + extra_rows, qb.hidden, dtype=torch.float32, device=act.device)
+    _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
+        act, slab, slab if host_slab is None else host_slab, slots, weights, partial, qb.hidden, qb.intermediate,
+        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, BITS=qb.bits,
+        GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=num_warps or DECODE_TILE["num_warps"],
+        SCALE_KIND=qb.scale_kind, BIAS=qb.bias, EVEN_K=gemv_even(qb, qb.intermediate, block_b))
+    return partial
+
+
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype,
+                 epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The second half: out [H] in `dtype` = the rows of `partial` summed in row order (deterministic), plus the
+    epilogue as in down_weighted_sum, rounded once."""
+    hidden = partial.shape[1]
+    out = torch.empty(hidden, dtype=dtype, device=partial.device)
+    base, shared, shared_gate, shared_kind = _epilogue_args(epilogue, out)
+    _sum_partials_kernel[(triton.cdiv(hidden, 256),)](
+        partial, out, base, shared, shared_gate, partial.shape[0], hidden, BLOCK_N=256,
+        EPILOGUE=epilogue is not None, SHARED=shared_kind)
     return out
 
 

@@ -1,0 +1,38 @@
+"""The CPU's share of the experts held in pinned RAM (cpu_share.py): which experts it takes and how the share
+follows measured times. The decode step itself runs on the device (test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+import flashmoe
+from flashmoe.cpu_share import STEP, cpu_takes, rebalanced
+from flashmoe.errors import FlashMoeError
+
+
+def test_the_cpu_takes_a_share_of_the_experts_in_pinned_ram_only():
+    slots = [3.0, -1.0, -5.0, 2.0, -2.0]  # VRAM slots >= 0, pinned RAM < 0
+    assert cpu_takes(slots, 0.0) == []
+    assert cpu_takes(slots, 1.0) == [1, 2, 4]
+    assert cpu_takes(slots, 0.5) == [2, 4]  # 1.5 rounds up
+    assert cpu_takes(slots, 0.2) == [4]
+    assert cpu_takes([0.0, 1.0], 1.0) == []  # all in VRAM: nothing for the CPU
+
+
+def test_the_share_moves_toward_equal_times_and_stays_in_bounds():
+    assert rebalanced(0.5, gpu_ms=0.3, cpu_ms=0.3) == 0.5
+    assert rebalanced(0.5, gpu_ms=0.4, cpu_ms=0.2) == pytest.approx(0.5 + STEP / 2)  # the GPU was slower: more to the CPU
+    assert rebalanced(0.5, gpu_ms=0.1, cpu_ms=0.4) == pytest.approx(0.5 - STEP * 0.75)
+    assert rebalanced(1.0, gpu_ms=0.4, cpu_ms=0.0) == 1.0
+    assert rebalanced(0.01, gpu_ms=0.0, cpu_ms=0.5) == 0.0
+    fraction = 0.5  # a CPU twice as fast per expert as the GPU ends up with about two thirds of them
+    for _ in range(400):
+        fraction = rebalanced(fraction, gpu_ms=(1 - fraction) * 8 * 0.1, cpu_ms=fraction * 8 * 0.05)
+    assert fraction == pytest.approx(2 / 3, abs=0.01)
+
+
+@pytest.mark.parametrize("share,message", [(1.5, "between 0 and 1"), (float("nan"), "between 0 and 1"),
+                                           (0.5, "for device='cuda'")])
+def test_a_bad_share_is_one_line(built, share, message):
+    with pytest.raises(FlashMoeError, match=message):
+        flashmoe.load(built.store("qwen3_5_moe", 4), cpu_share=share)
