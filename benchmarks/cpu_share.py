@@ -41,6 +41,40 @@ def build_store(args) -> Path:
     return store
 
 
+def host_bandwidths(gb: float = 2.0, reps: int = 8) -> dict:
+    """GB/s of host memory read by the CPU's threads (a float32 sum), by the GPU over PCIe (pinned -> VRAM copies),
+    and by both at once (each one's rate while the other runs): whether the two paths to the experts share a limit."""
+    import threading
+    import time
+
+    n = int(gb * 1e9) // 4
+    host_a, host_b = torch.ones(n).pin_memory(), torch.ones(n).pin_memory()
+    dev = torch.empty(n, device="cuda")
+
+    def cpu_reads(out: dict) -> None:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            host_a.sum()
+        out["cpu"] = reps * 4 * n / (time.perf_counter() - t0) / 1e9
+
+    def gpu_reads(out: dict) -> None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dev.copy_(host_b, non_blocking=True)
+        torch.cuda.synchronize()
+        out["pcie"] = reps * 4 * n / (time.perf_counter() - t0) / 1e9
+
+    alone, both = {}, {}
+    cpu_reads(alone), gpu_reads(alone)
+    thread = threading.Thread(target=gpu_reads, args=(both,))
+    thread.start()
+    cpu_reads(both)
+    thread.join()
+    return {"cpu_read_gbps": alone["cpu"], "pcie_read_gbps": alone["pcie"], "cpu_read_gbps_both": both["cpu"],
+            "pcie_read_gbps_both": both["pcie"]}
+
+
 def configure(model, setting: str) -> None:
     """One model, several ways to decode: the stage's share of the CPU on or off, adaptive or fixed."""
     for stage in model.stages:
@@ -48,9 +82,11 @@ def configure(model, setting: str) -> None:
         share = graphs.cpu_share or getattr(graphs, "_kept_share", None)
         graphs._kept_share = share
         graphs.cpu_share = None if setting == "gpu" else share
-        if share is not None:
+        if share is not None:  # each setting starts afresh
             share.adaptive = setting == "auto"
             share.fraction = 0.5 if setting in ("gpu", "auto") else float(setting)
+            share.token_ms = {True: None, False: None}
+            share._timing.clear()
 
 
 def main() -> None:
@@ -76,6 +112,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.root.mkdir(parents=True, exist_ok=True)
+    bw = host_bandwidths()
+    print(json.dumps(bw), flush=True)
     store = build_store(args)
     every_gb = Store(store).expert_bytes / 1e9 * 1.02 + 0.05
     ram = flashmoe.load(store, device="cuda", vram_cache_gb=args.vram_cache_gb, cache_gb=every_gb, io_threads=16)
@@ -87,7 +125,7 @@ def main() -> None:
     prompt = list(range(1, 17))
     settings = ["gpu", "auto", *args.shares.split(",")]
     rates = {s: [] for s in settings + ["vram"]}
-    settled, cpu_part = [], {s: [] for s in settings}
+    settled, cpu_part, split = [], {s: [] for s in settings}, {s: [] for s in settings}
     for r in range(args.rounds):
         for setting in settings:
             configure(ram, setting)
@@ -97,7 +135,10 @@ def main() -> None:
             in_ram = st.get("experts_on_cpu", 0) + st.get("experts_over_pcie", 0)
             cpu_part[setting].append(st.get("experts_on_cpu", 0) / in_ram if in_ram else 0.0)
             if setting == "auto":
-                settled.append(st["cpu_share"])
+                settled.append((st["cpu_share"], st["tokens_shared_with_cpu"]))
+            if "cpu_share_cpu_ms" in st:  # per token: each side's time for its experts, and the whole layer stack
+                split[setting].append((st["cpu_share_gpu_ms"] / args.tokens, st["cpu_share_cpu_ms"] / args.tokens,
+                                       ms / args.tokens))
             print(f"round {r + 1} {setting}: {rates[setting][-1]:.1f} tok/s", flush=True)
         rates["vram"].append(args.tokens / (timed_decode(vram, prompt, args.tokens) / 1e3))
     med = {s: statistics.median(v) for s, v in rates.items()}
@@ -108,13 +149,20 @@ def main() -> None:
             f"K={ram.experts_per_token}, {args.bits}-bit group {args.group_size}, vocabulary {args.vocab}; VRAM cache "
             f"{args.vram_cache_gb} GB, every expert in pinned RAM. tg{args.tokens} tok/s, the median of {args.rounds} "
             f"rounds in which the settings take turns (one process, one model; `vram` is a second model with every "
-            f"expert in VRAM).\n\n| setting | tok/s | vs gpu | share of RAM-held experts on the CPU |\n|---|---|---|---|\n")
+            f"expert in VRAM).\n\n| setting | tok/s | vs gpu | share of RAM-held experts on the CPU | ms per token: GPU's experts / CPU's experts / all (last round) |\n|---|---|---|---|---|\n")
     for s in settings + ["vram"]:
         part = f"{statistics.median(cpu_part[s]):.0%}" if s in cpu_part else "n/a"
-        text += f"| {s} | {med[s]:.1f} | {med[s] / med['gpu']:.2f}x | {part} |\n"
-    text += f"\nAuto's share at the end of each round: {settled}; rounds: {json.dumps(rates)}\n"
+        times = split.get(s) and split[s][-1]
+        times = f"{times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f}" if times else "n/a"
+        text += f"| {s} | {med[s]:.1f} | {med[s] / med['gpu']:.2f}x | {part} | {times} |\n"
+    text += (f"\nAuto: (the fraction it settled at, of the {args.tokens} tokens how many it shared) per round: "
+             f"{settled}.\n")
+    text += (f"\nHost memory read, GB/s (`host_bandwidths`): by the CPU's threads {bw['cpu_read_gbps']:.1f} alone, "
+             f"{bw['cpu_read_gbps_both']:.1f} while the GPU reads too; by the GPU over PCIe {bw['pcie_read_gbps']:.1f} "
+             f"alone, {bw['pcie_read_gbps_both']:.1f} while the CPU reads too.\n"
+             f"\nRounds: {json.dumps(rates)}\n")
     if args.json:
-        args.json.write_text(json.dumps({"rates": rates, "settled": settled, "cpu_part": cpu_part}, indent=1))
+        args.json.write_text(json.dumps({"rates": rates, "settled": settled, "cpu_part": cpu_part, **bw}, indent=1))
     publish(text, args.out)
 
 

@@ -6,65 +6,124 @@ llama.cpp's `--cpu-moe` computes every RAM-held expert on the CPU; flashmoe's ze
 PCIe. On the H100/H200 machines the two take about as long (issue 17's table: 219 vs 183 tok/s), so splitting a
 layer's RAM-held experts between them runs both at once.
 
-The split follows measured times: after each layer, the GPU's time for its share (CUDA events) and the CPU's (its
-call) move the fraction of RAM-held experts the CPU takes toward where both finish together, so it follows load on
-either side. A fixed fraction can be given instead (`Model.load(cpu_share=...)`), which also makes results
-reproducible (which experts the CPU computes changes the float rounding a little, and the CPU's int8 activations a
-little more: kernels/cpu_native.py).
+Sharing costs a sync per layer (the host must see the router's choice) and three graph launches instead of one,
+about 0.2 ms a layer on the H200 machine (RESULTS.md): it pays where a layer's RAM-held experts take longer than
+that to read over PCIe. So two things follow measured times:
+- whether to share at all: a block of layers' GPU time per token (CUDA events, read once complete, no sync) is
+  kept for both ways, shared and the GPU reading every expert; the faster one decodes, the other is tried every
+  PROBE_EVERY tokens to follow changing load;
+- how much to share: after each shared layer, the GPU's time for its experts and the CPU's move the fraction of
+  RAM-held experts the CPU takes toward where both finish together.
+A fixed fraction can be given instead (`Model.load(cpu_share=...)`): always shared, at that fraction, which also
+makes results reproducible (which experts the CPU computes changes the float rounding a little, and the CPU's int8
+activations a little more: kernels/cpu_native.py).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from .kernels.cpu_native import NativeExperts
 from .kernels.moe_triton import SKIP
 
 STEP = 0.05  # how far one layer's times move the fraction: ~20 layers to cross from all-GPU to all-CPU
+PROBE_EVERY = 16  # tokens: the way not chosen is timed again this often (a 15% slower way costs 1% of the rate)
+SMOOTHING = 0.25  # weight of a new token's time in each way's running figure
 
 
 class CpuShare:
-    """One block of layers' CPU share: the host buffers a layer's step passes through, the fraction, the counts."""
+    """One block of layers' CPU share: the pinned buffers a shared layer passes through, the fraction, the choice
+    between sharing and not, the counts."""
 
     def __init__(self, experts: NativeExperts, ram_slab: torch.Tensor, hidden: int, fraction: float | None = None):
-        self.experts, self.ram_slab, self.hidden, self.k = experts, ram_slab, hidden, 0
+        self.experts, self.ram_slab, self.hidden = experts, ram_slab, hidden
         self.adaptive = fraction is None
         self.fraction = 0.5 if fraction is None else fraction
-        self.staged = self.gpu_slots = None  # sized by the first step's K (a routing trace may change K)
-        self.cpu_sum = torch.zeros(hidden, dtype=torch.float32, pin_memory=True)
+        self.k = 0
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cpu_sum = torch.zeros(hidden, dtype=torch.float32, pin_memory=True)  # read by the tail graph's kernel
         self._staged_ready = torch.cuda.Event()
         self._gpu = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         self._cpu_ms: float | None = None  # the last layer's CPU time, waiting for its GPU time
+        # sharing or not, per token: each way's GPU ms for the block's layers, and tokens waiting to be timed
+        self.token_ms: dict[bool, float | None] = {True: None, False: None}
+        self._timing: list[tuple[bool, torch.cuda.Event, torch.cuda.Event]] = []
+        self._tokens = 0
+        self.sharing = True  # this token's way
+        self.tokens_shared = 0  # decode steps that shared, since the stats were reset
         self.experts_on_cpu = 0  # experts computed here since the stats were reset
         self.experts_over_pcie = 0  # RAM-held experts the GPU read itself
+        self.gpu_ms = self.cpu_ms = 0.0  # each side's time for its experts, summed over the layers measured
+
+    # ---- per token: share or not -------------------------------------------------------------
+    def begin_token(self) -> None:
+        """Choose this token's way: the faster so far, the other every PROBE_EVERY tokens (each once at first)."""
+        self._fold_timings()
+        self._tokens += 1
+        if not self.adaptive:
+            self.sharing = True
+        elif None in self.token_ms.values():
+            self.sharing = self.token_ms[True] is None
+        else:
+            faster = self.token_ms[True] <= self.token_ms[False]
+            self.sharing = faster != (self._tokens % PROBE_EVERY == 0)
+        self.tokens_shared += self.sharing
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self._timing.append((self.sharing, start, None))
+
+    def end_token(self) -> None:
+        sharing, start, _ = self._timing[-1]
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._timing[-1] = (sharing, start, end)
+
+    def _fold_timings(self) -> None:
+        """Fold in the tokens whose events completed (no waiting: the others stay for later)."""
+        while self._timing and self._timing[0][2] is not None and self._timing[0][2].query():
+            sharing, start, end = self._timing.pop(0)
+            ms, before = start.elapsed_time(end), self.token_ms[sharing]
+            self.token_ms[sharing] = ms if before is None else before + SMOOTHING * (ms - before)
+        del self._timing[:-64]  # tokens never ended (an error midway) are dropped
+
+    # ---- per shared layer ----------------------------------------------------------------------
+    def buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pinned buffers for K experts a token, made once (graphs hold their addresses): what the front graph
+        stages for the host (h, the K weights, the K slots as float32: slots are far below 2^24, so exact) and the
+        slots the back graph's kernels read (SKIP where the CPU computes)."""
+        if k not in self._buffers:
+            self._buffers[k] = (torch.empty(self.hidden + 2 * k, dtype=torch.float32, pin_memory=True),
+                                torch.empty(k, dtype=torch.int32, pin_memory=True))
+        return self._buffers[k]
 
     def receive(self, staged: torch.Tensor) -> None:
-        """Bring the front graph's staged values to the host (the layer's one sync), and with them the last layer's
-        GPU time, which moves the fraction."""
-        if staged.numel() != self.hidden + 2 * self.k:
-            # h, the K weights, the K slots, as float32 (slots are far below 2^24, so exact)
-            self.k = (staged.numel() - self.hidden) // 2
-            self.staged = torch.empty(staged.numel(), dtype=torch.float32, pin_memory=True)
-            self.gpu_slots = torch.empty(self.k, dtype=torch.int32, pin_memory=True)  # SKIP where the CPU computes
+        """Bring the front graph's staged values to the host (the layer's one sync), and with them the last shared
+        layer's GPU time, which moves the fraction."""
+        self.k = (staged.numel() - self.hidden) // 2
+        self.staged, self.gpu_slots = self.buffers(self.k)
         self.staged.copy_(staged, non_blocking=True)
         self._staged_ready.record()
         self._staged_ready.synchronize()
         if self._cpu_ms is not None:
-            self.fraction = rebalanced(self.fraction, self._gpu[0].elapsed_time(self._gpu[1]), self._cpu_ms)
+            gpu_ms = self._gpu[0].elapsed_time(self._gpu[1])
+            self.gpu_ms += gpu_ms
+            self.cpu_ms += self._cpu_ms
+            if self.adaptive:
+                self.fraction = rebalanced(self.fraction, gpu_ms, self._cpu_ms)
             self._cpu_ms = None
 
     def split(self) -> list[int]:
         """Which of the K chosen experts (positions in the router's order) the CPU takes: a share of those in pinned
         RAM (slot < 0); gpu_slots gets SKIP there and the rest of the slots as they were."""
-        slots = self.staged[self.hidden + self.k :].tolist()
-        take = cpu_takes(slots, self.fraction)
+        slots = self.staged.numpy()[self.hidden + self.k :].astype(np.int32)
+        take = cpu_takes(slots.tolist(), self.fraction)
         self.experts_on_cpu += len(take)
-        self.experts_over_pcie += sum(s < 0 for s in slots) - len(take)
-        for i in take:
-            slots[i] = SKIP
-        self.gpu_slots.copy_(torch.tensor(slots, dtype=torch.int32))
+        self.experts_over_pcie += int((slots < 0).sum()) - len(take)
+        slots[take] = SKIP
+        self.gpu_slots.numpy()[:] = slots
         return take
 
     def gpu_started(self) -> None:
@@ -73,19 +132,18 @@ class CpuShare:
     def gpu_queued(self) -> None:
         self._gpu[1].record()
 
-    def compute(self, take: list[int]) -> torch.Tensor:
-        """The CPU's experts, weighted and summed into cpu_sum (pinned, for the tail graph to copy)."""
+    def compute(self, take: list[int]) -> None:
+        """The CPU's experts, weighted and summed into cpu_sum (pinned: the tail graph's kernel reads it there)."""
         t0 = time.perf_counter()
         self.cpu_sum.zero_()
         if take:
-            h = self.staged[: self.hidden][None]
-            weights = self.staged[self.hidden : self.hidden + self.k]
-            slots = self.staged[self.hidden + self.k :]
+            staged = self.staged.numpy()
+            slots = staged[self.hidden + self.k :]
             blobs = [self.ram_slab[-1 - int(slots[i])] for i in take]
-            self.experts.run(h, blobs, list(range(len(take) + 1)), torch.zeros(len(take), dtype=torch.int32),
-                             weights[take], out=self.cpu_sum[None])
-        self._cpu_ms = (time.perf_counter() - t0) * 1e3 if self.adaptive else None
-        return self.cpu_sum
+            weights = torch.from_numpy(staged[self.hidden : self.hidden + self.k][take])
+            self.experts.run(self.staged[: self.hidden][None], blobs, list(range(len(take) + 1)),
+                             torch.zeros(len(take), dtype=torch.int32), weights, out=self.cpu_sum[None])
+        self._cpu_ms = (time.perf_counter() - t0) * 1e3
 
 
 def cpu_takes(slots: list[float], fraction: float) -> list[int]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels.moe_triton import to_device_int32
+from .kernels.moe_triton import SKIP, to_device_int32
 from .cpu_share import CpuShare
 from .routed import ExpertTimes, RoutedExperts
 
@@ -72,6 +72,7 @@ class DecodeGraphs:
         self.model, self.routed, self.k = model, routed, experts_per_token
         self.enabled = routed.decode_kernels
         self.cpu_share = cpu_share  # with experts in pinned RAM, the CPU computes part of them (cpu_share.py)
+        self._timed = False  # this step is timed for the CPU share's choice (begin_step)
 
     def layer_can_use(self, layer: int) -> bool:
         return self.enabled and self.model.cfg.is_moe_layer(layer)
@@ -121,9 +122,11 @@ class DecodeGraphs:
 
     def _capture_shared(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor):
         """The layer as three graphs around the host's split of its RAM-held experts (cpu_share.py): front (to the
-        router, staging h, weights and slots for the host), back (the GPU's experts: partial sums, one row left
-        for the CPU's) and tail (the CPU's sum in, the partials summed with the layer's end)."""
-        m, k = self.model, self.k
+        router, staging h, weights and slots for the host), back (the GPU's experts, their slots read from the
+        share's pinned buffer) and tail (the partials summed, then the CPU's sum read from pinned RAM, then the
+        layer's end). Replays take no inputs: nothing is copied but the staged values."""
+        m, k, share = self.model, self.k, self.cpu_share
+        _, gpu_slots = share.buffers(k)
 
         def front(x):
             x, h = m.mix(layer, x, state, static=True)
@@ -136,15 +139,11 @@ class DecodeGraphs:
         pool = self._pool(state)
         front_graph = Captured(front, [x], pool)
         x_mid, h, weights, shared, shared_gate, _ = front_graph.outputs
-        back_graph = Captured(lambda slots: self.routed.decode_partials(h, weights, slots),
-                              [torch.zeros(k, dtype=torch.int32, device=x.device)], pool)
+        gpu_slots.fill_(SKIP)  # nothing to read while capturing
+        back_graph = Captured(lambda: self.routed.decode_partials(h, weights, gpu_slots), [], pool)
         partial = back_graph.outputs
-
-        def tail(cpu_sum):
-            partial[-1].copy_(cpu_sum)
-            return self.routed.decode_finish(partial, x.dtype, (x_mid, shared, shared_gate))
-
-        tail_graph = Captured(tail, [torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)], pool)
+        tail_graph = Captured(lambda: self.routed.decode_finish(partial, x.dtype, (x_mid, shared, shared_gate),
+                                                                share.cpu_sum), [], pool)
         return front_graph, back_graph, tail_graph
 
     def _step_shared(self, layer: int, x: torch.Tensor, state, capacity: int, timers: dict, times: ExpertTimes,
@@ -163,16 +162,30 @@ class DecodeGraphs:
         t1 = clock()
         take = share.split()
         share.gpu_started()
-        back.replay(share.gpu_slots)
+        back.replay()
         share.gpu_queued()
-        x = tail.replay(share.compute(take))  # the CPU's experts while the GPU does its own
+        share.compute(take)  # the CPU's experts while the GPU does its own
+        x = tail.replay()
         timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
         times.compute_ms += (clock() - t1) * 1e3
         return x
 
+    def begin_step(self) -> None:
+        """A decode step through this block begins: with RAM-held experts among the resident ones, the CPU share
+        (if any) picks this token's way and times it."""
+        f, share = self.routed.fetcher, self.cpu_share
+        self._timed = share is not None and f.resident_slots() is not None and f.resident_in_ram > 0
+        if self._timed:
+            share.begin_token()
+
+    def end_step(self) -> None:
+        if self._timed:
+            self.cpu_share.end_token()
+            self._timed = False
+
     def uses_cpu_share(self) -> bool:
-        """A share for the CPU exists and some resident expert is in pinned RAM (else the one-graph layer is faster)."""
-        return self.cpu_share is not None and self.routed.fetcher.resident_in_ram > 0
+        """This token shares the layers' RAM-held experts with the CPU (cpu_share.py chose that way for it)."""
+        return self._timed and self.cpu_share.sharing
 
     def step(self, layer: int, x: torch.Tensor, state, timers: dict, times: ExpertTimes,
              clock: Callable[[], float]) -> torch.Tensor:

@@ -425,6 +425,8 @@ class Model:
             self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.layer_events[-1][0].record()
         model, routed = stage.model, stage.routed
+        if graphed:
+            stage.graphs.begin_step()
         for layer in stage.layers:
             if graphed and stage.graphs.layer_can_use(layer):
                 x = stage.graphs.step(layer, x, state, timers, self._expert_times, clock)
@@ -442,6 +444,8 @@ class Model:
             timers["routing_ms"] += (clock() - t1) * 1e3
             x = x + routed(layer, h, topk_ids, topk_weights, lambda: model.shared_expert(layer, projections),
                            self._expert_times)
+        if graphed:
+            stage.graphs.end_step()
         if self.layer_events is not None:
             self.layer_events[-1][1].record()
         return x
@@ -598,7 +602,10 @@ class Model:
             if shares:
                 out.update(experts_on_cpu=sum(s.experts_on_cpu for s in shares),
                            experts_over_pcie=sum(s.experts_over_pcie for s in shares),
-                           cpu_share=[round(s.fraction, 3) for s in shares])
+                           tokens_shared_with_cpu=max(s.tokens_shared for s in shares),
+                           cpu_share=[round(s.fraction, 3) for s in shares],
+                           cpu_share_gpu_ms=round(sum(s.gpu_ms for s in shares), 3),
+                           cpu_share_cpu_ms=round(sum(s.cpu_ms for s in shares), 3))
         out.update({k: round(v, 3) for k, v in self._timers.items()})
         out["decode_tokens_per_s"] = decode_steps / (t["decode_ms"] / 1e3) if t["decode_ms"] else 0.0
         return out
@@ -609,7 +616,9 @@ class Model:
             f.take_resident_counts()  # and drop them with the rest
             f.stats = type(f.stats)()
             if stage.graphs is not None and stage.graphs.cpu_share is not None:
-                stage.graphs.cpu_share.experts_on_cpu = stage.graphs.cpu_share.experts_over_pcie = 0
+                share = stage.graphs.cpu_share
+                share.experts_on_cpu = share.experts_over_pcie = share.tokens_shared = 0
+                share.gpu_ms = share.cpu_ms = 0.0
             for tier in (f.ram, f.vram):
                 if tier is not None:
                     tier.stats = type(tier.stats)()

@@ -210,14 +210,14 @@ class RoutedExperts:
 
     def decode_partials(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """decode_compute's first half, for a step whose CPU computes some experts (cpu_share.py; their slots SKIP):
-        the GPU's weighted partial sums plus one last row, left for the CPU's sum."""
+        the GPU's weighted partial sums. `slots` may be pinned host memory, which the kernels read where it lies."""
         f = self.fetcher
         act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab)
-        return moe_triton.down_partials(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab,
-                                        extra_rows=1)
+        return moe_triton.down_partials(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab)
 
     @staticmethod
-    def decode_finish(partial: torch.Tensor, dtype: torch.dtype, epilogue) -> torch.Tensor:
-        """The second half: the partials' rows summed (the CPU's last) plus the layer's end, [1, H] in `dtype`."""
+    def decode_finish(partial: torch.Tensor, dtype: torch.dtype, epilogue, extra: torch.Tensor) -> torch.Tensor:
+        """The second half: the partials' rows summed, then `extra` (the CPU's sum, read from pinned RAM), plus the
+        layer's end, [1, H] in `dtype`."""
         epilogue = tuple(None if t is None else t.reshape(-1) for t in epilogue)
-        return moe_triton.sum_partials(partial, dtype, epilogue)[None]
+        return moe_triton.sum_partials(partial, dtype, epilogue, extra)[None]

@@ -139,8 +139,8 @@ def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
 @pytest.mark.parametrize("bits,bias", [(4, False), (8, True)])
 def test_skipped_slots_read_nothing_and_the_cpu_row_joins_the_sum(bits, bias):
     """cpu_share.py's decode step: slots SKIP read no weights and contribute exact zeros (their act is zeros, which
-    the down projection multiplies by its masked-out weights), and the row left after the partials is summed with
-    them and the layer's end."""
+    the down projection multiplies by its masked-out weights), and an extra row (the CPU's sum, in pinned RAM) is
+    summed with the partials and the layer's end."""
     hidden, inter, group = 128, 96, 32
     math = ExpertMath(bias=True, limit=7.0, alpha=1.702) if bias else None
     slab, layout, qb = make_slab(5, hidden, inter, bits, group, seed=bits, math=math)
@@ -152,11 +152,13 @@ def test_skipped_slots_read_nothing_and_the_cpu_row_joins_the_sum(bits, bias):
     assert torch.equal(act[[1, 3]], torch.zeros(2, inter, device=DEVICE))
     act_ref = mt.reference_gate_up_swiglu(x, slab, kept, i32([0, 0]), i32([0, 1, 2]), layout, qb)
     assert rel_error(act[[0, 2]], act_ref) < 1e-4
-    partial = mt.down_partials(act, slab, skipped, weights, qb, extra_rows=1)
-    cpu_row = torch.randn(hidden, generator=gen).to(DEVICE)
-    partial[-1] = cpu_row
+    partial = mt.down_partials(act, slab, skipped, weights, qb)
+    cpu_row = torch.randn(hidden, generator=gen)
+    if DEVICE == "cuda":
+        cpu_row = cpu_row.pin_memory()  # read by the kernel where it lies
     residual, shared, gate = (torch.randn(n, generator=gen).to(DEVICE) for n in (hidden, hidden, 1))
-    out = mt.sum_partials(partial, torch.float32, (residual, shared, gate))
+    out = mt.sum_partials(partial, torch.float32, (residual, shared, gate), extra=cpu_row)
+    cpu_row = cpu_row.to(DEVICE)
     routed = mt.reference_down_weighted_sum(act_ref, slab, kept, weights[[0, 2]], layout, qb)
     assert rel_error(out, residual + torch.sigmoid(gate) * shared + routed + cpu_row) < 1e-4
     one_launch = mt.down_weighted_sum(act, slab, skipped, weights, qb, split=False)

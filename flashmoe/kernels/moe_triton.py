@@ -416,14 +416,18 @@ if triton is not None:
         tl.store(partial_ptr + j * H + n, tl.load(weight_ptr + e).to(tl.float32) * part, mask=n_mask)
 
     @triton.jit
-    def _sum_partials_kernel(partial_ptr, out_ptr, base_ptr, shared_ptr, shared_gate_ptr, rows, H,
-                             BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, SHARED: tl.constexpr):
-        """out = the partials' sum in row order (deterministic), plus the layer's end as _down_weighted_sum_kernel."""
+    def _sum_partials_kernel(partial_ptr, out_ptr, base_ptr, shared_ptr, shared_gate_ptr, extra_ptr, rows, H,
+                             BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, SHARED: tl.constexpr,
+                             EXTRA: tl.constexpr):
+        """out = the partials' sum in row order (deterministic), then (EXTRA) one more float32 row from extra_ptr,
+        plus the layer's end as _down_weighted_sum_kernel."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for r in range(rows):
             out += tl.load(partial_ptr + r * H + n, mask=n_mask, other=0.0)
+        if EXTRA:
+            out += tl.load(extra_ptr + n, mask=n_mask, other=0.0)
         if EPILOGUE:  # the layer's end: residual + shared expert (SHARED: 1 plain, 2 sigmoid-gated) + routed experts
             out += _layer_end(n, n_mask, base_ptr, shared_ptr, shared_gate_ptr, SHARED)
         tl.store(out_ptr + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -619,15 +623,13 @@ def _epilogue_args(epilogue, out: torch.Tensor):
 
 
 def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
-                  num_warps: int | None = None, host_slab: torch.Tensor | None = None,
-                  extra_rows: int = 0) -> torch.Tensor:
-    """The first half of down_weighted_sum's split: float32 [G * chunks + extra_rows, H] of weighted partial sums,
-    per (expert, chunk of I); the extra rows are left for the caller to fill (the CPU's share of the experts,
-    cpu_share.py) before sum_partials."""
+                  num_warps: int | None = None, host_slab: torch.Tensor | None = None) -> torch.Tensor:
+    """The first half of down_weighted_sum's split: float32 [G * chunks, H] of weighted partial sums, per (expert,
+    chunk of I)."""
     block_n = block_n or DECODE_TILE["block_n"]
     block_b = gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"])
     chunk, n_chunks = down_split(qb, slots.numel(), block_n, block_b)
-    partial = torch.empty(slots.numel() * n_chunks + extra_rows, qb.hidden, dtype=torch.float32, device=act.device)
+    partial = torch.empty(slots.numel() * n_chunks, qb.hidden, dtype=torch.float32, device=act.device)
     _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
         act, slab, slab if host_slab is None else host_slab, slots, weights, partial, qb.hidden, qb.intermediate,
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, BITS=qb.bits,
@@ -637,15 +639,17 @@ def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None 
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype,
-                 epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
-    """The second half: out [H] in `dtype` = the rows of `partial` summed in row order (deterministic), plus the
-    epilogue as in down_weighted_sum, rounded once."""
+                 epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half: out [H] in `dtype` = the rows of `partial` summed in row order (deterministic), then
+    `extra` (float32 [H]; pinned host memory is read where it lies: the CPU's share of the experts, cpu_share.py),
+    plus the epilogue as in down_weighted_sum, rounded once."""
     hidden = partial.shape[1]
     out = torch.empty(hidden, dtype=dtype, device=partial.device)
     base, shared, shared_gate, shared_kind = _epilogue_args(epilogue, out)
     _sum_partials_kernel[(triton.cdiv(hidden, 256),)](
-        partial, out, base, shared, shared_gate, partial.shape[0], hidden, BLOCK_N=256,
-        EPILOGUE=epilogue is not None, SHARED=shared_kind)
+        partial, out, base, shared, shared_gate, out if extra is None else extra, partial.shape[0], hidden,
+        BLOCK_N=256, EPILOGUE=epilogue is not None, SHARED=shared_kind, EXTRA=extra is not None)
     return out
 
 
