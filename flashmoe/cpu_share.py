@@ -21,6 +21,8 @@ activations a little more: kernels/cpu_native.py).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import numpy as np
@@ -45,6 +47,13 @@ class CpuShare:
         self.k = 0
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cpu_sum = torch.zeros(hidden, dtype=torch.float32, pin_memory=True)  # read by the tail graph's kernel
+        # the tail graph waits until done >= want (kernels/host_wait.py); the worker thread computes the CPU's part
+        # while this thread queues the next layer, and counts it done
+        self.want, self.done = (torch.zeros(1, dtype=torch.int64, pin_memory=True) for _ in range(2))
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="flashmoe-cpu-share", daemon=True)
+        self._worker.start()
         self._staged_ready = torch.cuda.Event()
         self._gpu = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         self._cpu_ms: float | None = None  # the last layer's CPU time, waiting for its GPU time
@@ -76,6 +85,7 @@ class CpuShare:
         self._timing.append((self.sharing, start, None))
 
     def end_token(self) -> None:
+        self._raise_failure()
         sharing, start, _ = self._timing[-1]
         end = torch.cuda.Event(enable_timing=True)
         end.record()
@@ -106,7 +116,8 @@ class CpuShare:
         self.staged, self.gpu_slots = self.buffers(self.k)
         self.staged.copy_(staged, non_blocking=True)
         self._staged_ready.record()
-        self._staged_ready.synchronize()
+        self._staged_ready.synchronize()  # after the last layer's tail, so after the worker's last job
+        self._raise_failure()
         if self._cpu_ms is not None:
             gpu_ms = self._gpu[0].elapsed_time(self._gpu[1])
             self.gpu_ms += gpu_ms
@@ -133,17 +144,35 @@ class CpuShare:
         self._gpu[1].record()
 
     def compute(self, take: list[int]) -> None:
-        """The CPU's experts, weighted and summed into cpu_sum (pinned: the tail graph's kernel reads it there)."""
-        t0 = time.perf_counter()
-        self.cpu_sum.zero_()
-        if take:
-            staged = self.staged.numpy()
-            slots = staged[self.hidden + self.k :]
-            blobs = [self.ram_slab[-1 - int(slots[i])] for i in take]
-            weights = torch.from_numpy(staged[self.hidden : self.hidden + self.k][take])
-            self.experts.run(self.staged[: self.hidden][None], blobs, list(range(len(take) + 1)),
-                             torch.zeros(len(take), dtype=torch.int32), weights, out=self.cpu_sum[None])
-        self._cpu_ms = (time.perf_counter() - t0) * 1e3
+        """Start the CPU's experts on the worker: weighted and summed into cpu_sum (pinned: the tail graph's kernel
+        reads it there), then counted done. Queue the tail after this (its wait is for this job)."""
+        want = self.want.numpy()
+        want[0] += 1
+        self._jobs.put((take, int(want[0])))
+
+    def _work(self) -> None:
+        while True:
+            take, job = self._jobs.get()
+            try:
+                t0 = time.perf_counter()
+                self.cpu_sum.zero_()
+                if take:
+                    staged = self.staged.numpy()
+                    slots = staged[self.hidden + self.k :]
+                    blobs = [self.ram_slab[-1 - int(slots[i])] for i in take]
+                    weights = torch.from_numpy(staged[self.hidden : self.hidden + self.k][take])
+                    self.experts.run(self.staged[: self.hidden][None], blobs, list(range(len(take) + 1)),
+                                     torch.zeros(len(take), dtype=torch.int32), weights, out=self.cpu_sum[None])
+                self._cpu_ms = (time.perf_counter() - t0) * 1e3
+            except BaseException as exc:  # the stream must not wait forever: count it done, raise in the caller
+                self._failed = exc
+            finally:
+                self.done.numpy()[0] = job
+
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            exc, self._failed = self._failed, None
+            raise RuntimeError("the CPU's share of a layer's experts failed") from exc
 
 
 def cpu_takes(slots: list[float], fraction: float) -> list[int]:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from .kernels import host_wait
 from .kernels.moe_triton import SKIP, to_device_int32
 from .cpu_share import CpuShare
 from .routed import ExpertTimes, RoutedExperts
@@ -142,9 +143,13 @@ class DecodeGraphs:
         gpu_slots.fill_(SKIP)  # nothing to read while capturing
         back_graph = Captured(lambda: self.routed.decode_partials(h, weights, gpu_slots), [], pool)
         partial = back_graph.outputs
-        tail_graph = Captured(lambda: self.routed.decode_finish(partial, x.dtype, (x_mid, shared, shared_gate),
-                                                                share.cpu_sum), [], pool)
-        return front_graph, back_graph, tail_graph
+        host_wait.wait_until(share.done, share.want)  # compiled outside the capture (it returns at once: done == want)
+
+        def tail():
+            host_wait.wait_until(share.done, share.want)  # the CPU's sum is in place
+            return self.routed.decode_finish(partial, x.dtype, (x_mid, shared, shared_gate), share.cpu_sum)
+
+        return front_graph, back_graph, Captured(tail, [], pool)
 
     def _step_shared(self, layer: int, x: torch.Tensor, state, capacity: int, timers: dict, times: ExpertTimes,
                      clock: Callable[[], float], resident: torch.Tensor) -> torch.Tensor:
@@ -161,11 +166,11 @@ class DecodeGraphs:
             cache.length += 1
         t1 = clock()
         take = share.split()
+        share.compute(take)  # on the CPU's worker, while the GPU does its own experts and this thread queues on
         share.gpu_started()
         back.replay()
         share.gpu_queued()
-        share.compute(take)  # the CPU's experts while the GPU does its own
-        x = tail.replay()
+        x = tail.replay()  # waits on the GPU for the worker's sum
         timers["attention_ms"] += (t1 - t0) * 1e3  # with graphs this holds the router and shared expert too
         times.compute_ms += (clock() - t1) * 1e3
         return x
