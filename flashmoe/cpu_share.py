@@ -21,10 +21,6 @@ activations a little more: kernels/cpu_native.py).
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-
 import numpy as np
 import torch
 
@@ -47,16 +43,16 @@ class CpuShare:
         self.k = 0
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cpu_sum = torch.zeros(hidden, dtype=torch.float32, pin_memory=True)  # read by the tail graph's kernel
-        # the tail graph waits until done >= want (kernels/host_wait.py); the worker thread computes the CPU's part
-        # while this thread queues the next layer, and counts it done
-        self.want, self.done = (torch.zeros(1, dtype=torch.int64, pin_memory=True) for _ in range(2))
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._failed: BaseException | None = None
-        self._worker = threading.Thread(target=self._work, name="flashmoe-cpu-share", daemon=True)
-        self._worker.start()
+        # the tail graph waits until done[0] >= want[0] (kernels/host_wait.py): the library's worker thread computes
+        # the CPU's part while this thread queues the next layer, then writes its time (done[1], ns) and job number
+        self.want, self.done = torch.zeros(1, dtype=torch.int64, pin_memory=True), torch.zeros(
+            2, dtype=torch.int64, pin_memory=True)
+        # its threads leave a core to the thread that drives the GPU (spinning in its syncs): one thread short of
+        # the cores made every parallel region wait for the one descheduled (2x slower, measured)
+        self.threads = max(1, torch.get_num_threads() - 1)
         self._staged_ready = torch.cuda.Event()
         self._gpu = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        self._cpu_ms: float | None = None  # the last layer's CPU time, waiting for its GPU time
+        self._posted: bool | None = None  # the last layer's CPU part, to be timed: posted (True) or none (False)
         # sharing or not, per token: each way's GPU ms for the block's layers, and tokens waiting to be timed
         self.token_ms: dict[bool, float | None] = {True: None, False: None}
         self._timing: list[tuple[bool, torch.cuda.Event, torch.cuda.Event]] = []
@@ -85,7 +81,6 @@ class CpuShare:
         self._timing.append((self.sharing, start, None))
 
     def end_token(self) -> None:
-        self._raise_failure()
         sharing, start, _ = self._timing[-1]
         end = torch.cuda.Event(enable_timing=True)
         end.record()
@@ -117,14 +112,14 @@ class CpuShare:
         self.staged.copy_(staged, non_blocking=True)
         self._staged_ready.record()
         self._staged_ready.synchronize()  # after the last layer's tail, so after the worker's last job
-        self._raise_failure()
-        if self._cpu_ms is not None:
+        if self._posted is not None:
+            cpu_ms = int(self.done[1]) / 1e6 if self._posted else 0.0
             gpu_ms = self._gpu[0].elapsed_time(self._gpu[1])
             self.gpu_ms += gpu_ms
-            self.cpu_ms += self._cpu_ms
+            self.cpu_ms += cpu_ms
             if self.adaptive:
-                self.fraction = rebalanced(self.fraction, gpu_ms, self._cpu_ms)
-            self._cpu_ms = None
+                self.fraction = rebalanced(self.fraction, gpu_ms, cpu_ms)
+            self._posted = None
 
     def split(self) -> list[int]:
         """Which of the K chosen experts (positions in the router's order) the CPU takes: a share of those in pinned
@@ -144,35 +139,23 @@ class CpuShare:
         self._gpu[1].record()
 
     def compute(self, take: list[int]) -> None:
-        """Start the CPU's experts on the worker: weighted and summed into cpu_sum (pinned: the tail graph's kernel
-        reads it there), then counted done. Queue the tail after this (its wait is for this job)."""
-        want = self.want.numpy()
-        want[0] += 1
-        self._jobs.put((take, int(want[0])))
-
-    def _work(self) -> None:
-        while True:
-            take, job = self._jobs.get()
-            try:
-                t0 = time.perf_counter()
-                self.cpu_sum.zero_()
-                if take:
-                    staged = self.staged.numpy()
-                    slots = staged[self.hidden + self.k :]
-                    blobs = [self.ram_slab[-1 - int(slots[i])] for i in take]
-                    weights = torch.from_numpy(staged[self.hidden : self.hidden + self.k][take])
-                    self.experts.run(self.staged[: self.hidden][None], blobs, list(range(len(take) + 1)),
-                                     torch.zeros(len(take), dtype=torch.int32), weights, out=self.cpu_sum[None])
-                self._cpu_ms = (time.perf_counter() - t0) * 1e3
-            except BaseException as exc:  # the stream must not wait forever: count it done, raise in the caller
-                self._failed = exc
-            finally:
-                self.done.numpy()[0] = job
-
-    def _raise_failure(self) -> None:
-        if self._failed is not None:
-            exc, self._failed = self._failed, None
-            raise RuntimeError("the CPU's share of a layer's experts failed") from exc
+        """Start the CPU's experts on the library's worker thread (kernels/cpu_native.py: no Python runs there):
+        weighted and summed into cpu_sum (pinned: the tail graph's kernel reads it there), then counted done.
+        Queue the tail after this: its wait is for this job."""
+        want, done = self.want.numpy(), self.done.numpy()
+        job = int(want[0]) + 1
+        if take:
+            staged = self.staged.numpy()
+            slots = staged[self.hidden + self.k :]
+            blobs = [self.ram_slab[-1 - int(slots[i])] for i in take]
+            weights = torch.from_numpy(staged[self.hidden : self.hidden + self.k][take])
+            self.experts.post(self.staged[: self.hidden][None], blobs, list(range(len(take) + 1)), weights,
+                              self.cpu_sum[None], self.done, job, self.threads)
+        else:
+            self.cpu_sum.zero_()
+            done[0] = job
+        want[0] = job
+        self._posted = bool(take)
 
 
 def cpu_takes(slots: list[float], fraction: float) -> list[int]:

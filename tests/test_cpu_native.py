@@ -165,6 +165,31 @@ def test_results_do_not_depend_on_the_thread_count(activations):
     assert torch.equal(one, many)
 
 
+@pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
+def test_a_posted_token_is_computed_on_the_librarys_thread_as_run_would(math, activations):
+    """NativeExperts.post (cpu_share.py's CPU part): returns at once; the worker overwrites out with the same bits
+    run() gives, then writes its time and the job number, jobs one after another."""
+    import time
+
+    layout, blobs, _ = _experts(5, 96, 64, 4, 32, math, seed=3)
+    form = cpu_native.NativeExperts.for_store(layout, 96, 64, 4, 32, math)
+    gen = torch.Generator().manual_seed(2)
+    done = torch.zeros(2, dtype=torch.int64)
+    out = torch.full((1, 96), float("nan"))
+    for job, chosen in enumerate(([4, 0, 2], [1], [3, 0, 1, 2, 4]), start=1):
+        x, weight = torch.randn(1, 96, generator=gen), torch.rand(len(chosen), generator=gen)
+        first = list(range(len(chosen) + 1))
+        form.post(x, [blobs[e] for e in chosen], first, weight, out, done, job, threads=2)
+        deadline = time.monotonic() + 30
+        while int(done[0]) != job and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        assert int(done[0]) == job and int(done[1]) > 0
+        expected = form.run(x, [blobs[e] for e in chosen], first, torch.zeros(len(chosen), dtype=torch.int32), weight)
+        assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="more than 64 pairs"):
+        form.post(x, [blobs[0]] * 65, list(range(66)), torch.rand(65), out, done, 9, threads=2)
+
+
 def test_forms_the_kernels_do_not_read_are_left_to_torch():
     layout, *_ = _experts(1, 96, 64, 4, 32, ExpertMath(), seed=1)
     assert cpu_native.NativeExperts.for_store(layout, 96, 64, None, None) is None  # unquantized

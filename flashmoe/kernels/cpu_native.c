@@ -7,7 +7,9 @@
  * depend on the thread count. Built on first use by kernels/cpu_native.py (cc -O3 -march=native -fopenmp);
  * GCC/Clang vector extensions keep it portable (AVX-512, AVX2 or NEON, whatever -march=native has).
  */
+#include <pthread.h>
 #include <stdint.h>
+#include <time.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX512F__)
@@ -358,6 +360,82 @@ void fm_moe(const fm_matrix *gate_up, const fm_matrix *down, int n_experts, cons
             }
         }
     }
+}
+
+/* fm_moe on a thread of the library's own, for a caller that must not wait (cpu_share.py: a GPU stream waits instead,
+ * on done[0]): fm_moe_post copies the call and returns; the worker runs it, then stores its nanoseconds in done[1]
+ * and `job` in done[0] (release: out is written before either). One job at a time: a post waits for the last one to
+ * be taken. Returns -1 when the call has more pairs than a post holds. No Python runs on the worker. */
+#define POST_MAX 64
+typedef struct {
+    fm_matrix gate_up, down;
+    int n_experts, t, accumulate, threads;
+    int64_t experts[POST_MAX];
+    int32_t first[POST_MAX + 1], token[POST_MAX];
+    float weight[POST_MAX], limit, alpha;
+    const float *x;
+    float *out, *xa, *xs, *h, *aa, *as;
+    int64_t *done, job;
+} fm_posted;
+
+static fm_posted posted;
+static int posted_ready, worker_started;
+static pthread_mutex_t post_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t post_cv = PTHREAD_COND_INITIALIZER;
+
+static void *post_worker(void *unused) {
+    (void)unused;
+    for (;;) {
+        pthread_mutex_lock(&post_mu);
+        while (!posted_ready)
+            pthread_cond_wait(&post_cv, &post_mu);
+        fm_posted p = posted;
+        posted_ready = 0;
+        pthread_cond_broadcast(&post_cv);
+        pthread_mutex_unlock(&post_mu);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        fm_moe(&p.gate_up, &p.down, p.n_experts, p.experts, p.first, p.token, p.weight, p.t, p.x, p.limit, p.alpha,
+               p.out, p.accumulate, p.xa, p.xs, p.h, p.aa, p.as, p.threads);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        __atomic_store_n(&p.done[1], (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec),
+                         __ATOMIC_RELEASE);
+        __atomic_store_n(&p.done[0], p.job, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+int fm_moe_post(const fm_matrix *gate_up, const fm_matrix *down, int n_experts, const int64_t *experts,
+                const int32_t *first, const int32_t *token, const float *weight, int t, const float *x,
+                float limit, float alpha, float *out, int accumulate, float *xa, float *xs, float *h, float *aa,
+                float *as, int threads, int64_t *done, int64_t job) {
+    int pairs = first[n_experts];
+    if (n_experts > POST_MAX || pairs > POST_MAX)
+        return -1;
+    pthread_mutex_lock(&post_mu);
+    if (!worker_started) {
+        pthread_t worker;
+        if (pthread_create(&worker, NULL, post_worker, NULL) != 0) {
+            pthread_mutex_unlock(&post_mu);
+            return -2;
+        }
+        pthread_detach(worker);
+        worker_started = 1;
+    }
+    while (posted_ready)
+        pthread_cond_wait(&post_cv, &post_mu);
+    fm_posted p = {*gate_up, *down, n_experts, t, accumulate, threads};
+    memcpy(p.experts, experts, sizeof(int64_t) * n_experts);
+    memcpy(p.first, first, sizeof(int32_t) * (n_experts + 1));
+    memcpy(p.token, token, sizeof(int32_t) * pairs);
+    memcpy(p.weight, weight, sizeof(float) * pairs);
+    p.limit = limit, p.alpha = alpha, p.x = x, p.out = out, p.xa = xa, p.xs = xs, p.h = h, p.aa = aa, p.as = as;
+    p.done = done, p.job = job;
+    posted = p;
+    posted_ready = 1;
+    pthread_cond_broadcast(&post_cv);
+    pthread_mutex_unlock(&post_mu);
+    return 0;
 }
 
 /* One decode step of the gated delta rule (Gated DeltaNet) for every value head, the state updated in place:

@@ -108,6 +108,8 @@ def library() -> ctypes.CDLL | None:
     lib.fm_moe.argtypes = [mat, mat, i32, ptr, ptr, ptr, ptr, i32, ptr, f32, f32, ptr, i32, ptr, ptr, ptr, ptr, ptr,
                            i32]
     lib.fm_moe.restype = None
+    lib.fm_moe_post.argtypes = lib.fm_moe.argtypes + [ptr, ctypes.c_int64]
+    lib.fm_moe_post.restype = ctypes.c_int
     lib.fm_gated_delta_step.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.fm_gated_delta_step.restype = None
     lib.fm_has_q8.restype = ctypes.c_int
@@ -259,6 +261,25 @@ class NativeExperts:
         self.moe(self.gate_up, self.down, len(slots), experts, starts, _ptr(token), _ptr(weight), t, _ptr(x),
                  math.limit, math.alpha, _ptr(out), int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
         return out
+
+    def post(self, x: torch.Tensor, slots: list[torch.Tensor], first: list[int], weight: torch.Tensor,
+             out: torch.Tensor, done: torch.Tensor, job: int, threads: int) -> None:
+        """run() for one token on the library's worker thread, without waiting: out [1, H] float32 is overwritten
+        with the sum, then done[1] = its nanoseconds and done[0] = job (int64, pinned: a GPU stream may wait on it,
+        kernels/host_wait.py). x, out, done and the scratch must live until done[0] says so; the rest is copied."""
+        pairs = first[-1]
+        assert x.dtype == torch.float32 and x.is_contiguous() and out.dtype == torch.float32 and out.is_contiguous()
+        assert done.dtype == torch.int64 and done.numel() >= 2
+        scratch = self._scratch.get((1, pairs)) or self._new_scratch(1, pairs)
+        token = (ctypes.c_int32 * pairs)()
+        weight = weight.float().contiguous()
+        math = self.expert_math
+        status = library().fm_moe_post(
+            self.gate_up, self.down, len(slots), (ctypes.c_int64 * len(slots))(*map(_ptr, slots)),
+            (ctypes.c_int32 * len(first))(*first), token, _ptr(weight), 1, _ptr(x), math.limit, math.alpha,
+            _ptr(out), 0, *map(_ptr, scratch), threads, _ptr(done), job)
+        if status != 0:
+            raise RuntimeError(f"fm_moe_post refused the call ({status}: more than 64 pairs, or no thread)")
 
     def _new_scratch(self, t: int, pairs: int) -> tuple[torch.Tensor, ...]:
         """Scratch for t tokens and their pairs; one token's is kept (a decode step's shape, every layer, every
