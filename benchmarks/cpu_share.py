@@ -6,8 +6,9 @@ Writes a random-weight store (flashmoe.synthetic: the geometry's shapes, vocabul
 hide the layers), loads it once with a small VRAM cache (--vram-cache-gb) and every expert in pinned RAM, and
 decodes --tokens greedy tokens per setting, the settings taking turns round by round in this one process:
 
-  gpu        cpu_share=0: the GPU reads every RAM-held expert over PCIe inside its kernels (one graph per layer)
-  auto       the CPU's share follows measured times (the default; cpu_share.py)
+  gpu        cpu_share=0 (the default): the GPU reads every RAM-held expert over PCIe inside its kernels (one graph
+             per layer)
+  auto       cpu_share="auto": the CPU's share follows measured times, and sharing is kept only while faster
   0.25 ...   fixed shares (--shares)
 
 plus `vram`, a second model with every expert in VRAM (what the RAM regime's decode would be without PCIe). Prints
@@ -116,10 +117,9 @@ def main() -> None:
     print(json.dumps(bw), flush=True)
     store = build_store(args)
     every_gb = Store(store).expert_bytes / 1e9 * 1.02 + 0.05
-    ram = flashmoe.load(store, device="cuda", vram_cache_gb=args.vram_cache_gb, cache_gb=every_gb, io_threads=16)
+    ram = flashmoe.load(store, device="cuda", vram_cache_gb=args.vram_cache_gb, cache_gb=every_gb, io_threads=16,
+                        cpu_share="auto")
     ram.warm_cache()
-    if ram.stages[0].graphs.cpu_share is None:
-        sys.exit("no CPU share: the CPU kernels are unavailable here (no C compiler?)")
     vram = flashmoe.load(store, device="cuda", vram_cache_gb=every_gb, cache_gb=0)
     vram.warm_cache()
     prompt = list(range(1, 17))

@@ -107,11 +107,11 @@ class Regime:
 
 REGIMES = {
     "vram": Regime(True, ("-ngl", "99"), (dict(device="cuda", vram_cache_gb="all", cache_gb=0),)),
-    # flashmoe's default shares the RAM-held experts between the CPU and the GPU's PCIe reads (cpu_share.py); the
-    # second row has the GPU read them all, as before that
+    # the second row shares the RAM-held experts between the CPU and the GPU's PCIe reads (cpu_share.py, off by
+    # default), as llama.cpp's -ncmoe computes them all on the CPU
     "ram": Regime(True, ("-ngl", "99", "-ncmoe", "99"), (dict(device="cuda", vram_cache_gb="small", cache_gb="all"),
                                                          dict(device="cuda", vram_cache_gb="small", cache_gb="all",
-                                                              cpu_share=0))),
+                                                              cpu_share="auto"))),
     # -dev none: with a CUDA build, -ngl 0 alone still sends prompt-sized matmuls to the GPU (op offload)
     "cpu": Regime(False, ("-ngl", "0", "-dev", "none"), (dict(device="cpu", cache_gb="all"),)),
     "beyond-ram": Regime(True, ("-ngl", "99", "-ncmoe", "99", "-lm", "mmap"),
@@ -572,7 +572,7 @@ def main() -> None:
             llama = merged(llama_rounds)
             for variant, placement in enumerate(regime.flashmoe):
                 label = name + limit + (", O_DIRECT" if placement.get("direct_io") else ", buffered" if limit else "")
-                label += ", GPU reads every RAM expert" if placement.get("cpu_share") == 0 else ""
+                label += ", CPU computes a share" if placement.get("cpu_share") else ""
                 rows.append({"regime": name, "label": label, "llama": llama, "flashmoe": merged(fm_rounds[variant]),
                              "llama_greedy": greedy, "cgroup_gb": cgroup_gb if regime.cgroup else None})
                 if args.json:  # after every row, so a run cut short keeps what it measured

@@ -128,8 +128,17 @@ CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up 
                                                   "decayed-lfu")
 RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16, int8 or int4 (quantized at "
                                           "load; int8 is the default for a quantized store)")
-CPU_SHARE = typer.Option(None, min=0.0, max=1.0, help="GPU: of the experts read from pinned RAM, the share the CPU "
-                                                      "computes meanwhile (default: set by measured times; 0: none)")
+CPU_SHARE = typer.Option("0", help="GPU: of the experts read from pinned RAM, the share the CPU computes meanwhile "
+                                   "(0 to 1, or auto: set by measured times; default 0)")
+
+
+def _cpu_share(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise FlashMoeError(f"--cpu-share is a number from 0 to 1, or auto, not {value!r}") from None
 
 
 def _top_p_in_range(value: float) -> float:
@@ -225,7 +234,7 @@ def generate(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
-    cpu_share: Optional[float] = CPU_SHARE,
+    cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe generate ... --distributed): each holds "
@@ -236,7 +245,7 @@ def generate(
     run_generate(store, prompt, chat, max_tokens, temperature, top_p, top_k, seed, system, thinking, device=device,
                  experts_per_token=experts_per_token, cache_gb=cache_gb, vram_cache_gb=vram_cache_gb,
                  direct_io=direct_io, cache_policy=cache_policy, resident_format=resident_format,
-                 cpu_share=cpu_share, **({"distributed": True} if distributed else {}))
+                 cpu_share=_cpu_share(cpu_share), **({"distributed": True} if distributed else {}))
 
 
 @app.command()
@@ -255,7 +264,7 @@ def chat(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
-    cpu_share: Optional[float] = CPU_SHARE,
+    cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
 ):
     """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
@@ -263,7 +272,7 @@ def chat(
 
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format, prefix_cache_gb=prefix_cache_gb, cpu_share=cpu_share)
+                       resident_format=resident_format, prefix_cache_gb=prefix_cache_gb, cpu_share=_cpu_share(cpu_share))
     try:
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
@@ -309,7 +318,7 @@ def serve(
     direct_io: bool = DIRECT_IO,
     cache_policy: str = CACHE_POLICY,
     resident_format: Optional[str] = RESIDENT_FORMAT,
-    cpu_share: Optional[float] = CPU_SHARE,
+    cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
@@ -326,7 +335,7 @@ def serve(
         _check_port_free(host, port)  # before the minutes a big model takes to load
     model = load_model(store, device=device, experts_per_token=experts_per_token, cache_gb=cache_gb,
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
-                       resident_format=resident_format, cpu_share=cpu_share,
+                       resident_format=resident_format, cpu_share=_cpu_share(cpu_share),
                        **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
     if model.pipeline is not None:
         model.pipeline.led = True

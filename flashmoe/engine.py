@@ -84,7 +84,7 @@ class Model:
                  cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
                  resident_format: str = "float", devices: list[torch.device] | None = None,
-                 pipeline: Pipeline | None = None, cpu_share: float | None = None):
+                 pipeline: Pipeline | None = None, cpu_share: float | str = 0.0):
         """devices: several GPUs (or, for tests, several CPU parts) to spread the layers over (placement.py); `device`
         is then the first. pipeline: this process is one rank of several (distributed.py), holding one block."""
         self.store = store
@@ -140,7 +140,7 @@ class Model:
             share_form = NativeExperts.for_store(store.layout, cfg.hidden_size, cfg.moe_intermediate_size,
                                                  store.quantization["bits"], store.quantization["group_size"],
                                                  ExpertMath.of(cfg))
-            if share_form is None and cpu_share is not None:
+            if share_form is None:
                 raise FlashMoeError("cpu_share needs the CPU expert kernels (a C compiler, and experts stored "
                                     "2/4/8-bit affine); pass cpu_share=0")
         self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
@@ -157,7 +157,8 @@ class Model:
                 routed = RoutedExperts(store, fetcher, block.device)
                 share = None
                 if share_form is not None and fetcher.ram_slab is not None and fetcher.zero_copy:
-                    share = CpuShare(share_form, fetcher.ram_slab, cfg.hidden_size, cpu_share)
+                    share = CpuShare(share_form, fetcher.ram_slab, cfg.hidden_size,
+                                     None if cpu_share == "auto" else float(cpu_share))
                 graphs = DecodeGraphs(model, routed, self.experts_per_token, share) if on_gpu and use_cuda_graphs else None
             self.stages.append(Stage(block.device, block.layers, model, fetcher, routed, graphs))
         self._stage_of = [next((s for s in self.stages if layer in s.layers), None)
@@ -183,7 +184,7 @@ class Model:
              io_threads: int = 8, direct_io: bool = False, verify_reads: bool = False,
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
              resident_format: str | None = None, devices: str | list[str] | None = None,
-             distributed: bool = False, prefix_cache_gb: float = 0.0, cpu_share: float | None = None) -> "Model":
+             distributed: bool = False, prefix_cache_gb: float = 0.0, cpu_share: float | str = 0.0) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
         none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
@@ -201,8 +202,10 @@ class Model:
         prefix_cache_gb: RAM for sequence states kept at the ends of prompts and replies (prefix_cache.py), so a
         `generate` whose tokens begin with a kept state's prefills only the rest (a chat's next turn); 0: none.
         cpu_share (GPU): while experts are read from pinned RAM (zero_copy), the share of them the CPU computes
-        instead, at the same time as the GPU reads the rest (cpu_share.py): None (default) follows the measured
-        times of both, a number 0..1 fixes it, 0 leaves the CPU out."""
+        instead, at the same time as the GPU reads the rest (cpu_share.py): 0 (default) leaves the CPU out, a
+        number up to 1 fixes the share, "auto" follows the measured times of both (and shares only while that is
+        faster). On the H200 machine it gained nothing (RESULTS.md: the two paths share the host's memory
+        bandwidth, and a shared layer costs a sync), hence off by default."""
         if distributed and devices is not None:
             raise FlashMoeError("distributed runs one block per process: give each rank one device, not devices")
         if devices is not None:
@@ -227,8 +230,10 @@ class Model:
                 raise FlashMoeError(f"{name} must be >= 0, not {value} (a finite number of GB)")
         if vram_cache_gb is not None and not on_gpu:
             raise FlashMoeError("vram_cache_gb needs device='cuda'")
-        if cpu_share is not None and not (math.isfinite(cpu_share) and 0 <= cpu_share <= 1):
-            raise FlashMoeError(f"cpu_share must be between 0 and 1 (or None: follow measured times), not {cpu_share}")
+        if cpu_share != "auto" and not (isinstance(cpu_share, (int, float)) and math.isfinite(cpu_share)
+                                        and 0 <= cpu_share <= 1):
+            raise FlashMoeError(f"cpu_share must be between 0 and 1, or 'auto' (follow measured times), not "
+                                f"{cpu_share!r}")
         if cpu_share and not on_gpu:
             raise FlashMoeError("cpu_share is for device='cuda' (on the CPU it computes every expert already)")
         if resident_format is not None and resident_format not in RESIDENT_FORMATS:

@@ -24,6 +24,8 @@ def error_line(err: str) -> str:
     ("--cache-gb", "nan", "Invalid value for '--cache-gb'"),  # typer's own usage error (exit 2)
     ("--seed", str(2**70), "seed must fit in 64 bits"),
     ("--device", "tpu", "device must be 'cpu' or 'cuda'"),
+    ("--cpu-share", "most", "--cpu-share is a number from 0 to 1, or auto, not 'most'"),
+    ("--cpu-share", "auto", "cpu_share is for device='cuda'"),
 ])
 def test_bad_load_and_sampling_options(run_cli, built, option, value, message):
     code, _, err = run_cli("generate", built.store("qwen3_5_moe", 4), "--prompt", "hi",

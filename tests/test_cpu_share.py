@@ -32,7 +32,9 @@ def test_the_share_moves_toward_equal_times_and_stays_in_bounds():
 
 
 @pytest.mark.parametrize("share,message", [(1.5, "between 0 and 1"), (float("nan"), "between 0 and 1"),
-                                           (0.5, "for device='cuda'")])
+                                           ("half", "or 'auto'"), (0.5, "for device='cuda'"),
+                                           ("auto", "for device='cuda'")])
 def test_a_bad_share_is_one_line(built, share, message):
     with pytest.raises(FlashMoeError, match=message):
         flashmoe.load(built.store("qwen3_5_moe", 4), cpu_share=share)
+

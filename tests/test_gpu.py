@@ -161,7 +161,7 @@ def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, ar
     everything.warm_cache()
     every_expert = everything.fetcher.every_expert
     small = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
-                          cache_gb=(every_expert + 1) * blob / 1e9, cpu_share=0)  # the GPU reads them all
+                          cache_gb=(every_expert + 1) * blob / 1e9)  # the GPU reads them all (cpu_share=0)
     assert small.fetcher.resident_slots() is None  # nothing read yet
     small.warm_cache()
     table = small.fetcher.resident_slots()
@@ -196,7 +196,7 @@ def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
     everything.warm_cache()
     every_expert = everything.fetcher.every_expert
     expected = list(everything.generate(PROMPT[:8], 12, stop_token_ids=[]))
-    for share in (1.0, 0.5, None):
+    for share in (1.0, 0.5, "auto"):
         shared = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
                                cache_gb=(every_expert + 1) * blob / 1e9, cpu_share=share)
         shared.warm_cache()
@@ -212,7 +212,7 @@ def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
         assert stats["experts_on_cpu"] > 0 and stats["expert_reads"] == 0 and stats["expert_bytes_copied"] == 0
         moe_steps = 11 * len(shared.config.moe_layers) * shared.experts_per_token
         assert stats["vram_cache_hits"] + stats["vram_cache_misses"] == moe_steps
-        if share is None:  # the faster way each token, sharing or not, each tried: both kinds of graphs exist
+        if share == "auto":  # the faster way each token, sharing or not, each tried: both kinds of graphs exist
             assert 1 <= stats["tokens_shared_with_cpu"] < 11
             assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_shared.decode_graphs)
         else:  # every token shares: every RAM-held expert is computed by one side or the other
