@@ -80,11 +80,13 @@ class CpuShare:
         start.record()
         self._timing.append((self.sharing, start, None))
 
-    def end_token(self) -> None:
-        sharing, start, _ = self._timing[-1]
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._timing[-1] = (sharing, start, end)
+    def end_token(self, counted: bool = True) -> None:
+        """The token's layers are queued; `counted`: its time stands for its way (not when it captured graphs)."""
+        sharing, start, _ = self._timing.pop()
+        if counted:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._timing.append((sharing, start, end))
 
     def _fold_timings(self) -> None:
         """Fold in the tokens whose events completed (no waiting: the others stay for later)."""

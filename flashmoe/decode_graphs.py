@@ -74,6 +74,7 @@ class DecodeGraphs:
         self.enabled = routed.decode_kernels
         self.cpu_share = cpu_share  # with experts in pinned RAM, the CPU computes part of them (cpu_share.py)
         self._timed = False  # this step is timed for the CPU share's choice (begin_step)
+        self._captured = False  # this step captured graphs
 
     def layer_can_use(self, layer: int) -> bool:
         return self.enabled and self.model.cfg.is_moe_layer(layer)
@@ -98,13 +99,13 @@ class DecodeGraphs:
         back_graph = Captured(back, [slots], pool)
         return front_graph, back_graph
 
-    @staticmethod
-    def _pool(state):
+    def _pool(self, state):
         """The sequence's graph memory pool, after the work queued so far is done. One pool per sequence: a pool
         shared across sequences would outlive its graphs, and capturing into a pool whose graphs were all freed
         trips an internal assert in torch's allocator (seen on 2.11). One per device, too: a model over several GPUs
         captures each block on its own."""
         torch.cuda.synchronize()
+        self._captured = True  # this step's time says little of either way (begin_step)
         return state.decode_graphs.setdefault(("pool", torch.cuda.current_device()), torch.cuda.graph_pool_handle())
 
     def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
@@ -180,12 +181,13 @@ class DecodeGraphs:
         (if any) picks this token's way and times it."""
         f, share = self.routed.fetcher, self.cpu_share
         self._timed = share is not None and f.resident_slots() is not None and f.resident_in_ram > 0
+        self._captured = False
         if self._timed:
             share.begin_token()
 
     def end_step(self) -> None:
-        if self._timed:
-            self.cpu_share.end_token()
+        if self._timed:  # a step that captured graphs is not counted: capturing costs far more than replaying
+            self.cpu_share.end_token(counted=not self._captured)
             self._timed = False
 
     def uses_cpu_share(self) -> bool:
