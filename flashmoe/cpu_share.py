@@ -30,6 +30,7 @@ from .kernels.moe_triton import SKIP
 STEP = 0.05  # how far one layer's times move the fraction: ~20 layers to cross from all-GPU to all-CPU
 PROBE_EVERY = 16  # tokens: the way not chosen is timed again this often (a 15% slower way costs 1% of the rate)
 SMOOTHING = 0.25  # weight of a new token's time in each way's running figure
+PROBE_AFTER = 64  # decode steps of a sequence before a probe may capture the other way's graphs for it
 
 
 class CpuShare:
@@ -64,17 +65,11 @@ class CpuShare:
         self.gpu_ms = self.cpu_ms = 0.0  # each side's time for its experts, summed over the layers measured
 
     # ---- per token: share or not -------------------------------------------------------------
-    def begin_token(self) -> None:
-        """Choose this token's way: the faster so far, the other every PROBE_EVERY tokens (each once at first)."""
+    def begin_token(self, can_probe: bool = True) -> None:
+        """Choose this token's way (shares_next); can_probe: trying the other way costs no graph capture now."""
         self._fold_timings()
         self._tokens += 1
-        if not self.adaptive:
-            self.sharing = True
-        elif None in self.token_ms.values():
-            self.sharing = self.token_ms[True] is None
-        else:
-            faster = self.token_ms[True] <= self.token_ms[False]
-            self.sharing = faster != (self._tokens % PROBE_EVERY == 0)
+        self.sharing = shares_next(self.token_ms, self._tokens, can_probe) if self.adaptive else True
         self.tokens_shared += self.sharing
         start = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -158,6 +153,18 @@ class CpuShare:
             done[0] = job
         want[0] = job
         self._posted = bool(take)
+
+
+def shares_next(token_ms: dict[bool, float | None], tokens: int, can_probe: bool) -> bool:
+    """Whether the next token shares: each way once at first, then the faster so far, the other every PROBE_EVERY
+    tokens where that costs no capture (can_probe: the sequence has the other way's graphs, or has run long enough
+    to pay for them; capturing a layer's graphs costs far more than a token)."""
+    if token_ms[True] is None:
+        return True
+    if token_ms[False] is None:
+        return False
+    faster = token_ms[True] <= token_ms[False]
+    return faster != (can_probe and tokens % PROBE_EVERY == 0)
 
 
 def cpu_takes(slots: list[float], fraction: float) -> list[int]:

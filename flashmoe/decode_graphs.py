@@ -25,7 +25,7 @@ import torch
 
 from .kernels import host_wait
 from .kernels.moe_triton import SKIP, to_device_int32
-from .cpu_share import CpuShare
+from .cpu_share import PROBE_AFTER, CpuShare
 from .routed import ExpertTimes, RoutedExperts
 
 
@@ -176,14 +176,16 @@ class DecodeGraphs:
         times.compute_ms += (clock() - t1) * 1e3
         return x
 
-    def begin_step(self) -> None:
-        """A decode step through this block begins: with RAM-held experts among the resident ones, the CPU share
-        (if any) picks this token's way and times it."""
+    def begin_step(self, state) -> None:
+        """A decode step of `state` through this block begins: with RAM-held experts among the resident ones, the
+        CPU share (if any) picks this token's way and times it."""
         f, share = self.routed.fetcher, self.cpu_share
         self._timed = share is not None and f.resident_slots() is not None and f.resident_in_ram > 0
         self._captured = False
         if self._timed:
-            share.begin_token()
+            first = min(f.layers)
+            both = ("shared", first) in state.decode_graphs and ("resident", first) in state.decode_graphs
+            share.begin_token(can_probe=both or state.decode_steps >= PROBE_AFTER)
 
     def end_step(self) -> None:
         if self._timed:  # a step that captured graphs is not counted: capturing costs far more than replaying

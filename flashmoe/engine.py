@@ -431,7 +431,7 @@ class Model:
             self.layer_events[-1][0].record()
         model, routed = stage.model, stage.routed
         if graphed:
-            stage.graphs.begin_step()
+            stage.graphs.begin_step(state)
         for layer in stage.layers:
             if graphed and stage.graphs.layer_can_use(layer):
                 x = stage.graphs.step(layer, x, state, timers, self._expert_times, clock)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import flashmoe
-from flashmoe.cpu_share import STEP, cpu_takes, rebalanced
+from flashmoe.cpu_share import PROBE_EVERY, STEP, cpu_takes, rebalanced, shares_next
 from flashmoe.errors import FlashMoeError
 
 
@@ -29,6 +29,17 @@ def test_the_share_moves_toward_equal_times_and_stays_in_bounds():
     for _ in range(400):
         fraction = rebalanced(fraction, gpu_ms=(1 - fraction) * 8 * 0.1, cpu_ms=fraction * 8 * 0.05)
     assert fraction == pytest.approx(2 / 3, abs=0.01)
+
+
+def test_each_way_is_timed_once_then_the_faster_decodes_and_the_other_is_probed_where_cheap():
+    assert shares_next({True: None, False: None}, 1, can_probe=False)  # sharing first
+    assert not shares_next({True: 2.0, False: None}, 2, can_probe=False)  # then not
+    for can_probe in (True, False):
+        ways = [shares_next({True: 2.0, False: 3.0}, t, can_probe) for t in range(1, 2 * PROBE_EVERY + 1)]
+        probes = [t for t, way in enumerate(ways, start=1) if not way]
+        assert probes == ([PROBE_EVERY, 2 * PROBE_EVERY] if can_probe else [])  # sharing is faster: it decodes
+    assert not shares_next({True: 3.0, False: 2.0}, 5, can_probe=True)
+    assert shares_next({True: 3.0, False: 2.0}, PROBE_EVERY, can_probe=True)
 
 
 @pytest.mark.parametrize("share,message", [(1.5, "between 0 and 1"), (float("nan"), "between 0 and 1"),
