@@ -7,6 +7,7 @@ family's own format (tools, tool calls, the thinking switch: see tiny_templates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,7 +42,10 @@ Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices
 """
 
 
-def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE, style: str = "qwen"):
+def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE, style: str = "qwen",
+                    corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer of the family's style, trained on `corpus` (lines of text; default a few lines:
+    the random-weight checkpoints' own)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +58,7 @@ def build_tokenizer(vocab_size: int, chat_template: str = QWEN3_5_CHAT_TEMPLATE,
     markup = {"qwen": MARKUP_TOKENS, "deepseek": DEEPSEEK_MARKUP_TOKENS}.get(style, [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markup), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    tok.train_from_iterator(CORPUS.splitlines() * 4 if corpus is None else corpus, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in markup])
     names = {"mistral": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
              "glm": dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),

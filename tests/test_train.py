@@ -1,0 +1,59 @@
+"""The training script of the shipped model (benchmarks/train/train.py, issue 13), at a toy size on the CPU: a run
+cut in two trains exactly what an uncut one does, and what it exports is a checkpoint flashmoe converts and runs as
+transformers does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import flashmoe
+from conftest import rel_error
+from flashmoe.convert import convert
+from flashmoe.tiny import CORPUS
+
+TRAIN = Path(__file__).resolve().parents[1] / "benchmarks" / "train" / "train.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _corpus(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = CORPUS.strip().splitlines()
+    (corpus / "train.txt").write_text("\n\n".join(" ".join(lines[i:] + lines[:i]) for i in range(len(lines))) * 20)
+    (corpus / "heldout.txt").write_text(" ".join(reversed(lines)) + "\n\n" + " ".join(lines))
+    return corpus
+
+
+def test_a_run_cut_in_two_trains_what_an_uncut_one_does_and_exports_a_checkpoint_flashmoe_runs(tmp_path):
+    script, corpus = _script(), _corpus(tmp_path)
+    common = ["--corpus", str(corpus), "--preset", "test", "--steps", "6", "--batch", "2", "--seq", "24",
+              "--log-every", "1", "--eval-every", "3", "--eval-windows", "2", "--device", "cpu"]
+    script.main(common + ["--out", str(tmp_path / "whole")])
+    script.main(common + ["--out", str(tmp_path / "cut"), "--run-steps", "4"])
+    script.main(common + ["--out", str(tmp_path / "cut"), "--export", str(tmp_path / "hf")])
+    whole, cut = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut"))
+    assert whole["step"] == cut["step"] == 6
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["heldout_loss"] > 0 for r in log if "heldout_loss" in r)
+    # the export is a Qwen3.5-MoE checkpoint with the Qwen3.5 chat template: flashmoe converts and runs it
+    from transformers import AutoModelForCausalLM
+
+    convert(tmp_path / "hf", tmp_path / "store", bits=None)
+    model = flashmoe.load(tmp_path / "store")
+    ids = model.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    assert rel_error(model.logits(ids), expected) < 1e-3
