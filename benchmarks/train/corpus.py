@@ -1,5 +1,6 @@
-"""The English corpus the small model trains on (issue 13), from text any Debian-like machine carries offline: the
-manual pages (sections 1-8, English only, rendered by groff) and the docstrings of Python's standard library.
+"""The English corpus the small model trains on (issue 13), from text a Debian-like machine carries offline: the
+manual pages (sections 1-8, English only, rendered by groff) and the docstrings of the Python files installed (the
+standard library and site-packages: torch's, transformers', numpy's... documentation).
 
     python benchmarks/train/corpus.py --out /data/corpus [--workers 16]
 
@@ -16,15 +17,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import importlib
-import inspect
+import ast
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
-import warnings
+import sysconfig
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -32,9 +31,12 @@ MIN_WORDS = 8
 HOLD_OUT = 50  # one document in this many
 MAN_ROOT = Path("/usr/share/man")
 WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
-# stdlib modules that print, open windows or start things when imported, or are tests
-SKIP_MODULES = ("test", "idlelib", "tkinter", "turtle", "turtledemo", "antigravity", "this", "lib2to3", "ensurepip",
-                "venv", "__main__", "pydoc_data")
+# folders whose files are tests, vendored copies or not prose
+SKIP_MODULES = {"test", "tests", "testing", "idlelib", "turtledemo", "lib2to3", "ensurepip", "_vendor", "vendored",
+                "site-packages"}
+# manual pages left out: the Google Cloud SDK's 16,000 generated pages would be most of the text, each much alike
+SKIP_MAN = ("gcloud",)
+HEADING = re.compile(r"^[A-Z][A-Z0-9 ,/&()-]*$", re.MULTILINE)  # a manual page's section heading, alone on its line
 
 
 def prose(paragraph: str) -> str | None:
@@ -56,51 +58,35 @@ def man_page(path: str) -> tuple[str, list[str]]:
                               capture_output=True, timeout=30).stdout.decode("utf-8", "replace")
     except (OSError, subprocess.TimeoutExpired, EOFError):
         return path, []
-    paragraphs = re.split(r"\n\s*\n", text)
+    paragraphs = re.split(r"\n\s*\n", HEADING.sub("", text))
     return path, [p for p in map(prose, paragraphs) if p]
 
 
 def man_pages(workers: int) -> dict[str, list[str]]:
-    paths = sorted(str(p) for s in range(1, 9) for p in (MAN_ROOT / f"man{s}").glob("*") if p.is_file())
+    paths = sorted(str(p) for s in range(1, 9) for p in (MAN_ROOT / f"man{s}").glob("*")
+                   if p.is_file() and not p.name.startswith(SKIP_MAN))
     with ProcessPoolExecutor(workers) as pool:
         return {f"man:{Path(p).name}": paras for p, paras in pool.map(man_page, paths, chunksize=32) if paras}
 
 
-def docstrings() -> dict[str, list[str]]:
-    """The standard library's docstrings, a document per module (its own, its classes', functions' and methods')."""
+def docstrings(roots: list[Path]) -> dict[str, list[str]]:
+    """The docstrings of the Python files under `roots` (the standard library and the installed packages), a
+    document per file, read with ast: nothing is imported (importing runs code; some modules print or open windows)."""
     docs = {}
-    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            for module_name in [name] + _submodules(name):
-                try:
-                    module = importlib.import_module(module_name)
-                except BaseException:  # noqa: BLE001 (a module that cannot import here is left out)
-                    continue
-                texts = [inspect.getdoc(module) or ""]
-                for _, obj in inspect.getmembers(module):
-                    if getattr(obj, "__module__", None) != module_name:
-                        continue
-                    texts.append(inspect.getdoc(obj) or "")
-                    if inspect.isclass(obj):
-                        texts += [inspect.getdoc(m) or "" for _, m in inspect.getmembers(obj, inspect.isfunction)
-                                  if m.__qualname__.startswith(obj.__qualname__)]
-                paragraphs = [p for t in texts for p in map(prose, re.split(r"\n\s*\n", t)) if p]
-                if paragraphs:
-                    docs[f"py:{module_name}"] = paragraphs
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if any(part in SKIP_MODULES or part.startswith("test") for part in path.relative_to(root).parts[:-1]):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            texts = [ast.get_docstring(node) or "" for node in ast.walk(tree)
+                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            paragraphs = [p for t in texts for p in map(prose, re.split(r"\n\s*\n", t)) if p]
+            if paragraphs:
+                docs[f"py:{path.relative_to(root)}"] = paragraphs
     return docs
-
-
-def _submodules(name: str) -> list[str]:
-    try:
-        package = importlib.import_module(name)
-    except BaseException:  # noqa: BLE001
-        return []
-    if not hasattr(package, "__path__"):
-        return []
-    return [f"{name}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
-            if not m.name.startswith("_") and m.name not in SKIP_MODULES and "test" not in m.name]
 
 
 def held_out(name: str) -> bool:
@@ -140,9 +126,11 @@ def main() -> None:
     args = ap.parse_args()
     documents = {} if args.no_man else man_pages(args.workers)
     man_count = len(documents)
-    documents.update(docstrings())
-    info = {"sources": {"man pages (sections 1-8, English)": man_count,
-                        f"Python {sys.version.split()[0]} standard library docstrings": len(documents) - man_count},
+    roots = sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
+    documents.update(docstrings(roots))
+    info = {"sources": {"man pages (sections 1-8, English; not gcloud's)": man_count,
+                        f"docstrings of Python {sys.version.split()[0]}'s files under {', '.join(map(str, roots))}":
+                        len(documents) - man_count},
             "min_words": MIN_WORDS, "hold_out": f"1 in {HOLD_OUT} documents, by sha256 of the name",
             **write(args.out, documents)}
     (args.out / "corpus.json").write_text(json.dumps(info, indent=1))
