@@ -9,7 +9,7 @@ A reply is a run of messages, each a header and a body:
 The analysis channel is reasoning, the final channel (and commentary addressed to no one: a preamble) is content,
 and a message addressed `to=functions.NAME` (in the header, after the role or after the channel) is a tool call
 whose body is its JSON arguments. The markers are special tokens, so the text must be decoded with them kept
-(textstream.IncrementalDecoder(markers=chat.HARMONY_TOKENS)). Text before any header is taken as content, so a model that
+(textstream.IncrementalDecoder(markers=tool_formats.harmony.MARKERS)). Text before any header is taken as content, so a model that
 writes none still answers.
 """
 

@@ -254,3 +254,16 @@ def test_bad_messages_are_clear_errors():
     assert fmt.render([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
                       enable_thinking=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert detect_tool_format(None) is None and detect_tool_format("{{ messages }}") is None
+
+
+def test_every_tool_format_module_answers_the_registry():
+    """tool_formats/: each module has what the parser, the decoder and the grammar read, under its own name."""
+    from flashmoe import tool_formats
+
+    for name, fmt in tool_formats.FORMATS.items():
+        assert fmt.NAME == name
+        for attribute in ("CALL_BEGIN", "CALL_END", "SECTION", "MARKUP", "detect", "parse", "grammar"):
+            assert hasattr(fmt, attribute), (name, attribute)
+        markers = tool_formats.markers(name)
+        assert all(m in markers for m in (fmt.CALL_BEGIN, fmt.CALL_END, *fmt.SECTION, *fmt.MARKUP) if m)
+    assert tool_formats.detect(None) is None and tool_formats.detect("no tools here") is None

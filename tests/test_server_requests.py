@@ -83,20 +83,33 @@ def test_health_answers_head(server):
     assert urllib.request.urlopen(req, timeout=30).status == 200
 
 
-def test_503_says_when_to_retry(server):
+def test_503_says_when_to_retry(server, monkeypatch):
+    # the running request is held inside the model (a tiny random model may end any stream at its next token, which
+    # made this test a race against the queue), until the queue is full and the refusal is seen
+    started, release, forward = threading.Event(), threading.Event(), server.model.forward
+
+    def held_forward(*args, **kwargs):
+        started.set()
+        release.wait(120)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(server.model, "forward", held_forward)
     client = server.client()
-    long_stream = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "a"}],
-                                                 max_tokens=3000, stream=True)
-    next(iter(long_stream))  # running
-    queued = threading.Thread(target=lambda: client.chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": "b"}], max_tokens=2, extra_body=NO_THINKING))
-    queued.start()
-    wait_until(lambda: metric(server, "flashmoe_queue_depth") == 1)
-    with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=2)
-    assert info.value.status_code == 503 and int(info.value.response.headers["retry-after"]) >= 1
-    long_stream.close()
-    queued.join(timeout=120)
+    ask = lambda content: client.chat.completions.create(  # noqa: E731
+        model=MODEL_NAME, messages=[{"role": "user", "content": content}], max_tokens=2, extra_body=NO_THINKING)
+    running, queued = threading.Thread(target=ask, args=("a",)), threading.Thread(target=ask, args=("b",))
+    try:
+        running.start()
+        assert started.wait(60)  # the worker is inside the first request
+        queued.start()
+        wait_until(lambda: metric(server, "flashmoe_queue_depth") == 1)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=2)
+        assert info.value.status_code == 503 and int(info.value.response.headers["retry-after"]) >= 1
+    finally:
+        release.set()
+        running.join(timeout=120)
+        queued.join(timeout=120)
 
 
 def test_metrics_never_touch_the_model_from_the_http_side(server, monkeypatch):
