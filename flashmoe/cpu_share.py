@@ -4,14 +4,16 @@ CPU's sum joins the GPU's before the layer's end is added, rounded once.
 
 llama.cpp's `--cpu-moe` computes every RAM-held expert on the CPU; flashmoe's zero-copy path reads every one over
 PCIe. On the H100/H200 machines the two take about as long (issue 17's table: 219 vs 183 tok/s), so splitting a
-layer's RAM-held experts between them runs both at once.
+layer's RAM-held experts between them runs both at once. Measured there it gained nothing (RESULTS.md: our CPU
+kernel is the slower side, and a shared layer costs more), so it is off unless asked for.
 
 Sharing costs a sync per layer (the host must see the router's choice) and three graph launches instead of one,
-about 0.2 ms a layer on the H200 machine (RESULTS.md): it pays where a layer's RAM-held experts take longer than
-that to read over PCIe. So two things follow measured times:
-- whether to share at all: a block of layers' GPU time per token (CUDA events, read once complete, no sync) is
-  kept for both ways, shared and the GPU reading every expert; the faster one decodes, the other is tried every
-  PROBE_EVERY tokens to follow changing load;
+about 0.2-0.3 ms a layer on the H200 machine: it pays where a layer's RAM-held experts take longer than that to
+read over PCIe. The CPU's part runs on a thread of the C library (fm_moe_post), so the host queues the next layer
+meanwhile and the GPU waits for the CPU's sum on the GPU (kernels/host_wait.py). Two things follow measured times:
+- whether to share at all ("auto"): a block of layers' GPU time per token (CUDA events, read once complete, no
+  sync) is kept for both ways, shared and the GPU reading every expert; the faster one decodes, the other is tried
+  every PROBE_EVERY tokens where that needs no graph capture (shares_next);
 - how much to share: after each shared layer, the GPU's time for its experts and the CPU's move the fraction of
   RAM-held experts the CPU takes toward where both finish together.
 A fixed fraction can be given instead (`Model.load(cpu_share=...)`): always shared, at that fraction, which also
