@@ -1,11 +1,11 @@
 """One token through single matrices and through a layer's routed experts on the CPU: our kernels (kernels/cpu_native.c)
 against torch's int4 kernel (kernels/cpu_int4.py), in GB/s of the bytes each reads.
 
-    python benchmarks/cpu_kernels.py [--threads 16] [--out RESULTS.md]
+    python benchmarks/cpu_kernels.py [--threads 16] [--group 32] [--out RESULTS.md]
 
 Matrices of the Qwen3.5-35B-A3B geometry (hidden 2048, experts of 512, DeltaNet's 12288-row input projection, a
-248k-row head) at 4 and 8 bits, group 32; "layer": K=8 experts' gate_up and down, torch's path as the engine ran it
-(one expert after another), ours as one call. Best of 5 repetitions of 20 calls.
+248k-row head) at 4 and 8 bits, group --group (32; MLX's imports are 64); "layer": K=8 experts' gate_up and down,
+torch's path as the engine ran it (one expert after another), ours as one call. Best of 5 repetitions of 20 calls.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ def best_ms(fn, reps: int = 5, calls: int = 20) -> float:
     return best
 
 
-def layer_rows(bits: int, k: int = 8, hidden: int = 2048, inter: int = 512) -> list[str]:
+def layer_rows(bits: int, group: int, k: int = 8, hidden: int = 2048, inter: int = 512) -> list[str]:
     gen = torch.Generator().manual_seed(bits)
     tensors = expert_tensors(torch.randn(2 * inter, hidden, generator=gen), torch.randn(hidden, inter, generator=gen),
-                             bits, 32)
+                             bits, group)
     layout = BlobLayout.for_tensors(tensors)
     blob = torch.frombuffer(bytearray(layout.pack(tensors)), dtype=torch.uint8)
-    ours = cpu_native.NativeExperts.for_store(layout, hidden, inter, bits, 32)
+    ours = cpu_native.NativeExperts.for_store(layout, hidden, inter, bits, group)
     slots = [blob.clone() for _ in range(k)]
-    torch_form = cpu_int4.KernelForm.for_store(layout, hidden, inter, bits, 32)
+    torch_form = cpu_int4.KernelForm.for_store(layout, hidden, inter, bits, group)
     torch_slots = []
     for _ in range(k):
         slot = torch.zeros(torch_form.slot_bytes, dtype=torch.uint8)
@@ -62,6 +62,7 @@ def layer_rows(bits: int, k: int = 8, hidden: int = 2048, inter: int = 512) -> l
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,16 +72,18 @@ def main() -> None:
     for bits in (4, 8):
         for name, n, k in MATRICES:
             w = torch.randn(n, k) * 0.02
-            ours, theirs = cpu_native.NativeMatrix.from_float(w, bits, 32), cpu_int4.PackedMatrix.from_float(w, bits, 32)
+            ours = cpu_native.NativeMatrix.from_float(w, bits, args.group)
+            theirs = cpu_int4.PackedMatrix.from_float(w, bits, args.group)
             x = torch.randn(1, k)
-            nbytes = n * k * (bits / 8 + 4 / 32)  # codes + fp16 scale and bias per 32 (ours; torch's: bf16 pairs)
+            nbytes = n * k * (bits / 8 + 4 / args.group)  # codes + fp16 scale and bias per group (ours)
             ms_ours, ms_torch = best_ms(lambda: ours(x)), best_ms(lambda: theirs(x))
             rows.append(f"| {name} {n}x{k} | {bits} | {ms_torch * 1e3:.0f} us ({nbytes / ms_torch / 1e6:.1f} GB/s) | "
                         f"{ms_ours * 1e3:.0f} us ({nbytes / ms_ours / 1e6:.1f} GB/s) | {ms_torch / ms_ours:.2f}x |")
             print(rows[-1], flush=True)
-        rows += layer_rows(bits)
+        rows += layer_rows(bits, args.group)
         print(rows[-1], flush=True)
-    cpu = f"{platform.processor() or platform.machine()}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}"
+    cpu = (f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+           f"{torch.backends.cpu.get_cpu_capability()}, group {args.group}")
     text = section("CPU kernels, one token: ours vs torch's int4", cpu,
                    "x [1, K] float32 times each matrix; GB/s of codes, scales and biases read.",
                    ["matrix", "bits", "torch int4", "ours", "speed-up"], rows)

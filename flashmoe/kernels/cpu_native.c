@@ -97,6 +97,7 @@ static inline __m512 halves16(const uint16_t *p, int bf16) {
 }
 #endif
 
+
 /* sum over groups of bias * (the group's sum of inputs) */
 static inline float bias_dot(const uint16_t *biases, int bf16, const float *xs, int groups) {
     float s = 0.f;
@@ -209,6 +210,12 @@ static void arrange_for(const fm_matrix *m, const float *x, float *xa, float *xs
 }
 
 #if HAVE_Q8
+/* the first popcount(some) of 16 fp16 or bf16 values as float32, the rest zero (a masked load: never past them) */
+static inline __m512 halves_some(const uint16_t *p, __mmask16 some, int bf16) {
+    __m256i h = _mm256_maskz_loadu_epi16(some, p);
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
 #define ROWS_DOT_Q8(R)                                                                                               \
 static void rows_dot_q8_##R(const uint8_t *p, int64_t row_bytes, const uint16_t *scales, const uint16_t *biases,    \
                             int bf16, const float *xa, const float *xs, int k, int bits, int g, float *y) {          \
@@ -223,11 +230,17 @@ static void rows_dot_q8_##R(const uint8_t *p, int64_t row_bytes, const uint16_t 
                 _mm512_storeu_ps(&sd[r][b], _mm512_mul_ps(halves16(scales + (int64_t)r * groups + b, bf16),          \
                                                           _mm512_loadu_ps(d + b)));                                  \
             for (; b < groups; b++) sd[r][b] = half_at(scales, (int64_t)r * groups + b, bf16) * d[b];               \
-        } else {                                                                                                     \
-            for (int gi = 0, per = g / 32; gi < groups; gi++) {                                                      \
-                float sc = half_at(scales, (int64_t)r * groups + gi, bf16);                                          \
-                for (int b = gi * per; b < (gi + 1) * per; b++) sd[r][b] = sc * d[b];                                \
+        } else {  /* a scale per `per` blocks: 16 blocks at a time, each group's scale spread over its blocks */       \
+            int per = g / 32, b = 0;                                                                                 \
+            if (per <= 16) {                                                                                         \
+                const __m512i spread = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,   \
+                                                                          3, 2, 1, 0), __builtin_ctz(per));          \
+                const __mmask16 some = (__mmask16)((1u << (16 / per)) - 1);                                          \
+                for (; b + 16 <= k / 32; b += 16)                                                                    \
+                    _mm512_storeu_ps(&sd[r][b], _mm512_mul_ps(_mm512_permutexvar_ps(spread, halves_some(             \
+                        scales + (int64_t)r * groups + b / per, some, bf16)), _mm512_loadu_ps(d + b)));             \
             }                                                                                                        \
+            for (; b < k / 32; b++) sd[r][b] = half_at(scales, (int64_t)r * groups + b / per, bf16) * d[b];         \
         }                                                                                                            \
     /* which 32-input block (of the two a step covers) each lane's four products belong to */                        \
     const __m512i idx = bits == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)                 \
