@@ -267,3 +267,6 @@ def test_every_tool_format_module_answers_the_registry():
         markers = tool_formats.markers(name)
         assert all(m in markers for m in (fmt.CALL_BEGIN, fmt.CALL_END, *fmt.SECTION, *fmt.MARKUP) if m)
     assert tool_formats.detect(None) is None and tool_formats.detect("no tools here") is None
+    reply = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+    [call] = tool_formats.get("harmony").parse(reply, {})
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')

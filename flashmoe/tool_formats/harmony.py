@@ -4,7 +4,7 @@ reasoning, final -> content, commentary to=functions.NAME -> a call). Constraine
 from __future__ import annotations
 
 NAME = "harmony"
-CALL_BEGIN = CALL_END = None  # not a marked block in free text: harmony.HarmonyParser reads the reply
+CALL_BEGIN = CALL_END = None  # not a marked block in free text: the whole reply is read (parse)
 SECTION: tuple[str, ...] = ()
 MARKUP: tuple[str, ...] = ()
 # what the parser reads, kept in the decoded text (the whole set: no <think> or <tool_call> here)
@@ -17,7 +17,13 @@ def detect(template: str) -> bool:
 
 
 def parse(block: str, raw_arguments: dict[str, set[str]]):
-    raise NotImplementedError("harmony replies are read whole by harmony.HarmonyParser")
+    """A whole harmony reply's calls (harmony.HarmonyParser reads it; the server streams it through that parser
+    itself), or None if it makes none."""
+    from ..harmony import HarmonyParser
+
+    parser = HarmonyParser()
+    calls = parser.feed(block).tool_calls + parser.close().tool_calls
+    return calls or None
 
 
 def grammar(tools: list[dict], tool_choice, reasoning: str, parallel_tool_calls: bool):
