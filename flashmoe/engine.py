@@ -236,6 +236,12 @@ class Model:
                                 f"{cpu_share!r}")
         if cpu_share and not on_gpu:
             raise FlashMoeError("cpu_share is for device='cuda' (on the CPU it computes every expert already)")
+        if cpu_share and not (zero_copy and cuda_graphs):
+            raise FlashMoeError("cpu_share shares the experts the GPU reads from pinned RAM in its decode graphs: "
+                                "it needs zero_copy and cuda_graphs")
+        if cpu_share and not cache_gb:
+            raise FlashMoeError("cpu_share computes experts held in the pinned RAM cache: give cache_gb (the RAM for "
+                                "them) too")
         if resident_format is not None and resident_format not in RESIDENT_FORMATS:
             raise FlashMoeError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
         if resident_format not in (None, "float") and on_gpu:

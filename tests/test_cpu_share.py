@@ -4,6 +4,7 @@ follows measured times. The decode step itself runs on the device (test_gpu.py).
 from __future__ import annotations
 
 import pytest
+import torch
 
 import flashmoe
 from flashmoe.cpu_share import PROBE_EVERY, STEP, cpu_takes, rebalanced, shares_next
@@ -48,4 +49,12 @@ def test_each_way_is_timed_once_then_the_faster_decodes_and_the_other_is_probed_
 def test_a_bad_share_is_one_line(built, share, message):
     with pytest.raises(FlashMoeError, match=message):
         flashmoe.load(built.store("qwen3_5_moe", 4), cpu_share=share)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the checks after the device's are the GPU's")
+@pytest.mark.parametrize("options,message", [(dict(zero_copy=False, cache_gb=1), "needs zero_copy"),
+                                             (dict(cache_gb=0), "give cache_gb")])
+def test_a_share_with_nothing_to_share_is_one_line(built, options, message):
+    with pytest.raises(FlashMoeError, match=message):
+        flashmoe.load(built.store("qwen3_5_moe", 4), device="cuda", cpu_share=0.5, **options)
 
