@@ -12,6 +12,7 @@ in the C calls, and the rest. The kernels scale with cores and memory bandwidth;
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import statistics
 import sys
@@ -26,8 +27,17 @@ C_FUNCTIONS = ("fm_linear", "fm_moe", "fm_gated_delta_step", "fm_rms_norm", "fm_
                "fm_route_softmax")
 
 
+# the phases of a layer, as the methods that run them (exclusive times: a phase's wall time less its inner ones')
+PHASES = [("model", "mix", "norms and residuals"), ("model", "_delta_net", "DeltaNet"),
+          ("attention", "attend", "attention"), ("model", "moe_projections", "router and shared-expert input"),
+          ("model", "route", "routing"), ("model", "shared_expert", "shared expert"),
+          ("routed", "_run_native", "routed experts"), ("model", "logits", "head")]
+INNER = {"norms and residuals": ("DeltaNet", "attention"), "routed experts": ("shared expert",)}
+
+
 def clocked_library(clock: dict):
-    """The library with each C function timed into clock["ms"] (callers that look the functions up at call time)."""
+    """The library with each C function timed into clock[phase] (the phase running it), for callers that look the
+    functions up at call time."""
     from flashmoe.kernels import cpu_native
 
     lib = cpu_native.library()
@@ -39,12 +49,30 @@ def clocked_library(clock: dict):
         def timed(*args, fn=fn):
             t0 = time.perf_counter()
             out = fn(*args)
-            clock["ms"] += (time.perf_counter() - t0) * 1e3
+            clock["c", clock["phase"]] += (time.perf_counter() - t0) * 1e3
             clock["calls"] += 1
             return out
 
         setattr(lib, name, timed)
     return lib
+
+
+def clock_phases(model, clock: dict) -> None:
+    """Each phase's method wrapped: its wall time into clock["wall", phase], and the C calls within it attributed."""
+    owners = {"model": model.model, "attention": model.model.attention, "routed": model.routed}
+    for owner, method, phase in PHASES:
+        fn = getattr(owners[owner], method)
+
+        def timed(*args, fn=fn, phase=phase, **kwargs):
+            before, clock["phase"] = clock["phase"], phase
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock["wall", phase] += (time.perf_counter() - t0) * 1e3
+                clock["phase"] = before
+
+        setattr(owners[owner], method, timed)
 
 
 def main() -> None:
@@ -67,32 +95,45 @@ def main() -> None:
         types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(args.layers)]
         write_random_store(store, dict(QWEN3_5_35B, num_hidden_layers=args.layers, vocab_size=512, layer_types=types),
                            bits=args.bits, group_size=args.group_size)
-    clock = {"ms": 0.0, "calls": 0}
+    clock = collections.Counter(phase="other")
     lib = clocked_library(clock)
     model = flashmoe.load(store, cache_gb=Store(store).expert_bytes / 1e9 * 1.1 + 0.1)
     model.warm_cache()
     for stage in model.stages:  # the experts' form holds the function it was made with
         if getattr(stage.fetcher.kernel_form, "moe", None) is not None:
             object.__setattr__(stage.fetcher.kernel_form, "moe", lib.fm_moe)
+    clock_phases(model, clock)
     state = model.new_state()
     logits = model.forward(list(range(1, 17)), state, all_logits=False)
     for _ in range(5):
         logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
-    rows = []
+    runs = []
     for _ in range(3):
-        clock.update(ms=0.0, calls=0)
+        clock.clear()
+        clock["phase"] = "other"
         t0 = time.perf_counter()
         for _ in range(args.tokens):
             logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
         total = (time.perf_counter() - t0) * 1e3 / args.tokens
-        rows.append((total, clock["ms"] / args.tokens, clock["calls"] / args.tokens))
-        print(f"{total:.2f} ms/token, {rows[-1][1]:.2f} in C calls", flush=True)
-    total, in_c, calls = (statistics.median(r[i] for r in rows) for i in range(3))
+        runs.append((total, {k: v / args.tokens for k, v in clock.items() if isinstance(k, tuple) or k == "calls"}))
+        print(f"{total:.2f} ms/token, {sum(v for k, v in runs[-1][1].items() if k[0] == 'c'):.2f} in C calls", flush=True)
+    total = statistics.median(r[0] for r in runs)
+    med = lambda key: statistics.median(r[1].get(key, 0.0) for r in runs)  # noqa: E731
+    rows, in_c_total = [], 0.0
+    for _, _, phase in PHASES:
+        wall = med(("wall", phase)) - sum(med(("wall", inner)) for inner in INNER.get(phase, ()))
+        in_c = med(("c", phase))
+        in_c_total += in_c
+        rows.append(f"| {phase} | {wall:.2f} | {in_c:.2f} | {wall - in_c:.2f} |")
+    outside = total - sum(med(("wall", p)) for _, _, p in PHASES if not any(p in v for v in INNER.values()))
+    rows.append(f"| outside the phases (embedding, sampling, the step's bookkeeping) | {outside:.2f} | "
+                f"{med(('c', 'other')):.2f} | {outside - med(('c', 'other')):.2f} |")
     text = (f"\n### Where a CPU decode token goes (`benchmarks/cpu_glue.py`, {datetime.date.today()})\n\n"
-            f"`python {' '.join(sys.argv)}`: 35B-A3B geometry, {args.layers} layers, {args.bits}-bit group "
-            f"{args.group_size}, {args.threads} threads, every expert in RAM; medians of 3 runs of {args.tokens} "
-            f"tokens.\n\n| ms per token | in our C calls ({calls:.0f} a token) | the rest | the rest per layer |\n"
-            f"|---|---|---|---|\n| {total:.2f} | {in_c:.2f} | {total - in_c:.2f} | {(total - in_c) / args.layers:.3f} |\n")
+            f"`python {' '.join(sys.argv)}`: 35B-A3B geometry, {args.layers} layers (every 4th attention), "
+            f"{args.bits}-bit group {args.group_size}, {args.threads} threads, every expert in RAM; medians of 3 runs "
+            f"of {args.tokens} tokens: {total:.2f} ms a token, {in_c_total + med(('c', 'other')):.2f} of them in our "
+            f"C calls ({med('calls'):.0f} a token).\n\n| phase | ms per token | in C | the rest |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
     publish(text, args.out)
 
 
