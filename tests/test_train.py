@@ -57,3 +57,25 @@ def test_a_run_cut_in_two_trains_what_an_uncut_one_does_and_exports_a_checkpoint
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
     assert rel_error(model.logits(ids), expected) < 1e-3
+
+
+def test_a_folder_packed_in_parts_over_two_calls_unpacks_whole(tmp_path):
+    """pack.py: the device returns a trained model as parts of at most 16 MiB; unpack joins them or says what is
+    missing."""
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("pack", TRAIN.parent / "pack.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    folder = tmp_path / "hf"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(bytes(range(256)) * 40)
+    (folder / "sub" / "config.json").write_text('{"a": 1}')
+    first = pack.pack(folder, tmp_path / "call1", part_mib=2000 / 2**20, first=0, count=3)
+    second = pack.pack(folder, tmp_path / "call2", part_mib=2000 / 2**20, first=3)
+    assert len(first) == 3 and len(second) >= 2
+    with pytest.raises(SystemExit, match="fetch the rest first"):
+        pack.unpack([tmp_path / "call1"], tmp_path / "back")
+    pack.main(["unpack", str(tmp_path / "call1"), str(tmp_path / "call2"), str(tmp_path / "back")])
+    assert (tmp_path / "back" / "hf" / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
+    assert (tmp_path / "back" / "hf" / "sub" / "config.json").read_text() == '{"a": 1}'

@@ -12,6 +12,8 @@ seeded with (seed, s) picks, so a run cut into pieces trains on what an uncut on
 The schedule: linear warm-up over WARMUP steps, then cosine to a tenth of --lr at --steps. The routers'
 load-balancing loss is on (transformers' own, router_aux_loss_coef). Every --eval-every steps and at the end of a
 run: the held-out loss over fixed windows. Progress goes to log.jsonl (step, loss, lr, tokens/s, held-out loss).
+On the device, the runs are calls made back to back (its disk lasts while it stays warm); pack.py brings the export
+back in parts (its calls return at most 8 files of 16 MiB).
 """
 
 from __future__ import annotations
