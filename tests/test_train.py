@@ -79,3 +79,27 @@ def test_a_folder_packed_in_parts_over_two_calls_unpacks_whole(tmp_path):
     pack.main(["unpack", str(tmp_path / "call1"), str(tmp_path / "call2"), str(tmp_path / "back")])
     assert (tmp_path / "back" / "hf" / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
     assert (tmp_path / "back" / "hf" / "sub" / "config.json").read_text() == '{"a": 1}'
+
+
+def test_the_corpus_keeps_prose_and_splits_by_name(tmp_path):
+    """corpus.py: paragraphs of sentences stay, synopses and option lists go; docstrings are read without importing;
+    the held-out split depends on a document's name alone."""
+    spec = importlib.util.spec_from_file_location("corpus", TRAIN.parent / "corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    assert corpus.prose("The cache keeps the experts a model used last,\n  so the next token reads fewer of them.") == (
+        "The cache keeps the experts a model used last, so the next token reads fewer of them.")
+    assert corpus.prose("ls [-a] [-l] [--color=WHEN] [FILE...]") is None  # a synopsis
+    assert corpus.prose("-v, --verbose  print more") is None  # too short, no sentence
+    assert corpus.prose("0x1f 0x2e 0x3d 0x4c 0x5b 0x6a 0x79 0x88 0x97 end.") is None  # not words
+    package = tmp_path / "pkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "mod.py").write_text('"""A module whose docstring explains what it does in a full sentence."""\n'
+                                    'raise SystemExit("importing this would stop the build")\n'
+                                    'def f():\n    """Return the answer, which the caller then prints for the user."""\n')
+    (package / "tests" / "test_mod.py").write_text('"""A test module, which the corpus leaves out of its text."""\n')
+    docs = corpus.docstrings([tmp_path])
+    assert list(docs) == ["py:pkg/mod.py"] and len(docs["py:pkg/mod.py"]) == 2
+    names = [f"man:page{i}.1.gz" for i in range(500)]
+    held = [n for n in names if corpus.held_out(n)]
+    assert 0 < len(held) < 30 and held == [n for n in names if corpus.held_out(n)]
