@@ -11,10 +11,10 @@ from . import tool_formats
 from .errors import FlashMoeError
 from .tool_formats import harmony as _harmony
 from .tool_formats.common import THINK_BEGIN, THINK_END, ToolCall, argument_schemas, raw_arguments, writes_raw
+from .tool_formats.qwen_json import CALL_BEGIN, CALL_END  # what a template without tools still reads as markup
 
 __all__ = ["ChatFormat", "OutputParser", "ParsedDelta", "StreamParser", "ToolCall", "THINK_BEGIN", "THINK_END",
            "argument_schemas", "detect_tool_format", "format_markers", "is_harmony", "writes_raw"]
-CALL_BEGIN, CALL_END = "<tool_call>", "</tool_call>"  # Qwen's: what a template without tools still reads as markup
 
 
 def is_harmony(template: str | None) -> bool:

@@ -129,17 +129,15 @@ class Model:
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
         # on the CPU, RAM slots hold each expert in the form the kernels read: the blob as stored for ours, else
         # torch's int4 layout (prepared as it lands)
+        form_args = (store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
+                     store.quantization["group_size"], ExpertMath.of(cfg))
         kernel_form = None
         if not on_gpu:
-            form_args = (store.layout, cfg.hidden_size, cfg.moe_intermediate_size, store.quantization["bits"],
-                         store.quantization["group_size"], ExpertMath.of(cfg))
             kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
         # on a GPU, the CPU's kernels for its share of the experts held in pinned RAM (cpu_share.py)
         share_form = None
         if on_gpu and use_cuda_graphs and cpu_share != 0:
-            share_form = NativeExperts.for_store(store.layout, cfg.hidden_size, cfg.moe_intermediate_size,
-                                                 store.quantization["bits"], store.quantization["group_size"],
-                                                 ExpertMath.of(cfg))
+            share_form = NativeExperts.for_store(*form_args)
             if share_form is None:
                 raise FlashMoeError("cpu_share needs the CPU expert kernels (a C compiler, and experts stored "
                                     "2/4/8-bit affine); pass cpu_share=0")

@@ -246,40 +246,40 @@ class NativeExperts:
         first[e]..first[e+1] and its blob is slots[e]. x [T, H] -> [T, H] float32: a new tensor, or added into `out`,
         element by element in the order one call over all the experts would have used."""
         t, hidden = x.shape
-        pairs = first[-1]
         x = x.float().contiguous()
-        token = token.to(torch.int32).contiguous()
-        weight = weight.float().contiguous()
         accumulate = out is not None
         if out is None:
             out = torch.empty(t, hidden)
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
-        scratch = self._scratch.get((t, pairs)) or self._new_scratch(t, pairs)  # held through the call
-        experts = (ctypes.c_int64 * len(slots))(*map(_ptr, slots))
-        starts = (ctypes.c_int32 * len(first))(*first)
-        math = self.expert_math
-        self.moe(self.gate_up, self.down, len(slots), experts, starts, _ptr(token), _ptr(weight), t, _ptr(x),
-                 math.limit, math.alpha, _ptr(out), int(accumulate), *map(_ptr, scratch), torch.get_num_threads())
+        args, held = self._moe_args(x, slots, first, token, weight, out, accumulate, torch.get_num_threads())
+        self.moe(*args)  # `held` keeps what args point into alive until here
         return out
 
     def post(self, x: torch.Tensor, slots: list[torch.Tensor], first: list[int], weight: torch.Tensor,
              out: torch.Tensor, done: torch.Tensor, job: int, threads: int) -> None:
         """run() for one token on the library's worker thread, without waiting: out [1, H] float32 is overwritten
         with the sum, then done[1] = its nanoseconds and done[0] = job (int64, pinned: a GPU stream may wait on it,
-        kernels/host_wait.py). x, out, done and the scratch must live until done[0] says so; the rest is copied."""
-        pairs = first[-1]
+        kernels/host_wait.py). x, out, done and the scratch (kept: one token's) must live until done[0] says so; the
+        rest is copied."""
         assert x.dtype == torch.float32 and x.is_contiguous() and out.dtype == torch.float32 and out.is_contiguous()
-        assert done.dtype == torch.int64 and done.numel() >= 2
-        scratch = self._scratch.get((1, pairs)) or self._new_scratch(1, pairs)
-        token = (ctypes.c_int32 * pairs)()
-        weight = weight.float().contiguous()
-        math = self.expert_math
-        status = library().fm_moe_post(
-            self.gate_up, self.down, len(slots), (ctypes.c_int64 * len(slots))(*map(_ptr, slots)),
-            (ctypes.c_int32 * len(first))(*first), token, _ptr(weight), 1, _ptr(x), math.limit, math.alpha,
-            _ptr(out), 0, *map(_ptr, scratch), threads, _ptr(done), job)
+        assert x.shape[0] == 1 and done.dtype == torch.int64 and done.numel() >= 2
+        token = torch.zeros(first[-1], dtype=torch.int32)
+        args, held = self._moe_args(x, slots, first, token, weight, out, False, threads)
+        status = library().fm_moe_post(*args, _ptr(done), job)
         if status != 0:
             raise RuntimeError(f"fm_moe_post refused the call ({status}: more than 64 pairs, or no thread)")
+
+    def _moe_args(self, x, slots, first, token, weight, out, accumulate: bool, threads: int):
+        """fm_moe's arguments (fm_moe_post takes them and two more), and the tensors they point into (the scratch,
+        token and weight as the C side reads them), for the caller to hold through the call."""
+        t, pairs = x.shape[0], first[-1]
+        scratch = self._scratch.get((t, pairs)) or self._new_scratch(t, pairs)
+        token, weight = token.to(torch.int32).contiguous(), weight.float().contiguous()
+        math = self.expert_math
+        args = (self.gate_up, self.down, len(slots), (ctypes.c_int64 * len(slots))(*map(_ptr, slots)),
+                (ctypes.c_int32 * len(first))(*first), _ptr(token), _ptr(weight), t, _ptr(x), math.limit, math.alpha,
+                _ptr(out), int(accumulate), *map(_ptr, scratch), threads)
+        return args, (scratch, token, weight)
 
     def _new_scratch(self, t: int, pairs: int) -> tuple[torch.Tensor, ...]:
         """Scratch for t tokens and their pairs; one token's is kept (a decode step's shape, every layer, every
