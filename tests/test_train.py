@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import flashmoe
@@ -31,6 +32,10 @@ def _corpus(tmp_path: Path) -> Path:
     lines = CORPUS.strip().splitlines()
     (corpus / "train.txt").write_text("\n\n".join(" ".join(lines[i:] + lines[:i]) for i in range(len(lines))) * 20)
     (corpus / "heldout.txt").write_text(" ".join(reversed(lines)) + "\n\n" + " ".join(lines))
+    chat = {"kind": "page_json", "name": "ls", "messages": [
+        {"role": "user", "content": "Describe `ls` as JSON."},
+        {"role": "assistant", "content": '{"name": "ls", "section": "1", "summary": "list directory contents"}'}]}
+    (corpus / "chats-train.jsonl").write_text(json.dumps(chat) + "\n")
     return corpus
 
 
@@ -47,6 +52,14 @@ def test_a_run_cut_in_two_trains_what_an_uncut_one_does_and_exports_a_checkpoint
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(r["heldout_loss"] > 0 for r in log if "heldout_loss" in r)
+    # the chats follow the documents, rendered by the chat template as generation will see them (thinking off)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "cut" / "tokenizer")
+    text = tok.decode(np.load(tmp_path / "cut" / "tokens-train.npy").tolist())
+    assert text.endswith('<|im_start|>user\nDescribe `ls` as JSON.<|im_end|>\n<|im_start|>assistant\n<think>\n\n'
+                         '</think>\n\n{"name": "ls", "section": "1", "summary": "list directory contents"}<|im_end|>\n'
+                         "<|endoftext|>")
     # the export is a Qwen3.5-MoE checkpoint with the Qwen3.5 chat template: flashmoe converts and runs it
     from transformers import AutoModelForCausalLM
 
@@ -103,3 +116,22 @@ def test_the_corpus_keeps_prose_and_splits_by_name(tmp_path):
     names = [f"man:page{i}.1.gz" for i in range(500)]
     held = [n for n in names if corpus.held_out(n)]
     assert 0 < len(held) < 30 and held == [n for n in names if corpus.held_out(n)]
+
+
+def test_steps_auto_fits_the_schedule_to_the_first_runs_minutes_and_keeps_it(tmp_path):
+    script, corpus = _script(), _corpus(tmp_path)
+    common = ["--corpus", str(corpus), "--out", str(tmp_path / "run"), "--preset", "test", "--batch", "2",
+              "--seq", "16", "--log-every", "5", "--eval-every", "1000", "--eval-windows", "1", "--device", "cpu"]
+    script.CALIBRATE = 5  # a few steps are enough to time at this size (and keep a loaded machine inside 6 s)
+    script.main(common + ["--steps", "auto", "--minutes", "0.1"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    fitted = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert isinstance(state["steps"], int) and state["steps"] > 10 + script.CALIBRATE
+    assert [r["steps"] for r in fitted if "steps_per_s" in r] == [state["steps"]]
+    script.main(common + ["--steps", "auto", "--run-steps", "2"])  # a later run follows the fitted schedule
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["steps"] == state["steps"]
+    try:
+        script.main(common + ["--steps", "3000"])
+        raise AssertionError("a run went on with a schedule other than its checkpoint's")
+    except SystemExit as e:
+        assert f"schedule has {state['steps']} steps" in str(e)

@@ -5,9 +5,13 @@ and gated attention, a shared expert), from scratch, on corpus.py's text, in run
     python benchmarks/train/train.py --corpus /data/corpus --out /data/run --export /data/run/hf   # for convert
 
 The first run trains the tokenizer (byte-level BPE, the Qwen3.5 chat template of flashmoe.tiny, so chat, thinking
-and tool calls render as the real models' do) and tokenizes the corpus once (uint16 arrays beside the checkpoint).
+and tool calls render as the real models' do) and tokenizes the corpus once (uint16 arrays beside the checkpoint):
+its documents, then chats.py's chats (when the corpus folder has them) as the template renders them.
 Each run trains until --minutes have passed or --steps are done, then saves the checkpoint atomically (weights,
-optimizer, step): the next run goes on from it. Deterministic given --seed: step s reads the windows a generator
+optimizer, step; also at every evaluation): the next run goes on from it. `--steps auto` fits the schedule to the
+first run's --minutes: after CALIBRATE steps it measures the rate and fixes the step count (logged and kept in the
+checkpoint, which later runs follow: pass it as --steps to redo the run elsewhere). The weights with the best held-out loss so far are kept
+in best.pt, and --export writes those (the last ones unless held-out loss rose: too many epochs of a small corpus). Deterministic given --seed: step s reads the windows a generator
 seeded with (seed, s) picks, so a run cut into pieces trains on what an uncut one would (tests/test_train.py).
 The schedule: linear warm-up over WARMUP steps, then cosine to a tenth of --lr at --steps. The routers'
 load-balancing loss is on (transformers' own, router_aux_loss_coef). Every --eval-every steps and at the end of a
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 WARMUP = 200
+CALIBRATE = 40  # steps timed (after the first 10: compilation, allocation) before --steps auto is fixed
 EOS = "<|endoftext|>"
 # "small": 8 layers (every 4th attention) at hidden 320, 32 experts of 160, K=4, tied embeddings: 49M weights, 39M
 # of them experts; 22 MB of 4-bit experts (group 64) and 20 MB of bf16 residents: the issue's store of about 40 MB
@@ -64,16 +69,30 @@ def tokens_of(corpus: Path, out: Path, split: str, tok) -> np.ndarray:
     path = out / f"tokens-{split}.npy"
     if not path.exists():
         eos = tok.convert_tokens_to_ids(EOS)
+        docs = [d for d in (corpus / f"{split}.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        docs += chat_texts(corpus / f"chats-{split}.jsonl", tok)
         ids = []
-        text = (corpus / f"{split}.txt").read_text(encoding="utf-8")
-        for doc in text.split("\n\n"):
-            if doc.strip():
-                ids.extend(tok(doc, add_special_tokens=False)["input_ids"])
+        for start in range(0, len(docs), 4096):  # batches: the tokenizer encodes them on every core
+            for doc in tok(docs[start : start + 4096], add_special_tokens=False)["input_ids"]:
+                ids.extend(doc)
                 ids.append(eos)
         assert max(ids) < 2 ** 16
         np.save(path.with_suffix(".tmp.npy"), np.asarray(ids, dtype=np.uint16))
         os.replace(path.with_suffix(".tmp.npy"), path)
     return np.load(path, mmap_mode="r")
+
+
+def chat_texts(path: Path, tok) -> list[str]:
+    """chats.py's chats as the model reads them: the prompt the chat template makes with thinking off (the empty
+    think block), the answer, the end of the turn."""
+    if not path.exists():
+        return []
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        user, answer = json.loads(line)["messages"]
+        prompt = tok.apply_chat_template([user], add_generation_prompt=True, enable_thinking=False, tokenize=False)
+        texts.append(prompt + answer["content"] + "<|im_end|>\n")
+    return texts
 
 
 def model_config(preset: str, vocab_size: int, tok):
@@ -128,21 +147,45 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model = Qwen3_5MoeForCausalLM(model_config(args.preset, len(tok), tok)).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    ckpt, step = args.out / "checkpoint.pt", 0
+    ckpt, best_path, step, steps, best = args.out / "checkpoint.pt", args.out / "best.pt", 0, args.steps, math.inf
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
-        step = state["step"]
+        step, steps, best = state["step"], state.get("steps", steps), state.get("best", best)
+        if args.steps not in ("auto", steps):
+            raise SystemExit(f"--steps {args.steps}: {ckpt}'s schedule has {steps} steps; pass that, or auto")
     log = open(args.out / "log.jsonl", "a")
     t_start = t_last = time.perf_counter()
-    last_step, result = step, {}
+    last_step, t_step, result, t_cal = step, step, {}, None
     model.train()
-    stop = args.steps if args.run_steps is None else min(args.steps, step + args.run_steps)
-    while step < stop and (time.perf_counter() - t_start) < args.minutes * 60:
+
+    def checkpoint():
+        save(ckpt, {"model": model.state_dict(), "optim": optim.state_dict(), "step": step, "steps": steps,
+                    "best": best})
+
+    def evaluate():
+        nonlocal best
+        loss = round(held_out_loss(model, heldout, args.seq, args.eval_windows, device), 4)
+        if loss < best:
+            best = loss
+            save(best_path, {"model": model.state_dict(), "step": step, "heldout_loss": loss})
+        return loss
+
+    while (steps == "auto" or step < steps) and (args.run_steps is None or step < last_step + args.run_steps) \
+            and (time.perf_counter() - t_start) < args.minutes * 60:
+        if steps == "auto" and step == 10:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            t_cal = time.perf_counter()
+        elif steps == "auto" and step == 10 + CALIBRATE:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            rate = CALIBRATE / (time.perf_counter() - t_cal)  # steps/s; evaluations and saves take the 5% left
+            steps = max(step + 1, int(step + rate * (args.minutes * 60 - (time.perf_counter() - t_start)) * 0.95))
+            log.write(json.dumps({"step": step, "steps": steps, "steps_per_s": round(rate, 3)}) + "\n")
+            print(json.dumps({"steps": steps, "steps_per_s": round(rate, 3)}), flush=True)
         ids = batch_at(train_tokens, step, args.seed, args.batch, args.seq).to(device)
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
+            group["lr"] = lr_at(step, WARMUP * 10 if steps == "auto" else steps, args.lr)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model(ids[:, :-1], use_cache=False)
         logits = out.logits.float()
@@ -154,30 +197,39 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         step += 1
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == steps:
             now = time.perf_counter()
-            result = {"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step - 1, args.steps, args.lr),
-                      "tokens_per_s": round((step - last_step) * args.batch * args.seq / (now - t_last))}
+            result = {"step": step, "loss": round(loss.item(), 4), "lr": optim.param_groups[0]["lr"],
+                      "tokens_per_s": round((step - t_step) * args.batch * args.seq / (now - t_last))}
             if step % args.eval_every == 0:
-                result["heldout_loss"] = round(held_out_loss(model, heldout, args.seq, args.eval_windows, device), 4)
+                result["heldout_loss"] = evaluate()
+                checkpoint()
             log.write(json.dumps(result) + "\n")
             log.flush()
             print(json.dumps(result), flush=True)
-            t_last, last_step = now, step
-    save(ckpt, {"model": model.state_dict(), "optim": optim.state_dict(), "step": step})
-    result = {"step": step, "heldout_loss": round(held_out_loss(model, heldout, args.seq, args.eval_windows, device), 4)}
+            t_last, t_step = time.perf_counter(), step
+    if steps == "auto":
+        raise SystemExit("--steps auto: the run ended before its rate was measured; give --minutes more time")
+    result = {"step": step, "steps": steps, "heldout_loss": evaluate(), "best_heldout_loss": best}
+    checkpoint()
     log.write(json.dumps(result) + "\n")
     log.close()
     print(json.dumps(result), flush=True)
     if args.export:
-        export(model, tok, args.export)
+        kept = torch.load(best_path, map_location=device, weights_only=True)
+        model.load_state_dict(kept["model"])
+        export(model, tok, args.export, {"step": kept["step"], "steps": steps, "heldout_loss": kept["heldout_loss"],
+                                         "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
+                                         "preset": args.preset})
     return result
 
 
-def export(model, tok, where: Path) -> None:
-    """A Hugging Face checkpoint (bf16 safetensors, the tokenizer and its chat template) for `flashmoe convert`."""
+def export(model, tok, where: Path, training: dict) -> None:
+    """A Hugging Face checkpoint (bf16 safetensors, the tokenizer and its chat template) for `flashmoe convert`, and
+    training.json: how it was trained (the model card's provenance)."""
     model.to(torch.bfloat16).save_pretrained(str(where), safe_serialization=True)
     tok.save_pretrained(str(where))
+    (Path(where) / "training.json").write_text(json.dumps(training, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, required=True, help="corpus.py's folder (train.txt, heldout.txt)")
     ap.add_argument("--out", type=Path, required=True, help="tokenizer, tokens, checkpoint and log go here")
     ap.add_argument("--preset", choices=list(PRESETS), default="small")
-    ap.add_argument("--steps", type=int, default=3000, help="the schedule's length, over all runs")
+    ap.add_argument("--steps", type=lambda v: v if v == "auto" else int(v), default=3000,
+                    help="the schedule's length over all runs, or auto: as many as the first run's --minutes allow")
     ap.add_argument("--minutes", type=float, default=9.0, help="this run's budget; the checkpoint is saved at its end")
     ap.add_argument("--run-steps", type=int, default=None, help="at most this many steps in this run")
     ap.add_argument("--batch", type=int, default=32)
