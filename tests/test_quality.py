@@ -4,6 +4,7 @@ way quantization and a smaller K move a model."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -40,3 +41,43 @@ def test_quality_rows_by_bits_and_k(built, tmp_path, monkeypatch):
     assert by[None, 4]["agreement"] == 1.0 and by[8, 4]["agreement"] >= 0.9
     assert by[8, 4]["agreement"] >= by[2, 4]["agreement"]
     assert by[None, 2]["expert_mb"] == by[None, 4]["expert_mb"] / 2 and by[2, 4]["expert_mb"] < by[8, 4]["expert_mb"]
+
+
+def test_json_reliability_counts_what_parses_and_the_grammar_always_does(built, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("json_reliability", BENCHMARKS / "json_reliability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chats = tmp_path / "chats.jsonl"
+    asked = [{"kind": "page_json", "name": n, "messages": [
+        {"role": "user", "content": f"Describe `{n}` as JSON."},
+        {"role": "assistant", "content": json.dumps({"name": n, "section": "1", "summary": "a tool"})}]}
+        for n in ("ls", "cp", "mv")]
+    chats.write_text("\n".join(json.dumps(a) for a in asked) + "\n")
+    # random weights write no JSON and never end a string: nudge them (after the grammar's mask) toward tokens that
+    # close one and the end of the turn, so answers end and the count of what parses means something
+    from transformers import AutoTokenizer
+
+    from flashmoe.grammar import GrammarConstraint
+
+    checkpoint = built.checkpoint("qwen3_5_moe")
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    closing = [i for t, i in tok.get_vocab().items() if set(tok.convert_tokens_to_string([t])) & set('"}')]
+    closing += [tok.convert_tokens_to_ids("<|im_end|>")]
+    masked = GrammarConstraint.mask
+
+    def mask(self, logits):
+        masked(self, logits)
+        logits[..., closing] += 40.0
+
+    monkeypatch.setattr(GrammarConstraint, "mask", mask)
+    rows = bench.main(["--checkpoint", str(checkpoint), "--chats", str(chats), "--work",
+                       str(tmp_path / "work"), "--bits", "none,2", "--n", "2", "--max-tokens", "80"])["rows"]
+    assert [r["bits"] for r in rows] == [None, 2]
+    for r in rows:  # under the grammar every answer parses, with the keys asked for; free-running, noise
+        assert r["grammar_parses"] == r["grammar_keys"] == 1.0 and r["grammar_cut"] == 0.0
+        assert r["free_parses"] < 1.0
+    assert bench.judge('{"name": "ls", "section": "1", "summary": "x"}', {"name": "ls", "section": "", "summary": ""}) \
+        == (True, True, True)
+    assert bench.judge('{"name": "cp"}', {"name": "ls", "section": "", "summary": ""}) == (True, False, False)
+    assert bench.judge('{"name": ', {"name": "ls"}) == (False, False, False)
