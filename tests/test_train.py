@@ -135,3 +135,28 @@ def test_steps_auto_fits_the_schedule_to_the_first_runs_minutes_and_keeps_it(tmp
         raise AssertionError("a run went on with a schedule other than its checkpoint's")
     except SystemExit as e:
         assert f"schedule has {state['steps']} steps" in str(e)
+
+
+def test_the_corpus_reads_the_prose_of_html_pod_and_info_manuals():
+    """corpus.py --debs: a manual's paragraphs stay; code, scripts, navigation and POD's verbatim paragraphs go."""
+    spec = importlib.util.spec_from_file_location("corpus", TRAIN.parent / "corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    sentence = "The cache keeps the experts a model used last, so the next token reads fewer of them."
+    html = ("<html><head><title>Experts</title><script>var a = 'Some script text that reads like a sentence.';"
+            "</script></head><body><div class='related'><a>Next</a> <a>Previous</a> <a>Up</a> is the navigation "
+            "bar of this page, which is no prose.</div>"
+            f"<p>{sentence.replace('experts', '<em>experts</em>')}</p><p>Run it as follows in the shell:<pre>"
+            "for x in the list of experts we read; do echo the expert that a model used last; done.</pre>"
+            "then the rest of this sentence is cut by the code block above.</p></body></html>")
+    assert corpus.html_prose(html) == [sentence]
+    pod = (f"=head1 DESCRIPTION\n\n{sentence.replace('cache', 'B<cache>').replace('model', 'L<model|perlmod>')}\n\n"
+           "    my $cache = Cache->new(experts => 8);  # a verbatim paragraph: code, says it in a sentence.\n\n"
+           "=begin html\n\n<p>An HTML block that POD readers other than HTML leave out of the text.</p>\n\n=end html\n")
+    assert corpus.pod_prose(pod) == [sentence]
+    info = (f"\x1f\nFile: x.info,  Node: Top,  Up: (dir)\n\n{sentence}\n\n"
+            "* Menu:\n\n* Cache:: Where the experts that a model used last are kept.\n")
+    assert corpus.info_prose(info) == [sentence]
+    assert corpus.NOT_ENGLISH.search("usr/share/doc/debian-handbook/html/fr-FR/a.html")
+    assert corpus.NOT_ENGLISH.search("usr/share/doc/gnucash-docs/gnucash-guide-de/a.html")
+    assert not corpus.NOT_ENGLISH.search("usr/share/doc/rust-doc/html/std/io/index.html")

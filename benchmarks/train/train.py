@@ -145,7 +145,9 @@ def train(args) -> dict:
     tok = tokenizer_for(args.corpus, args.out, PRESETS[args.preset]["vocab_size"])
     train_tokens, heldout = (tokens_of(args.corpus, args.out, s, tok) for s in ("train", "heldout"))
     torch.manual_seed(args.seed)
-    model = Qwen3_5MoeForCausalLM(model_config(args.preset, len(tok), tok)).to(device)
+    cfg = model_config(args.preset, len(tok), tok)
+    cfg._experts_implementation = args.experts  # how transformers runs the experts; the same weights either way
+    model = Qwen3_5MoeForCausalLM(cfg).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     ckpt, best_path, step, steps, best = args.out / "checkpoint.pt", args.out / "best.pt", 0, args.steps, math.inf
     if ckpt.exists():
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--experts", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"],
+                    help="transformers' experts implementation (grouped_mm: one grouped GEMM per projection)")
     ap.add_argument("--export", type=Path, default=None, help="also write a Hugging Face checkpoint here")
     train(ap.parse_args(argv))
 
