@@ -36,9 +36,10 @@ def check_quant_params(bits: int, group_size: int, in_features: int, what: str) 
     if group_size <= 0 or group_size % 8:
         raise FlashMoeError(f"--group-size must be a positive multiple of 8, not {group_size}")
     if in_features % group_size:
+        fits = [g for g in range(8, in_features + 1, 8) if in_features % g == 0]
         raise FlashMoeError(
             f"group size {group_size} does not divide {what}'s input size {in_features}; "
-            f"pick a --group-size that does (e.g. 32 or 64)"
+            f"pick a --group-size that does ({', '.join(map(str, fits[:6])) or 'none: it is not a multiple of 8'})"
         )
 
 

@@ -81,3 +81,22 @@ def test_json_reliability_counts_what_parses_and_the_grammar_always_does(built, 
         == (True, True, True)
     assert bench.judge('{"name": "cp"}', {"name": "ls", "section": "", "summary": ""}) == (True, False, False)
     assert bench.judge('{"name": ', {"name": "ls"}) == (False, False, False)
+
+
+def test_routing_traces_of_a_model_agree_with_transformers_routing(built, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("routing_traces", BENCHMARKS / "routing_traces.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    np.save(tmp_path / "heldout.npy", np.random.default_rng(1).integers(0, 512, 300).astype(np.uint16))
+    got = bench.main(["--store", str(built.store("qwen3_5_moe", None)), "--checkpoint",
+                      str(built.checkpoint("qwen3_5_moe")), "--tokens", str(tmp_path / "heldout.npy"), "--windows", "2",
+                      "--window", "40", "--trace-out", str(tmp_path / "trace.npy")])
+    trace = np.load(tmp_path / "trace.npy")
+    assert trace.shape == got["trace"].shape and trace.shape[0] == 80 and (trace == got["trace"]).all()
+    for p in got["prefetch"]:  # flashmoe's recorded reuse is transformers' "previous token" guess: the same routing
+        layer = next(r for r in got["layers"] if r["layer"] == p["layer"])
+        assert abs(p["previous_token"] - layer["reuse"]) < 1e-9
+        assert max(p["router_ahead"], p["previous_token"]) <= p["both"] <= 1.0
+    for c in got["cache"]:
+        assert all(c[name] <= c["belady"] + 1e-12 for name in ("lru", "frequency-lru", "decayed-lfu"))

@@ -55,5 +55,7 @@ def test_extremes_are_off_by_at_most_the_fp16_rounding_of_scale_and_bias(bits):
 def test_bad_parameters_are_named():
     with pytest.raises(FlashMoeError, match="--bits"):
         check_quant_params(3, 64, 128, "gate/up")
-    with pytest.raises(FlashMoeError, match="does not divide"):
+    with pytest.raises(FlashMoeError, match=r"does not divide.*not a multiple of 8"):
         check_quant_params(4, 64, 100, "down")
+    with pytest.raises(FlashMoeError, match=r"64 does not divide down's input size 160.*\(8, 16, 32, 40, 80, 160\)"):
+        check_quant_params(4, 64, 160, "down")  # the suggestions divide it
