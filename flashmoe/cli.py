@@ -184,7 +184,7 @@ def placement_line(p: dict) -> str:
 
 def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
                  top_k: int, seed: Optional[int], system: Optional[str] = None, thinking: Optional[bool] = None,
-                 **load_options) -> dict:
+                 echo: bool = False, **load_options) -> dict:
     from .textstream import IncrementalDecoder
 
     model = load_model(store, **load_options)
@@ -202,6 +202,8 @@ def run_generate(store: Path, prompt: str, chat: bool, max_tokens: int, temperat
         if len(ids) >= limit:
             raise FlashMoeError(f"the prompt is {len(ids)} tokens; the model's context is {limit}")
         decoder = IncrementalDecoder(tok)
+        if echo:  # the continuation reads on from the prompt
+            out.write(prompt)
         for token in model.generate(list(ids), min(max_tokens, limit - len(ids)), temperature, top_p, top_k, seed):
             out.write(decoder.add(token))
             out.flush()
@@ -413,12 +415,31 @@ def info(
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="where to put the checkpoint and store (default: a temp dir)"),
-    arch: str = typer.Option("qwen3_5_moe", help="qwen3_5_moe, qwen3_5_moe_vl, qwen3_next, qwen3_moe, mixtral, glm4_moe, "
-                                               "deepseek_v3 or minimax_m2"),
-    max_tokens: int = typer.Option(32, min=1),
+    arch: Optional[str] = typer.Option(None, help="instead of the trained model, a random-weight checkpoint of this "
+                                                  "family built with transformers: qwen3_5_moe, qwen3_5_moe_vl, "
+                                                  "qwen3_next, qwen3_moe, mixtral, glm4_moe, deepseek_v3 or minimax_m2"),
+    workdir: Optional[Path] = typer.Option(None, help="with --arch: where to put the checkpoint and store "
+                                                      "(default: a temp dir)"),
+    max_tokens: int = typer.Option(48, min=1),
 ):
-    """Build a small random-weight checkpoint with transformers, convert it, and generate from it (no download)."""
+    """Run the small MoE that ships with flashmoe (trained on English documentation; no download), or with --arch
+    build a random-weight checkpoint of another family, convert it and generate from it."""
+    if arch is None:
+        from .data import SMALL_MOE
+
+        if workdir is not None:
+            raise FlashMoeError("--workdir is for --arch (a model to build); the shipped one is built already")
+
+        typer.echo(f"$ flashmoe info {SMALL_MOE}")
+        info(SMALL_MOE, verify=False)
+        say("a continuation (sampled, temperature 0.6, seed 0):")
+        run_generate(SMALL_MOE, "Python is", False, max_tokens, 0.6, 0.95, 0, 0, echo=True, cache_gb=0.01)
+        say("a question, in the chat template (greedy, thinking off):")
+        typer.echo("> What does `tar` do?")
+        run_generate(SMALL_MOE, "What does `tar` do?", True, max_tokens, 0.0, 1.0, 0, None, thinking=False,
+                     cache_gb=0.01)
+        say("a 49M-weight model trained for 13 minutes: it writes English, not facts (MODEL_CARD.md in the store)")
+        return
     from .tiny import ARCHITECTURES, build_tiny_checkpoint
 
     if arch not in ARCHITECTURES:

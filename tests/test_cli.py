@@ -49,8 +49,16 @@ def test_bad_option_value(run_cli, built, tmp_path):
     assert code == 2 and "max-tokens" in err
 
 
-def test_demo_runs_end_to_end(run_cli, tmp_path):
-    code, out, err = run_cli("demo", "--workdir", tmp_path, "--max-tokens", "8")
+def test_demo_runs_the_shipped_model(run_cli):
+    code, out, err = run_cli("demo", "--max-tokens", "12")
+    assert code == 0, err
+    assert "architecture: Qwen3_5MoeForCausalLM" in out and "quantization: 4-bit affine, group 32" in out
+    assert "Python is " in out and "`tar`" in out  # the continuation reads on from its prompt; the answer names tar
+    assert "12 tokens" in err and "MB of experts read" in err
+
+
+def test_demo_builds_a_random_weight_model_of_a_family(run_cli, tmp_path):
+    code, out, err = run_cli("demo", "--arch", "qwen3_5_moe", "--workdir", tmp_path, "--max-tokens", "8")
     assert code == 0, err
     assert "architecture: Qwen3_5MoeForCausalLM" in out
     assert "8 tokens" in err and "MB of experts read" in err

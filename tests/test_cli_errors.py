@@ -108,5 +108,7 @@ def test_serve_checks_its_port_before_loading(run_cli, built, monkeypatch):
 def test_demo_with_an_unwritable_workdir(run_cli, tmp_path):
     locked = tmp_path / "a-file"  # not a folder: unwritable even for root
     locked.write_text("")
-    code, _, err = run_cli("demo", "--workdir", locked)
+    code, _, err = run_cli("demo", "--arch", "qwen3_5_moe", "--workdir", locked)
     assert code == 1 and "pass a writable --workdir" in error_line(err)
+    code, _, err = run_cli("demo", "--workdir", tmp_path)  # the shipped model is built already
+    assert code == 1 and "--workdir is for --arch" in error_line(err)
