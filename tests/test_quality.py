@@ -100,3 +100,22 @@ def test_routing_traces_of_a_model_agree_with_transformers_routing(built, tmp_pa
         assert max(p["router_ahead"], p["previous_token"]) <= p["both"] <= 1.0
     for c in got["cache"]:
         assert all(c[name] <= c["belady"] + 1e-12 for name in ("lru", "frequency-lru", "decayed-lfu"))
+
+
+def test_the_quality_plot_draws_a_line_per_format(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("plot_quality", BENCHMARKS / "plot_quality.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    rows = json.loads((BENCHMARKS / "results" / "small-moe-quality.json").read_text())
+    lines = []
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: lines.append((kw["label"], x, y)))
+    plot.plot(rows, tmp_path / "q.png", "t")
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(label for label, _, _ in lines) == sorted(
+        ["unquantized (bf16)", "8-bit, group 32", "4-bit, group 32", "4-bit, group 80", "4-bit, group 160",
+         "2-bit, group 32"])
+    for _, x, y in lines:  # a point per K, by bytes read
+        assert len(x) == 4 and x == sorted(x)
