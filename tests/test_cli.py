@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,10 @@ def test_demo_runs_the_shipped_model(run_cli):
     assert "architecture: Qwen3_5MoeForCausalLM" in out and "quantization: 4-bit affine, group 32" in out
     assert "Python is " in out and "`tar`" in out  # the continuation reads on from its prompt; the answer names tar
     assert "12 tokens" in err and "MB of experts read" in err
+    # what it writes is words: of the continuation's, most are among the 20,000 commonest of its training text
+    vocabulary = set((Path(__file__).parent / "data" / "corpus_words.txt").read_text().split())
+    words = re.findall(r"[A-Za-z]+", out[out.index("Python is"):].split("\n", 2)[0] + " " + out.split("`tar`")[1])
+    assert len(words) >= 8 and sum(w.lower() in vocabulary for w in words) >= 0.8 * len(words), words
 
 
 def test_demo_builds_a_random_weight_model_of_a_family(run_cli, tmp_path):

@@ -32,6 +32,16 @@ def test_held_out_text_reads_at_a_trained_models_perplexity():
     assert math.exp(loss) < 60  # 34 measured; random weights give about the vocabulary's size, 8192
 
 
+def test_a_greedy_continuation_is_the_recorded_text(monkeypatch):
+    from flashmoe.kernels import cpu_native
+
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", False)  # float activations: no rounding that CPUs differ in
+    model = flashmoe.load(SMALL_MOE)
+    out = list(model.generate(model.tokenizer("The kernel")["input_ids"], 24))
+    assert model.tokenizer.decode(out) == (" will not be able to handle the error.\nThe kernel will not attempt to "
+                                           "allocate the kernel memory.\nThe kernel")
+
+
 def test_it_answers_in_json_when_asked():
     model = flashmoe.load(SMALL_MOE)
     ids = model.encode_chat([{"role": "user", "content": 'Describe the manual page of `tar` as JSON with the keys '
