@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from .errors import FlashMoeError
-from .eviction import POLICIES
+from .eviction import policy_for
 from .expert_cache import SlotCache, host_slab
 from .store import ExpertLocation, Store, crc32
 
@@ -118,7 +118,7 @@ class ExpertFetcher:
             ram_slots = min(ram_cache_bytes // slot_bytes, store.expert_bytes // blob)
             # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
             check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, psutil.virtual_memory().available)
-            self.ram = SlotCache(ram_slots, batch_experts, POLICIES[cache_policy]())
+            self.ram = SlotCache(ram_slots, batch_experts, policy_for(cache_policy, ram_slots, store.expert_bytes // blob))
             self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
             self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")
             self._fds: dict[str, int] = {}
@@ -128,7 +128,8 @@ class ExpertFetcher:
             self._siblings: weakref.WeakSet[ExpertFetcher] = weakref.WeakSet([self])
         self.vram: SlotCache | None = None
         if self.on_gpu:
-            self.vram = SlotCache(min(vram_cache_bytes // blob, every_expert), batch_experts, POLICIES[cache_policy]())
+            vram_slots = min(vram_cache_bytes // blob, every_expert)
+            self.vram = SlotCache(vram_slots, batch_experts, policy_for(cache_policy, vram_slots, every_expert))
             self.vram_slab = torch.empty(self.vram.n_slots, blob, dtype=torch.uint8, device=device)
             self.copy_stream = torch.cuda.Stream(device)
         self._copies_done: torch.cuda.Event | None = None
@@ -318,6 +319,12 @@ class ExpertFetcher:
             yield expert, self.ram_slab[f.ram_slot[expert]]
         for expert in self._landed(f):
             yield expert, self.ram_slab[f.ram_slot[expert]]
+
+    def ram_addresses(self, f: LayerFetch) -> list[int]:
+        """The RAM blobs' addresses of f.experts, in that order, when every one was cached (f.ready): what the CPU
+        kernels take, without a tensor view per expert."""
+        base, stride = self.ram_slab.data_ptr(), self.ram_slab.stride(0)
+        return [base + f.ram_slot[e] * stride for e in f.experts]
 
     def _copy_to_vram(self, f: LayerFetch, expert: int) -> None:
         with torch.cuda.stream(self.copy_stream):

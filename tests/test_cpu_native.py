@@ -190,6 +190,40 @@ def test_a_posted_token_is_computed_on_the_librarys_thread_as_run_would(math, ac
         form.post(x, [blobs[0]] * 65, list(range(66)), torch.rand(65), out, done, 9, threads=2)
 
 
+@pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
+def test_a_token_by_its_blobs_addresses_is_what_run_gives(math, activations):
+    """run_token (a decoded token whose experts are all in RAM: addresses and floats, no torch ops) is run()."""
+    layout, blobs, _ = _experts(5, 96, 64, 4, 32, math, seed=4)
+    form = cpu_native.NativeExperts.for_store(layout, 96, 64, 4, 32, math)
+    gen = torch.Generator().manual_seed(5)
+    for chosen in ([0, 2, 4], [3], [0, 1, 2, 3, 4]):
+        x, weight = torch.randn(1, 96, generator=gen), torch.rand(len(chosen), generator=gen)
+        expected = form.run(x, [blobs[e] for e in chosen], list(range(len(chosen) + 1)),
+                            torch.zeros(len(chosen), dtype=torch.int32), weight)
+        got = form.run_token(x, [blobs[e].data_ptr() for e in chosen], weight.tolist())
+        assert torch.equal(got, expected)
+
+
+def test_a_decoded_tokens_experts_give_the_same_bits_cached_or_read(built, monkeypatch, activations):
+    """Every expert cached takes the one-call path (run_token); a cache too small for a layer's experts reads and
+    sums them batch by batch: the same sums in the same order, so the same logits, bit for bit."""
+    store = built.store("qwen3_5_moe", 4)
+    calls, run_token = [], cpu_native.NativeExperts.run_token
+    monkeypatch.setattr(cpu_native.NativeExperts, "run_token", lambda *a: calls.append(1) or run_token(*a))
+    logits, one_call = [], []
+    for cache_gb in (1, 0.0002):
+        calls.clear()
+        with flashmoe.load(store, cache_gb=cache_gb) as model:
+            if cache_gb == 1:
+                model.warm_cache()
+            state = model.new_state()
+            model.forward(PROMPT[:4], state)
+            logits.append(torch.cat([model.forward([t], state) for t in PROMPT[4:]]))
+        one_call.append(len(calls))
+    assert one_call[0] == len(PROMPT[4:]) * len(model.config.moe_layers) and one_call[1] == 0
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_forms_the_kernels_do_not_read_are_left_to_torch():
     layout, *_ = _experts(1, 96, 64, 4, 32, ExpertMath(), seed=1)
     assert cpu_native.NativeExperts.for_store(layout, 96, 64, None, None) is None  # unquantized

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flashmoe.eviction import LRU, POLICIES, DecayedLFU, FrequencyLRU, optimal_hits, replay
+from flashmoe.expert_cache import SlotCache
 from flashmoe.traces import TraceShape, calibrated_trace, uniform_trace
 
 
@@ -95,3 +96,17 @@ def test_skewed_routing_is_worth_caching(policy):
     skewed, uniform = calibrated_trace(shape, seed=0), uniform_trace(shape, seed=0)
     capacity = 4 * 128 // 5  # 20% of the experts
     assert replay(skewed, capacity, POLICIES[policy]()) > 2 * replay(uniform, capacity, POLICIES[policy]())
+
+
+def test_a_cache_with_a_slot_for_every_key_keeps_no_order():
+    from flashmoe.eviction import NoEviction, policy_for
+
+    assert isinstance(policy_for("frequency-lru", 8, 8), NoEviction)
+    assert type(policy_for("frequency-lru", 7, 8)).__name__ == "FrequencyLRU"
+    cache = SlotCache(8, 2, policy_for("lru", 8, 8))
+    for key in range(8):
+        cache.assign(key)
+    cache.unlock_all()
+    for _ in range(3):
+        assert [cache.lookup(k) for k in range(8)] == list(range(8)) and cache.stats.evictions == 0
+        cache.unlock_all()

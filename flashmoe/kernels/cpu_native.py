@@ -213,6 +213,7 @@ class NativeExperts:
     expert_math: ExpertMath = PLAIN
     moe: object = None  # the library's fm_moe these were set up for
     _scratch: dict = field(default_factory=dict, compare=False)  # (tokens, pairs) -> scratch tensors
+    _zeros: dict = field(default_factory=dict, compare=False)  # pairs -> a ctypes int32 array of zeros (token ids)
 
     @classmethod
     def for_store(cls, blob: BlobLayout, hidden: int, inter: int, bits: int | None, group_size: int | None,
@@ -253,6 +254,22 @@ class NativeExperts:
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
         args, held = self._moe_args(x, slots, first, token, weight, out, accumulate, torch.get_num_threads())
         self.moe(*args)  # `held` keeps what args point into alive until here
+        return out
+
+    def run_token(self, x: torch.Tensor, slot_pointers: list[int], weights: list[float]) -> torch.Tensor:
+        """run() for one token [1, H] whose experts (one pair each, ascending) are in RAM at `slot_pointers` (blob
+        addresses), with `weights` as floats: a decode step's call, built without torch ops (each costs
+        microseconds a layer on one core while the kernels' cores wait). Same sums as run()."""
+        x = x.float().contiguous()
+        out = torch.empty(1, x.shape[1])
+        n = len(slot_pointers)
+        scratch = self._scratch.get((1, n)) or self._new_scratch(1, n)
+        zeros = self._zeros.get(n)
+        if zeros is None:
+            zeros = self._zeros[n] = (ctypes.c_int32 * n)()
+        self.moe(self.gate_up, self.down, n, (ctypes.c_int64 * n)(*slot_pointers), (ctypes.c_int32 * (n + 1))(
+                 *range(n + 1)), zeros, (ctypes.c_float * n)(*weights), 1, _ptr(x), self.expert_math.limit,
+                 self.expert_math.alpha, _ptr(out), 0, *map(_ptr, scratch), torch.get_num_threads())
         return out
 
     def post(self, x: torch.Tensor, slots: list[torch.Tensor], first: list[int], weight: torch.Tensor,
