@@ -116,7 +116,7 @@ def main() -> None:
             logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
         total = (time.perf_counter() - t0) * 1e3 / args.tokens
         runs.append((total, {k: v / args.tokens for k, v in clock.items() if isinstance(k, tuple) or k == "calls"}))
-        print(f"{total:.2f} ms/token, {sum(v for k, v in runs[-1][1].items() if k[0] == 'c'):.2f} in C calls", flush=True)
+        print(f"{total:.2f} ms/token, {sum(v for k, v in runs[-1][1].items() if isinstance(k, tuple) and k[0] == 'c'):.2f} in C calls", flush=True)
     total = statistics.median(r[0] for r in runs)
     med = lambda key: statistics.median(r[1].get(key, 0.0) for r in runs)  # noqa: E731
     rows, in_c_total = [], 0.0
