@@ -350,6 +350,25 @@ def test_the_small_ops_are_the_references(rows, d, residual, gate, zero_centred)
     assert cpu_native.rms_norm(x.bfloat16(), w, 1e-6) is None  # other dtypes: the torch reference
 
 
+@pytest.mark.parametrize("t,heads,kv_heads,head_dim,n_freq", [(1, 4, 2, 64, 32), (3, 3, 1, 48, 12), (5, 2, 2, 40, 20)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("qk_norm", ["zero_centred", "plain", "none"])
+def test_queries_and_keys_normed_and_rotated_are_the_references(t, heads, kv_heads, head_dim, n_freq, gated, qk_norm):
+    """fm_qk_norm_rope: per-head RMSNorm and RoPE (full or partial rotary) out of a fused projection, gated or not."""
+    from flashmoe.kernels import fused
+
+    gen = torch.Generator().manual_seed(t * head_dim + n_freq)
+    width = heads * (2 if gated else 1) * head_dim + 2 * kv_heads * head_dim
+    proj = torch.randn(t, width + 3, generator=gen)[:, :width]  # rows with a stride of their own
+    positions = torch.arange(1000, 1000 + t)
+    q_norm, k_norm = torch.randn(head_dim, generator=gen) * 0.1, torch.randn(head_dim, generator=gen) * 0.1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 2 * n_freq, 2).float() / (2 * n_freq)))
+    args = (proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, 1e-6, gated, qk_norm)
+    for ours, reference in zip(cpu_native.qk_norm_rope(*args), fused.reference_qk_norm_rope(*args)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=2e-5)
+    assert cpu_native.qk_norm_rope(proj.bfloat16(), *args[1:]) is None  # other dtypes: the torch reference
+
+
 @pytest.mark.parametrize("arch,bits", [("qwen3_5_moe", 4), ("qwen3_5_moe", 8), ("gpt_oss", 4), ("mixtral", 8),
                                        ("deepseek_v3", 4)])
 def test_int8_activations_keep_a_models_answers(built, monkeypatch, arch, bits):

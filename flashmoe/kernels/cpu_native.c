@@ -589,3 +589,42 @@ void fm_route_softmax(int t, int e, const float *logits, int top_k, int default_
         }
     }
 }
+
+/* An attention layer's queries and keys from its fused projection rows (stride proj_stride floats): each head
+ * RMS-normed over head_dim (qk_norm 0 none, 1 plain weights, 2 zero-centred: 1 + w), then rotated over its first
+ * 2 n_freq dims by position x inv_freq (NeoX halves: i pairs with i + n_freq); gated: a query head is followed by its
+ * gate (2 hd wide), else queries are heads x hd. q [T, heads, hd], k [T, kv, hd]: kernels/fused.py's
+ * reference_qk_norm_rope. */
+void fm_qk_norm_rope(int t, const float *proj, int64_t proj_stride, const int64_t *positions, const float *q_norm,
+                     const float *k_norm, const float *inv_freq, int n_freq, int heads, int kv_heads, int head_dim,
+                     float eps, int gated, int qk_norm, float *q, float *k) {
+    int q_width = (gated ? 2 : 1) * head_dim;
+    float cs[256], sn[256];
+    for (int r = 0; r < t; r++) {
+        for (int i = 0; i < n_freq && i < 256; i++) {
+            float angle = (float)positions[r] * inv_freq[i];
+            cs[i] = cosf(angle);
+            sn[i] = sinf(angle);
+        }
+        for (int h = 0; h < heads + kv_heads; h++) {
+            int is_q = h < heads;
+            const float *x = proj + (int64_t)r * proj_stride
+                             + (is_q ? (int64_t)h * q_width : (int64_t)heads * q_width + (int64_t)(h - heads) * head_dim);
+            float *y = is_q ? q + ((int64_t)r * heads + h) * head_dim : k + ((int64_t)r * kv_heads + h - heads) * head_dim;
+            const float *w = is_q ? q_norm : k_norm;
+            float inv = 1.f;
+            if (qk_norm) {
+                float ss = 0.f;
+                for (int i = 0; i < head_dim; i++) ss += x[i] * x[i];
+                inv = 1.f / sqrtf(ss / head_dim + eps);
+            }
+            for (int i = 0; i < head_dim; i++)
+                y[i] = qk_norm ? x[i] * inv * (qk_norm == 2 ? 1.f + w[i] : w[i]) : x[i];
+            for (int i = 0; i < n_freq; i++) {
+                float a = y[i], b = y[i + n_freq];
+                y[i] = a * cs[i] - b * sn[i];
+                y[i + n_freq] = b * cs[i] + a * sn[i];
+            }
+        }
+    }
+}

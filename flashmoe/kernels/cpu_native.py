@@ -119,7 +119,9 @@ def library() -> ctypes.CDLL | None:
     lib.fm_conv_step.argtypes = [i32, i32, ptr, ptr, ptr, ptr]
     lib.fm_delta_gates.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.fm_route_softmax.argtypes = [i32, i32, ptr, i32, i32, i32, ptr, ptr]
-    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax):
+    lib.fm_qk_norm_rope.argtypes = [i32, ptr, ctypes.c_int64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, f32, i32, i32,
+                                    ptr, ptr]
+    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax, lib.fm_qk_norm_rope):
         f.restype = None
     return lib
 
@@ -372,6 +374,26 @@ def delta_gates(a, b, a_log, dt_bias):
     lib.fm_delta_gates(a.numel(), a.shape[-1], _ptr(a), _ptr(b), _ptr(a_log.float().contiguous()),
                        _ptr(dt_bias.float().contiguous()), _ptr(g), _ptr(beta))
     return g, beta
+
+
+def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
+                 qk_norm="zero_centred"):
+    """fused.reference_qk_norm_rope for float32 CPU tensors, in one call (it was ~20 torch ops a layer); None where
+    this cannot run it."""
+    from .fused import QK_NORMS
+
+    lib = library()
+    n_freq = inv_freq.numel()
+    if lib is None or not _floats(proj) or proj.stride(-1) != 1 or n_freq > 256 or 2 * n_freq > head_dim:
+        return None
+    t = proj.shape[0]
+    q, k = torch.empty(t, heads, head_dim), torch.empty(t, kv_heads, head_dim)
+    mode = QK_NORMS[qk_norm]
+    norms = [None if mode == 0 else w.float().contiguous() for w in (q_norm, k_norm)]
+    lib.fm_qk_norm_rope(t, _ptr(proj), proj.stride(0), _ptr(positions.to(torch.int64).contiguous()), _ptr(norms[0]),
+                        _ptr(norms[1]), _ptr(inv_freq.float().contiguous()), n_freq, heads, kv_heads, head_dim, eps,
+                        int(gated), mode, _ptr(q), _ptr(k))
+    return q, k
 
 
 def route(logits, top_k, default_k, normalize):

@@ -453,5 +453,8 @@ def route_sigmoid(logits, bias, top_k, n_group, topk_group, normalize, scale, sl
 
 def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
                  qk_norm="zero_centred"):
-    fn = qk_norm_rope_triton if use_triton(proj) else reference_qk_norm_rope
-    return fn(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated, qk_norm)
+    args = (proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated, qk_norm)
+    if use_triton(proj):
+        return qk_norm_rope_triton(*args)
+    native = cpu_native.qk_norm_rope(*args)
+    return native if native is not None else reference_qk_norm_rope(*args)
