@@ -24,7 +24,7 @@ import torch
 from common import publish
 
 C_FUNCTIONS = ("fm_linear", "fm_moe", "fm_gated_delta_step", "fm_rms_norm", "fm_conv_step", "fm_delta_gates",
-               "fm_route_softmax")
+               "fm_route_softmax", "fm_qk_norm_rope", "fm_delta_decode")
 
 
 # the phases of a layer, as the methods that run them (exclusive times: a phase's wall time less its inner ones')

@@ -423,3 +423,22 @@ def test_builds_for_older_cpus_compute_the_same(monkeypatch, tmp_path, level):
         _close(y, reference)
     finally:
         cpu_native.library.cache_clear()
+
+
+def test_a_deltanet_decode_step_in_one_call_is_the_separate_calls(built, monkeypatch, activations):
+    """fm_delta_decode runs conv, gates, the delta rule and the gated norm as the separate calls did: a decode with
+    it gives the same logits, bit for bit, and the same states."""
+    store = built.store("qwen3_next", 4)
+    runs, calls, delta_decode = [], [], cpu_native.delta_decode
+    monkeypatch.setattr(cpu_native, "delta_decode", lambda *a: calls.append(1) or delta_decode(*a))
+    for fused_step in (True, False):
+        if not fused_step:
+            monkeypatch.setattr(cpu_native, "delta_decode", lambda *a, **k: None)
+        with flashmoe.load(store) as model:
+            state = model.new_state()
+            model.forward(PROMPT[:4], state)
+            logits = torch.cat([model.forward([t], state) for t in PROMPT[4:]])
+            deltas = [s for s in state.layers if getattr(s, "recurrent", None) is not None]
+            runs.append((logits, [torch.cat([s.recurrent.flatten(), s.conv.flatten()]) for s in deltas]))
+    assert calls and runs[0][1] and torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

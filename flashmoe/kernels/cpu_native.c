@@ -628,3 +628,19 @@ void fm_qk_norm_rope(int t, const float *proj, int64_t proj_stride, const int64_
         }
     }
 }
+
+/* One decode token through a Gated DeltaNet layer between its two projections, in one call: from the input
+ * projection's row [mixed (q | k | v) | z | b | a] the causal conv (state shifted in place), the gates, the delta
+ * rule (state updated in place) and the output's gated RMSNorm (plain weights): out [hv * dv], what the output
+ * projection reads. The same four functions the separate calls run, in the same order (models/qwen3_next.py). */
+void fm_delta_decode(int hk, int hv, int dk, int dv, int kernel, const float *proj, float *conv_state,
+                     const float *conv_weight, const float *a_log, const float *dt_bias, float *state,
+                     const float *norm_weight, float eps, float *scratch, float *out, int threads) {
+    int channels = 2 * hk * dk + hv * dv;
+    const float *z = proj + channels, *b = z + (int64_t)hv * dv, *a = b + hv;
+    float *mixed = scratch, *g = scratch + channels, *beta = g + hv, *core = beta + hv;
+    fm_conv_step(channels, kernel, proj, conv_state, conv_weight, mixed);
+    fm_delta_gates(hv, hv, a, b, a_log, dt_bias, g, beta);
+    fm_gated_delta_step(hk, hv, dk, dv, mixed, mixed + hk * dk, mixed + 2 * hk * dk, g, beta, state, core, threads);
+    fm_rms_norm(hv, dv, core, 0, z, norm_weight, 0, eps, out, 0, threads);
+}

@@ -121,7 +121,9 @@ def library() -> ctypes.CDLL | None:
     lib.fm_route_softmax.argtypes = [i32, i32, ptr, i32, i32, i32, ptr, ptr]
     lib.fm_qk_norm_rope.argtypes = [i32, ptr, ctypes.c_int64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, f32, i32, i32,
                                     ptr, ptr]
-    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax, lib.fm_qk_norm_rope):
+    lib.fm_delta_decode.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, i32]
+    for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax, lib.fm_qk_norm_rope,
+              lib.fm_delta_decode):
         f.restype = None
     return lib
 
@@ -327,6 +329,25 @@ def gated_delta_step(q, k, v, g, beta, state: torch.Tensor | None):
     out = torch.empty(1, 1, hv, dv)
     lib.fm_gated_delta_step(hk, hv, dk, dv, *map(_ptr, (q, k, v, g, beta, state, out)), torch.get_num_threads())
     return out.to(v.dtype), state
+
+
+def delta_decode(proj, conv_state, conv_weight, a_log, dt_bias, state, norm_weight, eps, hk, hv, dk, dv):
+    """One decode token of a Gated DeltaNet layer between its projections, in one call (models/qwen3_next.py's
+    conv_step, delta_gates, gated_delta_step and gated rms_norm, in that order): proj [1, width] float32 is the input
+    projection's row; conv_state [channels, kernel - 1] and state [1, hv, dk, dv] float32 contiguous are updated in
+    place. Returns out [1, hv * dv] for the output projection; None where this cannot run it."""
+    lib = library()
+    if (lib is None or not _floats(proj, conv_state, state) or proj.shape[0] != 1 or not proj.is_contiguous()
+            or not conv_state.is_contiguous() or not state.is_contiguous()):
+        return None
+    channels = 2 * hk * dk + hv * dv
+    scratch = torch.empty(channels + 2 * hv + hv * dv)
+    out = torch.empty(1, hv * dv)
+    lib.fm_delta_decode(hk, hv, dk, dv, conv_weight.shape[-1], _ptr(proj), _ptr(conv_state),
+                        _ptr(conv_weight.float().contiguous()), _ptr(a_log.float().contiguous()),
+                        _ptr(dt_bias.float().contiguous()), _ptr(state), _ptr(norm_weight.float().contiguous()), eps,
+                        _ptr(scratch), _ptr(out), torch.get_num_threads())
+    return out
 
 
 # ---- the small ops around a layer (kernels/fused.py's references, one call each) ---------------------------------

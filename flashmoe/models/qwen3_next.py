@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
-from ..kernels import fused
+from ..kernels import cpu_native, fused
 from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.linear import cat_rows, linear
 from ..kernels.moe import swiglu_mlp
@@ -367,13 +367,21 @@ class Qwen3NextModel(ResidentWeights):
         t = h.shape[0]
         nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
         channels = 2 * nk * dk + nv * dv
-        mixed, z, b, a = linear(h, w[p + "in_proj.fused"]).split([channels, nv * dv, nv, nv], dim=-1)
-
-        # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
+        proj = linear(h, w[p + "in_proj.fused"])
         conv_w = w[p + "conv1d.weight"]  # [channels, 1, kernel]
         kernel = conv_w.shape[-1]
         if state.conv is None:
             state.conv = h.new_zeros(channels, kernel - 1)
+        if t == 1 and h.device.type == "cpu":  # one call from the input projection to the output one (our kernels)
+            if state.recurrent is None:
+                state.recurrent = torch.zeros(1, nv, dk, dv)
+            out = cpu_native.delta_decode(proj, state.conv, conv_w, w[p + "A_log"], w[p + "dt_bias"], state.recurrent,
+                                          w[p + "norm.weight"], cfg.rms_norm_eps, nk, nv, dk, dv)
+            if out is not None:
+                return linear(out, w[p + "out_proj.weight"])
+        mixed, z, b, a = proj.split([channels, nv * dv, nv, nv], dim=-1)
+
+        # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
         if t == 1:  # decode: the window's dot product, the SiLU and the state shift at once
             mixed = fused.conv_step(mixed[0], state.conv, conv_w)[None]
         else:
