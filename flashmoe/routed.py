@@ -57,10 +57,6 @@ class ExpertPairs:
         return self.order[lo:hi], [self.first[e] - lo for e in experts] + [hi - lo]
 
 
-def _take(values: list, order: list[int]) -> list:
-    return [values[i] for i in order]
-
-
 def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """a + b, where a None (a family without a shared expert) adds nothing."""
     return b if a is None else a + b
@@ -133,7 +129,8 @@ class RoutedExperts:
             order = sorted(range(k), key=row.__getitem__)
             chosen = [row[i] for i in order]
             if self.fetcher.all_cached(layer, chosen) and hasattr(self.fetcher.kernel_form, "run_token"):
-                return self._run_token(layer, h, chosen, _take(weights[0].tolist(), order), shared, times)
+                row_weights = weights[0].tolist()
+                return self._run_token(layer, h, chosen, [row_weights[i] for i in order], shared, times)
             pair_row, starts = torch.tensor(order), list(range(k + 1))
         else:
             pairs = ExpertPairs.of(ids)
