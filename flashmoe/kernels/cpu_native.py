@@ -399,7 +399,7 @@ def delta_gates(a, b, a_log, dt_bias):
 
 def qk_norm_rope(proj, positions, q_norm, k_norm, inv_freq, heads, kv_heads, head_dim, eps, gated=True,
                  qk_norm="zero_centred"):
-    """fused.reference_qk_norm_rope for float32 CPU tensors, in one call (it was ~20 torch ops a layer); None where
+    """fused.reference_qk_norm_rope for float32 CPU tensors, in one call (it was 57 torch ops a layer); None where
     this cannot run it."""
     from .fused import QK_NORMS
 
