@@ -256,8 +256,10 @@ class NativeExperts:
         if out is None:
             out = torch.empty(t, hidden)
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
-        args, held = self._moe_args(x, slots, first, token, weight, out, accumulate, torch.get_num_threads())
-        self.moe(*args)  # `held` keeps what args point into alive until here
+        token, weight = token.to(torch.int32).contiguous(), weight.float().contiguous()
+        args, scratch = self._moe_args(x, [_ptr(s) for s in slots], first, _ptr(token), _ptr(weight), out, accumulate,
+                                       torch.get_num_threads())
+        self.moe(*args)  # `scratch`, token and weight keep what args point into alive until here
         return out
 
     def run_token(self, x: torch.Tensor, slot_pointers: list[int], weights: list[float]) -> torch.Tensor:
@@ -267,13 +269,12 @@ class NativeExperts:
         x = x.float().contiguous()
         out = torch.empty(1, x.shape[1])
         n = len(slot_pointers)
-        scratch = self._scratch.get((1, n)) or self._new_scratch(1, n)
         zeros = self._zeros.get(n)
         if zeros is None:
             zeros = self._zeros[n] = (ctypes.c_int32 * n)()
-        self.moe(self.gate_up, self.down, n, (ctypes.c_int64 * n)(*slot_pointers), (ctypes.c_int32 * (n + 1))(
-                 *range(n + 1)), zeros, (ctypes.c_float * n)(*weights), 1, _ptr(x), self.expert_math.limit,
-                 self.expert_math.alpha, _ptr(out), 0, *map(_ptr, scratch), torch.get_num_threads())
+        args, _ = self._moe_args(x, slot_pointers, list(range(n + 1)), zeros, (ctypes.c_float * n)(*weights), out,
+                                 False, torch.get_num_threads())  # one token's scratch is kept by the form
+        self.moe(*args)
         return out
 
     def post(self, x: torch.Tensor, slots: list[torch.Tensor], first: list[int], weight: torch.Tensor,
@@ -284,23 +285,23 @@ class NativeExperts:
         rest is copied."""
         assert x.dtype == torch.float32 and x.is_contiguous() and out.dtype == torch.float32 and out.is_contiguous()
         assert x.shape[0] == 1 and done.dtype == torch.int64 and done.numel() >= 2
-        token = torch.zeros(first[-1], dtype=torch.int32)
-        args, held = self._moe_args(x, slots, first, token, weight, out, False, threads)
+        token, weight = torch.zeros(first[-1], dtype=torch.int32), weight.float().contiguous()
+        args, _ = self._moe_args(x, [_ptr(s) for s in slots], first, _ptr(token), _ptr(weight), out, False, threads)
         status = library().fm_moe_post(*args, _ptr(done), job)
         if status != 0:
             raise RuntimeError(f"fm_moe_post refused the call ({status}: more than 64 pairs, or no thread)")
 
-    def _moe_args(self, x, slots, first, token, weight, out, accumulate: bool, threads: int):
-        """fm_moe's arguments (fm_moe_post takes them and two more), and the tensors they point into (the scratch,
-        token and weight as the C side reads them), for the caller to hold through the call."""
+    def _moe_args(self, x, addresses: list[int], first, token, weight, out, accumulate: bool, threads: int):
+        """fm_moe's arguments (fm_moe_post takes them and two more) for the experts' blobs at `addresses`; token
+        (int32) and weight (float32) as the C side reads them: an address or a ctypes array. Returns them and the
+        scratch they point into, for the caller to hold through the call (with token and weight)."""
         t, pairs = x.shape[0], first[-1]
         scratch = self._scratch.get((t, pairs)) or self._new_scratch(t, pairs)
-        token, weight = token.to(torch.int32).contiguous(), weight.float().contiguous()
         math = self.expert_math
-        args = (self.gate_up, self.down, len(slots), (ctypes.c_int64 * len(slots))(*map(_ptr, slots)),
-                (ctypes.c_int32 * len(first))(*first), _ptr(token), _ptr(weight), t, _ptr(x), math.limit, math.alpha,
-                _ptr(out), int(accumulate), *map(_ptr, scratch), threads)
-        return args, (scratch, token, weight)
+        args = (self.gate_up, self.down, len(addresses), (ctypes.c_int64 * len(addresses))(*addresses),
+                (ctypes.c_int32 * len(first))(*first), token, weight, t, _ptr(x), math.limit, math.alpha, _ptr(out),
+                int(accumulate), *map(_ptr, scratch), threads)
+        return args, scratch
 
     def _new_scratch(self, t: int, pairs: int) -> tuple[torch.Tensor, ...]:
         """Scratch for t tokens and their pairs; one token's is kept (a decode step's shape, every layer, every
