@@ -65,16 +65,26 @@ def prose(paragraph: str) -> str | None:
     return text
 
 
+def proses(paragraphs) -> list[str]:
+    """The paragraphs that read as prose, each as one line."""
+    return [p for p in map(prose, paragraphs) if p]
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, gunzipped when its name ends in .gz (manual pages and packages' docs often are)."""
+    return gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+
+
 def man_page(path: str) -> tuple[str, list[str]]:
     """One manual page rendered (no hyphenation, lines as long as paragraphs) -> its prose paragraphs."""
     try:
-        source = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+        source = read_bytes(path)
         text = subprocess.run(["groff", "-Tutf8", "-man", "-rLL=4000n", "-rHY=0", "-P-cbou"], input=source,
                               capture_output=True, timeout=30).stdout.decode("utf-8", "replace")
     except (OSError, subprocess.TimeoutExpired, EOFError):
         return path, []
     paragraphs = re.split(r"\n\s*\n", HEADING.sub("", text))
-    return path, [p for p in map(prose, paragraphs) if p]
+    return path, proses(paragraphs)
 
 
 def man_pages(workers: int) -> dict[str, list[str]]:
@@ -98,7 +108,7 @@ def docstrings(roots: list[Path]) -> dict[str, list[str]]:
                 continue
             texts = [ast.get_docstring(node) or "" for node in ast.walk(tree)
                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-            paragraphs = [p for t in texts for p in map(prose, re.split(r"\n\s*\n", t)) if p]
+            paragraphs = proses(p for t in texts for p in re.split(r"\n\s*\n", t))
             if paragraphs:
                 docs[f"py:{path.relative_to(root)}"] = paragraphs
     return docs
@@ -166,7 +176,7 @@ def html_prose(html: str) -> list[str]:
     parser.close()
     parser.flush()
     # texinfo writes a page per anchor that only points to its node (octave-doc: 2,000 of them)
-    return [p for p in map(prose, parser.blocks) if p and not p.startswith("The node you are looking for is at")]
+    return [p for p in proses(parser.blocks) if not p.startswith("The node you are looking for is at")]
 
 
 # B<x>, C<< $a->b >>, C<<< ... >>>, L<text|link>
@@ -198,7 +208,7 @@ def pod_prose(pod: str) -> list[str]:
         for _ in range(4):  # codes nest: B<L<...>>
             para = POD_CODE.sub(_pod_code, para)
         paragraphs.append(para)
-    return [p for p in map(prose, paragraphs) if p]
+    return proses(paragraphs)
 
 
 def info_prose(info: str) -> list[str]:
@@ -211,13 +221,13 @@ def info_prose(info: str) -> list[str]:
         paragraphs += re.split(r"\n\s*\n", node.lstrip().partition("\n")[2])
     # a definition's heading line (" -- Function: name args") would run into its description
     paragraphs = [re.sub(r"^ -- .*\n", "", p, flags=re.MULTILINE) for p in paragraphs]
-    return [p for p in map(prose, paragraphs) if p]
+    return proses(paragraphs)
 
 
 def deb_file(path: str) -> tuple[str, list[str]]:
     """One file of an unpacked package -> its prose paragraphs, by its kind."""
     try:
-        data = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+        data = read_bytes(path)
     except (OSError, EOFError):
         return path, []
     text = data.decode("utf-8", "replace")
