@@ -71,7 +71,7 @@ def prefetch_coverage(checkpoint: Path, windows: list[list[int]]) -> list[dict]:
                 layer = layers[i]
                 h = layer.post_attention_layernorm(entering[i][0])
                 _, _, guess = layer.mlp.gate(h)
-                actual, previous = made[i], torch.cat([made[i][:1] * 0 - 1, made[i][:-1]])
+                actual, previous = made[i], torch.cat([torch.full_like(made[i][:1], -1), made[i][:-1]])
                 for j, guessed in enumerate((guess, previous, torch.cat([guess, previous], dim=1))):
                     hit = (actual[:, :, None] == guessed[:, None, :]).any(-1).sum(-1).float() / k
                     sums[i][j] += hit[1:].sum().item()  # the first token has no previous one
@@ -122,11 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"|\n|---|---|---|---|---|---|---|\n")
     for row in layers:
         p = next((p for p in prefetch if p["layer"] == row["layer"]), None)
-        ahead = "-" if p is None else f"{p['router_ahead']:.1%} | {p['previous_token']:.1%} | {p['both']:.1%}"
+        ahead = "- | - | -" if p is None else f"{p['router_ahead']:.1%} | {p['previous_token']:.1%} | {p['both']:.1%}"
         text += (f"| {row['layer']} | {row['top_quarter']:.1%} | {row['reuse']:.1%} | {row['distinct_27']:.1f} | "
-                 f"{'- | - | -' if p is None else ahead} |\n")
-    text += ("\nHit rates, one cache over all layers, cold start, over the whole trace:\n\n| cache (share of experts) | "
-             + " | ".join(POLICIES) + " | Belady (bound) |\n|---|" + "---|" * (len(POLICIES) + 1) + "\n")
+                 f"{ahead} |\n")
+    text += ("\nHit rates, one cache over all layers, cold start, over the whole trace:\n\n"
+             "| cache (share of experts) | " + " | ".join(POLICIES) + " | Belady (bound) |\n|---|"
+             + "---|" * (len(POLICIES) + 1) + "\n")
     for c in cache:
         text += (f"| {c['share']:.0%} | " + " | ".join(f"{c[name]:.1%}" for name in POLICIES)
                  + f" | {c['belady']:.1%} |\n")

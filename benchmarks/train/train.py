@@ -10,9 +10,10 @@ its documents, then chats.py's chats (when the corpus folder has them) as the te
 Each run trains until --minutes have passed or --steps are done, then saves the checkpoint atomically (weights,
 optimizer, step; also at every evaluation): the next run goes on from it. `--steps auto` fits the schedule to the
 first run's --minutes: after CALIBRATE steps it measures the rate and fixes the step count (logged and kept in the
-checkpoint, which later runs follow: pass it as --steps to redo the run elsewhere). The weights with the best held-out loss so far are kept
-in best.pt, and --export writes those (the last ones unless held-out loss rose: too many epochs of a small corpus). Deterministic given --seed: step s reads the windows a generator
-seeded with (seed, s) picks, so a run cut into pieces trains on what an uncut one would (tests/test_train.py).
+checkpoint, which later runs follow: pass it as --steps to redo the run elsewhere). The weights with the best held-out
+loss so far are kept in best.pt, and --export writes those (the last ones unless held-out loss rose: too many epochs
+of a small corpus). Deterministic given --seed: step s reads the windows a generator seeded with (seed, s) picks, so a
+run cut into pieces trains on what an uncut one would (tests/test_train.py).
 The schedule: linear warm-up over WARMUP steps, then cosine to a tenth of --lr at --steps. The routers'
 load-balancing loss is on (transformers' own, router_aux_loss_coef). Every --eval-every steps and at the end of a
 run: the held-out loss over fixed windows. Progress goes to log.jsonl (step, loss, lr, tokens/s, held-out loss).
@@ -176,17 +177,18 @@ def train(args) -> dict:
 
     while (steps == "auto" or step < steps) and (args.run_steps is None or step < last_step + args.run_steps) \
             and (time.perf_counter() - t_start) < args.minutes * 60:
-        if steps == "auto" and step == 10:
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            t_cal = time.perf_counter()
-        elif steps == "auto" and step == 10 + CALIBRATE:
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            rate = CALIBRATE / (time.perf_counter() - t_cal)  # steps/s; evaluations and saves take the 5% left
-            steps = max(step + 1, int(step + rate * (args.minutes * 60 - (time.perf_counter() - t_start)) * 0.95))
-            log.write(json.dumps({"step": step, "steps": steps, "steps_per_s": round(rate, 3)}) + "\n")
-            print(json.dumps({"steps": steps, "steps_per_s": round(rate, 3)}), flush=True)
+        if steps == "auto" and step in (10, 10 + CALIBRATE):
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the steps queued so far are done, so the clock times them
+            if step == 10:
+                t_cal = time.perf_counter()
+            else:
+                rate = CALIBRATE / (time.perf_counter() - t_cal)  # steps/s; evaluations and saves take the 5% left
+                steps = max(step + 1, int(step + rate * (args.minutes * 60 - (time.perf_counter() - t_start)) * 0.95))
+                log.write(json.dumps({"step": step, "steps": steps, "steps_per_s": round(rate, 3)}) + "\n")
+                print(json.dumps({"steps": steps, "steps_per_s": round(rate, 3)}), flush=True)
         ids = batch_at(train_tokens, step, args.seed, args.batch, args.seq).to(device)
-        for group in optim.param_groups:
+        for group in optim.param_groups:  # (until --steps auto is fixed the schedule is in warm-up: length unused)
             group["lr"] = lr_at(step, WARMUP * 10 if steps == "auto" else steps, args.lr)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model(ids[:, :-1], use_cache=False)
