@@ -318,8 +318,8 @@ def llama_bench(bin_dir: Path, gguf_path: Path, regime: Regime, args, log: Path,
 def llama_greedy(bin_dir: Path, gguf_path: Path, ngl: int, n: int) -> list[int]:
     out = subprocess.run([str(bin_dir / "llama-greedy-ids"), "-m", str(gguf_path), "-ngl", str(ngl), "-n", str(n),
                           *map(str, GREEDY_PROMPT)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"llama-greedy-ids failed: {out.stderr[-2000:]}")
+    if out.returncode != 0:  # a signal leaves stderr empty (an illegal instruction: -march=native meets a VM)
+        raise SystemExit(f"llama-greedy-ids failed (exit status {out.returncode}): {out.stderr[-2000:]}")
     return [int(t) for t in out.stdout.split()]
 
 
@@ -427,10 +427,13 @@ def report(args, info: dict, rows: list[dict]) -> str:
         f"{g['num_experts']} experts of {g['moe_intermediate_size']}, K={g['num_experts_per_tok']}, shared expert "
         f"{g['shared_expert_intermediate_size']}, vocabulary {info['vocab_size']} (the real one is 248k: the head is "
         f"nearly free here, so the rows compare the layers). Experts: llama.cpp {'/'.join(info['gguf_types'])}, "
-        f"{info['gguf_expert_bits']:.2f} bits/weight ({size(info['gguf_gb'])} file); flashmoe {args.bits}-bit affine, "
-        f"group {args.group_size}, {info['store_expert_bits']:.2f} bits/weight as stored (an fp16 scale and bias per "
-        f"group; {size(info['store_gb'])} of experts). Resident weights: llama.cpp quantizes them too; flashmoe keeps "
-        f"them bf16 on the GPU, int8 on the CPU.\n\n"
+        f"{info['gguf_expert_bits']:.2f} bits/weight ({size(info['gguf_gb'])} file); flashmoe "
+        + (f"converted from that GGUF: the same codes, its blocks repacked as they are, {info['store_expert_bits']:.2f} "
+           f"bits/weight as stored ({size(info['store_gb'])} of experts); its resident matrices come from the same file "
+           f"(flashmoe keeps Q8_0 / Q4_x ones quantized and turns other types into bf16).\n\n" if args.same_codes else
+           f"{args.bits}-bit affine, group {args.group_size}, {info['store_expert_bits']:.2f} bits/weight as stored (an "
+           f"fp16 scale and bias per group; {size(info['store_gb'])} of experts). Resident weights: llama.cpp quantizes "
+           f"them too; flashmoe keeps them bf16 on the GPU, int8 on the CPU.\n\n") +
         f"pp512: one prefill of 512 tokens; tg128: 128 decode steps; tok/s, the median of {args.reps} after a "
         f"warm-up (llama.cpp: llama-bench's samples; flashmoe: a fresh process per regime, experts warmed into the "
         f"regime's caches first, except beyond-ram)"
@@ -465,7 +468,8 @@ def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
         shape["num_experts_per_tok"] = args.k
     name = f"{args.geometry}-L{args.layers}-K{shape['num_experts_per_tok']}"
     ckpt, gguf_path = args.root / f"ckpt-{name}", args.root / f"{name}-q{args.bits}_0.gguf"
-    store = args.root / f"store-{name}-{args.bits}bit-g{args.group_size}"
+    store = args.root / (f"store-{name}-from-q{args.bits}_0-gguf" if args.same_codes
+                         else f"store-{name}-{args.bits}bit-g{args.group_size}")
     if not (ckpt / "tokenizer.json").exists():  # written last
         say(f"writing the random-weight checkpoint {ckpt}")
         t0 = time.perf_counter()
@@ -476,7 +480,8 @@ def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
         convert_gguf(src, ckpt, gguf_path, args.bits, args.root / "logs")
     if not (store / "manifest.json").exists():
         say(f"converting for flashmoe -> {store}")
-        convert(ckpt, store, bits=args.bits, group_size=args.group_size)
+        # --same-codes: llama.cpp's own file, its Q8_0 / Q4_0 blocks repacked as they are (residents too)
+        convert(gguf_path, store) if args.same_codes else convert(ckpt, store, bits=args.bits, group_size=args.group_size)
     s = Store(store)
     bits, types = gguf_expert_bits(src, gguf_path)
     expert_weights = 3 * shape["hidden_size"] * shape["moe_intermediate_size"]
@@ -495,6 +500,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="experts per token (default: the model's: 8 / 10)")
     ap.add_argument("--bits", type=int, choices=[4, 8], default=8)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--same-codes", action="store_true", help="convert flashmoe's store from llama.cpp's GGUF (the "
+                    "same expert and resident codes: the greedy check then compares the engines, not two quantizers)")
     ap.add_argument("--regimes", default="vram,ram,cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)

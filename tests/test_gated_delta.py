@@ -31,6 +31,33 @@ def test_chunk_equals_recurrent(t, with_state):
     torch.testing.assert_close(s_c, s_r, rtol=1e-4, atol=1e-4)
 
 
+def test_fast_decays_make_no_denormals_and_still_equal_the_recurrent_form():
+    """Heads whose decay is fast (log decays of -2 to -8 a token: a 64-token chunk cumulates to e^-500) used to
+    leave denormal floats in the chunk's decay matrix, which x86 multiplies through a slow microcode assist; decays
+    below e^-30 are now exact zeros, and the result is that of the step-by-step form."""
+    from flashmoe.kernels.gated_delta import _decay
+
+    assert _decay(torch.tensor([-30.5, -29.5, 0.0])).tolist() == [0.0, pytest.approx(1.5e-13, rel=0.1), 1.0]
+    q, k, v, _, beta, state = inputs(130, seed=3)
+    g = -2 - 6 * torch.rand(1, 130, 4, generator=torch.Generator().manual_seed(4))
+    seen = []
+    real_solve = torch.linalg.solve_triangular
+
+    def solve(a, b, **kw):
+        seen.append(a)
+        return real_solve(a, b, **kw)
+
+    torch.linalg.solve_triangular = solve
+    try:
+        out_c, s_c = chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size=64)
+    finally:
+        torch.linalg.solve_triangular = real_solve
+    assert seen and all(((a != 0) & (a.abs() < torch.finfo(torch.float32).tiny)).sum() == 0 for a in seen)
+    out_r, s_r = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_c, s_r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("t", [1, 70])
 def test_matches_transformers(t, monkeypatch):
     from transformers.models.qwen3_next import modeling_qwen3_next
