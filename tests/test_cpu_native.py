@@ -82,6 +82,17 @@ def test_matrix_product_is_the_dequantized_one(bits, group, rows, inputs, scales
         assert _error(y, reference) < min(INT8_ERROR, (2.0 if bits == 8 else 0.15) * _error(x @ w.T, reference))
 
 
+@pytest.mark.parametrize("bits,group,rows,inputs", [(4, 32, 13, 96), (4, 128, 21, 384), (8, 32, 33, 256),
+                                                     (8, 64, 16, 128)])
+def test_a_prompt_gets_the_bits_its_tokens_get_one_at_a_time(bits, group, rows, inputs, activations):
+    """A prompt's tokens in one call get the bits each gets alone: a prompt and its decode agree exactly, whatever
+    blocking of rows or tokens the kernels use (remainders of their blocks included)."""
+    gen = torch.Generator().manual_seed(rows)
+    matrix = cpu_native.NativeMatrix.from_quantized(quantize(torch.randn(rows, inputs, generator=gen), bits, group))
+    x = torch.randn(11, inputs, generator=gen)
+    assert torch.equal(matrix(x), torch.cat([matrix(x[i : i + 1]) for i in range(len(x))]))
+
+
 def test_matrices_the_kernels_cannot_read_are_refused():
     assert cpu_native.NativeMatrix.from_float(torch.randn(16, 48), 4, 16) is None  # 4-bit groups step by 32 inputs
     assert cpu_native.NativeMatrix.from_float(torch.randn(16, 96), 8, 64) is None  # groups must divide the inputs
@@ -113,7 +124,7 @@ def _experts(n: int, hidden: int, inter: int, bits: int, group: int, math: Exper
 
 @pytest.mark.parametrize("bits,group,hidden,inter", [(4, 32, 96, 64), (8, 16, 80, 48), (4, 64, 128, 192), (2, 8, 72, 40)])
 @pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 13])
 def test_a_layers_experts_are_the_dequantized_ones(bits, group, hidden, inter, math, tokens, activations):
     n, k = 6, 3
     layout, blobs, weights = _experts(n, hidden, inter, bits, group, math, seed=bits + hidden + tokens)
@@ -138,6 +149,14 @@ def test_a_layers_experts_are_the_dequantized_ones(bits, group, hidden, inter, m
     token, weight = order // k, routing.reshape(-1)[order]
     y = form.run(x, [blobs[e] for e in chosen], first, token, weight)
     _close(y, reference, 1e-5 if activations == "float" else 2 * INT8_ERROR)  # two products, the second's input rounded too
+    # token by token, each its own call: the same bits
+    one_by_one = torch.empty_like(y)
+    for i in range(tokens):
+        mine = (token == i).nonzero().flatten().tolist()
+        experts = [e for j, e in enumerate(chosen) if any(first[j] <= p < first[j + 1] for p in mine)]
+        one_by_one[i : i + 1] = form.run(x[i : i + 1], [blobs[e] for e in experts], list(range(len(mine) + 1)),
+                                         torch.zeros(len(mine), dtype=torch.long), weight[mine])
+    assert torch.equal(one_by_one, y)
     # the same layer in two calls, the second adding into the first's output: the same bits
     half = len(chosen) // 2
     split = form.run(x, [blobs[e] for e in chosen[:half]], first[: half + 1], token, weight)
