@@ -75,6 +75,19 @@ def clock_phases(model, clock: dict) -> None:
         setattr(owners[owner], method, timed)
 
 
+def glue_store(root: Path, layers: int, bits: int, group_size: int) -> Path:
+    """The random-weight 35B-A3B store these benchmarks share (every 4th layer attention, vocabulary 512), written
+    once under root."""
+    from flashmoe.synthetic import QWEN3_5_35B, write_random_store
+
+    store = root / f"glue-35b-L{layers}-{bits}bit-g{group_size}"
+    if not (store / "manifest.json").exists():
+        types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+        write_random_store(store, dict(QWEN3_5_35B, num_hidden_layers=layers, vocab_size=512, layer_types=types),
+                           bits=bits, group_size=group_size)
+    return store
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True)
@@ -87,14 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     import flashmoe
     from flashmoe.store import Store
-    from flashmoe.synthetic import QWEN3_5_35B, write_random_store
-
     torch.set_num_threads(args.threads)
-    store = args.root / f"glue-35b-L{args.layers}-{args.bits}bit-g{args.group_size}"
-    if not (store / "manifest.json").exists():
-        types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(args.layers)]
-        write_random_store(store, dict(QWEN3_5_35B, num_hidden_layers=args.layers, vocab_size=512, layer_types=types),
-                           bits=args.bits, group_size=args.group_size)
+    store = glue_store(args.root, args.layers, args.bits, args.group_size)
     clock = collections.Counter(phase="other")
     lib = clocked_library(clock)
     model = flashmoe.load(store, cache_gb=Store(store).expert_bytes / 1e9 * 1.1 + 0.1)

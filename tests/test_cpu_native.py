@@ -68,7 +68,8 @@ MATRICES = [(4, 32, 13, 96), (4, 64, 48, 256), (4, 128, 61, 384), (8, 16, 7, 80)
 @pytest.mark.parametrize("bits,group,rows,inputs", MATRICES)
 @pytest.mark.parametrize("scales", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, cpu_native.KERNEL_MAX_ROWS + 2, cpu_native.KERNEL_MAX_ROWS_INT8 + 1])
-def test_matrix_product_is_the_dequantized_one(bits, group, rows, inputs, scales, tokens, activations):
+def test_matrix_product_is_the_dequantized_one(bits, group, rows, inputs, scales, tokens, activations, monkeypatch):
+    monkeypatch.setattr(cpu_native, "matrix_units", lambda: False)  # our kernel (the matrix units: the test below)
     gen = torch.Generator().manual_seed(bits * 1000 + group + rows)
     w = torch.randn(rows, inputs, generator=gen)
     q = quantize(w, bits, group)
@@ -91,6 +92,36 @@ def test_a_prompt_gets_the_bits_its_tokens_get_one_at_a_time(bits, group, rows, 
     matrix = cpu_native.NativeMatrix.from_quantized(quantize(torch.randn(rows, inputs, generator=gen), bits, group))
     x = torch.randn(11, inputs, generator=gen)
     assert torch.equal(matrix(x), torch.cat([matrix(x[i : i + 1]) for i in range(len(x))]))
+
+
+@pytest.mark.parametrize("bits,group,rows,inputs", MATRICES)
+@pytest.mark.parametrize("scales", [torch.float16, torch.bfloat16])
+def test_a_matrix_dequantized_to_bf16_is_torchs(bits, group, rows, inputs, scales):
+    gen = torch.Generator().manual_seed(bits + group + rows)
+    q = quantize(torch.randn(rows, inputs, generator=gen), bits, group)
+    q.scales, q.biases = q.scales.to(scales), q.biases.to(scales)
+    matrix = cpu_native.NativeMatrix.from_quantized(q)
+    w = torch.empty(rows, inputs, dtype=torch.bfloat16)
+    cpu_native.library().fm_dequant_bf16(matrix.matrix, None, w.data_ptr(), 2)
+    assert torch.equal(w, dequantize(q).to(torch.bfloat16))
+
+
+def test_a_prompt_goes_to_the_matrix_units_in_bf16(monkeypatch):
+    """With AMX (or forced here), a resident product of many rows is a bf16 one: within bf16's rounding of the
+    dequantized product; fewer rows keep our kernel."""
+    monkeypatch.setattr(cpu_native, "matrix_units", lambda: True)
+    gen = torch.Generator().manual_seed(5)
+    q = quantize(torch.randn(40, 256, generator=gen), 4, 32)
+    matrix = cpu_native.NativeMatrix.from_quantized(q)
+    calls = []
+    real = cpu_native.F.linear
+    monkeypatch.setattr(cpu_native.F, "linear", lambda x, w: calls.append(w.dtype) or real(x, w))
+    x = torch.randn(cpu_native.MATRIX_UNIT_ROWS, 256, generator=gen)
+    y, reference = matrix(x), x @ dequantize(q).T
+    assert calls == [torch.bfloat16] and y.dtype == torch.float32
+    assert _error(y, reference) < 0.01  # bf16 inputs: ~2^-9 each
+    matrix(x[:-1])
+    assert calls == [torch.bfloat16]  # one row fewer: our kernel
 
 
 def test_matrices_the_kernels_cannot_read_are_refused():

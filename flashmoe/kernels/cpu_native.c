@@ -495,6 +495,57 @@ void fm_gated_delta_step(int hk, int hv, int dk, int dv, const float *q, const f
 }
 
 /* Whether this build multiplies int8 activations (AVX-512 VNNI), for reports and tests. */
+/* float32 -> bf16, rounded to nearest even (torch's .to(torch.bfloat16); no NaNs here) */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
+}
+
+/* Matrix m (at base) dequantized to bf16, row-major [n, k]: w = code * scale + bias per group, as quant.py's
+ * dequantize computes it in float32, then rounded. For prompts: a bf16 matrix product on many tokens runs on the
+ * CPU's matrix units (AMX, through oneDNN) at several times our vector kernel's rate. */
+__attribute__((optimize("fp-contract=off")))  /* code * scale, rounded, then + bias: as torch does it */
+void fm_dequant_bf16(const fm_matrix *m, const uint8_t *base, uint16_t *out, int threads) {
+    int k = m->k, g = m->group, groups = k / g, bits = m->bits;
+    int64_t row_bytes = (int64_t)k * bits / 8;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < m->n; r++) {
+        const uint8_t *p = base + m->packed + r * row_bytes;
+        const uint16_t *sc = (const uint16_t *)(base + m->scales) + (int64_t)r * groups;
+        const uint16_t *bi = (const uint16_t *)(base + m->biases) + (int64_t)r * groups;
+        uint16_t *o = out + (int64_t)r * k;
+        for (int gi = 0; gi < groups; gi++) {
+            float s = half_at(sc, gi, m->bf16), b = half_at(bi, gi, m->bf16);
+            int i = gi * g;
+#ifdef __AVX512F__  /* 16 codes a step at 8 bits, 32 at 4 (a byte's low nibble, then its high one, in one word) */
+            const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b);
+            const __m512i half_ulp = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+#define ROUNDED(w) _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(_mm512_castps_si512(w), half_ulp), \
+                                     _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(w), 16), one)), 16)
+#define DEQ(codes) _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), vs), vb)
+            if (bits == 8)
+                for (; i + 16 <= (gi + 1) * g; i += 16) {
+                    __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i)));
+                    _mm256_storeu_si256((__m256i *)(o + i), _mm512_cvtepi32_epi16(ROUNDED(DEQ(codes))));
+                }
+            else if (bits == 4)
+                for (; i + 32 <= (gi + 1) * g; i += 32) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i / 2)));
+                    __m512i lo = ROUNDED(DEQ(_mm512_and_si512(bytes, _mm512_set1_epi32(15))));
+                    __m512i hi = ROUNDED(DEQ(_mm512_srli_epi32(bytes, 4)));
+                    _mm512_storeu_si512(o + i, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+#undef DEQ
+#undef ROUNDED
+#endif
+            for (; i < (gi + 1) * g; i++) {
+                int code = bits == 8 ? p[i] : bits == 4 ? (p[i >> 1] >> ((i & 1) * 4)) & 15 : (p[i >> 2] >> ((i & 3) * 2)) & 3;
+                o[i] = to_bf16((float)code * s + b);
+            }
+        }
+    }
+}
+
 int fm_has_q8(void) { return HAVE_Q8; }
 
 /* ---- the small ops around a layer, one call each instead of 5-10 torch ops ---------------------------------- */

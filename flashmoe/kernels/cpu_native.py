@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import threading
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # dequantizing + torch's GEMM, whose dequantization alone is 80)
 KERNEL_MAX_ROWS = 64
 KERNEL_MAX_ROWS_INT8 = 1024
+MATRIX_UNIT_ROWS = 32  # from this many rows of input a resident product goes to the matrix units, where there are
+MATRIX_UNIT_MAX_WEIGHTS = 1 << 27  # ... unless its bf16 copy would exceed 256 MB (a 248k-token head: our kernel)
 # round the activations to int8 per 32 inputs where the CPU has AVX-512 VNNI (2.2x the float path's weights per
 # second at 4 bits on one core, 12288x2048; llama.cpp's CPU path rounds them too): FLASHMOE_CPU_ACTIVATIONS=float
 # keeps them exact. Read when a matrix or a store's experts are set up.
@@ -122,10 +125,32 @@ def library() -> ctypes.CDLL | None:
     lib.fm_qk_norm_rope.argtypes = [i32, ptr, ctypes.c_int64, ptr, ptr, ptr, ptr, i32, i32, i32, i32, f32, i32, i32,
                                     ptr, ptr]
     lib.fm_delta_decode.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, i32]
+    lib.fm_dequant_bf16.argtypes = [mat, ptr, ptr, i32]
     for f in (lib.fm_rms_norm, lib.fm_conv_step, lib.fm_delta_gates, lib.fm_route_softmax, lib.fm_qk_norm_rope,
-              lib.fm_delta_decode):
+              lib.fm_delta_decode, lib.fm_dequant_bf16):
         f.restype = None
     return lib
+
+
+@lru_cache(maxsize=None)
+def matrix_units() -> bool:
+    """Whether torch's bf16 matrix products run on the CPU's matrix units here (Intel AMX, through oneDNN): several
+    times our vector kernel's rate once a product has a few dozen rows of input (benchmarks/cpu_prompt.py).
+    FLASHMOE_CPU_AMX=0 turns their use off."""
+    return (library() is not None and os.environ.get("FLASHMOE_CPU_AMX", "1") != "0"
+            and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
+
+
+_scratch = threading.local()
+
+
+def _bf16_scratch(numel: int) -> torch.Tensor:
+    """This thread's buffer for a matrix dequantized to bf16, kept between products: a fresh 50 MB tensor each time
+    cost 25 ms in first-touch page faults, the dequantization itself 4."""
+    buf = getattr(_scratch, "bf16", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.bf16 = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
 
 
 def int8_activations() -> bool:
@@ -190,6 +215,11 @@ class NativeMatrix:
         n, k = self.matrix.n, self.matrix.k
         rows = x.reshape(-1, k)
         t = rows.shape[0]
+        if t >= MATRIX_UNIT_ROWS and n * k <= MATRIX_UNIT_MAX_WEIGHTS and matrix_units():  # a prompt: bf16, AMX
+            w = _bf16_scratch(n * k).view(n, k)
+            library().fm_dequant_bf16(self.matrix, None, _ptr(w), torch.get_num_threads())
+            y = F.linear(rows.to(torch.bfloat16), w)
+            return (y.float() if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
         if t > self.max_rows:
             return F.linear(rows.float(), dequantize(self.q)).to(x.dtype).view(*x.shape[:-1], n)
         rows = rows.float().contiguous()
