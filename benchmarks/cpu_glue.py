@@ -88,13 +88,18 @@ def glue_store(root: Path, layers: int, bits: int, group_size: int) -> Path:
     return store
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def store_arguments(ap: argparse.ArgumentParser) -> None:
+    """glue_store's arguments and the thread count, for the benchmarks that share its store."""
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--bits", type=int, choices=[4, 8], default=8)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    store_arguments(ap)
     ap.add_argument("--tokens", type=int, default=50)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

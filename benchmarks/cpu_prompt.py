@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common import publish
+from cpu_glue import glue_store, store_arguments
 
 ROWS = (8, 16, 32, 64, 128, 512)
 
@@ -74,11 +75,7 @@ def child(store: Path, tokens: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--bits", type=int, choices=[4, 8], default=8)
-    ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    store_arguments(ap)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -88,7 +85,6 @@ def main() -> None:
         print(json.dumps(child(args.child, args.tokens, args.threads)))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cpu_glue import glue_store
     from flashmoe.kernels import cpu_native
 
     torch.set_num_threads(args.threads)
