@@ -108,8 +108,9 @@ def test_a_matrix_dequantized_to_bf16_is_torchs(bits, group, rows, inputs, scale
 
 def test_a_prompt_goes_to_the_matrix_units_in_bf16(monkeypatch):
     """With AMX (or forced here), a resident product of many rows is a bf16 one: within bf16's rounding of the
-    dequantized product; fewer rows keep our kernel."""
+    dequantized product; fewer rows, or exact activations asked for, keep our kernel."""
     monkeypatch.setattr(cpu_native, "matrix_units", lambda: True)
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", True)  # (conftest.py asks for exact ones: see the end)
     gen = torch.Generator().manual_seed(5)
     q = quantize(torch.randn(40, 256, generator=gen), 4, 32)
     matrix = cpu_native.NativeMatrix.from_quantized(q)
@@ -122,6 +123,9 @@ def test_a_prompt_goes_to_the_matrix_units_in_bf16(monkeypatch):
     assert _error(y, reference) < 0.01  # bf16 inputs: ~2^-9 each
     matrix(x[:-1])
     assert calls == [torch.bfloat16]  # one row fewer: our kernel
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", False)  # FLASHMOE_CPU_ACTIVATIONS=float: exact, no bf16
+    cpu_native.NativeMatrix.from_quantized(q)(x)
+    assert calls == [torch.bfloat16]
 
 
 def test_matrices_the_kernels_cannot_read_are_refused():

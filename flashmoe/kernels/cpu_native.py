@@ -136,7 +136,7 @@ def library() -> ctypes.CDLL | None:
 def matrix_units() -> bool:
     """Whether torch's bf16 matrix products run on the CPU's matrix units here (Intel AMX, through oneDNN): several
     times our vector kernel's rate once a product has a few dozen rows of input (benchmarks/cpu_prompt.py).
-    FLASHMOE_CPU_AMX=0 turns their use off."""
+    FLASHMOE_CPU_AMX=0 turns their use off; so does FLASHMOE_CPU_ACTIVATIONS=float (bf16 rounds the activations)."""
     return (library() is not None and os.environ.get("FLASHMOE_CPU_AMX", "1") != "0"
             and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
 
@@ -215,7 +215,8 @@ class NativeMatrix:
         n, k = self.matrix.n, self.matrix.k
         rows = x.reshape(-1, k)
         t = rows.shape[0]
-        if t >= MATRIX_UNIT_ROWS and n * k <= MATRIX_UNIT_MAX_WEIGHTS and matrix_units():  # a prompt: bf16, AMX
+        # a prompt: bf16 on AMX, unless exact activations were asked for (FLASHMOE_CPU_ACTIVATIONS=float)
+        if self.matrix.q8 and t >= MATRIX_UNIT_ROWS and n * k <= MATRIX_UNIT_MAX_WEIGHTS and matrix_units():
             w = _bf16_scratch(n * k).view(n, k)
             library().fm_dequant_bf16(self.matrix, None, _ptr(w), torch.get_num_threads())
             y = F.linear(rows.to(torch.bfloat16), w)
