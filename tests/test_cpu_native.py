@@ -201,6 +201,41 @@ def test_a_layers_experts_are_the_dequantized_ones(bits, group, hidden, inter, m
     assert torch.equal(split, y)
 
 
+@pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
+def test_a_long_prompts_busy_experts_go_to_the_matrix_units(math, monkeypatch):
+    """Experts with MATRIX_UNIT_ROWS pairs or more run in bf16 on the matrix units (AMX, or forced here), the others
+    through our kernel, in one run(): the sum within bf16's rounding of the dequantized experts'."""
+    monkeypatch.setattr(cpu_native, "matrix_units", lambda: True)
+    monkeypatch.setattr(cpu_native, "INT8_ACTIVATIONS", True)
+    n, hidden, inter, tokens = 6, 128, 64, 80
+    layout, blobs, weights = _experts(n, hidden, inter, 4, 32, math, seed=11)
+    form = cpu_native.NativeExperts.for_store(layout, hidden, inter, 4, 32, math)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(tokens, hidden, generator=gen)
+    # experts 0 and 1 for the first 70 tokens (70 pairs each: the matrix units), 2..5 for the rest (a few each)
+    ids = torch.tensor([[0, 1] if i < 70 else sorted(torch.randperm(4, generator=gen)[:2].add(2).tolist())
+                        for i in range(tokens)])
+    routing = torch.rand(tokens, 2, generator=gen)
+
+    def mlp(e):
+        gate_up, down, *biases = weights[e]
+        return lambda rows: swiglu_mlp(rows, gate_up, down, math, tuple(biases[0]) if biases else (None, None))
+
+    reference = routed_experts(x, ids, routing, ((e, mlp(e)) for e in range(n)))
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    chosen = sorted(set(flat.tolist()))
+    first = [0]
+    for e in chosen:
+        first.append(first[-1] + int((flat == e).sum()))
+    units = []
+    real = cpu_native.F.linear
+    monkeypatch.setattr(cpu_native.F, "linear", lambda a, w: units.append(a.shape[0]) or real(a, w))
+    y = form.run(x, [blobs[e] for e in chosen], first, order // 2, routing.reshape(-1)[order])
+    assert units == [70, 70, 70, 70]  # experts 0 and 1, two products each
+    assert _error(y, reference) < 0.01
+
+
 def test_results_do_not_depend_on_the_thread_count(activations):
     layout, blobs, _ = _experts(4, 128, 64, 4, 32, ExpertMath(), seed=7)
     form = cpu_native.NativeExperts.for_store(layout, 128, 64, 4, 32)

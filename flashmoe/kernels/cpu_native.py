@@ -19,9 +19,9 @@ import hashlib
 import os
 import platform
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -280,7 +280,9 @@ class NativeExperts:
             weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """out[t] (+)= sum over pairs p of token t: weight[p] * expert(x[t]), where expert e's pairs are
         first[e]..first[e+1] and its blob is slots[e]. x [T, H] -> [T, H] float32: a new tensor, or added into `out`,
-        element by element in the order one call over all the experts would have used."""
+        element by element in the order one call over all the experts would have used. Where the matrix units serve
+        (a long prompt's experts with MATRIX_UNIT_ROWS pairs or more: in bf16) their sums come after the others',
+        so the bits then depend on how a layer's experts were split into calls."""
         t, hidden = x.shape
         x = x.float().contiguous()
         accumulate = out is not None
@@ -288,10 +290,54 @@ class NativeExperts:
             out = torch.empty(t, hidden)
         assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (t, hidden)
         token, weight = token.to(torch.int32).contiguous(), weight.float().contiguous()
+        big = self._unit_experts(first)
+        if big:  # the rest through our kernel first, then each of these on the matrix units, adding into out
+            slots, first, token, weight, big = self._without(big, slots, first, token, weight)
         args, scratch = self._moe_args(x, [_ptr(s) for s in slots], first, _ptr(token), _ptr(weight), out, accumulate,
                                        torch.get_num_threads())
         self.moe(*args)  # `scratch`, token and weight keep what args point into alive until here
+        for slot, tokens, weights in big:
+            self._unit_expert(x, slot, tokens, weights, out)
         return out
+
+    def _unit_experts(self, first: list[int]) -> list[int]:
+        """The experts (indices into first) with enough pairs for the matrix units: a long prompt's (one of 512
+        tokens gives an expert ~10-16 of them, below the break-even, so those stay on our kernel)."""
+        if not (self.gate_up.q8 and first[-1] >= MATRIX_UNIT_ROWS and matrix_units()):
+            return []
+        return [e for e in range(len(first) - 1) if first[e + 1] - first[e] >= MATRIX_UNIT_ROWS]
+
+    @staticmethod
+    def _without(big: list[int], slots, first, token, weight):
+        """run()'s arguments less the `big` experts, and those experts' (slot, tokens, weights)."""
+        taken, keep_slots, keep_first, keep = [], [], [0], []
+        chosen = set(big)
+        for e, slot in enumerate(slots):
+            pairs = slice(first[e], first[e + 1])
+            if e in chosen:
+                taken.append((slot, token[pairs].long(), weight[pairs]))
+            else:
+                keep_slots.append(slot)
+                keep_first.append(keep_first[-1] + first[e + 1] - first[e])
+                keep.append(torch.arange(first[e], first[e + 1]))
+        rows = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+        return keep_slots, keep_first, token[rows].contiguous(), weight[rows].contiguous(), taken
+
+    def _unit_expert(self, x: torch.Tensor, slot: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                     out: torch.Tensor) -> None:
+        """out[tokens] += weights * expert(x[tokens]) in bf16 on the matrix units, each matrix dequantized from the
+        slot by our kernel into the kept buffer (the two in turn)."""
+        inter = self.down.k
+
+        def product(m: Matrix, rows: torch.Tensor) -> torch.Tensor:
+            w = _bf16_scratch(m.n * m.k).view(m.n, m.k)
+            library().fm_dequant_bf16(m, _ptr(slot), _ptr(w), torch.get_num_threads())
+            y = F.linear(rows.to(torch.bfloat16), w).float()
+            return y if m.bias < 0 else y + slot[m.bias : m.bias + 4 * m.n].view(torch.float32)
+
+        h = product(self.gate_up, x[tokens])
+        act = self.expert_math.activation(h[:, :inter], h[:, inter:])
+        out.index_add_(0, tokens, product(self.down, act) * weights[:, None])
 
     def run_token(self, x: torch.Tensor, slot_pointers: list[int], weights: list[float]) -> torch.Tensor:
         """run() for one token [1, H] whose experts (one pair each, ascending) are in RAM at `slot_pointers` (blob
