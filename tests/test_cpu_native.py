@@ -157,6 +157,23 @@ def _experts(n: int, hidden: int, inter: int, bits: int, group: int, math: Exper
     return layout, blobs, [tuple(weights[i : i + per]) for i in range(0, len(weights), per)]
 
 
+def _reference_and_pairs(x, ids, routing, weights, math):
+    """The dequantized experts' sum for tokens x routed to ids with routing weights, and the pairs grouped by
+    expert as routed.py hands them to run(): (reference, chosen experts, first, token, weight)."""
+    def mlp(e):
+        gate_up, down, *biases = weights[e]
+        return lambda rows: swiglu_mlp(rows, gate_up, down, math, tuple(biases[0]) if biases else (None, None))
+
+    reference = routed_experts(x, ids, routing, ((e, mlp(e)) for e in range(len(weights))))
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    chosen = sorted(set(flat.tolist()))
+    first = [0]
+    for e in chosen:
+        first.append(first[-1] + int((flat == e).sum()))
+    return reference, chosen, first, order // ids.shape[1], routing.reshape(-1)[order]
+
+
 @pytest.mark.parametrize("bits,group,hidden,inter", [(4, 32, 96, 64), (8, 16, 80, 48), (4, 64, 128, 192), (2, 8, 72, 40)])
 @pytest.mark.parametrize("math", [ExpertMath(), ExpertMath(bias=True, limit=7.0, alpha=1.702)], ids=["swiglu", "gpt-oss"])
 @pytest.mark.parametrize("tokens", [1, 5, 13])
@@ -168,20 +185,7 @@ def test_a_layers_experts_are_the_dequantized_ones(bits, group, hidden, inter, m
     x = torch.randn(tokens, hidden, generator=gen)
     ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
     routing = torch.rand(tokens, k, generator=gen)
-
-    def mlp(e):
-        gate_up, down, *biases = weights[e]
-        return lambda rows: swiglu_mlp(rows, gate_up, down, math, tuple(biases[0]) if biases else (None, None))
-
-    reference = routed_experts(x, ids, routing, ((e, mlp(e)) for e in range(n)))
-    # the pairs grouped by expert, as routed.py hands them over
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    chosen = sorted(set(flat.tolist()))
-    first = [0]
-    for e in chosen:
-        first.append(first[-1] + int((flat == e).sum()))
-    token, weight = order // k, routing.reshape(-1)[order]
+    reference, chosen, first, token, weight = _reference_and_pairs(x, ids, routing, weights, math)
     y = form.run(x, [blobs[e] for e in chosen], first, token, weight)
     _close(y, reference, 1e-5 if activations == "float" else 2 * INT8_ERROR)  # two products, the second's input rounded too
     # token by token, each its own call: the same bits
@@ -216,22 +220,11 @@ def test_a_long_prompts_busy_experts_go_to_the_matrix_units(math, monkeypatch):
     ids = torch.tensor([[0, 1] if i < 70 else sorted(torch.randperm(4, generator=gen)[:2].add(2).tolist())
                         for i in range(tokens)])
     routing = torch.rand(tokens, 2, generator=gen)
-
-    def mlp(e):
-        gate_up, down, *biases = weights[e]
-        return lambda rows: swiglu_mlp(rows, gate_up, down, math, tuple(biases[0]) if biases else (None, None))
-
-    reference = routed_experts(x, ids, routing, ((e, mlp(e)) for e in range(n)))
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    chosen = sorted(set(flat.tolist()))
-    first = [0]
-    for e in chosen:
-        first.append(first[-1] + int((flat == e).sum()))
+    reference, chosen, first, token, weight = _reference_and_pairs(x, ids, routing, weights, math)
     units = []
     real = cpu_native.F.linear
     monkeypatch.setattr(cpu_native.F, "linear", lambda a, w: units.append(a.shape[0]) or real(a, w))
-    y = form.run(x, [blobs[e] for e in chosen], first, order // 2, routing.reshape(-1)[order])
+    y = form.run(x, [blobs[e] for e in chosen], first, token, weight)
     assert units == [70, 70, 70, 70]  # experts 0 and 1, two products each
     assert _error(y, reference) < 0.01
 
