@@ -128,6 +128,14 @@ def test_a_prompt_goes_to_the_matrix_units_in_bf16(monkeypatch):
     assert calls == [torch.bfloat16]
 
 
+def test_the_matrix_units_are_used_where_torch_has_them_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("FLASHMOE_CPU_AMX", raising=False)
+    amx = torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
+    assert cpu_native.matrix_units.__wrapped__() == (amx and cpu_native.library() is not None)
+    monkeypatch.setenv("FLASHMOE_CPU_AMX", "0")
+    assert cpu_native.matrix_units.__wrapped__() is False
+
+
 def test_matrices_the_kernels_cannot_read_are_refused():
     assert cpu_native.NativeMatrix.from_float(torch.randn(16, 48), 4, 16) is None  # 4-bit groups step by 32 inputs
     assert cpu_native.NativeMatrix.from_float(torch.randn(16, 96), 8, 64) is None  # groups must divide the inputs

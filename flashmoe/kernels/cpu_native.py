@@ -137,8 +137,10 @@ def matrix_units() -> bool:
     """Whether torch's bf16 matrix products run on the CPU's matrix units here (Intel AMX, through oneDNN): several
     times our vector kernel's rate once a product has a few dozen rows of input (benchmarks/cpu_prompt.py).
     FLASHMOE_CPU_AMX=0 turns their use off; so does FLASHMOE_CPU_ACTIVATIONS=float (bf16 rounds the activations)."""
+    cpu = torch.cpu  # AMX in the CPU, and granted by the OS (a VM may refuse it: _init_amx asks)
     return (library() is not None and os.environ.get("FLASHMOE_CPU_AMX", "1") != "0"
-            and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
+            and bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+            and bool(getattr(cpu, "_init_amx", lambda: False)()))
 
 
 _scratch = threading.local()
