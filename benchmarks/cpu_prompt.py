@@ -95,8 +95,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for way in runs:
             env = {**os.environ, "FLASHMOE_CPU_AMX": way}
-            out = subprocess.run([sys.executable, __file__, "--root", str(args.root), "--child", str(store), "--tokens", str(args.tokens),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--root", str(args.root), "--child", str(store),
+                                  "--tokens", str(args.tokens), "--threads", str(args.threads)],
+                                 env=env, capture_output=True, text=True, check=True)
             runs[way].append(json.loads(out.stdout.strip().splitlines()[-1])["pp_tok_s"])
     cpu = torch.backends.cpu.get_cpu_capability()
     text = (f"\n### A CPU prompt's resident products on the matrix units ({datetime.date.today()})\n\n"

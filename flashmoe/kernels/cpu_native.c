@@ -494,7 +494,6 @@ void fm_gated_delta_step(int hk, int hv, int dk, int dv, const float *q, const f
     }
 }
 
-/* Whether this build multiplies int8 activations (AVX-512 VNNI), for reports and tests. */
 /* float32 -> bf16, rounded to nearest even (torch's .to(torch.bfloat16); no NaNs here) */
 static inline uint16_t to_bf16(float f) {
     union { float f; uint32_t u; } v = { f };
@@ -546,6 +545,7 @@ void fm_dequant_bf16(const fm_matrix *m, const uint8_t *base, uint16_t *out, int
     }
 }
 
+/* Whether this build multiplies int8 activations (AVX-512 VNNI), for reports and tests. */
 int fm_has_q8(void) { return HAVE_Q8; }
 
 /* ---- the small ops around a layer, one call each instead of 5-10 torch ops ---------------------------------- */

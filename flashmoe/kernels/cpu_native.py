@@ -155,6 +155,14 @@ def _bf16_scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def _bf16_product(m: Matrix, base: int | None, rows: torch.Tensor) -> torch.Tensor:
+    """rows @ W^T in bf16 on the matrix units, W being matrix m (at base: an expert's slot, or None for absolute
+    addresses) dequantized by our kernel into the kept buffer: float32 [rows, m.n]."""
+    w = _bf16_scratch(m.n * m.k).view(m.n, m.k)
+    library().fm_dequant_bf16(m, base, _ptr(w), torch.get_num_threads())
+    return F.linear(rows.to(torch.bfloat16), w).float()
+
+
 def int8_activations() -> bool:
     """Whether the kernels round activations to int8 here (built for a CPU with AVX-512 VNNI, and not turned off)."""
     return library() is not None and INT8_ACTIVATIONS and bool(library().fm_has_q8())
@@ -219,10 +227,7 @@ class NativeMatrix:
         t = rows.shape[0]
         # a prompt: bf16 on AMX, unless exact activations were asked for (FLASHMOE_CPU_ACTIVATIONS=float)
         if self.matrix.q8 and t >= MATRIX_UNIT_ROWS and n * k <= MATRIX_UNIT_MAX_WEIGHTS and matrix_units():
-            w = _bf16_scratch(n * k).view(n, k)
-            library().fm_dequant_bf16(self.matrix, None, _ptr(w), torch.get_num_threads())
-            y = F.linear(rows.to(torch.bfloat16), w)
-            return (y.float() if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
+            return _bf16_product(self.matrix, None, rows).to(x.dtype).view(*x.shape[:-1], n)
         if t > self.max_rows:
             return F.linear(rows.float(), dequantize(self.q)).to(x.dtype).view(*x.shape[:-1], n)
         rows = rows.float().contiguous()
@@ -332,9 +337,7 @@ class NativeExperts:
         inter = self.down.k
 
         def product(m: Matrix, rows: torch.Tensor) -> torch.Tensor:
-            w = _bf16_scratch(m.n * m.k).view(m.n, m.k)
-            library().fm_dequant_bf16(m, _ptr(slot), _ptr(w), torch.get_num_threads())
-            y = F.linear(rows.to(torch.bfloat16), w).float()
+            y = _bf16_product(m, _ptr(slot), rows)
             return y if m.bias < 0 else y + slot[m.bias : m.bias + 4 * m.n].view(torch.float32)
 
         h = product(self.gate_up, x[tokens])

@@ -73,10 +73,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None, chunk_s
     # (I + strictly-lower part) is the UT system; unitriangular=True reads only that, whatever the diagonal holds
     system = (k_beta @ k.transpose(-1, -2)) * decay
     u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * _decay(g)[..., None], upper=False, unitriangular=True)
+    decay_from_start = _decay(g)[..., None]  # each position's decay since its chunk began
+    w = torch.linalg.solve_triangular(system, k_beta * decay_from_start, upper=False, unitriangular=True)
     attn = (q @ k.transpose(-1, -2)) * decay
     s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
-    q_decayed = q * _decay(g)[..., None]
+    q_decayed = q * decay_from_start
     k_decayed = k * _decay(g[..., -1:] - g)[..., None]
     out = torch.empty(b, h, n, chunk_size, dv, dtype=torch.float32, device=v.device)
     for i in range(n):
