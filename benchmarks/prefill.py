@@ -1,9 +1,10 @@
 """Prompt processing (512 tokens) with every expert in VRAM, and where its time goes.
 
-    python benchmarks/prefill.py --root /root [--layers 8] [--bits 8] [--profile]
+    python benchmarks/prefill.py --root /root [--geometry 35b|397b] [--layers 8] [--bits 8] [--group-size 32] [--profile]
 
 A random-weight store with the Qwen3.5-35B-A3B geometry (the issue-17 model: hidden 2048, 256 experts of 512,
-K=8, small vocabulary) is written on the GPU once under --root; the prompt is timed four times (the first
+K=8) or Qwen3.5-397B-A17B's (hidden 4096, 512 experts of 1024, K=10), small vocabulary, is written on the GPU once
+under --root; the prompt is timed four times (the first
 compiles Triton kernels) and, with --profile, once under the torch profiler.
 """
 
@@ -16,21 +17,24 @@ from pathlib import Path
 import torch
 
 import flashmoe
-from flashmoe.synthetic import QWEN3_5_35B, write_random_store
+from flashmoe.synthetic import QWEN3_5_35B, QWEN3_5_397B, write_random_store
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--geometry", choices=("35b", "397b"), default="35b")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    store = args.root / f"prefill-35b-{args.layers}l-{args.bits}bit"
+    store = args.root / f"prefill-{args.geometry}-{args.layers}l-{args.bits}bit-g{args.group_size}"
     if not (store / "manifest.json").exists():
-        cfg = dict(QWEN3_5_35B, num_hidden_layers=args.layers, vocab_size=512)
-        write_random_store(store, cfg, bits=args.bits, group_size=32, device="cuda")
+        geometry = QWEN3_5_35B if args.geometry == "35b" else QWEN3_5_397B
+        cfg = dict(geometry, num_hidden_layers=args.layers, vocab_size=512)
+        write_random_store(store, cfg, bits=args.bits, group_size=args.group_size, device="cuda")
     model = flashmoe.load(store, device="cuda")
     model.warm_cache()
     ids = [10 + i % 490 for i in range(args.tokens)]
@@ -46,7 +50,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model.forward(ids, model.new_state(), all_logits=False)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

@@ -244,3 +244,44 @@ def test_gpt_oss_experts_biases_and_clamped_swiglu_in_every_kernel(bits, hidden,
     pair_weight = torch.rand(10, device=DEVICE)
     y = mt.down_grouped(act_ref, slab, slots, expert_start, pair_weight, qb)
     assert rel_error(y, mt.reference_down_grouped(act_ref, slab, slots, expert_start, pair_weight, layout, qb)) < 1e-4
+
+
+PROMPT_TILES = [mt.PromptTile(block_t=16, block_n=16, block_k=32, swap=True),  # swapped, one group a step
+                mt.PromptTile(block_t=16, block_n=32, block_k=128),  # whole groups a step (WIDE)
+                mt.PromptTile(block_t=32, block_n=16, block_k=64, swap=True, num_stages=2),  # both
+                mt.PromptTile(block_t=16, block_n=16, block_k=128, split=True)]  # a product per bit position
+
+
+@pytest.mark.parametrize("tile", range(len(PROMPT_TILES)))
+@pytest.mark.parametrize("bits,scale_dtype,math", [(4, torch.float16, None), (2, torch.float16, None),
+                                                   (8, torch.bfloat16, None),
+                                                   (4, torch.uint8, None), (8, torch.float32, None),
+                                                   (4, torch.float16, GPT_OSS)])
+def test_every_prompt_tile_matches_reference(tile, bits, scale_dtype, math):
+    """The grouped kernels' tiles (PromptTile: swapped operands, K steps over several groups, a product per bit
+    position) give the reference for every bit width, scale kind and GPT-OSS's math; experts with no pairs, fewer than a tile and more than one."""
+    hidden, inter, group = 256, 128, 32
+    slab, layout, qb = make_slab(4, hidden, inter, bits, group, seed=bits + tile, scale_dtype=scale_dtype, math=math)
+    gen = torch.Generator().manual_seed(tile)
+    x = (torch.randn(40, hidden, generator=gen) * 2).to(DEVICE)
+    groups = [list(range(0, 40, 3)), [], [5], list(range(40))]  # 14, 0, 1 and 40 pairs
+    token_of = i32([t for g in groups for t in g])
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g))
+    slots, expert_start = i32([1, 3, 0, 2]), i32(starts)
+    act = mt.gate_up_swiglu(x, slab, slots, token_of, expert_start, qb, tile=PROMPT_TILES[tile])
+    act_ref = mt.reference_gate_up_swiglu(x, slab, slots, token_of, expert_start, layout, qb)
+    assert rel_error(act, act_ref) < 1e-4
+    pair_weight = torch.rand(starts[-1], generator=gen).to(DEVICE)
+    y = mt.down_grouped(act_ref, slab, slots, expert_start, pair_weight, qb, tile=PROMPT_TILES[tile])
+    assert rel_error(y, mt.reference_down_grouped(act_ref, slab, slots, expert_start, pair_weight, layout, qb)) < 1e-4
+
+
+def test_prompt_k_step_is_whole_groups_dividing_the_row():
+    qb = mt.QuantBlob(2880, 2880, 4, 32, 4096, 0, 0, 0, 0, 0, 0)
+    assert mt.prompt_block_k(qb, 4096, 128) == 128  # four groups a step
+    assert mt.prompt_block_k(qb, 2880, 128) == 64  # 2880 = 45 x 64
+    assert mt.prompt_block_k(qb, 160, 128) == 32  # 5 groups: one at a time
+    assert mt.prompt_block_k(qb, 4096, 16) == 16  # within a group
+    assert mt.prompt_block_k(mt.QuantBlob(64, 64, 8, 128, 4096, 0, 0, 0, 0, 0, 0), 7168, 256) == 256

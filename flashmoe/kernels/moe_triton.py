@@ -173,31 +173,70 @@ if triton is not None:
         return tl.where((codes & 128) != 0, -magnitude, magnitude)
 
     @triton.jit
-    def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, in_features,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr):
-        """Rows `rows` x columns `k` (one group) of a packed [out, in] weight -> float32 tile."""
+    def _step_columns(k0, m, BITS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """The columns of a K step the grouped kernels multiply at once: all BLOCK_K from k0, or (SPLIT) those of bit
+        position m within their bytes (every 8 / BITS-th)."""
+        if SPLIT:
+            k = k0 + tl.arange(0, BLOCK_K // (8 // BITS)) * (8 // BITS) + m
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)
+        return k
+
+    @triton.jit
+    def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k0, m, in_features,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, WIDE: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """Rows `rows` x the columns _step_columns(k0, m) of a packed [out, in] weight -> float32 tile. The step's
+        packed bytes are read as one contiguous run per row (vector loads) and split into codes in registers. The
+        step is one group (from k0 within it) or (WIDE) several whole groups, each column then taking its own
+        group's scale and bias."""
         per_byte: tl.constexpr = 8 // BITS
         row_bytes = in_features // per_byte
-        packed = tl.load(base + packed_off + rows[:, None] * row_bytes + (k // per_byte)[None, :],
-                         mask=row_mask[:, None], other=0)
-        codes = (packed.to(tl.int32) >> ((k % per_byte) * BITS)[None, :]) & ((1 << BITS) - 1)
+        byte = k0 // per_byte + tl.arange(0, BLOCK_K // per_byte)
+        packed = tl.load(base + packed_off + rows[:, None] * row_bytes + byte[None, :], mask=row_mask[:, None],
+                         other=0).to(tl.int32)
+        low: tl.constexpr = (1 << BITS) - 1
+        if SPLIT:  # one bit position of every byte
+            codes = (packed >> (m * BITS)) & low
+        elif BITS == 8:
+            codes = packed
+        elif BITS == 4:  # column 2b + j is byte b's nibble j
+            codes = tl.interleave(packed & 15, packed >> 4)
+        else:  # 2 bits: column 4b + j is byte b's pair j
+            codes = tl.interleave(tl.interleave(packed & 3, (packed >> 4) & 3),
+                                  tl.interleave((packed >> 2) & 3, packed >> 6))
         groups = in_features // GROUP
-        g = k0 // GROUP
+        if WIDE:  # [rows, k] of per-group numbers: a row's repeats within a group are the same address (cached)
+            k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
+            at = rows[:, None] * groups + (k // GROUP)[None, :]
+            at_mask = row_mask[:, None]
+        else:
+            at = rows * groups + k0 // GROUP
+            at_mask = row_mask
         if SCALE_KIND == 2:  # MXFP4: e2m1 values times 2^(e8m0 - 127); constexpr branches, one pointer type each
-            exponent = tl.load(base + scales_off + rows * groups + g, mask=row_mask, other=127).to(tl.float32)
-            return _e2m1(codes) * tl.exp2(exponent - 127.0)[:, None]
+            exponent = tl.load(base + scales_off + at, mask=at_mask, other=127).to(tl.float32)
+            return _e2m1(codes) * _per_row(tl.exp2(exponent - 127.0), WIDE)
         if SCALE_KIND == 3:  # FP8: e4m3 values times the row's block scale
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float32))
-            return _e4m3(codes) * tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0)[:, None]
+            return _e4m3(codes) * _per_row(tl.load(scale_ptr + at, mask=at_mask, other=0.0), WIDE)
         if SCALE_KIND == 1:
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
         else:
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
             bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
-        scale = tl.load(scale_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-        return codes.to(tl.float32) * scale[:, None] + bias[:, None]
+        scale = tl.load(scale_ptr + at, mask=at_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + at, mask=at_mask, other=0.0).to(tl.float32)
+        return codes.to(tl.float32) * _per_row(scale, WIDE) + _per_row(bias, WIDE)
+
+    @triton.jit
+    def _per_row(v, WIDE: tl.constexpr):
+        """_dequant_tile's per-group numbers as a tile's factor: already [rows, k] (WIDE), else [rows] -> [rows, 1]."""
+        if WIDE:  # if/else, not an early return: Triton compiles the code after a constexpr-taken return too
+            factor = v
+        else:
+            factor = v[:, None]
+        return factor
 
     @triton.jit
     def _gemv_tile(base, packed_off, scales_off, biases_off, rows, row_mask, x_ptr, k0, in_features,
@@ -322,36 +361,67 @@ if triton is not None:
         return pairs, pair_mask, base
 
     @triton.jit
-    def _dot_weights_t(a, w, IEEE: tl.constexpr):
-        """a @ w^T with the dequantized float32 w: exact float32 (IEEE) for float32 inputs, else in a's dtype."""
-        if IEEE:
-            return tl.dot(a, tl.trans(w), input_precision="ieee")
-        return tl.dot(a, tl.trans(w.to(a.dtype)))
+    def _dot_weights_t(a, w, IEEE: tl.constexpr, SWAP: tl.constexpr):
+        """a @ w^T with the dequantized float32 w: exact float32 (IEEE) for float32 inputs, else in a's dtype. SWAP:
+        computed as (w @ a^T)^T, the weights' rows as the matrix units' M side (a tile of a few tokens pads less)."""
+        if SWAP:
+            if IEEE:
+                product = tl.dot(w, tl.trans(a), input_precision="ieee")
+            else:
+                product = tl.dot(w.to(a.dtype), tl.trans(a))
+        elif IEEE:
+            product = tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            product = tl.dot(a, tl.trans(w.to(a.dtype)))
+        return product
+
+    @triton.jit
+    def _tile_acc(BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _tile_result(acc, SWAP: tl.constexpr):
+        """The accumulator as [pairs, outputs]."""
+        if SWAP:
+            result = tl.trans(acc)
+        else:
+            result = acc
+        return result
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, slab_ptr, slot_ptr, token_ptr, tile_expert_ptr, tile_row_ptr, expert_start_ptr,
                                act_ptr, H, I, blob_bytes, gu_packed, gu_scales, gu_biases, gu_bias, limit, alpha,
                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                               SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr):
+                               SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, SWAP: tl.constexpr,
+                               WIDE: tl.constexpr, SPLIT: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         tokens = tl.load(token_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < I
-        acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc_g = _tile_acc(BLOCK_T, BLOCK_N, SWAP)
+        acc_u = _tile_acc(BLOCK_T, BLOCK_N, SWAP)
         for k0 in range(0, H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
-            wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, H, BITS, GROUP, SCALE_KIND)
-            wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, H, BITS, GROUP, SCALE_KIND)
-            acc_g += _dot_weights_t(xt, wg, IEEE)
-            acc_u += _dot_weights_t(xt, wu, IEEE)
+            for m in tl.static_range(8 // BITS if SPLIT else 1):  # SPLIT: a product per bit position of the bytes
+                k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
+                xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
+                wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k0, m, H, BITS, GROUP, SCALE_KIND,
+                                   WIDE, BLOCK_K, SPLIT)
+                wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k0, m, H, BITS, GROUP,
+                                   SCALE_KIND, WIDE, BLOCK_K, SPLIT)
+                acc_g += _dot_weights_t(xt, wg, IEEE, SWAP)
+                acc_u += _dot_weights_t(xt, wu, IEEE, SWAP)
+        gate = _tile_result(acc_g, SWAP)
+        up = _tile_result(acc_u, SWAP)
         if BIAS:
-            acc_g += _out_bias(base, gu_bias, n, n_mask)[None, :]
-            acc_u += _out_bias(base, gu_bias, I + n, n_mask)[None, :]
-        act = _swiglu(acc_g, acc_u, ACT, limit, alpha)
+            gate += _out_bias(base, gu_bias, n, n_mask)[None, :]
+            up += _out_bias(base, gu_bias, I + n, n_mask)[None, :]
+        act = _swiglu(gate, up, ACT, limit, alpha)
         tl.store(act_ptr + pairs[:, None].to(tl.int64) * I + n[None, :], act.to(act_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])
 
@@ -451,21 +521,25 @@ if triton is not None:
                              expert_start_ptr, y_ptr, H, I, blob_bytes, d_packed, d_scales, d_biases, d_bias,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                             SCALE_KIND: tl.constexpr, BIAS: tl.constexpr):
+                             SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, SWAP: tl.constexpr, WIDE: tl.constexpr,
+                             SPLIT: tl.constexpr):
         pairs, pair_mask, base = _tile_pairs(tile_expert_ptr, tile_row_ptr, expert_start_ptr, slot_ptr, slab_ptr,
                                              blob_bytes, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc = _tile_acc(BLOCK_T, BLOCK_N, SWAP)
         for k0 in range(0, I, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
-            w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, I, BITS, GROUP, SCALE_KIND)
-            acc += _dot_weights_t(a, w, IEEE)
+            for m in tl.static_range(8 // BITS if SPLIT else 1):
+                k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
+                a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
+                w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k0, m, I, BITS, GROUP, SCALE_KIND, WIDE,
+                                  BLOCK_K, SPLIT)
+                acc += _dot_weights_t(a, w, IEEE, SWAP)
+        y = _tile_result(acc, SWAP)
         if BIAS:
-            acc += _out_bias(base, d_bias, n, n_mask)[None, :]
-        acc *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+            y += _out_bias(base, d_bias, n, n_mask)[None, :]
+        y *= tl.load(pair_weight_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + pairs[:, None].to(tl.int64) * H + n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=pair_mask[:, None] & n_mask[None, :])
 
 
@@ -503,23 +577,69 @@ def to_device_int32(values: list[int], device: torch.device) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class PromptTile:
+    """The grouped (prompt) kernels' tile: block_t pairs of one expert (None: from the pairs per expert, _block_t) x
+    block_n output rows per program, block_k columns per step of the K loop (whole groups when wider than one: the
+    widest power of two up to it that divides the row), the launch's warps and pipeline stages, and swap: the
+    weights' rows as the matrix units' M side (_dot_weights_t)."""
+
+    block_t: int | None = None
+    block_n: int = 32
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    swap: bool = False
+    split: bool = False
+
+
+# the best tiles of benchmarks/prompt_kernels.py's search on an H200 (RESULTS.md) at Qwen3.5-397B's 4-bit experts (10
+# pairs an expert) and 35B-A3B's 8-bit (16 pairs): within 3% of each geometry's best where they differ
+GATE_UP_TILE = PromptTile(num_stages=2)
+DOWN_TILE = PromptTile(block_n=128, num_stages=4)
+
+
 def _block_t(expert_start: list[int]) -> int:
-    most = max(b - a for a, b in zip(expert_start, expert_start[1:]))
-    return 16 if most <= 16 else 64
+    """Pairs per tile: an expert's pairs past a tile's cost another read of its weights, rows a tile has beyond its
+    expert's pairs cost arithmetic only; sized to the pairs an expert has on average."""
+    counts = [b - a for a, b in zip(expert_start, expert_start[1:]) if b > a]
+    mean = sum(counts) / max(1, len(counts))
+    return 16 if mean <= 12 else 32 if mean <= 48 else 64
 
 
-def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert_start_list=None, block_n=32):
+def prompt_block_k(qb: QuantBlob, in_features: int, want: int) -> int:
+    """The K step of the grouped kernels: within one group (qb.block_k at most), or whole groups dividing the row."""
+    if want <= qb.group_size:
+        return min(want, qb.block_k)
+    while want > qb.group_size and (in_features % want or want % qb.group_size):
+        want //= 2
+    return max(want, qb.block_k)
+
+
+def _grouped_launch(tile: PromptTile, qb: QuantBlob, in_features: int, starts: list[int], device):
+    """(tile_expert, tile_row, grid rows, constexprs) of a grouped kernel launch."""
+    block_t = tile.block_t or _block_t(starts)
+    block_k = prompt_block_k(qb, in_features, tile.block_k)
+    tile_expert, tile_row = _tiles(starts, block_t, device)
+    meta = dict(BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t, BLOCK_N=tile.block_n, BLOCK_K=block_k,
+                SCALE_KIND=qb.scale_kind, BIAS=qb.bias, SWAP=tile.swap, WIDE=block_k > qb.group_size,
+                SPLIT=tile.split and qb.bits < 8 and block_k * qb.bits // 8 >= 16,  # tl.dot's K is 16 at least
+                num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return tile_expert, tile_row, meta
+
+
+def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert_start_list=None,
+                   tile: PromptTile | None = None):
     """Triton version of reference_gate_up_swiglu (same arguments, all on the GPU; slots, token_of, expert_start int32)."""
     starts = expert_start_list if expert_start_list is not None else expert_start.tolist()
-    block_t = _block_t(starts)
-    tile_expert, tile_row = _tiles(starts, block_t, x.device)
+    tile = tile or GATE_UP_TILE
+    tile_expert, tile_row, meta = _grouped_launch(tile, qb, qb.hidden, starts, x.device)
     act = torch.empty(token_of.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
-    grid = (tile_expert.numel(), triton.cdiv(qb.intermediate, block_n))
+    grid = (tile_expert.numel(), triton.cdiv(qb.intermediate, tile.block_n))
     _gate_up_swiglu_kernel[grid](
         x, slab, slots, token_of, tile_expert, tile_row, expert_start, act, qb.hidden, qb.intermediate, qb.blob_bytes,
-        qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha, BITS=qb.bits,
-        GROUP=qb.group_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=x.dtype == torch.float32,
-        SCALE_KIND=qb.scale_kind, BIAS=qb.bias, ACT=qb.act)
+        qb.gate_up_packed, qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha,
+        IEEE=x.dtype == torch.float32, ACT=qb.act, **meta)
     return act
 
 
@@ -653,18 +773,18 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype,
     return out
 
 
-def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, expert_start_list=None, block_n=64):
+def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, expert_start_list=None,
+                 tile: PromptTile | None = None):
     """Triton version of reference_down_grouped: y [pairs, H], each row weighted by its routing weight."""
     starts = expert_start_list if expert_start_list is not None else expert_start.tolist()
-    block_t = _block_t(starts)
-    tile_expert, tile_row = _tiles(starts, block_t, act.device)
+    tile = tile or DOWN_TILE
+    tile_expert, tile_row, meta = _grouped_launch(tile, qb, qb.intermediate, starts, act.device)
     y = torch.empty(act.shape[0], qb.hidden, dtype=act.dtype, device=act.device)
-    grid = (tile_expert.numel(), triton.cdiv(qb.hidden, block_n))
+    grid = (tile_expert.numel(), triton.cdiv(qb.hidden, tile.block_n))
     _down_grouped_kernel[grid](
         act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
-        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, BITS=qb.bits, GROUP=qb.group_size,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=qb.block_k, IEEE=act.dtype == torch.float32,
-        SCALE_KIND=qb.scale_kind, BIAS=qb.bias)
+        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, IEEE=act.dtype == torch.float32,
+        **meta)
     return y
 
 
