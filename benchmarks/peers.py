@@ -259,10 +259,25 @@ def build_llama(tgz: Path, root: Path, cuda_arch: str, want_cuda: bool = True) -
     return {**info, "reused": False}
 
 
+def folder_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+
+
+def need_space(root: Path, gb: float, what: str) -> None:
+    """Stop with one line where the disk cannot take the next file (llama-quantize on a full disk says only
+    'basic_ios::clear: iostream error'; a 64 GB device disk holds the 397B geometry's files with ~5 GB to spare)."""
+    free = shutil.disk_usage(root).free / 1e9
+    if free < gb * 1.05:
+        raise SystemExit(f"peers: {what} needs about {gb:.1f} GB under {root}, which has {free:.1f} GB free: free some "
+                         f"space there (other stores, old GGUFs) or pass another --root")
+
+
 def convert_gguf(src: Path, ckpt: Path, out: Path, bits: int, log_dir: Path) -> None:
     """Q8_0 straight from convert_hf_to_gguf.py; Q4_0 (which it cannot write) through bf16 and llama-quantize.
     Written under another name and renamed at the end, so a run cut short never leaves a GGUF that looks done."""
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    ckpt_gb = folder_gb(ckpt)  # bf16: Q8_0 is about half of it, a bf16 GGUF all of it and its Q4_0 0.28 more
+    need_space(out.parent, ckpt_gb * (0.55 if bits == 8 else 1.3), "converting for llama.cpp")
     first, partial = out.with_suffix(".first.gguf"), out.with_suffix(".partial.gguf")
     run_logged([sys.executable, "-c", CONVERT_GGUF, src, ckpt, "--outfile", first,
                 "--outtype", "q8_0" if bits == 8 else "bf16", "--no-mtp"], log_dir / "convert-gguf.log", env)
@@ -480,6 +495,7 @@ def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
         convert_gguf(src, ckpt, gguf_path, args.bits, args.root / "logs")
     if not (store / "manifest.json").exists():
         say(f"converting for flashmoe -> {store}")
+        need_space(args.root, gguf_path.stat().st_size / 1e9 * (1.1 if args.bits == 8 else 1.15), "flashmoe's store")
         # --same-codes: llama.cpp's own file, its Q8_0 / Q4_0 blocks repacked as they are (residents too)
         convert(gguf_path, store) if args.same_codes else convert(ckpt, store, bits=args.bits, group_size=args.group_size)
     s = Store(store)
