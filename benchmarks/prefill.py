@@ -51,6 +51,7 @@ def main() -> None:
             model.forward(ids, model.new_state(), all_logits=False)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))  # where the host's time goes
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""The prompt (grouped) expert kernels compile for Hopper on any machine: triton.compile runs the whole pipeline to
+a cubin without a GPU, so a kernel that Triton's interpreter runs but its compiler refuses (an early return in a
+constexpr branch did: the interpreter ran it, the device did not) fails here rather than on the device, and each
+launch's shared memory fits an H100/H200 SM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashmoe.kernels import moe_triton as mt
+
+pytestmark = pytest.mark.skipif(not mt.triton_available() or os.uname().sysname != "Linux",
+                                reason="needs triton's NVIDIA backend (Linux wheels)")
+SHARED_MAX = 227 * 1024  # bytes a block may opt into on sm_90
+
+
+COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flashmoe.kernels import moe_triton as mt
+
+shared = []
+for name, meta, act_dtype in json.loads(sys.stdin.read()):
+    kernel = getattr(mt, name)
+    consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in ("x_ptr", "act_ptr", "y_ptr"):
+            signature[arg] = act_dtype
+        elif arg == "pair_weight_ptr":
+            signature[arg] = "*fp32"
+        elif arg == "slab_ptr":
+            signature[arg] = "*u8"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*i32"
+        else:
+            signature[arg] = "fp32" if arg in ("limit", "alpha") else "i32"
+    options = {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
+    compiled = triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+    shared.append(compiled.metadata.shared)
+print(json.dumps(shared))
+"""
+
+
+def _compile(cases: list) -> list[int]:
+    """Compile each (kernel name, launch constexprs, activation pointer type) for sm_90 in a process of its own:
+    the tests' conftest puts Triton in interpreter mode, whose kernels do not compile. Their shared bytes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(cases), env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _quant_blob(bits: int, kind: int, gpt_oss: bool = False) -> mt.QuantBlob:
+    return mt.QuantBlob(4096, 1024, bits, 32, 8 << 20, 0, 1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20, scale_kind=kind,
+                        bias=gpt_oss, limit=7.0 if gpt_oss else 0.0, alpha=1.702)
+
+
+KINDS = {"4-bit": (4, mt.SCALE_FP16), "2-bit": (2, mt.SCALE_FP16), "8-bit": (8, mt.SCALE_FP16),
+         "MLX bf16 scales": (4, mt.SCALE_BF16), "MXFP4": (4, mt.SCALE_E8M0), "FP8": (8, mt.SCALE_FP32)}
+TILES = {"swapped": mt.PromptTile(block_n=64, swap=True), "whole groups a step": mt.PromptTile(block_k=128),
+         "a product per bit position": mt.PromptTile(block_k=64, split=True)}
+
+
+def _cases(qb: mt.QuantBlob, gate_up_tile: mt.PromptTile, down_tile: mt.PromptTile, act_dtype: str = "*bf16"):
+    starts = [0, 10, 25, 25, 40]  # ~10 pairs an expert, as a 397B prompt
+    cases = []
+    for name, tile, k in (("_gate_up_swiglu_kernel", gate_up_tile, qb.hidden),
+                          ("_down_grouped_kernel", down_tile, qb.intermediate)):
+        meta = mt._grouped_launch(tile, qb, k, starts, torch.device("cpu"))[2]
+        meta["IEEE"] = act_dtype == "*fp32"
+        if name == "_gate_up_swiglu_kernel":
+            meta["ACT"] = qb.act
+        cases.append((name, meta, act_dtype))
+    return cases
+
+
+def _fit(cases: list) -> None:
+    assert all(shared <= SHARED_MAX for shared in _compile(cases))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_prompt_tiles_compile_for_every_scale_kind(kind):
+    _fit(_cases(_quant_blob(*KINDS[kind]), mt.GATE_UP_TILE, mt.DOWN_TILE))
+
+
+def test_gpt_oss_and_float32_prompts_compile():
+    _fit(_cases(_quant_blob(4, mt.SCALE_E8M0, gpt_oss=True), mt.GATE_UP_TILE, mt.DOWN_TILE)
+         + _cases(_quant_blob(4, mt.SCALE_FP16), mt.GATE_UP_TILE, mt.DOWN_TILE, act_dtype="*fp32"))
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_other_prompt_tiles_compile(tile):
+    _fit(_cases(_quant_blob(4, mt.SCALE_FP16), TILES[tile], TILES[tile]))
