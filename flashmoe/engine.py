@@ -8,6 +8,7 @@ routed experts are being read, so I/O overlaps compute.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -35,11 +36,11 @@ from .replay import RoutingRecorder, TraceRouting, replaying
 from .cpu_share import CpuShare
 from .decode_graphs import DecodeGraphs
 from .routed import ExpertTimes, RoutedExperts
-from .sampling import TokenConstraint, sample
+from .sampling import TokenConstraint
+from .sequence import Sequence
 from .store import Store
 
 TIMERS = ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 def default_cache_bytes() -> int:
@@ -433,7 +434,7 @@ class Model:
         if self.layer_events is not None:
             self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.layer_events[-1][0].record()
-        model, routed = stage.model, stage.routed
+        model = stage.model
         if graphed:
             stage.graphs.begin_step(state)
         for layer in stage.layers:
@@ -442,21 +443,39 @@ class Model:
                 continue
             t0 = clock()
             x, h = model.mix(layer, x, state)
-            if not self.config.is_moe_layer(layer):
-                x = x + model.dense_mlp(layer, h)
-                timers["attention_ms"] += (clock() - t0) * 1e3
-                continue
-            t1 = clock()
-            timers["attention_ms"] += (t1 - t0) * 1e3
-            projections = model.moe_projections(layer, h)
-            topk_ids, topk_weights, _ = model.route(layer, projections, self.experts_per_token)
-            timers["routing_ms"] += (clock() - t1) * 1e3
-            x = x + routed(layer, h, topk_ids, topk_weights, lambda: model.shared_expert(layer, projections),
-                           self._expert_times)
+            x = self._channel_mix(stage, layer, x, h, timers, t0)
         if graphed:
             stage.graphs.end_step()
         if self.layer_events is not None:
             self.layer_events[-1][1].record()
+        return x
+
+    def _channel_mix(self, stage: Stage, layer: int, x: torch.Tensor, h: torch.Tensor, timers: dict,
+                     t0: float) -> torch.Tensor:
+        """A layer's per-token half after its token mixing (x: the residual stream, h: its normed input; t0: when
+        the layer began): the dense MLP, or the router, the shared expert and the routed experts."""
+        model, clock = stage.model, stage.routed._clock
+        if not self.config.is_moe_layer(layer):
+            x = x + model.dense_mlp(layer, h)
+            timers["attention_ms"] += (clock() - t0) * 1e3
+            return x
+        t1 = clock()
+        timers["attention_ms"] += (t1 - t0) * 1e3
+        projections = model.moe_projections(layer, h)
+        topk_ids, topk_weights, _ = model.route(layer, projections, self.experts_per_token)
+        timers["routing_ms"] += (clock() - t1) * 1e3
+        return x + stage.routed(layer, h, topk_ids, topk_weights, lambda: model.shared_expert(layer, projections),
+                                self._expert_times)
+
+    def _run_stage_batch(self, stage: Stage, x: torch.Tensor, sizes: list[int], states: list, timers: dict
+                         ) -> torch.Tensor:
+        """The layers of one device's block for several sequences' rows of x (sizes[i] rows each, in order)."""
+        bounds = list(zip(itertools.accumulate([0] + sizes[:-1]), itertools.accumulate(sizes)))
+        for layer in stage.layers:
+            t0 = stage.routed._clock()
+            mixed = [stage.model.mix(layer, x[a:b], state) for (a, b), state in zip(bounds, states)]
+            x = self._channel_mix(stage, layer, torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]),
+                                  timers, t0)
         return x
 
     def _check_tokens(self, token_ids: list[int]) -> None:
@@ -484,61 +503,66 @@ class Model:
         the reply, and at each position in `keep_at` (a chat's end of history before the reply's header: where the
         next turn re-renders the reply differently, thinking dropped, it still starts from there).
         """
-        if max_new_tokens < 0:
-            raise FlashMoeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise FlashMoeError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-            raise FlashMoeError(f"seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1] - 1}), not {seed}")
-        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        if self.pipeline is not None and not self.pipeline.led and seed is None and temperature > 0:
-            seed = self.pipeline.shared_seed()  # every rank must draw the same token
-        generator = None
-        if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        ids = list(token_ids)
-        chunk = prefill_chunk or max(len(ids), 1)
-        if chunk < 1:
-            raise FlashMoeError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
-        state, done = self._resume(ids)
-        keep = sorted(p for p in set(keep_at) if done < p < len(ids)) if self.prefix_cache is not None else []
-        ends = sorted(set(range(done + chunk, len(ids), chunk)) | set(keep) | {max(len(ids), 1)})
-        start = done
-        for end in ends:  # the chunks, cut at the positions to keep as well
-            t0 = time.perf_counter()
-            logits = self.forward(ids[start:end], state, all_logits=False)
-            self._tokens["prefill_ms"] += (time.perf_counter() - t0) * 1e3
-            if end in keep:
-                self._keep(ids[:end], state)
-            start = end
-            if prefill_chunk and end < len(ids):  # a caller serving others asked for its turns
-                yield None
-        self._tokens["prompt_tokens"] += len(ids)
-        seen = list(ids)  # the tokens the state holds
-        self._keep(seen, state)  # the end of the prompt: where a retry or an edited reply branches
-        consistent = True
+        seq = self.sequence(token_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, constraint,
+                            prefill_chunk, keep_at)
         try:
-            for i in range(max_new_tokens):
-                row = logits[-1].float().cpu()
-                if constraint is not None:
-                    row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
-                    constraint.mask(row)
-                token = sample(row, temperature, top_p, top_k, generator)
-                if constraint is not None:
-                    constraint.accept(token)
-                self._tokens["generated_tokens"] += 1
-                yield token
-                if token in stops or i == max_new_tokens - 1 or (constraint is not None and constraint.finished):
-                    return
-                t0 = time.perf_counter()
-                consistent = False  # a forward cut short (Ctrl-C, an error) leaves a state no one may resume
-                logits = self.forward([token], state, all_logits=False)
-                consistent = True
-                seen.append(token)
-                self._tokens["decode_ms"] += (time.perf_counter() - t0) * 1e3
+            while not seq.done:
+                token = seq.advance(self.step([seq])[0])
+                if token is not None:
+                    yield token
+                elif prefill_chunk and not seq.done:  # a caller serving others asked for its turns
+                    yield None
         finally:
-            if consistent:
-                self._keep(seen, state)  # the end of the reply: where the next turn of a chat starts
+            seq.close()
+
+    def sequence(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                 constraint: TokenConstraint | None = None, prefill_chunk: int | None = None,
+                 keep_at: tuple[int, ...] = ()) -> Sequence:
+        """A generation as steps (sequence.py), for a caller that runs several at once through step()."""
+        return Sequence(self, token_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, constraint,
+                        prefill_chunk, keep_at)
+
+    def step(self, sequences: list[Sequence]) -> list[torch.Tensor]:
+        """One forward for all of `sequences` (each its next prompt chunk or its last token: Sequence.begin), their
+        logits [1, vocab] in order, for each one's Sequence.advance."""
+        inputs = [(seq.begin(), seq.state) for seq in sequences]
+        t0 = time.perf_counter()
+        rows = self.forward_batch(inputs)
+        phase = "decode_ms" if all(seq.prompt_done for seq in sequences) else "prefill_ms"
+        self._tokens[phase] += (time.perf_counter() - t0) * 1e3
+        return rows
+
+    @torch.inference_mode()
+    def forward_batch(self, inputs: list[tuple[list[int], object]]) -> list[torch.Tensor]:
+        """Several sequences' tokens in one pass: (tokens, state) each, every state updated as forward() would, and
+        each one's float32 logits [1, vocab] of its last token. The token mixing (attention, DeltaNet) runs per
+        sequence; everything per token (the MoE input, router, shared and routed experts) runs once over all of
+        them, so an expert chosen by several sequences is read once. Eager on the GPU (no CUDA graphs); one sequence,
+        a model over several ranks or a routing trace take forward() one sequence at a time."""
+        if len(inputs) == 1 or self.pipeline is not None or self.trace_routing:
+            return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
+        for ids, _ in inputs:
+            self._check_tokens(ids)
+        sizes = [len(ids) for ids, _ in inputs]
+        states = [state for _, state in inputs]
+        with _on(self.device):
+            x = self.model.embed(torch.tensor([t for ids, _ in inputs for t in ids], dtype=torch.long,
+                                              device=self.device))
+        for stage in self.stages:
+            with _on(stage.device):
+                x = self._run_stage_batch(stage, x.to(stage.device), sizes, states, self._timers)
+        self._timers["expert_io_ms"] = self._expert_times.io_wait_ms
+        self._timers["expert_compute_ms"] = self._expert_times.compute_ms
+        for state, n in zip(states, sizes):
+            state.position += n  # decode_steps stays: a sequence's first graphed step follows an eager one-token step
+        for stage in self.stages:
+            stage.fetcher.tick()
+        self._tokens["tokens"] += sum(sizes)
+        last_rows = torch.tensor(list(itertools.accumulate(sizes)), device=x.device) - 1
+        with _on(self.stages[-1].device):
+            logits = self.stages[-1].model.logits(x[last_rows])
+        return list(logits.split(1))
 
     def _resume(self, ids: list[int]):
         """A state for `ids`: a copy of the prefix cache's longest kept prefix of them, and how many tokens it holds;

@@ -1,9 +1,10 @@
-"""One model, many clients: a worker thread that owns the model and interleaves requests token by token.
+"""One model, many clients: a worker thread that owns the model and runs its requests together.
 
-Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state, and the
-worker gives every running request one token per round, so a long generation never starves a short one.
-A request whose client went away is dropped at its next turn. The HTTP side never touches the model: it
-submits a job and reads the job's tokens from an asyncio queue the worker fills.
+Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state. Every round
+the worker makes one step of all of them in one forward (Model.step: each running request's next prompt chunk or
+its next token, the experts they choose read once for all), so a long generation never starves a short one and
+several clients share each expert read. A request whose client went away is dropped at its next turn. The HTTP
+side never touches the model: it submits a job and reads the job's tokens from an asyncio queue the worker fills.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Job:
         self._cancelled = threading.Event()
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
-        self.generator = None  # the model's token generator, made when the job starts running
+        self.sequence = None  # the model's Sequence, made when the job starts running
 
     def cancel(self, reason: str | None = "cancelled") -> None:
         """Stop generating at the next turn; reason None means a normal end (say, a stop string was reached)."""
@@ -169,52 +170,70 @@ class Scheduler:
                 while self._waiting and len(self._active) < self.max_active:
                     self._active.append(self._waiting.popleft())
                 running = list(self._active)
-            for job in running:  # one token each: round robin
-                if not self._step(job):
-                    with self._wake:
-                        self._active.remove(job)
+            self._round(running)
             self._copy_model_stats(force=not self._active)
         for job in list(self._active) + list(self._waiting):
             self._end(job, Finished("cancelled", "the server is shutting down"))
 
-    def _step(self, job: Job) -> bool:
-        """Advance one job by a token; False when it is done."""
+    def _round(self, running: list[Job]) -> None:
+        """One step of every running job in one forward; jobs that end leave the active list."""
+        jobs = [job for job in running if self._ready(job)]
+        if not jobs:
+            return
+        try:
+            rows = self.model.step([job.sequence for job in jobs])
+        except Exception as exc:  # a broken store fails the jobs of this step, never the server
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        for job, row in zip(jobs, rows):
+            try:
+                token = job.sequence.advance(row)
+            except Exception as exc:  # a constraint's error is its own job's
+                self._fail(job, exc)
+                continue
+            if token is not None:
+                job.completion_tokens += 1
+                job.last_token = token
+                with self._wake:
+                    self._counts.generated_tokens += 1
+                    self._token_times.append(time.perf_counter())
+                job._push(token)
+            if job.sequence.done:
+                last_was_stop = job.completion_tokens and job.last_token in self.model.eos_token_ids
+                length = job.completion_tokens >= job.params.max_tokens and not last_was_stop
+                self._end(job, Finished("length" if length else "stop"))
+
+    def _ready(self, job: Job) -> bool:
+        """Whether the job takes part in this round: started (its Sequence made) and neither cancelled nor bad."""
         if job.cancelled:
             self._end(job, Finished("stop") if job.cancel_reason is None else Finished("cancelled", job.cancel_reason))
             return False
-        p = job.params
-        try:
-            if job.generator is None:
-                job.generator = self.model.generate(job.prompt_ids, p.max_tokens, p.temperature, p.top_p, p.top_k,
-                                                    p.seed, constraint=job.constraint,
-                                                    prefill_chunk=self.prefill_chunk, keep_at=job.keep_at)
-                with self._wake:
-                    self._counts.prompt_tokens += len(job.prompt_ids)
-            token = next(job.generator)
-            if token is None:  # a chunk of its prompt went through: the others get their turn
-                return True
-        except StopIteration:
-            last_was_stop = job.completion_tokens and job.last_token in self.model.eos_token_ids
-            length = job.completion_tokens >= p.max_tokens and not last_was_stop
-            self._end(job, Finished("length" if length else "stop"))
-            return False
-        except Exception as exc:  # a bad request or a broken store fails this job, never the server
-            message = str(exc) if isinstance(exc, FlashMoeError) else f"{type(exc).__name__}: {exc}"
-            self._end(job, Finished("error", message))
-            return False
-        job.completion_tokens += 1
-        job.last_token = token
-        with self._wake:
-            self._counts.generated_tokens += 1
-            self._token_times.append(time.perf_counter())
-        job._push(token)
+        if job.sequence is None:
+            p = job.params
+            try:
+                job.sequence = self.model.sequence(job.prompt_ids, p.max_tokens, p.temperature, p.top_p, p.top_k,
+                                                   p.seed, constraint=job.constraint, prefill_chunk=self.prefill_chunk,
+                                                   keep_at=job.keep_at)
+                self.model._check_tokens(job.prompt_ids)  # here, so a bad id fails its job, not the round
+            except Exception as exc:  # a bad request fails this job only
+                self._fail(job, exc)
+                return False
+            with self._wake:
+                self._counts.prompt_tokens += len(job.prompt_ids)
         return True
 
+    def _fail(self, job: Job, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, FlashMoeError) else f"{type(exc).__name__}: {exc}"
+        self._end(job, Finished("error", message))
+
     def _end(self, job: Job, finished: Finished) -> None:
-        if job.generator is not None:
-            job.generator.close()  # frees the sequence state (KV cache, recurrent state, graphs)
-            job.generator = None
+        if job.sequence is not None:
+            job.sequence.close()  # keeps its state in the prefix cache where it may; the state is freed with it
+            job.sequence = None
         with self._wake:
+            if job in self._active:
+                self._active.remove(job)
             if finished.reason == "cancelled":
                 self._counts.requests_cancelled += 1
             elif finished.reason == "error":

@@ -1,0 +1,93 @@
+"""Several sequences in one forward (Model.forward_batch / Model.step, issue 15): each gets what it gets alone, and
+an expert several of them choose is read once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashmoe
+from conftest import LAYOUTS
+
+PROMPTS = [[5, 9, 31, 2, 7, 11], [100, 3], [17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]]
+
+
+def alone(model, prompt, n, **kw):
+    return list(model.generate(prompt, n, stop_token_ids=[], **kw))
+
+
+def together(model, prompts, n, prefill_chunk=None, **kw):
+    """The prompts run as the server runs them: one step of every unfinished sequence per forward, prompts in chunks
+    beside the others' decoding."""
+    seqs = [model.sequence(p, n, stop_token_ids=[], prefill_chunk=prefill_chunk, **kw) for p in prompts]
+    made = [[] for _ in prompts]
+    while any(not s.done for s in seqs):
+        running = [i for i, s in enumerate(seqs) if not s.done]
+        rows = model.step([seqs[i] for i in running])
+        for i, row in zip(running, rows):
+            token = seqs[i].advance(row)
+            if token is not None:
+                made[i].append(token)
+    for s in seqs:
+        s.close()
+    return made
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_sequences_in_one_forward_make_what_they_make_alone(built, arch):
+    model = flashmoe.load(built.store(arch, 4), cache_gb=0.01)
+    expected = [alone(model, p, 10) for p in PROMPTS]
+    assert together(model, PROMPTS, 10) == expected
+    # prompts in chunks of 4, running beside the others' tokens
+    assert together(model, PROMPTS, 10, prefill_chunk=4) == expected
+
+
+def test_forward_batch_logits_equal_forward(built):
+    model = flashmoe.load(built.store("qwen3_5_moe", None))  # float32 weights
+    states = [model.new_state() for _ in PROMPTS]
+    for p, s in zip(PROMPTS, states):
+        model.forward(p[:-1], s)
+    rows = model.forward_batch([(p[-1:], s) for p, s in zip(PROMPTS, states)])
+    for p, row, s in zip(PROMPTS, rows, states):
+        ref_state = model.new_state()
+        model.forward(p[:-1], ref_state)
+        ref = model.forward(p[-1:], ref_state, all_logits=False)
+        assert row.shape == ref.shape == (1, model.config.vocab_size)
+        torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)
+        assert s.position == ref_state.position == len(p)
+
+
+def test_sampled_sequences_keep_their_seeds(built):
+    model = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
+    kw = dict(temperature=0.9, top_p=0.95)
+    expected = [alone(model, p, 8, seed=i) for i, p in enumerate(PROMPTS)]
+    seqs = [model.sequence(p, 8, stop_token_ids=[], seed=i, **kw) for i, p in enumerate(PROMPTS)]
+    made = [[] for _ in PROMPTS]
+    while not all(s.done for s in seqs):
+        live = [s for s in seqs if not s.done]
+        for s, row in zip(live, model.step(live)):
+            token = s.advance(row)
+            if token is not None:
+                made[seqs.index(s)].append(token)
+    assert made == [alone(model, p, 8, seed=i, **kw) for i, p in enumerate(PROMPTS)]
+    assert made != expected  # the sampling was not greedy
+
+
+def test_an_expert_chosen_by_several_sequences_is_read_once(built):
+    """A decode step of three sequences reads the union of their experts, each once (a cold RAM cache: the prompts
+    ran on another copy of the model)."""
+    store = built.store("qwen3_5_moe", 4)
+    warm = flashmoe.load(store, cache_gb=1.0)
+    states = [warm.new_state() for _ in PROMPTS]
+    for p, s in zip(PROMPTS, states):
+        warm.forward(p[:-1], s)
+    model = flashmoe.load(store, cache_gb=1.0)
+    with model.recording_routing() as recorder:
+        model.forward_batch([(p[-1:], s) for p, s in zip(PROMPTS, states)])
+        step = recorder.trace()
+    layers = range(len(model.config.moe_layers))
+    chosen = {(i, e) for i in layers for e in step[:, i].ravel().tolist()}
+    per_token = sum(len({(i, e) for i in layers for e in step[t, i].tolist()}) for t in range(len(PROMPTS)))
+    assert step.shape[0] == len(PROMPTS)
+    assert model.stats["expert_reads"] == len(chosen)
+    assert len(chosen) < per_token  # some expert was chosen by two of them and read once
