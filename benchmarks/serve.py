@@ -3,6 +3,7 @@ to first token with and without the prefix cache, through the HTTP API with the 
 
     python benchmarks/serve.py STORE [--device cuda] [--streams 1,2,4,8,16] [--tokens 64] [--turns 5] [--words 150]
     python benchmarks/serve.py --geometry 35b --layers 4 --experts 64 ...   # a random-weight checkpoint, made here
+    python benchmarks/serve.py ... --batch-steps   # the streams with a step each and with batched steps
 
 `flashmoe serve` runs as its own process on 127.0.0.1 (a free port), as users run it; the load comes from threads
 here. Streams: N clients each ask /v1/completions for --tokens tokens at once (the server runs up to N at a time);
@@ -39,11 +40,13 @@ def free_port() -> int:
 class Server:
     """`python -m flashmoe serve STORE ...` on a free port, until closed."""
 
-    def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path):
+    def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path,
+                 batch_steps: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "flashmoe", "serve", str(store), "--port", str(self.port), "--device", device,
-               "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb)]
+               "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb),
+               "--batch-steps" if batch_steps else "--no-batch-steps"]
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
@@ -137,6 +140,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--words", type=int, default=150)
     ap.add_argument("--reply", type=int, default=32)
+    ap.add_argument("--batch-steps", action="store_true", help="the streams twice: a step each, then batched steps")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -145,11 +149,25 @@ def main() -> None:
         tmp = Path(tmp)
         store = args.store or random_store(tmp, args.geometry, args.layers, args.experts)
         rows, ttft = [], {}
+        if args.batch_steps:  # the streams both ways, one server each, side by side
+            for batch in (False, True):
+                server = Server(store, args.device, max(counts), 1.0, tmp / f"serve-batch{batch}.log", batch)
+                try:
+                    streams(server, 1, 4)  # warm-up: kernels, caches
+                    base = None
+                    for n in counts:
+                        rate = streams(server, n, args.tokens)
+                        base = base or rate
+                        how = "batched steps" if batch else "a step each"
+                        rows.append(f"| {n} streams, {how} | {rate:.1f} tok/s | {rate / base:.2f}x |")
+                        print(rows[-1], flush=True)
+                finally:
+                    server.close()
         server = Server(store, args.device, max(counts), 1.0, tmp / "serve-cache.log")
         try:
             streams(server, 1, 4)  # warm-up: kernels, caches
             base = None
-            for n in counts:
+            for n in counts if not args.batch_steps else []:
                 rate = streams(server, n, args.tokens)
                 base = base or rate
                 rows.append(f"| {n} streams | {rate:.1f} tok/s | {rate / base:.2f}x |")

@@ -307,7 +307,9 @@ def serve(
                                           help="require 'Authorization: Bearer KEY' (or x-api-key: KEY) on /v1 "
                                                "(or set FLASHMOE_API_KEY)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the store's folder name)"),
-    max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, interleaved token by token"),
+    max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, a step of each in turn"),
+    batch_steps: bool = typer.Option(False, help="one forward for all running requests a step (their experts read "
+                                     "once for all; eager on the GPU, not yet measured there)"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
     prefill_chunk: int = typer.Option(512, min=1, help="a prompt goes through this many tokens at a time, the running "
                                                        "streams' next tokens in between"),
@@ -348,7 +350,8 @@ def serve(
                 model.close()
             return
     name = model_name or Path(store).resolve().name
-    served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk)
+    served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk,
+                         batch_steps=batch_steps)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     try:
         uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="info")

@@ -1,9 +1,8 @@
 """One model, many clients: a worker thread that owns the model and runs its requests together.
 
 Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state. Every round
-the worker makes one step of all of them in one forward (Model.step: each running request's next prompt chunk or
-its next token, the experts they choose read once for all), so a long generation never starves a short one and
-several clients share each expert read. A request whose client went away is dropped at its next turn. The HTTP
+the worker makes one step of each (its next prompt chunk or its next token), so a long generation never starves a
+short one; with `batch_steps`, one forward for all of them (Model.step: the experts they choose read once for all). A request whose client went away is dropped at its next turn. The HTTP
 side never touches the model: it submits a job and reads the job's tokens from an asyncio queue the worker fills.
 """
 
@@ -101,10 +100,13 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, model, max_active: int = 4, max_waiting: int = 64,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool = False):
         if max_active < 1 or max_waiting < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise FlashMoeError("need max_active >= 1, max_waiting >= 0 and prefill_chunk >= 1")
         self.model, self.prefill_chunk = model, prefill_chunk
+        # one forward for all running requests a round, or one each (a sequence alone keeps its CUDA graphs;
+        # batched steps are eager and not yet measured on a GPU, and on the CPU they gained within noise)
+        self.batch_steps = batch_steps
         self.max_active, self.max_waiting = max_active, max_waiting
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -170,7 +172,8 @@ class Scheduler:
                 while self._waiting and len(self._active) < self.max_active:
                     self._active.append(self._waiting.popleft())
                 running = list(self._active)
-            self._round(running)
+            for group in [running] if self.batch_steps else [[job] for job in running]:
+                self._round(group)
             self._copy_model_stats(force=not self._active)
         for job in list(self._active) + list(self._waiting):
             self._end(job, Finished("cancelled", "the server is shutting down"))

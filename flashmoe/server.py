@@ -42,11 +42,11 @@ class ServedModel:
     """The model and what serving it needs: its name, chat format, grammar compiler and the scheduler."""
 
     def __init__(self, model, name: str, max_active: int = 4, max_waiting: int = 64,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool = False):
         self.model, self.name = model, name
         self.chat = ChatFormat(model.tokenizer)
         self.context_length = model.config.max_position_embeddings
-        self.scheduler = Scheduler(model, max_active, max_waiting, prefill_chunk)
+        self.scheduler = Scheduler(model, max_active, max_waiting, prefill_chunk, batch_steps)
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
 

@@ -19,9 +19,10 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 class RunningServer:
     def __init__(self, store, api_key: str | None = None, max_active: int = 2, max_waiting: int = 64,
-                 **load_options):
+                 batch_steps: bool = False, **load_options):
         self.model = flashmoe.load(store, **load_options)
-        self.served = ServedModel(self.model, MODEL_NAME, max_active=max_active, max_waiting=max_waiting)
+        self.served = ServedModel(self.model, MODEL_NAME, max_active=max_active, max_waiting=max_waiting,
+                                  batch_steps=batch_steps)
         app = create_app(self.served, api_key=api_key)
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)

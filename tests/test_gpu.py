@@ -222,3 +222,31 @@ def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
         if share == 1.0:
             assert stats["experts_over_pcie"] == 0
         assert list(shared.generate(PROMPT[:8], 12, stop_token_ids=[])) == expected
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_batched_steps_on_the_gpu_match_alone_and_graphs_resume_after_them(built, arch):
+    """Sequences stepped together (eager, grouped kernels) give the logits each gets alone (graphs, decode kernels),
+    and a sequence's graphs still match after batched steps moved its caches on (issue 15)."""
+    model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
+    prompts = [PROMPT[:8], PROMPT[3:7], PROMPT[:13]]
+    alone = []  # per prompt: its greedy tokens and each step's logits, one sequence at a time
+    for p in prompts:
+        state, rows, tokens = model.new_state(), [], []
+        logits = model.forward(p, state, all_logits=False)
+        for _ in range(8):
+            tokens.append(int(logits[-1].argmax()))
+            logits = model.forward(tokens[-1:], state, all_logits=False)
+            rows.append(logits.cpu())
+        alone.append((tokens, rows))
+    states = [model.new_state() for _ in prompts]
+    for p, s in zip(prompts, states):
+        model.forward(p, s, all_logits=False)
+    for step in range(8):
+        if step < 5:  # together
+            got = model.forward_batch([([tokens[step]], s) for (tokens, _), s in zip(alone, states)])
+        else:  # alone again, through its graphs
+            got = [model.forward([tokens[step]], s, all_logits=False) for (tokens, _), s in zip(alone, states)]
+        for row, (_, rows) in zip(got, alone):
+            assert rel_error(row.cpu(), rows[step]) < 1e-4
+    assert all(s.decode_graphs for s in states)
