@@ -308,8 +308,10 @@ def serve(
                                                "(or set FLASHMOE_API_KEY)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the store's folder name)"),
     max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, a step of each in turn"),
-    batch_steps: bool = typer.Option(False, help="one forward for all running requests a step (their experts read "
-                                     "once for all; eager on the GPU, not yet measured there)"),
+    batch_steps: Optional[bool] = typer.Option(None, "--batch-steps/--no-batch-steps",
+                                               help="one forward for all running requests a step, their experts read "
+                                                    "once for all (default: on the CPU only; on a GPU such steps run "
+                                                    "without CUDA graphs)"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
     prefill_chunk: int = typer.Option(512, min=1, help="a prompt goes through this many tokens at a time, the running "
                                                        "streams' next tokens in between"),

@@ -100,13 +100,14 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, model, max_active: int = 4, max_waiting: int = 64,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool = False):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool | None = None):
         if max_active < 1 or max_waiting < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise FlashMoeError("need max_active >= 1, max_waiting >= 0 and prefill_chunk >= 1")
         self.model, self.prefill_chunk = model, prefill_chunk
-        # one forward for all running requests a round, or one each (a sequence alone keeps its CUDA graphs;
-        # batched steps are eager and not yet measured on a GPU, and on the CPU they gained within noise)
-        self.batch_steps = batch_steps
+        # one forward for all running requests a round, or one each. None: batched on the CPU (8 streams 1.4-1.6x
+        # on the 2-core VM, RESULTS.md), one each on a GPU, where a sequence alone keeps its CUDA graphs and batched
+        # steps run eagerly (not measured there yet)
+        self.batch_steps = model.device.type == "cpu" if batch_steps is None else batch_steps
         self.max_active, self.max_waiting = max_active, max_waiting
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []

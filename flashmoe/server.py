@@ -42,7 +42,7 @@ class ServedModel:
     """The model and what serving it needs: its name, chat format, grammar compiler and the scheduler."""
 
     def __init__(self, model, name: str, max_active: int = 4, max_waiting: int = 64,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool = False):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool | None = None):
         self.model, self.name = model, name
         self.chat = ChatFormat(model.tokenizer)
         self.context_length = model.config.max_position_embeddings

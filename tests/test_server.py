@@ -29,7 +29,7 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 @pytest.fixture(scope="module")
 def server(built):
-    s = RunningServer(built.store("qwen3_5_moe", 4), cache_gb=0.01, max_active=2, batch_steps=True)  # others: not
+    s = RunningServer(built.store("qwen3_5_moe", 4), cache_gb=0.01, max_active=2, batch_steps=True)  # the others: a step each
     yield s
     s.close()
 
