@@ -473,9 +473,8 @@ class Model:
         bounds = list(zip(itertools.accumulate([0] + sizes[:-1]), itertools.accumulate(sizes)))
         for layer in stage.layers:
             t0 = stage.routed._clock()
-            mixed = [stage.model.mix(layer, x[a:b], state) for (a, b), state in zip(bounds, states)]
-            x = self._channel_mix(stage, layer, torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]),
-                                  timers, t0)
+            x, h = stage.model.mix_many(layer, x, states, bounds)
+            x = self._channel_mix(stage, layer, x, h, timers, t0)
         return x
 
     def _check_tokens(self, token_ids: list[int]) -> None:
@@ -536,9 +535,10 @@ class Model:
     @torch.inference_mode()
     def forward_batch(self, inputs: list[tuple[list[int], object]]) -> list[torch.Tensor]:
         """Several sequences' tokens in one pass: (tokens, state) each, every state updated as forward() would, and
-        each one's float32 logits [1, vocab] of its last token. The token mixing (attention, DeltaNet) runs per
-        sequence; everything per token (the MoE input, router, shared and routed experts) runs once over all of
-        them, so an expert chosen by several sequences is read once. Eager on the GPU (no CUDA graphs); one sequence,
+        each one's float32 logits [1, vocab] of its last token. Everything per token (norms, the token mixers'
+        projections, the MoE input, router, shared and routed experts) runs once over all their rows, so a weight
+        several sequences need is read once; the attention and the recurrences themselves per sequence
+        (the family's mix_many). Eager on the GPU (no CUDA graphs); one sequence,
         a model over several ranks or a routing trace take forward() one sequence at a time."""
         if len(inputs) == 1 or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]

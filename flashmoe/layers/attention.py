@@ -137,28 +137,42 @@ class Attention:
     def attend(self, w: dict, p: str, h: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """New tokens at positions start.. (h [T, hidden]): written into the cache, each attending to every cached
         position up to itself (within the window)."""
+        return self.attend_many(w, p, h, [cache], [start], [(0, h.shape[0])])
+
+    def attend_many(self, w: dict, p: str, h: torch.Tensor, caches: list[KVCache], starts: list[int],
+                    bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """Several sequences' new tokens, rows bounds[i] of h at positions starts[i].. of caches[i]: the projections
+        once over all rows, each sequence's attention over its own cache."""
+        positions = [torch.arange(start, start + b - a, device=h.device) for start, (a, b) in zip(starts, bounds)]
+        q, gate, k, v = self._qkv(w, p, h, positions[0] if len(positions) == 1 else torch.cat(positions))
+        outs = [self._attend_cached(w, p, q[a:b], k[a:b], v[a:b], cache) for (a, b), cache in zip(bounds, caches)]
+        return self._out(w, p, outs[0] if len(outs) == 1 else torch.cat(outs), gate)
+
+    def _attend_cached(self, w: dict, p: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:
+        """One sequence's T new queries, keys and values ([T, heads, hd]): the keys and values written into its
+        cache, each query attending to every cached position up to its own -> [T, heads * hd]."""
         s = self.spec
-        t, hd = h.shape[0], s.head_dim
-        q, gate, k, v = self._qkv(w, p, h, torch.arange(start, start + t, device=h.device))
+        t, hd = q.shape[0], s.head_dim
         keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))
         q = q.transpose(0, 1)  # [heads, T, hd]
         past = keys.shape[1] - t
         if s.sinks:  # torch's fused attention has no sink: the scores in float, SINK_QUERY_BLOCK queries at a time
             out = torch.cat([self._sink_attention(q[:, i : i + SINK_QUERY_BLOCK], keys, values, past + i,
                                                   w[p + "sinks"]) for i in range(0, t, SINK_QUERY_BLOCK)], dim=1)
-            out = out.to(h.dtype)
+            out = out.to(values.dtype)
         else:
             mask = None
             if s.sliding_window and keys.shape[1] > s.sliding_window:  # token i sees keys past+i-window+1 .. past+i
-                mask = (torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-                        & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past - s.sliding_window))
+                mask = (torch.ones(t, keys.shape[1], dtype=torch.bool, device=q.device).tril(past)
+                        & ~torch.ones(t, keys.shape[1], dtype=torch.bool, device=q.device).tril(past - s.sliding_window))
             elif t > 1 and past:  # token i sees every cached key and the new ones up to itself
-                mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=h.device).tril(past)
-            with sdpa_backends(h.device):
+                mask = torch.ones(t, keys.shape[1], dtype=torch.bool, device=q.device).tril(past)
+            with sdpa_backends(q.device):
                 out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
                                                      is_causal=mask is None and t > 1, scale=s.softmax_scale,
                                                      enable_gqa=s.heads != s.kv_heads)[0]
-        return self._out(w, p, out.transpose(0, 1).reshape(t, s.heads * hd), gate)
+        return out.transpose(0, 1).reshape(t, s.heads * hd)
 
     def _sink_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int,
                         sinks: torch.Tensor) -> torch.Tensor:

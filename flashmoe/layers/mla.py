@@ -103,6 +103,12 @@ class MLA:
         out = torch.einsum("thr,hvr->thv", out_latent, w[p + "kv_b_proj.uv"])
         return linear(out.reshape(out.shape[0], -1), w[p + "o_proj.weight"])
 
+    def attend_many(self, w: dict, p: str, h: torch.Tensor, caches: list[LatentCache], starts: list[int],
+                    bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """As layers.attention.Attention.attend_many; here one sequence at a time (its projections included)."""
+        return torch.cat([self.attend(w, p, h[a:b], cache, start)
+                          for (a, b), cache, start in zip(bounds, caches, starts)])
+
     def attend(self, w: dict, p: str, h: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
         s = self.spec
         t = h.shape[0]

@@ -14,10 +14,8 @@ import torch
 
 from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
-from ..kernels import fused
 from ..kernels.linear import linear
 from ..layers.attention import Attention, AttentionSpec
-from ..layers.state import SequenceState
 from . import qwen3_moe
 from .qwen3_moe import GGUF_NAMES, gguf_rows_only, resident_sources
 
@@ -141,16 +139,8 @@ class Model(qwen3_moe.AttentionMoEModel):
         self.attention = Attention(spec, inv_freq)
         self.windowed = Attention(AttentionSpec(**{**spec.__dict__, "sliding_window": cfg.sliding_window}), inv_freq)
 
-    def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
-        attention = self.windowed if self.cfg.layer_types[layer] == "sliding_attention" else self.attention
-        h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        if static:
-            h = attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
-        else:
-            h = attention.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
-        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
+    def attention_of(self, layer: int):
+        return self.windowed if self.cfg.layer_types[layer] == "sliding_attention" else self.attention
 
     def moe_projections(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The router's logits [T, experts], its bias added."""

@@ -228,16 +228,28 @@ class AttentionMoEModel(ResidentWeights):
         x = fused.rms_norm(x, self.w["model.norm.weight"], self.cfg.rms_norm_eps, zero_centred=False)
         return linear(x, self.lm_head).float()
 
+    def attention_of(self, layer: int):
+        return self.attention
+
     def mix(self, layer: int, x: torch.Tensor, state: SequenceState, static: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention plus the residual, then the MoE input norm: (x, normed x). static: one decode token with no host
         values (for a CUDA graph), as in layers.attention.Attention.attend_at."""
+        if not static:
+            return self.mix_many(layer, x, [state], [(0, x.shape[0])])
         p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
         h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        if static:
-            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
-        else:
-            h = self.attention.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
+        h = self.attention_of(layer).attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
+        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
+
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mix() for several sequences, rows bounds[i] of x each: everything per token once over all rows, the
+        attention itself per sequence (Attention.attend_many)."""
+        p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
+        h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
+        h = self.attention_of(layer).attend_many(self.w, p + "self_attn.", h, [s.layers[layer] for s in states],
+                                                 [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
 
     def kv_cache(self, state: SequenceState, layer: int) -> KVCache:

@@ -351,23 +351,47 @@ class Qwen3NextModel(ResidentWeights):
         returns (x, normed x). static: one decode token with no host values (for a CUDA graph): full attention reads
         its position from state.position_t and attends over the KV cache's whole capacity under a mask (the cache
         must hold a free slot at that position); its `length` is the caller's to advance."""
+        if not static:
+            return self.mix_many(layer, x, [state], [(0, x.shape[0])])
         p = f"model.layers.{layer}."
         eps = self.cfg.rms_norm_eps
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
         if self.cfg.layer_types[layer] != "full_attention":
-            h = self._delta_net(p + "linear_attn.", h, state.layers[layer])
-        elif static:
-            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
+            h = self._delta_net(p + "linear_attn.", h, [state.layers[layer]], [(0, h.shape[0])])
         else:
-            h = self.attention.attend(self.w, p + "self_attn.", h, state.layers[layer], state.position)
+            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
 
-    def _delta_net(self, p: str, h: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
-        cfg, w = self.cfg, self.w
-        t = h.shape[0]
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mix() for several sequences, rows bounds[i] of x each: everything per token (norms, the input and output
+        projections) once over all rows, the attention or DeltaNet recurrence per sequence."""
+        p = f"model.layers.{layer}."
+        eps = self.cfg.rms_norm_eps
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
+        caches = [s.layers[layer] for s in states]
+        if self.cfg.layer_types[layer] != "full_attention":
+            h = self._delta_net(p + "linear_attn.", h, caches, bounds)
+        else:
+            h = self.attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
+        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
+
+    def _delta_net(self, p: str, h: torch.Tensor, states: list[DeltaNetState], bounds: list[tuple[int, int]]
+                   ) -> torch.Tensor:
+        """Gated DeltaNet over sequences' rows bounds[i] of h: the projections once over all rows, the convolution
+        and the recurrence per sequence."""
+        proj = linear(h, self.w[p + "in_proj.fused"])
+        outs = [self._delta_rule(p, proj[a:b], h, state) for (a, b), state in zip(bounds, states)]
+        return linear(outs[0] if len(outs) == 1 else torch.cat(outs), self.w[p + "out_proj.weight"])
+
+    def _delta_rule(self, p: str, proj: torch.Tensor, like: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """One sequence's T rows of the input projection through its convolution and recurrent state (updated in
+        place) -> [T, value heads x value dim], before the output projection; `like`: the layer input's dtype and
+        device."""
+        cfg, w, h = self.cfg, self.w, like
+        t = proj.shape[0]
         nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
         channels = 2 * nk * dk + nv * dv
-        proj = linear(h, w[p + "in_proj.fused"])
         conv_w = w[p + "conv1d.weight"]  # [channels, 1, kernel]
         kernel = conv_w.shape[-1]
         if state.conv is None:
@@ -378,7 +402,7 @@ class Qwen3NextModel(ResidentWeights):
             out = cpu_native.delta_decode(proj, state.conv, conv_w, w[p + "A_log"], w[p + "dt_bias"], state.recurrent,
                                           w[p + "norm.weight"], cfg.rms_norm_eps, nk, nv, dk, dv)
             if out is not None:
-                return linear(out, w[p + "out_proj.weight"])
+                return out
         mixed, z, b, a = proj.split([channels, nv * dv, nv, nv], dim=-1)
 
         # causal depthwise conv over [previous kernel-1 inputs, new inputs]; zeros before the first token
@@ -403,7 +427,7 @@ class Qwen3NextModel(ResidentWeights):
             state.recurrent.copy_(final)
         # the output norm has plain weights and a SiLU gate
         out = fused.rms_norm(out[0], w[p + "norm.weight"], cfg.rms_norm_eps, zero_centred=False, gate=z.view(t, nv, dv))
-        return linear(out.reshape(t, nv * dv), w[p + "out_proj.weight"])
+        return out.reshape(t, nv * dv)
 
     # ---- channel mixing: router, shared expert, dense MLP ---------------------------------------
     def kv_cache(self, state: SequenceState, layer: int) -> KVCache | None:
