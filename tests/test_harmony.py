@@ -78,14 +78,30 @@ def gpt_oss_server(built, tmp_path_factory):
     s.close()
 
 
+class Scripted:
+    """A Sequence (flashmoe/sequence.py) that makes `ids` whatever the logits say: the forward still runs each step."""
+
+    def __init__(self, model, ids: list[int]):
+        self.state, self.ids = model.new_state(), list(ids)
+        self.prompt_done, self.done, self.generated = True, False, 0
+
+    def begin(self) -> list[int]:
+        return [self.ids[0]]
+
+    def advance(self, logits) -> int:
+        token = self.ids.pop(0)
+        self.generated += 1
+        self.done = not self.ids
+        return token
+
+    def close(self) -> None:
+        pass
+
+
 def scripted(server, monkeypatch, text: str):
-    """The model's generate() replaced by one that yields `text` in its own tokens (markers as special tokens)."""
+    """The model's replies replaced by `text` in its own tokens (markers as special tokens)."""
     ids = server.model.tokenizer.encode(text, add_special_tokens=False)
-
-    def generate(prompt_ids, *args, **kwargs):
-        yield from ids
-
-    monkeypatch.setattr(server.model, "generate", generate)
+    monkeypatch.setattr(server.model, "sequence", lambda *args, **kwargs: Scripted(server.model, ids))
 
 
 def test_the_server_returns_reasoning_and_tool_calls_from_a_harmony_reply(gpt_oss_server, monkeypatch):
