@@ -1,4 +1,4 @@
-"""The prompt (grouped) expert kernels compile for Hopper on any machine: triton.compile runs the whole pipeline to
+"""The expert kernels (prompt and decode) compile for Hopper on any machine: triton.compile runs the whole pipeline to
 a cubin without a GPU, so a kernel that Triton's interpreter runs but its compiler refuses (an early return in a
 constexpr branch did: the interpreter ran it, the device did not) fails here rather than on the device, and each
 launch's shared memory fits an H100/H200 SM."""
@@ -29,24 +29,20 @@ from triton.compiler import ASTSource
 from flashmoe.kernels import moe_triton as mt
 
 shared = []
-for name, meta, act_dtype in json.loads(sys.stdin.read()):
+for name, meta, pointers in json.loads(sys.stdin.read()):
     kernel = getattr(mt, name)
     consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
     signature = {}
     for arg in kernel.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
-        elif arg in ("x_ptr", "act_ptr", "y_ptr"):
-            signature[arg] = act_dtype
-        elif arg == "pair_weight_ptr":
-            signature[arg] = "*fp32"
-        elif arg == "slab_ptr":
-            signature[arg] = "*u8"
+        elif arg in pointers:
+            signature[arg] = pointers[arg]
         elif arg.endswith("_ptr"):
             signature[arg] = "*i32"
         else:
             signature[arg] = "fp32" if arg in ("limit", "alpha") else "i32"
-    options = {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
     compiled = triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
     shared.append(compiled.metadata.shared)
 print(json.dumps(shared))
@@ -54,8 +50,8 @@ print(json.dumps(shared))
 
 
 def _compile(cases: list) -> list[int]:
-    """Compile each (kernel name, launch constexprs, activation pointer type) for sm_90 in a process of its own:
-    the tests' conftest puts Triton in interpreter mode, whose kernels do not compile. Their shared bytes."""
+    """Compile each (kernel name, launch constexprs, pointer types other than int32) for sm_90 in a process of its
+    own: the tests' conftest puts Triton in interpreter mode, whose kernels do not compile. Their shared bytes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(cases), env=env, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
@@ -83,7 +79,8 @@ def _cases(qb: mt.QuantBlob, gate_up_tile: mt.PromptTile, down_tile: mt.PromptTi
         meta["IEEE"] = act_dtype == "*fp32"
         if name == "_gate_up_swiglu_kernel":
             meta["ACT"] = qb.act
-        cases.append((name, meta, act_dtype))
+        cases.append((name, meta, {"x_ptr": act_dtype, "act_ptr": act_dtype, "y_ptr": act_dtype, "slab_ptr": "*u8",
+                                   "pair_weight_ptr": "*fp32"}))
     return cases
 
 
@@ -104,3 +101,41 @@ def test_gpt_oss_and_float32_prompts_compile():
 @pytest.mark.parametrize("tile", TILES)
 def test_other_prompt_tiles_compile(tile):
     _fit(_cases(_quant_blob(4, mt.SCALE_FP16), TILES[tile], TILES[tile]))
+
+
+def _decode_cases(qb: mt.QuantBlob) -> list:
+    """The decode kernels as decode_gate_up_swiglu, down_partials, sum_partials and down_weighted_sum launch them."""
+    tile = mt.DECODE_TILE
+    up_step = mt.gemv_block_bytes(qb, qb.hidden, tile["block_b"])
+    down_step = mt.gemv_block_bytes(qb, qb.intermediate, tile["block_b"])
+    common = dict(BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=tile["block_n"], SCALE_KIND=qb.scale_kind, BIAS=qb.bias,
+                  num_warps=tile["num_warps"])
+    blobs = {"slab_ptr": "*u8", "host_ptr": "*u8"}
+    bf16 = {name: "*bf16" for name in ("x_ptr", "act_ptr", "out_ptr", "base_ptr", "shared_ptr", "shared_gate_ptr")}
+    floats = {"weight_ptr": "*fp32", "partial_ptr": "*fp32", "extra_ptr": "*fp32"}
+    return [
+        ("_decode_gate_up_kernel", dict(common, BLOCK_B=up_step, ACT=qb.act, EVEN_K=mt.gemv_even(qb, qb.hidden, up_step)),
+         {**blobs, **bf16}),
+        ("_down_partial_kernel", dict(common, BLOCK_B=down_step, EVEN_K=mt.gemv_even(qb, qb.intermediate, down_step)),
+         {**blobs, **bf16, **floats}),
+        ("_down_weighted_sum_kernel", dict(common, BLOCK_B=down_step, EPILOGUE=True, SHARED=2,
+                                           EVEN_K=mt.gemv_even(qb, qb.intermediate, down_step)),
+         {**blobs, **bf16, **floats}),
+        ("_sum_partials_kernel", dict(BLOCK_N=256, EPILOGUE=True, SHARED=2, EXTRA=True), {**bf16, **floats}),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_kernels_compile_for_every_scale_kind(kind):
+    _fit(_decode_cases(_quant_blob(*KINDS[kind])))
+
+
+def test_gpt_oss_decode_and_resident_gemv_compile():
+    """GPT-OSS's experts (biases, the clamped SwiGLU) at its 2880-wide rows, whose last K step is masked; and the
+    GEMV of a resident matrix kept quantized."""
+    qb = mt.QuantBlob(2880, 2880, 4, 32, 8 << 20, 0, 1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20,
+                      scale_kind=mt.SCALE_E8M0, bias=True, limit=7.0, alpha=1.702)
+    gemv = ("_affine_gemv_kernel", dict(BITS=4, GROUP=64, BLOCK_N=mt.DECODE_TILE["block_n"], BLOCK_B=512,
+                                        SCALE_KIND=mt.SCALE_FP16, num_warps=mt.DECODE_TILE["num_warps"]),
+            {"x_ptr": "*bf16", "blob_ptr": "*u8", "out_ptr": "*bf16"})
+    _fit(_decode_cases(qb) + [gemv])
