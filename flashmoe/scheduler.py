@@ -104,7 +104,7 @@ class Scheduler:
         if max_active < 1 or max_waiting < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise FlashMoeError("need max_active >= 1, max_waiting >= 0 and prefill_chunk >= 1")
         self.model, self.prefill_chunk = model, prefill_chunk
-        # one forward for all running requests a round, or one each. None: batched on the CPU (8 streams 1.4-1.6x
+        # one forward for all running requests a round, or one each. None: batched on the CPU (8 streams 1.9-2.0x
         # on the 2-core VM, RESULTS.md), one each on a GPU, where a sequence alone keeps its CUDA graphs and batched
         # steps run eagerly (not measured there yet)
         self.batch_steps = model.device.type == "cpu" if batch_steps is None else batch_steps
