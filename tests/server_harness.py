@@ -19,7 +19,7 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 class RunningServer:
     def __init__(self, store, api_key: str | None = None, max_active: int = 2, max_waiting: int = 64,
-                 batch_steps: bool | None = False, **load_options):
+                 batch_steps: bool | None = None, **load_options):
         self.model = flashmoe.load(store, **load_options)
         self.served = ServedModel(self.model, MODEL_NAME, max_active=max_active, max_waiting=max_waiting,
                                   batch_steps=batch_steps)

@@ -29,7 +29,7 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 @pytest.fixture(scope="module")
 def server(built):
-    s = RunningServer(built.store("qwen3_5_moe", 4), cache_gb=0.01, max_active=2, batch_steps=True)  # the others: a step each
+    s = RunningServer(built.store("qwen3_5_moe", 4), cache_gb=0.01, max_active=2, batch_steps=True)
     yield s
     s.close()
 
@@ -346,6 +346,25 @@ def test_concurrent_clients_get_what_they_would_get_alone(server, reference):
         answers = list(pool.map(ask, prompts))
     assert answers == expected
     assert metric(server, 'flashmoe_requests_total{outcome="finished"}') == finished_before + len(prompts)
+
+
+def test_a_step_each_also_gives_concurrent_clients_what_they_would_get_alone(built, reference):
+    """serve's way on a GPU (--no-batch-steps): the running requests take a forward each in turn."""
+    s = RunningServer(built.store("qwen3_5_moe", 4), cache_gb=0.01, max_active=2, batch_steps=False)
+    try:
+        prompts = [f"Tell me about {topic}." for topic in ("rivers", "owls", "Rome")]
+        expected = [greedy_text(reference, [{"role": "user", "content": p}], 8, enable_thinking=False) for p in prompts]
+
+        def ask(prompt):
+            return s.client().chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0,
+                extra_body=NO_THINKING).choices[0].message.content
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(ask, prompts)) == expected
+        assert not s.served.scheduler.batch_steps
+    finally:
+        s.close()
 
 
 def test_disconnect_cancels_and_health_answers_during_generation(server):
