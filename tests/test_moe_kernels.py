@@ -285,3 +285,13 @@ def test_prompt_k_step_is_whole_groups_dividing_the_row():
     assert mt.prompt_block_k(qb, 160, 128) == 32  # 5 groups: one at a time
     assert mt.prompt_block_k(qb, 4096, 16) == 16  # within a group
     assert mt.prompt_block_k(mt.QuantBlob(64, 64, 8, 128, 4096, 0, 0, 0, 0, 0, 0), 7168, 256) == 256
+
+
+def test_a_prompts_tiles_are_made_once_for_both_launches():
+    """A layer's gate_up and down launches ask for the same large tile layout: the second gets the first's tensors;
+    another layout gets its own."""
+    starts = list(range(0, 10 * 513, 10))  # 512 experts of 10 pairs
+    first = mt._tiles(starts, 16, torch.device(DEVICE))
+    assert mt._tiles(starts, 16, torch.device(DEVICE))[0] is first[0]
+    other = mt._tiles(starts[:-1] + [starts[-1] + 7], 16, torch.device(DEVICE))
+    assert other[0] is not first[0] and other[0].numel() == 513 and other[1][-1].item() == 5126  # 17 pairs: 2 tiles
