@@ -41,12 +41,14 @@ class Server:
     """`python -m flashmoe serve STORE ...` on a free port, until closed."""
 
     def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path,
-                 batch_steps: bool = False):
+                 batch_steps: bool | None = None):
+        """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "flashmoe", "serve", str(store), "--port", str(self.port), "--device", device,
-               "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb),
-               "--batch-steps" if batch_steps else "--no-batch-steps"]
+               "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb)]
+        if batch_steps is not None:
+            cmd.append("--batch-steps" if batch_steps else "--no-batch-steps")
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
@@ -71,6 +73,18 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log.close()
+
+
+def stream_rows(server: Server, counts: list[int], tokens: int, how: str = "") -> list[str]:
+    """The table's rows of streams(server, n, tokens) for each n in counts, after a warm-up; `how`: the rows' label."""
+    streams(server, 1, 4)  # warm-up: kernels, caches
+    rows, base = [], None
+    for n in counts:
+        rate = streams(server, n, tokens)
+        base = base or rate
+        rows.append(f"| {n} streams{how} | {rate:.1f} tok/s | {rate / base:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def streams(server: Server, n: int, tokens: int) -> float:
@@ -153,25 +167,13 @@ def main() -> None:
             for batch in (False, True):
                 server = Server(store, args.device, max(counts), 1.0, tmp / f"serve-batch{batch}.log", batch)
                 try:
-                    streams(server, 1, 4)  # warm-up: kernels, caches
-                    base = None
-                    for n in counts:
-                        rate = streams(server, n, args.tokens)
-                        base = base or rate
-                        how = "batched steps" if batch else "a step each"
-                        rows.append(f"| {n} streams, {how} | {rate:.1f} tok/s | {rate / base:.2f}x |")
-                        print(rows[-1], flush=True)
+                    rows += stream_rows(server, counts, args.tokens, ", batched steps" if batch else ", a step each")
                 finally:
                     server.close()
         server = Server(store, args.device, max(counts), 1.0, tmp / "serve-cache.log")
         try:
-            streams(server, 1, 4)  # warm-up: kernels, caches
-            base = None
-            for n in counts if not args.batch_steps else []:
-                rate = streams(server, n, args.tokens)
-                base = base or rate
-                rows.append(f"| {n} streams | {rate:.1f} tok/s | {rate / base:.2f}x |")
-                print(rows[-1], flush=True)
+            if not args.batch_steps:  # serve's default way
+                rows += stream_rows(server, counts, args.tokens)
             turns(server, 1, 20, 4, seed=99)  # warm-up on another chat
             ttft["cache"] = turns(server, args.turns, args.words, args.reply, seed=1)
         finally:

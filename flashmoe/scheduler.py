@@ -2,8 +2,9 @@
 
 Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state. Every round
 the worker makes one step of each (its next prompt chunk or its next token), so a long generation never starves a
-short one; with `batch_steps`, one forward for all of them (Model.step: the experts they choose read once for all). A request whose client went away is dropped at its next turn. The HTTP
-side never touches the model: it submits a job and reads the job's tokens from an asyncio queue the worker fills.
+short one; with `batch_steps`, one forward for all of them (Model.step: the weights and experts they need read
+once for all). A request whose client went away is dropped at its next turn. The HTTP side never touches the
+model: it submits a job and reads the job's tokens from an asyncio queue the worker fills.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class Scheduler:
             self._end(job, Finished("cancelled", "the server is shutting down"))
 
     def _round(self, running: list[Job]) -> None:
-        """One step of every running job in one forward; jobs that end leave the active list."""
+        """One step of each of `running` in one forward; jobs that end leave the active list."""
         jobs = [job for job in running if self._ready(job)]
         if not jobs:
             return

@@ -16,10 +16,12 @@ def alone(model, prompt, n, **kw):
     return list(model.generate(prompt, n, stop_token_ids=[], **kw))
 
 
-def together(model, prompts, n, prefill_chunk=None, **kw):
+def together(model, prompts, n, prefill_chunk=None, seeds=None, **kw):
     """The prompts run as the server runs them: one step of every unfinished sequence per forward, prompts in chunks
-    beside the others' decoding."""
-    seqs = [model.sequence(p, n, stop_token_ids=[], prefill_chunk=prefill_chunk, **kw) for p in prompts]
+    beside the others' decoding; seeds: each sequence's own."""
+    seeds = seeds or [None] * len(prompts)
+    seqs = [model.sequence(p, n, stop_token_ids=[], prefill_chunk=prefill_chunk, seed=seed, **kw)
+            for p, seed in zip(prompts, seeds)]
     made = [[] for _ in prompts]
     while any(not s.done for s in seqs):
         running = [i for i, s in enumerate(seqs) if not s.done]
@@ -61,14 +63,7 @@ def test_sampled_sequences_keep_their_seeds(built):
     model = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
     kw = dict(temperature=0.9, top_p=0.95)
     expected = [alone(model, p, 8, seed=i) for i, p in enumerate(PROMPTS)]
-    seqs = [model.sequence(p, 8, stop_token_ids=[], seed=i, **kw) for i, p in enumerate(PROMPTS)]
-    made = [[] for _ in PROMPTS]
-    while not all(s.done for s in seqs):
-        live = [s for s in seqs if not s.done]
-        for s, row in zip(live, model.step(live)):
-            token = s.advance(row)
-            if token is not None:
-                made[seqs.index(s)].append(token)
+    made = together(model, PROMPTS, 8, seeds=list(range(len(PROMPTS))), **kw)
     assert made == [alone(model, p, 8, seed=i, **kw) for i, p in enumerate(PROMPTS)]
     assert made != expected  # the sampling was not greedy
 

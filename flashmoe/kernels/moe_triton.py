@@ -183,10 +183,10 @@ if triton is not None:
         return k
 
     @triton.jit
-    def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k0, m, in_features,
+    def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, m, in_features,
                       BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, WIDE: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-        """Rows `rows` x the columns _step_columns(k0, m) of a packed [out, in] weight -> float32 tile. The step's
+        """Rows `rows` x the columns k = _step_columns(k0, m) of a packed [out, in] weight -> float32 tile. The step's
         packed bytes are read as one contiguous run per row (vector loads) and split into codes in registers. The
         step is one group (from k0 within it) or (WIDE) several whole groups, each column then taking its own
         group's scale and bias."""
@@ -207,7 +207,6 @@ if triton is not None:
                                   tl.interleave((packed >> 2) & 3, packed >> 6))
         groups = in_features // GROUP
         if WIDE:  # [rows, k] of per-group numbers: a row's repeats within a group are the same address (cached)
-            k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
             at = rows[:, None] * groups + (k // GROUP)[None, :]
             at_mask = row_mask[:, None]
         else:
@@ -410,9 +409,9 @@ if triton is not None:
             for m in tl.static_range(8 // BITS if SPLIT else 1):  # SPLIT: a product per bit position of the bytes
                 k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
                 xt = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=pair_mask[:, None], other=0.0)
-                wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k0, m, H, BITS, GROUP, SCALE_KIND,
-                                   WIDE, BLOCK_K, SPLIT)
-                wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k0, m, H, BITS, GROUP,
+                wg = _dequant_tile(base, gu_packed, gu_scales, gu_biases, n, n_mask, k, k0, m, H, BITS, GROUP,
+                                   SCALE_KIND, WIDE, BLOCK_K, SPLIT)
+                wu = _dequant_tile(base, gu_packed, gu_scales, gu_biases, I + n, n_mask, k, k0, m, H, BITS, GROUP,
                                    SCALE_KIND, WIDE, BLOCK_K, SPLIT)
                 acc_g += _dot_weights_t(xt, wg, IEEE, SWAP)
                 acc_u += _dot_weights_t(xt, wu, IEEE, SWAP)
@@ -532,8 +531,8 @@ if triton is not None:
             for m in tl.static_range(8 // BITS if SPLIT else 1):
                 k = _step_columns(k0, m, BITS, BLOCK_K, SPLIT)
                 a = tl.load(act_ptr + pairs[:, None].to(tl.int64) * I + k[None, :], mask=pair_mask[:, None], other=0.0)
-                w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k0, m, I, BITS, GROUP, SCALE_KIND, WIDE,
-                                  BLOCK_K, SPLIT)
+                w = _dequant_tile(base, d_packed, d_scales, d_biases, n, n_mask, k, k0, m, I, BITS, GROUP, SCALE_KIND,
+                                  WIDE, BLOCK_K, SPLIT)
                 acc += _dot_weights_t(a, w, IEEE, SWAP)
         y = _tile_result(acc, SWAP)
         if BIAS:
@@ -623,7 +622,7 @@ def prompt_block_k(qb: QuantBlob, in_features: int, want: int) -> int:
 
 
 def _grouped_launch(tile: PromptTile, qb: QuantBlob, in_features: int, starts: list[int], device):
-    """(tile_expert, tile_row, grid rows, constexprs) of a grouped kernel launch."""
+    """(tile_expert, tile_row, the launch's constexprs and options) of a grouped kernel."""
     block_t = tile.block_t or _block_t(starts)
     block_k = prompt_block_k(qb, in_features, tile.block_k)
     tile_expert, tile_row = _tiles(starts, block_t, device)

@@ -106,8 +106,8 @@ class MLA:
     def attend_many(self, w: dict, p: str, h: torch.Tensor, caches: list[LatentCache], starts: list[int],
                     bounds: list[tuple[int, int]]) -> torch.Tensor:
         """As layers.attention.Attention.attend_many; here one sequence at a time (its projections included)."""
-        return torch.cat([self.attend(w, p, h[a:b], cache, start)
-                          for (a, b), cache, start in zip(bounds, caches, starts)])
+        outs = [self.attend(w, p, h[a:b], cache, start) for (a, b), cache, start in zip(bounds, caches, starts)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # one sequence (mix): no copy
 
     def attend(self, w: dict, p: str, h: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
         s = self.spec
