@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
-from flashmoe.synthetic import DEEPSEEK_V3, GLM4_5_AIR, GPT_OSS_120B, MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_397B
+from flashmoe.synthetic import (DEEPSEEK_V3, GLM4_5_AIR, GPT_OSS_120B, MIXTRAL_8X7B, QWEN3_235B, QWEN3_5_35B,
+                                QWEN3_5_397B)
 
 # real models' geometries for random stores: name -> (config.json, K, the real model's layer count, its name)
 GEOMETRIES = {
     "397b": (QWEN3_5_397B, 4, 60, "Qwen3.5-397B-A17B"),  # K=4: Flash-MoE's measured sweet spot for this model
+    "35b": (QWEN3_5_35B, 8, 40, "Qwen3.5-35B-A3B"),
     "qwen3-235b": (QWEN3_235B, 8, 94, "Qwen3-235B-A22B"),
     "mixtral-8x7b": (MIXTRAL_8X7B, 2, 32, "Mixtral-8x7B"),
     "glm-4.5-air": (GLM4_5_AIR, 8, 46, "GLM-4.5-Air"),

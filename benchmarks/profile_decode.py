@@ -1,12 +1,15 @@
 """Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a real model's geometry.
 
     python benchmarks/profile_decode.py --root /data/bench [--geometry 397b] [--layers 4] [--steps 8] [--eager]
+        [--bits 4] [--group-size 64] [--vocab N] [--k K] [--host]
 
 Writes (once) a random store with the geometry (default Qwen3.5-397B-A17B: the first three layers DeltaNet, the
 fourth full attention, as in the real model) and --layers layers, loads it with every expert in VRAM, and
 profiles --steps decode steps: the kernels sorted by GPU time per step, the head (final norm, lm_head,
 argmax) alone, and bf16 matrix-vector products of the layer's shapes against the HBM read bandwidth.
-With --eager the layers run without CUDA graphs (the same kernels, launched one by one).
+With --eager the layers run without CUDA graphs (the same kernels, launched one by one). --vocab replaces the
+real vocabulary (peers.py's 512 leaves a step's layers and host time, the head nearly free); --host adds a cProfile
+of the same steps: where the host's time between the GPU's kernels goes.
 """
 
 from __future__ import annotations
@@ -40,12 +43,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--host", action="store_true")
+    ap.add_argument("--k", type=int, default=None, help="experts per token (default: the geometry's)")
     args = ap.parse_args()
     geometry, k, _, _ = GEOMETRIES[args.geometry]
-    path = args.root / f"store-{args.geometry}-{args.layers}l"
+    k = args.k or k
+    vocab = args.vocab or geometry["vocab_size"]
+    path = args.root / f"store-{args.geometry}-{args.layers}l-{args.bits}b-g{args.group_size}-v{vocab}"
     if not (path / "manifest.json").exists():
-        write_random_store(path, dict(geometry, num_hidden_layers=args.layers, num_experts_per_tok=k),
-                           device="cuda")
+        write_random_store(path, dict(geometry, num_hidden_layers=args.layers, num_experts_per_tok=k,
+                                      vocab_size=vocab), bits=args.bits, group_size=args.group_size, device="cuda")
     model = flashmoe.load(path, device="cuda", experts_per_token=k, cuda_graphs=not args.eager,
                           vram_cache_gb=model_bytes_gb(path) * 1.01)
     model.warm_cache()
@@ -65,6 +75,18 @@ def main() -> None:
         for _ in range(args.steps):
             logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
         torch.cuda.synchronize()
+    if args.host:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
+        torch.cuda.synchronize()
+        profiler.disable()
+        print(f"\nhost, {args.steps} steps (cProfile slows Python ~2x; the split is what counts):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total_us = sum(e.self_device_time_total for e in events) / args.steps
