@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a real model's geometry.
 
     python benchmarks/profile_decode.py --root /data/bench [--geometry 397b] [--layers 4] [--steps 8] [--eager]
-        [--bits 4] [--group-size 64] [--vocab N] [--k K] [--host]
+        [--bits 4] [--group-size 64] [--vocab N] [--k K] [--host] [--per-layer]
 
 Writes (once) a random store with the geometry (default Qwen3.5-397B-A17B: the first three layers DeltaNet, the
 fourth full attention, as in the real model) and --layers layers, loads it with every expert in VRAM, and
@@ -9,7 +9,8 @@ profiles --steps decode steps: the kernels sorted by GPU time per step, the head
 argmax) alone, and bf16 matrix-vector products of the layer's shapes against the HBM read bandwidth.
 With --eager the layers run without CUDA graphs (the same kernels, launched one by one). --vocab replaces the
 real vocabulary (peers.py's 512 leaves a step's layers and host time, the head nearly free); --host adds a cProfile
-of the same steps: where the host's time between the GPU's kernels goes.
+of the same steps: where the host's time between the GPU's kernels goes. --per-layer: a graph per layer instead of
+the whole step's one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--host", action="store_true")
+    ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--k", type=int, default=None, help="experts per token (default: the geometry's)")
     args = ap.parse_args()
     geometry, k, _, _ = GEOMETRIES[args.geometry]
@@ -59,6 +61,7 @@ def main() -> None:
     model = flashmoe.load(path, device="cuda", experts_per_token=k, cuda_graphs=not args.eager,
                           vram_cache_gb=model_bytes_gb(path) * 1.01)
     model.warm_cache()
+    model.whole_step_graphs = not args.per_layer
     state = model.new_state()
     logits = model.forward(list(range(100, 116)), state, all_logits=False)
     for _ in range(3):
@@ -90,7 +93,8 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total_us = sum(e.self_device_time_total for e in events) / args.steps
-    print(f"\n{'graphs' if not args.eager else 'eager'}: {args.layers} layers, wall {wall_ms:.3f} ms/step, "
+    kind = "eager" if args.eager else "a graph per layer" if args.per_layer else "one graph a step"
+    print(f"\n{kind}: {args.layers} layers, wall {wall_ms:.3f} ms/step, "
           f"GPU kernels {total_us:.1f} us/step, {sum(e.count for e in events) / args.steps:.0f} kernels/step")
     print(f"{'us/step':>9} {'calls/step':>10}  kernel")
     for e in events[: args.top]:

@@ -174,6 +174,9 @@ class Model:
         # (start, end) CUDA events around each forward's layers, when a benchmark asks (a list): the GPU timeline of
         # the layers alone, without the per-token work before and after them (embedding, head, sampling, host)
         self.layer_events: list | None = None
+        # a one-device decode step with every expert resident as one graph from token to logits (decode_graphs.py);
+        # off: a graph per layer (the layers' own timing needs that, and benchmarks compare the two)
+        self.whole_step_graphs = True
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.prefix_cache: PrefixCache | None = None  # load(prefix_cache_gb=...): states kept for the next turn
 
@@ -390,6 +393,11 @@ class Model:
         last device)."""
         self._check_tokens(token_ids)
         pipe = self.pipeline
+        # graphs from the second one-token step on: the first compiles every kernel eagerly
+        graphed = len(token_ids) == 1 and state.decode_steps >= 1
+        if graphed and (logits := self._whole_step(token_ids[0], state)) is not None:
+            self._forwarded(state, 1)
+            return logits
         if pipe is not None and pipe.led and pipe.first:
             pipe.announce("forward", state.pipeline_id, token_ids, all_logits)
         with _on(self.device):
@@ -397,22 +405,13 @@ class Model:
                 x = self.model.embed(torch.tensor(token_ids, dtype=torch.long, device=self.device))
             else:  # the hidden state from the rank before
                 x = pipe.receive((len(token_ids), self.config.hidden_size), self.model.dtype, self.device)
-        timers = self._timers
-        # graphs from the second one-token step on: the first compiles every kernel eagerly
-        graphed = len(token_ids) == 1 and state.decode_steps >= 1
         for routing in self.trace_routing:
             routing.begin(state.position, len(token_ids))
         for stage in self.stages:
             with _on(stage.device):
                 x = x.to(stage.device)  # the hidden state crosses to the next device: a few KB, once per block
-                x = self._run_stage(stage, x, state, graphed and stage.graphs is not None, timers)
-        timers["expert_io_ms"] = self._expert_times.io_wait_ms
-        timers["expert_compute_ms"] = self._expert_times.compute_ms
-        state.position += len(token_ids)
-        state.decode_steps += len(token_ids) == 1
-        for stage in self.stages:
-            stage.fetcher.tick()
-        self._tokens["tokens"] += len(token_ids)
+                x = self._run_stage(stage, x, state, graphed and stage.graphs is not None, self._timers)
+        self._forwarded(state, len(token_ids))
         last = self.stages[-1]
         with _on(last.device):
             if pipe is not None and not pipe.last:
@@ -422,15 +421,44 @@ class Model:
             logits = last.model.logits(x if all_logits else x[-1:])
             return logits if pipe is None else pipe.share_logits(logits, logits.shape, self.device)
 
+    def _forwarded(self, state, n: int) -> None:
+        """After `n` tokens of `state` went through every layer: positions, counters, the caches' clocks."""
+        self._timers["expert_io_ms"] = self._expert_times.io_wait_ms
+        self._timers["expert_compute_ms"] = self._expert_times.compute_ms
+        state.position += n
+        state.decode_steps += n == 1
+        for stage in self.stages:
+            stage.fetcher.tick()
+        self._tokens["tokens"] += n
+
+    def _whole_step(self, token: int, state) -> torch.Tensor | None:
+        """A decode step as one graph from token to logits (decode_graphs.py: every expert resident, one device);
+        None where the layers must run one by one (several blocks, routing traced or timed per layer)."""
+        stage = self.stages[0]
+        if (not self.whole_step_graphs or len(self.stages) > 1 or self.pipeline is not None or self.trace_routing
+                or self.layer_events is not None or stage.graphs is None):
+            return None
+        with _on(stage.device):
+            self._position_on(stage, state)
+            t0 = time.perf_counter()
+            logits = stage.graphs.whole_step(token, state, stage.layers)
+        if logits is not None:
+            self._expert_times.compute_ms += (time.perf_counter() - t0) * 1e3  # the whole step: everything is compute
+        return logits
+
+    @staticmethod
+    def _position_on(stage: Stage, state) -> None:
+        """Graphs read the position from the device: one tensor per device, each graph bound to its own."""
+        state.position_t = state.positions_t.get(stage.device)
+        if state.position_t is None:
+            state.position_t = state.positions_t[stage.device] = torch.zeros(1, dtype=torch.long, device=stage.device)
+        state.position_t.fill_(state.position)
+
     def _run_stage(self, stage: Stage, x: torch.Tensor, state, graphed: bool, timers: dict) -> torch.Tensor:
         """The layers of one device's block."""
         clock = stage.routed._clock
-        if graphed:  # graphs read the position from the device: one tensor per device, each graph bound to its own
-            state.position_t = state.positions_t.get(stage.device)
-            if state.position_t is None:
-                state.position_t = state.positions_t[stage.device] = torch.zeros(1, dtype=torch.long,
-                                                                                  device=stage.device)
-            state.position_t.fill_(state.position)
+        if graphed:
+            self._position_on(stage, state)
         if self.layer_events is not None:
             self.layer_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.layer_events[-1][0].record()

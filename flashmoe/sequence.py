@@ -80,11 +80,14 @@ class Sequence:
             if self.max_new_tokens == 0:
                 self.done = True
                 return None
-        row = logits[-1].float().cpu()
-        if self.constraint is not None:
-            row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
-            self.constraint.mask(row)
-        token = sample(row, self.temperature, self.top_p, self.top_k, self.rng)
+        if self.temperature <= 0 and self.constraint is None:  # greedy: argmax where the logits are, one int crosses
+            token = int(logits[-1].argmax())
+        else:
+            row = logits[-1].float().cpu()
+            if self.constraint is not None:
+                row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
+                self.constraint.mask(row)
+            token = sample(row, self.temperature, self.top_p, self.top_k, self.rng)
         if self.constraint is not None:
             self.constraint.accept(token)
         model._tokens["generated_tokens"] += 1

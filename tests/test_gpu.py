@@ -140,7 +140,7 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     resident.forward(PROMPT[:8], s_res)
     for t in PROMPT[8:20]:
         assert rel_error(resident.forward([t], s_res).cpu(), host_driven.forward([t], s_host).cpu()) < 1e-5
-    assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_res.decode_graphs)
+    assert "step" in s_res.decode_graphs  # the whole step as one graph (the next test compares it with a graph a layer)
     stats = resident.stats
     assert stats["vram_cache_misses"] == 0 and stats["vram_cache_hits"] > 0 and stats["expert_reads"] == 0
     assert list(resident.generate(PROMPT[:8], 12, stop_token_ids=[])) == list(
@@ -149,6 +149,32 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     long_prompt = (PROMPT * 40)[:250]
     assert list(resident.generate(long_prompt, 16, stop_token_ids=[])) == list(
         host_driven.generate(long_prompt, 16, stop_token_ids=[]))
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_whole_step_graph_matches_a_graph_per_layer_across_cache_growth(built, arch):
+    """With every expert resident a decode step is one graph from token to logits; it answers as the graph-per-layer
+    path does, across the KV caches' doubling at 256 positions (captured again), and
+    the logits it returns stay the caller's after later steps."""
+    store = built.store(arch, 4)
+    whole, layered = (flashmoe.load(store, device="cuda", dtype=torch.float32) for _ in range(2))
+    for m in (whole, layered):
+        m.warm_cache()
+    layered.whole_step_graphs = False
+    s_whole, s_layered = whole.new_state(), layered.new_state()
+    long_prompt = (PROMPT * 40)[:250]
+    whole.forward(long_prompt, s_whole)
+    layered.forward(long_prompt, s_layered)
+    kept, token = [], PROMPT[0]
+    for _ in range(12):
+        got, want = whole.forward([token], s_whole), layered.forward([token], s_layered).cpu()
+        assert rel_error(got.cpu(), want) < 1e-5
+        kept.append((got, want))
+        token = int(want.argmax())
+    assert all(rel_error(got.cpu(), want) < 1e-5 for got, want in kept)
+    assert "step" in s_whole.decode_graphs and "step" not in s_layered.decode_graphs
+    assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_layered.decode_graphs)
+    assert whole.stats["vram_cache_hits"] > 0 and whole.stats["expert_reads"] == 0
 
 
 @pytest.mark.parametrize("arch", LAYOUTS)
@@ -173,7 +199,7 @@ def test_zero_copy_decode_reads_ram_experts_in_the_kernels_and_matches(built, ar
     small.reset_stats()
     for t in PROMPT[8:20]:
         assert rel_error(small.forward([t], s_small).cpu(), everything.forward([t], s_all).cpu()) < 1e-5
-    assert any(isinstance(key, tuple) and key[0] == "resident" for key in s_small.decode_graphs)
+    assert "step" in s_small.decode_graphs
     stats = small.stats
     assert stats["expert_bytes_copied"] == 0 and stats["expert_reads"] == 0
     assert stats["expert_bytes_zero_copy"] == stats["vram_cache_misses"] * blob > 0
