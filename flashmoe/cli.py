@@ -4,8 +4,10 @@ non-zero."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -355,9 +357,27 @@ def serve(
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk,
                          batch_steps=batch_steps)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    # the model stays in this thread, the one that loaded it (scheduler.py: on the CPU a second thread decoded at
+    # half the speed); the HTTP side gets a thread of its own, and SIGTERM stops both as Ctrl-C does
+    http = uvicorn.Server(uvicorn.Config(create_app(served, api_key=api_key), host=host, port=port, log_level="info"))
+    served.scheduler.runs_in_caller = True
+
+    def serve_http() -> None:
+        try:
+            http.run()
+        finally:  # the HTTP side ended (shut down, or it could not start): so does the worker
+            served.scheduler.stop()
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    thread = threading.Thread(target=serve_http, name="flashmoe-http", daemon=True)
+    thread.start()
     try:
-        uvicorn.run(create_app(served, api_key=api_key), host=host, port=port, log_level="info")
+        served.scheduler.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        http.should_exit = True
+        thread.join(timeout=60)
         model.close()
 
 

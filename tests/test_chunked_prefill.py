@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import flashmoe
-from flashmoe.scheduler import Finished, SamplingParams, Scheduler
+from flashmoe.scheduler import Finished, QueueFull, SamplingParams, Scheduler
 
 LONG = list(range(5, 65))  # 60 prompt tokens
 
@@ -68,3 +68,33 @@ def test_a_long_prompt_lets_a_running_stream_go_on(model):
 
     assert asyncio.run(run(None)) <= 3  # the round it arrives in (and the event loop's lag)
     assert asyncio.run(run(4)) >= 10  # 15 chunks, A's turn between each
+
+
+def test_the_worker_can_be_the_thread_that_loaded_the_model(model, monkeypatch):
+    """run(): the caller's thread steps the requests (flashmoe serve's main thread, which loaded the model: on the CPU
+    a second thread decoded at half the speed) while an event loop in another thread submits and reads; a stop()
+    from there ends run(), a request still running hears why, and later ones are refused."""
+    scheduler = Scheduler(model, max_active=1)
+    stepped_in, step = set(), model.step
+    monkeypatch.setattr(model, "step", lambda seqs: (stepped_in.add(threading.current_thread()), step(seqs))[1])
+    seen = {}
+
+    async def client():
+        scheduler.start()  # an app's start-up: nothing, run() is the worker
+        a = scheduler.submit([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0))
+        seen["a"] = [item async for item in a.events()]
+        b = scheduler.submit([5, 6, 7], SamplingParams(max_tokens=100_000, temperature=0.0))
+        events = b.events()
+        await events.__anext__()
+        scheduler.stop()
+        seen["b"] = [item async for item in events][-1]
+        with pytest.raises(QueueFull, match="shutting down"):
+            scheduler.submit([5], SamplingParams(max_tokens=1))
+
+    loop = threading.Thread(target=lambda: asyncio.run(client()))
+    loop.start()
+    scheduler.run()
+    loop.join(timeout=60)
+    assert stepped_in == {threading.current_thread()} and not scheduler._thread.is_alive()
+    assert 2 <= len(seen["a"]) <= 5 and seen["a"][-1].reason in ("length", "stop")
+    assert seen["b"] == Finished("cancelled", "the server is shutting down")

@@ -112,4 +112,7 @@ def test_serve_command_answers_the_openai_client(built, tmp_path):
         assert r.usage.completion_tokens >= 1 and r.model == "local"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        rc = proc.wait(timeout=30)
+    out = proc.stdout.read().decode()
+    # SIGTERM stops it as Ctrl-C does: the HTTP thread shut down, the model (in the main thread) closed, no traceback
+    assert rc == 0 and "Traceback" not in out and "Finished server process" in out, out
