@@ -59,12 +59,21 @@ class Captured:
         # sequence captures its graphs
         collecting = gc.isenabled()
         gc.disable()
+        # capture_begin/end, not torch.cuda.graph: that one empties both of torch's caching allocators first (GPU
+        # blocks, pinned host blocks), so every new request's first eager steps allocated them all again
+        stream = capture_stream()
+        stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream()):
-                self.outputs = fn(*self.inputs)
+            with torch.cuda.stream(stream):
+                self.graph.capture_begin(pool=pool)
+                try:
+                    self.outputs = fn(*self.inputs)
+                finally:
+                    self.graph.capture_end()
         finally:
             if collecting:
                 gc.enable()
+        torch.cuda.current_stream().wait_stream(stream)
 
     def replay(self, *inputs: torch.Tensor):
         for static, new in zip(self.inputs, inputs):
