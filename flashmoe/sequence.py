@@ -36,7 +36,8 @@ class Sequence:
         self.stops = set(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
         if model.pipeline is not None and not model.pipeline.led and seed is None and temperature > 0:
             seed = model.pipeline.shared_seed()  # every rank must draw the same token
-        self.rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}  # with a seed: one per device sampled on
         self.constraint = constraint
         self.ids = list(token_ids)
         self.state, done = model._resume(self.ids)
@@ -80,14 +81,12 @@ class Sequence:
             if self.max_new_tokens == 0:
                 self.done = True
                 return None
-        if self.temperature <= 0 and self.constraint is None:  # greedy: argmax where the logits are, one int crosses
-            token = int(logits[-1].argmax())
-        else:
-            row = logits[-1].float().cpu()
-            if self.constraint is not None:
-                row = row.clone()  # a normal tensor: the forward's output is an inference tensor, read-only here
-                self.constraint.mask(row)
-            token = sample(row, self.temperature, self.top_p, self.top_k, self.rng)
+        row = logits[-1]
+        if self.constraint is not None:  # grammars mask a row in host memory
+            row = row.float().cpu().clone()  # a normal tensor: the forward's output is an inference tensor, read-only
+            self.constraint.mask(row)
+        # otherwise sampled where the logits are: one int crosses from a GPU, not a row of the vocabulary
+        token = sample(row, self.temperature, self.top_p, self.top_k, self._generator(row.device))
         if self.constraint is not None:
             self.constraint.accept(token)
         model._tokens["generated_tokens"] += 1
@@ -96,6 +95,13 @@ class Sequence:
         self.done = (token in self.stops or self.generated == self.max_new_tokens
                      or (self.constraint is not None and self.constraint.finished))
         return token
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None or self.temperature <= 0:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
 
     def close(self) -> None:
         """The end of the reply (or of what was made of it): where the next turn of a chat starts."""
