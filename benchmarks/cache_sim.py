@@ -2,15 +2,23 @@
 
     python benchmarks/cache_sim.py                       # Qwen3.5-397B geometry: 60 layers x 512 experts, K=4 and 10
     python benchmarks/cache_sim.py --trace my.npy         # a recorded trace [tokens, layers, K] (flashmoe.traces)
+    python benchmarks/cache_sim.py --zero-copy [--trace my.npy]   # the VRAM tier of zero-copy decode: static or refreshed
 
 Hit rate = cache hits / expert lookups, one budget over all layers (a share of every expert of the model), over the
 whole trace from a cold cache: each expert's first use is a miss for every policy, Belady's included.
+
+--zero-copy asks what zero-copy decode (every expert in pinned RAM, a share in VRAM; experts.py) would gain if its
+VRAM tier followed the routing: the VRAM set a prompt of --prompt tokens leaves (its most used experts, counts
+decayed by half every ~105 tokens) kept for the rest of the trace, against the same set chosen again from the running
+counts every 1, 16 or 64 tokens; beside them, a per-lookup frequency-LRU and Belady's bound on the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
 
 from flashmoe.eviction import POLICIES, optimal_hits, replay
 from flashmoe.traces import TraceShape, calibrated_trace, load, uniform_trace
@@ -29,6 +37,45 @@ def table(traces: dict, sizes: list[float], experts_total: int) -> list[str]:
     return rows
 
 
+def zero_copy_hits(trace, capacity: int, prompt: int, every: int, decay: float = 0.9 ** (1 / 16)) -> float:
+    """VRAM hit rate after `prompt` tokens when the VRAM set is the `capacity` most used experts (decayed counts),
+    chosen after the prompt and again every `every` tokens (0: never)."""
+    tokens, layers, _ = trace.shape
+    counts = np.zeros((layers, int(trace.max()) + 1))
+
+    def hottest() -> np.ndarray:
+        chosen = np.zeros(counts.size, bool)
+        chosen[np.argsort(-counts.ravel(), kind="stable")[:capacity]] = True
+        return chosen.reshape(counts.shape)
+
+    hits = lookups = 0
+    for t in range(tokens):
+        if t == prompt or (every and t > prompt and (t - prompt) % every == 0):
+            vram = hottest()
+        for layer in range(layers):
+            ids = trace[t, layer]
+            if t >= prompt:
+                hits += int(vram[layer, ids].sum())
+                lookups += len(ids)
+            counts[layer, ids] += 1
+        counts *= decay
+    return hits / lookups
+
+
+def zero_copy_table(traces: dict, sizes: list[float], prompt: int) -> list[str]:
+    rows = ["| trace | VRAM (share of experts) | set after the prompt, kept | refreshed every token | every 16 | every 64 "
+            "| frequency-LRU per lookup | Belady (bound) |", "|---|---|---|---|---|---|---|---|"]
+    for name, trace in traces.items():
+        rest = trace[prompt:]
+        for share in sizes:
+            capacity = max(1, int(share * trace.shape[1] * (int(trace.max()) + 1)))
+            rates = [zero_copy_hits(trace, capacity, prompt, every) for every in (0, 1, 16, 64)]
+            rates += [replay(rest, capacity, POLICIES["frequency-lru"]()) / rest.size,
+                      optimal_hits(rest, capacity) / rest.size]
+            rows.append(f"| {name} | {share:.0%} ({capacity}) | " + " | ".join(f"{r:.1%}" for r in rates) + " |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=60)
@@ -37,6 +84,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=500)
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--trace", help="a recorded trace (.npy) instead of the generated ones")
+    ap.add_argument("--zero-copy", action="store_true", help="the VRAM tier of zero-copy decode, static or refreshed")
+    ap.add_argument("--prompt", type=int, default=200, help="--zero-copy: tokens before the VRAM set is chosen")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if args.trace:
@@ -49,7 +98,8 @@ def main() -> None:
             traces[f"calibrated, K={k}"] = calibrated_trace(shape)
             traces[f"uniform, K={k}"] = uniform_trace(shape)
         total = args.layers * args.experts
-    print("\n".join(table(traces, args.sizes, total)))
+    rows = zero_copy_table(traces, args.sizes, args.prompt) if args.zero_copy else table(traces, args.sizes, total)
+    print("\n".join(rows))
     print(f"\n{sum(t.size for t in traces.values())} lookups per policy and size, {time.perf_counter() - t0:.0f} s")
 
 
