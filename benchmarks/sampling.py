@@ -15,24 +15,17 @@ import time
 import torch
 
 from common import publish, section
-from flashmoe.sampling import sample
+from flashmoe.sampling import reference_distribution, sample
 
 SETTINGS = [(0.0, 1.0, 0), (0.7, 1.0, 0), (0.7, 0.95, 0), (0.6, 0.95, 20), (1.0, 1.0, 50)]
 
 
 def by_full_sort(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
-    """The way sample() chose before (a sort of the whole vocabulary for top-p, multinomial over all of it)."""
+    """The way sample() chose before: a sort of the whole vocabulary for top-p, multinomial over all of it."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    probs = reference_distribution(logits, temperature, top_p, top_k)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def ms(fn, reps: int) -> float:

@@ -50,6 +50,20 @@ def distribution(logits: torch.Tensor, temperature: float, top_p: float = 1.0, t
         n = min(n * WIDEN, k)
 
 
+def reference_distribution(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0
+                           ) -> torch.Tensor:
+    """distribution()'s reference, the way sample() once worked: the whole vocabulary sorted; probabilities [vocab]."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> int:
     """logits: [vocab] float, on any device (`generator` on the same one). temperature 0 means greedy (argmax)."""

@@ -6,20 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashmoe.sampling import FIRST_CANDIDATES, distribution, sample
-
-
-def by_full_sort(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """The probabilities sample() drew from before it looked among candidates: the whole vocabulary sorted."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+from flashmoe.sampling import FIRST_CANDIDATES, distribution, reference_distribution, sample
 
 
 def dense(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -36,7 +23,7 @@ def test_the_cut_is_the_one_a_full_sort_makes(temperature, top_p, top_k):
     for scale in (0.3, 2.0, 8.0):  # flat to peaked: the nucleus from thousands of tokens to a few
         for _ in range(10):
             logits = torch.randn(5000, generator=gen) * scale
-            got, want = dense(logits, temperature, top_p, top_k), by_full_sort(logits, temperature, top_p, top_k)
+            got, want = dense(logits, temperature, top_p, top_k), reference_distribution(logits, temperature, top_p, top_k)
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
             widened += int((got > 0).sum()) > FIRST_CANDIDATES
     assert top_p == 1.0 or top_k or widened  # some nuclei were wider than the first candidates
