@@ -703,7 +703,10 @@ class Model:
 
     def close(self) -> None:
         if self.pipeline is not None and self.pipeline.led and self.pipeline.first and not self._closed:
-            self.pipeline.announce("stop")  # the followers' loops end
+            try:
+                self.pipeline.announce("stop")  # the followers' loops end
+            except RuntimeError:  # they are gone already (torchrun passes a SIGTERM to every rank)
+                pass
         self._closed = True
         for stage in reversed(self.stages):  # the first owns the RAM tier and the reads: it goes last
             stage.fetcher.close()
