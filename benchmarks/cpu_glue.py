@@ -29,7 +29,7 @@ C_FUNCTIONS = ("fm_linear", "fm_moe", "fm_gated_delta_step", "fm_rms_norm", "fm_
 
 # the phases of a layer, as the methods that run them (exclusive times: a phase's wall time less its inner ones')
 PHASES = [("model", "mix", "norms and residuals"), ("model", "_delta_net", "DeltaNet"),
-          ("attention", "attend", "attention"), ("model", "moe_projections", "router and shared-expert input"),
+          ("attention", "attend_many", "attention"), ("model", "moe_projections", "router and shared-expert input"),
           ("model", "route", "routing"), ("model", "shared_expert", "shared expert"),
           ("routed", "_run_native", "routed experts"), ("model", "logits", "head")]
 INNER = {"norms and residuals": ("DeltaNet", "attention"), "routed experts": ("shared expert",)}
