@@ -276,3 +276,27 @@ def test_batched_steps_on_the_gpu_match_alone_and_graphs_resume_after_them(built
         for row, (_, rows) in zip(got, alone):
             assert rel_error(row.cpu(), rows[step]) < 1e-4
     assert all(s.decode_graphs for s in states)
+
+
+def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
+    """A row is sampled where it is (no copy of the vocabulary to the host): the cut equals the full sort's, a seeded
+    generation repeats on the GPU, and greedy sampling there picks the argmax."""
+    from flashmoe.sampling import distribution, reference_distribution, sample
+
+    gen = torch.Generator().manual_seed(0)
+    for temperature, top_p, top_k in [(0.7, 0.9, 0), (1.0, 0.5, 0), (1.0, 1.0, 40), (0.7, 0.95, 20)]:
+        for scale in (0.3, 3.0):
+            logits = torch.randn(5000, generator=gen) * scale
+            ids, weights = distribution(logits.cuda(), temperature, top_p, top_k)
+            assert ids.is_cuda
+            got = torch.zeros(5000).index_put_((ids.cpu(),), weights.cpu())
+            torch.testing.assert_close(got / got.sum(), reference_distribution(logits, temperature, top_p, top_k),
+                                       atol=1e-6, rtol=1e-4)
+    row = torch.randn(5000, device="cuda")
+    assert sample(row) == int(row.argmax())
+    draws = {sample(row, 1.0, 0.9, 50, torch.Generator("cuda").manual_seed(5)) for _ in range(3)}
+    assert len(draws) == 1
+    model = flashmoe.load(built.store("qwen3_5_moe", 4), device="cuda", dtype=torch.float32)
+    runs = [list(model.generate(PROMPT[:6], 10, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[]))
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0] != list(model.generate(PROMPT[:6], 10, stop_token_ids=[]))
