@@ -111,7 +111,11 @@ static inline float bias_dot(const uint16_t *biases, int bf16, const float *xs, 
     return s;
 }
 
-/* R consecutive rows of codes (k inputs each, row_bytes apart; scales and biases `groups` apart) dotted with one
+/* NEXT_ROWS: while R rows are read, the same bytes of the R rows after them are prefetched into L2 (a matrix streams
+ * from DRAM, rows a block at a time; the hardware prefetcher alone left a 2-core VM's kernels at 11-12 GB/s of 23 on
+ * 8-bit experts, 16-19 with this; a prefetch past a matrix's end is harmless: it never faults).
+ *
+ * R consecutive rows of codes (k inputs each, row_bytes apart; scales and biases `groups` apart) dotted with one
  * arranged vector into y[0..R). Several rows at once share the input's loads and give the FMAs independent chains
  * (one row alone waits on its own accumulator: ~6 G weights/s a core, against ~16 for four). */
 #define ROWS_DOT(R)                                                                                                  \
@@ -122,7 +126,10 @@ static void rows_dot##R(const uint8_t *p, int64_t row_bytes, const uint16_t *sca
     for (int r = 0; r < R; r++) acc[r] = (v16f){0};                                                                  \
     for (int gi = 0; gi < groups; gi++) {                                                                            \
         v16f part[R];                                                                                                \
-        for (int r = 0; r < R; r++) part[r] = (v16f){0};                                                             \
+        for (int r = 0; r < R; r++) {                                                                                \
+            part[r] = (v16f){0};                                                                                     \
+            __builtin_prefetch(p + (r + R) * row_bytes + (int64_t)gi * g * bits / 8, 0, 2);  /* NEXT_ROWS */         \
+        }                                                                                                            \
         if (bits == 4) {                                                                                             \
             for (int c = gi * g; c < (gi + 1) * g; c += 32) {                                                        \
                 v16f lo = load_f32(xa + c), hi = load_f32(xa + c + 16);                                              \
@@ -252,6 +259,7 @@ static void rows_dot_q8_##R(const uint8_t *p, int64_t row_bytes, const uint16_t 
         __m512i xv = _mm512_loadu_si512(q + c);                                                                      \
         for (int r = 0; r < R; r++) {                                                                                \
             __m512i w;                                                                                               \
+            __builtin_prefetch(p + (r + R) * row_bytes + (bits == 4 ? c / 2 : c), 0, 2);  /* NEXT_ROWS */            \
             if (bits == 4) {                                                                                         \
                 __m256i b = _mm256_loadu_si256((const __m256i *)(p + r * row_bytes + c / 2));                        \
                 w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),                            \
