@@ -53,6 +53,10 @@ import torch
 from common import publish, timed_decode
 from gpu_regimes import drop_page_cache
 
+# llama.cpp's x86 flags without -march=native and without AMX, whose kernels died of SIGILL/SIGSEGV on the 2-core
+# development VM that advertises it (RESULTS.md)
+PORTABLE_CPU = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+                "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 LLAMA_BINARIES = ("llama-bench", "llama-quantize", "llama-greedy-ids")
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
               "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "num_experts",
@@ -229,15 +233,18 @@ def fresh_cgroup(name: str, memory_gb: float) -> Path:
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------
-def build_llama(tgz: Path, root: Path, cuda_arch: str, want_cuda: bool = True) -> dict:
+def build_llama(tgz: Path, root: Path, cuda_arch: str, want_cuda: bool = True, extra: str = "") -> dict:
     """Unpack and build llama.cpp once per --root (with CUDA where there is a GPU and a GPU regime asks for it: a
-    CPU-only build takes a fraction of the time); the build's flags and seconds are kept beside it."""
+    CPU-only build takes a fraction of the time); the build's flags and seconds are kept beside it. extra: more cmake
+    flags, after ours (a later -D wins)."""
     src, build = root / "llama.cpp", root / "llama.cpp" / ("build" if want_cuda else "build-cpu")
     marker = build / "peers-build.json"
     if marker.exists() and all((build / "bin" / b).exists() for b in LLAMA_BINARIES):
         info = json.loads(marker.read_text())
-        say(f"llama.cpp already built ({'CUDA' if info['cuda'] else 'CPU'}, took {info['seconds']:.0f} s)")
-        return {**info, "reused": True}
+        if info.get("extra", "") == extra:
+            say(f"llama.cpp already built ({'CUDA' if info['cuda'] else 'CPU'}, took {info['seconds']:.0f} s)")
+            return {**info, "reused": True}
+        say(f"llama.cpp was built with other flags ({info.get('extra') or 'none extra'}): building again")
     if not src.exists():
         subprocess.run(["tar", "xzf", tgz, "-C", root], check=True)
     nvcc = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if Path(p).exists()), None)
@@ -246,13 +253,14 @@ def build_llama(tgz: Path, root: Path, cuda_arch: str, want_cuda: bool = True) -
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
     flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda \
         else ["-DGGML_CUDA=OFF"]
+    flags += shlex.split(extra)
     commands = [["cmake", "-S", src, "-B", build, *flags],
                 ["cmake", "--build", build, f"-j{os.cpu_count()}", "--target", *LLAMA_BINARIES]]
     say(f"building llama.cpp ({'CUDA ' + cuda_arch if cuda else 'CPU only'}), logs in {root}/logs/build*.log")
     t0 = time.perf_counter()
     for i, cmd in enumerate(commands):
         run_logged(cmd, root / "logs" / f"build{i}.log")
-    info = {"cuda": cuda, "seconds": time.perf_counter() - t0, "jobs": os.cpu_count(),
+    info = {"cuda": cuda, "seconds": time.perf_counter() - t0, "jobs": os.cpu_count(), "extra": extra,
             "commands": [shlex.join(map(str, c)) for c in commands]}
     marker.write_text(json.dumps(info, indent=1))
     say(f"built llama.cpp in {info['seconds']:.0f} s")
@@ -333,7 +341,10 @@ def llama_bench(bin_dir: Path, gguf_path: Path, regime: Regime, args, log: Path,
 def llama_greedy(bin_dir: Path, gguf_path: Path, ngl: int, n: int) -> list[int]:
     out = subprocess.run([str(bin_dir / "llama-greedy-ids"), "-m", str(gguf_path), "-ngl", str(ngl), "-n", str(n),
                           *map(str, GREEDY_PROMPT)], capture_output=True, text=True)
-    if out.returncode != 0:  # a signal leaves stderr empty (an illegal instruction: -march=native meets a VM)
+    if out.returncode < 0:  # a signal leaves stderr empty: an instruction the CPU advertises faults (a VM's AMX)
+        raise SystemExit(f"llama-greedy-ids died of signal {-out.returncode}. On a VM whose advertised instructions "
+                         f"fault, build without them: --llama-cmake '{PORTABLE_CPU}'")
+    if out.returncode != 0:
         raise SystemExit(f"llama-greedy-ids failed (exit status {out.returncode}): {out.stderr[-2000:]}")
     return [int(t) for t in out.stdout.split()]
 
@@ -528,6 +539,7 @@ def main() -> None:
                     help="beyond-ram's memory.max (default: half the GGUF, at least 3)")
     ap.add_argument("--greedy-tokens", type=int, default=8)
     ap.add_argument("--cuda-arch", default="90")
+    ap.add_argument("--llama-cmake", default="", help="more cmake flags for llama.cpp's build (after ours)")
     ap.add_argument("--prepare-only", action="store_true", help="build llama.cpp and convert the model, then stop "
                     "(the device runs a command for 10 minutes at most: prepare in one, measure in the next)")
     ap.add_argument("--out", type=Path, default=None, help="append the markdown section here")
@@ -554,7 +566,7 @@ def main() -> None:
     (args.root / "logs").mkdir(parents=True, exist_ok=True)
 
     want_cuda = any(REGIMES[r].needs_cuda for r in regimes)
-    build = build_llama(args.llama_src.resolve(), args.root, args.cuda_arch, want_cuda)
+    build = build_llama(args.llama_src.resolve(), args.root, args.cuda_arch, want_cuda, args.llama_cmake)
     src = args.root / "llama.cpp"
     bin_dir = src / ("build" if want_cuda else "build-cpu") / "bin"
     gguf_path, store, info = prepare_models(args, src)
