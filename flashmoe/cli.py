@@ -365,6 +365,8 @@ def serve(
     def serve_http() -> None:
         try:
             http.run()
+        except SystemExit:  # how uvicorn stops when it cannot start: reported once the worker's loop ends
+            pass
         finally:  # the HTTP side ended (shut down, or it could not start): so does the worker
             served.scheduler.stop()
 
@@ -379,6 +381,8 @@ def serve(
         http.should_exit = True
         thread.join(timeout=60)
         model.close()
+    if not http.started:  # uvicorn said why above (its exit in the HTTP thread ends only that thread)
+        raise FlashMoeError(f"the HTTP server did not start on {host}:{port}; see uvicorn's message above")
 
 
 @app.command()

@@ -112,3 +112,19 @@ def test_demo_with_an_unwritable_workdir(run_cli, tmp_path):
     assert code == 1 and "pass a writable --workdir" in error_line(err)
     code, _, err = run_cli("demo", "--workdir", tmp_path)  # the shipped model is built already
     assert code == 1 and "--workdir is for --arch" in error_line(err)
+
+
+def test_serve_fails_in_one_line_when_the_http_server_cannot_start(run_cli, built, monkeypatch):
+    """The port was free when checked and taken before uvicorn bound it: uvicorn exits in its own thread, the model's
+    loop ends with it, and the command fails (exit 1) instead of returning as if served."""
+    import uvicorn
+
+    def cannot_start(self, sockets=None):
+        raise SystemExit(1)  # what uvicorn's startup does when it cannot bind
+
+    monkeypatch.setattr(uvicorn.Server, "run", cannot_start)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = run_cli("serve", built.store("qwen3_5_moe", 4), "--port", port, "--cache-gb", "0.01")
+    assert code == 1 and "the HTTP server did not start" in error_line(err)
