@@ -312,8 +312,8 @@ def serve(
     max_concurrent: int = typer.Option(4, min=1, help="requests generating at once, a step of each in turn"),
     batch_steps: Optional[bool] = typer.Option(None, "--batch-steps/--no-batch-steps",
                                                help="one forward for all running requests a step, their experts read "
-                                                    "once for all (default: on the CPU only; on a GPU such steps run "
-                                                    "without CUDA graphs)"),
+                                                    "once for all (default: on the CPU, and on a GPU holding every "
+                                                    "expert, where the batch's step is one CUDA graph)"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait; more get 503"),
     prefill_chunk: int = typer.Option(512, min=1, help="a prompt goes through this many tokens at a time, the running "
                                                        "streams' next tokens in between"),

@@ -90,6 +90,9 @@ class DecodeGraphs:
         self.cpu_share = cpu_share  # with experts in pinned RAM, the CPU computes part of them (cpu_share.py)
         self._timed = False  # this step is timed for the CPU share's choice (begin_step)
         self._captured = False  # this step captured graphs
+        self.batch_graph = None  # (key, Captured): the batched step's graph (batched_step)
+        self._batch_seen = None  # the key of the last batch stepped eagerly
+        self.batch_captures = 0  # batch graphs captured so far
 
     def layer_can_use(self, layer: int) -> bool:
         return self.enabled and self.model.cfg.is_moe_layer(layer)
@@ -170,6 +173,67 @@ class DecodeGraphs:
         for cache in caches:
             cache.length += 1
         return logits
+
+    def batched_step(self, tokens: list[int], states: list, layers: range) -> torch.Tensor | None:
+        """One decode step of several sequences (tokens[i] of states[i]) through all of `layers` as one graph ->
+        float32 logits [len(states), vocab] (a copy), as whole_step for a batch: everything per token runs once over
+        the batch's rows (weights read once for all), the attention and recurrences per sequence on its own
+        caches, the experts as (token, expert) pairs. The graph belongs to this set of sequences and their caches'
+        capacities: a new set first runs the same step eagerly (compiling its kernels), and is captured at its second
+        step; one graph is kept (the sets a server steps change as requests come and go). None where whole_step
+        would not apply."""
+        resident = self.routed.fetcher.resident_slots()
+        if not self.enabled or resident is None or self.cpu_share is not None:
+            return None
+        m = self.model
+        caches = [c for s in states for c in (m.kv_cache(s, layer) for layer in layers) if c is not None]
+        for cache in caches:
+            cache.reserve(cache.length + 1, cache.k)
+        key = (tuple(id(s) for s in states), tuple(cache.capacity for cache in caches))
+        device = resident.device
+        inputs = torch.tensor([tokens, [s.position for s in states]], dtype=torch.long).to(device, non_blocking=True)
+        bounds = [(i, i + 1) for i in range(len(states))]
+
+        def step(inputs):
+            x = m.embed(inputs[0])
+            for layer in layers:
+                x = self._resident_layers(layer, x, states, bounds, inputs[1], resident)
+            return m.logits(x)
+
+        if self.batch_graph is not None and self.batch_graph[0] == key:
+            logits = self.batch_graph[1].replay(inputs)
+        elif self._batch_seen == key:  # its second step: captured
+            self.batch_graph = None  # the old graph's memory (and its sequences) go first
+            graph = Captured(step, [inputs], None)  # a pool of its own: it goes with the graph
+            self.batch_graph = (key, graph)
+            self.batch_captures += 1
+            logits = graph.replay(inputs)
+        else:
+            self._batch_seen = key
+            logits = step(inputs)
+        for cache in caches:
+            cache.length += 1
+        return logits.clone()
+
+    def forget(self, state) -> None:
+        """`state` is done: a batch graph bound to it goes (with the memory it holds)."""
+        if self.batch_graph is not None and id(state) in self.batch_graph[0][0]:
+            self.batch_graph = None
+        if self._batch_seen is not None and id(state) in self._batch_seen[0]:
+            self._batch_seen = None
+
+    def _resident_layers(self, layer: int, x: torch.Tensor, states: list, bounds: list, positions: torch.Tensor,
+                         resident_slots: torch.Tensor) -> torch.Tensor:
+        """_resident_layer for a batch of decode tokens, one per state (row i of x at device positions[i])."""
+        m = self.model
+        x, h = m.mix_many(layer, x, states, bounds, positions)
+        if not m.cfg.is_moe_layer(layer):
+            return x + m.dense_mlp(layer, h)
+        projections = m.moe_projections(layer, h)
+        _, weights, slots = m.route(layer, projections, self.k, resident_slots[layer],
+                                    self.routed.fetcher.resident_counts)
+        shared, shared_gate = m.shared_expert_parts(layer, projections)
+        return self.routed.decode_tokens(h, weights, slots, epilogue=(x, shared, shared_gate))
 
     def _capture_shared(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor):
         """The layer as three graphs around the host's split of its RAM-held experts (cpu_share.py): front (to the

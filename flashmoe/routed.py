@@ -222,6 +222,18 @@ class RoutedExperts:
         return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab,
                                             epilogue=epilogue)[None]
 
+    def decode_tokens(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, epilogue) -> torch.Tensor:
+        """decode_compute for T decode tokens at once (h [T, H]; weights, slots [T, K]; epilogue rows [T, ...]): every
+        (token, expert) pair as one of decode_compute's experts, each pair reading its token's row, then each token's
+        partials summed with its layer's end -> [T, H]. Graph-safe (no host work). A expert two tokens chose is read
+        twice: with K of hundreds of experts a batch rarely repeats one, and the second read often hits L2."""
+        f, t = self.fetcher, h.shape[0]
+        slots = slots.reshape(-1)
+        act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab,
+                                               per_row=weights.shape[1])
+        partial = moe_triton.down_partials(act, f.vram_slab, slots, weights.reshape(-1), self.qb, host_slab=f.ram_slab)
+        return moe_triton.sum_partials(partial, h.dtype, epilogue, tokens=t)
+
     def decode_partials(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """decode_compute's first half, for a step whose CPU computes some experts (cpu_share.py; their slots SKIP):
         the GPU's weighted partial sums. `slots` may be pinned host memory, which the kernels read where it lies."""

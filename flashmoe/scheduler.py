@@ -111,10 +111,8 @@ class Scheduler:
         if max_active < 1 or max_waiting < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise FlashMoeError("need max_active >= 1, max_waiting >= 0 and prefill_chunk >= 1")
         self.model, self.prefill_chunk = model, prefill_chunk
-        # one forward for all running requests a round, or one each. None: batched on the CPU (8 streams 1.9-2.0x
-        # on the 2-core VM, RESULTS.md), one each on a GPU, where a sequence alone replays its step as one CUDA graph
-        # and batched steps run eagerly (H200, 35B-A3B-shaped, 8 streams: 505 tok/s a step each, 193 batched)
-        self.batch_steps = model.device.type == "cpu" if batch_steps is None else batch_steps
+        # one forward for all running requests a round, or one each. None: the model's faster way (Model.batches_well)
+        self.batch_steps = batch_steps
         self.max_active, self.max_waiting = max_active, max_waiting
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -193,7 +191,8 @@ class Scheduler:
                     while self._waiting and len(self._active) < self.max_active:
                         self._active.append(self._waiting.popleft())
                     running = list(self._active)
-                for group in [running] if self.batch_steps else [[job] for job in running]:
+                batched = self.model.batches_well if self.batch_steps is None else self.batch_steps
+                for group in [running] if batched else [[job] for job in running]:
                     self._round(group)
                 self._copy_model_stats(force=not self._active)
         finally:  # stopped, or interrupted (Ctrl-C in run()): every client still waiting hears why

@@ -107,3 +107,4 @@ class Sequence:
         """The end of the reply (or of what was made of it): where the next turn of a chat starts."""
         if self.prompt_done and self.consistent:
             self.model._keep(self.seen, self.state)
+        self.model.forget(self.state)

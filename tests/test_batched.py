@@ -3,6 +3,8 @@ an expert several of them choose is read once."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -86,3 +88,52 @@ def test_an_expert_chosen_by_several_sequences_is_read_once(built):
     assert step.shape[0] == len(PROMPTS)
     assert model.stats["expert_reads"] == len(chosen)
     assert len(chosen) < per_token  # some expert was chosen by two of them and read once
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+@torch.inference_mode()
+def test_a_batchs_static_token_mixing_equals_each_sequence_eagerly(built, arch):
+    """The token mixing a batch's CUDA graph holds (mix_many at device positions: each token's key and value written
+    at its position, attention over its cache's whole capacity under a mask, the recurrences per sequence) gives
+    every layer's output and caches as each sequence's eager step does."""
+    model = flashmoe.load(built.store(arch, None))  # float32 weights
+    m, layers = model.model, model.config.num_hidden_layers
+    states = [model.new_state() for _ in PROMPTS]
+    for p, s in zip(PROMPTS, states):
+        model.forward(p[:-1], s)
+    eager = copy.deepcopy(states)
+    x = m.embed(torch.tensor([p[-1] for p in PROMPTS]))
+    positions = torch.tensor([s.position for s in states])
+    for layer in range(layers):
+        caches = [c for c in (m.kv_cache(s, layer) for s in states) if c is not None]
+        for cache in caches:
+            cache.reserve(cache.length + 1, cache.k)
+        got_x, got_h = m.mix_many(layer, x, states, [(i, i + 1) for i in range(len(states))], positions)
+        for cache in caches:
+            cache.length += 1  # the graph's caller advances them
+        want = [m.mix_many(layer, x[i : i + 1], [e], [(0, 1)]) for i, e in enumerate(eager)]
+        torch.testing.assert_close(got_x, torch.cat([w[0] for w in want]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_h, torch.cat([w[1] for w in want]), rtol=1e-5, atol=1e-5)
+        x = got_x
+    for s, e in zip(states, eager):
+        for layer in range(layers):
+            got, want = s.layers[layer], e.layers[layer]
+            if m.kv_cache(s, layer) is not None:
+                n = want.length
+                assert got.length == n and got.capacity >= n
+                for name in ("k", "v"):
+                    if getattr(want, name, None) is not None:
+                        torch.testing.assert_close(getattr(got, name)[..., :n, :], getattr(want, name)[..., :n, :])
+            else:  # a recurrent state
+                for name, t in vars(want).items():
+                    torch.testing.assert_close(getattr(got, name), t, rtol=1e-5, atol=1e-5)
+
+
+def test_the_scheduler_batches_where_the_model_batches_well(built):
+    """serve's default: one forward for all running requests on the CPU (the model says so); a GPU holding every
+    expert says so too (tests/test_gpu.py)."""
+    from flashmoe.scheduler import Scheduler
+
+    model = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
+    assert model.batches_well
+    assert Scheduler(model).batch_steps is None and Scheduler(model, batch_steps=False).batch_steps is False

@@ -278,6 +278,43 @@ def test_batched_steps_on_the_gpu_match_alone_and_graphs_resume_after_them(built
     assert all(s.decode_graphs for s in states)
 
 
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_a_batch_of_decode_steps_is_one_graph_and_matches_each_alone(built, arch):
+    """With every expert resident, sequences decoding together step as one CUDA graph (captured at a set's second
+    step; again when one leaves, one joins, or a KV cache doubles at 256 positions) and get the logits each gets
+    alone; a prompt beside them runs alone (issue 15)."""
+    model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
+    model.warm_cache()
+    assert model.batches_well
+    prompts = [PROMPT[:8], PROMPT[3:7], (PROMPT * 40)[:250], PROMPT[:5]]
+    starts, lengths = [0, 0, 0, 4], [12, 6, 12, 7]  # the second leaves after 6 tokens, the fourth joins at step 4
+    alone = []  # per sequence: its logits after the prompt and after each of its tokens, and those greedy tokens
+    for p, n in zip(prompts, lengths):
+        state = model.new_state()
+        rows = [model.forward(p, state, all_logits=False).cpu()]
+        tokens = []
+        for _ in range(n):
+            tokens.append(int(rows[-1].argmax()))
+            rows.append(model.forward(tokens[-1:], state, all_logits=False).cpu())
+        alone.append((rows, tokens))
+    states = [model.new_state() for _ in prompts]
+    graphs = model.stages[0].graphs
+    for step in range(13):
+        inputs, who = [], []
+        for i, (start, n) in enumerate(zip(starts, lengths)):
+            if start <= step <= start + n:
+                inputs.append((prompts[i] if step == start else alone[i][1][step - start - 1:step - start], states[i]))
+                who.append(i)
+        got = model.forward_batch(inputs)
+        for i, row in zip(who, got):
+            assert rel_error(row.cpu(), alone[i][0][step - starts[i]]) < 1e-4, (arch, step, i)
+    assert graphs.batch_captures >= 3  # the first set, with the fourth, without the second; the cache's doubling
+    assert graphs.batch_graph is not None
+    for s in states:
+        model.forget(s)
+    assert graphs.batch_graph is None
+
+
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
     """A row is sampled where it is (no copy of the vocabulary to the host): the cut equals the full sort's, a seeded
     generation repeats on the GPU, and greedy sampling there picks the argmax."""

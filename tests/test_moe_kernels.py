@@ -136,6 +136,38 @@ def test_decode_kernels_read_negative_slots_from_the_host_slab(bits):
     assert rel_error(out, residual + torch.sigmoid(gate) * shared + routed) < 1e-4
 
 
+@pytest.mark.parametrize("bits,shared", [(4, "gated"), (8, "plain"), (2, "none")])
+def test_decode_kernels_take_several_tokens_each_with_its_own_experts(bits, shared):
+    """A batch of decode tokens in the same launches (per_row, tokens): pair e reads token e // K's row, and each
+    token's partials are summed with its own residual, shared expert and gate (a strided column, as the router's
+    fused projection leaves it): what each token gets alone."""
+    hidden, inter, group, k = 128, 96, 32, 2
+    slab, layout, qb = make_slab(5, hidden, inter, bits, group, seed=bits + 7)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, hidden, generator=gen).to(DEVICE)
+    slots = i32([[3, 0], [4, 3], [1, 2]])
+    weights = torch.rand(3, k, generator=gen).to(DEVICE)
+    act = mt.decode_gate_up_swiglu(x, slab, slots.reshape(-1), qb, per_row=k)
+    act_ref = mt.reference_gate_up_swiglu(x, slab, slots.reshape(-1), i32([0, 0, 1, 1, 2, 2]), i32(list(range(7))),
+                                          layout, qb)
+    assert rel_error(act, act_ref) < 1e-4
+    residual = torch.randn(3, hidden, generator=gen).to(DEVICE)
+    shared_out = torch.randn(3, hidden, generator=gen).to(DEVICE) if shared != "none" else None
+    gate = torch.randn(3, 5, generator=gen).to(DEVICE)[:, -1:] if shared == "gated" else None  # stride 5
+    partial = mt.down_partials(act, slab, slots.reshape(-1), weights.reshape(-1), qb)
+    out = mt.sum_partials(partial, torch.float32, (residual, shared_out, gate), tokens=3)
+    assert out.shape == (3, hidden)
+    for t in range(3):
+        routed = mt.reference_down_weighted_sum(act_ref[t * k : (t + 1) * k], slab, slots[t], weights[t], layout, qb)
+        end = residual[t] + (0 if shared_out is None else
+                             shared_out[t] * (1 if gate is None else torch.sigmoid(gate[t])))
+        assert rel_error(out[t], routed + end) < 1e-4
+        alone = mt.down_weighted_sum(act_ref[t * k : (t + 1) * k], slab, slots[t], weights[t], qb,
+                                     epilogue=(residual[t], None if shared_out is None else shared_out[t],
+                                               None if gate is None else gate[t].reshape(-1)))
+        assert rel_error(out[t], alone) < 1e-5
+
+
 @pytest.mark.parametrize("bits,bias", [(4, False), (8, True)])
 def test_skipped_slots_read_nothing_and_the_cpu_row_joins_the_sum(bits, bias):
     """cpu_share.py's decode step: slots SKIP read no weights and contribute exact zeros (their act is zeros, which

@@ -325,10 +325,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
-                               gu_biases, gu_bias, limit, alpha, BITS: tl.constexpr, GROUP: tl.constexpr,
+                               gu_biases, gu_bias, limit, alpha, per_row, BITS: tl.constexpr, GROUP: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr,
                                BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr):
         e = tl.program_id(0)
+        x_ptr += (e // per_row).to(tl.int64) * H  # pair e is token e // per_row's (several tokens' experts at once)
         slot = tl.load(slot_ptr + e)
         base = _blob_base(slab_ptr, host_ptr, slot.to(tl.int64), blob_bytes)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -486,10 +487,17 @@ if triton is not None:
 
     @triton.jit
     def _sum_partials_kernel(partial_ptr, out_ptr, base_ptr, shared_ptr, shared_gate_ptr, extra_ptr, rows, H,
-                             BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, SHARED: tl.constexpr,
-                             EXTRA: tl.constexpr):
+                             base_stride, shared_stride, gate_stride, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr,
+                             SHARED: tl.constexpr, EXTRA: tl.constexpr):
         """out = the partials' sum in row order (deterministic), then (EXTRA) one more float32 row from extra_ptr,
-        plus the layer's end as _down_weighted_sum_kernel."""
+        plus the layer's end as _down_weighted_sum_kernel. Token program_id(1): its `rows` partials follow the
+        previous token's, its out row and layer's end too (at their strides)."""
+        token = tl.program_id(1).to(tl.int64)
+        partial_ptr += token * rows * H
+        out_ptr += token * H
+        base_ptr += token * base_stride
+        shared_ptr += token * shared_stride
+        shared_gate_ptr += token * gate_stride
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -683,16 +691,18 @@ DECODE_TILE = dict(block_n=8, block_b=512, num_warps=4)
 
 
 def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = None, block_b: int | None = None,
-                          num_warps: int | None = None, host_slab: torch.Tensor | None = None):
+                          num_warps: int | None = None, host_slab: torch.Tensor | None = None,
+                          per_row: int | None = None):
     """One token through G experts: x [1, H] -> act [G, I] (the decode case of gate_up_swiglu). A slot s < 0 is
-    slot -1 - s of host_slab (pinned RAM, read by the kernel over PCIe)."""
+    slot -1 - s of host_slab (pinned RAM, read by the kernel over PCIe). per_row: x holds several tokens [T, H],
+    and slots[e] is one of token e // per_row's experts (a batch of decode tokens, K experts each)."""
     block_n = block_n or DECODE_TILE["block_n"]
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
     step = gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"])
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha,
-                                 BITS=qb.bits, GROUP=qb.group_size,
+                                 per_row or slots.numel(), BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=step, num_warps=num_warps or DECODE_TILE["num_warps"],
                                  SCALE_KIND=qb.scale_kind, BIAS=qb.bias, ACT=qb.act,
                                  EVEN_K=gemv_even(qb, qb.hidden, step))
@@ -765,16 +775,19 @@ def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype,
                  epilogue: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
-                 extra: torch.Tensor | None = None) -> torch.Tensor:
+                 extra: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
     """The second half: out [H] in `dtype` = the rows of `partial` summed in row order (deterministic), then
     `extra` (float32 [H]; pinned host memory is read where it lies: the CPU's share of the experts, cpu_share.py),
-    plus the epilogue as in down_weighted_sum, rounded once."""
+    plus the epilogue as in down_weighted_sum, rounded once. tokens: partial holds that many tokens' rows one token
+    after the other, and out is [tokens, H], each with its own epilogue row (base [T, H], shared [T, H], gate [T, 1]:
+    strided rows are read where they lie); no extra then."""
     hidden = partial.shape[1]
-    out = torch.empty(hidden, dtype=dtype, device=partial.device)
+    out = torch.empty(hidden if tokens is None else (tokens, hidden), dtype=dtype, device=partial.device)
     base, shared, shared_gate, shared_kind = _epilogue_args(epilogue, out)
-    _sum_partials_kernel[(triton.cdiv(hidden, 256),)](
-        partial, out, base, shared, shared_gate, out if extra is None else extra, partial.shape[0], hidden,
-        BLOCK_N=256, EPILOGUE=epilogue is not None, SHARED=shared_kind, EXTRA=extra is not None)
+    strides = [t.stride(0) if tokens is not None and t.dim() > 1 else 0 for t in (base, shared, shared_gate)]
+    _sum_partials_kernel[(triton.cdiv(hidden, 256), tokens or 1)](
+        partial, out, base, shared, shared_gate, out if extra is None else extra, partial.shape[0] // (tokens or 1),
+        hidden, *strides, BLOCK_N=256, EPILOGUE=epilogue is not None, SHARED=shared_kind, EXTRA=extra is not None)
     return out
 
 

@@ -197,16 +197,29 @@ class Attention:
         """One token at device position `position` ([1] int64): written into the cache there, attending to every
         slot up to it (within the window). Each KV head's group of query heads is one batched matmul (no GQA
         expansion)."""
+        return self.attend_many_at(w, p, h, [cache], position)
+
+    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[KVCache], positions: torch.Tensor
+                       ) -> torch.Tensor:
+        """attend_at for one token of each of several sequences (row i of h, at device position positions[i] of
+        caches[i]): the projections once over all rows, each token's attention over its own cache."""
+        q, gate, k, v = self._qkv(w, p, h, positions)
+        outs = [self._attend_slot(w, p, q[i], k[i], v[i], cache, positions[i : i + 1])
+                for i, cache in enumerate(caches)]
+        return self._out(w, p, outs[0] if len(outs) == 1 else torch.cat(outs), gate)
+
+    def _attend_slot(self, w: dict, p: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                     position: torch.Tensor) -> torch.Tensor:
+        """One token's query, key and value ([heads, hd]) at `position` ([1] on the device) -> [1, heads * hd]."""
         s = self.spec
         hd, nh, nkv = s.head_dim, s.heads, s.kv_heads
-        q, gate, k, v = self._qkv(w, p, h, position)
-        cache.k.index_copy_(1, position, k.transpose(0, 1))
-        cache.v.index_copy_(1, position, v.transpose(0, 1))
+        cache.k.index_copy_(1, position, k[:, None])
+        cache.v.index_copy_(1, position, v[:, None])
         scores = torch.matmul(q.view(nkv, nh // nkv, hd), cache.k.transpose(1, 2)).float() * s.softmax_scale
-        slot = torch.arange(cache.capacity, device=h.device)
+        slot = torch.arange(cache.capacity, device=q.device)
         visible = slot <= position
         if s.sliding_window:
             visible &= slot > position - s.sliding_window
         probs = self._softmax(scores.masked_fill(~visible, float("-inf")).view(nh, 1, -1),
                               w[p + "sinks"] if s.sinks else None).view(nkv, nh // nkv, -1).to(cache.v.dtype)
-        return self._out(w, p, torch.matmul(probs, cache.v).reshape(1, nh * hd), gate)
+        return torch.matmul(probs, cache.v).reshape(1, nh * hd)

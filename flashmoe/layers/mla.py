@@ -124,6 +124,12 @@ class MLA:
                                                  is_causal=mask is None and t > 1, scale=s.scale, enable_gqa=True)[0]
         return self._out(w, p, out.transpose(0, 1))
 
+    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[LatentCache], positions: torch.Tensor
+                       ) -> torch.Tensor:
+        """As layers.attention.Attention.attend_many_at; here one sequence at a time (its projections included)."""
+        outs = [self.attend_at(w, p, h[i : i + 1], cache, positions[i : i + 1]) for i, cache in enumerate(caches)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def attend_at(self, w: dict, p: str, h: torch.Tensor, cache: LatentCache, position: torch.Tensor) -> torch.Tensor:
         """One token at device position `position`, over the cache's whole capacity under a mask (for a graph)."""
         s = self.spec

@@ -235,21 +235,20 @@ class AttentionMoEModel(ResidentWeights):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention plus the residual, then the MoE input norm: (x, normed x). static: one decode token with no host
         values (for a CUDA graph), as in layers.attention.Attention.attend_at."""
-        if not static:
-            return self.mix_many(layer, x, [state], [(0, x.shape[0])])
-        p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
-        h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        h = self.attention_of(layer).attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
-        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
+        return self.mix_many(layer, x, [state], [(0, x.shape[0])], state.position_t if static else None)
 
-    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]],
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mix() for several sequences, rows bounds[i] of x each: everything per token once over all rows, the
-        attention itself per sequence (Attention.attend_many)."""
+        attention itself per sequence (Attention.attend_many). positions: one decode token each, static as in mix(),
+        at these device positions (a batch's CUDA graph)."""
         p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
         h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        h = self.attention_of(layer).attend_many(self.w, p + "self_attn.", h, [s.layers[layer] for s in states],
-                                                 [s.position for s in states], bounds)
+        attention, caches = self.attention_of(layer), [s.layers[layer] for s in states]
+        if positions is not None:
+            h = attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions)
+        else:
+            h = attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)
 
     def kv_cache(self, state: SequenceState, layer: int) -> KVCache:

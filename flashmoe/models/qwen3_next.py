@@ -351,27 +351,21 @@ class Qwen3NextModel(ResidentWeights):
         returns (x, normed x). static: one decode token with no host values (for a CUDA graph): full attention reads
         its position from state.position_t and attends over the KV cache's whole capacity under a mask (the cache
         must hold a free slot at that position); its `length` is the caller's to advance."""
-        if not static:
-            return self.mix_many(layer, x, [state], [(0, x.shape[0])])
-        p = f"model.layers.{layer}."
-        eps = self.cfg.rms_norm_eps
-        h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
-        if self.cfg.layer_types[layer] != "full_attention":
-            h = self._delta_net(p + "linear_attn.", h, [state.layers[layer]], [(0, h.shape[0])])
-        else:
-            h = self.attention.attend_at(self.w, p + "self_attn.", h, state.layers[layer], state.position_t)
-        return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
+        return self.mix_many(layer, x, [state], [(0, x.shape[0])], state.position_t if static else None)
 
-    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]],
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mix() for several sequences, rows bounds[i] of x each: everything per token (norms, the input and output
-        projections) once over all rows, the attention or DeltaNet recurrence per sequence."""
+        projections) once over all rows, the attention or DeltaNet recurrence per sequence. positions: one decode
+        token each, static as in mix(), at these device positions (a batch's CUDA graph)."""
         p = f"model.layers.{layer}."
         eps = self.cfg.rms_norm_eps
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
         caches = [s.layers[layer] for s in states]
         if self.cfg.layer_types[layer] != "full_attention":
             h = self._delta_net(p + "linear_attn.", h, caches, bounds)
+        elif positions is not None:
+            h = self.attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions)
         else:
             h = self.attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)

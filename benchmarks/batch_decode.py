@@ -1,0 +1,87 @@
+"""Decode of several sequences at once through the engine alone (no HTTP; issue 15): aggregate tok/s at 1..N
+sequences, a forward each (Model.forward per sequence, its own graph) against one forward for all (Model.step over
+the batch: on a GPU holding every expert, one CUDA graph for the batch).
+
+    python benchmarks/batch_decode.py STORE [--device cuda] [--counts 1,2,4,8,16] [--tokens 128]
+    python benchmarks/batch_decode.py --geometry 35b --layers 4 --experts 64 ...   # a random checkpoint, made here
+
+Each count runs twice per way; the second run's numbers are kept (the first compiles kernels and captures graphs for
+its set of sequences). Steady = the last half of the steps (graphs replaying); whole = prompt to last token, with
+every capture. Greedy sampling, as Sequence.advance does it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import flashmoe
+from common import publish, section
+from serve import random_store
+
+
+def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float]:
+    """(steady tok/s, whole tok/s) of `count` sequences making `tokens` tokens each."""
+    seqs = [model.sequence([5 + i, 17, 3 * i + 1, 40, 2], tokens, stop_token_ids=[]) for i in range(count)]
+    t0, marks = time.perf_counter(), []
+    while not all(s.done for s in seqs):
+        running = [s for s in seqs if not s.done]
+        for group in [running] if batched else [[s] for s in running]:
+            for s, row in zip(group, model.step(group)):
+                s.advance(row)
+        if all(s.prompt_done for s in seqs):
+            marks.append(time.perf_counter())
+    for s in seqs:
+        s.close()
+    end = time.perf_counter()
+    half = len(marks) // 2
+    steady = count * (len(marks) - 1 - half) / (marks[-1] - marks[half])
+    return steady, count * tokens / (end - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("store", type=Path, nargs="?")
+    ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--counts", default="1,2,4,8,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+        store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts)
+        model = flashmoe.load(store, device=args.device)
+        model.warm_cache()
+        rows, base = [], None
+        for count in [int(n) for n in args.counts.split(",")]:
+            got = {}
+            for batched in (False, True):
+                run(model, count, args.tokens, batched)
+                got[batched] = run(model, count, args.tokens, batched)
+            base = base or got[False][0]
+            (each, each_whole), (together, together_whole) = got[False], got[True]
+            rows.append(f"| {count} | {each:.0f} | {together:.0f} | {together / each:.2f}x | {together / base:.2f}x "
+                        f"| {each_whole:.0f} / {together_whole:.0f} |")
+            print(rows[-1], flush=True)
+        model.close()
+    what = f"store {args.store}" if args.store else (f"a random {args.geometry} checkpoint, {args.layers} layers, "
+                                                     f"{args.experts} experts, 8-bit")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    text = section(f"Batched decode through the engine, {what}", f"{machine}",
+                   f"`python batch_decode.py --counts {args.counts} --tokens {args.tokens} --device {args.device}`: "
+                   f"sequences of {args.tokens} greedy tokens each, all at once; steady = the last half of the steps.",
+                   ["sequences", "a forward each, tok/s", "one forward for all, tok/s", "batched / each",
+                    "batched / one sequence", "whole run (prompt to last token), each / batched"], rows)
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
