@@ -25,23 +25,29 @@ from common import publish, section
 from serve import random_store
 
 
-def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float]:
-    """(steady tok/s, whole tok/s) of `count` sequences making `tokens` tokens each."""
+def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float, float]:
+    """(steady tok/s, whole tok/s, the share of the steady time in Model.step) of `count` sequences making `tokens`
+    tokens each."""
     seqs = [model.sequence([5 + i, 17, 3 * i + 1, 40, 2], tokens, stop_token_ids=[]) for i in range(count)]
-    t0, marks = time.perf_counter(), []
+    t0, marks, in_step = time.perf_counter(), [], []
     while not all(s.done for s in seqs):
         running = [s for s in seqs if not s.done]
+        stepping = 0.0
         for group in [running] if batched else [[s] for s in running]:
-            for s, row in zip(group, model.step(group)):
+            t1 = time.perf_counter()
+            rows = model.step(group)
+            stepping += time.perf_counter() - t1
+            for s, row in zip(group, rows):
                 s.advance(row)
         if all(s.prompt_done for s in seqs):
             marks.append(time.perf_counter())
+            in_step.append(stepping)
     for s in seqs:
         s.close()
     end = time.perf_counter()
     half = len(marks) // 2
     steady = count * (len(marks) - 1 - half) / (marks[-1] - marks[half])
-    return steady, count * tokens / (end - t0)
+    return steady, count * tokens / (end - t0), sum(in_step[half + 1 :]) / (marks[-1] - marks[half])
 
 
 def main() -> None:
@@ -67,9 +73,9 @@ def main() -> None:
                 run(model, count, args.tokens, batched)
                 got[batched] = run(model, count, args.tokens, batched)
             base = base or got[False][0]
-            (each, each_whole), (together, together_whole) = got[False], got[True]
+            (each, each_whole, each_in), (together, together_whole, together_in) = got[False], got[True]
             rows.append(f"| {count} | {each:.0f} | {together:.0f} | {together / each:.2f}x | {together / base:.2f}x "
-                        f"| {each_whole:.0f} / {together_whole:.0f} |")
+                        f"| {each_whole:.0f} / {together_whole:.0f} | {each_in:.0%} / {together_in:.0%} |")
             print(rows[-1], flush=True)
         model.close()
     what = f"store {args.store}" if args.store else (f"a random {args.geometry} checkpoint, {args.layers} layers, "
@@ -79,7 +85,8 @@ def main() -> None:
                    f"`python batch_decode.py --counts {args.counts} --tokens {args.tokens} --device {args.device}`: "
                    f"sequences of {args.tokens} greedy tokens each, all at once; steady = the last half of the steps.",
                    ["sequences", "a forward each, tok/s", "one forward for all, tok/s", "batched / each",
-                    "batched / one sequence", "whole run (prompt to last token), each / batched"], rows)
+                    "batched / one sequence", "whole run (prompt to last token), each / batched",
+                    "steady time in Model.step, each / batched"], rows)
     publish(text, args.out)
 
 

@@ -137,3 +137,26 @@ def test_the_scheduler_batches_where_the_model_batches_well(built):
     model = flashmoe.load(built.store("qwen3_5_moe", 4), cache_gb=0.01)
     assert model.batches_well
     assert Scheduler(model).batch_steps is None and Scheduler(model, batch_steps=False).batch_steps is False
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
+@torch.inference_mode()
+def test_a_batchs_deltanet_tokens_in_one_pass_equal_each_alone(built, arch):
+    """A GPU batch's DeltaNet decode step (conv windows and recurrent states gathered, each kernel once, written
+    back) gives each sequence's output and states as its own step does; run here through the torch references."""
+    model = flashmoe.load(built.store(arch, None))
+    m = model.model
+    layer = model.config.layer_types.index("linear_attention")
+    p = f"model.layers.{layer}.linear_attn."
+    states = [model.new_state() for _ in PROMPTS]
+    for prompt, s in zip(PROMPTS, states):
+        model.forward(prompt, s)
+    nets = [s.layers[layer] for s in states]
+    alone = copy.deepcopy(nets)
+    h = torch.randn(len(nets), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    proj = torch.nn.functional.linear(h, m.w[p + "in_proj.fused"])
+    got = m._delta_tokens(p, proj, h, nets)
+    for i, net in enumerate(alone):
+        torch.testing.assert_close(got[i : i + 1], m._delta_rule(p, proj[i : i + 1], h, net), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nets[i].conv, net.conv)
+        torch.testing.assert_close(nets[i].recurrent, net.recurrent, rtol=1e-5, atol=1e-5)

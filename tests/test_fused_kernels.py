@@ -56,6 +56,27 @@ def test_conv_step_output_and_state(dtype, channels, kernel):
         assert torch.equal(state, state_ref)
 
 
+@pytest.mark.parametrize("kernel", [4, 3])
+def test_conv_step_of_several_sequences_each_with_its_state(kernel):
+    """A batch's decode tokens (strided rows of the input projection) through their own stacked conv windows: each
+    row as it would go alone."""
+    gen = torch.Generator().manual_seed(kernel)
+    channels = 300
+    w = randn(channels, 1, kernel, gen=gen)
+    states = randn(3, channels, kernel - 1, gen=gen)
+    alone = [s.clone() for s in states]
+    proj = randn(3, channels + 7, gen=gen)
+    got = fused.conv_step_triton(proj[:, :channels], states, w)
+    for i in range(3):
+        want = fused.reference_conv_step(proj[i, :channels], alone[i], w)
+        assert rel_error(got[i], want) < 1e-5
+        assert torch.equal(states[i], alone[i])
+    ref_states = torch.stack([s.clone() for s in alone])
+    mixed = randn(3, channels, gen=gen)
+    torch.testing.assert_close(fused.reference_conv_step(mixed, ref_states, w), fused.conv_step_triton(mixed, states, w))
+    assert torch.equal(states, ref_states)
+
+
 @pytest.mark.parametrize("rows,heads", [(1, 64), (4, 5)])
 def test_delta_gates(rows, heads):
     gen = torch.Generator().manual_seed(heads)

@@ -43,9 +43,10 @@ def reference_rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=No
 
 def reference_conv_step(mixed, conv_state, conv_weight):
     """One token through the causal depthwise conv: silu(sum_j window[c, j] w[c, j]) over [state, mixed];
-    the state ([C, kernel - 1], oldest first) shifts in place."""
-    full = torch.cat([conv_state, mixed[:, None]], dim=1)
-    conv_state.copy_(full[:, 1:])
+    the state ([C, kernel - 1], oldest first) shifts in place. Several sequences' tokens: mixed [B, C], states
+    [B, C, kernel - 1]."""
+    full = torch.cat([conv_state, mixed[..., None]], dim=-1)
+    conv_state.copy_(full[..., 1:])
     return F.silu((full.float() * conv_weight[:, 0].float()).sum(-1)).to(mixed.dtype)
 
 
@@ -163,8 +164,12 @@ if triton is not None:
         tl.store(y_ptr + row * D + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _conv_step_kernel(mixed_ptr, state_ptr, w_ptr, out_ptr, C, KERNEL: tl.constexpr, KPAD: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+    def _conv_step_kernel(mixed_ptr, state_ptr, w_ptr, out_ptr, C, mixed_stride, KERNEL: tl.constexpr,
+                          KPAD: tl.constexpr, BLOCK_C: tl.constexpr):
+        row = tl.program_id(1).to(tl.int64)  # a sequence of the batch: its input row, state and output
+        mixed_ptr += row * mixed_stride
+        state_ptr += row * C * (KERNEL - 1)
+        out_ptr += row * C
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         j = tl.arange(0, KPAD)
@@ -350,13 +355,15 @@ def rms_norm_triton(x, weight, eps, zero_centred=True, residual=None, gate=None)
 
 
 def conv_step_triton(mixed, conv_state, conv_weight):
-    """reference_conv_step in one Triton launch. mixed [C], conv_state [C, kernel - 1] (contiguous),
-    conv_weight [C, 1, kernel]."""
+    """reference_conv_step in one Triton launch. mixed [C] or [B, C] (rows may be strided), conv_state
+    [C, kernel - 1] or [B, C, kernel - 1] (contiguous), conv_weight [C, 1, kernel]."""
     c, kernel = conv_weight.shape[0], conv_weight.shape[-1]
-    out = torch.empty_like(mixed)
+    rows = 1 if mixed.dim() == 1 else mixed.shape[0]
+    out = torch.empty(mixed.shape, dtype=mixed.dtype, device=mixed.device)
     block = 256
-    _conv_step_kernel[(triton.cdiv(c, block),)](mixed, conv_state, conv_weight, out, c, KERNEL=kernel,
-                                                KPAD=triton.next_power_of_2(kernel), BLOCK_C=block)
+    _conv_step_kernel[(triton.cdiv(c, block), rows)](mixed, conv_state, conv_weight, out, c,
+                                                     mixed.stride(0) if rows > 1 else 0, KERNEL=kernel,
+                                                     KPAD=triton.next_power_of_2(kernel), BLOCK_C=block)
     return out
 
 
@@ -427,7 +434,7 @@ def rms_norm(x, weight, eps, zero_centred=True, residual=None, gate=None):
 def conv_step(mixed, conv_state, conv_weight):
     if use_triton(mixed):
         return conv_step_triton(mixed, conv_state, conv_weight)
-    native = cpu_native.conv_step(mixed, conv_state, conv_weight)
+    native = cpu_native.conv_step(mixed, conv_state, conv_weight) if mixed.dim() == 1 else None
     return native if native is not None else reference_conv_step(mixed, conv_state, conv_weight)
 
 

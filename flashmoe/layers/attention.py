@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused
+from ..kernels.decode_attention import cache_table, decode_attention
 from ..kernels.linear import linear
 
 # queries per block of the sink attention's float scores (GPT-OSS prompts): bounds them to heads x block x keys
@@ -74,6 +75,8 @@ class KVCache:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     length: int = 0
+    table: torch.Tensor | None = None  # on a GPU: where k and v are (kernels/decode_attention.py), kept by reserve()
+    table_of: int = 0  # the address of the k it describes
 
     @property
     def capacity(self) -> int:
@@ -83,6 +86,8 @@ class KVCache:
         """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
         if length > self.capacity:
             self.k, self.v = grown(self.k, self.length, like, length), grown(self.v, self.length, like, length)
+        if self.k.is_cuda and self.table_of != self.k.data_ptr():  # here, never inside a graph's capture
+            self.table, self.table_of = cache_table(self.k, self.v), self.k.data_ptr()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[1]
@@ -204,6 +209,11 @@ class Attention:
         """attend_at for one token of each of several sequences (row i of h, at device position positions[i] of
         caches[i]): the projections once over all rows, each token's attention over its own cache."""
         q, gate, k, v = self._qkv(w, p, h, positions)
+        s = self.spec
+        if fused.use_triton(h) and q.dtype == caches[0].k.dtype:  # every cache's table is current (reserve())
+            out = decode_attention(q, k, v, [c.table for c in caches], positions, s.softmax_scale,
+                                   s.sliding_window or 0, w[p + "sinks"] if s.sinks else None)
+            return self._out(w, p, out, gate)
         outs = [self._attend_slot(w, p, q[i], k[i], v[i], cache, positions[i : i + 1])
                 for i, cache in enumerate(caches)]
         return self._out(w, p, outs[0] if len(outs) == 1 else torch.cat(outs), gate)
