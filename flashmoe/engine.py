@@ -562,7 +562,12 @@ class Model:
         inputs = [(seq.begin(), seq.state) for seq in sequences]
         t0 = time.perf_counter()
         rows = self.forward_batch(inputs)  # on the device: each sequence samples its row there (Sequence.advance)
-        if rows[0].is_cuda:  # the step's time is the GPU's too (a graph's replay returns at once)
+        greedy = [i for i, seq in enumerate(sequences) if seq.greedy and seq.prompt_done]
+        if rows[0].is_cuda and len(greedy) > 1:  # their argmaxes in one launch and one wait, not one each
+            picks = torch.cat([rows[i][-1:] for i in greedy]).argmax(-1).tolist()
+            for i, token in zip(greedy, picks):
+                sequences[i].picked = token
+        elif rows[0].is_cuda:  # the step's time is the GPU's too (a graph's replay returns at once)
             torch.cuda.synchronize(rows[0].device)
         phase = "decode_ms" if all(seq.prompt_done for seq in sequences) else "prefill_ms"
         self._tokens[phase] += (time.perf_counter() - t0) * 1e3

@@ -52,6 +52,7 @@ class Sequence:
         self.last: int | None = None  # the last token made, which the next step feeds
         self.done = False
         self.consistent = True  # False while a forward is under way: a state cut short must not be kept
+        self.picked: int | None = None  # the argmax of the next logits, when Model.step took a batch's at once
 
     def begin(self) -> list[int]:
         """The tokens the next forward takes: the prompt's next chunk, or the last token made."""
@@ -86,7 +87,9 @@ class Sequence:
             row = row.float().cpu().clone()  # a normal tensor: the forward's output is an inference tensor, read-only
             self.constraint.mask(row)
         # otherwise sampled where the logits are: one int crosses from a GPU, not a row of the vocabulary
-        token = sample(row, self.temperature, self.top_p, self.top_k, self._generator(row.device))
+        token = self.picked if self.picked is not None else sample(row, self.temperature, self.top_p, self.top_k,
+                                                                   self._generator(row.device))
+        self.picked = None
         if self.constraint is not None:
             self.constraint.accept(token)
         model._tokens["generated_tokens"] += 1
@@ -95,6 +98,11 @@ class Sequence:
         self.done = (token in self.stops or self.generated == self.max_new_tokens
                      or (self.constraint is not None and self.constraint.finished))
         return token
+
+    @property
+    def greedy(self) -> bool:
+        """Its next token is the logits' argmax (Model.step may find a batch's in one pass)."""
+        return self.temperature <= 0 and self.constraint is None
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None or self.temperature <= 0:
