@@ -91,6 +91,7 @@ def test_the_worker_can_be_the_thread_that_loaded_the_model(model, monkeypatch):
         with pytest.raises(QueueFull, match="shutting down"):
             scheduler.submit([5], SamplingParams(max_tokens=1))
 
+    scheduler.runs_in_caller = True  # as `flashmoe serve` sets it: the app's start-up may come before run()
     loop = threading.Thread(target=lambda: asyncio.run(client()))
     loop.start()
     scheduler.run()

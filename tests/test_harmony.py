@@ -81,6 +81,8 @@ def gpt_oss_server(built, tmp_path_factory):
 class Scripted:
     """A Sequence (flashmoe/sequence.py) that makes `ids` whatever the logits say: the forward still runs each step."""
 
+    greedy = False  # it picks its own tokens (Model.step takes a batch's argmax only for greedy sequences)
+
     def __init__(self, model, ids: list[int]):
         self.state, self.ids = model.new_state(), list(ids)
         self.prompt_done, self.done, self.generated = True, False, 0
