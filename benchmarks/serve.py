@@ -37,15 +37,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# `flashmoe serve` whose model steps cost nothing: every forward answers a fixed row of logits (argmax: " river"),
+# so what the streams measure is the server's own work per token (scheduler, sampling, detokenizing, HTTP)
+NO_ENGINE = """
+import sys, torch
+from flashmoe import cli, engine
+
+def forward_batch(self, inputs):
+    if not hasattr(self, "_fixed_row"):
+        self._fixed_row = torch.zeros(1, self.config.vocab_size)
+        self._fixed_row[0, self.tokenizer.encode(" river", add_special_tokens=False)[0]] = 1.0
+    return [self._fixed_row] * len(inputs)
+
+engine.Model.forward_batch = forward_batch
+sys.argv[0] = "flashmoe"
+cli.main()
+"""
+
+
 class Server:
     """`python -m flashmoe serve STORE ...` on a free port, until closed."""
 
     def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path,
-                 batch_steps: bool | None = None):
-        """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default."""
+                 batch_steps: bool | None = None, no_engine: bool = False):
+        """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default. no_engine: NO_ENGINE."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "flashmoe", "serve", str(store), "--port", str(self.port), "--device", device,
+        launch = ["-c", NO_ENGINE] if no_engine else ["-m", "flashmoe"]
+        cmd = [sys.executable, *launch, "serve", str(store), "--port", str(self.port), "--device", device,
                "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb)]
         if batch_steps is not None:
             cmd.append("--batch-steps" if batch_steps else "--no-batch-steps")
@@ -155,6 +174,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=150)
     ap.add_argument("--reply", type=int, default=32)
     ap.add_argument("--batch-steps", action="store_true", help="the streams twice: a step each, then batched steps")
+    ap.add_argument("--no-engine", action="store_true",
+                    help="only the streams, the model's forward replaced by a fixed row: the server's own cost")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -163,6 +184,17 @@ def main() -> None:
         tmp = Path(tmp)
         store = args.store or random_store(tmp, args.geometry, args.layers, args.experts)
         rows, ttft = [], {}
+        if args.no_engine:
+            server = Server(store, args.device, max(counts), 0.0, tmp / "serve-no-engine.log", no_engine=True)
+            try:
+                rows += stream_rows(server, counts, args.tokens, ", no engine")
+            finally:
+                server.close()
+            publish(section("The server's own work per token (no engine)", f"device {args.device}, "
+                            f"{os.cpu_count()} CPU cores", f"`python serve.py {' '.join(sys.argv[1:])}`: /v1/completions "
+                            f"of {args.tokens} tokens per stream, every forward a fixed row of logits.",
+                            ["load", "result", "vs one stream"], rows), args.out)
+            return
         if args.batch_steps:  # the streams both ways, one server each, side by side
             for batch in (False, True):
                 server = Server(store, args.device, max(counts), 1.0, tmp / f"serve-batch{batch}.log", batch)

@@ -562,8 +562,8 @@ class Model:
         inputs = [(seq.begin(), seq.state) for seq in sequences]
         t0 = time.perf_counter()
         rows = self.forward_batch(inputs)  # on the device: each sequence samples its row there (Sequence.advance)
-        greedy = [i for i, seq in enumerate(sequences) if seq.greedy and seq.prompt_done] if rows[0].is_cuda else []
-        if len(greedy) > 1:  # their argmaxes in one launch and one wait, not one each
+        greedy = [i for i, seq in enumerate(sequences) if seq.greedy and seq.prompt_done]
+        if len(greedy) > 1:  # their argmaxes in one op (on a GPU one wait), not one each
             picks = torch.cat([rows[i][-1:] for i in greedy]).argmax(-1).tolist()
             for i, token in zip(greedy, picks):
                 sequences[i].picked = token

@@ -32,6 +32,19 @@ MODEL_STATS_EVERY_S = 0.5  # how often the worker copies the model's stats out f
 DEFAULT_PREFILL_CHUNK = 512
 
 
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _deliver_soon(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Put (queue, item) pairs on their queues in `loop`'s thread: one wake of the loop for them all."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the event loop is gone (server shutting down)
+        pass
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -80,10 +93,7 @@ class Job:
         return self._cancelled.is_set()
 
     def _push(self, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
+        _deliver_soon(self._loop, [(self._queue, item)])
 
     async def events(self) -> AsyncIterator[int | Finished]:
         while True:
@@ -122,6 +132,7 @@ class Scheduler:
         self._token_times: collections.deque[float] = collections.deque()
         self._model_stats = dict(model.stats)  # the worker's copy; before it starts, this thread owns the model
         self._model_stats_at = time.perf_counter()
+        self._outbox: list | None = None  # during a round: what it pushes, sent at its end in one wake per loop
         self._thread = threading.Thread(target=self._run, name="flashmoe-worker", daemon=True)
         self.runs_in_caller = False  # run(): the worker is a thread the caller provides
 
@@ -204,7 +215,24 @@ class Scheduler:
                 self._end(job, Finished("cancelled", "the server is shutting down"))
 
     def _round(self, running: list[Job]) -> None:
-        """One step of each of `running` in one forward; jobs that end leave the active list."""
+        """One step of each of `running` in one forward; jobs that end leave the active list. What the round gives
+        its clients goes to their event loop together at its end: a wake of the loop per token and client cost
+        more than the rest of the server's work for the token (benchmarks/serve.py --no-engine)."""
+        self._outbox = []
+        try:
+            self._step(running)
+        finally:
+            outbox, self._outbox = self._outbox, None
+            for loop in {id(job._loop): job._loop for job, _ in outbox}.values():
+                _deliver_soon(loop, [(job._queue, item) for job, item in outbox if job._loop is loop])
+
+    def _send(self, job: Job, item) -> None:
+        if self._outbox is None:
+            job._push(item)
+        else:
+            self._outbox.append((job, item))
+
+    def _step(self, running: list[Job]) -> None:
         jobs = [job for job in running if self._ready(job)]
         if not jobs:
             return
@@ -226,7 +254,7 @@ class Scheduler:
                 with self._wake:
                     self._counts.generated_tokens += 1
                     self._token_times.append(time.perf_counter())
-                job._push(token)
+                self._send(job, token)
             if job.sequence.done:
                 last_was_stop = job.completion_tokens and job.last_token in self.model.eos_token_ids
                 length = job.completion_tokens >= job.params.max_tokens and not last_was_stop
@@ -268,4 +296,4 @@ class Scheduler:
                 self._counts.requests_failed += 1
             else:
                 self._counts.requests_finished += 1
-        job._push(finished)
+        self._send(job, finished)

@@ -31,20 +31,21 @@ def test_chunks_give_the_tokens_one_pass_gives(model):
 def test_a_long_prompt_lets_a_running_stream_go_on(model):
     """Stream A runs; B arrives with a 60-token prompt. In chunks of 4, A makes tokens while B's prompt goes through
     (in one pass, A would wait for all of it): the order in which the worker hands out tokens shows it."""
-    order, lock = [], threading.Lock()
+    order, lock, names = [], threading.Lock(), {}
 
     def record(job, name):
-        push = job._push
-
-        def pushed(item):
-            with lock:
-                order.append(name)
-            push(item)
-        job._push = pushed
+        names[job.id] = name
 
     async def run(prefill_chunk) -> int:
         order.clear()
         scheduler = Scheduler(model, max_active=2, prefill_chunk=prefill_chunk)
+        send = scheduler._send
+
+        def sent(job, item):  # the order in which the worker hands out tokens
+            with lock:
+                order.append(names.get(job.id, "?"))
+            send(job, item)
+        scheduler._send = sent
         scheduler.start()
         try:
             a = scheduler.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0))
@@ -99,3 +100,29 @@ def test_the_worker_can_be_the_thread_that_loaded_the_model(model, monkeypatch):
     assert stepped_in == {threading.current_thread()} and not scheduler._thread.is_alive()
     assert 2 <= len(seen["a"]) <= 5 and seen["a"][-1].reason in ("length", "stop")
     assert seen["b"] == Finished("cancelled", "the server is shutting down")
+
+
+def test_a_rounds_tokens_reach_the_event_loop_in_one_wake(model, monkeypatch):
+    """A batched round's tokens (and the Finished of jobs that end in it) go to the event loop in one call, in order
+    per job: each client gets what it gets alone."""
+    from flashmoe import scheduler as scheduler_module
+
+    deliveries, deliver = [], scheduler_module._deliver_soon
+    monkeypatch.setattr(scheduler_module, "_deliver_soon",
+                        lambda loop, items: (deliveries.append(len(items)), deliver(loop, items))[1])
+    prompts = [[5, 6, 7], [9, 8, 7], [40, 41, 42]]
+    alone = [list(model.generate(p, 5, stop_token_ids=[])) for p in prompts]
+
+    async def run():
+        scheduler = Scheduler(model, max_active=3, batch_steps=True)
+        jobs = [scheduler.submit(p, SamplingParams(max_tokens=5, temperature=0.0)) for p in prompts]
+        scheduler.start()  # after the submits: the first round takes all three
+        try:
+            return [[item async for item in job.events()] for job in jobs]
+        finally:
+            scheduler.stop()
+
+    got = asyncio.run(run())
+    assert [events[:-1] for events in got] == alone
+    assert all(events[-1] == Finished("length") for events in got)
+    assert deliveries == [3, 3, 3, 3, 6]  # a token each a round; the last round's tokens and the three ends
