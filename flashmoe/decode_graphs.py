@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .kernels import host_wait
+from .layers.attention import KVCache
 from .kernels.moe_triton import SKIP, to_device_int32
 from .cpu_share import PROBE_AFTER, CpuShare
 from .routed import ExpertTimes, RoutedExperts
@@ -84,6 +85,24 @@ class Captured:
         return self.outputs
 
 
+def table_row(state, layers: range) -> tuple[int, ...] | None:
+    """The state's row of a batch's table: its layers' caches' addresses() one after the other, or None if a cache
+    cannot say where it is. Kept on the state while its KV caches' capacities stay: a KV cache moves only when it
+    grows (reserve), and recurrent states are made once and updated in place."""
+    caches = [state.layers[layer] for layer in layers]
+    if not all(hasattr(c, "addresses") for c in caches):
+        return None
+    key = tuple(c.capacity for c in caches if isinstance(c, KVCache))
+    if state.addresses is None or state.addresses[0] != key:
+        state.addresses = (key, tuple(a for c in caches for a in c.addresses()))
+    return state.addresses[1]
+
+
+def batch_table(rows: list[tuple[int, ...]], layers: int) -> torch.Tensor:
+    """The sequences' table_rows as int64 [layers, sequences, 3]: entry [i] is layer i's table (mix_many's)."""
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), layers, 3).transpose(0, 1).contiguous()
+
+
 class DecodeGraphs:
     def __init__(self, model, routed: RoutedExperts, experts_per_token: int, cpu_share: CpuShare | None = None):
         self.model, self.routed, self.k = model, routed, experts_per_token
@@ -91,8 +110,11 @@ class DecodeGraphs:
         self.cpu_share = cpu_share  # with experts in pinned RAM, the CPU computes part of them (cpu_share.py)
         self._timed = False  # this step is timed for the CPU share's choice (begin_step)
         self._captured = False  # this step captured graphs
-        self.batch_graph = None  # (key, Captured): the batched step's graph (batched_step)
-        self._batch_seen = None  # the key of the last batch stepped eagerly
+        self.batch_graph = None  # (key, Captured): a batch's graph bound to its sequences (batched_step)
+        self._batch_seen = None  # the key of the last such batch stepped eagerly
+        self.bucket_graphs: dict[int, Captured] = {}  # batch size -> a graph for any sequences (batched_step)
+        self._buckets_seen: set[int] = set()  # batch sizes stepped eagerly once
+        self._blank = self._blank_row = None  # the padding rows' state and its addresses
         self.batch_captures = 0  # batch graphs captured so far
 
     def layer_can_use(self, layer: int) -> bool:
@@ -179,10 +201,14 @@ class DecodeGraphs:
         """One decode step of several sequences (tokens[i] of states[i]) through all of `layers` as one graph ->
         float32 logits [len(states), vocab] (a copy), as whole_step for a batch: everything per token runs once over
         the batch's rows (weights read once for all), the attention and recurrences per sequence on its own
-        caches, the experts as (token, expert) pairs. The graph belongs to this set of sequences and their caches'
-        capacities: a new set first runs the same step eagerly (compiling its kernels), and is captured at its second
-        step; one graph is kept (the sets a server steps change as requests come and go). None where whole_step
-        would not apply."""
+        caches, the experts as (token, expert) pairs. None where whole_step would not apply.
+
+        Where every cache can say where it is (addresses(): KV caches, recurrent states), the graph holds no sequence:
+        it reads their caches through a device table, a graph input, so one graph per batch size (a power of two,
+        padding rows stepping a blank state) serves any set of sequences, whatever their caches' capacities: a
+        request that comes or goes costs nothing but the table's copy. Otherwise (MLA's latent caches) the
+        graph belongs to the set and their capacities, and one is kept. Either way a new graph first runs eagerly
+        (compiling its kernels) and is captured at its second use."""
         resident = self.routed.fetcher.resident_slots()
         if not self.enabled or resident is None or self.cpu_share is not None:
             return None
@@ -190,8 +216,48 @@ class DecodeGraphs:
         caches = [c for s in states for c in (m.kv_cache(s, layer) for layer in layers) if c is not None]
         for cache in caches:
             cache.reserve(cache.length + 1, cache.k)
+        rows = [table_row(s, layers) for s in states]
+        if all(r is not None for r in rows):
+            logits = self._bucket_step(tokens, states, rows, layers, resident)
+        else:
+            logits = self._set_step(tokens, states, caches, layers, resident)
+        for cache in caches:
+            cache.length += 1
+        return logits.clone()
+
+    def _bucket_step(self, tokens: list[int], states: list, rows: list, layers: range, resident: torch.Tensor):
+        m, n = self.model, len(states)
+        bucket = max(2, 1 << (n - 1).bit_length())
+        if self._blank is None:  # a padding row's state: one-position caches shaped as a real one's
+            self._blank = [states[0].layers[layer].blank() for layer in layers]
+            self._blank_row = tuple(a for c in self._blank for a in c.addresses())
+        # pinned: the copies to the GPU are queued, never waited for (from pageable memory each took ~60 us)
+        table = batch_table(rows + [self._blank_row] * (bucket - n), len(layers)).pin_memory()
+        pad = [0] * (bucket - n)
+        inputs = torch.tensor([tokens + pad, [s.position for s in states] + pad], dtype=torch.long).pin_memory()
+        bounds = [(i, i + 1) for i in range(bucket)]
+
+        def step(inputs, table):
+            x = m.embed(inputs[0])
+            for i, layer in enumerate(layers):
+                x = self._resident_layers(layer, x, None, bounds, inputs[1], resident, table[i])
+            return m.logits(x)
+
+        graph = self.bucket_graphs.get(bucket)
+        if graph is not None:
+            return graph.replay(inputs, table)[:n]
+        device = resident.device
+        if bucket in self._buckets_seen:  # its second use: captured, in a pool of its own
+            graph = self.bucket_graphs[bucket] = Captured(step, [inputs.to(device), table.to(device)], None)
+            self.batch_captures += 1
+            return graph.replay(inputs, table)[:n]
+        self._buckets_seen.add(bucket)
+        return step(inputs.to(device, non_blocking=True), table.to(device, non_blocking=True))[:n]
+
+    def _set_step(self, tokens: list[int], states: list, caches: list, layers: range, resident: torch.Tensor):
+        """batched_step for sequences whose caches cannot say where they are: a graph bound to them."""
+        m = self.model
         key = (tuple(id(s) for s in states), tuple(cache.capacity for cache in caches))
-        # pinned: the copy to the GPU is queued, never waited for (from pageable memory each took ~60 us)
         inputs = torch.tensor([tokens, [s.position for s in states]], dtype=torch.long).pin_memory()
         bounds = [(i, i + 1) for i in range(len(states))]
 
@@ -202,19 +268,15 @@ class DecodeGraphs:
             return m.logits(x)
 
         if self.batch_graph is not None and self.batch_graph[0] == key:
-            logits = self.batch_graph[1].replay(inputs)
-        elif self._batch_seen == key:  # its second step: captured
+            return self.batch_graph[1].replay(inputs)
+        if self._batch_seen == key:  # its second step: captured
             self.batch_graph = None  # the old graph's memory (and its sequences) go first
             graph = Captured(step, [inputs.to(resident.device)], None)  # a pool of its own: it goes with the graph
             self.batch_graph = (key, graph)
             self.batch_captures += 1
-            logits = graph.replay(inputs)
-        else:
-            self._batch_seen = key
-            logits = step(inputs.to(resident.device, non_blocking=True))
-        for cache in caches:
-            cache.length += 1
-        return logits.clone()
+            return graph.replay(inputs)
+        self._batch_seen = key
+        return step(inputs.to(resident.device, non_blocking=True))
 
     def forget(self, state) -> None:
         """`state` is done: a batch graph bound to it goes (with the memory it holds)."""
@@ -223,11 +285,13 @@ class DecodeGraphs:
         if self._batch_seen is not None and id(state) in self._batch_seen[0]:
             self._batch_seen = None
 
-    def _resident_layers(self, layer: int, x: torch.Tensor, states: list, bounds: list, positions: torch.Tensor,
-                         resident_slots: torch.Tensor) -> torch.Tensor:
-        """_resident_layer for a batch of decode tokens, one per state (row i of x at device positions[i])."""
+    def _resident_layers(self, layer: int, x: torch.Tensor, states: list | None, bounds: list,
+                         positions: torch.Tensor, resident_slots: torch.Tensor,
+                         table: torch.Tensor | None = None) -> torch.Tensor:
+        """_resident_layer for a batch of decode tokens, one per state (row i of x at device positions[i]); table:
+        the layer's caches' addresses instead of the states."""
         m = self.model
-        x, h = m.mix_many(layer, x, states, bounds, positions)
+        x, h = m.mix_many(layer, x, states, bounds, positions, table)
         if not m.cfg.is_moe_layer(layer):
             return x + m.dense_mlp(layer, h)
         projections = m.moe_projections(layer, h)

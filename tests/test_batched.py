@@ -115,8 +115,12 @@ def test_a_batchs_static_token_mixing_equals_each_sequence_eagerly(built, arch):
         torch.testing.assert_close(got_x, torch.cat([w[0] for w in want]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_h, torch.cat([w[1] for w in want]), rtol=1e-5, atol=1e-5)
         x = got_x
+    assert_same_caches(m, states, eager)
+
+
+def assert_same_caches(m, states, eager):
     for s, e in zip(states, eager):
-        for layer in range(layers):
+        for layer in range(len(s.layers)):
             got, want = s.layers[layer], e.layers[layer]
             if m.kv_cache(s, layer) is not None:
                 n = want.length
@@ -160,3 +164,45 @@ def test_a_batchs_deltanet_tokens_in_one_pass_equal_each_alone(built, arch):
         torch.testing.assert_close(got[i : i + 1], m._delta_rule(p, proj[i : i + 1], h, net), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(nets[i].conv, net.conv)
         torch.testing.assert_close(nets[i].recurrent, net.recurrent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a != "deepseek_v3"])
+@torch.inference_mode()
+def test_a_batchs_token_mixing_from_a_table_of_addresses_serves_any_set(built, arch):
+    """The token mixing of a graph for any set of sequences: their caches found through a table of addresses (the
+    attention kernel, DeltaNet states gathered and written back by address; here in Triton's interpreter), padding
+    rows stepping a blank state. Two different sets through the same code, each row as its sequence's eager step."""
+    from flashmoe.decode_graphs import batch_table, table_row
+
+    model = flashmoe.load(built.store(arch, None))  # float32 weights
+    m, layers = model.model, range(model.config.num_hidden_layers)
+    states = [model.new_state() for _ in PROMPTS + PROMPTS[:1]]
+    for p, s in zip(PROMPTS + [PROMPTS[0][:3]], states):
+        model.forward(p[:-1], s)
+    blank = model.new_state()
+    blank.layers = [c.blank() for c in states[0].layers]
+    for members in ([0, 1, 2], [3, 1]):  # a set of three (bucket 4), then another of two
+        batch = [states[i] for i in members]
+        eager = copy.deepcopy(batch)
+        for s in batch:
+            for layer in layers:
+                if (cache := m.kv_cache(s, layer)) is not None:
+                    cache.reserve(cache.length + 1, cache.k)
+        bucket = 4 if len(batch) > 2 else 2
+        rows = [table_row(s, layers) for s in batch] + [table_row(blank, layers)] * (bucket - len(batch))
+        table = batch_table(rows, len(layers))
+        tokens = [PROMPTS[i % 3][-1] for i in members] + [0] * (bucket - len(batch))
+        x = m.embed(torch.tensor(tokens))
+        positions = torch.tensor([s.position for s in batch] + [0] * (bucket - len(batch)))
+        for layer in layers:
+            got_x, got_h = m.mix_many(layer, x, None, [(i, i + 1) for i in range(bucket)], positions, table[layer])
+            for s in batch:
+                if (cache := m.kv_cache(s, layer)) is not None:
+                    cache.length += 1
+            want = [m.mix_many(layer, x[i : i + 1], [e], [(0, 1)]) for i, e in enumerate(eager)]
+            torch.testing.assert_close(got_x[: len(batch)], torch.cat([w[0] for w in want]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_h[: len(batch)], torch.cat([w[1] for w in want]), rtol=1e-5, atol=1e-5)
+            x = got_x
+        assert_same_caches(m, batch, eager)
+        for s in batch:
+            s.position += 1

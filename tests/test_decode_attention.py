@@ -55,3 +55,18 @@ def test_a_cache_keeps_its_table_current_across_growth():
     cache.length = 256
     cache.reserve(300, like)
     assert cache.table.tolist() == [cache.k.data_ptr(), cache.v.data_ptr(), cache.capacity] and cache.capacity >= 300
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_gathered_and_written_back_by_address(dtype):
+    """by_address: each sequence's own tensor into a stacked row and back, found through a table's column."""
+    from flashmoe.kernels import by_address
+
+    gen = torch.Generator().manual_seed(3)
+    own = [torch.randn(5, 300, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+    table = torch.tensor([[0, t.data_ptr(), 7] for t in own], device=DEVICE)  # a column of a [B, 3] table
+    rows = by_address.gather(table[:, 1], (5, 300), dtype)
+    assert torch.equal(rows, torch.stack(own))
+    new = torch.randn(3, 5, 300, generator=gen).to(DEVICE, dtype)
+    by_address.scatter(new, table[:, 1])
+    assert all(torch.equal(t, r) for t, r in zip(own, new))

@@ -280,9 +280,10 @@ def test_batched_steps_on_the_gpu_match_alone_and_graphs_resume_after_them(built
 
 @pytest.mark.parametrize("arch", LAYOUTS)
 def test_a_batch_of_decode_steps_is_one_graph_and_matches_each_alone(built, arch):
-    """With every expert resident, sequences decoding together step as one CUDA graph (captured at a set's second
-    step; again when one leaves, one joins, or a KV cache doubles at 256 positions) and get the logits each gets
-    alone; a prompt beside them runs alone (issue 15)."""
+    """With every expert resident, sequences decoding together step as one CUDA graph and get the logits each gets
+    alone, through a sequence leaving, one joining and a KV cache doubling at 256 positions; a prompt beside them
+    runs alone (issue 15). The graph reads their caches through a table, so these changes capture nothing new
+    (DeepSeek-V3's latent caches: a graph per set)."""
     model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
     model.warm_cache()
     assert model.batches_well
@@ -308,11 +309,13 @@ def test_a_batch_of_decode_steps_is_one_graph_and_matches_each_alone(built, arch
         got = model.forward_batch(inputs)
         for i, row in zip(who, got):
             assert rel_error(row.cpu(), alone[i][0][step - starts[i]]) < 1e-4, (arch, step, i)
-    assert graphs.batch_captures >= 3  # the first set, with the fourth, without the second; the cache's doubling
-    assert graphs.batch_graph is not None
-    for s in states:
-        model.forget(s)
-    assert graphs.batch_graph is None
+    if arch == "deepseek_v3":  # latent caches: a graph per set (the first, with the fourth, without the second)
+        assert graphs.batch_captures >= 3 and graphs.batch_graph is not None
+        for s in states:
+            model.forget(s)
+        assert graphs.batch_graph is None
+    else:  # one graph for batches of 3-4, whoever they are and however long their caches
+        assert graphs.batch_captures == 1 and list(graphs.bucket_graphs) == [4]
 
 
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):

@@ -86,17 +86,20 @@ def cache_table(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.tensor([k.data_ptr(), v.data_ptr(), k.shape[1]], dtype=torch.int64, device=k.device)
 
 
-def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, tables: list[torch.Tensor],
-                     positions: torch.Tensor, scale: float, window: int = 0,
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     tables: list[torch.Tensor] | torch.Tensor, positions: torch.Tensor, scale: float, window: int = 0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, heads, hd], k_new / v_new [B, kv_heads, hd] (sequence i's new token), tables: each sequence's
-    cache_table (caches [kv_heads, capacity, hd], contiguous, q's dtype), positions [B] on the device -> [B, heads * hd].
-    Each token's key and value are written at its position; it attends to every earlier one (the last `window` with
-    a window) and itself."""
+    cache_table (caches [kv_heads, capacity, hd], contiguous, q's dtype), or them stacked ([B, 3], contiguous),
+    positions [B] on the device -> [B, heads * hd]. Each token's key and value are written at its position; it
+    attends to every earlier one (the last `window` with a window) and itself."""
     b, nh, hd = q.shape
     nkv = k_new.shape[1]
     group = nh // nkv
-    table = tables[0][None] if len(tables) == 1 else torch.stack(tables)  # one copy kernel: graph-safe
+    if isinstance(tables, torch.Tensor):
+        table = tables
+    else:
+        table = tables[0][None] if len(tables) == 1 else torch.stack(tables)  # one copy kernel: graph-safe
     out = torch.empty(b, nh, hd, dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(b, nkv)](
         q.contiguous(), k_new.contiguous(), v_new.contiguous(), table, positions, q if sinks is None else sinks, out,

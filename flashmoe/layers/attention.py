@@ -89,6 +89,15 @@ class KVCache:
         if self.k.is_cuda and self.table_of != self.k.data_ptr():  # here, never inside a graph's capture
             self.table, self.table_of = cache_table(self.k, self.v), self.k.data_ptr()
 
+    def addresses(self) -> tuple[int, int, int]:
+        """Its row of a batch's device table (decode_attention): where K and V are, and its capacity."""
+        return self.k.data_ptr(), self.v.data_ptr(), self.capacity
+
+    def blank(self) -> "KVCache":
+        """A one-position cache of the same kind: a padding row's of a batch graph."""
+        return KVCache(self.k.new_zeros(self.k.shape[0], 1, self.k.shape[2]),
+                       self.v.new_zeros(self.v.shape[0], 1, self.v.shape[2]))
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[1]
         self.reserve(self.length + n, k)
@@ -204,15 +213,16 @@ class Attention:
         expansion)."""
         return self.attend_many_at(w, p, h, [cache], position)
 
-    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[KVCache], positions: torch.Tensor
-                       ) -> torch.Tensor:
+    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[KVCache] | None, positions: torch.Tensor,
+                       table: torch.Tensor | None = None) -> torch.Tensor:
         """attend_at for one token of each of several sequences (row i of h, at device position positions[i] of
-        caches[i]): the projections once over all rows, each token's attention over its own cache."""
+        caches[i]): the projections once over all rows, each token's attention over its own cache. table: instead of
+        caches, their KVCache.addresses() stacked on the device ([B, 3]: a graph for any set of sequences)."""
         q, gate, k, v = self._qkv(w, p, h, positions)
         s = self.spec
-        if fused.use_triton(h) and q.dtype == caches[0].k.dtype:  # every cache's table is current (reserve())
-            out = decode_attention(q, k, v, [c.table for c in caches], positions, s.softmax_scale,
-                                   s.sliding_window or 0, w[p + "sinks"] if s.sinks else None)
+        if table is not None or (fused.use_triton(h) and q.dtype == caches[0].k.dtype):
+            out = decode_attention(q, k, v, table if table is not None else [c.table for c in caches], positions,
+                                   s.softmax_scale, s.sliding_window or 0, w[p + "sinks"] if s.sinks else None)
             return self._out(w, p, out, gate)
         outs = [self._attend_slot(w, p, q[i], k[i], v[i], cache, positions[i : i + 1])
                 for i, cache in enumerate(caches)]

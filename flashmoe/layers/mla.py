@@ -124,9 +124,10 @@ class MLA:
                                                  is_causal=mask is None and t > 1, scale=s.scale, enable_gqa=True)[0]
         return self._out(w, p, out.transpose(0, 1))
 
-    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[LatentCache], positions: torch.Tensor
-                       ) -> torch.Tensor:
-        """As layers.attention.Attention.attend_many_at; here one sequence at a time (its projections included)."""
+    def attend_many_at(self, w: dict, p: str, h: torch.Tensor, caches: list[LatentCache], positions: torch.Tensor,
+                       table: None = None) -> torch.Tensor:
+        """As layers.attention.Attention.attend_many_at; here one sequence at a time (its projections included). No
+        table: a latent cache has no addresses(), so a batch graph holds the sequences themselves."""
         outs = [self.attend_at(w, p, h[i : i + 1], cache, positions[i : i + 1]) for i, cache in enumerate(caches)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

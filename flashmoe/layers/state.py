@@ -17,3 +17,4 @@ class SequenceState:
     position_t: torch.Tensor | None = None  # `position` on the device, for graphs that cannot read a host int
     positions_t: dict = field(default_factory=dict)  # device -> its position_t, for a model over several devices
     pipeline_id: int | None = None  # how the ranks of a served distributed model name this sequence
+    addresses: tuple | None = None  # (its KV caches' capacities, its row of a batch graph's table): decode_graphs

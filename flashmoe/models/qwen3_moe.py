@@ -237,16 +237,19 @@ class AttentionMoEModel(ResidentWeights):
         values (for a CUDA graph), as in layers.attention.Attention.attend_at."""
         return self.mix_many(layer, x, [state], [(0, x.shape[0])], state.position_t if static else None)
 
-    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]],
-                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState] | None, bounds: list[tuple[int, int]],
+                 positions: torch.Tensor | None = None, table: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """mix() for several sequences, rows bounds[i] of x each: everything per token once over all rows, the
         attention itself per sequence (Attention.attend_many). positions: one decode token each, static as in mix(),
-        at these device positions (a batch's CUDA graph)."""
+        at these device positions (a batch's CUDA graph); table: instead of states, this layer's caches'
+        addresses() stacked on the device (a graph for any set of sequences; KV caches only)."""
         p, eps = f"model.layers.{layer}.", self.cfg.rms_norm_eps
         h = fused.rms_norm(x, self.w[p + "input_layernorm.weight"], eps, zero_centred=False)
-        attention, caches = self.attention_of(layer), [s.layers[layer] for s in states]
+        attention = self.attention_of(layer)
+        caches = None if table is not None else [s.layers[layer] for s in states]
         if positions is not None:
-            h = attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions)
+            h = attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions, table)
         else:
             h = attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, zero_centred=False, residual=x)

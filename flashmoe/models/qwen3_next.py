@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, config_value, rope_settings
 from ..errors import FlashMoeError
-from ..kernels import cpu_native, fused
+from ..kernels import by_address, cpu_native, fused
 from ..kernels.gated_delta import gated_delta_rule
 from ..kernels.linear import cat_rows, linear
 from ..kernels.moe import swiglu_mlp
@@ -306,6 +306,13 @@ class DeltaNetState:
     conv: torch.Tensor | None = None  # last (kernel - 1) inputs of the causal conv, [channels, kernel - 1]
     recurrent: torch.Tensor | None = None  # [1, value_heads, key_dim, value_dim], float32
 
+    def addresses(self) -> tuple[int, int, int]:
+        """Its row of a batch's device table (_delta_tokens from a table)."""
+        return self.recurrent.data_ptr(), self.conv.data_ptr(), 0
+
+    def blank(self) -> "DeltaNetState":
+        return DeltaNetState(torch.zeros_like(self.conv), torch.zeros_like(self.recurrent))
+
 
 class Qwen3NextModel(ResidentWeights):
     """Resident weights (a name -> tensor dict, store names) and the math of every layer but the routed experts."""
@@ -353,19 +360,26 @@ class Qwen3NextModel(ResidentWeights):
         must hold a free slot at that position); its `length` is the caller's to advance."""
         return self.mix_many(layer, x, [state], [(0, x.shape[0])], state.position_t if static else None)
 
-    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState], bounds: list[tuple[int, int]],
-                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_many(self, layer: int, x: torch.Tensor, states: list[SequenceState] | None, bounds: list[tuple[int, int]],
+                 positions: torch.Tensor | None = None, table: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """mix() for several sequences, rows bounds[i] of x each: everything per token (norms, the input and output
         projections) once over all rows, the attention or DeltaNet recurrence per sequence. positions: one decode
-        token each, static as in mix(), at these device positions (a batch's CUDA graph)."""
+        token each, static as in mix(), at these device positions (a batch's CUDA graph); table: instead of states,
+        this layer's caches' addresses() stacked on the device [B, 3] (a graph for any set of sequences)."""
         p = f"model.layers.{layer}."
         eps = self.cfg.rms_norm_eps
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
-        caches = [s.layers[layer] for s in states]
+        caches = None if table is not None else [s.layers[layer] for s in states]
         if self.cfg.layer_types[layer] != "full_attention":
-            h = self._delta_net(p + "linear_attn.", h, caches, bounds)
+            if table is not None:
+                proj = linear(h, self.w[p + "linear_attn.in_proj.fused"])
+                h = linear(self._delta_tokens(p + "linear_attn.", proj, h, None, table),
+                           self.w[p + "linear_attn.out_proj.weight"])
+            else:
+                h = self._delta_net(p + "linear_attn.", h, caches, bounds)
         elif positions is not None:
-            h = self.attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions)
+            h = self.attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions, table)
         else:
             h = self.attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
@@ -380,23 +394,34 @@ class Qwen3NextModel(ResidentWeights):
         outs = [self._delta_rule(p, proj[a:b], h, state) for (a, b), state in zip(bounds, states)]
         return linear(outs[0] if len(outs) == 1 else torch.cat(outs), self.w[p + "out_proj.weight"])
 
-    def _delta_tokens(self, p: str, proj: torch.Tensor, like: torch.Tensor, states: list[DeltaNetState]
-                      ) -> torch.Tensor:
+    def _delta_tokens(self, p: str, proj: torch.Tensor, like: torch.Tensor, states: list[DeltaNetState] | None,
+                      table: torch.Tensor | None = None) -> torch.Tensor:
         """_delta_rule for one decode token of each of several sequences (row i of proj is states[i]'s): their
         conv windows and recurrent states gathered, each kernel once for all, the states written back (a multi-tensor
-        copy each); on a GPU the per-sequence way was ~10 small launches a sequence a layer."""
+        copy each); on a GPU the per-sequence way was ~10 small launches a sequence a layer. table: instead of
+        states, their addresses() stacked on the device [B, 3] (gathered and written back by address)."""
         cfg, w = self.cfg, self.w
         n, nk, nv = proj.shape[0], cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        mixed, z, b, a = proj.split([2 * nk * dk + nv * dv, nv * dv, nv, nv], dim=-1)
-        conv = torch.stack([s.conv for s in states])
-        mixed = fused.conv_step(mixed, conv, w[p + "conv1d.weight"])
-        torch._foreach_copy_([s.conv for s in states], list(conv.unbind(0)))
+        channels = 2 * nk * dk + nv * dv
+        mixed, z, b, a = proj.split([channels, nv * dv, nv, nv], dim=-1)
+        conv_w = w[p + "conv1d.weight"]
+        if table is not None:
+            conv = by_address.gather(table[:, 1], (channels, conv_w.shape[-1] - 1), like.dtype)
+            recurrent = by_address.gather(table[:, 0], (nv, dk, dv), torch.float32)
+        else:
+            conv, recurrent = torch.stack([s.conv for s in states]), torch.cat([s.recurrent for s in states])
+        mixed = fused.conv_step(mixed, conv, conv_w)
         q, k, v = torch.split(mixed, [nk * dk, nk * dk, nv * dv], dim=-1)
         g, beta = fused.delta_gates(a, b, w[p + "A_log"], w[p + "dt_bias"])
         out, final = gated_delta_rule(q.reshape(n, 1, nk, dk), k.reshape(n, 1, nk, dk), v.reshape(n, 1, nv, dv),
-                                      g[:, None], beta[:, None], torch.cat([s.recurrent for s in states]))
-        torch._foreach_copy_([s.recurrent for s in states], list(final.float().split(1)))
+                                      g[:, None], beta[:, None], recurrent)
+        if table is not None:
+            by_address.scatter(conv, table[:, 1])
+            by_address.scatter(final.float(), table[:, 0])
+        else:
+            torch._foreach_copy_([s.conv for s in states], list(conv.unbind(0)))
+            torch._foreach_copy_([s.recurrent for s in states], list(final.float().split(1)))
         out = fused.rms_norm(out[:, 0], w[p + "norm.weight"], cfg.rms_norm_eps, zero_centred=False,
                              gate=z.reshape(n, nv, dv))
         return out.reshape(n, nv * dv)
