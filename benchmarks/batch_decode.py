@@ -4,6 +4,7 @@ the batch: on a GPU holding every expert, one CUDA graph for the batch).
 
     python benchmarks/batch_decode.py STORE [--device cuda] [--counts 1,2,4,8,16] [--tokens 128]
     python benchmarks/batch_decode.py --geometry 35b --layers 4 --experts 64 ...   # a random checkpoint, made here
+    python benchmarks/batch_decode.py ... --churn   # also: sequences ending at random lengths, each replaced
 
 Each count runs twice per way; the second run's numbers are kept (the first compiles kernels and captures graphs for
 its set of sequences). Steady = the last half of the steps (graphs replaying); whole = prompt to last token, with
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +52,33 @@ def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float, fl
     return steady, count * tokens / (end - t0), sum(in_step[half + 1 :]) / (marks[-1] - marks[half])
 
 
+def churn(model, count: int, tokens: int, batched: bool, seed: int = 0) -> float:
+    """Aggregate tok/s of `count` running sequences that end after 1/4 to all of `tokens` tokens, each replaced by a
+    new one (a short prompt first) until count x tokens tokens are made: the set a server steps changes often."""
+    rng = random.Random(seed)
+    made, started = 0, 0
+
+    def new():
+        nonlocal started
+        started += 1
+        return model.sequence([5 + started % 50, 17, 3, 40, 2], rng.randint(max(1, tokens // 4), tokens),
+                              stop_token_ids=[])
+
+    seqs = [new() for _ in range(count)]
+    t0 = time.perf_counter()
+    while made < count * tokens:
+        for group in [seqs] if batched else [[s] for s in seqs]:
+            for s, row in zip(group, model.step(group)):
+                made += s.advance(row) is not None
+        for i, s in enumerate(seqs):
+            if s.done:
+                s.close()
+                seqs[i] = new()
+    for s in seqs:
+        s.close()
+    return made / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("store", type=Path, nargs="?")
@@ -59,6 +88,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--counts", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--churn", action="store_true",
+                    help="also: sequences of random lengths, each replaced by a new one when it ends")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -66,7 +97,7 @@ def main() -> None:
         store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts)
         model = flashmoe.load(store, device=args.device)
         model.warm_cache()
-        rows, base = [], None
+        rows, base, churned = [], None, []
         for count in [int(n) for n in args.counts.split(",")]:
             got = {}
             for batched in (False, True):
@@ -77,6 +108,10 @@ def main() -> None:
             rows.append(f"| {count} | {each:.0f} | {together:.0f} | {together / each:.2f}x | {together / base:.2f}x "
                         f"| {each_whole:.0f} / {together_whole:.0f} | {each_in:.0%} / {together_in:.0%} |")
             print(rows[-1], flush=True)
+            if args.churn:
+                turns = [churn(model, count, args.tokens, batched) for batched in (False, True)]
+                churned.append(f"| {count} | {turns[0]:.0f} | {turns[1]:.0f} | {turns[1] / turns[0]:.2f}x |")
+                print(churned[-1], flush=True)
         model.close()
     what = f"store {args.store}" if args.store else (f"a random {args.geometry} checkpoint, {args.layers} layers, "
                                                      f"{args.experts} experts, 8-bit")
@@ -87,6 +122,10 @@ def main() -> None:
                    ["sequences", "a forward each, tok/s", "one forward for all, tok/s", "batched / each",
                     "batched / one sequence", "whole run (prompt to last token), each / batched",
                     "steady time in Model.step, each / batched"], rows)
+    if churned:
+        text += ("\nWith churn (`--churn`: each sequence ends after a random 1/4 to all of the tokens and a new one takes"
+                 " its place), aggregate tok/s:\n\n| sequences | a forward each | one forward for all | batched / each |\n"
+                 "|---|---|---|---|\n" + "\n".join(churned) + "\n")
     publish(text, args.out)
 
 

@@ -579,8 +579,9 @@ class Model:
         each one's float32 logits [1, vocab] of its last token. Everything per token (norms, the token mixers'
         projections, the MoE input, router, shared and routed experts) runs once over all their rows, so a weight
         several sequences need is read once; the attention and the recurrences themselves per sequence
-        (the family's mix_many). Eager on the GPU (no CUDA graphs); one sequence,
-        a model over several ranks or a routing trace take forward() one sequence at a time."""
+        (the family's mix_many). On one GPU holding every expert the decode tokens
+        step as one CUDA graph (_graphed_batch), else eagerly; one sequence, a model over several ranks or a routing
+        trace take forward() one sequence at a time."""
         if len(inputs) == 1 or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
         if (rows := self._graphed_batch(inputs)) is not None:
