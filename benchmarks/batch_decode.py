@@ -24,7 +24,7 @@ import torch
 
 import flashmoe
 from common import publish, section
-from serve import random_store
+from serve import random_store, store_args
 
 
 def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float, float]:
@@ -81,11 +81,7 @@ def churn(model, count: int, tokens: int, batched: bool, seed: int = 0) -> float
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("store", type=Path, nargs="?")
-    ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
+    store_args(ap)
     ap.add_argument("--counts", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--churn", action="store_true",

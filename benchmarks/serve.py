@@ -150,6 +150,15 @@ def turns(server: Server, n: int, words: int, reply: int, seed: int) -> list[flo
     return out
 
 
+def store_args(ap: argparse.ArgumentParser) -> None:
+    """A store to run, or the shape of a random one to make (random_store), and the device."""
+    ap.add_argument("store", type=Path, nargs="?")
+    ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+
+
 def random_store(root: Path, geometry: str, layers: int, experts: int) -> Path:
     from flashmoe.convert import convert
     from flashmoe.tiny import build_tiny_checkpoint
@@ -163,11 +172,7 @@ def random_store(root: Path, geometry: str, layers: int, experts: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("store", type=Path, nargs="?")
-    ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
+    store_args(ap)
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--turns", type=int, default=5)
