@@ -29,7 +29,12 @@ from common import publish, section
 GEOMETRIES = {"tiny": {}, "35b": dict(hidden_size=2048, moe_intermediate_size=512, shared_expert_intermediate_size=512,
                                     num_attention_heads=16, num_key_value_heads=2, head_dim=256,
                                     linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-                                    linear_value_head_dim=128, num_experts_per_tok=8)}
+                                    linear_value_head_dim=128, num_experts_per_tok=8),
+              # Qwen3.5-397B-A17B's layers (the small vocabulary kept: its 248k-row embedding and head are 4 GB)
+              "397b": dict(hidden_size=4096, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+                           num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                           linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
+                           num_experts_per_tok=10)}
 WORDS = "sea river mountain stone light wind city garden road bridge tower forest winter summer song story".split()
 
 
