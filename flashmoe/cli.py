@@ -121,8 +121,9 @@ DEVICE = typer.Option("cpu", "--device", "--devices",
                       help="cpu, cuda (cuda:N), or several GPUs (cuda:0,cuda:1): each then holds a block of layers "
                            "and their experts")
 EXPERTS_PER_TOKEN = typer.Option(None, min=1, help="override the router's K (renormalised)")
-CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default: 1/8 of RAM on the CPU; on a GPU none, "
-                                            "the page cache serves, and a set size is pinned)")
+CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default on the CPU: all of them if they take at "
+                                            "most half of the free RAM, else 1/8 of RAM; on a GPU none, the page "
+                                            "cache serves, and a set size is pinned)")
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
                                                  "resident weights leave, less 4 GB)")
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")

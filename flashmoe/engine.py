@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from . import placement
@@ -25,6 +24,7 @@ from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher, check_fits
+from .memory import default_cache_bytes, ram_available
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .kernels.cpu_native import NativeExperts
@@ -41,13 +41,6 @@ from .sequence import Sequence
 from .store import Store
 
 TIMERS = ("attention_ms", "routing_ms", "expert_io_ms", "expert_compute_ms")
-
-
-def default_cache_bytes() -> int:
-    """An eighth of physical RAM, at most half of what is free: room for the hottest experts, the rest left to the
-    page cache (and never more than experts.check_fits allows)."""
-    memory = psutil.virtual_memory()
-    return min(memory.total // 8, memory.available // 2)
 
 
 def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
@@ -82,7 +75,7 @@ class Stage:
 
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
-                 cache_bytes: int, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
+                 cache_bytes: int | None, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
                  resident_format: str = "float", devices: list[torch.device] | None = None,
                  pipeline: Pipeline | None = None, cpu_share: float | str = 0.0):
@@ -135,6 +128,9 @@ class Model:
         kernel_form = None
         if not on_gpu:
             kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
+        if cache_bytes is None:
+            slot = store.expert_blob_bytes if kernel_form is None else kernel_form.slot_bytes
+            cache_bytes = default_cache_bytes(len(cfg.moe_layers) * cfg.num_experts * slot)
         # on a GPU, the CPU's kernels for its share of the experts held in pinned RAM (cpu_share.py)
         share_form = None
         if on_gpu and use_cuda_graphs and cpu_share != 0:
@@ -187,8 +183,9 @@ class Model:
              cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
              resident_format: str | None = None, devices: str | list[str] | None = None,
              distributed: bool = False, prefix_cache_gb: float = 0.0, cpu_share: float | str = 0.0) -> "Model":
-        """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default an eighth of RAM on the CPU,
-        none on a GPU, where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
+        """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default on the CPU every expert when
+        they take at most half of the free RAM, else an eighth of RAM: memory.default_cache_bytes; none on a GPU,
+        where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
         the page cache. cuda_graphs: replay the fixed part of each layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
@@ -252,8 +249,8 @@ class Model:
         store = Store(path)
         if resident_format is None:
             resident_format = "float" if on_gpu or store.quantization["bits"] is None else DEFAULT_CPU_RESIDENT_FORMAT
-        if cache_gb is None:
-            cache_bytes = 0 if on_gpu else default_cache_bytes()
+        if cache_gb is None:  # on the CPU, memory.default_cache_bytes once the experts' form is known
+            cache_bytes = 0 if on_gpu else None
         else:
             cache_bytes = int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
@@ -264,7 +261,7 @@ class Model:
                 device = f"cuda:{local_device_index()}"
         prefix_bytes = int(prefix_cache_gb * 1e9)
         if prefix_bytes:  # a budget the machine cannot hold is refused now, not when a long chat fills it
-            check_fits("RAM", "prefix_cache_gb", prefix_bytes, psutil.virtual_memory().available, "kept sequence states")
+            check_fits("RAM", "prefix_cache_gb", prefix_bytes, ram_available(), "kept sequence states")
         model = cls(store, device, dtype, experts_per_token, cache_bytes, vram_bytes, io_threads, direct_io,
                     verify_reads, cuda_graphs, zero_copy, cache_policy, resident_format,
                     None if devices is None else parsed, pipeline, cpu_share)

@@ -24,12 +24,12 @@ from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
 from .errors import FlashMoeError
 from .eviction import policy_for
 from .expert_cache import SlotCache, host_slab
+from .memory import ram_available
 from .store import ExpertLocation, Store, crc32
 
 
@@ -117,7 +117,7 @@ class ExpertFetcher:
         else:
             ram_slots = min(ram_cache_bytes // slot_bytes, store.expert_bytes // blob)
             # each tier's slab: its cached slots and a batch of staging slots (expert_cache.SlotCache)
-            check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, psutil.virtual_memory().available)
+            check_fits("RAM", "cache_gb", (ram_slots + batch_experts) * slot_bytes, ram_available())
             self.ram = SlotCache(ram_slots, batch_experts, policy_for(cache_policy, ram_slots, store.expert_bytes // blob))
             self._ram_backing, self.ram_slab = host_slab(self.ram.n_slots, slot_bytes, pinned=self.on_gpu)
             self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flashmoe-io")

@@ -125,12 +125,60 @@ def test_a_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(b
     import collections
 
     import flashmoe.experts as experts
+    import flashmoe.memory as memory
 
     store = built.store("qwen3_5_moe", 4)
     blob = flashmoe.load(store, cache_gb=0).store.expert_blob_bytes
     free = collections.namedtuple("Memory", "available total")(60 * blob, 60 * blob)  # staging slots come on top
-    monkeypatch.setattr(experts.psutil, "virtual_memory", lambda: free)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: free)
     with pytest.raises(FlashMoeError, match=r"cache_gb asks for .* GB of RAM for experts, but .* GB is free; pass at"):
         flashmoe.load(store, cache_gb=50 * blob / 1e9)
     # within what is free, it loads and its slab stays inside the share
     assert flashmoe.load(store, cache_gb=8 * blob / 1e9).fetcher.ram_slab.numel() <= experts.MACHINE_SHARE * free.available
+
+
+def test_the_default_ram_cache_holds_every_expert_when_they_fit_and_counts_a_cgroup_limit(built, monkeypatch, tmp_path):
+    """On the CPU with no cache_gb: every expert when they take at most half of the free RAM (a model that fits never
+    reads again), else an eighth of RAM (at most half of what is free); a cgroup's memory.max (here, its parent's)
+    counts as the free RAM when it leaves less."""
+    import collections
+
+    import flashmoe.memory as memory
+
+    store = built.store("qwen3_5_moe", 4)
+    blob = flashmoe.load(store, cache_gb=0).store.expert_blob_bytes
+    every = flashmoe.load(store, cache_gb=0).fetcher.every_expert
+    machine = collections.namedtuple("Memory", "available total")
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: machine(4 * every * blob, 16 * every * blob))
+    model = flashmoe.load(store)
+    model.warm_cache()
+    assert model.fetcher.ram.cached_slots >= every and len(model.fetcher.ram) == every
+    list(model.generate([5, 6, 7], 4, stop_token_ids=[]))
+    assert model.stats["expert_reads"] == 0  # warm, it never reads again
+    # too big for half of what is free: an eighth of RAM
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: machine(every * blob, 4 * every * blob))
+    assert memory.default_cache_bytes(every * blob) == every * blob // 2
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: machine(every * blob, 16 * every * blob // 10))
+    assert memory.default_cache_bytes(every * blob) == 16 * every * blob // 80
+    # a cgroup: /proc/self/cgroup names it; its parent's memory.max leaves 3 MB
+    monkeypatch.undo()
+    root = tmp_path / "cgroup"
+    (root / "box" / "job").mkdir(parents=True)
+    (root / "box" / "memory.max").write_text("10000000\n")
+    (root / "box" / "memory.current").write_text("7000000\n")
+    (root / "box" / "job" / "memory.max").write_text("max\n")
+    monkeypatch.setattr(memory, "CGROUP_ROOT", root)
+    real_read_text = memory.Path.read_text
+    monkeypatch.setattr(memory.Path, "read_text", lambda self: "0::/box/job\n" if str(self) == "/proc/self/cgroup"
+                        else real_read_text(self))
+    assert memory._cgroup_room() == 3_000_000
+    assert memory.ram_available() == min(3_000_000, memory.psutil.virtual_memory().available)
+    # cgroup v1's memory controller, "no limit" written as a huge number at the top
+    (root / "memory" / "slice").mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text(f"{2 ** 63 - 4096}\n")
+    (root / "memory" / "slice" / "memory.limit_in_bytes").write_text("8000000\n")
+    (root / "memory" / "slice" / "memory.usage_in_bytes").write_text("6500000\n")
+    monkeypatch.setattr(memory.Path, "read_text", lambda self: "4:memory:/slice\n3:cpu:/\n"
+                        if str(self) == "/proc/self/cgroup" else real_read_text(self))
+    assert memory._cgroup_room() == 1_500_000
