@@ -75,7 +75,8 @@ class Stage:
 
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
-                 cache_bytes: int | None, vram_cache_bytes: int | None, io_threads: int, direct_io: bool, verify_reads: bool,
+                 cache_bytes: int | None, vram_cache_bytes: int | None, io_threads: int, direct_io: bool,
+                 verify_reads: bool,
                  use_cuda_graphs: bool = True, zero_copy: bool = True, cache_policy: str = DEFAULT_CACHE_POLICY,
                  resident_format: str = "float", devices: list[torch.device] | None = None,
                  pipeline: Pipeline | None = None, cpu_share: float | str = 0.0):
@@ -611,17 +612,20 @@ class Model:
         streams 1.9-2.0x on the 2-core VM, RESULTS.md), and on a GPU whose every expert is resident (one graph for
         the batch); not on a GPU streaming experts, whose batched steps run eagerly (H200, 35B-A3B-shaped, 8 streams:
         505 tok/s a step each, 193 batched)."""
-        if self.device.type == "cpu":
-            return True
+        return self.device.type == "cpu" or self._batch_graphs
+
+    @property
+    def _batch_graphs(self) -> bool:
+        """A batch's decode step may be one graph: step graphs apply and every expert is resident."""
         return self._step_graphs and self.stages[0].fetcher.resident_slots() is not None
 
     def _graphed_batch(self, inputs: list[tuple[list[int], object]]) -> list[torch.Tensor] | None:
         """forward_batch where decode steps are graphs (every expert resident on one GPU): the decode tokens in one
         graph for all (DecodeGraphs.batched_step), a prompt chunk alone through forward() (eager either way, and
         the running sequences keep their graph). None where the experts are not all resident."""
-        decoding = [i for i, (ids, _) in enumerate(inputs) if len(ids) == 1]
-        if not self._step_graphs or self.stages[0].fetcher.resident_slots() is None:
+        if not self._batch_graphs:
             return None
+        decoding = [i for i, (ids, _) in enumerate(inputs) if len(ids) == 1]
         rows: list = [None] * len(inputs)
         if len(decoding) > 1:
             stage = self.stages[0]

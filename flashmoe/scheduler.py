@@ -3,8 +3,9 @@
 Requests wait in arrival order; up to `max_active` run at once, each with its own sequence state. Every round
 the worker makes one step of each (its next prompt chunk or its next token), so a long generation never starves a
 short one; with `batch_steps` (by default where the model batches well: Model.batches_well), one forward for all
-of them (Model.step: the weights and experts they need read once for all). A request whose client went away is dropped at its next turn. The HTTP side never touches the
-model: it submits a job and reads the job's tokens from an asyncio queue the worker fills.
+of them (Model.step: the weights and experts they need read once for all). A request whose client went away is
+dropped at its next turn. The HTTP side never touches the model: it submits a job and reads the job's tokens from
+an asyncio queue the worker fills.
 
 The worker is a thread of its own (`start`), or the caller's (`run`): `flashmoe serve` runs it in the thread that
 loaded the model. On the CPU that matters: libgomp keeps a team of OpenMP threads per thread that starts parallel

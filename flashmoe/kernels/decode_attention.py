@@ -81,16 +81,12 @@ if triton is not None:
                  mask=g_mask[:, None] & d_mask[None, :])
 
 
-def cache_table(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A cache's row of the kernel's table: int64 [3] on its device, (K's address, V's address, capacity)."""
-    return torch.tensor([k.data_ptr(), v.data_ptr(), k.shape[1]], dtype=torch.int64, device=k.device)
-
-
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      tables: list[torch.Tensor] | torch.Tensor, positions: torch.Tensor, scale: float, window: int = 0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, heads, hd], k_new / v_new [B, kv_heads, hd] (sequence i's new token), tables: each sequence's
-    cache_table (caches [kv_heads, capacity, hd], contiguous, q's dtype), or them stacked ([B, 3], contiguous),
+    """q [B, heads, hd], k_new / v_new [B, kv_heads, hd] (sequence i's new token), tables: each sequence's cache's
+    row on the device, int64 (K's address, V's address, capacity: KVCache.addresses(); caches [kv_heads, capacity,
+    hd], contiguous, q's dtype), or them stacked ([B, 3], contiguous),
     positions [B] on the device -> [B, heads * hd]. Each token's key and value are written at its position; it
     attends to every earlier one (the last `window` with a window) and itself."""
     b, nh, hd = q.shape

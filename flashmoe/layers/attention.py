@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused
-from ..kernels.decode_attention import cache_table, decode_attention
+from ..kernels.decode_attention import decode_attention
 from ..kernels.linear import linear
 
 # queries per block of the sink attention's float scores (GPT-OSS prompts): bounds them to heads x block x keys
@@ -75,7 +75,7 @@ class KVCache:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     length: int = 0
-    table: torch.Tensor | None = None  # on a GPU: where k and v are (kernels/decode_attention.py), kept by reserve()
+    table: torch.Tensor | None = None  # on a GPU: addresses() on the device (decode_attention), kept by reserve()
     table_of: int = 0  # the address of the k it describes
 
     @property
@@ -87,7 +87,8 @@ class KVCache:
         if length > self.capacity:
             self.k, self.v = grown(self.k, self.length, like, length), grown(self.v, self.length, like, length)
         if self.k.is_cuda and self.table_of != self.k.data_ptr():  # here, never inside a graph's capture
-            self.table, self.table_of = cache_table(self.k, self.v), self.k.data_ptr()
+            self.table = torch.tensor(self.addresses(), dtype=torch.long, device=self.k.device)
+            self.table_of = self.k.data_ptr()
 
     def addresses(self) -> tuple[int, int, int]:
         """Its row of a batch's device table (decode_attention): where K and V are, and its capacity."""

@@ -372,25 +372,21 @@ class Qwen3NextModel(ResidentWeights):
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], eps)
         caches = None if table is not None else [s.layers[layer] for s in states]
         if self.cfg.layer_types[layer] != "full_attention":
-            if table is not None:
-                proj = linear(h, self.w[p + "linear_attn.in_proj.fused"])
-                h = linear(self._delta_tokens(p + "linear_attn.", proj, h, None, table),
-                           self.w[p + "linear_attn.out_proj.weight"])
-            else:
-                h = self._delta_net(p + "linear_attn.", h, caches, bounds)
+            h = self._delta_net(p + "linear_attn.", h, caches, bounds, table)
         elif positions is not None:
             h = self.attention.attend_many_at(self.w, p + "self_attn.", h, caches, positions, table)
         else:
             h = self.attention.attend_many(self.w, p + "self_attn.", h, caches, [s.position for s in states], bounds)
         return fused.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], eps, residual=x)
 
-    def _delta_net(self, p: str, h: torch.Tensor, states: list[DeltaNetState], bounds: list[tuple[int, int]]
-                   ) -> torch.Tensor:
+    def _delta_net(self, p: str, h: torch.Tensor, states: list[DeltaNetState] | None, bounds: list[tuple[int, int]],
+                   table: torch.Tensor | None = None) -> torch.Tensor:
         """Gated DeltaNet over sequences' rows bounds[i] of h: the projections once over all rows, the convolution
-        and the recurrence per sequence."""
+        and the recurrence per sequence (a GPU batch's decode tokens, or the states' table: _delta_tokens)."""
         proj = linear(h, self.w[p + "in_proj.fused"])
-        if len(states) > 1 and h.is_cuda and len(bounds) == h.shape[0] and all(s.recurrent is not None for s in states):
-            return linear(self._delta_tokens(p, proj, h, states), self.w[p + "out_proj.weight"])
+        if table is not None or (len(states) > 1 and h.is_cuda and len(bounds) == h.shape[0]
+                                 and all(s.recurrent is not None for s in states)):
+            return linear(self._delta_tokens(p, proj, h, states, table), self.w[p + "out_proj.weight"])
         outs = [self._delta_rule(p, proj[a:b], h, state) for (a, b), state in zip(bounds, states)]
         return linear(outs[0] if len(outs) == 1 else torch.cat(outs), self.w[p + "out_proj.weight"])
 
