@@ -24,7 +24,7 @@ import torch
 
 import flashmoe
 from common import publish, section
-from serve import random_store, store_args
+from serve import cache_args, random_store, store_args, store_name
 
 
 def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float, float]:
@@ -90,8 +90,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts)
-        model = flashmoe.load(store, device=args.device)
+        store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts, args.bits,
+                                           args.group_size)
+        model = flashmoe.load(store, device=args.device, **cache_args(args))
         model.warm_cache()
         rows, base, churned = [], None, []
         for count in [int(n) for n in args.counts.split(",")]:
@@ -109,10 +110,8 @@ def main() -> None:
                 churned.append(f"| {count} | {turns[0]:.0f} | {turns[1]:.0f} | {turns[1] / turns[0]:.2f}x |")
                 print(churned[-1], flush=True)
         model.close()
-    what = f"store {args.store}" if args.store else (f"a random {args.geometry} checkpoint, {args.layers} layers, "
-                                                     f"{args.experts} experts, 8-bit")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    text = section(f"Batched decode through the engine, {what}", f"{machine}",
+    text = section(f"Batched decode through the engine, {store_name(args)}", f"{machine}",
                    f"`python batch_decode.py --counts {args.counts} --tokens {args.tokens} --device {args.device}`: "
                    f"sequences of {args.tokens} greedy tokens each, all at once; steady = the last half of the steps.",
                    ["sequences", "a forward each, tok/s", "one forward for all, tok/s", "batched / each",

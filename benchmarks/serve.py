@@ -59,13 +59,16 @@ class Server:
     """`python -m flashmoe serve STORE ...` on a free port, until closed."""
 
     def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path,
-                 batch_steps: bool | None = None, no_engine: bool = False):
-        """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default. no_engine: NO_ENGINE."""
+                 batch_steps: bool | None = None, no_engine: bool = False, caches: dict | None = None):
+        """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default. no_engine: NO_ENGINE.
+        caches: cache_args' sizes, as serve's --cache-gb / --vram-cache-gb."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         launch = ["-c", NO_ENGINE] if no_engine else ["-m", "flashmoe"]
         cmd = [sys.executable, *launch, "serve", str(store), "--port", str(self.port), "--device", device,
                "--max-concurrent", str(max_concurrent), "--prefix-cache-gb", str(prefix_cache_gb)]
+        for name, gb in (caches or {}).items():
+            cmd += [f"--{name.replace('_', '-')}", str(gb)]
         if batch_steps is not None:
             cmd.append("--batch-steps" if batch_steps else "--no-batch-steps")
         self._log = open(log, "w")
@@ -151,23 +154,60 @@ def turns(server: Server, n: int, words: int, reply: int, seed: int) -> list[flo
 
 
 def store_args(ap: argparse.ArgumentParser) -> None:
-    """A store to run, or the shape of a random one to make (random_store), and the device."""
+    """A store to run, or the shape of a random one to make (random_store), the device and the expert caches."""
     ap.add_argument("store", type=Path, nargs="?")
     ap.add_argument("--geometry", default="35b", help="without STORE: a random checkpoint of this layer geometry")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--bits", type=int, default=8, choices=[4, 8])
+    ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache-gb", type=float, default=None, help="the RAM expert cache (load's cache_gb)")
+    ap.add_argument("--vram-cache-gb", type=float, default=None, help="the VRAM expert cache (load's vram_cache_gb)")
 
 
-def random_store(root: Path, geometry: str, layers: int, experts: int) -> Path:
-    from flashmoe.convert import convert
+def cache_args(args: argparse.Namespace) -> dict:
+    """load()'s cache sizes that store_args' options set."""
+    return {k: v for k, v in (("cache_gb", args.cache_gb), ("vram_cache_gb", args.vram_cache_gb)) if v is not None}
+
+
+def store_name(args: argparse.Namespace) -> str:
+    return f"store {args.store}" if args.store else (
+        f"a random {args.geometry} checkpoint, {args.layers} layers, {args.experts} experts, {args.bits}-bit "
+        f"group {args.group_size}")
+
+
+def random_store(root: Path, geometry: str, layers: int, experts: int, bits: int = 8, group_size: int = 32) -> Path:
+    """A random-weight store of the geometry's layers (small vocabulary, a trained tiny tokenizer). Up to 4 GB of
+    bf16 experts it goes the users' way (transformers' checkpoint, then convert); above, the tiny checkpoint gives
+    config and tokenizer and the store is written directly (flashmoe.synthetic: the 397b geometry's 512 experts a
+    layer would be 13 GB of bf16 per layer)."""
+    import json
+    import shutil
+
+    from flashmoe.convert import TOKENIZER_FILES, convert
+    from flashmoe.synthetic import write_random_store
     from flashmoe.tiny import build_tiny_checkpoint
     from prefix_turns import GEOMETRIES
 
     shape = dict(GEOMETRIES[geometry], num_hidden_layers=layers, num_experts=experts,
                  layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)])
-    ckpt = build_tiny_checkpoint(root / "ckpt", "qwen3_5_moe", max_shard_size="2GB", **shape)
-    return convert(ckpt, root / "store", bits=8, group_size=32)
+    expert_bytes = 3 * 2 * shape.get("hidden_size", 64) * shape.get("moe_intermediate_size", 64)
+    if layers * experts * expert_bytes <= 4e9:
+        ckpt = build_tiny_checkpoint(root / "ckpt", "qwen3_5_moe", max_shard_size="2GB", **shape)
+        return convert(ckpt, root / "store", bits=bits, group_size=group_size)
+    ckpt = build_tiny_checkpoint(root / "ckpt", "qwen3_5_moe", **dict(shape, num_hidden_layers=1, num_experts=4,
+                                                                      layer_types=shape["layer_types"][:1]))
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(num_hidden_layers=layers, num_experts=experts, layer_types=shape["layer_types"])
+    import torch
+
+    store = write_random_store(root / "store", config, bits=bits, group_size=group_size,
+                               device="cuda" if torch.cuda.is_available() else "cpu")
+    for name in TOKENIZER_FILES:
+        if (ckpt / name).exists():
+            shutil.copy(ckpt / name, store / name)
+    return store
 
 
 def main() -> None:
@@ -187,10 +227,10 @@ def main() -> None:
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         tmp = Path(tmp)
-        store = args.store or random_store(tmp, args.geometry, args.layers, args.experts)
-        rows, ttft = [], {}
+        store = args.store or random_store(tmp, args.geometry, args.layers, args.experts, args.bits, args.group_size)
+        rows, ttft, caches = [], {}, cache_args(args)
         if args.no_engine:
-            server = Server(store, args.device, max(counts), 0.0, tmp / "serve-no-engine.log", no_engine=True)
+            server = Server(store, args.device, max(counts), 0.0, tmp / "serve-no-engine.log", no_engine=True, caches=caches)
             try:
                 rows += stream_rows(server, counts, args.tokens, ", no engine")
             finally:
@@ -202,12 +242,12 @@ def main() -> None:
             return
         if args.batch_steps:  # the streams both ways, one server each, side by side
             for batch in (False, True):
-                server = Server(store, args.device, max(counts), 1.0, tmp / f"serve-batch{batch}.log", batch)
+                server = Server(store, args.device, max(counts), 1.0, tmp / f"serve-batch{batch}.log", batch, caches=caches)
                 try:
                     rows += stream_rows(server, counts, args.tokens, ", batched steps" if batch else ", a step each")
                 finally:
                     server.close()
-        server = Server(store, args.device, max(counts), 1.0, tmp / "serve-cache.log")
+        server = Server(store, args.device, max(counts), 1.0, tmp / "serve-cache.log", caches=caches)
         try:
             if not args.batch_steps:  # serve's default way
                 rows += stream_rows(server, counts, args.tokens)
@@ -215,7 +255,7 @@ def main() -> None:
             ttft["cache"] = turns(server, args.turns, args.words, args.reply, seed=1)
         finally:
             server.close()
-        server = Server(store, args.device, 1, 0.0, tmp / "serve-nocache.log")
+        server = Server(store, args.device, 1, 0.0, tmp / "serve-nocache.log", caches=caches)
         try:
             turns(server, 1, 20, 4, seed=99)
             ttft["none"] = turns(server, args.turns, args.words, args.reply, seed=1)
@@ -224,8 +264,7 @@ def main() -> None:
     for i, (off, on) in enumerate(zip(ttft["none"], ttft["cache"])):
         rows.append(f"| turn {i + 1} TTFT | {off:.0f} ms without the prefix cache, {on:.0f} ms with | {off / on:.1f}x |")
         print(rows[-1], flush=True)
-    what = f"store {args.store}" if args.store else f"a random {args.geometry} checkpoint, {args.layers} layers, {args.experts} experts, 8-bit"
-    text = section(f"Serving under load, {what}", f"device {args.device}, {os.cpu_count()} CPU cores",
+    text = section(f"Serving under load, {store_name(args)}", f"device {args.device}, {os.cpu_count()} CPU cores",
                    f"/v1/completions of {args.tokens} tokens per stream, all streams at once; then a {args.turns}-turn "
                    f"chat ({args.words}-word messages, {args.reply}-token replies), streamed.",
                    ["load", "result", "vs one stream / speed-up"], rows)
