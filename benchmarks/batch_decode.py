@@ -79,6 +79,34 @@ def churn(model, count: int, tokens: int, batched: bool, seed: int = 0) -> float
     return made / (time.perf_counter() - t0)
 
 
+def profile(model, count: int, steps: int = 10) -> str:
+    """The kernels of `steps` batched decode steps of `count` sequences, once their graphs are captured: per kernel
+    total device time, by torch.profiler (graph replays show their kernels)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    seqs = [model.sequence([5 + i, 17, 3 * i + 1, 40, 2], 8 + steps, stop_token_ids=[]) for i in range(count)]
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        for s, row in zip(seqs, model.step(seqs)):
+            s.advance(row)
+
+    while not all(s.prompt_done for s in seqs):
+        step()
+    for _ in range(3):  # eager, capture, replay
+        step()
+    sync()
+    with profiler(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    for s in seqs:
+        s.close()
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=70)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     store_args(ap)
@@ -86,6 +114,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--churn", action="store_true",
                     help="also: sequences of random lengths, each replaced by a new one when it ends")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also: the GPU kernels of 10 batched steps of this many sequences (torch.profiler), top 25")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -109,6 +139,8 @@ def main() -> None:
                 turns = [churn(model, count, args.tokens, batched) for batched in (False, True)]
                 churned.append(f"| {count} | {turns[0]:.0f} | {turns[1]:.0f} | {turns[1] / turns[0]:.2f}x |")
                 print(churned[-1], flush=True)
+        if args.profile:
+            print(profile(model, args.profile), flush=True)
         model.close()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     text = section(f"Batched decode through the engine, {store_name(args)}", f"{machine}",

@@ -80,7 +80,9 @@ class Server:
                     return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start; see {log}")
+                    self._log.close()
+                    tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+                    raise SystemExit(f"the server did not start; the end of {log}:\n{tail}")
                 time.sleep(0.5)
 
     def client(self):
