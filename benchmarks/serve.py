@@ -217,7 +217,7 @@ def main() -> None:
     store_args(ap)
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--turns", type=int, default=5, help="0: no chat")
     ap.add_argument("--words", type=int, default=150)
     ap.add_argument("--reply", type=int, default=32)
     ap.add_argument("--batch-steps", action="store_true", help="the streams twice: a step each, then batched steps")
@@ -253,17 +253,19 @@ def main() -> None:
         try:
             if not args.batch_steps:  # serve's default way
                 rows += stream_rows(server, counts, args.tokens)
-            turns(server, 1, 20, 4, seed=99)  # warm-up on another chat
-            ttft["cache"] = turns(server, args.turns, args.words, args.reply, seed=1)
+            if args.turns:
+                turns(server, 1, 20, 4, seed=99)  # warm-up on another chat
+                ttft["cache"] = turns(server, args.turns, args.words, args.reply, seed=1)
         finally:
             server.close()
-        server = Server(store, args.device, 1, 0.0, tmp / "serve-nocache.log", caches=caches)
-        try:
-            turns(server, 1, 20, 4, seed=99)
-            ttft["none"] = turns(server, args.turns, args.words, args.reply, seed=1)
-        finally:
-            server.close()
-    for i, (off, on) in enumerate(zip(ttft["none"], ttft["cache"])):
+        if args.turns:
+            server = Server(store, args.device, 1, 0.0, tmp / "serve-nocache.log", caches=caches)
+            try:
+                turns(server, 1, 20, 4, seed=99)
+                ttft["none"] = turns(server, args.turns, args.words, args.reply, seed=1)
+            finally:
+                server.close()
+    for i, (off, on) in enumerate(zip(ttft.get("none", []), ttft.get("cache", []))):
         rows.append(f"| turn {i + 1} TTFT | {off:.0f} ms without the prefix cache, {on:.0f} ms with | {off / on:.1f}x |")
         print(rows[-1], flush=True)
     text = section(f"Serving under load, {store_name(args)}", f"device {args.device}, {os.cpu_count()} CPU cores",

@@ -329,6 +329,8 @@ def serve(
     resident_format: Optional[str] = RESIDENT_FORMAT,
     cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="where the expert caches have room for every expert, "
+                              "read them all in before serving, so no request waits on the disk"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
                                      "each rank holds a block of layers on its --device"),
@@ -346,6 +348,10 @@ def serve(
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
                        resident_format=resident_format, cpu_share=_cpu_share(cpu_share),
                        **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
+    if warm and model.caches_hold_every_expert:
+        # else the first requests read their experts from disk one by one, at a fraction of the decode rate
+        say(f"reading every expert into the caches ({human_bytes(model.store.expert_bytes)})")
+        model.warm_cache()
     if model.pipeline is not None:
         model.pipeline.led = True
         if not leader:  # the other ranks run what rank 0 announces

@@ -669,6 +669,14 @@ class Model:
         if self.prefix_cache is not None:
             self.prefix_cache.put(tokens, state.layers)
 
+    @property
+    def caches_hold_every_expert(self) -> bool:
+        """Whether the expert caches (every device's VRAM and the RAM one) have room for every expert: then
+        warm_cache() moves the whole model in and no decode step waits on the disk again."""
+        ram = {id(s.fetcher.ram): s.fetcher.ram.cached_slots for s in self.stages}  # stages may share one RAM tier
+        vram = sum(s.fetcher.vram.cached_slots for s in self.stages if s.fetcher.vram is not None)
+        return vram + sum(ram.values()) >= sum(s.fetcher.every_expert for s in self.stages)
+
     def warm_cache(self) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
         budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in."""

@@ -1,0 +1,26 @@
+"""Warming the expert caches: whether they have room for every expert, and that a warmed model reads no expert from
+disk again (what `flashmoe serve` does at start when they have)."""
+
+import flashmoe
+from flashmoe.data import SMALL_MOE
+
+
+def test_a_warmed_model_whose_caches_hold_every_expert_reads_none_again():
+    model = flashmoe.load(SMALL_MOE, device="cpu", cache_gb=1.0)
+    try:
+        assert model.caches_hold_every_expert
+        model.warm_cache()
+        list(model.generate(model.tokenizer.encode("The sea"), 6))
+        assert model.stats["expert_reads"] == 0
+    finally:
+        model.close()
+
+
+def test_caches_with_room_for_some_experts_do_not_hold_every_expert():
+    model = flashmoe.load(SMALL_MOE, device="cpu", cache_gb=0.001)
+    try:
+        assert not model.caches_hold_every_expert
+        list(model.generate(model.tokenizer.encode("The sea"), 6))
+        assert model.stats["expert_reads"] > 0
+    finally:
+        model.close()
