@@ -330,7 +330,8 @@ def serve(
     cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
     warm: bool = typer.Option(True, "--warm/--no-warm", help="where the expert caches have room for every expert, "
-                              "read them all in before serving, so no request waits on the disk"),
+                              "read them all in before serving, so no request waits on the disk; then compile and "
+                              "capture the batch graphs up to --max-concurrent sequences"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
                                      "each rank holds a block of layers on its --device"),
@@ -352,6 +353,8 @@ def serve(
         # else the first requests read their experts from disk one by one, at a fraction of the decode rate
         say(f"reading every expert into the caches ({human_bytes(model.store.expert_bytes)})")
         model.warm_cache()
+    if warm and batch_steps is not False and max_concurrent > 1:
+        model.warm_batches(max_concurrent)  # where batch steps are graphs: compiled and captured now, not mid-request
     if model.pipeline is not None:
         model.pipeline.led = True
         if not leader:  # the other ranks run what rank 0 announces

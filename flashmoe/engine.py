@@ -677,6 +677,29 @@ class Model:
         vram = sum(s.fetcher.vram.cached_slots for s in self.stages if s.fetcher.vram is not None)
         return vram + sum(ram.values()) >= sum(s.fetcher.every_expert for s in self.stages)
 
+    def warm_batches(self, max_sequences: int) -> list[int]:
+        """Compile and capture, before any request, the batch graphs that up to `max_sequences` decoding sequences
+        will use (one per power-of-two batch size: DecodeGraphs.batched_step), so no request pays for them (at the
+        397B geometry the first steps of a new batch size took seconds: kernels compiled, then a capture). Throwaway
+        sequences; the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
+        sizes, kept = [], self.prefix_cache
+        self.prefix_cache = None  # throwaway prompts: nothing of theirs is kept
+        try:
+            while self.pipeline is None and self._batch_graphs and (n := 1 << len(sizes) + 1) < 2 * max_sequences:
+                seqs = [self.sequence([i % self.config.vocab_size] * 2, 4, stop_token_ids=[]) for i in range(n)]
+                try:
+                    while not all(s.done for s in seqs):  # the prompts, then eager, captured and replayed batch steps
+                        for seq, row in zip(seqs, self.step(seqs)):
+                            seq.advance(row)
+                finally:
+                    for seq in seqs:
+                        seq.close()
+                sizes.append(n)
+        finally:
+            self.prefix_cache = kept
+        self.reset_stats()
+        return sizes
+
     def warm_cache(self) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
         budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in."""

@@ -318,6 +318,24 @@ def test_a_batch_of_decode_steps_is_one_graph_and_matches_each_alone(built, arch
         assert graphs.batch_captures == 1 and list(graphs.bucket_graphs) == [4]
 
 
+def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
+    """`serve` warms the batch graphs up to --max-concurrent: one per power-of-two batch size, so a batch of 3 later
+    captures nothing, and its logits are each sequence's own."""
+    model = flashmoe.load(built.store("qwen3_5_moe", 4), device="cuda", dtype=torch.float32)
+    model.warm_cache()
+    graphs = model.stages[0].graphs
+    assert model.warm_batches(5) == [2, 4, 8] and sorted(graphs.bucket_graphs) == [2, 4, 8]
+    captured, prompts = graphs.batch_captures, [PROMPT[:6], PROMPT[2:9], PROMPT[1:4]]
+    seqs, made = [model.sequence(p, 4, stop_token_ids=[]) for p in prompts], [[] for _ in prompts]
+    while not all(s.done for s in seqs):
+        for s, out, row in zip(seqs, made, model.step(seqs)):
+            out += [t for t in [s.advance(row)] if t is not None]
+    assert graphs.batch_captures == captured
+    for s in seqs:
+        s.close()
+    assert made == [list(model.generate(p, 4, stop_token_ids=[])) for p in prompts]
+
+
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
     """A row is sampled where it is (no copy of the vocabulary to the host): the cut equals the full sort's, a seeded
     generation repeats on the GPU, and greedy sampling there picks the argmax."""

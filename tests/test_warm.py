@@ -24,3 +24,11 @@ def test_caches_with_room_for_some_experts_do_not_hold_every_expert():
         assert model.stats["expert_reads"] > 0
     finally:
         model.close()
+
+
+def test_warm_batches_does_nothing_where_batches_are_not_graphs():
+    model = flashmoe.load(SMALL_MOE, device="cpu")
+    try:
+        assert model.warm_batches(8) == []
+    finally:
+        model.close()
