@@ -122,8 +122,9 @@ DEVICE = typer.Option("cpu", "--device", "--devices",
                            "and their experts")
 EXPERTS_PER_TOKEN = typer.Option(None, min=1, help="override the router's K (renormalised)")
 CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default on the CPU: all of them if they take at "
-                                            "most half of the free RAM, else 1/8 of RAM; on a GPU none, the page "
-                                            "cache serves, and a set size is pinned)")
+                                            "most half of the free RAM, else 1/8 of RAM; on a GPU, pinned: all of "
+                                            "them if the VRAM cache cannot hold them and they take at most half of "
+                                            "the free RAM, else none, the page cache serving)")
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
                                                  "resident weights leave, less 4 GB)")
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")

@@ -24,7 +24,7 @@ from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher, check_fits
-from .memory import default_cache_bytes, ram_available
+from .memory import default_cache_bytes, default_pinned_cache_bytes, ram_available
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .kernels.cpu_native import NativeExperts
@@ -129,7 +129,12 @@ class Model:
         kernel_form = None
         if not on_gpu:
             kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
-        if cache_bytes is None:
+        if cache_bytes is None and on_gpu:  # this process's blocks: the experts, and how many their VRAM holds
+            blob = store.expert_blob_bytes
+            experts = [sum(cfg.is_moe_layer(layer) for layer in blocks[i].layers) * cfg.num_experts for i in mine]
+            in_vram = sum(min(vram_budgets[i] // blob, n) for i, n in zip(mine, experts))
+            cache_bytes = default_pinned_cache_bytes(sum(experts) * blob, in_vram * blob)
+        elif cache_bytes is None:
             slot = store.expert_blob_bytes if kernel_form is None else kernel_form.slot_bytes
             cache_bytes = default_cache_bytes(len(cfg.moe_layers) * cfg.num_experts * slot)
         # on a GPU, the CPU's kernels for its share of the experts held in pinned RAM (cpu_share.py)
@@ -185,8 +190,10 @@ class Model:
              resident_format: str | None = None, devices: str | list[str] | None = None,
              distributed: bool = False, prefix_cache_gb: float = 0.0, cpu_share: float | str = 0.0) -> "Model":
         """Open a store. cache_gb: RAM expert cache (pinned on a GPU machine; default on the CPU every expert when
-        they take at most half of the free RAM, else an eighth of RAM: memory.default_cache_bytes; none on a GPU,
-        where the page cache serves as the RAM tier). vram_cache_gb: VRAM expert cache (default:
+        they take at most half of the free RAM, else an eighth of RAM: memory.default_cache_bytes; on a GPU every
+        expert, pinned, when the VRAM cache cannot hold them all and they take at most half of the free RAM, else
+        none, the page cache serving as the RAM tier: memory.default_pinned_cache_bytes). vram_cache_gb: VRAM expert
+        cache (default:
         the VRAM left after the resident weights, less 4 GB). direct_io: read experts with O_DIRECT, bypassing
         the page cache. cuda_graphs: replay the fixed part of each layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
@@ -250,10 +257,8 @@ class Model:
         store = Store(path)
         if resident_format is None:
             resident_format = "float" if on_gpu or store.quantization["bits"] is None else DEFAULT_CPU_RESIDENT_FORMAT
-        if cache_gb is None:  # on the CPU, memory.default_cache_bytes once the experts' form is known
-            cache_bytes = 0 if on_gpu else None
-        else:
-            cache_bytes = int(cache_gb * 1e9)
+        # None: memory.default_cache_bytes (CPU) / default_pinned_cache_bytes (GPU), once the experts' form is known
+        cache_bytes = None if cache_gb is None else int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)
         pipeline = None
         if distributed:

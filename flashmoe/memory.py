@@ -71,3 +71,14 @@ def default_cache_bytes(every_expert: int) -> int:
     if every_expert <= available // 2:
         return every_expert
     return min(ram_total() // 8, available // 2)
+
+
+def default_pinned_cache_bytes(every_expert: int, in_vram: int) -> int:
+    """The RAM expert cache on a GPU when none is asked for: none when the VRAM cache holds every expert
+    (`every_expert` bytes; `in_vram` of them fit in VRAM); else every expert, pinned, when that takes at most half of
+    the free RAM: then every expert is resident and decode reads those VRAM lacks over PCIe from inside its kernels,
+    a step one CUDA graph (the tiers are inclusive: the RAM tier must hold them all); else none, as for a model
+    bigger than RAM: the page cache serves, and pinned memory would take its room."""
+    if in_vram >= every_expert:
+        return 0
+    return every_expert if every_expert <= ram_available() // 2 else 0

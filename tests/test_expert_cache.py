@@ -137,6 +137,24 @@ def test_a_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(b
     assert flashmoe.load(store, cache_gb=8 * blob / 1e9).fetcher.ram_slab.numel() <= experts.MACHINE_SHARE * free.available
 
 
+def test_the_default_pinned_cache_on_a_gpu_holds_every_expert_when_vram_cannot_and_ram_can(monkeypatch):
+    """On a GPU with no cache_gb: none when the VRAM cache holds every expert; every expert (the tiers are inclusive:
+    for all to be resident, RAM must hold them all) when VRAM cannot and they take at most half of the free RAM; none
+    when they take more (bigger than RAM: the page cache serves), a cgroup's limit counting as the free RAM."""
+    import flashmoe.memory as memory
+
+    every = 10 << 30
+    monkeypatch.setattr(memory, "ram_available", lambda: 4 * every)
+    assert memory.default_pinned_cache_bytes(every, in_vram=every) == 0
+    assert memory.default_pinned_cache_bytes(every, in_vram=every // 5) == every
+    assert memory.default_pinned_cache_bytes(every, in_vram=0) == every
+    monkeypatch.setattr(memory, "ram_available", lambda: 2 * every - 1)
+    assert memory.default_pinned_cache_bytes(every, in_vram=every // 5) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: every)  # a container of 10 GB on a big machine
+    assert memory.default_pinned_cache_bytes(every, in_vram=0) == 0
+
+
 def test_the_default_ram_cache_holds_every_expert_when_they_fit_and_counts_a_cgroup_limit(built, monkeypatch, tmp_path):
     """On the CPU with no cache_gb: every expert when they take at most half of the free RAM (a model that fits never
     reads again), else an eighth of RAM (at most half of what is free); a cgroup's memory.max (here, its parent's)

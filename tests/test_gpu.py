@@ -83,8 +83,8 @@ def test_gpu_bfloat16_4bit_is_close_to_cpu(built):
 
 def test_gpu_direct_io(built):
     store = built.store("qwen3_5_moe", 4)
-    expected = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0).logits(PROMPT).cpu()
-    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0, direct_io=True)
+    expected = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0, cache_gb=0).logits(PROMPT).cpu()
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=0, cache_gb=0, direct_io=True)
     assert rel_error(model.logits(PROMPT).cpu(), expected) == 0.0
 
 
@@ -112,7 +112,7 @@ def test_cuda_graph_decode_equals_eager(built, arch):
     store = built.store(arch, 4)
     eager = flashmoe.load(store, device="cuda", dtype=torch.float32, cuda_graphs=False)
     blob = eager.store.expert_blob_bytes
-    graphed = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    graphed = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9, cache_gb=0)
     s_eager, s_graphed = eager.new_state(), graphed.new_state()
     eager.forward(PROMPT[:8], s_eager)
     graphed.forward(PROMPT[:8], s_graphed)
@@ -129,7 +129,8 @@ def test_resident_experts_decode_without_host_lookups_and_match(built, arch):
     without a sync); the answers are those of the host-driven path."""
     store = built.store(arch, 4)
     blob = Store(store).expert_blob_bytes
-    host_driven = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    host_driven = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
+                                  cache_gb=0)
     resident = flashmoe.load(store, device="cuda", dtype=torch.float32)  # the default VRAM cache holds them all
     assert resident.fetcher.resident_slots() is None
     resident.warm_cache()
@@ -316,6 +317,21 @@ def test_a_batch_of_decode_steps_is_one_graph_and_matches_each_alone(built, arch
         assert graphs.batch_graph is None
     else:  # one graph for batches of 3-4, whoever they are and however long their caches
         assert graphs.batch_captures == 1 and list(graphs.bucket_graphs) == [4]
+
+
+def test_with_no_ram_budget_a_model_vram_cannot_hold_is_resident_through_pinned_ram(built):
+    """The default RAM tier on a GPU (memory.default_pinned_cache_bytes): with a VRAM cache of 10 experts, every
+    expert lands in pinned RAM too, so once warm every one is resident and decode reads none from disk again; with a
+    VRAM cache that holds them all, no RAM tier is pinned."""
+    store = built.store("qwen3_5_moe", 4)
+    blob = Store(store).expert_blob_bytes
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    assert model.fetcher.ram.cached_slots >= model.fetcher.every_expert
+    model.warm_cache()
+    assert model.fetcher.resident_slots() is not None and model.caches_hold_every_expert
+    list(model.generate(PROMPT[:8], 6, stop_token_ids=[]))
+    assert model.stats["expert_reads"] == 0 and model.stats["expert_bytes_zero_copy"] > 0
+    assert flashmoe.load(store, device="cuda", dtype=torch.float32).fetcher.ram.cached_slots == 0
 
 
 def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
