@@ -354,8 +354,6 @@ def serve(
         # else the first requests read their experts from disk one by one, at a fraction of the decode rate
         say(f"reading every expert into the caches ({human_bytes(model.store.expert_bytes)})")
         model.warm_cache()
-    if warm and batch_steps is not False and max_concurrent > 1:
-        model.warm_batches(max_concurrent)  # where batch steps are graphs: compiled and captured now, not mid-request
     if model.pipeline is not None:
         model.pipeline.led = True
         if not leader:  # the other ranks run what rank 0 announces
@@ -367,6 +365,8 @@ def serve(
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk,
                          batch_steps=batch_steps)
+    if warm:  # where decode steps are graphs: every batch size's compiled and captured now, not mid-request
+        model.warm_batches(max_concurrent)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     # the model stays in this thread, the one that loaded it (scheduler.py: on the CPU a second thread decoded at
     # half the speed); the HTTP side gets a thread of its own, and SIGTERM stops both as Ctrl-C does

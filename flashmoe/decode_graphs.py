@@ -227,7 +227,7 @@ class DecodeGraphs:
 
     def _bucket_step(self, tokens: list[int], states: list, rows: list, layers: range, resident: torch.Tensor):
         m, n = self.model, len(states)
-        bucket = max(2, 1 << (n - 1).bit_length())
+        bucket = 1 << (n - 1).bit_length()
         if self._blank is None:  # a padding row's state: one-position caches shaped as a real one's
             self._blank = [states[0].layers[layer].blank() for layer in layers]
             self._blank_row = tuple(a for c in self._blank for a in c.addresses())

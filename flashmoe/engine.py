@@ -179,6 +179,10 @@ class Model:
         # a one-device decode step with every expert resident as one graph from token to logits (decode_graphs.py);
         # off: a graph per layer (the layers' own timing needs that, and benchmarks compare the two)
         self.whole_step_graphs = True
+        # a sequence decoding alone replays a whole-step graph of its own, captured at its first steps (the fastest
+        # steady decode, for generate and chat); False (the server: sequences come and go) steps it through the batch
+        # graphs of its batch size like any set, a bucket of one, so no request captures a graph
+        self.graph_per_sequence = True
         self._tokens = {"tokens": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.prefix_cache: PrefixCache | None = None  # load(prefix_cache_gb=...): states kept for the next turn
 
@@ -585,7 +589,8 @@ class Model:
         (the family's mix_many). On one GPU holding every expert the decode tokens
         step as one CUDA graph (_graphed_batch), else eagerly; one sequence, a model over several ranks or a routing
         trace take forward() one sequence at a time."""
-        if len(inputs) == 1 or self.pipeline is not None or self.trace_routing:
+        alone = len(inputs) == 1 and (self.graph_per_sequence or len(inputs[0][0]) > 1 or not self._batch_graphs)
+        if alone or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
         if (rows := self._graphed_batch(inputs)) is not None:
             return rows
@@ -637,7 +642,7 @@ class Model:
             return None
         decoding = [i for i, (ids, _) in enumerate(inputs) if len(ids) == 1]
         rows: list = [None] * len(inputs)
-        if len(decoding) > 1:
+        if len(decoding) > 1 or (decoding and not self.graph_per_sequence):
             stage = self.stages[0]
             tokens, states = [inputs[i][0][0] for i in decoding], [inputs[i][1] for i in decoding]
             self._check_tokens(tokens)
@@ -693,13 +698,14 @@ class Model:
 
     def warm_batches(self, max_sequences: int) -> list[int]:
         """Compile and capture, before any request, the batch graphs that up to `max_sequences` decoding sequences
-        will use (one per power-of-two batch size: DecodeGraphs.batched_step), so no request pays for them (at the
+        will use (one per power-of-two batch size, from one where no sequence has a graph of its own:
+        graph_per_sequence; DecodeGraphs.batched_step), so no request pays for them (at the
         397B geometry two streams through the server made 187 tok/s while their batch size was new, 705 warmed). Throwaway
         sequences; the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
-        sizes, kept = [], self.prefix_cache
+        sizes, kept, first = [], self.prefix_cache, 1 if self.graph_per_sequence else 0  # a bucket of one too
         self.prefix_cache = None  # throwaway prompts: nothing of theirs is kept
         try:
-            while self.pipeline is None and self._batch_graphs and (n := 1 << len(sizes) + 1) < 2 * max_sequences:
+            while self.pipeline is None and self._batch_graphs and (n := 1 << len(sizes) + first) < 2 * max_sequences:
                 seqs = [self.sequence([i % self.config.vocab_size] * 2, 4, stop_token_ids=[]) for i in range(n)]
                 try:
                     while not all(s.done for s in seqs):  # the prompts, then eager, captured and replayed batch steps

@@ -44,6 +44,7 @@ class ServedModel:
     def __init__(self, model, name: str, max_active: int = 4, max_waiting: int = 64,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, batch_steps: bool | None = None):
         self.model, self.name = model, name
+        model.graph_per_sequence = False  # requests come and go: a lone one steps through the batch graphs too
         self.chat = ChatFormat(model.tokenizer)
         self.context_length = model.config.max_position_embeddings
         self.scheduler = Scheduler(model, max_active, max_waiting, prefill_chunk, batch_steps)

@@ -181,14 +181,14 @@ def test_a_batchs_token_mixing_from_a_table_of_addresses_serves_any_set(built, a
         model.forward(p[:-1], s)
     blank = model.new_state()
     blank.layers = [c.blank() for c in states[0].layers]
-    for members in ([0, 1, 2], [3, 1]):  # a set of three (bucket 4), then another of two
+    for members in ([0, 1, 2], [3, 1], [2]):  # a set of three (bucket 4), then another of two, then one alone
         batch = [states[i] for i in members]
         eager = copy.deepcopy(batch)
         for s in batch:
             for layer in layers:
                 if (cache := m.kv_cache(s, layer)) is not None:
                     cache.reserve(cache.length + 1, cache.k)
-        bucket = 4 if len(batch) > 2 else 2
+        bucket = 1 << (len(batch) - 1).bit_length()
         rows = [table_row(s, layers) for s in batch] + [table_row(blank, layers)] * (bucket - len(batch))
         table = batch_table(rows, len(layers))
         tokens = [PROMPTS[i % 3][-1] for i in members] + [0] * (bucket - len(batch))

@@ -336,7 +336,8 @@ def test_with_no_ram_budget_a_model_vram_cannot_hold_is_resident_through_pinned_
 
 def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
     """`serve` warms the batch graphs up to --max-concurrent: one per power-of-two batch size, so a batch of 3 later
-    captures nothing, and its logits are each sequence's own."""
+    captures nothing, and its logits are each sequence's own; where sequences have no graph of their own (the
+    server's way), a lone one steps through a bucket of one."""
     model = flashmoe.load(built.store("qwen3_5_moe", 4), device="cuda", dtype=torch.float32)
     model.warm_cache()
     graphs = model.stages[0].graphs
@@ -350,6 +351,15 @@ def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
     for s in seqs:
         s.close()
     assert made == [list(model.generate(p, 4, stop_token_ids=[])) for p in prompts]
+    # as the server runs it: a lone sequence steps through a bucket of one, warmed too, and captures nothing
+    model.graph_per_sequence = False
+    assert model.warm_batches(5) == [1, 2, 4, 8] and sorted(graphs.bucket_graphs) == [1, 2, 4, 8]
+    captured, state = graphs.batch_captures, model.new_state()
+    alone = model.logits(PROMPT[:6])
+    model.forward_batch([(PROMPT[:5], state)])
+    got = model.forward_batch([(PROMPT[5:6], state)])[0]
+    assert rel_error(got.cpu(), alone[-1:].cpu()) < 1e-4 and "step" not in state.decode_graphs
+    assert graphs.batch_captures == captured
 
 
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
