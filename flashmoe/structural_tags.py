@@ -128,12 +128,12 @@ def tagged_calls(tags: list[TagFormat], trigger: str, tool_choice, reasoning: st
 
 
 def section_calls(section_begin: str, section_end: str, tags: list[TagFormat], tool_choice, reasoning: str,
-                  parallel_tool_calls: bool) -> StructuralTag:
-    """Calls in one section (DeepSeek-V3.1's, Kimi-K2's): the section's markers around one call (several with
-    parallel_tool_calls); "auto" lets text come first and the section start anywhere (its opening marker triggers
-    it)."""
+                  parallel_tool_calls: bool, separator: str = "") -> StructuralTag:
+    """Calls in one section (DeepSeek's, Kimi-K2's): the section's markers around one call (several, `separator`
+    apart, with parallel_tool_calls); "auto" lets text come first and the section start anywhere (its opening marker
+    triggers it)."""
     several = parallel_tool_calls and not isinstance(tool_choice, dict)
-    calls = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True, stop_after_first=not several)
+    calls = TagsWithSeparatorFormat(tags=tags, separator=separator, at_least_one=True, stop_after_first=not several)
     if tool_choice == "auto":
         section = TriggeredTagsFormat(triggers=[section_begin], tags=[
             TagFormat(begin=section_begin, content=calls, end=section_end)], excludes=[THINK_BEGIN, THINK_END],

@@ -161,9 +161,33 @@ def test_deepseek_v3_1_templates_are_told_from_the_older_fenced_calls():
     from flashmoe.tiny_templates import DEEPSEEK_V3_CHAT_TEMPLATE
 
     assert detect_tool_format(DEEPSEEK_V3_CHAT_TEMPLATE) == "deepseek"
-    # DeepSeek-V3/R1's template writes function<｜tool▁sep｜>NAME and a ```json block: not this format
+    # DeepSeek-V3/R1's calls: function<｜tool▁sep｜>NAME and a ```json block, read where the template lists the tools
     older = "{% if tools %}<｜tool▁call▁begin｜>function<｜tool▁sep｜>{{ name }}\n```json\n{{ args }}\n```{% endif %}"
-    assert detect_tool_format(older) is None
+    assert detect_tool_format(older) == "deepseek_fenced"
+    # R1's own template writes past calls but never lists tools: it takes none
+    assert detect_tool_format(older.replace("{% if tools %}", "{% if message.tool_calls %}")) is None
+
+
+DEEPSEEK_FENCED_OUTPUT = ("Checking both.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+                          '```json\n{"city": "New York", "days": 3}\n```<｜tool▁call▁end｜>\n'
+                          "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+                          '{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_deepseek_r1_fenced_tool_calls_parse_the_same_however_the_text_is_split(size):
+    """DeepSeek-V3's and R1's format: a section of calls, each function<｜tool▁sep｜>NAME and its arguments in a
+    ```json fence, a newline apart."""
+    _, content, calls = parse_in_pieces(OutputParser("deepseek_fenced", [WEATHER]), DEEPSEEK_FENCED_OUTPUT, size)
+    assert content == "Checking both."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "New York", "days": 3}), ("get_weather", {"city": "Oslo"})]
+    for bad in ("function<｜tool▁sep｜>f\n{\"x\": 1}",  # no fence
+                "function<｜tool▁sep｜>f\n```json\n[1]\n```",  # not an object
+                "other<｜tool▁sep｜>f\n```json\n{}\n```"):  # not a function
+        _, content, calls = parse_in_pieces(OutputParser("deepseek_fenced"),
+                                            f"<｜tool▁call▁begin｜>{bad}<｜tool▁call▁end｜>", 3)
+        assert calls == [] and "<｜tool▁sep｜>f" in content, bad
 
 
 def test_malformed_or_unfinished_tool_calls_stay_as_text():

@@ -107,6 +107,31 @@ def test_tool_call_arguments_always_match_their_schema(grammars, tokenizer, tool
     assert finished >= len(SEEDS) // 4  # enough finished outputs for the test to see something
 
 
+@pytest.mark.parametrize("choice", ["required", "named", "auto"])
+def test_deepseek_r1_fenced_calls_always_match_their_schema(built, choice):
+    """DeepSeek-V3/R1's fenced calls under random logits, with a DeepSeek tokenizer (its markers one token each)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built.checkpoint("deepseek_v3"))
+    grammars = Grammars(tokenizer, 512, [tokenizer.eos_token_id])
+    tool_choice = {"type": "function", "function": {"name": "log_reading"}} if choice == "named" else choice
+    finished = with_calls = 0
+    for seed in SEEDS:
+        constraint = grammars.tool_calls("deepseek_fenced", TOOLS, tool_choice, "disabled", parallel_tool_calls=True)
+        text, done = random_output(constraint, tokenizer, seed, max_tokens=600)  # this tokenizer's pieces are short
+        if not done:
+            continue
+        finished += 1
+        content, calls = parse(text, "deepseek_fenced")
+        with_calls += bool(calls)
+        for call in calls:
+            jsonschema.validate(strict_json(call.arguments), SCHEMAS[call.name])
+        if choice != "auto":
+            assert calls and content == "", text
+            assert choice == "required" or [c.name for c in calls] == ["log_reading"]
+    assert finished >= len(SEEDS) // 4 and (choice == "auto" or with_calls == finished)
+
+
 def test_string_values_are_raw_and_other_values_exact(grammars, tokenizer):
     """No whitespace around an enum member or a number; a string's own whitespace is kept."""
     head = "<tool_call>\n<function=get_weather>\n<parameter=unit>\n"

@@ -10,6 +10,7 @@ writes calls exactly as the template does (structural_tags.py holds the parts th
   xml       Qwen3.5, Qwen3-Coder           <tool_call><function=NAME><parameter=KEY>VALUE</parameter>...
   glm       GLM-4.5                        <tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...
   deepseek  DeepSeek-V3.1                  a section of NAME<｜tool▁sep｜>{...} calls
+  deepseek_fenced  DeepSeek-V3, R1         a section of function<｜tool▁sep｜>NAME and a ```json block, a newline apart
   kimi      Kimi-K2                        a section of functions.NAME:INDEX<|tool_call_argument_begin|>{...} calls
   minimax   MiniMax-M2                     <minimax:tool_call><invoke name="NAME"><parameter name="KEY">...
   mistral   Mixtral/Mistral                [TOOL_CALLS] [{"name", "arguments"}, ...] to the end of the turn
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import deepseek, glm, harmony, kimi, minimax, mistral, qwen_json, qwen_xml
+from . import deepseek, deepseek_fenced, glm, harmony, kimi, minimax, mistral, qwen_json, qwen_xml
 from .common import THINK_BEGIN, THINK_END
 
 # in the order a template is tried: a more specific marker before one it contains (xml's <tool_call> is json's too)
-FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (harmony, minimax, kimi, mistral, deepseek, glm, qwen_xml, qwen_json)}
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (harmony, minimax, kimi, mistral, deepseek, deepseek_fenced, glm,
+                                                     qwen_xml, qwen_json)}
 
 
 def detect(template: str | None) -> str | None:

@@ -1,5 +1,5 @@
 """DeepSeek-V3.1's tool calls: a section around one or more calls, each `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGUMENTS}
-<｜tool▁call▁end｜>`. DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced JSON block) are not read."""
+<｜tool▁call▁end｜>`. DeepSeek-V3/R1's older calls (function<｜tool▁sep｜>NAME and a fenced JSON block): deepseek_fenced."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ SECTION = (SECTION_BEGIN, SECTION_END)
 MARKUP = (SEP,)
 
 
-def detect(template: str) -> bool | None:
-    """True for V3.1's calls; None (the template is taken as taking no tools) for V3/R1's fenced ones."""
-    if SEP in template and CALL_BEGIN in template:
-        return None if "```json" in template else True
-    return False
+def detect(template: str) -> bool:
+    """True for V3.1's calls, not V3/R1's fenced ones (deepseek_fenced)."""
+    return SEP in template and CALL_BEGIN in template and "```json" not in template
 
 
 def parse(block: str, raw_arguments: dict[str, set[str]]) -> list[ToolCall] | None:
