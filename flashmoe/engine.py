@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -720,20 +720,25 @@ class Model:
         self.reset_stats()
         return sizes
 
-    def warm_cache(self) -> None:
+    def warm_cache(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their
-        budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in."""
+        budgets allow; the stats of the warm-up are then cleared. For a model that fits, this moves it in.
+        progress(n): called with the bytes of each batch of experts once it is in."""
+        blob = self.store.expert_blob_bytes
         for stage in self.stages:
             f = stage.fetcher
             with _on(stage.device):
                 for layer in sorted(f.layers):
                     for i in range(0, self.config.num_experts, f.batch_experts):
-                        with f.fetch(layer, list(range(i, min(i + f.batch_experts, self.config.num_experts)))) as fetch:
+                        batch = list(range(i, min(i + f.batch_experts, self.config.num_experts)))
+                        with f.fetch(layer, batch) as fetch:
                             if f.on_gpu:
                                 f.gpu_slots(fetch)
                             else:
                                 for _ in f.arrivals(fetch):
                                     pass
+                        if progress is not None:
+                            progress(len(batch) * blob)
                 if f.on_gpu:
                     torch.cuda.synchronize(stage.device)
         self.reset_stats()

@@ -96,7 +96,7 @@ def test_serve_command_answers_the_openai_client(built, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "flashmoe.cli", "serve", str(built.store("qwen3_next", 4)),
-                             "--port", str(port), "--model-name", "local", "--cache-gb", "0.01"],
+                             "--port", str(port), "--model-name", "local"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "FLASHMOE_API_KEY": "k"})
     try:
         deadline = time.monotonic() + 120
@@ -116,3 +116,4 @@ def test_serve_command_answers_the_openai_client(built, tmp_path):
     out = proc.stdout.read().decode()
     # SIGTERM stops it as Ctrl-C does: the HTTP thread shut down, the model (in the main thread) closed, no traceback
     assert rc == 0 and "Traceback" not in out and "Finished server process" in out, out
+    assert "reading every expert into the caches" in out  # the default RAM cache holds them all: read in at start

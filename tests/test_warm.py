@@ -9,7 +9,9 @@ def test_a_warmed_model_whose_caches_hold_every_expert_reads_none_again():
     model = flashmoe.load(SMALL_MOE, device="cpu", cache_gb=1.0)
     try:
         assert model.caches_hold_every_expert
-        model.warm_cache()
+        done = []
+        model.warm_cache(progress=done.append)
+        assert sum(done) == model.fetcher.every_expert * model.store.expert_blob_bytes and len(done) > 1
         list(model.generate(model.tokenizer.encode("The sea"), 6))
         assert model.stats["expert_reads"] == 0
     finally:
