@@ -3,6 +3,7 @@
     python benchmarks/cache_sim.py                       # Qwen3.5-397B geometry: 60 layers x 512 experts, K=4 and 10
     python benchmarks/cache_sim.py --trace my.npy         # a recorded trace [tokens, layers, K] (flashmoe.traces)
     python benchmarks/cache_sim.py --zero-copy [--trace my.npy]   # the VRAM tier of zero-copy decode: static or refreshed
+    python benchmarks/cache_sim.py --batch 1 2 4 8 16 --sizes 0.2   # what batching saves in reads over PCIe
 
 Hit rate = cache hits / expert lookups, one budget over all layers (a share of every expert of the model), over the
 whole trace from a cold cache: each expert's first use is a miss for every policy, Belady's included.
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 from flashmoe.eviction import POLICIES, optimal_hits, replay
-from flashmoe.traces import TraceShape, calibrated_trace, load, uniform_trace
+from flashmoe.traces import TraceShape, calibrated_sequences, calibrated_trace, load, uniform_trace
 
 
 def table(traces: dict, sizes: list[float], experts_total: int) -> list[str]:
@@ -76,6 +77,41 @@ def zero_copy_table(traces: dict, sizes: list[float], prompt: int) -> list[str]:
     return rows
 
 
+def batch_reads(traces: np.ndarray, batch: int, vram_share: float, prompt: int) -> float:
+    """Experts read over PCIe per token when `batch` of the sequences (traces [sequences, tokens, layers, K]) step
+    together and each expert a step needs is read once for all its tokens: per layer, the union of their picks less
+    the VRAM tier (each layer's most used experts over every sequence's first `prompt` tokens, static as in zero-copy
+    decode), over the tokens after the prompt."""
+    sequences, tokens, layers, k = traces.shape
+    experts = int(traces.max()) + 1
+    vram = np.zeros((layers, experts), bool)
+    keep = int(vram_share * experts)
+    for layer in range(layers):
+        counts = np.bincount(traces[:, :prompt, layer].ravel(), minlength=experts)
+        vram[layer, np.argsort(-counts, kind="stable")[:keep]] = True
+    reads = 0
+    for t in range(prompt, tokens):
+        for layer in range(layers):
+            union = np.unique(traces[:batch, t, layer])
+            reads += int((~vram[layer, union]).sum())
+    return reads / (batch * (tokens - prompt))
+
+
+def batch_table(shape: TraceShape, batches: list[int], shares: list[float], prompt: int) -> list[str]:
+    rows = ["| trace | VRAM (share of each layer's experts) | " + " | ".join(f"{b} sequences" for b in batches) + " |",
+            "|---|---|" + "---|" * len(batches)]
+    for name, make in (("calibrated", calibrated_sequences), ("uniform", None)):
+        if make is None:  # a random router: every sequence, every token uniform
+            traces = np.stack([uniform_trace(shape, seed=i) for i in range(max(batches))])
+        else:
+            traces = make(shape, max(batches))
+        for share in shares:
+            per_token = [batch_reads(traces, b, share, prompt) for b in batches]
+            rows.append(f"| {name}, K={shape.top_k} | {share:.0%} | " + " | ".join(
+                f"{r:.2f} ({per_token[0] / r:.2f}x)" for r in per_token) + " |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=60)
@@ -86,8 +122,18 @@ def main() -> None:
     ap.add_argument("--trace", help="a recorded trace (.npy) instead of the generated ones")
     ap.add_argument("--zero-copy", action="store_true", help="the VRAM tier of zero-copy decode, static or refreshed")
     ap.add_argument("--prompt", type=int, default=200, help="--zero-copy: tokens before the VRAM set is chosen")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="sequences stepping together (e.g. 1 2 4 8 "
+                    "16): expert reads per token over PCIe when each expert a step needs is read once for all")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.batch:
+        rows = []
+        for k in args.top_k:
+            shape = TraceShape(args.tokens, args.layers, args.experts, k)
+            rows += batch_table(shape, args.batch, [0.0] + args.sizes, args.prompt)[0 if not rows else 2:]
+        print("\n".join(rows))
+        print(f"\n{time.perf_counter() - t0:.0f} s")
+        return
     if args.trace:
         trace = load(args.trace)
         traces, total = {args.trace: trace}, trace.shape[1] * (int(trace.max()) + 1)

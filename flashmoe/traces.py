@@ -51,12 +51,19 @@ def layer_fit(layer: int, layers: int, first=FIRST_LAYER_FIT, middle=MIDDLE_LAYE
     return tuple(a + (b - a) * f for a, b in zip(first, middle))
 
 
-def skewed_layer(tokens: int, experts: int, top_k: int, skew: float, reuse: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """One layer's picks [tokens, K] (see the module's docstring)."""
+def layer_popularity(experts: int, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """A layer's chance of picking each expert: a Zipf law of exponent `skew` over a random order of the experts."""
     popularity = np.arange(1, experts + 1, dtype=np.float64) ** -skew
     popularity = popularity[rng.permutation(experts)]
-    popularity /= popularity.sum()
+    return popularity / popularity.sum()
+
+
+def skewed_layer(tokens: int, experts: int, top_k: int, skew: float, reuse: float,
+                 rng: np.random.Generator, popularity: np.ndarray | None = None) -> np.ndarray:
+    """One layer's picks [tokens, K] (see the module's docstring); `popularity`: the layer's, if given (several
+    sequences of one model share it), else drawn here."""
+    if popularity is None:
+        popularity = layer_popularity(experts, skew, rng)
     out = np.empty((tokens, top_k), dtype=np.int32)
     previous: list[int] = []
     for t in range(tokens):
@@ -85,6 +92,16 @@ def calibrated_trace(shape: TraceShape, seed: int = 0) -> np.ndarray:
         reuse, skew = layer_fit(i, shape.layers)
         layers.append(skewed_layer(shape.tokens, shape.experts, shape.top_k, skew, reuse, rng))
     return np.stack(layers, axis=1)
+
+
+def calibrated_sequences(shape: TraceShape, sequences: int, seed: int = 0) -> np.ndarray:
+    """Traces of `sequences` different sequences of one model, [sequences, tokens, layers, K]: each layer's popularity
+    is the model's, shared by them all (what lets a batch's tokens share experts); their picks are their own."""
+    rng = np.random.default_rng(seed)
+    fits = [layer_fit(i, shape.layers) for i in range(shape.layers)]
+    popularity = [layer_popularity(shape.experts, skew, rng) for _, skew in fits]
+    return np.stack([np.stack([skewed_layer(shape.tokens, shape.experts, shape.top_k, skew, reuse, rng, p)
+                               for (reuse, skew), p in zip(fits, popularity)], axis=1) for _ in range(sequences)])
 
 
 def reuse_rate(layer_picks: np.ndarray) -> float:

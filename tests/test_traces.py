@@ -33,3 +33,25 @@ def test_save_load_and_a_bad_file(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((3, 3)))
     with pytest.raises(FlashMoeError, match="integer array \\[tokens, layers, K\\]"):
         traces.load(tmp_path / "bad.npy")
+
+
+def test_sequences_of_one_model_share_its_popularity_and_a_batch_reads_less():
+    """Several sequences' traces share each layer's popularity (the model's), so a batch's tokens share experts as
+    uniform routing's do not; cache_sim's batch_reads counts a step's union once (identical sequences: B-fold)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cache_sim import batch_reads
+
+    shape = TraceShape(tokens=40, layers=2, experts=128, top_k=4)
+    calibrated = traces.calibrated_sequences(shape, 8, seed=1)
+    assert calibrated.shape == (8, 40, 2, 4) and (np.diff(calibrated, axis=-1) > 0).all()
+    assert not (calibrated[0] == calibrated[1]).all()  # their own picks
+    uniform = np.stack([traces.uniform_trace(shape, seed=i) for i in range(8)])
+    gain = {name: batch_reads(t, 1, 0.0, 10) / batch_reads(t, 8, 0.0, 10)
+            for name, t in (("calibrated", calibrated), ("uniform", uniform))}
+    assert gain["calibrated"] > 1.3 * gain["uniform"] and gain["uniform"] < 1.25
+    same = np.repeat(calibrated[:1], 4, axis=0)
+    assert batch_reads(same, 4, 0.0, 10) == batch_reads(same, 1, 0.0, 10) / 4
+    assert batch_reads(calibrated, 8, 1.0, 10) == 0  # every expert in VRAM: nothing over PCIe
