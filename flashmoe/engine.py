@@ -630,8 +630,11 @@ class Model:
 
     @property
     def _batch_graphs(self) -> bool:
-        """A batch's decode step may be one graph: step graphs apply and every expert is resident."""
-        return self._step_graphs and self.stages[0].fetcher.resident_slots() is not None
+        """A batch's decode step may be one graph: step graphs apply, every expert is resident and the CPU computes
+        no share of them (cpu_share's steps are graphs of one sequence)."""
+        stage = self.stages[0]
+        return (self._step_graphs and stage.graphs.cpu_share is None
+                and stage.fetcher.resident_slots() is not None)
 
     def _graphed_batch(self, inputs: list[tuple[list[int], object]]) -> list[torch.Tensor] | None:
         """forward_batch where decode steps are graphs (every expert resident on one GPU): the decode tokens in one
