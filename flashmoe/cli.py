@@ -352,7 +352,8 @@ def serve(
                        **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
     if warm and model.caches_hold_every_expert:
         # else the first requests read their experts from disk one by one, at a fraction of the decode rate
-        total = sum(len(s.fetcher.layers) for s in model.stages) * model.config.num_experts * model.store.expert_blob_bytes
+        layers = sum(len(s.fetcher.layers) for s in model.stages)  # this process's (a rank's own)
+        total = layers * model.config.num_experts * model.store.expert_blob_bytes
         say(f"reading every expert into the caches ({human_bytes(total)}) before serving")
         with _bytes_progress() as progress:
             task = progress.add_task("experts", total=total)

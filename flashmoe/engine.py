@@ -587,8 +587,8 @@ class Model:
         projections, the MoE input, router, shared and routed experts) runs once over all their rows, so a weight
         several sequences need is read once; the attention and the recurrences themselves per sequence
         (the family's mix_many). On one GPU holding every expert the decode tokens
-        step as one CUDA graph (_graphed_batch), else eagerly; one sequence, a model over several ranks or a routing
-        trace take forward() one sequence at a time."""
+        step as one CUDA graph (_graphed_batch), else eagerly; one sequence (decoding through its own graph:
+        graph_per_sequence), a model over several ranks or a routing trace take forward() one sequence at a time."""
         alone = len(inputs) == 1 and (self.graph_per_sequence or len(inputs[0][0]) > 1 or not self._batch_graphs)
         if alone or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
@@ -693,18 +693,20 @@ class Model:
 
     @property
     def caches_hold_every_expert(self) -> bool:
-        """Whether the expert caches (every device's VRAM and the RAM one) have room for every expert: then
-        warm_cache() moves the whole model in and no decode step waits on the disk again."""
-        ram = {id(s.fetcher.ram): s.fetcher.ram.cached_slots for s in self.stages}  # stages may share one RAM tier
-        vram = sum(s.fetcher.vram.cached_slots for s in self.stages if s.fetcher.vram is not None)
-        return vram + sum(ram.values()) >= sum(s.fetcher.every_expert for s in self.stages)
+        """Whether one tier has room for every expert (every device's VRAM for its layers', or the RAM one for all:
+        the tiers are inclusive, so two half-sized ones hold the same half): then warm_cache() moves the whole model
+        in and no decode step waits on the disk again."""
+        f = [s.fetcher for s in self.stages]
+        ram = {id(x.ram): x.ram.cached_slots for x in f}  # stages may share one RAM tier
+        return (all(x.vram is not None and x.vram.cached_slots >= x.every_expert for x in f)
+                or sum(ram.values()) >= sum(x.every_expert for x in f))
 
     def warm_batches(self, max_sequences: int) -> list[int]:
         """Compile and capture, before any request, the batch graphs that up to `max_sequences` decoding sequences
         will use (one per power-of-two batch size, from one where no sequence has a graph of its own:
-        graph_per_sequence; DecodeGraphs.batched_step), so no request pays for them (at the
-        397B geometry two streams through the server made 187 tok/s while their batch size was new, 705 warmed). Throwaway
-        sequences; the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
+        graph_per_sequence; DecodeGraphs.batched_step), so no request pays for them (at the 397B geometry two
+        streams through the server made 187 tok/s while their batch size was new, 705 warmed). Throwaway sequences;
+        the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
         sizes, kept, first = [], self.prefix_cache, 1 if self.graph_per_sequence else 0  # a bucket of one too
         self.prefix_cache = None  # throwaway prompts: nothing of theirs is kept
         try:
