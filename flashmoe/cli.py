@@ -125,6 +125,10 @@ CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default on 
                                             "most half of the free RAM, else 1/8 of RAM; on a GPU, pinned: all of "
                                             "them if the VRAM cache cannot hold them and they take at most half of "
                                             "the free RAM, else none, the page cache serving)")
+WARM = typer.Option(True, "--warm/--no-warm", help="where one expert cache has room for every expert, read them all "
+                    "in first, so no reply waits on the disk")
+
+
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
                                                  "resident weights leave, less 4 GB)")
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
@@ -272,6 +276,7 @@ def chat(
     resident_format: Optional[str] = RESIDENT_FORMAT,
     cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
+    warm: bool = WARM,
 ):
     """Chat in the terminal: replies stream, history is kept; /reset clears it, /exit (or Ctrl-D) leaves."""
     from .terminal_chat import TerminalChat
@@ -280,9 +285,24 @@ def chat(
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
                        resident_format=resident_format, prefix_cache_gb=prefix_cache_gb, cpu_share=_cpu_share(cpu_share))
     try:
+        if warm:
+            _warm_experts(model, "chatting")
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
         model.close()
+
+
+def _warm_experts(model, before: str) -> None:
+    """Every expert read into the caches where one tier holds them all (else the first tokens read theirs from disk
+    one by one, at a fraction of the decode rate), with a progress bar."""
+    if not model.caches_hold_every_expert:
+        return
+    layers = sum(len(s.fetcher.layers) for s in model.stages)  # this process's (a rank's own)
+    total = layers * model.config.num_experts * model.store.expert_blob_bytes
+    say(f"reading every expert into the caches ({human_bytes(total)}) before {before}")
+    with _bytes_progress() as progress:
+        task = progress.add_task("experts", total=total)
+        model.warm_cache(progress=lambda n: progress.advance(task, n))
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -330,7 +350,7 @@ def serve(
     resident_format: Optional[str] = RESIDENT_FORMAT,
     cpu_share: str = CPU_SHARE,
     device: str = DEVICE,
-    warm: bool = typer.Option(True, "--warm/--no-warm", help="where the expert caches have room for every expert, "
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="where one expert cache has room for every expert, "
                               "read them all in before serving, so no request waits on the disk; then compile and "
                               "capture the batch graphs up to --max-concurrent sequences"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
@@ -350,14 +370,8 @@ def serve(
                        vram_cache_gb=vram_cache_gb, direct_io=direct_io, cache_policy=cache_policy,
                        resident_format=resident_format, cpu_share=_cpu_share(cpu_share),
                        **({"distributed": True} if distributed else {"prefix_cache_gb": prefix_cache_gb}))
-    if warm and model.caches_hold_every_expert:
-        # else the first requests read their experts from disk one by one, at a fraction of the decode rate
-        layers = sum(len(s.fetcher.layers) for s in model.stages)  # this process's (a rank's own)
-        total = layers * model.config.num_experts * model.store.expert_blob_bytes
-        say(f"reading every expert into the caches ({human_bytes(total)}) before serving")
-        with _bytes_progress() as progress:
-            task = progress.add_task("experts", total=total)
-            model.warm_cache(progress=lambda n: progress.advance(task, n))
+    if warm:
+        _warm_experts(model, "serving")
     if model.pipeline is not None:
         model.pipeline.led = True
         if not leader:  # the other ranks run what rank 0 announces

@@ -83,6 +83,19 @@ def test_chat_keeps_history_and_resets(run_cli, built, monkeypatch):
     assert "history cleared" in err and "tok/s decode" in err and "cache hit rate" in err
 
 
+def test_chat_reads_every_expert_in_first_when_a_cache_holds_them_all(run_cli, built, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
+    code, out, err = run_cli("chat", built.store("qwen3_5_moe", 4), "--max-tokens", "4", "--no-thinking")
+    assert code == 0, err
+    assert "reading every expert into the caches" in err and "before chatting" in err
+    assert "0.0 MB of experts read, cache hit rate 100%" in err  # the first reply reads nothing from disk
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
+    code, out, err = run_cli("chat", built.store("qwen3_5_moe", 4), "--max-tokens", "4", "--no-thinking", "--no-warm")
+    assert code == 0 and "reading every expert" not in err and "0.0 MB of experts read" not in err, err
+
+
 def test_serve_command_answers_the_openai_client(built, tmp_path):
     import os
     import socket
