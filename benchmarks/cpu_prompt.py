@@ -1,11 +1,11 @@
-"""A CPU prompt with its resident products on the matrix units (AMX, bf16 through oneDNN) or on our vector kernel.
+"""A CPU prompt with its resident products in bf16 through oneDNN (on AMX, or AVX-512 BF16) or on our vector kernel.
 
     python benchmarks/cpu_prompt.py --root /data/bench [--layers 4] [--bits 8] [--threads 16] [--tokens 512]
 
 First one resident matrix of the Qwen3.5-35B-A3B geometry (DeltaNet's input projection, 2048 -> 12288) at several
 rows of input, ms per product both ways; then whole prompts of --tokens tokens through a random-weight store of that
 geometry (flashmoe.synthetic, vocabulary 512), each way in a fresh process (FLASHMOE_CPU_AMX=0 / 1), the ways taking
-turns for --rounds rounds. Needs a CPU with AMX for the second way to differ (it says so otherwise).
+turns for --rounds rounds. Needs a CPU with AMX or AVX-512 BF16 for the second way to differ (it says so otherwise).
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def main() -> None:
     from flashmoe.kernels import cpu_native
 
     torch.set_num_threads(args.threads)
-    amx = cpu_native.matrix_units()
+    fast = cpu_native.matrix_units()
+    units = ("AMX" if torch.cpu._is_amx_tile_supported() else "AVX-512 BF16") if fast else \
+        "no fast bf16 products: both ways run our kernel"
     table = matrix_rows_table(args.bits, args.group_size)
     store = glue_store(args.root, args.layers, args.bits, args.group_size)
     runs = {"0": [], "1": []}
@@ -101,8 +103,8 @@ def main() -> None:
             runs[way].append(json.loads(out.stdout.strip().splitlines()[-1])["pp_tok_s"])
     cpu = torch.backends.cpu.get_cpu_capability()
     text = (f"\n### A CPU prompt's resident products on the matrix units ({datetime.date.today()})\n\n"
-            f"`python {' '.join(sys.argv)}`: {args.threads} threads, {os.cpu_count()} CPUs ({cpu}, AMX "
-            f"{'present' if amx else 'absent: both ways run our kernel'}), {args.bits}-bit group {args.group_size}.\n\n"
+            f"`python {' '.join(sys.argv)}`: {args.threads} threads, {os.cpu_count()} CPUs ({cpu}, {units}), "
+            f"{args.bits}-bit group {args.group_size}.\n\n"
             "| rows of input | our kernel, ms | matrix units (bf16), ms | speed-up |\n|---|---|---|---|\n")
     text += "".join(f"| {r} | {a:.2f} | {b:.2f} | {a / b:.2f}x |\n" for r, a, b in table)
     text += (f"\nWhole prompts of {args.tokens} tokens ({args.layers} layers, every expert in RAM), tok/s per round: "

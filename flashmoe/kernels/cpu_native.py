@@ -134,13 +134,15 @@ def library() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=None)
 def matrix_units() -> bool:
-    """Whether torch's bf16 matrix products run on the CPU's matrix units here (Intel AMX, through oneDNN): several
-    times our vector kernel's rate once a product has a few dozen rows of input (benchmarks/cpu_prompt.py).
-    FLASHMOE_CPU_AMX=0 turns their use off; so does FLASHMOE_CPU_ACTIVATIONS=float (bf16 rounds the activations)."""
-    cpu = torch.cpu  # AMX in the CPU, and granted by the OS (a VM may refuse it: _init_amx asks)
-    return (library() is not None and os.environ.get("FLASHMOE_CPU_AMX", "1") != "0"
-            and bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-            and bool(getattr(cpu, "_init_amx", lambda: False)()))
+    """Whether torch's bf16 matrix products (oneDNN) outrun our vector kernel here once a product has a few dozen
+    rows of input: on the CPU's matrix units (Intel AMX: several times, benchmarks/cpu_prompt.py), or with AVX-512
+    BF16 dot products (AMD Zen 4, 2-core VM: 1.5x at 32 rows, 2.5-3.7x at 512, RESULTS.md). FLASHMOE_CPU_AMX=0 turns
+    their use off; so does FLASHMOE_CPU_ACTIVATIONS=float (bf16 rounds the activations)."""
+    cpu = torch.cpu
+    amx = (bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+           and bool(getattr(cpu, "_init_amx", lambda: False)()))  # in the CPU, and granted by the OS (a VM may refuse)
+    bf16_dots = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return library() is not None and os.environ.get("FLASHMOE_CPU_AMX", "1") != "0" and (amx or bf16_dots)
 
 
 _scratch = threading.local()
