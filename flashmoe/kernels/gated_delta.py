@@ -72,9 +72,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None, chunk_s
     decay = _decay((g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")))
     # (I + strictly-lower part) is the UT system; unitriangular=True reads only that, whatever the diagonal holds
     system = (k_beta @ k.transpose(-1, -2)) * decay
-    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
     decay_from_start = _decay(g)[..., None]  # each position's decay since its chunk began
-    w = torch.linalg.solve_triangular(system, k_beta * decay_from_start, upper=False, unitriangular=True)
+    # both right-hand sides in one solve (one pass over the systems)
+    uw = torch.linalg.solve_triangular(system, torch.cat([v_beta, k_beta * decay_from_start], dim=-1), upper=False,
+                                       unitriangular=True)
+    u, w = uw[..., :dv], uw[..., dv:]
     attn = (q @ k.transpose(-1, -2)) * decay
     s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
     q_decayed = q * decay_from_start
