@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from . import placement
 from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
+from .expert_cache import PinningFailed
 from .experts import DEFAULT_CACHE_POLICY, ExpertFetcher, check_fits
 from .memory import default_cache_bytes, default_pinned_cache_bytes, ram_available
 from .kernels.affine import AffineMatrix
@@ -129,7 +131,8 @@ class Model:
         kernel_form = None
         if not on_gpu:
             kernel_form = NativeExperts.for_store(*form_args) or KernelForm.for_store(*form_args)
-        if cache_bytes is None and on_gpu:  # this process's blocks: the experts, and how many their VRAM holds
+        pinned_default = cache_bytes is None and on_gpu
+        if pinned_default:  # this process's blocks: the experts, and how many their VRAM holds
             blob = store.expert_blob_bytes
             experts = [sum(cfg.is_moe_layer(layer) for layer in blocks[i].layers) * cfg.num_experts for i in mine]
             in_vram = sum(min(vram_budgets[i] // blob, n) for i, n in zip(mine, experts))
@@ -152,9 +155,21 @@ class Model:
                 if not on_gpu and (resident_format != "float" or store.resident_quantized):
                     model.compress_matrices(lambda w: compress_matrix(w, resident_format))
                 host = self.stages[0].fetcher if self.stages else None
-                fetcher = ExpertFetcher(store, block.device, cache_bytes, vram_bytes, batch, io_threads, direct_io,
-                                        verify_reads, zero_copy, cache_policy, kernel_form,
-                                        [i for i in block.layers if cfg.is_moe_layer(i)], host)
+
+                def fetcher_with(ram_bytes: int) -> ExpertFetcher:
+                    return ExpertFetcher(store, block.device, ram_bytes, vram_bytes, batch, io_threads, direct_io,
+                                         verify_reads, zero_copy, cache_policy, kernel_form,
+                                         [i for i in block.layers if cfg.is_moe_layer(i)], host)
+
+                try:
+                    fetcher = fetcher_with(cache_bytes)
+                except PinningFailed as exc:  # the default RAM tier could not be pinned: the page cache serves
+                    if not (pinned_default and cache_bytes and host is None):
+                        raise
+                    print(f"flashmoe: {str(exc).partition(';')[0]}; going on without a RAM expert cache (the page "
+                          "cache serves); pass cache_gb (--cache-gb) to size one", file=sys.stderr)
+                    cache_bytes = 0
+                    fetcher = fetcher_with(0)
                 routed = RoutedExperts(store, fetcher, block.device)
                 share = None
                 if share_form is not None and fetcher.ram_slab is not None and fetcher.zero_copy:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FlashMoeError
 from .eviction import LRU, EvictionPolicy
 from .store import BLOCK_BYTES
 
@@ -114,6 +115,10 @@ class SlotCache:
 CUDA_HOST_REGISTER_PORTABLE = 1
 
 
+class PinningFailed(FlashMoeError):
+    """A host slab could not be registered with CUDA."""
+
+
 def host_slab(n_slots: int, slot_bytes: int, pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(backing, slab): slab is [n_slots, slot_bytes] uint8 starting on a BLOCK_BYTES boundary (O_DIRECT needs it).
 
@@ -132,6 +137,7 @@ def host_slab(n_slots: int, slot_bytes: int, pinned: bool) -> tuple[torch.Tensor
         rc = int(cudart.cudaHostRegister(ptr, slab.numel(), CUDA_HOST_REGISTER_PORTABLE))
         if rc != 0:
             cudart.cudaGetLastError()  # clear it, or torch reports it at the next unrelated CUDA call
-            raise RuntimeError(f"cudaHostRegister of {slab.numel() / 1e9:.2f} GB failed (CUDA error {rc})")
+            raise PinningFailed(f"cannot pin {slab.numel() / 1e9:.2f} GB of RAM for the expert cache (cudaHostRegister: "
+                                f"CUDA error {rc}); pass a smaller cache_gb (--cache-gb)")
         weakref.finalize(backing, cudart.cudaHostUnregister, ptr)
     return backing, slab

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flashmoe
+from flashmoe.errors import FlashMoeError
 from flashmoe.kernels import cpu_int4, cpu_native
 from flashmoe.store import Store
 from conftest import ARCHS, LAYOUTS, load_reference, rel_error
@@ -332,6 +333,30 @@ def test_with_no_ram_budget_a_model_vram_cannot_hold_is_resident_through_pinned_
     list(model.generate(PROMPT[:8], 6, stop_token_ids=[]))
     assert model.stats["expert_reads"] == 0 and model.stats["expert_bytes_zero_copy"] > 0
     assert flashmoe.load(store, device="cuda", dtype=torch.float32).fetcher.ram.cached_slots == 0
+
+
+def test_a_default_ram_tier_that_cannot_be_pinned_gives_way_to_the_page_cache(built, monkeypatch, capsys):
+    """Pinning can fail (a container's limits): a RAM tier nobody asked for is then left out with one line; one that
+    was asked for (cache_gb) still fails the load."""
+    import flashmoe.experts as experts
+    from flashmoe.expert_cache import PinningFailed
+
+    real = experts.host_slab
+
+    def failing(n_slots, slot_bytes, pinned):
+        if pinned and n_slots > 64:  # the cache, not a batch of staging slots
+            raise PinningFailed(f"cannot pin {n_slots * slot_bytes / 1e9:.2f} GB of RAM for the expert cache "
+                                "(cudaHostRegister: CUDA error 2); pass a smaller cache_gb (--cache-gb)")
+        return real(n_slots, slot_bytes, pinned)
+
+    monkeypatch.setattr(experts, "host_slab", failing)
+    store = built.store("qwen3_5_moe", 4)
+    blob = Store(store).expert_blob_bytes
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9)
+    assert model.fetcher.ram.cached_slots == 0 and "going on without a RAM expert cache" in capsys.readouterr().err
+    assert len(list(model.generate(PROMPT[:8], 4, stop_token_ids=[]))) == 4
+    with pytest.raises(FlashMoeError, match="cannot pin .* pass a smaller cache_gb"):
+        flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9, cache_gb=1.0)
 
 
 def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
