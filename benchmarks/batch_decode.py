@@ -5,6 +5,7 @@ the batch: on a GPU holding every expert, one CUDA graph for the batch).
     python benchmarks/batch_decode.py STORE [--device cuda] [--counts 1,2,4,8,16] [--tokens 128]
     python benchmarks/batch_decode.py --geometry 35b --layers 4 --experts 64 ...   # a random checkpoint, made here
     python benchmarks/batch_decode.py ... --churn   # also: sequences ending at random lengths, each replaced
+    python benchmarks/batch_decode.py ... --server-graphs   # batched as serve runs it: one alone in a graph of one
 
 Each count runs twice per way; the second run's numbers are kept (the first compiles kernels and captures graphs for
 its set of sequences). Steady = the last half of the steps (graphs replaying); whole = prompt to last token, with
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--churn", action="store_true",
                     help="also: sequences of random lengths, each replaced by a new one when it ends")
+    ap.add_argument("--server-graphs", action="store_true",
+                    help="batched as the server steps them: a lone sequence through a batch graph of one, not its own")
     ap.add_argument("--profile", type=int, default=0,
                     help="also: the GPU kernels of 10 batched steps of this many sequences (torch.profiler), top 25")
     ap.add_argument("--root", type=Path, default=None)
@@ -128,6 +131,9 @@ def main() -> None:
         for count in [int(n) for n in args.counts.split(",")]:
             got = {}
             for batched in (False, True):
+                # batched, as the server steps them: with --server-graphs no sequence has a graph of its own, so
+                # one alone steps through a batch graph of one (the "one forward for all" column at 1 sequence)
+                model.graph_per_sequence = not (batched and args.server_graphs)
                 run(model, count, args.tokens, batched)
                 got[batched] = run(model, count, args.tokens, batched)
             base = base or got[False][0]
