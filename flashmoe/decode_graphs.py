@@ -152,15 +152,21 @@ class DecodeGraphs:
     def _resident_layer(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> torch.Tensor:
         """A layer's decode step as graphs hold it with every expert resident (VRAM or pinned RAM): the GPU looks up
         the chosen experts' slots itself. A dense layer is its token mixing and MLP."""
+        x, h = self.model.mix(layer, x, state, static=True)
+        return self._resident_moe(layer, x, h, resident_slots, self.routed.decode_compute)
+
+    def _resident_moe(self, layer: int, x: torch.Tensor, h: torch.Tensor, resident_slots: torch.Tensor, compute):
+        """A resident layer after its token mixing: a dense MLP, or the router finding the experts' slots on the GPU
+        and compute(h, weights, slots, epilogue) running them with the shared expert and residual in its epilogue
+        (decode_compute for one token, decode_tokens for a batch)."""
         m = self.model
-        x, h = m.mix(layer, x, state, static=True)
         if not m.cfg.is_moe_layer(layer):
             return x + m.dense_mlp(layer, h)
         projections = m.moe_projections(layer, h)
         _, weights, slots = m.route(layer, projections, self.k, resident_slots[layer],
                                     self.routed.fetcher.resident_counts)
         shared, shared_gate = m.shared_expert_parts(layer, projections)
-        return self.routed.decode_compute(h, weights, slots[0], epilogue=(x, shared, shared_gate))
+        return compute(h, weights, slots, epilogue=(x, shared, shared_gate))
 
     def _capture_resident(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor) -> Captured:
         """The whole layer as one graph."""
@@ -290,15 +296,8 @@ class DecodeGraphs:
                          table: torch.Tensor | None = None) -> torch.Tensor:
         """_resident_layer for a batch of decode tokens, one per state (row i of x at device positions[i]); table:
         the layer's caches' addresses instead of the states."""
-        m = self.model
-        x, h = m.mix_many(layer, x, states, bounds, positions, table)
-        if not m.cfg.is_moe_layer(layer):
-            return x + m.dense_mlp(layer, h)
-        projections = m.moe_projections(layer, h)
-        _, weights, slots = m.route(layer, projections, self.k, resident_slots[layer],
-                                    self.routed.fetcher.resident_counts)
-        shared, shared_gate = m.shared_expert_parts(layer, projections)
-        return self.routed.decode_tokens(h, weights, slots, epilogue=(x, shared, shared_gate))
+        x, h = self.model.mix_many(layer, x, states, bounds, positions, table)
+        return self._resident_moe(layer, x, h, resident_slots, self.routed.decode_tokens)
 
     def _capture_shared(self, layer: int, x: torch.Tensor, state, resident_slots: torch.Tensor):
         """The layer as three graphs around the host's split of its RAM-held experts (cpu_share.py): front (to the

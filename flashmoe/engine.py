@@ -118,11 +118,11 @@ class Model:
         if tied and 0 in mine and last in mine:
             parts[last][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[last].device)
         self.resident_format = resident_format
+        moe_layers_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
         if on_gpu and vram_cache_bytes is None:
             vram_budgets = [default_vram_cache_bytes(store, d) for d in devices]
         else:  # a total given: each device's share follows its layers' experts
-            experts_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
-            vram_budgets = [int((vram_cache_bytes or 0) * n / max(1, sum(experts_of))) for n in experts_of]
+            vram_budgets = [int((vram_cache_bytes or 0) * n / max(1, sum(moe_layers_of))) for n in moe_layers_of]
         batch = min(cfg.num_experts, max(32, 2 * self.experts_per_token))
         # on the CPU, RAM slots hold each expert in the form the kernels read: the blob as stored for ours, else
         # torch's int4 layout (prepared as it lands)
@@ -134,7 +134,7 @@ class Model:
         pinned_default = cache_bytes is None and on_gpu
         if pinned_default:  # this process's blocks: the experts, and how many their VRAM holds
             blob = store.expert_blob_bytes
-            experts = [sum(cfg.is_moe_layer(layer) for layer in blocks[i].layers) * cfg.num_experts for i in mine]
+            experts = [moe_layers_of[i] * cfg.num_experts for i in mine]
             in_vram = sum(min(vram_budgets[i] // blob, n) for i, n in zip(mine, experts))
             cache_bytes = default_pinned_cache_bytes(sum(experts) * blob, in_vram * blob)
         elif cache_bytes is None:
@@ -604,10 +604,11 @@ class Model:
         (the family's mix_many). On one GPU holding every expert the decode tokens
         step as one CUDA graph (_graphed_batch), else eagerly; one sequence (decoding through its own graph:
         graph_per_sequence), a model over several ranks or a routing trace take forward() one sequence at a time."""
-        alone = len(inputs) == 1 and (self.graph_per_sequence or len(inputs[0][0]) > 1 or not self._batch_graphs)
+        graphs = self.pipeline is None and not self.trace_routing and self._batch_graphs
+        alone = len(inputs) == 1 and (self.graph_per_sequence or len(inputs[0][0]) > 1 or not graphs)
         if alone or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
-        if (rows := self._graphed_batch(inputs)) is not None:
+        if graphs and (rows := self._graphed_batch(inputs)) is not None:
             return rows
         return self._eager_batch(inputs)
 
@@ -655,9 +656,7 @@ class Model:
         """forward_batch where decode steps are graphs (every expert resident on one GPU): the decode tokens in one
         graph for all (DecodeGraphs.batched_step), prompt chunks eagerly beside it (together when several: a burst
         of requests at the 397B geometry spent more time in their prefills, ~17 ms each alone, than in 64 batched
-        decode steps). None where the experts are not all resident."""
-        if not self._batch_graphs:
-            return None
+        decode steps). Asked only where _batch_graphs holds; None where the step graph does not apply after all."""
         decoding = [i for i, (ids, _) in enumerate(inputs) if len(ids) == 1]
         rows: list = [None] * len(inputs)
         if len(decoding) > 1 or (decoding and not self.graph_per_sequence):

@@ -215,8 +215,8 @@ class RoutedExperts:
         """One token's K experts, whose slots (VRAM, or pinned RAM if negative: see ExpertFetcher.resident_slots) are
         in `slots`, in the order of the router's ascending ids (that of `weights`): two launches, no host work, so a
         CUDA graph can hold it. epilogue: (residual, shared expert output or None, its gate logit or None), added in
-        the second."""
-        f = self.fetcher
+        the second. slots may keep the router's token dimension ([1, K])."""
+        f, slots = self.fetcher, slots.reshape(-1)
         act = moe_triton.decode_gate_up_swiglu(h, f.vram_slab, slots, self.qb, host_slab=f.ram_slab)
         epilogue = None if epilogue is None else tuple(None if t is None else t.reshape(-1) for t in epilogue)
         return moe_triton.down_weighted_sum(act, f.vram_slab, slots, weights[0], self.qb, host_slab=f.ram_slab,
