@@ -73,6 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     model = flashmoe.load(args.store, device=args.device)
     model.warm_cache()
+    model.warm_prompts(args.chunk)  # as serve does: kernels compiled and tuned before B arrives
     vocab = model.config.vocab_size
     prompt = [(7 * i + 11) % (vocab - 10) + 5 for i in range(args.prompt)]
     one_chunk, whole = alone_s(model, prompt[: args.chunk]), alone_s(model, prompt)

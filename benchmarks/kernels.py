@@ -46,7 +46,7 @@ def main() -> None:
                                "num_hidden_layers": 1})
     layout = expert_layout(cfg, args.bits, 64)
     qb = mt.QuantBlob.from_layout(layout, args.bits, 64)
-    n_slots = 64  # ~430 MB at the 397B geometry: far beyond L2
+    n_slots = max(64, 2 * args.k)  # ~430 MB at the 397B geometry: far beyond L2
     slab = _random_blobs(layout, n_slots, args.bits, torch.Generator("cuda").manual_seed(0), "cuda")
     x = torch.randn(args.tokens, args.hidden, device="cuda", dtype=torch.bfloat16)
     rotations = [torch.randperm(n_slots, device="cuda")[: args.k].sort().values.int() for _ in range(16)]

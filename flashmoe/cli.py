@@ -287,6 +287,7 @@ def chat(
     try:
         if warm:
             _warm_experts(model, "chatting")
+            model.warm_prompts()
         TerminalChat(model, console, system, max_tokens, temperature, top_p, thinking).run()
     finally:
         model.close()
@@ -383,7 +384,8 @@ def serve(
     name = model_name or Path(store).resolve().name
     served = ServedModel(model, name, max_active=max_concurrent, max_waiting=max_queue, prefill_chunk=prefill_chunk,
                          batch_steps=batch_steps)
-    if warm:  # where decode steps are graphs: every batch size's compiled and captured now, not mid-request
+    if warm:  # on a GPU: the prompt kernels and every batch size's graph compiled now, not mid-request
+        model.warm_prompts(prefill_chunk)
         model.warm_batches(max_concurrent)
     say(f"serving {name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     # the model stays in this thread, the one that loaded it (scheduler.py: on the CPU a second thread decoded at

@@ -721,23 +721,47 @@ class Model:
         graph_per_sequence; DecodeGraphs.batched_step), so no request pays for them (at the 397B geometry two
         streams through the server made 187 tok/s while their batch size was new, 705 warmed). Throwaway sequences;
         the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
-        sizes, kept, first = [], self.prefix_cache, 1 if self.graph_per_sequence else 0  # a bucket of one too
-        self.prefix_cache = None  # throwaway prompts: nothing of theirs is kept
-        try:
+        sizes, first = [], 1 if self.graph_per_sequence else 0  # a bucket of one too
+        with self._throwaway():
             while self.pipeline is None and self._batch_graphs and (n := 1 << len(sizes) + first) < 2 * max_sequences:
-                seqs = [self.sequence([i % self.config.vocab_size] * 2, 4, stop_token_ids=[]) for i in range(n)]
-                try:
-                    while not all(s.done for s in seqs):  # the prompts, then eager, captured and replayed batch steps
-                        for seq, row in zip(seqs, self.step(seqs)):
-                            seq.advance(row)
-                finally:
-                    for seq in seqs:
-                        seq.close()
+                # the prompts, then eager, captured and replayed batch steps
+                self._run_to_end([self.sequence([i % self.config.vocab_size] * 2, 4, stop_token_ids=[])
+                                  for i in range(n)])
                 sizes.append(n)
+        return sizes
+
+    def warm_prompts(self, chunk: int = 512) -> None:
+        """Compile and tune, before any request, the GPU kernels a prompt meets: a throwaway prompt of `chunk` tokens
+        (the server's prefill chunk) and a continuation of 64 from its state, as a long prompt's next chunk or a turn
+        after a prefix-cache hit runs. fla-core tunes DeltaNet's prompt kernels separately with and without a state
+        to start from: at the 397B geometry on the H200 12.8 s and 15.3 s the first time, during which every running
+        stream waited (RESULTS.md). Only where the caches hold every expert (warm_cache): elsewhere a prompt reads
+        most of a layer's experts from disk; nothing on the CPU, whose kernels are built at load. fla-core keeps
+        its tunings on disk, so this is the slow first start of a machine, seconds after."""
+        if self.device.type == "cpu" or not self.caches_hold_every_expert:
+            return
+        ids = [(7 * i + 11) % self.config.vocab_size for i in range(chunk + 64)]
+        with self._throwaway():
+            self._run_to_end([self.sequence(ids, 2, stop_token_ids=[], prefill_chunk=chunk)])
+
+    @contextlib.contextmanager
+    def _throwaway(self) -> Iterator[None]:
+        """Warm-up sequences: none of their states kept in the prefix cache, their stats cleared after."""
+        kept, self.prefix_cache = self.prefix_cache, None
+        try:
+            yield
         finally:
             self.prefix_cache = kept
-        self.reset_stats()
-        return sizes
+            self.reset_stats()
+
+    def _run_to_end(self, seqs: list[Sequence]) -> None:
+        try:
+            while not all(s.done for s in seqs):
+                for seq, row in zip(seqs, self.step(seqs)):
+                    seq.advance(row)
+        finally:
+            for seq in seqs:
+                seq.close()
 
     def warm_cache(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every expert once, layer by layer, so the caches (VRAM first, then RAM) hold as many as their

@@ -387,6 +387,35 @@ def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
     assert graphs.batch_captures == captured
 
 
+def test_warm_prompts_leaves_nothing_to_tune_for_a_prompt_and_its_continuation(built):
+    """`serve` and `chat` run a throwaway prompt and its continuation at start (Model.warm_prompts): afterwards a
+    request's prompt in two chunks tunes no kernel (fla-core tunes DeltaNet's prompt kernels with and without a
+    state to start from: 28 s at the 397B geometry the first time, every stream waiting), the warm-up keeps nothing in
+    the prefix cache, and the request's tokens are those of a model that never warmed."""
+    import gc
+
+    from triton.runtime.autotuner import Autotuner
+
+    from flashmoe.kernels import gated_delta
+
+    def tunings() -> int:
+        return sum(len(o.cache) for o in gc.get_objects() if isinstance(o, Autotuner))
+
+    store, prompt = built.store("qwen3_5_moe", 4), (PROMPT * 3)[:40]
+    cold = list(flashmoe.load(store, device="cuda", dtype=torch.float32).generate(prompt, 4, stop_token_ids=[]))
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, prefix_cache_gb=0.1)
+    model.warm_cache()
+    model.warm_prompts(chunk=16)
+    assert len(model.prefix_cache) == 0 and model.stats["tokens"] == 0
+    tuned = tunings()
+    assert tuned > 0 or not gated_delta.fla_available()
+    seq, made = model.sequence(prompt, 4, stop_token_ids=[], prefill_chunk=16), []
+    while not seq.done:
+        made += [t for t in [seq.advance(model.step([seq])[0])] if t is not None]
+    seq.close()
+    assert made == cold and tunings() == tuned
+
+
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
     """A row is sampled where it is (no copy of the vocabulary to the host): the cut equals the full sort's, a seeded
     generation repeats on the GPU, and greedy sampling there picks the argmax."""

@@ -34,3 +34,15 @@ def test_warm_batches_does_nothing_where_batches_are_not_graphs():
         assert model.warm_batches(8) == []
     finally:
         model.close()
+
+
+def test_warm_prompts_runs_nothing_on_the_cpu():
+    """The CPU's kernels are built at load: no throwaway prompt to pay for at start."""
+    model = flashmoe.load(SMALL_MOE, device="cpu")
+    try:
+        steps = []
+        model.step = steps.append  # a warm-up would step its prompt through the model
+        model.warm_prompts()
+        assert steps == []
+    finally:
+        model.close()
