@@ -1,6 +1,6 @@
 """Time to first token of each turn of a chat, with and without the prefix cache (issue 15).
 
-    python benchmarks/prefix_turns.py [--geometry 35b] [--layers 4] [--experts 64] [--turns 5] [--words 150]
+    python benchmarks/prefix_turns.py [STORE] [--geometry 35b] [--layers 4] [--experts 64] [--turns 5] [--words 150]
                                       [--device cpu] [--out RESULTS.md]
 
 A random-weight Qwen3.5-MoE checkpoint (flashmoe.tiny, with its byte-level tokenizer and ChatML template; the 35B-A3B
@@ -60,6 +60,7 @@ def chat(model, fmt: ChatFormat, turns: int, words: int, reply: int, seed: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("store", type=Path, nargs="?", help="a store to run (else a random checkpoint of --geometry)")
     ap.add_argument("--geometry", choices=list(GEOMETRIES), default="35b")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=64)
@@ -73,8 +74,8 @@ def main() -> None:
     shape = dict(GEOMETRIES[args.geometry], num_hidden_layers=args.layers, num_experts=args.experts,
                  layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(args.layers)])
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        ckpt = build_tiny_checkpoint(Path(tmp) / "ckpt", "qwen3_5_moe", max_shard_size="2GB", **shape)
-        store = convert(ckpt, Path(tmp) / "store", bits=8, group_size=32)
+        store = args.store or convert(build_tiny_checkpoint(Path(tmp) / "ckpt", "qwen3_5_moe", max_shard_size="2GB",
+                                                            **shape), Path(tmp) / "store", bits=8, group_size=32)
         results = {}
         for cache_gb in (0.0, 2.0):
             with flashmoe.load(store, device=args.device, prefix_cache_gb=cache_gb) as model:
@@ -90,7 +91,8 @@ def main() -> None:
                     f"{on['ttft_ms']:.0f} | {off['ttft_ms'] / on['ttft_ms']:.1f}x |")
         print(rows[-1], flush=True)
     machine = f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, {torch.get_num_threads()} threads"
-    text = section(f"Chat turns with and without the prefix cache, {args.geometry} geometry, {args.layers} layers", machine,
+    what = f"store {args.store}" if args.store else f"{args.geometry} geometry, {args.layers} layers"
+    text = section(f"Chat turns with and without the prefix cache, {what}", machine,
                    f"{args.turns} turns of {args.words}-word user messages and {args.reply}-token replies; TTFT = "
                    "the prompt's prefill until its first token.",
                    ["turn", "prompt tokens", "prefilled (no cache)", "TTFT ms (no cache)", "prefilled (cache)",
