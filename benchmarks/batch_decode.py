@@ -25,7 +25,7 @@ import torch
 
 import flashmoe
 from common import publish, section
-from serve import cache_args, random_store, store_args, store_name
+from serve import load_args, random_store, store_args, store_name
 
 
 def run(model, count: int, tokens: int, batched: bool) -> tuple[float, float, float]:
@@ -125,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts, args.bits,
                                            args.group_size)
-        model = flashmoe.load(store, device=args.device, **cache_args(args))
+        model = flashmoe.load(store, device=args.device, **load_args(args))
         model.warm_cache()
         rows, base, churned = [], None, []
         for count in [int(n) for n in args.counts.split(",")]:

@@ -370,6 +370,8 @@ def flashmoe_child(args) -> dict:
     sizes = {"all": everything_gb, "small": args.vram_cache_gb}
     placement = {k: round(sizes.get(v, v), 3) if isinstance(v, str) and k.endswith("_gb") else v
                  for k, v in regime.flashmoe[args.variant].items()}
+    if args.resident_format and placement["device"] == "cuda":
+        placement["resident_format"] = args.resident_format
     t0 = time.perf_counter()
     model = flashmoe.load(args.store, io_threads=16, **placement)
     if regime.warm:
@@ -405,6 +407,8 @@ def flashmoe_run(store: Path, name: str, variant: int, args, llama_greedy: list[
     cmd = [sys.executable, Path(__file__).resolve(), "--child", name, "--variant", variant, "--store", store,
            "--threads", args.threads, "--reps", args.reps, "--vram-cache-gb", args.vram_cache_gb,
            "--greedy-tokens", args.greedy_tokens, "--llama-greedy", ",".join(map(str, llama_greedy))]
+    if args.resident_format:
+        cmd += ["--resident-format", args.resident_format]
     dropped = drop_page_cache() if cgroup else None
     r = run_measured(cmd, log, cgroup, REGIMES[name].needs_cuda)
     if r["rc"] != 0:
@@ -459,7 +463,8 @@ def report(args, info: dict, rows: list[dict]) -> str:
            f"(flashmoe keeps Q8_0 / Q4_x ones quantized and turns other types into bf16).\n\n" if args.same_codes else
            f"{args.bits}-bit affine, group {args.group_size}, {info['store_expert_bits']:.2f} bits/weight as stored (an "
            f"fp16 scale and bias per group; {size(info['store_gb'])} of experts). Resident weights: llama.cpp quantizes "
-           f"them too; flashmoe keeps them bf16 on the GPU, int8 on the CPU.\n\n") +
+           f"them too; flashmoe keeps them {args.resident_format or 'bf16'} on the GPU"
+           f"{' (quantized at load, group 32)' if args.resident_format else ''}, int8 on the CPU.\n\n") +
         f"pp512: one prefill of 512 tokens; tg128: 128 decode steps; tok/s, the median of {args.reps} after a "
         f"warm-up (llama.cpp: llama-bench's samples; flashmoe: a fresh process per regime, experts warmed into the "
         f"regime's caches first, except beyond-ram)"
@@ -535,6 +540,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="measure each engine this many times, taking turns; "
                     "report the medians")
     ap.add_argument("--vram-cache-gb", type=float, default=0.3, help="flashmoe's VRAM cache in ram / beyond-ram")
+    ap.add_argument("--resident-format", choices=["int8", "int4"], default=None,
+                    help="flashmoe's resident matrices on the GPU quantized at load, as llama.cpp's are (default bf16)")
     ap.add_argument("--cgroup-gb", type=float, default=None,
                     help="beyond-ram's memory.max (default: half the GGUF, at least 3)")
     ap.add_argument("--greedy-tokens", type=int, default=8)

@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes: the kernels of each layer kind, from torch.profiler, on a real model's geometry.
 
     python benchmarks/profile_decode.py --root /data/bench [--geometry 397b] [--layers 4] [--steps 8] [--eager]
-        [--bits 4] [--group-size 64] [--vocab N] [--k K] [--host] [--per-layer]
+        [--bits 4] [--group-size 64] [--vocab N] [--k K] [--host] [--per-layer] [--resident-format int8|int4]
 
 Writes (once) a random store with the geometry (default Qwen3.5-397B-A17B: the first three layers DeltaNet, the
 fourth full attention, as in the real model) and --layers layers, loads it with every expert in VRAM, and
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--host", action="store_true")
     ap.add_argument("--per-layer", action="store_true")
     ap.add_argument("--k", type=int, default=None, help="experts per token (default: the geometry's)")
+    ap.add_argument("--resident-format", default=None, help="load's resident_format: int8 / int4 quantize them")
     args = ap.parse_args()
     geometry, k, _, _ = GEOMETRIES[args.geometry]
     k = args.k or k
@@ -59,7 +60,7 @@ def main() -> None:
         write_random_store(path, dict(geometry, num_hidden_layers=args.layers, num_experts_per_tok=k,
                                       vocab_size=vocab), bits=args.bits, group_size=args.group_size, device="cuda")
     model = flashmoe.load(path, device="cuda", experts_per_token=k, cuda_graphs=not args.eager,
-                          vram_cache_gb=model_bytes_gb(path) * 1.01)
+                          vram_cache_gb=model_bytes_gb(path) * 1.01, resident_format=args.resident_format)
     model.warm_cache()
     model.whole_step_graphs = not args.per_layer
     state = model.new_state()

@@ -61,7 +61,7 @@ class Server:
     def __init__(self, store: Path, device: str, max_concurrent: int, prefix_cache_gb: float, log: Path,
                  batch_steps: bool | None = None, no_engine: bool = False, caches: dict | None = None):
         """batch_steps: serve's --batch-steps / --no-batch-steps, or None for its default. no_engine: NO_ENGINE.
-        caches: cache_args' sizes, as serve's --cache-gb / --vram-cache-gb."""
+        caches: load_args' options, as serve's --cache-gb / --vram-cache-gb / --resident-format."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         launch = ["-c", NO_ENGINE] if no_engine else ["-m", "flashmoe"]
@@ -171,11 +171,13 @@ def store_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-gb", type=float, default=None, help="the RAM expert cache (load's cache_gb)")
     ap.add_argument("--vram-cache-gb", type=float, default=None, help="the VRAM expert cache (load's vram_cache_gb)")
+    ap.add_argument("--resident-format", default=None, help="load's resident_format (int8 / int4: quantized residents)")
 
 
-def cache_args(args: argparse.Namespace) -> dict:
-    """load()'s cache sizes that store_args' options set."""
-    return {k: v for k, v in (("cache_gb", args.cache_gb), ("vram_cache_gb", args.vram_cache_gb)) if v is not None}
+def load_args(args: argparse.Namespace) -> dict:
+    """load()'s options that store_args sets (the caches' sizes, the residents' format), those given."""
+    return {k: v for k, v in (("cache_gb", args.cache_gb), ("vram_cache_gb", args.vram_cache_gb),
+                              ("resident_format", args.resident_format)) if v is not None}
 
 
 def store_name(args: argparse.Namespace) -> str:
@@ -235,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         tmp = Path(tmp)
         store = args.store or random_store(tmp, args.geometry, args.layers, args.experts, args.bits, args.group_size)
-        rows, ttft, caches = [], {}, cache_args(args)
+        rows, ttft, caches = [], {}, load_args(args)
         if args.no_engine:
             server = Server(store, args.device, max(counts), 0.0, tmp / "serve-no-engine.log", no_engine=True, caches=caches)
             try:

@@ -134,8 +134,9 @@ VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with 
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
 CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up its slot: frequency-lru, lru or "
                                                   "decayed-lfu")
-RESIDENT_FORMAT = typer.Option(None, help="CPU: the resident projections as float, bf16, int8 or int4 (quantized at "
-                                          "load; int8 is the default for a quantized store)")
+RESIDENT_FORMAT = typer.Option(None, help="the resident projections as float, bf16 (CPU), int8 or int4 (quantized at "
+                                          "load; on the CPU int8 is the default for a quantized store, on a GPU "
+                                          "float: int8/int4 there leave more VRAM for experts)")
 CPU_SHARE = typer.Option("0", help="GPU: of the experts read from pinned RAM, the share the CPU computes meanwhile "
                                    "(0 to 1, or auto: set by measured times; default 0)")
 

@@ -52,6 +52,9 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
     return max(0, min(store.expert_bytes, int(free * 0.9) - (4 << 30)))
 
 
+# resident_format on a GPU: the projections quantized at load to these bits (group 32), read by kernels/affine.py's
+# kernels; "float" keeps them in `dtype`
+GPU_RESIDENT_BITS = {"int8": 8, "int4": 4}
 # a quantized store on the CPU: resident projections quantized to 8 bits at load (llama.cpp's Q8_0 does the same).
 # benchmarks/cpu_paths.py, 35B-A3B geometry, 16 Xeon cores: 22.9 tok/s vs 15.8 in bf16 and 7.2 before (RESULTS.md)
 DEFAULT_CPU_RESIDENT_FORMAT = "int8"
@@ -117,7 +120,19 @@ class Model:
             parts.get(placement.block_of(name, blocks), parts.get(last))[name] = t
         if tied and 0 in mine and last in mine:
             parts[last][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[last].device)
+        del weights  # the parts hold them: a matrix compressed below is freed as it is replaced
         self.resident_format = resident_format
+        models = {}
+        for i in mine:
+            with _on(blocks[i].device):
+                models[i] = family.Model(cfg, parts.pop(i))
+                if not on_gpu and (resident_format != "float" or store.resident_quantized):
+                    models[i].compress_matrices(lambda w: compress_matrix(w, resident_format))
+                elif on_gpu and resident_format in GPU_RESIDENT_BITS:
+                    bits = GPU_RESIDENT_BITS[resident_format]
+                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, bits, dtype))
+        if on_gpu and resident_format in GPU_RESIDENT_BITS:
+            torch.cuda.empty_cache()  # the float matrices' memory back to the driver, for the VRAM expert cache
         moe_layers_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
         if on_gpu and vram_cache_bytes is None:
             vram_budgets = [default_vram_cache_bytes(store, d) for d in devices]
@@ -149,11 +164,9 @@ class Model:
                                     "2/4/8-bit affine); pass cpu_share=0")
         self.stages: list[Stage] = []  # this process's blocks: all of them, or its rank's one
         for i in mine:
-            block, part, vram_bytes = blocks[i], parts[i], vram_budgets[i]
+            block, vram_bytes = blocks[i], vram_budgets[i]
             with _on(block.device):
-                model = family.Model(cfg, part)
-                if not on_gpu and (resident_format != "float" or store.resident_quantized):
-                    model.compress_matrices(lambda w: compress_matrix(w, resident_format))
+                model = models[i]
                 host = self.stages[0].fetcher if self.stages else None
 
                 def fetcher_with(ram_bytes: int) -> ExpertFetcher:
@@ -218,9 +231,11 @@ class Model:
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
         inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache.
         cache_policy: which cached expert gives up its slot, in both tiers: "frequency-lru" (default), "lru" or
-        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format (CPU): how the resident
-        projections are kept: "float" (as `dtype`), "bf16", or quantized at load to "int8" / "int4" (group 32, read
-        by torch's int4 kernel); default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an exact one.
+        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format: how the resident
+        projections are kept: "float" (as `dtype`), "bf16" (CPU), or quantized at load to "int8" / "int4" (group 32;
+        on the CPU read by our kernels, default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an
+        exact one; on a GPU by kernels/affine.py's, default "float": loaded in `dtype` first, so the GPU must hold
+        the float residents once at load).
         devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
         its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them. distributed: this
         process is one rank of a torch.distributed group (torchrun's environment; distributed.py) and holds one block
@@ -270,8 +285,9 @@ class Model:
                                 "them) too")
         if resident_format is not None and resident_format not in RESIDENT_FORMATS:
             raise FlashMoeError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
-        if resident_format not in (None, "float") and on_gpu:
-            raise FlashMoeError("resident_format is for device='cpu'; on a GPU the resident weights stay in `dtype`")
+        if resident_format == "bf16" and on_gpu:
+            raise FlashMoeError("resident_format bf16 is for device='cpu'; on a GPU pass dtype=torch.bfloat16 (the "
+                                "default there), or int8 / int4")
         dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         store = Store(path)
         if resident_format is None:
@@ -733,7 +749,7 @@ class Model:
     def warm_prompts(self, chunk: int = 512) -> None:
         """Compile and tune, before any request, the GPU kernels a prompt meets: a throwaway prompt of `chunk` tokens
         (the server's prefill chunk) and a continuation of 64 from its state, as a long prompt's next chunk or a turn
-        after a prefix-cache hit runs. fla-core tunes DeltaNet's prompt kernels separately with and without a state
+        after a prefix-cache hit runs. fla-core tunes its recurrent layers' prompt kernels apart with and without a state
         to start from: at the 397B geometry on the H200 12.8 s and 15.3 s the first time, during which every running
         stream waited (RESULTS.md). Only where the caches hold every expert (warm_cache): elsewhere a prompt reads
         most of a layer's experts from disk; nothing on the CPU, whose kernels are built at load. fla-core keeps

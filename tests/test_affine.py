@@ -36,6 +36,21 @@ def test_gemv_kernel_matches_dequantized_product(n, k, bits, group, scale_dtype,
     assert rel_error(y, F.linear(x, m.dequantize(torch.float32))) < 1e-5
 
 
+@pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("n,k,bits,group", [(37, 96, 4, 32), (70, 64, 8, 64), (33, 128, 2, 32), (40, 256, 4, 16)])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [3, 17])
+def test_a_few_rows_read_the_matrix_once_through_the_grouped_kernel(n, k, bits, group, scale_dtype, rows):
+    """A decode batch's rows (3..GEMM_MAX_ROWS): one grouped kernel over the codes, as the dequantized product; the
+    rows past a tile of 16 and the output rows past a block of 32 masked."""
+    m = matrix(n, k, bits, group, scale_dtype, seed=n + k + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    y = mt.affine_gemm(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16)
+    assert rel_error(y, F.linear(x, m.dequantize(torch.float32))) < 1e-5
+    assert m.gemm == (DEVICE == "cuda")  # on a GPU AffineMatrix's product of such rows is this kernel's
+    assert rel_error(m(x), F.linear(x, m.dequantize(torch.float32))) < 1e-5
+
+
 def test_product_rows_and_stacks_agree_with_the_dense_matrix():
     a, b = matrix(24, 64, 4, 32, seed=1), matrix(8, 64, 4, 32, seed=2)
     router = matrix(6, 64, 8, 64, seed=3)

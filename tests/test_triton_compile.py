@@ -130,6 +130,14 @@ def test_decode_kernels_compile_for_every_scale_kind(kind):
     _fit(_decode_cases(_quant_blob(*KINDS[kind])))
 
 
+def test_resident_gemm_compiles():
+    """The grouped down kernel as affine_gemm launches it for a resident matrix: a tile of 16 rows, 32 outputs."""
+    qb = mt.QuantBlob(12288, 4096, 4, 32, 0, 0, 0, 0, 0, 1 << 20, 2 << 20)
+    meta = mt._grouped_launch(mt.RESIDENT_TILE, qb, qb.intermediate, [0, 8], torch.device("cpu"))[2]
+    _fit([("_down_grouped_kernel", dict(meta, IEEE=False), {"act_ptr": "*bf16", "y_ptr": "*bf16", "slab_ptr": "*u8",
+                                                            "pair_weight_ptr": "*fp32"})])
+
+
 def test_gpt_oss_decode_and_resident_gemv_compile():
     """GPT-OSS's experts (biases, the clamped SwiGLU) at its 2880-wide rows, whose last K step is masked; and the
     GEMV of a resident matrix kept quantized."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import QuantizedTensor, dequantize
+from ..quant import QuantizedTensor, dequantize, quantize
 from . import moe_triton as mt
 
-GEMV_MAX_ROWS = 2  # the GPU kernel reads the matrix once per row of x; past this, dequantize and one GEMM
+GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
+# (a decode batch) one grouped kernel reads it once for all (mt.affine_gemm); past it (prompts), dequantized slices
 DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
 ALIGN = 64
 
@@ -17,8 +18,8 @@ ALIGN = 64
 class AffineMatrix:
     """A [N, K] matrix as codes, scales and biases, held in one buffer (a kernel reads all three from one pointer);
     multiplies itself. `dtype` is what it hands back: products and dequantized rows. On a GPU one or two rows of x
-    go through a Triton matrix-vector kernel that reads the codes (moe_triton.affine_gemv); more dequantize a slice
-    at a time into one GEMM."""
+    go through a Triton matrix-vector kernel that reads the codes (moe_triton.affine_gemv), up to mt.GEMM_MAX_ROWS
+    through one grouped kernel (moe_triton.affine_gemm), more dequantize a slice at a time into one GEMM."""
 
     def __init__(self, q: QuantizedTensor, dtype: torch.dtype):
         self.dtype, self.shape = dtype, q.shape
@@ -36,6 +37,22 @@ class AffineMatrix:
         self.offsets = tuple(offsets)
         self.block_b = (mt.affine_gemv_block_bytes(q.bits, q.group_size, self.shape[1])
                         if self.device.type == "cuda" and mt.triton_available() else None)
+        # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
+        self.gemm = self.block_b is not None and q.group_size % 16 == 0
+        if self.gemm:
+            mt.resident_tables(self.device)
+
+    @classmethod
+    def quantized(cls, weight, bits: int, dtype: torch.dtype, group_size: int = 32):
+        """A float resident matrix quantized where it lies (a slice of rows at a time: quantize's float32 temporaries
+        of a 248k-row head would be 4 GB each); a form that is not a float tensor (one the store keeps quantized, a
+        stack of them) and rows whose width the group does not divide stay as they are."""
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.shape[1] % group_size:
+            return weight
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // weight.shape[1])
+        parts = [quantize(weight[i : i + step], bits, group_size) for i in range(0, weight.shape[0], step)]
+        return cls(QuantizedTensor(*(torch.cat([getattr(p, f) for p in parts]) for f in ("packed", "scales", "biases")),
+                                   bits, group_size), dtype)
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +79,9 @@ class AffineMatrix:
         if self.block_b is not None and rows.shape[0] <= GEMV_MAX_ROWS:
             y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                self.q.scales.dtype == torch.bfloat16, self.block_b)
+        elif self.gemm and rows.shape[0] <= mt.GEMM_MAX_ROWS:
+            y = mt.affine_gemm(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
+                               self.q.scales.dtype == torch.bfloat16)
         else:
             step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
             y = torch.cat([F.linear(rows, dequantize(self._slice(slice(i, i + step)), torch.float32).to(x.dtype))

@@ -632,13 +632,15 @@ def prompt_block_k(qb: QuantBlob, in_features: int, want: int) -> int:
 def _grouped_launch(tile: PromptTile, qb: QuantBlob, in_features: int, starts: list[int], device):
     """(tile_expert, tile_row, the launch's constexprs and options) of a grouped kernel."""
     block_t = tile.block_t or _block_t(starts)
+    return (*_tiles(starts, block_t, device), _grouped_meta(tile, qb, in_features, block_t))
+
+
+def _grouped_meta(tile: PromptTile, qb: QuantBlob, in_features: int, block_t: int) -> dict:
     block_k = prompt_block_k(qb, in_features, tile.block_k)
-    tile_expert, tile_row = _tiles(starts, block_t, device)
-    meta = dict(BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t, BLOCK_N=tile.block_n, BLOCK_K=block_k,
+    return dict(BITS=qb.bits, GROUP=qb.group_size, BLOCK_T=block_t, BLOCK_N=tile.block_n, BLOCK_K=block_k,
                 SCALE_KIND=qb.scale_kind, BIAS=qb.bias, SWAP=tile.swap, WIDE=block_k > qb.group_size,
                 SPLIT=tile.split and qb.bits < 8 and block_k * qb.bits // 8 >= 16,  # tl.dot's K is 16 at least
                 num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return tile_expert, tile_row, meta
 
 
 def gate_up_swiglu(x, slab, slots, token_of, expert_start, qb: QuantBlob, expert_start_list=None,
@@ -803,6 +805,45 @@ def down_grouped(act, slab, slots, expert_start, pair_weight, qb: QuantBlob, exp
         act, slab, slots, pair_weight, tile_expert, tile_row, expert_start, y, qb.hidden, qb.intermediate,
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, IEEE=act.dtype == torch.float32,
         **meta)
+    return y
+
+
+# a resident matrix is one "expert" whose pairs are x's rows; few of them, so many narrow programs (~N / 32) keep
+# HBM busy where a layer's experts would give the grouped kernels their programs
+RESIDENT_TILE = PromptTile(block_n=32)
+GEMM_MAX_ROWS = 64  # affine_gemm's rows at most: a decode batch (prompts dequantize slices into GEMMs)
+_RESIDENT_TABLES: dict[str, dict[int, tuple]] = {}
+
+
+def resident_tables(device: torch.device) -> dict[int, tuple]:
+    """Per row count 1..GEMM_MAX_ROWS, affine_gemm's device tables (slot, expert start, pair weights 1, tile
+    expert, tile row, block_t), all made at once the first time a device asks, at load: a table first made inside a
+    CUDA graph's capture would be a copy from host memory freed after it."""
+    key = str(device)
+    if key not in _RESIDENT_TABLES:
+        slot, tables = to_device_int32([0], device), {}
+        for rows in range(1, GEMM_MAX_ROWS + 1):
+            block_t = _block_t([0, rows])
+            tables[rows] = (slot, to_device_int32([0, rows], device), torch.ones(rows, device=device),
+                            *_make_tiles([0, rows], block_t, device), block_t)
+        _RESIDENT_TABLES[key] = tables
+    return _RESIDENT_TABLES[key]
+
+
+def affine_gemm(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
+                offsets: tuple[int, int, int], scale_bf16: bool) -> torch.Tensor:
+    """x [T, K] @ W^T for a quantized resident matrix W [N, K] (affine_gemv's blob) and up to GEMM_MAX_ROWS rows: W
+    read once for all of them, dequantized in the tile loop of the grouped down kernel (the matrix its one expert,
+    x's rows its pairs, weights 1)."""
+    n, k = shape
+    slot, start, ones, tile_expert, tile_row, block_t = resident_tables(x.device)[x.shape[0]]
+    qb = QuantBlob(hidden=n, intermediate=k, bits=bits, group_size=group_size, blob_bytes=0, gate_up_packed=0,
+                   gate_up_scales=0, gate_up_biases=0, down_packed=offsets[0], down_scales=offsets[1],
+                   down_biases=offsets[2], scale_kind=SCALE_BF16 if scale_bf16 else SCALE_FP16)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _down_grouped_kernel[(tile_expert.numel(), triton.cdiv(n, RESIDENT_TILE.block_n))](
+        x, blob, slot, ones, tile_expert, tile_row, start, y, n, k, 0, *offsets, 0, IEEE=x.dtype == torch.float32,
+        **_grouped_meta(RESIDENT_TILE, qb, k, block_t))
     return y
 
 
