@@ -57,6 +57,13 @@ class ExpertPairs:
         return self.order[lo:hi], [self.first[e] - lo for e in experts] + [hi - lo]
 
 
+# on a GPU holding every expert, a prompt of up to this many (token, expert) pairs (12 tokens at K=10, 16 at K=8) goes
+# through the decode kernels, a pair at a time, instead of grouping its pairs by expert: no host sync for the
+# grouping, and at the 397B geometry 8 tokens' experts took 324 us a layer that way against 623 grouped (tiles of 16
+# rows for ~1 pair an expert; H200, RESULTS.md)
+DECODE_KERNEL_PAIRS = 128
+
+
 def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """a + b, where a None (a family without a shared expert) adds nothing."""
     return b if a is None else a + b
@@ -87,7 +94,8 @@ class RoutedExperts:
         may be None (no shared expert)."""
         if isinstance(self.fetcher.kernel_form, NativeExperts):
             return self._run_native(layer, h, ids, weights, shared, times)
-        resident = self.fetcher.resident_slots() if ids.shape[0] == 1 and self.decode_kernels else None
+        few = ids.numel() <= DECODE_KERNEL_PAIRS and self.decode_kernels
+        resident = self.fetcher.resident_slots() if few else None
         if resident is not None:  # every expert resident: no host sync, the GPU looks the slots up
             t0 = self._clock()
             out = _plus(shared(), self.resident_compute(layer, h, ids, weights, resident))
@@ -206,10 +214,13 @@ class RoutedExperts:
 
     def resident_compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                          resident_slots: torch.Tensor) -> torch.Tensor:
-        """decode_compute with the slots read from the fetcher's resident table on the GPU (and counted by tier)."""
-        slots = resident_slots[layer][ids[0]]
+        """decode_compute (one token) or decode_tokens (a few: a short prompt's) with the slots read from the
+        fetcher's resident table on the GPU (and counted by tier)."""
+        slots = resident_slots[layer][ids]
         fused.count_tiers(slots, self.fetcher.resident_counts)
-        return self.decode_compute(h, weights, slots)
+        if ids.shape[0] == 1:
+            return self.decode_compute(h, weights, slots)
+        return self.decode_tokens(h, weights, slots, None)
 
     def decode_compute(self, h: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, epilogue=None):
         """One token's K experts, whose slots (VRAM, or pinned RAM if negative: see ExpertFetcher.resident_slots) are

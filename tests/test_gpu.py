@@ -416,6 +416,22 @@ def test_warm_prompts_leaves_nothing_to_tune_for_a_prompt_and_its_continuation(b
     assert made == cold and tunings() == tuned
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "gpt_oss"])
+def test_a_short_prompt_through_the_decode_kernels_is_the_grouped_kernels_prompt(built, arch, monkeypatch):
+    """With every expert resident, a prompt of up to DECODE_KERNEL_PAIRS (token, expert) pairs runs a pair at a time
+    through the decode kernels (no host sync to group them): the same logits as grouped by expert."""
+    import flashmoe.routed as routed
+
+    model = flashmoe.load(built.store(arch, 4), device="cuda", dtype=torch.float32)
+    model.warm_cache()
+    prompt = PROMPT[:10]
+    assert len(prompt) * model.experts_per_token <= routed.DECODE_KERNEL_PAIRS
+    paired = model.logits(prompt)
+    monkeypatch.setattr(routed, "DECODE_KERNEL_PAIRS", 0)
+    grouped = model.logits(prompt)
+    assert rel_error(paired.cpu(), grouped.cpu()) < 1e-4
+
+
 def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built):
     """A row is sampled where it is (no copy of the vocabulary to the host): the cut equals the full sort's, a seeded
     generation repeats on the GPU, and greedy sampling there picks the argmax."""
