@@ -59,8 +59,9 @@ class ExpertPairs:
 
 # on a GPU holding every expert, a prompt of up to this many (token, expert) pairs (12 tokens at K=10, 16 at K=8) goes
 # through the decode kernels, a pair at a time, instead of grouping its pairs by expert: no host sync for the
-# grouping, and at the 397B geometry 8 tokens' experts took 324 us a layer that way against 623 grouped (tiles of 16
-# rows for ~1 pair an expert; H200, RESULTS.md)
+# grouping, and at the 397B geometry (H200, RESULTS.md) the decode kernels ran 80 pairs in 324 us (kernels.py --k 80)
+# where an 8-token prompt's grouped kernels took 623 us a layer (prefill.py --profile: tiles of 16 rows for ~1 pair an
+# expert); where the two cross is not measured yet
 DECODE_KERNEL_PAIRS = 128
 
 
