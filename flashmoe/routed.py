@@ -57,12 +57,13 @@ class ExpertPairs:
         return self.order[lo:hi], [self.first[e] - lo for e in experts] + [hi - lo]
 
 
-# on a GPU holding every expert, a prompt of up to this many (token, expert) pairs (12 tokens at K=10, 16 at K=8) goes
+# on a GPU holding every expert, a prompt of up to this many (token, expert) pairs (25 tokens at K=10, 32 at K=8) goes
 # through the decode kernels, a pair at a time, instead of grouping its pairs by expert: no host sync for the
 # grouping, and at the 397B geometry (H200, RESULTS.md) the decode kernels ran 80 pairs in 324 us (kernels.py --k 80)
 # where an 8-token prompt's grouped kernels took 623 us a layer (prefill.py --profile: tiles of 16 rows for ~1 pair an
-# expert); where the two cross is not measured yet
-DECODE_KERNEL_PAIRS = 128
+# expert). Where the two cross is not measured yet: per pair against per distinct expert read, about where a
+# layer's pairs are twice its distinct experts (~400 pairs of 512 experts, ~400 of 256), so 256 leaves a margin
+DECODE_KERNEL_PAIRS = 256
 
 
 def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
