@@ -30,6 +30,7 @@ from .memory import default_cache_bytes, default_pinned_cache_bytes, ram_availab
 from .kernels.affine import AffineMatrix
 from .kernels.cpu_int4 import RESIDENT_FORMATS, KernelForm, compress_matrix
 from .kernels.cpu_native import NativeExperts
+from .kernels.linear import held_bytes
 from .kernels.moe import ExpertMath
 from .models import family_of
 from .prefix_cache import PrefixCache
@@ -311,13 +312,14 @@ class Model:
         return model
 
     def placement(self) -> dict:
-        """Where the weights live: the resident weights' bytes (on `device`), the experts' bytes, and what the VRAM and
-        RAM caches hold as sized at load (bytes, and the share of the experts); the rest is read from the store. Over
+        """Where the weights live: the resident weights' bytes as held (on `device`), the experts' bytes, and what the
+        VRAM and RAM caches hold as sized at load (bytes, and the share of the experts); the rest is read from the store. Over
         several devices, `blocks` says which layers and how much VRAM cache each holds, and the VRAM figures are
         their sums."""
         f, experts, blob = self.fetcher, self.store.expert_bytes, self.store.expert_blob_bytes
         slot = f.kernel_form.slot_bytes if f.kernel_form is not None else blob
-        out = {"device": self.device.type, "resident_bytes": self.store.resident_bytes, "expert_bytes": experts,
+        resident = sum(held_bytes(s.model) for s in self.stages)  # as kept: dtype, quantized at load or not
+        out = {"device": self.device.type, "resident_bytes": resident, "expert_bytes": experts,
                "ram_cache_bytes": f.ram.cached_slots * slot,
                "ram_cache_share": min(1.0, f.ram.cached_slots * blob / experts), "ram_pinned": f.on_gpu}
         if f.vram is not None:

@@ -11,6 +11,7 @@ import torch
 import flashmoe
 from conftest import ARCHS, rel_error
 from flashmoe.kernels.affine import AffineMatrix
+from flashmoe.store import Store
 from test_reference import PROMPT
 
 # logits of a tiny random model against its float residents, at most (4 bits: ~16x the error of 8)
@@ -63,3 +64,19 @@ def test_on_the_gpu_quantized_residents_decode_in_graphs_and_batches_as_eagerly(
     for s in seqs:
         s.close()
     assert made == want
+
+
+def test_the_load_plan_counts_the_residents_as_they_are_held(built):
+    """placement()'s resident bytes (printed at load) are what the model holds: float32 on the CPU is twice the bf16
+    store, and quantizing at load shrinks them; a quantized matrix's codes, scales and biases (views of one buffer)
+    count once."""
+    store = built.store("qwen3_5_moe", 4)
+    held = {}
+    for fmt in ("float", "int8", "int4"):
+        with flashmoe.load(store, device="cpu", resident_format=fmt) as model:
+            held[fmt] = model.placement()["resident_bytes"]
+    assert held["float"] > 1.8 * Store(store).resident_bytes and held["float"] > held["int8"] > held["int4"]
+    m = AffineMatrix.quantized(torch.randn(64, 128), 4, torch.float32)
+    from flashmoe.kernels.linear import held_bytes
+
+    assert held_bytes([m, m.q]) == m.blob.numel()

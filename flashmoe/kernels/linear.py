@@ -4,6 +4,8 @@ through these."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +45,28 @@ def cat_rows(weights: list):
     merged = [torch.cat(run) if isinstance(run[0], torch.Tensor) else AffineMatrix.cat(run) if len(run) > 1 else run[0]
               for run in runs]
     return merged[0] if len(merged) == 1 else RowStack(merged)
+
+
+def held_bytes(root) -> int:
+    """Bytes of tensor memory reachable from `root` (a model's weights in whatever forms they are kept: tensors,
+    quantized matrices whose parts are views of one buffer, stacks of them), each storage counted once. Walks
+    containers and instances' attributes, not classes, modules or functions."""
+    storages, seen, total, stack = set(), set(), 0, [root]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+            continue
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return total
