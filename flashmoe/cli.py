@@ -126,7 +126,7 @@ CACHE_GB = typer.Option(None, min=0.0, help="RAM for cached experts (default on 
                                             "them if the VRAM cache cannot hold them and they take at most half of "
                                             "the free RAM, else none, the page cache serving)")
 WARM = typer.Option(True, "--warm/--no-warm", help="where one expert cache has room for every expert, read them all "
-                    "in first, so no reply waits on the disk")
+                    "in first, so no reply waits on the disk; on a GPU then compile and tune the prompt kernels")
 
 
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
@@ -354,7 +354,7 @@ def serve(
     device: str = DEVICE,
     warm: bool = typer.Option(True, "--warm/--no-warm", help="where one expert cache has room for every expert, "
                               "read them all in before serving, so no request waits on the disk; then compile and "
-                              "capture the batch graphs up to --max-concurrent sequences"),
+                              "tune the prompt kernels and capture the batch graphs up to --max-concurrent sequences"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of several processes (launch with "
                                      "torchrun --nproc-per-node N -m flashmoe serve ... --distributed): rank 0 serves, "
                                      "each rank holds a block of layers on its --device"),

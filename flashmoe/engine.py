@@ -123,16 +123,15 @@ class Model:
             parts[last][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[last].device)
         del weights  # the parts hold them: a matrix compressed below is freed as it is replaced
         self.resident_format = resident_format
-        models = {}
+        models, gpu_bits = {}, GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
         for i in mine:
             with _on(blocks[i].device):
                 models[i] = family.Model(cfg, parts.pop(i))
                 if not on_gpu and (resident_format != "float" or store.resident_quantized):
                     models[i].compress_matrices(lambda w: compress_matrix(w, resident_format))
-                elif on_gpu and resident_format in GPU_RESIDENT_BITS:
-                    bits = GPU_RESIDENT_BITS[resident_format]
-                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, bits, dtype))
-        if on_gpu and resident_format in GPU_RESIDENT_BITS:
+                elif gpu_bits is not None:
+                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, gpu_bits, dtype))
+        if gpu_bits is not None:
             torch.cuda.empty_cache()  # the float matrices' memory back to the driver, for the VRAM expert cache
         moe_layers_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
         if on_gpu and vram_cache_bytes is None:

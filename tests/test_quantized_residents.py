@@ -11,6 +11,7 @@ import torch
 import flashmoe
 from conftest import ARCHS, rel_error
 from flashmoe.kernels.affine import AffineMatrix
+from flashmoe.kernels.linear import held_bytes
 from flashmoe.store import Store
 from test_reference import PROMPT
 
@@ -77,6 +78,4 @@ def test_the_load_plan_counts_the_residents_as_they_are_held(built):
             held[fmt] = model.placement()["resident_bytes"]
     assert held["float"] > 1.8 * Store(store).resident_bytes and held["float"] > held["int8"] > held["int4"]
     m = AffineMatrix.quantized(torch.randn(64, 128), 4, torch.float32)
-    from flashmoe.kernels.linear import held_bytes
-
     assert held_bytes([m, m.q]) == m.blob.numel()
