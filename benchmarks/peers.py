@@ -28,13 +28,15 @@ head is nearly free in both engines, so rows compare layers.
 Sizes (64 GB disk, 128 GB RAM on the device): 35b with 8 layers is a 13.5 GB bf16 checkpoint (about 40 GB of RAM
 while transformers builds it in fp32), a 7.2 GB Q8_0 GGUF and an 8 GB store at 8 bits; 397b is 13 GB per layer in
 bf16, so 2 layers by default (at 4 bits a bf16 GGUF is made, then deleted, on the way to Q4_0: about 60 GB at the
-peak). The device runs a command for 10 minutes at most: --prepare-only first (the CUDA build alone took 349 s),
-repeated if cut short (each step resumes or is skipped), then the measurements.
+peak). The device runs a command for 10 minutes at most: --prepare-only first (the CUDA build alone took 349 s; it
+runs beside the checkpoint's writing and conversion), repeated if cut short (each step resumes or is skipped), then
+the measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -280,9 +282,10 @@ def need_space(root: Path, gb: float, what: str) -> None:
                          f"space there (other stores, old GGUFs) or pass another --root")
 
 
-def convert_gguf(src: Path, ckpt: Path, out: Path, bits: int, log_dir: Path) -> None:
-    """Q8_0 straight from convert_hf_to_gguf.py; Q4_0 (which it cannot write) through bf16 and llama-quantize.
-    Written under another name and renamed at the end, so a run cut short never leaves a GGUF that looks done."""
+def convert_gguf(src: Path, ckpt: Path, out: Path, bits: int, log_dir: Path, built=None) -> None:
+    """Q8_0 straight from convert_hf_to_gguf.py; Q4_0 (which it cannot write) through bf16 and llama-quantize, after
+    `built` (the build's future, when it runs beside this) is done. Written under another name and renamed at the end,
+    so a run cut short never leaves a GGUF that looks done."""
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
     ckpt_gb = folder_gb(ckpt)  # bf16: Q8_0 is about half of it, a bf16 GGUF all of it and its Q4_0 0.28 more
     need_space(out.parent, ckpt_gb * (0.55 if bits == 8 else 1.3), "converting for llama.cpp")
@@ -290,6 +293,8 @@ def convert_gguf(src: Path, ckpt: Path, out: Path, bits: int, log_dir: Path) -> 
     run_logged([sys.executable, "-c", CONVERT_GGUF, src, ckpt, "--outfile", first,
                 "--outtype", "q8_0" if bits == 8 else "bf16", "--no-mtp"], log_dir / "convert-gguf.log", env)
     if bits == 4:
+        if built is not None:
+            built.result()
         quantize = next(q for q in (src / "build/bin/llama-quantize", src / "build-cpu/bin/llama-quantize") if q.exists())
         run_logged([quantize, first, partial, "Q4_0"], log_dir / "quantize.log")
         first.unlink()
@@ -488,8 +493,9 @@ def report(args, info: dict, rows: list[dict]) -> str:
 
 
 # ---- main -------------------------------------------------------------------------------------
-def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
-    """The HF checkpoint (once per geometry), its GGUF and its flashmoe store (once per bits)."""
+def prepare_models(args, src: Path, built=None) -> tuple[Path, Path, dict]:
+    """The HF checkpoint (once per geometry), its GGUF and its flashmoe store (once per bits); `built`: the llama.cpp
+    build's future, running meanwhile (only llama-quantize waits for it)."""
     from flashmoe.convert import convert
     from flashmoe.store import Store
     from flashmoe.tiny import build_tiny_checkpoint
@@ -508,7 +514,7 @@ def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
         say(f"  {time.perf_counter() - t0:.0f} s")
     if not gguf_path.exists():
         say(f"converting for llama.cpp -> {gguf_path}")
-        convert_gguf(src, ckpt, gguf_path, args.bits, args.root / "logs")
+        convert_gguf(src, ckpt, gguf_path, args.bits, args.root / "logs", built)
     if not (store / "manifest.json").exists():
         say(f"converting for flashmoe -> {store}")
         need_space(args.root, gguf_path.stat().st_size / 1e9 * (1.1 if args.bits == 8 else 1.15), "flashmoe's store")
@@ -525,7 +531,8 @@ def prepare_models(args, src: Path) -> tuple[Path, Path, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--llama-src", type=Path, help="the tarball from benchmarks/peers/llama-src.sh")
+    ap.add_argument("--llama-src", type=Path, help="the tarball from benchmarks/peers/llama-src.sh (not needed once "
+                    "unpacked under --root)")
     ap.add_argument("--root", type=Path, help="work folder: llama.cpp, checkpoint, GGUF, store, logs")
     ap.add_argument("--geometry", choices=["tiny", "35b", "397b"], default="35b")
     ap.add_argument("--layers", type=int, default=None, help="default: tiny 4, 35b 8, 397b 2")
@@ -559,13 +566,15 @@ def main() -> None:
     if args.child:
         print(json.dumps(flashmoe_child(args)))
         return
-    if not (args.llama_src and args.root):
-        ap.error("--llama-src and --root are needed")
+    if not args.root:
+        ap.error("--root is needed")
     regimes = args.regimes.split(",")
     if unknown := [r for r in regimes if r not in REGIMES]:
         ap.error(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
-    if not args.llama_src.is_file():
-        ap.error(f"{args.llama_src} not found: make it with benchmarks/peers/llama-src.sh (git-ignored: carry it)")
+    src = args.root.resolve() / "llama.cpp"
+    if not src.exists() and not (args.llama_src and args.llama_src.is_file()):  # unpacked by an earlier run: not needed
+        ap.error(f"--llama-src {args.llama_src or ''} not found: make it with benchmarks/peers/llama-src.sh "
+                 f"(git-ignored: carry it)")
     args.layers = args.layers or DEFAULT_LAYERS[args.geometry]
     if args.layers < 2:
         ap.error("--layers must be at least 2: llama.cpp needs a DeltaNet layer and an attention layer")
@@ -573,10 +582,15 @@ def main() -> None:
     (args.root / "logs").mkdir(parents=True, exist_ok=True)
 
     want_cuda = any(REGIMES[r].needs_cuda for r in regimes)
-    build = build_llama(args.llama_src.resolve(), args.root, args.cuda_arch, want_cuda, args.llama_cmake)
-    src = args.root / "llama.cpp"
+    if not src.exists():  # unpacked here, so the GGUF conversion (a script of the source) need not wait for the build
+        subprocess.run(["tar", "xzf", args.llama_src.resolve(), "-C", args.root], check=True)
+    # the build (5-6 min with CUDA) runs beside writing the checkpoint and converting it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        built = pool.submit(build_llama, args.llama_src, args.root, args.cuda_arch, want_cuda,
+                            args.llama_cmake)
+        gguf_path, store, info = prepare_models(args, src, built)
+        build = built.result()
     bin_dir = src / ("build" if want_cuda else "build-cpu") / "bin"
-    gguf_path, store, info = prepare_models(args, src)
     if args.prepare_only:
         say(f"prepared under {args.root}: {json.dumps(info)}")
         return
