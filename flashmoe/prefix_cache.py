@@ -17,10 +17,11 @@ import torch
 
 def _kept(cache) -> dict:
     """A layer's cache (KVCache, LatentCache, DeltaNetState: a dataclass of tensors and ints) as a snapshot keeps it:
-    its fields, position-indexed tensors ([rows, capacity, width] with a `length`) cut to their filled length, so a
-    snapshot holds (and is counted as) what was computed, not the reserve."""
+    its fields but those marked derived (a restore makes them anew), position-indexed tensors ([rows, capacity,
+    width] with a `length`) cut to their filled length, so a snapshot holds (and is counted as) what was computed,
+    not the reserve."""
     length = getattr(cache, "length", None)
-    values = {f.name: getattr(cache, f.name) for f in fields(cache)}
+    values = {f.name: getattr(cache, f.name) for f in fields(cache) if not f.metadata.get("derived")}
     return {name: v[:, :length] if isinstance(v, torch.Tensor) and length is not None and v.dim() == 3 else v
             for name, v in values.items()}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import flashmoe
-from flashmoe.prefix_cache import PrefixCache
+from flashmoe.layers.attention import KVCache
+from flashmoe.prefix_cache import PrefixCache, copy_cache
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 23, 84]
 
@@ -146,3 +147,31 @@ def test_on_the_gpu_a_resumed_sequence_answers_as_a_fresh_one(built):
                    for c in model.prefix_cache._entries[tuple(PROMPT)].layers if hasattr(c, "v"))
     with flashmoe.load(store, device="cuda") as fresh:
         assert tokens == list(fresh.generate(second, 8, stop_token_ids=[]))
+
+
+def test_a_snapshot_leaves_out_what_a_cache_derives_from_its_tensors():
+    """A KV cache's device table (where its K and V are, and its capacity) describes the tensors it was made for: a
+    snapshot that kept it would restore a table of tensors since freed."""
+    cache = KVCache()
+    cache.append(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    cache.table, cache.table_of = torch.tensor(cache.addresses()), cache.addresses()  # as reserve() makes on a GPU
+    copy = copy_cache(cache, "cpu")
+    assert copy.table is None and copy.table_of == () and copy.length == 5 and torch.equal(copy.k, cache.k[:, :5])
+
+
+@pytest.mark.gpu
+def test_a_restored_cache_at_a_freed_caches_address_gets_its_own_table():
+    """The caching allocator can give a restored cache's K the address a freed one's had, with another V and
+    capacity (a 397B-geometry chat's third turn then read a stale table in its decode graph: an illegal memory
+    access). reserve() remakes the table whenever any of the three differ."""
+    like = torch.empty(2, 1, 256, dtype=torch.bfloat16, device="cuda")
+    old = KVCache()
+    old.reserve(600, like)
+    restored = copy_cache(old, "cuda")
+    assert restored.table is None
+    # the worst case, made on purpose: K where the old K was, a smaller capacity, and the old table kept
+    restored.k = old.k.flatten()[: 2 * 500 * 256].view(2, 500, 256)
+    restored.v = torch.zeros_like(restored.k)
+    restored.table, restored.table_of = old.table.clone(), old.table_of
+    restored.reserve(10, like)
+    assert restored.table.tolist() == list(restored.addresses()) != old.table.tolist()

@@ -11,7 +11,7 @@ position is read from the device (for a CUDA graph: the whole capacity under a m
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,10 @@ class KVCache:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     length: int = 0
-    table: torch.Tensor | None = None  # on a GPU: addresses() on the device (decode_attention), kept by reserve()
-    table_of: int = 0  # the address of the k it describes
+    # on a GPU: addresses() on the device (decode_attention), kept by reserve(); derived, so a snapshot (prefix_cache)
+    # leaves them out: a restored cache's k can land where a freed one's was, with another v and capacity
+    table: torch.Tensor | None = field(default=None, metadata={"derived": True})
+    table_of: tuple = field(default=(), metadata={"derived": True})  # the addresses() it holds
 
     @property
     def capacity(self) -> int:
@@ -86,9 +88,9 @@ class KVCache:
         """Room for `length` positions (reallocating by doubling; `like` gives [kv_heads, _, head_dim], dtype, device)."""
         if length > self.capacity:
             self.k, self.v = grown(self.k, self.length, like, length), grown(self.v, self.length, like, length)
-        if self.k.is_cuda and self.table_of != self.k.data_ptr():  # here, never inside a graph's capture
-            self.table = torch.tensor(self.addresses(), dtype=torch.long, device=self.k.device)
-            self.table_of = self.k.data_ptr()
+        if self.k.is_cuda and self.table_of != (where := self.addresses()):  # here, never inside a graph's capture
+            self.table = torch.tensor(where, dtype=torch.long, device=self.k.device)
+            self.table_of = where
 
     def addresses(self) -> tuple[int, int, int]:
         """Its row of a batch's device table (decode_attention): where K and V are, and its capacity."""
