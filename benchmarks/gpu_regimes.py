@@ -142,6 +142,13 @@ REGIMES = {
 }
 
 
+ROUTING = {"router": "Random weights, so the router spreads tokens uniformly over the experts: the worst case for "
+                     "caches.",
+           "uniform": "Routed by a uniform trace (flashmoe.traces): the worst case for caches.",
+           "calibrated": "Routed by a calibrated trace (flashmoe.traces: per-layer popularity skew and token-to-token "
+                         "reuse fitted to Qwen3.5-397B's published figures), not by the random weights' router."}
+
+
 def decode(store_path: Path, regime: str, tokens: int, trace: str = "router") -> dict:
     spec = REGIMES[regime]
     store = Store(store_path)
@@ -287,8 +294,7 @@ def report(args, bw: dict, rows: list[dict], store: Store, blob: int) -> str:
     name = GEOMETRIES[args.geometry][3]
     head = (f"\n### {name} geometry, {rows[0]['layers']} layers ({store.expert_bytes / 1e9:.1f} GB of "
             f"4-bit experts, {blob / 1e6:.2f} MB each), K={K}, decode ({datetime.date.today()})\n\n"
-            f"`{cmd}` on {machine()}. Random weights, so the router spreads tokens uniformly over the experts: "
-            f"the worst case for caches. Measured bandwidths: HBM read {bw['hbm_read_gbps']:.0f} GB/s (a reduction; "
+            f"`{cmd}` on {machine()}. {ROUTING[args.trace]} Measured bandwidths: HBM read {bw['hbm_read_gbps']:.0f} GB/s (a reduction; "
             f"a copy moves {bw['hbm_gbps']:.0f} GB/s read + write), "
             f"pinned host-to-device {bw['h2d_gbps']:.1f} GB/s, SSD random O_DIRECT reads of one blob "
             f"{bw['ssd_gbps_qd']:.2f} GB/s at queue depth {K} and {bw['ssd_gbps_qd32']:.2f} GB/s at 32. "
