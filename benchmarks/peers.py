@@ -478,8 +478,8 @@ def report(args, info: dict, rows: list[dict]) -> str:
         f"first {args.greedy_tokens} greedy tokens for prompt ids {GREEDY_PROMPT[0]}..{GREEDY_PROMPT[-1]}, how many "
         f"lead alike in llama-greedy-ids ({info['llama_greedy']}) and flashmoe; in brackets, at how many of those "
         f"positions flashmoe, fed llama.cpp's tokens, picks the same next one. Random weights leave small margins: "
-        f"quantizing the resident weights (llama.cpp Q8_0, flashmoe's int8 on the CPU) moves the logits enough "
-        f"to flip near ties.\n\n"
+        f"quantizing the resident weights differently in the two engines moves the logits enough to flip near "
+        f"ties.\n\n"
         "| regime | llama.cpp pp512 | flashmoe pp512 | ratio | llama.cpp tg128 | flashmoe tg128 | ratio | "
         "peak memory (llama.cpp / flashmoe) | greedy agree |\n|---|---|---|---|---|---|---|---|---|\n")
     text += "\n".join(row_text(r) for r in rows) + "\n\nCommands:\n"
