@@ -3,6 +3,11 @@ kernels/affine.py's Triton matrix-vector kernel, beside the same matrix in bf16 
 loop, as eager decode runs it (small matrices are then bound by launches, not bytes).
 
     python benchmarks/resident_gemv.py [--out benchmarks/RESULTS.md]
+    python benchmarks/resident_gemv.py --sweep     # the kernel's tiles on resident_format int8/int4 matrices
+
+--sweep: the matrices `load(resident_format=...)` makes at the Qwen3.5-397B geometry (group 32, fp16 scales: the
+248k-row head, a fused DeltaNet input projection, an output projection), each tile (rows per program, bytes a row
+per step, warps) timed with CUDA events over many launches, every tile's result checked against the default's.
 """
 
 from __future__ import annotations
@@ -31,10 +36,70 @@ def time_us(fn, reps: int = 200) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
+SWEEP_SHAPES = [(248320, 4096), (20608, 4096), (4096, 8192)]  # 397B: the head, DeltaNet's fused in_proj, out_proj
+
+
+DEVICE = "cuda"
+
+
+def gpu_us(fn, reps: int = 50) -> float:
+    """Mean GPU time of fn over reps launches, CUDA events (no host gaps between large kernels to count)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def sweep() -> list[str]:
+    from flashmoe.kernels import moe_triton as mt
+
+    rows = []
+    for bits in (4, 8):
+        for n, k in SWEEP_SHAPES:
+            m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            nbytes = m.blob.numel()
+            base = dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
+                        scale_bf16=m.q.scales.dtype == torch.bfloat16)
+            default_b = mt.affine_gemv_block_bytes(bits, 32, k)  # what AffineMatrix uses on a GPU
+            want = mt.affine_gemv(x, m.blob, block_b=default_b, **base)
+            results = []
+            for block_b in (256, 512):
+                if mt.affine_gemv_block_bytes(bits, 32, k) is None or k % (block_b * 8 // bits):
+                    continue
+                for block_n in (8, 16, 32, 64):
+                    for warps in (4, 8):
+                        def run(block_b=block_b, block_n=block_n, warps=warps):
+                            return mt.affine_gemv(x, m.blob, block_b=block_b, block_n=block_n, num_warps=warps, **base)
+                        if not torch.allclose(run().float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+                            raise SystemExit(f"tile {block_n}/{block_b}/{warps} disagrees with the default")
+                        results.append((gpu_us(run), block_n, block_b, warps))
+            default = next(r[0] for r in results if (r[1], r[2], r[3]) == (mt.DECODE_TILE["block_n"], default_b,
+                                                                           mt.DECODE_TILE["num_warps"]))
+            best = min(results)
+            rows.append(f"| {n}x{k} | {bits} | {default:.1f} ({nbytes / default / 1e3:.0f} GB/s) | {best[0]:.1f} "
+                        f"({nbytes / best[0] / 1e3:.0f} GB/s) | {best[1]} / {best[2]} / {best[3]} |")
+            print(rows[-1], flush=True)
+            print("  all:", " ".join(f"{b}/{bb}/{w}:{t:.0f}" for t, b, bb, w in sorted(results)[:8]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=str, default=None)
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
+    if args.sweep:
+        publish(section("The quantized resident matrix-vector kernel's tiles (resident_format int8/int4, group 32)",
+                        torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; bytes: codes, scales "
+                        "and biases.", ["matrix", "bits", "default tile, us", "best tile, us",
+                                        "best: rows / bytes a step / warps"], sweep()), args.out)
+        return
     rows = []
     for n, k in SHAPES:
         w = torch.randn(n, k)

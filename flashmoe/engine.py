@@ -79,6 +79,19 @@ class Stage:
     graphs: DecodeGraphs | None
 
 
+def _resident(name: str, t, device: str, dtype: torch.dtype, staged: bool):
+    """A resident tensor as a family's model takes it: codes the store keeps as an AffineMatrix, on `device`. With
+    `staged`, everything was read into RAM and goes to `device` here but the float matrices other than the
+    embedding (a lookup table, kept in float), which wait for compress_matrices to quantize them onto it."""
+    if isinstance(t, QuantizedTensor):
+        t = QuantizedTensor(*(None if x is None else x.to(device) for x in (t.packed, t.scales, t.biases)), t.bits,
+                            t.group_size)
+        return AffineMatrix(t, dtype)
+    if staged and not (t.dim() == 2 and t.is_floating_point() and not name.startswith(placement.EMBEDDING)):
+        return t.to(device)
+    return t
+
+
 class Model:
     def __init__(self, store: Store, device: str, dtype: torch.dtype, experts_per_token: int | None,
                  cache_bytes: int | None, vram_cache_bytes: int | None, io_threads: int, direct_io: bool,
@@ -114,8 +127,14 @@ class Model:
                 return str(blocks[i].device)
             return str(blocks[last].device) if tied and last in mine and name.startswith(placement.EMBEDDING) else None
 
-        weights = {name: AffineMatrix(t, dtype) if isinstance(t, QuantizedTensor) else t for name, t in store.load_resident(
-            dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=home).items()}
+        gpu_bits = GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
+        # quantized on a GPU: the float matrices wait in RAM and reach it quantized, a slice at a time, so the GPU
+        # never holds the float residents (Qwen3.5-397B's: 19.6 GB in bf16, 7.5 at int4)
+        staged = gpu_bits is not None
+        loaded = store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()),
+                                     device_of=(lambda name: home(name) and "cpu") if staged else home)
+        weights = {name: _resident(name, t, home(name), dtype, staged) for name, t in loaded.items()}
+        del loaded
         parts = {i: {} for i in mine}
         for name, t in weights.items():
             parts.get(placement.block_of(name, blocks), parts.get(last))[name] = t
@@ -123,16 +142,18 @@ class Model:
             parts[last][placement.EMBEDDING + "weight"] = weights[placement.EMBEDDING + "weight"].to(blocks[last].device)
         del weights  # the parts hold them: a matrix compressed below is freed as it is replaced
         self.resident_format = resident_format
-        models, gpu_bits = {}, GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
+        models = {}
         for i in mine:
             with _on(blocks[i].device):
                 models[i] = family.Model(cfg, parts.pop(i))
                 if not on_gpu and (resident_format != "float" or store.resident_quantized):
                     models[i].compress_matrices(lambda w: compress_matrix(w, resident_format))
-                elif gpu_bits is not None:
-                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, gpu_bits, dtype))
-        if gpu_bits is not None:
-            torch.cuda.empty_cache()  # the float matrices' memory back to the driver, for the VRAM expert cache
+                elif staged:
+                    device = blocks[i].device
+                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, gpu_bits, dtype, device=device))
+                    models[i].settle()
+        if staged:
+            torch.cuda.empty_cache()  # quantize's temporaries back to the driver, for the VRAM expert cache
         moe_layers_of = [sum(cfg.is_moe_layer(i) for i in b.layers) for b in blocks]
         if on_gpu and vram_cache_bytes is None:
             vram_budgets = [default_vram_cache_bytes(store, d) for d in devices]

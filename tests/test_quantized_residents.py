@@ -67,6 +67,30 @@ def test_on_the_gpu_quantized_residents_decode_in_graphs_and_batches_as_eagerly(
     assert made == want
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_the_gpu_float_residents_wait_in_ram_and_arrive_quantized(built, arch, monkeypatch):
+    """A 16 GB GPU cannot hold Qwen3.5-397B's 19.6 GB of bf16 residents even for a moment: with resident_format int4
+    every float matrix but the embedding is handed to the quantizer from RAM, and after the load nothing of the model
+    is left there (rows the group does not divide, DeepSeek-V3's absorbed kv_b_proj: settle())."""
+    handed = []
+    quantized = AffineMatrix.quantized.__func__
+
+    def spy(cls, weight, *args, **kwargs):
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            handed.append((weight.device.type, weight.data_ptr()))
+        return quantized(cls, weight, *args, **kwargs)
+
+    monkeypatch.setattr(AffineMatrix, "quantized", classmethod(spy))
+    model = flashmoe.load(built.store(arch, 4), device="cuda", resident_format="int4")
+    embedding = model.model.embed_weight.data_ptr()  # a tied head is quantized from it, where it is
+    assert handed and all(device == "cpu" or ptr == embedding for device, ptr in handed)
+    forms = list(model.model.w.values()) + [model.model.lm_head, model.model.embed_weight]
+    assert {w.device.type for w in forms if w is not None} == {"cuda"}
+    assert model.model.embed_weight.dtype == torch.bfloat16  # a lookup table: kept in float
+    assert torch.isfinite(model.logits(PROMPT[:8])).all()
+
+
 def test_the_load_plan_counts_the_residents_as_they_are_held(built):
     """placement()'s resident bytes (printed at load) are what the model holds: float32 on the CPU is twice the bf16
     store, and quantizing at load shrinks them; a quantized matrix's codes, scales and biases (views of one buffer)

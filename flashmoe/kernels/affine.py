@@ -43,14 +43,16 @@ class AffineMatrix:
             mt.resident_tables(self.device)
 
     @classmethod
-    def quantized(cls, weight, bits: int, dtype: torch.dtype, group_size: int = 32):
-        """A float resident matrix quantized where it lies (a slice of rows at a time: quantize's float32 temporaries
-        of a 248k-row head would be 4 GB each); a form that is not a float tensor (one the store keeps quantized, a
-        stack of them) and rows whose width the group does not divide stay as they are."""
+    def quantized(cls, weight, bits: int, dtype: torch.dtype, group_size: int = 32, device=None):
+        """A float resident matrix quantized on `device` (where it lies by default), a slice of rows at a time:
+        quantize's float32 temporaries of a 248k-row head would be 4 GB each, and a matrix waiting in RAM reaches the
+        GPU a slice at a time. A form that is not a float tensor (one the store keeps quantized, a stack of them) and
+        rows whose width the group does not divide stay as they are, where they are."""
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.shape[1] % group_size:
             return weight
         step = max(1, DEQUANT_CHUNK_ELEMENTS // weight.shape[1])
-        parts = [quantize(weight[i : i + step], bits, group_size) for i in range(0, weight.shape[0], step)]
+        parts = [quantize(weight[i : i + step].to(device or weight.device), bits, group_size)
+                 for i in range(0, weight.shape[0], step)]
         return cls(QuantizedTensor(*(torch.cat([getattr(p, f) for p in parts]) for f in ("packed", "scales", "biases")),
                                    bits, group_size), dtype)
 

@@ -857,13 +857,15 @@ def affine_gemv_block_bytes(bits: int, group_size: int, in_features: int) -> int
 
 
 def affine_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
-                offsets: tuple[int, int, int], scale_bf16: bool, block_b: int) -> torch.Tensor:
+                offsets: tuple[int, int, int], scale_bf16: bool, block_b: int, block_n: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
     """x [T, K] @ W^T for a quantized resident matrix W [N, K] stored as one uint8 blob (codes, scales and biases at
-    `offsets`): each row of x reads W once, so for a few rows only (decode)."""
+    `offsets`): each row of x reads W once, so for a few rows only (decode). block_n, num_warps: the tile
+    (DECODE_TILE's by default; benchmarks/resident_gemv.py --sweep searches it)."""
     n, k = shape
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    block_n = DECODE_TILE["block_n"]
+    block_n = block_n or DECODE_TILE["block_n"]
     _affine_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
         x, blob, out, n, k, *offsets, BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_B=block_b,
-        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, num_warps=DECODE_TILE["num_warps"])
+        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, num_warps=num_warps or DECODE_TILE["num_warps"])
     return out

@@ -30,3 +30,11 @@ class ResidentWeights:
                 self.w[name] = compress(t)
         if self.lm_head is not None:
             self.lm_head = self.w["lm_head.weight"] if "lm_head.weight" in self.w else compress(self.lm_head)
+
+    def settle(self) -> None:
+        """Every tensor onto the model's device: after a load that kept the float matrices in RAM until
+        compress_matrices quantized them onto it, those it left as they were (rows the group does not divide) and
+        what the family derived from them while they were in RAM (DeepSeek-V3's absorbed kv_b_proj)."""
+        for name, t in self.w.items():
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                self.w[name] = t.to(self.device)
