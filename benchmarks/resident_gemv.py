@@ -66,11 +66,11 @@ def sweep() -> list[str]:
             nbytes = m.blob.numel()
             base = dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
                         scale_bf16=m.q.scales.dtype == torch.bfloat16)
-            default_b = mt.affine_gemv_block_bytes(bits, 32, k)  # what AffineMatrix uses on a GPU
-            want = mt.affine_gemv(x, m.blob, block_b=default_b, **base)
+            chosen = mt.affine_gemv_tile(bits, 32, (n, k))  # what AffineMatrix uses on a GPU
+            want = mt.affine_gemv(x, m.blob, block_b=chosen[1], block_n=chosen[0], num_warps=chosen[2], **base)
             results = []
             for block_b in (256, 512):
-                if mt.affine_gemv_block_bytes(bits, 32, k) is None or k % (block_b * 8 // bits):
+                if k % (block_b * 8 // bits):
                     continue
                 for block_n in (8, 16, 32, 64):
                     for warps in (4, 8):
@@ -79,8 +79,7 @@ def sweep() -> list[str]:
                         if not torch.allclose(run().float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                             raise SystemExit(f"tile {block_n}/{block_b}/{warps} disagrees with the default")
                         results.append((gpu_us(run), block_n, block_b, warps))
-            default = next(r[0] for r in results if (r[1], r[2], r[3]) == (mt.DECODE_TILE["block_n"], default_b,
-                                                                           mt.DECODE_TILE["num_warps"]))
+            default = next(r[0] for r in results if (r[1], r[2], r[3]) == chosen)
             best = min(results)
             rows.append(f"| {n}x{k} | {bits} | {default:.1f} ({nbytes / default / 1e3:.0f} GB/s) | {best[0]:.1f} "
                         f"({nbytes / best[0] / 1e3:.0f} GB/s) | {best[1]} / {best[2]} / {best[3]} |")
@@ -97,7 +96,7 @@ def main() -> None:
     if args.sweep:
         publish(section("The quantized resident matrix-vector kernel's tiles (resident_format int8/int4, group 32)",
                         torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; bytes: codes, scales "
-                        "and biases.", ["matrix", "bits", "default tile, us", "best tile, us",
+                        "and biases.", ["matrix", "bits", "chosen tile (affine_gemv_tile), us", "best tile, us",
                                         "best: rows / bytes a step / warps"], sweep()), args.out)
         return
     rows = []

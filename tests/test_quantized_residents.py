@@ -35,9 +35,10 @@ def test_quantizing_a_matrix_a_slice_at_a_time_is_quantizing_it_whole(monkeypatc
     from flashmoe.quant import quantize
 
     w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr("flashmoe.kernels.affine.DEQUANT_CHUNK_ELEMENTS", 64 * 10)  # 10 rows a slice
+    monkeypatch.setattr("flashmoe.kernels.affine.QUANTIZE_SLICE_ELEMENTS", 64 * 10)  # 10 rows a slice
     m, whole = AffineMatrix.quantized(w, 4, torch.float32), quantize(w, 4, 32)
     assert torch.equal(m.q.packed, whole.packed) and torch.equal(m.q.scales, whole.scales)
+    assert torch.equal(m.q.biases, whole.biases) and m.blob.data_ptr() == m.q.packed.data_ptr()  # one buffer
     assert AffineMatrix.quantized(torch.randn(4, 48), 4, torch.float32).shape == (4, 48)  # 48 % 32: kept float
     assert isinstance(AffineMatrix.quantized(torch.randn(4, 48), 4, torch.float32), torch.Tensor)
 

@@ -146,4 +146,7 @@ def test_gpt_oss_decode_and_resident_gemv_compile():
     gemv = ("_affine_gemv_kernel", dict(BITS=4, GROUP=64, BLOCK_N=mt.DECODE_TILE["block_n"], BLOCK_B=512,
                                         SCALE_KIND=mt.SCALE_FP16, num_warps=mt.DECODE_TILE["num_warps"]),
             {"x_ptr": "*bf16", "blob_ptr": "*u8", "out_ptr": "*bf16"})
-    _fit(_decode_cases(qb) + [gemv])
+    block_n, block_b, warps = mt.affine_gemv_tile(8, 32, (248320, 4096))  # an 8-bit head's wide tile
+    wide = ("_affine_gemv_kernel", dict(BITS=8, GROUP=32, BLOCK_N=block_n, BLOCK_B=block_b, SCALE_KIND=mt.SCALE_FP16,
+                                        num_warps=warps), {"x_ptr": "*bf16", "blob_ptr": "*u8", "out_ptr": "*bf16"})
+    _fit(_decode_cases(qb) + [gemv, wide])

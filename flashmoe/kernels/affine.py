@@ -3,15 +3,18 @@ forms the model treats like weight tensors through kernels/linear.py: `linear`, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ..quant import QuantizedTensor, dequantize, quantize
+from ..quant import SCALE_DTYPE, QuantizedTensor, dequantize, quantize
 from . import moe_triton as mt
 
 GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
 # (a decode batch) one grouped kernel reads it once for all (mt.affine_gemm); past it (prompts), dequantized slices
 DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
+QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
 ALIGN = 64
 
 
@@ -22,39 +25,50 @@ class AffineMatrix:
     through one grouped kernel (moe_triton.affine_gemm), more dequantize a slice at a time into one GEMM."""
 
     def __init__(self, q: QuantizedTensor, dtype: torch.dtype):
-        self.dtype, self.shape = dtype, q.shape
-        parts, offsets, total = (q.packed, q.scales, q.biases), [], 0
-        for t in parts:
-            offsets.append(total)
-            total = -(-(total + t.numel() * t.element_size()) // ALIGN) * ALIGN
-        self.blob = torch.empty(total, dtype=torch.uint8, device=q.packed.device)
-        views = []
-        for t, offset in zip(parts, offsets):
-            view = self.blob[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        parts = (q.packed, q.scales, q.biases)
+        self._allocate([(t.shape, t.dtype) for t in parts], q.bits, q.group_size, q.packed.device, dtype)
+        for view, t in zip((self.q.packed, self.q.scales, self.q.biases), parts):
             view.copy_(t)
-            views.append(view)
-        self.q = QuantizedTensor(*views, q.bits, q.group_size)
-        self.offsets = tuple(offsets)
-        self.block_b = (mt.affine_gemv_block_bytes(q.bits, q.group_size, self.shape[1])
-                        if self.device.type == "cuda" and mt.triton_available() else None)
+
+    def _allocate(self, parts: list[tuple[tuple[int, ...], torch.dtype]], bits: int, group_size: int, device,
+                  dtype: torch.dtype) -> None:
+        """One buffer for codes, scales and biases of these shapes and dtypes, self.q their views into it."""
+        offsets, total = [], 0
+        for shape, t_dtype in parts:
+            offsets.append(total)
+            total = -(-(total + math.prod(shape) * t_dtype.itemsize) // ALIGN) * ALIGN
+        self.blob = torch.empty(total, dtype=torch.uint8, device=device)
+        views = [self.blob[offset : offset + math.prod(shape) * t_dtype.itemsize].view(t_dtype).view(shape)
+                 for (shape, t_dtype), offset in zip(parts, offsets)]
+        self.q = QuantizedTensor(*views, bits, group_size)
+        self.dtype, self.shape, self.offsets = dtype, self.q.shape, tuple(offsets)
+        self.gemv_tile = (mt.affine_gemv_tile(bits, group_size, self.shape)
+                          if self.device.type == "cuda" and mt.triton_available() else None)
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
-        self.gemm = self.block_b is not None and q.group_size % 16 == 0
+        self.gemm = self.gemv_tile is not None and group_size % 16 == 0
         if self.gemm:
             mt.resident_tables(self.device)
 
     @classmethod
     def quantized(cls, weight, bits: int, dtype: torch.dtype, group_size: int = 32, device=None):
-        """A float resident matrix quantized on `device` (where it lies by default), a slice of rows at a time:
-        quantize's float32 temporaries of a 248k-row head would be 4 GB each, and a matrix waiting in RAM reaches the
-        GPU a slice at a time. A form that is not a float tensor (one the store keeps quantized, a stack of them) and
-        rows whose width the group does not divide stay as they are, where they are."""
+        """A float resident matrix quantized on `device` (where it lies by default) a slice of rows at a time, each
+        written into the one buffer: a matrix waiting in RAM reaches the GPU a slice at a time, and the GPU holds at
+        most the codes and a slice's temporaries (quantize's float32 copies of a 248k-row head would be 4 GB each).
+        A form that is not a float tensor (one the store keeps quantized, a stack of them) and rows whose width the
+        group does not divide stay as they are, where they are."""
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.shape[1] % group_size:
             return weight
-        step = max(1, DEQUANT_CHUNK_ELEMENTS // weight.shape[1])
-        parts = [quantize(weight[i : i + step].to(device or weight.device), bits, group_size)
-                 for i in range(0, weight.shape[0], step)]
-        return cls(QuantizedTensor(*(torch.cat([getattr(p, f) for p in parts]) for f in ("packed", "scales", "biases")),
-                                   bits, group_size), dtype)
+        rows, cols = weight.shape
+        m = cls.__new__(cls)
+        groups = (rows, cols // group_size)
+        m._allocate([((rows, cols * bits // 8), torch.uint8), (groups, SCALE_DTYPE), (groups, SCALE_DTYPE)], bits,
+                    group_size, device or weight.device, dtype)
+        step = max(1, QUANTIZE_SLICE_ELEMENTS // cols)
+        for i in range(0, rows, step):
+            part = quantize(weight[i : i + step].to(m.device), bits, group_size)
+            for view, t in zip((m.q.packed, m.q.scales, m.q.biases), (part.packed, part.scales, part.biases)):
+                view[i : i + step] = t
+        return m
 
     @property
     def device(self) -> torch.device:
@@ -78,9 +92,10 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.block_b is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+        if self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+            block_n, block_b, warps = self.gemv_tile
             y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
-                               self.q.scales.dtype == torch.bfloat16, self.block_b)
+                               self.q.scales.dtype == torch.bfloat16, block_b, block_n, warps)
         elif self.gemm and rows.shape[0] <= mt.GEMM_MAX_ROWS:
             y = mt.affine_gemm(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                self.q.scales.dtype == torch.bfloat16)

@@ -847,13 +847,30 @@ def affine_gemm(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bit
     return y
 
 
-def affine_gemv_block_bytes(bits: int, group_size: int, in_features: int) -> int | None:
-    """Packed bytes per row per step of affine_gemv (whole groups dividing in_features), None if none fits."""
+def affine_gemv_block_bytes(bits: int, group_size: int, in_features: int, largest: int = 512) -> int | None:
+    """Packed bytes per row per step of affine_gemv (whole groups dividing in_features, at most `largest`), None if
+    none fits."""
     per_byte = 8 // bits
     for block_b in (512, 256, 128, 64, 32, 16, 8, 4):
-        if block_b * per_byte % group_size == 0 and in_features % (block_b * per_byte) == 0:
+        if block_b <= largest and block_b * per_byte % group_size == 0 and in_features % (block_b * per_byte) == 0:
             return block_b
     return None
+
+
+# 8-bit matrices of many rows read faster through wider tiles than the decode tile (`benchmarks/resident_gemv.py
+# --sweep`, H200: the 397B head 248320x4096 360 -> 284 us, DeltaNet's fused 20608x4096 input 39.8 -> 33.1; a
+# 4096-row one gained nothing: 128 programs of 32 rows are too few for 132 SMs). 4-bit ones keep the decode tile
+# (within 8% of the best on the head, the best on the rest).
+WIDE_GEMV_TILE, WIDE_GEMV_MIN_ROWS = dict(block_n=32, block_b=256, num_warps=4), 16384
+
+
+def affine_gemv_tile(bits: int, group_size: int, shape: tuple[int, int]) -> tuple[int, int, int] | None:
+    """(block_n, block_b, num_warps) of affine_gemv for a resident matrix [N, K], None where no step fits."""
+    wide = bits == 8 and shape[0] >= WIDE_GEMV_MIN_ROWS
+    tile = WIDE_GEMV_TILE if wide else dict(block_n=DECODE_TILE["block_n"], block_b=512,
+                                            num_warps=DECODE_TILE["num_warps"])
+    block_b = affine_gemv_block_bytes(bits, group_size, shape[1], tile["block_b"])
+    return None if block_b is None else (tile["block_n"], block_b, tile["num_warps"])
 
 
 def affine_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
