@@ -200,3 +200,15 @@ def test_gpt_oss_release_layout_converts_with_its_codes_and_matches_transformers
     with torch.no_grad():
         expected = load_reference(float_dir, "gpt_oss")(torch.tensor([PROMPT])).logits[0]
     assert rel_error(flashmoe.load(store.path, resident_format="float").logits(PROMPT), expected) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpt_oss_mxfp4_release_on_the_gpu(built, tmp_path):
+    """GPT-OSS's own MXFP4 experts (its biases and clamped SwiGLU beside the e2m1 codes) through the GPU's expert
+    kernels, prompt and decode, against transformers on the weights they stand for."""
+    mx_dir, float_dir = tmp_path / "mx", tmp_path / "float"
+    write_gpt_oss_mxfp4(built.checkpoint("gpt_oss"), mx_dir, float_dir)
+    store = convert(mx_dir, tmp_path / "store")
+    with torch.no_grad():
+        ref = load_reference(float_dir, "gpt_oss")(torch.tensor([PROMPT])).logits[0]
+    assert_runs_on_the_gpu(store, PROMPT, ref)
