@@ -4,6 +4,7 @@ loop, as eager decode runs it (small matrices are then bound by launches, not by
 
     python benchmarks/resident_gemv.py [--out benchmarks/RESULTS.md]
     python benchmarks/resident_gemv.py --sweep     # the kernel's tiles on resident_format int8/int4 matrices
+    python benchmarks/resident_gemv.py --dot4      # the integer dot-product kernel (dot4_gemv.py) against it
 
 --sweep: the matrices `load(resident_format=...)` makes at the Qwen3.5-397B geometry (group 32, fp16 scales: the
 248k-row head, a fused DeltaNet input projection, an output projection), each tile (rows per program, bytes a row
@@ -88,11 +89,56 @@ def sweep() -> list[str]:
     return rows
 
 
+def dot4_sweep() -> list[str]:
+    """The integer dot-product kernel (kernels/dot4_gemv.py) beside the float one's chosen tile, same matrices."""
+    from flashmoe.kernels import dot4_gemv as d4
+    from flashmoe.kernels import moe_triton as mt
+
+    rows = []
+    for bits in (4, 8):
+        for n, k in SWEEP_SHAPES:
+            m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            base = dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
+                        scale_bf16=m.q.scales.dtype == torch.bfloat16)
+            block_n, block_b, warps = mt.affine_gemv_tile(bits, 32, (n, k))
+            float_us = gpu_us(lambda: mt.affine_gemv(x, m.blob, block_b=block_b, block_n=block_n, num_warps=warps,
+                                                     **base))
+            want = F.linear(x.float(), m.dequantize(torch.float32))
+            results = []
+            for block_n in (8, 16, 32):
+                for block_w in (32, 64, 128):
+                    if k % (block_w * 32 // bits):
+                        continue
+                    for warps in (4, 8):
+                        def run(block_n=block_n, block_w=block_w, warps=warps):
+                            return d4.dot4_gemv(x, m.blob, block_n=block_n, block_w=block_w, num_warps=warps, **base)
+                        err = float((run().float() - want).norm() / want.norm())
+                        if err > 0.02:
+                            raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}: relative error {err:.4f}")
+                        results.append((gpu_us(run), block_n, block_w, warps))
+            best = min(results)
+            rows.append(f"| {n}x{k} | {bits} | {float_us:.1f} ({m.blob.numel() / float_us / 1e3:.0f} GB/s) | "
+                        f"{best[0]:.1f} ({m.blob.numel() / best[0] / 1e3:.0f} GB/s) | {best[1]} / {best[2]} / {best[3]} | "
+                        f"{float_us / best[0]:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=str, default=None)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--dot4", action="store_true", help="the integer dot-product kernel against the float one")
     args = parser.parse_args()
+    if args.dot4:
+        publish(section("Resident matrices through integer dot products (kernels/dot4_gemv.py)",
+                        torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; the float kernel at "
+                        "its chosen tile; dot4: activations rounded to int8 per 32, best of 18 tiles (rows / words a "
+                        "step / warps), each within 2% of the float product.",
+                        ["matrix", "bits", "float kernel, us", "dot4 best, us", "dot4 tile", "speed-up"], dot4_sweep()),
+                args.out)
+        return
     if args.sweep:
         publish(section("The quantized resident matrix-vector kernel's tiles (resident_format int8/int4, group 32)",
                         torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; bytes: codes, scales "

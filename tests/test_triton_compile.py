@@ -22,15 +22,15 @@ SHARED_MAX = 227 * 1024  # bytes a block may opt into on sm_90
 
 
 COMPILE = """
-import json, sys
+import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flashmoe.kernels import moe_triton as mt
 
 shared = []
 for name, meta, pointers in json.loads(sys.stdin.read()):
-    kernel = getattr(mt, name)
+    module, _, name = name.rpartition(":")  # "module:kernel" for a kernel outside moe_triton
+    kernel = getattr(importlib.import_module("flashmoe.kernels." + (module or "moe_triton")), name)
     consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
     signature = {}
     for arg in kernel.arg_names:
@@ -150,3 +150,15 @@ def test_gpt_oss_decode_and_resident_gemv_compile():
     wide = ("_affine_gemv_kernel", dict(BITS=8, GROUP=32, BLOCK_N=block_n, BLOCK_B=block_b, SCALE_KIND=mt.SCALE_FP16,
                                         num_warps=warps), {"x_ptr": "*bf16", "blob_ptr": "*u8", "out_ptr": "*bf16"})
     _fit(_decode_cases(qb) + [gemv, wide])
+
+
+def test_the_dot_product_gemv_compiles_with_its_dp4a():
+    """kernels/dot4_gemv.py with the real PTX dp4a (the interpreter runs an emulation): 4- and 8-bit codes, both
+    scale dtypes, and the activations' rounding kernel."""
+    pointers = {"blob_ptr": "*u8", "out_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}
+    cases = [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=group, BLOCK_N=16, BLOCK_W=64, SCALE_KIND=kind,
+                                                  ASM=True, num_warps=4), pointers)
+             for bits, group, kind in ((4, 32, 0), (4, 64, 1), (8, 32, 0))]
+    cases += [("dot4_gemv:_quantize_rows_kernel", dict(BITS=bits, GROUP=32, num_warps=1),
+               {"x_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}) for bits in (4, 8)]
+    _compile(cases)

@@ -4,11 +4,13 @@ forms the model treats like weight tensors through kernels/linear.py: `linear`, 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ..quant import SCALE_DTYPE, QuantizedTensor, dequantize, quantize
+from . import dot4_gemv
 from . import moe_triton as mt
 
 GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
@@ -44,6 +46,10 @@ class AffineMatrix:
         self.dtype, self.shape, self.offsets = dtype, self.q.shape, tuple(offsets)
         self.gemv_tile = (mt.affine_gemv_tile(bits, group_size, self.shape)
                           if self.device.type == "cuda" and mt.triton_available() else None)
+        # one or two rows through integer dot products over int8-rounded activations (dot4_gemv.py): opt-in until
+        # the device measures it against the float kernel (FLASHMOE_GPU_DOT4=1)
+        self.dot4 = (self.gemv_tile is not None and os.environ.get("FLASHMOE_GPU_DOT4") == "1"
+                     and dot4_gemv.supported(bits, group_size, self.shape[1]))
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
         self.gemm = self.gemv_tile is not None and group_size % 16 == 0
         if self.gemm:
@@ -92,7 +98,10 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+        if self.dot4 and rows.shape[0] <= GEMV_MAX_ROWS:
+            y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
+                                    self.q.scales.dtype == torch.bfloat16)
+        elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
             block_n, block_b, warps = self.gemv_tile
             y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                self.q.scales.dtype == torch.bfloat16, block_b, block_n, warps)

@@ -1,0 +1,154 @@
+"""A quantized matrix times one or two activation rows through integer dot products (PTX dp4a), for the GPU.
+
+The float matrix-vector kernel (moe_triton's _gemv_tile) turns every code into a float and multiplies it: at 4 bits
+two codes a byte, and the H200 then tops out near 2.3 TB/s of its 4.4 (benchmarks/resident_gemv.py --sweep: the
+instructions per code bound it, not the bytes). Here, as llama.cpp's MMVQ does, the activations are rounded to int8
+per 32 values first (a scale each, and each weight group's exact float sum kept for the affine bias), and each 32-bit
+word of codes meets four activations in one dp4a: a word of 4-bit codes is two masks and two dp4a for eight codes.
+
+    y[n] = sum_g s[n,g] * sum_{b in g} d_b * (sum_{k in b} c[n,k] q_k) + bias[n,g] * sum_{k in g} x_k
+
+Codes are packed as quant.pack does (a byte holds codes 2i and 2i+1 in its low and high nibble), so a word holds
+codes 8w..8w+7 with the even ones in its low nibbles: the activations are packed to match, evens and odds apart.
+Rounding the activations costs ~0.4% of a product (the CPU kernels' int8 path makes the same trade); where Triton runs
+in its CPU interpreter the dp4a is emulated in Triton ops, so tests check the whole scheme there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK = 32  # activations per int8 scale
+SCALE_FP16, SCALE_BF16 = 0, 1  # as moe_triton's SCALE_KIND
+
+
+def supported(bits: int, group_size: int, in_features: int) -> bool:
+    """Affine codes of 4 or 8 bits whose groups hold whole blocks of 32, in rows of whole steps of 64 words."""
+    return bits in (4, 8) and group_size % BLOCK == 0 and in_features % (64 * 32 // bits) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot4(a, b, c, ASM: tl.constexpr):
+        """c + the dot product of a's four unsigned bytes with b's four signed ones (int32 each)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return c
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
+        """One block of 32 activations of one row: its int8 values packed into words (4-bit: evens and odds apart),
+        its scale, and (at a group's first block) the group's float sum."""
+        t = tl.program_id(1)
+        blk = tl.program_id(0)
+        k = blk * 32 + tl.arange(0, 32)
+        x = tl.load(x_ptr + t * K + k).to(tl.float32)
+        d = tl.max(tl.abs(x), axis=0) / 127.0
+        q = tl.floor(x / tl.where(d == 0.0, 1.0, d) + 0.5).to(tl.int32)  # in -127..127
+        byte = q & 0xFF
+        if BITS == 4:  # word w of the block: codes 8w..8w+7, evens in one word, odds in the other
+            pairs = tl.reshape(byte, (4, 4, 2))
+            even, odd = tl.split(pairs)
+            shift = tl.arange(0, 4)[None, :] * 8
+            tl.store(words_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(even << shift, axis=1))
+            tl.store(odd_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(odd << shift, axis=1))
+        else:  # word w: codes 4w..4w+3
+            quads = tl.reshape(byte, (8, 4))
+            shift = tl.arange(0, 4)[None, :] * 8
+            tl.store(words_ptr + t * (K // 4) + blk * 8 + tl.arange(0, 8), tl.sum(quads << shift, axis=1))
+        tl.store(d_ptr + t * (K // 32) + blk, d)
+        per_group: tl.constexpr = GROUP // 32
+        if blk % per_group == 0:
+            g_k = blk * 32 + tl.arange(0, GROUP)
+            g_x = tl.load(x_ptr + t * K + g_k).to(tl.float32)
+            tl.store(sums_ptr + t * (K // GROUP) + blk // per_group, tl.sum(g_x, axis=0))
+
+    @triton.jit
+    def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, N, K, row_words, groups,
+                          packed_off, scales_off, biases_off, BITS: tl.constexpr, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
+        """out[t, rows] for BLOCK_N rows: BLOCK_W words of each row's codes a step. row_words (K's words) and groups
+        come as arguments, not K's quotients, so Triton sees their divisibility and reads the rows as vectors."""
+        t = tl.program_id(1).to(tl.int64)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        codes_per_word: tl.constexpr = 32 // BITS
+        words_per_block: tl.constexpr = 32 // codes_per_word
+        blocks: tl.constexpr = BLOCK_W // words_per_block
+        groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
+        code_ptr = (blob_ptr + packed_off).to(tl.pointer_type(tl.int32))
+        if SCALE_KIND == 1:
+            scale_ptr = (blob_ptr + scales_off).to(tl.pointer_type(tl.bfloat16))
+            bias_ptr = (blob_ptr + biases_off).to(tl.pointer_type(tl.bfloat16))
+        else:
+            scale_ptr = (blob_ptr + scales_off).to(tl.pointer_type(tl.float16))
+            bias_ptr = (blob_ptr + biases_off).to(tl.pointer_type(tl.float16))
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for w0 in range(0, row_words, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            word = tl.load(code_ptr + n[:, None].to(tl.int64) * row_words + w[None, :], mask=n_mask[:, None],
+                           other=0)
+            xa = tl.broadcast_to(tl.load(words_ptr + t * row_words + w)[None, :], (BLOCK_N, BLOCK_W))
+            zero = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+            if BITS == 4:
+                xo = tl.broadcast_to(tl.load(odd_ptr + t * row_words + w)[None, :], (BLOCK_N, BLOCK_W))
+                dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
+                dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
+            else:
+                dots = _dot4(word, xa, zero, ASM)
+            per_block = tl.sum(tl.reshape(dots, (BLOCK_N, blocks, words_per_block)), axis=2).to(tl.float32)
+            b = w0 // words_per_block + tl.arange(0, blocks)
+            per_block = per_block * tl.load(d_ptr + t * (K // 32) + b)[None, :]
+            per_group = tl.sum(tl.reshape(per_block, (BLOCK_N, groups_per_step, GROUP // 32)), axis=2)
+            g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
+            scale = tl.load(scale_ptr + n[:, None] * groups + g[None, :], mask=n_mask[:, None], other=0.0)
+            bias = tl.load(bias_ptr + n[:, None] * groups + g[None, :], mask=n_mask[:, None], other=0.0)
+            x_sum = tl.load(sums_ptr + t * groups + g)
+            acc += tl.sum(per_group * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :], axis=1)
+        tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
+    """x [T, K] -> (words, odd words (4-bit) or None, scales [T, K/32] float32, group sums [T, K/group] float32):
+    the activations as the dot-product kernel reads them."""
+    t, k = x.shape
+    per_word = 32 // bits
+    words = torch.empty(t, k // per_word, dtype=torch.int32, device=x.device)
+    odd = torch.empty_like(words) if bits == 4 else words
+    d = torch.empty(t, k // BLOCK, dtype=torch.float32, device=x.device)
+    sums = torch.empty(t, k // group_size, dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(k // BLOCK, t)](x, words, odd, d, sums, k, BITS=bits, GROUP=group_size, num_warps=1)
+    return words, (odd if bits == 4 else None), d, sums
+
+
+def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
+              offsets: tuple[int, int, int], scale_bf16: bool, block_n: int = 16, block_w: int = 64,
+              num_warps: int = 4) -> torch.Tensor:
+    """x [T, K] @ W^T for a matrix stored as one uint8 blob (codes, scales and biases at `offsets`, as AffineMatrix
+    holds it; supported() must hold): the activations rounded to int8 per 32 values, the codes read as words."""
+    n, k = shape
+    x = x.contiguous()
+    words, odd, d, sums = quantize_rows(x, bits, group_size)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _dot4_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
+        words, words if odd is None else odd, d, sums, blob, out, n, k, k * bits // 32, k // group_size, *offsets,
+        BITS=bits, GROUP=group_size,
+        BLOCK_N=block_n, BLOCK_W=block_w, SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16,
+        ASM=not _interpreting(), num_warps=num_warps)
+    return out

@@ -1,0 +1,77 @@
+"""The integer dot-product matrix-vector kernel (kernels/dot4_gemv.py): activations rounded to int8 per 32 values,
+codes read as 32-bit words. Checked in Triton's interpreter (its dp4a emulated) against a torch model of the same
+rounding (tight) and against the float product (the rounding's own error), on every supported width and both scale
+dtypes; compiled for Hopper with the real dp4a in tests/test_triton_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_error
+from flashmoe.kernels import dot4_gemv as d4
+from flashmoe.kernels import moe_triton as mt
+from flashmoe.kernels.affine import AffineMatrix
+from flashmoe.quant import QuantizedTensor, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
+
+
+def matrix(n, k, bits, group, scale_dtype, seed):
+    q = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), bits, group)
+    q = QuantizedTensor(*(t.to(DEVICE) for t in (q.packed, q.scales.to(scale_dtype), q.biases.to(scale_dtype))),
+                        bits, group)
+    return AffineMatrix(q, torch.float32)
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel sees them: each 32 rounded to int8 steps of their max / 127."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.floor(blocks / torch.where(d == 0, 1, d) + 0.5) * d).view_as(x)
+
+
+@pytest.mark.parametrize("n,k,bits,group", [(37, 512, 4, 32), (20, 1024, 4, 64), (45, 256, 8, 32), (9, 512, 8, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_dot_product_kernel_is_the_product_of_rounded_activations(n, k, bits, group, scale_dtype, rows):
+    assert d4.supported(bits, group, k)
+    m = matrix(n, k, bits, group, scale_dtype, seed=n + k + bits)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).to(DEVICE)
+    x[0, :32] = 0  # a block of zeros: a zero scale
+    y = d4.dot4_gemv(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, block_n=16)
+    w, xr = m.dequantize(torch.float32), rounded(x)
+    bias_part = m.q.biases.float().repeat_interleave(group, dim=1)  # b_g meets the exact sum of its group's x
+    assert rel_error(y, F.linear(xr, w) + F.linear(x - xr, bias_part)) < 1e-5  # the scheme, exactly as modelled
+    assert rel_error(y, F.linear(x, w)) < 0.02  # int8 activations: ~0.4% of a product here
+
+
+def test_unsupported_shapes_are_said_so():
+    assert not d4.supported(4, 16, 512)  # groups smaller than an activation block
+    assert not d4.supported(4, 32, 2880)  # GPT-OSS's rows: no whole steps
+    assert not d4.supported(2, 32, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when_asked(bits, monkeypatch):
+    """The PTX dp4a gives the emulation's integers (bit for bit: the same int32 sums, the same float epilogue), and
+    FLASHMOE_GPU_DOT4=1 sends a resident matrix's one or two rows through the kernel."""
+    m = matrix(300, 1024, bits, 32, torch.float16, seed=bits)
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    words, odd, d, sums = d4.quantize_rows(x, bits, 32)
+    outs = []
+    for asm in (True, False):
+        out = torch.empty(2, 300, device="cuda", dtype=torch.float32)
+        d4._dot4_gemv_kernel[(300 // 16 + 1, 2)](words, words if odd is None else odd, d, sums, m.blob, out, 300, 1024,
+                                                 1024 * bits // 32, 1024 // 32, *m.offsets, BITS=bits, GROUP=32,
+                                                 BLOCK_N=16, BLOCK_W=64, SCALE_KIND=0, ASM=asm)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("FLASHMOE_GPU_DOT4", "1")
+    q = m.q
+    asked = AffineMatrix(QuantizedTensor(q.packed, q.scales, q.biases, bits, 32), torch.bfloat16)
+    assert asked.dot4
+    assert rel_error(asked(x).float(), F.linear(x.float(), m.dequantize(torch.float32))) < 0.02
