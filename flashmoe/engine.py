@@ -129,7 +129,7 @@ class Model:
 
         gpu_bits = GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
         # quantized on a GPU: the float matrices wait in RAM and reach it quantized, a slice at a time, so the GPU
-        # never holds the float residents (Qwen3.5-397B's: 19.6 GB in bf16, 7.5 at int4)
+        # never holds the float residents (a 397B model's: 19.6 GB in bf16, 7.5 at int4)
         staged = gpu_bits is not None
         loaded = store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()),
                                      device_of=(lambda name: home(name) and "cpu") if staged else home)
