@@ -56,17 +56,22 @@ def gpu_us(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps * 1e3
 
 
+def _case(n: int, k: int, bits: int):
+    """A random [n, k] matrix as resident_format makes it, a token, and the kernels' common arguments."""
+    m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+    return m, x, dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
+                      scale_bf16=m.q.scales.dtype == torch.bfloat16)
+
+
 def sweep() -> list[str]:
     from flashmoe.kernels import moe_triton as mt
 
     rows = []
     for bits in (4, 8):
         for n, k in SWEEP_SHAPES:
-            m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
-            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            m, x, base = _case(n, k, bits)
             nbytes = m.blob.numel()
-            base = dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
-                        scale_bf16=m.q.scales.dtype == torch.bfloat16)
             chosen = mt.affine_gemv_tile(bits, 32, (n, k))  # what AffineMatrix uses on a GPU
             want = mt.affine_gemv(x, m.blob, block_b=chosen[1], block_n=chosen[0], num_warps=chosen[2], **base)
             results = []
@@ -97,10 +102,7 @@ def dot4_sweep() -> list[str]:
     rows = []
     for bits in (4, 8):
         for n, k in SWEEP_SHAPES:
-            m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
-            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-            base = dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
-                        scale_bf16=m.q.scales.dtype == torch.bfloat16)
+            m, x, base = _case(n, k, bits)
             block_n, block_b, warps = mt.affine_gemv_tile(bits, 32, (n, k))
             float_us = gpu_us(lambda: mt.affine_gemv(x, m.blob, block_b=block_b, block_n=block_n, num_warps=warps,
                                                      **base))

@@ -20,14 +20,17 @@ import os
 
 import torch
 
+from .moe_triton import SCALE_BF16, SCALE_FP16
+
 try:
     import triton
     import triton.language as tl
+
+    from .moe_triton import _affine_pointers
 except ImportError:
     triton = None
 
 BLOCK = 32  # activations per int8 scale
-SCALE_FP16, SCALE_BF16 = 0, 1  # as moe_triton's SCALE_KIND
 
 
 def supported(bits: int, group_size: int, in_features: int) -> bool:
@@ -89,12 +92,7 @@ if triton is not None:
         blocks: tl.constexpr = BLOCK_W // words_per_block
         groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
         code_ptr = (blob_ptr + packed_off).to(tl.pointer_type(tl.int32))
-        if SCALE_KIND == 1:
-            scale_ptr = (blob_ptr + scales_off).to(tl.pointer_type(tl.bfloat16))
-            bias_ptr = (blob_ptr + biases_off).to(tl.pointer_type(tl.bfloat16))
-        else:
-            scale_ptr = (blob_ptr + scales_off).to(tl.pointer_type(tl.float16))
-            bias_ptr = (blob_ptr + biases_off).to(tl.pointer_type(tl.float16))
+        scale_ptr, bias_ptr = _affine_pointers(blob_ptr, scales_off, biases_off, SCALE_KIND)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for w0 in range(0, row_words, BLOCK_W):
             w = w0 + tl.arange(0, BLOCK_W)

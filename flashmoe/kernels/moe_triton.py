@@ -183,6 +183,18 @@ if triton is not None:
         return k
 
     @triton.jit
+    def _affine_pointers(base, scales_off, biases_off, SCALE_KIND: tl.constexpr):
+        """An affine blob's scales and biases as typed pointers: bf16 (MLX imports) or fp16. A constexpr branch:
+        each compiled kernel has one pointer type."""
+        if SCALE_KIND == 1:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
+        else:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        return scale_ptr, bias_ptr
+
+    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, m, in_features,
                       BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, WIDE: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
@@ -218,12 +230,7 @@ if triton is not None:
         if SCALE_KIND == 3:  # FP8: e4m3 values times the row's block scale
             scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float32))
             return _e4m3(codes) * _per_row(tl.load(scale_ptr + at, mask=at_mask, other=0.0), WIDE)
-        if SCALE_KIND == 1:
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
-        else:
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        scale_ptr, bias_ptr = _affine_pointers(base, scales_off, biases_off, SCALE_KIND)
         scale = tl.load(scale_ptr + at, mask=at_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + at, mask=at_mask, other=0.0).to(tl.float32)
         return codes.to(tl.float32) * _per_row(scale, WIDE) + _per_row(bias, WIDE)
@@ -288,12 +295,7 @@ if triton is not None:
         else:
             x_all = tl.load(x_ptr + kk, mask=kk < in_features, other=0.0).to(tl.float32)
         x_sum = tl.sum(tl.reshape(x_all, (n_groups, GROUP)), axis=1)
-        if SCALE_KIND == 1:  # a constexpr branch: each compiled kernel has one pointer type
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
-        else:
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        scale_ptr, bias_ptr = _affine_pointers(base, scales_off, biases_off, SCALE_KIND)
         scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
         return tl.sum(per_group * scale + bias * x_sum[None, :], axis=1)
