@@ -375,7 +375,7 @@ def flashmoe_child(args) -> dict:
     sizes = {"all": everything_gb, "small": args.vram_cache_gb}
     placement = {k: round(sizes.get(v, v), 3) if isinstance(v, str) and k.endswith("_gb") else v
                  for k, v in regime.flashmoe[args.variant].items()}
-    if args.resident_format and placement["device"] == "cuda":
+    if args.resident_format:  # on the GPU quantized at load; on the CPU our int8/int4 kernels' forms
         placement["resident_format"] = args.resident_format
     t0 = time.perf_counter()
     model = flashmoe.load(args.store, io_threads=16, **placement)
@@ -469,7 +469,8 @@ def report(args, info: dict, rows: list[dict]) -> str:
            f"{args.bits}-bit affine, group {args.group_size}, {info['store_expert_bits']:.2f} bits/weight as stored (an "
            f"fp16 scale and bias per group; {size(info['store_gb'])} of experts). Resident weights: llama.cpp quantizes "
            f"them too; flashmoe keeps them {args.resident_format or 'bf16'} on the GPU"
-           f"{' (quantized at load, group 32)' if args.resident_format else ''}, int8 on the CPU.\n\n") +
+           f"{' (quantized at load, group 32)' if args.resident_format else ''}, {args.resident_format or 'int8'} on "
+           f"the CPU.\n\n") +
         f"pp512: one prefill of 512 tokens; tg128: 128 decode steps; tok/s, the median of {args.reps} after a "
         f"warm-up (llama.cpp: llama-bench's samples; flashmoe: a fresh process per regime, experts warmed into the "
         f"regime's caches first, except beyond-ram)"
@@ -548,7 +549,8 @@ def main() -> None:
                     "report the medians")
     ap.add_argument("--vram-cache-gb", type=float, default=0.3, help="flashmoe's VRAM cache in ram / beyond-ram")
     ap.add_argument("--resident-format", choices=["int8", "int4"], default=None,
-                    help="flashmoe's resident matrices on the GPU quantized at load, as llama.cpp's are (default bf16)")
+                    help="flashmoe's resident matrices quantized at load, as llama.cpp's are (default: bf16 on the "
+                         "GPU, int8 on the CPU)")
     ap.add_argument("--cgroup-gb", type=float, default=None,
                     help="beyond-ram's memory.max (default: half the GGUF, at least 3)")
     ap.add_argument("--greedy-tokens", type=int, default=8)
