@@ -75,3 +75,54 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when
     asked = AffineMatrix(QuantizedTensor(q.packed, q.scales, q.biases, bits, 32), torch.bfloat16)
     assert asked.dot4
     assert rel_error(asked(x).float(), F.linear(x.float(), m.dequantize(torch.float32))) < 0.02
+
+
+@pytest.mark.parametrize("bits,hidden,inter,bias", [(4, 1024, 1024, False), (8, 512, 512, True), (4, 1024, 320, False)])
+def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden, inter, bias, monkeypatch):
+    """FLASHMOE_GPU_DOT4=1: the decode gate_up and down kernels read the codes through integer dot products over the
+    rounded activations (x per token, act per pair), with several tokens' pairs, a skipped slot, GPT-OSS's biases;
+    within the activations' rounding of the float kernels. A width the integer kernel does not take (inter 320) stays
+    on the float path for that projection. (The rounding costs 1-2% here: SwiGLU outputs of random weights are
+    heavy-tailed, a block's largest value 10x its typical one.)"""
+    from flashmoe.kernels.moe import ExpertMath
+    from test_moe_kernels import i32, make_slab
+
+    math = ExpertMath(bias=True, limit=7.0, alpha=1.702) if bias else None
+    slab, layout, qb = make_slab(5, hidden, inter, bits, 32, seed=bits, math=math)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, hidden, generator=gen).to(DEVICE)
+    slots = i32([3, mt.SKIP, 4, 1])
+    weights = torch.rand(4, generator=gen).to(DEVICE)
+    want_act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
+    want = mt.down_partials(want_act, slab, slots, weights, qb)
+    monkeypatch.setenv(d4.ENV, "1")
+    assert d4.supported(bits, 32, hidden, mt.DECODE_TILE["block_b"] // 4)
+    act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
+    assert torch.equal(act[1], torch.zeros_like(act[1]))  # the skipped pair
+    assert 0 < rel_error(act, want_act) < 0.03
+    got = mt.down_partials(want_act, slab, slots, weights, qb)
+    if d4.supported(bits, 32, inter, mt.DECODE_TILE["block_b"] // 4):
+        assert 0 < rel_error(got, want) < 0.03
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built, monkeypatch):
+    """With FLASHMOE_GPU_DOT4=1 a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay
+    within the activations' rounding of the float kernels' logits, token by token."""
+    import flashmoe
+    from test_reference import PROMPT
+
+    store = built.store("qwen3_5_moe", 4)
+
+    def decode_logits():
+        model = flashmoe.load(store, device="cuda", resident_format="int4")
+        model.warm_cache()
+        state = model.new_state()
+        model.forward(PROMPT[:6], state)
+        return torch.cat([model.forward([t], state).float().cpu() for t in PROMPT[6:14]])
+
+    float_logits = decode_logits()
+    monkeypatch.setenv(d4.ENV, "1")
+    assert rel_error(decode_logits(), float_logits) < 0.05

@@ -162,3 +162,15 @@ def test_the_dot_product_gemv_compiles_with_its_dp4a():
     cases += [("dot4_gemv:_quantize_rows_kernel", dict(BITS=bits, GROUP=32, num_warps=1),
                {"x_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}) for bits in (4, 8)]
     _compile(cases)
+
+
+@pytest.mark.parametrize("bits,kind", [(4, mt.SCALE_FP16), (8, mt.SCALE_FP16), (4, mt.SCALE_BF16)])
+def test_decode_kernels_compile_with_integer_dot_products(bits, kind):
+    """The decode gate_up and down kernels' DOT4 branch (FLASHMOE_GPU_DOT4=1) with the real dp4a, the 397B geometry's
+    shapes, GPT-OSS's biases too."""
+    pointers = {"xd_ptr": "*fp32", "xs_ptr": "*fp32", "ad_ptr": "*fp32", "as_ptr": "*fp32"}
+    cases = []
+    for gpt_oss in (False, True):
+        for name, meta, types in _decode_cases(_quant_blob(bits, kind, gpt_oss))[:2]:
+            cases.append((name, dict(meta, DOT4=True, ASM=True), {**types, **pointers}))
+    _fit(cases)

@@ -20,22 +20,26 @@ import os
 
 import torch
 
-from .moe_triton import SCALE_BF16, SCALE_FP16
-
 try:
     import triton
     import triton.language as tl
-
-    from .moe_triton import _affine_pointers
 except ImportError:
     triton = None
 
 BLOCK = 32  # activations per int8 scale
+SCALE_FP16, SCALE_BF16 = 0, 1  # moe_triton's SCALE_KIND values of affine blobs (it imports these kernels' pieces)
+ENV = "FLASHMOE_GPU_DOT4"  # "1": resident matrices and decode experts through these kernels (off until measured)
 
 
-def supported(bits: int, group_size: int, in_features: int) -> bool:
-    """Affine codes of 4 or 8 bits whose groups hold whole blocks of 32, in rows of whole steps of 64 words."""
-    return bits in (4, 8) and group_size % BLOCK == 0 and in_features % (64 * 32 // bits) == 0
+def enabled() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -> bool:
+    """Affine codes of 4 or 8 bits whose groups hold whole blocks of 32, in rows of whole steps of block_w words, a
+    step of whole groups."""
+    step = block_w * 32 // bits
+    return bits in (4, 8) and group_size % BLOCK == 0 and step % group_size == 0 and in_features % step == 0
 
 
 if triton is not None:
@@ -49,6 +53,50 @@ if triton is not None:
         for i in tl.static_range(4):
             c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
         return c
+
+    @triton.jit
+    def _affine_pointers(base, scales_off, biases_off, SCALE_KIND: tl.constexpr):
+        """An affine blob's scales and biases as typed pointers: bf16 (MLX imports) or fp16. A constexpr branch:
+        each compiled kernel has one pointer type."""
+        if SCALE_KIND == 1:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
+        else:
+            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
+            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
+        return scale_ptr, bias_ptr
+
+    @triton.jit
+    def _dot4_step(base, packed_off, scales_off, biases_off, rows, row_mask, words_ptr, odd_ptr, d_ptr, sums_ptr, w0,
+                   row_words, groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr,
+                   SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
+        """sum over words w0 .. w0 + BLOCK_W of W[rows] x for an affine blob at `base`, x as quantize_rows left one
+        row of it (the pointers at that row) -> [rows] float32."""
+        codes_per_word: tl.constexpr = 32 // BITS
+        words_per_block: tl.constexpr = 32 // codes_per_word
+        blocks: tl.constexpr = BLOCK_W // words_per_block
+        groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
+        code_ptr = (base + packed_off).to(tl.pointer_type(tl.int32))
+        scale_ptr, bias_ptr = _affine_pointers(base, scales_off, biases_off, SCALE_KIND)
+        w = w0 + tl.arange(0, BLOCK_W)
+        word = tl.load(code_ptr + rows[:, None].to(tl.int64) * row_words + w[None, :], mask=row_mask[:, None],
+                       other=0)
+        xa = tl.broadcast_to(tl.load(words_ptr + w)[None, :], word.shape)
+        zero = tl.zeros(word.shape, dtype=tl.int32)
+        if BITS == 4:
+            xo = tl.broadcast_to(tl.load(odd_ptr + w)[None, :], word.shape)
+            dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
+            dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
+        else:
+            dots = _dot4(word, xa, zero, ASM)
+        per_block = tl.sum(tl.reshape(dots, (word.shape[0], blocks, words_per_block)), axis=2).to(tl.float32)
+        per_block = per_block * tl.load(d_ptr + w0 // words_per_block + tl.arange(0, blocks))[None, :]
+        per_group = tl.sum(tl.reshape(per_block, (word.shape[0], groups_per_step, GROUP // 32)), axis=2)
+        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
+        scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
+        bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
+        x_sum = tl.load(sums_ptr + g)
+        return tl.sum(per_group * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :], axis=1)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
@@ -87,38 +135,15 @@ if triton is not None:
         t = tl.program_id(1).to(tl.int64)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        codes_per_word: tl.constexpr = 32 // BITS
-        words_per_block: tl.constexpr = 32 // codes_per_word
-        blocks: tl.constexpr = BLOCK_W // words_per_block
-        groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
-        code_ptr = (blob_ptr + packed_off).to(tl.pointer_type(tl.int32))
-        scale_ptr, bias_ptr = _affine_pointers(blob_ptr, scales_off, biases_off, SCALE_KIND)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for w0 in range(0, row_words, BLOCK_W):
-            w = w0 + tl.arange(0, BLOCK_W)
-            word = tl.load(code_ptr + n[:, None].to(tl.int64) * row_words + w[None, :], mask=n_mask[:, None],
-                           other=0)
-            xa = tl.broadcast_to(tl.load(words_ptr + t * row_words + w)[None, :], (BLOCK_N, BLOCK_W))
-            zero = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-            if BITS == 4:
-                xo = tl.broadcast_to(tl.load(odd_ptr + t * row_words + w)[None, :], (BLOCK_N, BLOCK_W))
-                dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
-                dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
-            else:
-                dots = _dot4(word, xa, zero, ASM)
-            per_block = tl.sum(tl.reshape(dots, (BLOCK_N, blocks, words_per_block)), axis=2).to(tl.float32)
-            b = w0 // words_per_block + tl.arange(0, blocks)
-            per_block = per_block * tl.load(d_ptr + t * (K // 32) + b)[None, :]
-            per_group = tl.sum(tl.reshape(per_block, (BLOCK_N, groups_per_step, GROUP // 32)), axis=2)
-            g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
-            scale = tl.load(scale_ptr + n[:, None] * groups + g[None, :], mask=n_mask[:, None], other=0.0)
-            bias = tl.load(bias_ptr + n[:, None] * groups + g[None, :], mask=n_mask[:, None], other=0.0)
-            x_sum = tl.load(sums_ptr + t * groups + g)
-            acc += tl.sum(per_group * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :], axis=1)
+            acc += _dot4_step(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, words_ptr + t * row_words,
+                              odd_ptr + t * row_words, d_ptr + t * (K // 32), sums_ptr + t * groups, w0, row_words,
+                              groups, BITS, GROUP, BLOCK_W, SCALE_KIND, ASM)
         tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -148,5 +173,5 @@ def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits:
         words, words if odd is None else odd, d, sums, blob, out, n, k, k * bits // 32, k // group_size, *offsets,
         BITS=bits, GROUP=group_size,
         BLOCK_N=block_n, BLOCK_W=block_w, SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16,
-        ASM=not _interpreting(), num_warps=num_warps)
+        ASM=not interpreting(), num_warps=num_warps)
     return out

@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..store import BlobLayout
+from . import dot4_gemv
 
 try:
     import triton
     import triton.language as tl
+
+    from .dot4_gemv import _affine_pointers, _dot4_step
 except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
@@ -183,18 +186,6 @@ if triton is not None:
         return k
 
     @triton.jit
-    def _affine_pointers(base, scales_off, biases_off, SCALE_KIND: tl.constexpr):
-        """An affine blob's scales and biases as typed pointers: bf16 (MLX imports) or fp16. A constexpr branch:
-        each compiled kernel has one pointer type."""
-        if SCALE_KIND == 1:
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.bfloat16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.bfloat16))
-        else:
-            scale_ptr = (base + scales_off).to(tl.pointer_type(tl.float16))
-            bias_ptr = (base + biases_off).to(tl.pointer_type(tl.float16))
-        return scale_ptr, bias_ptr
-
-    @triton.jit
     def _dequant_tile(base, packed_off, scales_off, biases_off, rows, row_mask, k, k0, m, in_features,
                       BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, WIDE: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
@@ -327,9 +318,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_gate_up_kernel(x_ptr, slab_ptr, host_ptr, slot_ptr, act_ptr, H, I, blob_bytes, gu_packed, gu_scales,
-                               gu_biases, gu_bias, limit, alpha, per_row, BITS: tl.constexpr, GROUP: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr,
-                               BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr):
+                               gu_biases, gu_bias, limit, alpha, per_row, xw_ptr, xo_ptr, xd_ptr, xs_ptr, h_words,
+                               h_groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
+                               EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True):
+        """act[e] = swiglu(gate_e x, up_e x) for pair e's expert. DOT4: x as dot4_gemv.quantize_rows left it (xw..xs,
+        h_words / h_groups a token), the codes through integer dot products a step of BLOCK_B bytes."""
         e = tl.program_id(0)
         x_ptr += (e // per_row).to(tl.int64) * H  # pair e is token e // per_row's (several tokens' experts at once)
         slot = tl.load(slot_ptr + e)
@@ -339,11 +333,21 @@ if triton is not None:
         read = tl.where(slot != SKIP_SLOT, n_mask, False)  # a skipped expert reads nothing, stores silu(0) * 0
         gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_B * (8 // BITS)):
-            gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, read, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
-                               SCALE_KIND, EVEN_K)
-            up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, read, x_ptr, k0, H, BITS, GROUP, BLOCK_B,
-                             SCALE_KIND, EVEN_K)
+        if DOT4:
+            token = (e // per_row).to(tl.int64)
+            xw, xo, xd, xs = xw_ptr + token * h_words, xo_ptr + token * h_words, xd_ptr + token * (H // 32), \
+                xs_ptr + token * h_groups
+            for w0 in range(0, h_words, BLOCK_B // 4):
+                gate += _dot4_step(base, gu_packed, gu_scales, gu_biases, n, read, xw, xo, xd, xs, w0, h_words,
+                                   h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+                up += _dot4_step(base, gu_packed, gu_scales, gu_biases, I + n, read, xw, xo, xd, xs, w0, h_words,
+                                 h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+        else:
+            for k0 in range(0, H, BLOCK_B * (8 // BITS)):
+                gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, read, x_ptr, k0, H, BITS, GROUP,
+                                   BLOCK_B, SCALE_KIND, EVEN_K)
+                up += _gemv_tile(base, gu_packed, gu_scales, gu_biases, I + n, read, x_ptr, k0, H, BITS, GROUP,
+                                 BLOCK_B, SCALE_KIND, EVEN_K)
         if BIAS:
             gate += _out_bias(base, gu_bias, n, read)
             up += _out_bias(base, gu_bias, I + n, read)
@@ -465,11 +469,13 @@ if triton is not None:
 
     @triton.jit
     def _down_partial_kernel(act_ptr, slab_ptr, host_ptr, slot_ptr, weight_ptr, partial_ptr, H, I, blob_bytes,
-                             d_packed, d_scales, d_biases, d_bias, chunk, n_chunks, BITS: tl.constexpr,
-                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                             SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                             d_packed, d_scales, d_biases, d_bias, chunk, n_chunks, aw_ptr, ao_ptr, ad_ptr, as_ptr,
+                             i_words, i_groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr, BIAS: tl.constexpr,
+                             EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True):
         """partial[e * n_chunks + c] = weights[e] * down_e[:, chunk c] act[e, chunk c]: one program per block of
-        output rows per (expert, chunk of I), so a layer's few experts still fill the GPU."""
+        output rows per (expert, chunk of I), so a layer's few experts still fill the GPU. DOT4: act as
+        dot4_gemv.quantize_rows left it (aw..as, i_words / i_groups a pair), through integer dot products."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         j = tl.program_id(1)
@@ -479,9 +485,17 @@ if triton is not None:
         base = _blob_base(slab_ptr, host_ptr, slot.to(tl.int64), blob_bytes)
         read = tl.where(slot != SKIP_SLOT, n_mask, False)  # a skipped expert's partial is zeros
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
-            part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
-                               BLOCK_B, SCALE_KIND, EVEN_K)
+        if DOT4:
+            pair = e.to(tl.int64)
+            per_word: tl.constexpr = 32 // BITS
+            for w0 in range(k_start // per_word, tl.minimum(k_start + chunk, I) // per_word, BLOCK_B // 4):
+                part += _dot4_step(base, d_packed, d_scales, d_biases, n, read, aw_ptr + pair * i_words,
+                                   ao_ptr + pair * i_words, ad_ptr + pair * (I // 32), as_ptr + pair * i_groups, w0,
+                                   i_words, i_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+        else:
+            for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
+                part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
+                                   BLOCK_B, SCALE_KIND, EVEN_K)
         if BIAS:
             if k_start == 0:  # with the expert's first chunk
                 part += _out_bias(base, d_bias, n, read)
@@ -704,13 +718,27 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
     step = gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"])
+    dot4 = _dot4_args(x.view(-1, qb.hidden), qb, qb.hidden, step)
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha,
-                                 per_row or slots.numel(), BITS=qb.bits, GROUP=qb.group_size,
+                                 per_row or slots.numel(), *dot4["args"], BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=step, num_warps=num_warps or DECODE_TILE["num_warps"],
                                  SCALE_KIND=qb.scale_kind, BIAS=qb.bias, ACT=qb.act,
-                                 EVEN_K=gemv_even(qb, qb.hidden, step))
+                                 EVEN_K=gemv_even(qb, qb.hidden, step), DOT4=dot4["on"], ASM=dot4["asm"])
     return act
+
+
+def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
+    """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: with
+    FLASHMOE_GPU_DOT4=1 and an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
+    (dot4_gemv.quantize_rows) and each row's words and groups; else placeholders the float path never reads."""
+    on = (dot4_gemv.enabled() and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
+          and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))
+    if not on:
+        return {"on": False, "asm": True, "args": (x, x, x, x, 0, 0)}
+    words, odd, d, sums = dot4_gemv.quantize_rows(x.contiguous(), qb.bits, qb.group_size)
+    return {"on": True, "asm": not dot4_gemv.interpreting(),
+            "args": (words, words if odd is None else odd, d, sums, k * qb.bits // 32, k // qb.group_size)}
 
 
 # programs a decode step of the down projection should have to keep HBM busy. One per block of output rows is only
@@ -769,11 +797,13 @@ def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None 
     block_b = gemv_block_bytes(qb, qb.intermediate, block_b or DECODE_TILE["block_b"])
     chunk, n_chunks = down_split(qb, slots.numel(), block_n, block_b)
     partial = torch.empty(slots.numel() * n_chunks, qb.hidden, dtype=torch.float32, device=act.device)
+    dot4 = _dot4_args(act, qb, qb.intermediate, block_b)
     _down_partial_kernel[(triton.cdiv(qb.hidden, block_n), slots.numel() * n_chunks)](
         act, slab, slab if host_slab is None else host_slab, slots, weights, partial, qb.hidden, qb.intermediate,
-        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, BITS=qb.bits,
-        GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=num_warps or DECODE_TILE["num_warps"],
-        SCALE_KIND=qb.scale_kind, BIAS=qb.bias, EVEN_K=gemv_even(qb, qb.intermediate, block_b))
+        qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, *dot4["args"],
+        BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_KIND=qb.scale_kind, BIAS=qb.bias,
+        EVEN_K=gemv_even(qb, qb.intermediate, block_b), DOT4=dot4["on"], ASM=dot4["asm"])
     return partial
 
 
