@@ -14,6 +14,10 @@ GPT-OSS's experts (QuantBlob.bias, .act): each projection's float32 output bias 
 (ACT 1: gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)), as constexpr branches of the same
 kernels.
 
+With FLASHMOE_GPU_DOT4=1 the decode kernels read affine 4/8-bit codes through integer dot products over the
+activations rounded to int8 (dot4_gemv.py: the float path's per-code work caps 4-bit reads near 2.3 TB/s); off by
+default until the device measures it.
+
 The torch references are reference_* below; tests compare both over awkward shapes.
 """
 
