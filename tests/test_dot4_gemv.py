@@ -82,25 +82,27 @@ def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden
     """FLASHMOE_GPU_DOT4=1: the decode gate_up and down kernels read the codes through integer dot products over the
     rounded activations (x per token, act per pair), with several tokens' pairs, a skipped slot, GPT-OSS's biases;
     within the activations' rounding of the float kernels. A width the integer kernel does not take (inter 320) stays
-    on the float path for that projection. (The rounding costs 1-2% here: SwiGLU outputs of random weights are
-    heavy-tailed, a block's largest value 10x its typical one.)"""
+    on the float path for that projection; float32 activations keep the exact products. (The rounding costs 1-2%
+    here: SwiGLU outputs of random weights are heavy-tailed, a block's largest value 10x its typical one.)"""
     from flashmoe.kernels.moe import ExpertMath
     from test_moe_kernels import i32, make_slab
 
     math = ExpertMath(bias=True, limit=7.0, alpha=1.702) if bias else None
     slab, layout, qb = make_slab(5, hidden, inter, bits, 32, seed=bits, math=math)
     gen = torch.Generator().manual_seed(bits)
-    x = torch.randn(2, hidden, generator=gen).to(DEVICE)
+    x = torch.randn(2, hidden, generator=gen).to(DEVICE, torch.bfloat16)  # float32 keeps the exact products
     slots = i32([3, mt.SKIP, 4, 1])
     weights = torch.rand(4, generator=gen).to(DEVICE)
     want_act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
     want = mt.down_partials(want_act, slab, slots, weights, qb)
+    exact32 = mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2)
     monkeypatch.setenv(d4.ENV, "1")
     assert d4.supported(bits, 32, hidden, mt.DECODE_TILE["block_b"] // 4)
     act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
     assert torch.equal(act[1], torch.zeros_like(act[1]))  # the skipped pair
     assert 0 < rel_error(act, want_act) < 0.03
     got = mt.down_partials(want_act, slab, slots, weights, qb)
+    assert torch.equal(mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2), exact32)  # float32: exact
     if d4.supported(bits, 32, inter, mt.DECODE_TILE["block_b"] // 4):
         assert 0 < rel_error(got, want) < 0.03
     else:

@@ -47,7 +47,7 @@ class AffineMatrix:
                           if self.device.type == "cuda" and mt.triton_available() else None)
         # one or two rows through integer dot products over int8-rounded activations (dot4_gemv.py): opt-in until
         # the device measures it against the float kernel (FLASHMOE_GPU_DOT4=1)
-        self.dot4 = (self.gemv_tile is not None and dot4_gemv.enabled()
+        self.dot4 = (self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32
                      and dot4_gemv.supported(bits, group_size, self.shape[1]))
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
         self.gemm = self.gemv_tile is not None and group_size % 16 == 0

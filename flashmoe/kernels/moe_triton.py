@@ -735,9 +735,10 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
 def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
     """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: with
     FLASHMOE_GPU_DOT4=1 and an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
-    (dot4_gemv.quantize_rows) and each row's words and groups; else placeholders the float path never reads."""
-    on = (dot4_gemv.enabled() and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
-          and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))
+    (dot4_gemv.quantize_rows) and each row's words and groups; else (float32 activations too: a model run in
+    float32 asks for exact products) placeholders the float path never reads."""
+    on = (dot4_gemv.enabled() and x.dtype != torch.float32 and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
+          and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))  # float32: the exact products asked for
     if not on:
         return {"on": False, "asm": True, "args": (x, x, x, x, 0, 0)}
     words, odd, d, sums = dot4_gemv.quantize_rows(x.contiguous(), qb.bits, qb.group_size)
