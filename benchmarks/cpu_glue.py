@@ -101,12 +101,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     store_arguments(ap)
     ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--store", type=Path, default=None, help="an existing store instead of the 35B-A3B one under --root "
+                    "(e.g. serve.random_store's 397b geometry)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     import flashmoe
     from flashmoe.store import Store
     torch.set_num_threads(args.threads)
-    store = glue_store(args.root, args.layers, args.bits, args.group_size)
+    store = args.store or glue_store(args.root, args.layers, args.bits, args.group_size)
     clock = collections.Counter(phase="other")
     lib = clocked_library(clock)
     model = flashmoe.load(store, cache_gb=Store(store).expert_bytes / 1e9 * 1.1 + 0.1)
@@ -141,8 +143,10 @@ def main() -> None:
     rows.append(f"| outside the phases (embedding, sampling, the step's bookkeeping) | {outside:.2f} | "
                 f"{med(('c', 'other')):.2f} | {outside - med(('c', 'other')):.2f} |")
     text = (f"\n### Where a CPU decode token goes (`benchmarks/cpu_glue.py`, {datetime.date.today()})\n\n"
-            f"`python {' '.join(sys.argv)}`: 35B-A3B geometry, {args.layers} layers (every 4th attention), "
-            f"{args.bits}-bit group {args.group_size}, {args.threads} threads, every expert in RAM; medians of 3 runs "
+            f"`python {' '.join(sys.argv)}`: "
+            + (f"store {args.store}" if args.store else f"35B-A3B geometry, {args.layers} layers (every 4th "
+               f"attention), {args.bits}-bit group {args.group_size}")
+            + f", {args.threads} threads, every expert in RAM; medians of 3 runs "
             f"of {args.tokens} tokens: {total:.2f} ms a token, {in_c_total + med(('c', 'other')):.2f} of them in our "
             f"C calls ({med('calls'):.0f} a token).\n\n| phase | ms per token | in C | the rest |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n")

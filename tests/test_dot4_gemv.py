@@ -43,9 +43,10 @@ def test_the_dot_product_kernel_is_the_product_of_rounded_activations(n, k, bits
     x[0, :32] = 0  # a block of zeros: a zero scale
     y = d4.dot4_gemv(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, block_n=16)
     w, xr = m.dequantize(torch.float32), rounded(x)
-    bias_part = m.q.biases.float().repeat_interleave(group, dim=1)  # b_g meets the exact sum of its group's x
-    assert rel_error(y, F.linear(xr, w) + F.linear(x - xr, bias_part)) < 1e-5  # the scheme, exactly as modelled
-    assert rel_error(y, F.linear(x, w)) < 0.02  # int8 activations: ~0.4% of a product here
+    # b_g and the codes' middle m = 2^(bits-1) meet the exact sum of the group's x; the centred codes the rounded x
+    exact_part = (m.q.biases.float() + (1 << (bits - 1)) * m.q.scales.float()).repeat_interleave(group, dim=1)
+    assert rel_error(y, F.linear(xr, w) + F.linear(x - xr, exact_part)) < 1e-5  # the scheme, exactly as modelled
+    assert rel_error(y, F.linear(x, w)) < 0.01  # int8 activations against centred codes
 
 
 def test_unsupported_shapes_are_said_so():
@@ -77,13 +78,13 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when
     assert rel_error(asked(x).float(), F.linear(x.float(), m.dequantize(torch.float32))) < 0.02
 
 
-@pytest.mark.parametrize("bits,hidden,inter,bias", [(4, 1024, 1024, False), (8, 512, 512, True), (4, 1024, 320, False)])
+@pytest.mark.parametrize("bits,hidden,inter,bias", [(4, 512, 512, False), (8, 256, 256, True), (4, 512, 160, False)])
 def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden, inter, bias, monkeypatch):
     """FLASHMOE_GPU_DOT4=1: the decode gate_up and down kernels read the codes through integer dot products over the
     rounded activations (x per token, act per pair), with several tokens' pairs, a skipped slot, GPT-OSS's biases;
     within the activations' rounding of the float kernels. A width the integer kernel does not take (inter 320) stays
-    on the float path for that projection; float32 activations keep the exact products. (The rounding costs 1-2%
-    here: SwiGLU outputs of random weights are heavy-tailed, a block's largest value 10x its typical one.)"""
+    on the float path for that projection; float32 activations keep the exact products. (The rounding costs up to
+    1% here: SwiGLU outputs of random weights are heavy-tailed, a block's largest value 10x its typical one.)"""
     from flashmoe.kernels.moe import ExpertMath
     from test_moe_kernels import i32, make_slab
 
@@ -93,18 +94,19 @@ def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden
     x = torch.randn(2, hidden, generator=gen).to(DEVICE, torch.bfloat16)  # float32 keeps the exact products
     slots = i32([3, mt.SKIP, 4, 1])
     weights = torch.rand(4, generator=gen).to(DEVICE)
-    want_act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
-    want = mt.down_partials(want_act, slab, slots, weights, qb)
-    exact32 = mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2)
+    step = 128  # bytes a row per step (the decode tile's 512 needs rows of 1024 4-bit codes: slow in the interpreter)
+    want_act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=step)
+    want = mt.down_partials(want_act, slab, slots, weights, qb, block_b=step)
+    exact32 = mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2, block_b=step)
     monkeypatch.setenv(d4.ENV, "1")
-    assert d4.supported(bits, 32, hidden, mt.DECODE_TILE["block_b"] // 4)
-    act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2)
+    assert d4.supported(bits, 32, hidden, step // 4)
+    act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=step)
     assert torch.equal(act[1], torch.zeros_like(act[1]))  # the skipped pair
-    assert 0 < rel_error(act, want_act) < 0.03
-    got = mt.down_partials(want_act, slab, slots, weights, qb)
-    assert torch.equal(mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2), exact32)  # float32: exact
-    if d4.supported(bits, 32, inter, mt.DECODE_TILE["block_b"] // 4):
-        assert 0 < rel_error(got, want) < 0.03
+    assert 0 < rel_error(act, want_act) < 0.015
+    assert torch.equal(mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2, block_b=step), exact32)
+    got = mt.down_partials(want_act, slab, slots, weights, qb, block_b=step)
+    if d4.supported(bits, 32, inter, step // 4):
+        assert 0 < rel_error(got, want) < 0.015
     else:
         assert torch.equal(got, want)
 

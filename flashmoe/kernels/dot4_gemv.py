@@ -6,11 +6,15 @@ instructions per code bound it, not the bytes). Here, as llama.cpp's MMVQ does, 
 per 32 values first (a scale each, and each weight group's exact float sum kept for the affine bias), and each 32-bit
 word of codes meets four activations in one dp4a: a word of 4-bit codes is two masks and two dp4a for eight codes.
 
-    y[n] = sum_g s[n,g] * sum_{b in g} d_b * (sum_{k in b} c[n,k] q_k) + bias[n,g] * sum_{k in g} x_k
+    y[n] = sum_g s[n,g] * (sum_{b in g} d_b * (sum_{k in b} c[n,k] q_k) + m * (X_g - R_g)) + bias[n,g] * X_g
+
+X_g is the group's exact sum of x, R_g that of the rounded x (d_b q_k), m = 2^(bits-1) the codes' middle: so the
+rounding meets only the centred codes c - m (as llama.cpp's signed Q4_0 codes), and the mean code the exact sum;
+with the raw unsigned codes the rounding error scaled with the mean code and cost 2-4% of a product.
 
 Codes are packed as quant.pack does (a byte holds codes 2i and 2i+1 in its low and high nibble), so a word holds
 codes 8w..8w+7 with the even ones in its low nibbles: the activations are packed to match, evens and odds apart.
-Rounding the activations costs ~0.4% of a product (the CPU kernels' int8 path makes the same trade); where Triton runs
+Rounding the activations costs 0.4-1% of a product (the CPU kernels' int8 path makes the same trade); where Triton runs
 in its CPU interpreter the dp4a is emulated in Triton ops, so tests check the whole scheme there.
 """
 
@@ -96,35 +100,40 @@ if triton is not None:
         scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
         bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
         x_sum = tl.load(sums_ptr + g)
-        return tl.sum(per_group * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :], axis=1)
+        # the codes' middle meets the exact sums, not the rounded ones: only the centred codes carry the rounding
+        residual = tl.load(sums_ptr + groups + g) * (1 << (BITS - 1))
+        return tl.sum((per_group + residual[None, :]) * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :],
+                      axis=1)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
-        """One block of 32 activations of one row: its int8 values packed into words (4-bit: evens and odds apart),
-        its scale, and (at a group's first block) the group's float sum."""
+        """One weight group of one row: each block of 32 activations as int8 values packed into words (4-bit: evens
+        and odds apart) and its scale; the group's exact float sum and what rounding took from it."""
         t = tl.program_id(1)
-        blk = tl.program_id(0)
-        k = blk * 32 + tl.arange(0, 32)
-        x = tl.load(x_ptr + t * K + k).to(tl.float32)
-        d = tl.max(tl.abs(x), axis=0) / 127.0
-        q = tl.floor(x / tl.where(d == 0.0, 1.0, d) + 0.5).to(tl.int32)  # in -127..127
-        byte = q & 0xFF
-        if BITS == 4:  # word w of the block: codes 8w..8w+7, evens in one word, odds in the other
-            pairs = tl.reshape(byte, (4, 4, 2))
-            even, odd = tl.split(pairs)
+        grp = tl.program_id(0)
+        exact = 0.0
+        rounded = 0.0
+        for i in tl.static_range(GROUP // 32):
+            blk = grp * (GROUP // 32) + i
+            k = blk * 32 + tl.arange(0, 32)
+            x = tl.load(x_ptr + t * K + k).to(tl.float32)
+            d = tl.max(tl.abs(x), axis=0) / 127.0
+            q = tl.floor(x / tl.where(d == 0.0, 1.0, d) + 0.5).to(tl.int32)  # in -127..127
+            exact += tl.sum(x, axis=0)
+            rounded += tl.sum(q, axis=0).to(tl.float32) * d
+            byte = q & 0xFF
             shift = tl.arange(0, 4)[None, :] * 8
-            tl.store(words_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(even << shift, axis=1))
-            tl.store(odd_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(odd << shift, axis=1))
-        else:  # word w: codes 4w..4w+3
-            quads = tl.reshape(byte, (8, 4))
-            shift = tl.arange(0, 4)[None, :] * 8
-            tl.store(words_ptr + t * (K // 4) + blk * 8 + tl.arange(0, 8), tl.sum(quads << shift, axis=1))
-        tl.store(d_ptr + t * (K // 32) + blk, d)
-        per_group: tl.constexpr = GROUP // 32
-        if blk % per_group == 0:
-            g_k = blk * 32 + tl.arange(0, GROUP)
-            g_x = tl.load(x_ptr + t * K + g_k).to(tl.float32)
-            tl.store(sums_ptr + t * (K // GROUP) + blk // per_group, tl.sum(g_x, axis=0))
+            if BITS == 4:  # word w of the block: codes 8w..8w+7, evens in one word, odds in the other
+                even, odd = tl.split(tl.reshape(byte, (4, 4, 2)))
+                tl.store(words_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(even << shift, axis=1))
+                tl.store(odd_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(odd << shift, axis=1))
+            else:  # word w: codes 4w..4w+3
+                quads = tl.reshape(byte, (8, 4))
+                tl.store(words_ptr + t * (K // 4) + blk * 8 + tl.arange(0, 8), tl.sum(quads << shift, axis=1))
+            tl.store(d_ptr + t * (K // 32) + blk, d)
+        groups = K // GROUP
+        tl.store(sums_ptr + t * 2 * groups + grp, exact)
+        tl.store(sums_ptr + t * 2 * groups + groups + grp, exact - rounded)
 
     @triton.jit
     def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, N, K, row_words, groups,
@@ -138,7 +147,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for w0 in range(0, row_words, BLOCK_W):
             acc += _dot4_step(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, words_ptr + t * row_words,
-                              odd_ptr + t * row_words, d_ptr + t * (K // 32), sums_ptr + t * groups, w0, row_words,
+                              odd_ptr + t * row_words, d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0,
+                              row_words,
                               groups, BITS, GROUP, BLOCK_W, SCALE_KIND, ASM)
         tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -148,15 +158,15 @@ def interpreting() -> bool:
 
 
 def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
-    """x [T, K] -> (words, odd words (4-bit) or None, scales [T, K/32] float32, group sums [T, K/group] float32):
-    the activations as the dot-product kernel reads them."""
+    """x [T, K] -> (words, odd words (4-bit) or None, scales [T, K/32] float32, sums [T, 2 * K/group] float32: each
+    group's exact sum, then what rounding took from it): the activations as the dot-product kernels read them."""
     t, k = x.shape
     per_word = 32 // bits
     words = torch.empty(t, k // per_word, dtype=torch.int32, device=x.device)
     odd = torch.empty_like(words) if bits == 4 else words
     d = torch.empty(t, k // BLOCK, dtype=torch.float32, device=x.device)
-    sums = torch.empty(t, k // group_size, dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(k // BLOCK, t)](x, words, odd, d, sums, k, BITS=bits, GROUP=group_size, num_warps=1)
+    sums = torch.empty(t, 2 * (k // group_size), dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(k // group_size, t)](x, words, odd, d, sums, k, BITS=bits, GROUP=group_size, num_warps=1)
     return words, (odd if bits == 4 else None), d, sums
 
 

@@ -340,7 +340,7 @@ if triton is not None:
         if DOT4:
             token = (e // per_row).to(tl.int64)
             xw, xo, xd, xs = xw_ptr + token * h_words, xo_ptr + token * h_words, xd_ptr + token * (H // 32), \
-                xs_ptr + token * h_groups
+                xs_ptr + token * 2 * h_groups
             for w0 in range(0, h_words, BLOCK_B // 4):
                 gate += _dot4_step(base, gu_packed, gu_scales, gu_biases, n, read, xw, xo, xd, xs, w0, h_words,
                                    h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
@@ -494,8 +494,8 @@ if triton is not None:
             per_word: tl.constexpr = 32 // BITS
             for w0 in range(k_start // per_word, tl.minimum(k_start + chunk, I) // per_word, BLOCK_B // 4):
                 part += _dot4_step(base, d_packed, d_scales, d_biases, n, read, aw_ptr + pair * i_words,
-                                   ao_ptr + pair * i_words, ad_ptr + pair * (I // 32), as_ptr + pair * i_groups, w0,
-                                   i_words, i_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+                                   ao_ptr + pair * i_words, ad_ptr + pair * (I // 32), as_ptr + pair * 2 * i_groups,
+                                   w0, i_words, i_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
         else:
             for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
