@@ -42,11 +42,12 @@ def store_for(checkpoint: Path, work: Path, bits: int | None, group: int | None)
     return dst
 
 
-def measure(store: Path, k: int | None, windows: list[list[int]], reference: list[torch.Tensor] | None):
+def measure(store: Path, k: int | None, windows: list[list[int]], reference: list[torch.Tensor] | None,
+            resident_format: str = "float"):
     """(perplexity, agreement with `reference`'s argmax or None, the argmax per window, expert MB per token)."""
     import flashmoe
 
-    model = flashmoe.load(store, experts_per_token=k, resident_format="float")
+    model = flashmoe.load(store, experts_per_token=k, resident_format=resident_format)
     loss, agree, positions, argmax = 0.0, 0, 0, []
     for w in windows:
         logits = model.logits(w[:-1])
