@@ -157,8 +157,9 @@ def test_the_dot_product_gemv_compiles_with_its_dp4a():
     scale dtypes, and the activations' rounding kernel."""
     pointers = {"blob_ptr": "*u8", "out_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}
     cases = [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=group, BLOCK_N=16, BLOCK_W=64, SCALE_KIND=kind,
-                                                  ASM=True, num_warps=4), pointers)
-             for bits, group, kind in ((4, 32, 0), (4, 64, 1), (8, 32, 0))]
+                                                  ASM=asm, num_warps=4), pointers)
+             for bits, group, kind, asm in ((4, 32, 0, True), (4, 64, 1, True), (8, 32, 0, True), (4, 32, 0, False),
+                                            (8, 32, 0, False))]  # ASM False: the emulation the GPU test compares
     cases += [("dot4_gemv:_quantize_rows_kernel", dict(BITS=bits, GROUP=32, num_warps=1),
                {"x_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}) for bits in (4, 8)]
     _compile(cases)

@@ -52,10 +52,11 @@ if triton is not None:
     def _dot4(a, b, c, ASM: tl.constexpr):
         """c + the dot product of a's four unsigned bytes with b's four signed ones (int32 each)."""
         if ASM:
-            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                             is_pure=True, pack=1)
-        for i in tl.static_range(4):
-            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+            c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:  # no early return above: Triton's compiler refused one in a constexpr branch that its interpreter ran
+            for i in tl.static_range(4):
+                c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
         return c
 
     @triton.jit
