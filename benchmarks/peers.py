@@ -508,7 +508,7 @@ def prepare_models(args, src: Path, built=None) -> tuple[Path, Path, dict]:
     ckpt, gguf_path = args.root / f"ckpt-{name}", args.root / f"{name}-q{args.bits}_0.gguf"
     store = args.root / (f"store-{name}-from-q{args.bits}_0-gguf" if args.same_codes
                          else f"store-{name}-{args.bits}bit-g{args.group_size}")
-    if not (ckpt / "tokenizer.json").exists():  # written last
+    if not (ckpt / "tokenizer.json").exists() and not (args.same_codes and gguf_path.exists()):  # written last
         say(f"writing the random-weight checkpoint {ckpt}")
         t0 = time.perf_counter()
         build_tiny_checkpoint(ckpt, "qwen3_5_moe", max_shard_size="2GB", **shape)
@@ -516,6 +516,9 @@ def prepare_models(args, src: Path, built=None) -> tuple[Path, Path, dict]:
     if not gguf_path.exists():
         say(f"converting for llama.cpp -> {gguf_path}")
         convert_gguf(src, ckpt, gguf_path, args.bits, args.root / "logs", built)
+    if args.same_codes and ckpt.exists():  # both engines read the GGUF now: 397B's 26 GB back to the 64 GB disk
+        say(f"removing {ckpt} (--same-codes: flashmoe converts llama.cpp's GGUF)")
+        shutil.rmtree(ckpt)
     if not (store / "manifest.json").exists():
         say(f"converting for flashmoe -> {store}")
         need_space(args.root, gguf_path.stat().st_size / 1e9 * (1.1 if args.bits == 8 else 1.15), "flashmoe's store")
