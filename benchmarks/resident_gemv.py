@@ -120,9 +120,17 @@ def dot4_sweep() -> list[str]:
                             raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}: relative error {err:.4f}")
                         results.append((gpu_us(run), block_n, block_w, warps))
             best = min(results)
-            rows.append(f"| {n}x{k} | {bits} | {float_us:.1f} ({m.blob.numel() / float_us / 1e3:.0f} GB/s) | "
+            rows.append(f"| {n}x{k} | {bits} | 1 | {float_us:.1f} ({m.blob.numel() / float_us / 1e3:.0f} GB/s) | "
                         f"{best[0]:.1f} ({m.blob.numel() / best[0] / 1e3:.0f} GB/s) | {best[1]} / {best[2]} / {best[3]} | "
                         f"{float_us / best[0]:.2f}x |")
+            print(rows[-1], flush=True)
+            # a decode batch's 8 rows: the grouped kernel AffineMatrix uses today against dot4 at the best tile
+            x8 = torch.randn(8, k, device=DEVICE, dtype=torch.bfloat16)
+            grouped_us = gpu_us(lambda: mt.affine_gemm(x8, m.blob, **base))
+            dot_us = gpu_us(lambda: d4.dot4_gemv(x8, m.blob, block_n=best[1], block_w=best[2], num_warps=best[3],
+                                                 **base))
+            rows.append(f"| {n}x{k} | {bits} | 8 | {grouped_us:.1f} (grouped kernel) | {dot_us:.1f} | "
+                        f"{best[1]} / {best[2]} / {best[3]} | {grouped_us / dot_us:.2f}x |")
             print(rows[-1], flush=True)
     return rows
 
@@ -138,7 +146,8 @@ def main() -> None:
                         torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; the float kernel at "
                         "its chosen tile; dot4: activations rounded to int8 per 32, best of 18 tiles (rows / words a "
                         "step / warps), each within 2% of the float product.",
-                        ["matrix", "bits", "float kernel, us", "dot4 best, us", "dot4 tile", "speed-up"], dot4_sweep()),
+                        ["matrix", "bits", "rows", "float kernel, us", "dot4, us", "dot4 tile", "speed-up"],
+                        dot4_sweep()),
                 args.out)
         return
     if args.sweep:

@@ -35,7 +35,7 @@ def rounded(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n,k,bits,group", [(37, 512, 4, 32), (20, 1024, 4, 64), (45, 256, 8, 32), (9, 512, 8, 64)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3, 19])  # 19: two programs of up to MAX_ROWS rows, the second's masked
 def test_the_dot_product_kernel_is_the_product_of_rounded_activations(n, k, bits, group, scale_dtype, rows):
     assert d4.supported(bits, group, k)
     m = matrix(n, k, bits, group, scale_dtype, seed=n + k + bits)
@@ -66,9 +66,9 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when
     outs = []
     for asm in (True, False):
         out = torch.empty(2, 300, device="cuda", dtype=torch.float32)
-        d4._dot4_gemv_kernel[(300 // 16 + 1, 2)](words, words if odd is None else odd, d, sums, m.blob, out, 300, 1024,
-                                                 1024 * bits // 32, 1024 // 32, *m.offsets, BITS=bits, GROUP=32,
-                                                 BLOCK_N=16, BLOCK_W=64, SCALE_KIND=0, ASM=asm)
+        d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](words, words if odd is None else odd, d, sums, m.blob, out, 2, 300,
+                                                 1024, 1024 * bits // 32, 1024 // 32, *m.offsets, BITS=bits, GROUP=32,
+                                                 BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     monkeypatch.setenv("FLASHMOE_GPU_DOT4", "1")

@@ -97,7 +97,7 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.dot4 and rows.shape[0] <= GEMV_MAX_ROWS:
+        if self.dot4 and rows.shape[0] <= dot4_gemv.MAX_ROWS:  # the codes read once for a decode batch's rows
             y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                     self.q.scales.dtype == torch.bfloat16)
         elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:

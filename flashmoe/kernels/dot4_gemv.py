@@ -1,4 +1,4 @@
-"""A quantized matrix times one or two activation rows through integer dot products (PTX dp4a), for the GPU.
+"""A quantized matrix times a few activation rows through integer dot products (PTX dp4a), for the GPU.
 
 The float matrix-vector kernel (moe_triton's _gemv_tile) turns every code into a float and multiplies it: at 4 bits
 two codes a byte, and the H200 then tops out near 2.3 TB/s of its 4.4 (benchmarks/resident_gemv.py --sweep: the
@@ -31,6 +31,7 @@ except ImportError:
     triton = None
 
 BLOCK = 32  # activations per int8 scale
+MAX_ROWS = 16  # activation rows a program applies to each step's codes (more rows: more programs, the codes re-read)
 SCALE_FP16, SCALE_BF16 = 0, 1  # moe_triton's SCALE_KIND values of affine blobs (it imports these kernels' pieces)
 ENV = "FLASHMOE_GPU_DOT4"  # "1": resident matrices and decode experts through these kernels (off until measured)
 
@@ -72,39 +73,71 @@ if triton is not None:
         return scale_ptr, bias_ptr
 
     @triton.jit
-    def _dot4_step(base, packed_off, scales_off, biases_off, rows, row_mask, words_ptr, odd_ptr, d_ptr, sums_ptr, w0,
-                   row_words, groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr,
-                   SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
-        """sum over words w0 .. w0 + BLOCK_W of W[rows] x for an affine blob at `base`, x as quantize_rows left one
-        row of it (the pointers at that row) -> [rows] float32."""
+    def _dot4_tile(base, packed_off, scales_off, biases_off, rows, row_mask, w0, row_words, groups,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr, SCALE_KIND: tl.constexpr):
+        """Words w0 .. w0 + BLOCK_W of W[rows] (an affine blob at `base`) and their groups' scales and biases:
+        (codes [rows, BLOCK_W] int32, scales and biases [rows, groups a step] float32)."""
         codes_per_word: tl.constexpr = 32 // BITS
-        words_per_block: tl.constexpr = 32 // codes_per_word
-        blocks: tl.constexpr = BLOCK_W // words_per_block
         groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
         code_ptr = (base + packed_off).to(tl.pointer_type(tl.int32))
         scale_ptr, bias_ptr = _affine_pointers(base, scales_off, biases_off, SCALE_KIND)
         w = w0 + tl.arange(0, BLOCK_W)
         word = tl.load(code_ptr + rows[:, None].to(tl.int64) * row_words + w[None, :], mask=row_mask[:, None],
                        other=0)
-        xa = tl.broadcast_to(tl.load(words_ptr + w)[None, :], word.shape)
+        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
+        scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
+        bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
+        return word, scale.to(tl.float32), bias.to(tl.float32)
+
+    @triton.jit
+    def _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
+        """One activation row (quantize_rows' pointers at that row) against a _dot4_tile -> [rows] float32. MASKED:
+        row t of T, a padding row (read as zeros) where t >= T."""
+        codes_per_word: tl.constexpr = 32 // BITS
+        words_per_block: tl.constexpr = 32 // codes_per_word
+        blocks: tl.constexpr = BLOCK_W // words_per_block
+        groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
+        w = w0 + tl.arange(0, BLOCK_W)
+        b = w0 // words_per_block + tl.arange(0, blocks)
+        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
+        if MASKED:
+            # masks compared as vectors (the interpreter takes no scalar mask)
+            xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
+            xo = tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)
+            d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
+            x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
+            lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
+        else:
+            xa = tl.load(words_ptr + w)
+            xo = tl.load(odd_ptr + w)
+            d = tl.load(d_ptr + b)
+            x_sum = tl.load(sums_ptr + g)
+            lost = tl.load(sums_ptr + groups + g)
+        xa = tl.broadcast_to(xa[None, :], word.shape)
         zero = tl.zeros(word.shape, dtype=tl.int32)
         if BITS == 4:
-            xo = tl.broadcast_to(tl.load(odd_ptr + w)[None, :], word.shape)
+            xo = tl.broadcast_to(xo[None, :], word.shape)
             dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
             dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
         else:
             dots = _dot4(word, xa, zero, ASM)
         per_block = tl.sum(tl.reshape(dots, (word.shape[0], blocks, words_per_block)), axis=2).to(tl.float32)
-        per_block = per_block * tl.load(d_ptr + w0 // words_per_block + tl.arange(0, blocks))[None, :]
-        per_group = tl.sum(tl.reshape(per_block, (word.shape[0], groups_per_step, GROUP // 32)), axis=2)
-        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
-        scale = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
-        bias = tl.load(bias_ptr + rows[:, None] * groups + g[None, :], mask=row_mask[:, None], other=0.0)
-        x_sum = tl.load(sums_ptr + g)
+        per_group = tl.sum(tl.reshape(per_block * d[None, :], (word.shape[0], groups_per_step, GROUP // 32)), axis=2)
         # the codes' middle meets the exact sums, not the rounded ones: only the centred codes carry the rounding
-        residual = tl.load(sums_ptr + groups + g) * (1 << (BITS - 1))
-        return tl.sum((per_group + residual[None, :]) * scale.to(tl.float32) + bias.to(tl.float32) * x_sum[None, :],
-                      axis=1)
+        residual = lost * (1 << (BITS - 1))
+        return tl.sum((per_group + residual[None, :]) * scale + bias * x_sum[None, :], axis=1)
+
+    @triton.jit
+    def _dot4_step(base, packed_off, scales_off, biases_off, rows, row_mask, words_ptr, odd_ptr, d_ptr, sums_ptr, w0,
+                   row_words, groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr,
+                   SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
+        """sum over words w0 .. w0 + BLOCK_W of W[rows] x for an affine blob at `base`, x as quantize_rows left one
+        row of it (the pointers at that row) -> [rows] float32."""
+        word, scale, bias = _dot4_tile(base, packed_off, scales_off, biases_off, rows, row_mask, w0, row_words, groups,
+                                       BITS, GROUP, BLOCK_W, SCALE_KIND)
+        return _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, 0, 1, BITS, GROUP,
+                           BLOCK_W, ASM, False)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
@@ -137,21 +170,30 @@ if triton is not None:
         tl.store(sums_ptr + t * 2 * groups + groups + grp, exact - rounded)
 
     @triton.jit
-    def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, N, K, row_words, groups,
+    def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, T, N, K, row_words, groups,
                           packed_off, scales_off, biases_off, BITS: tl.constexpr, GROUP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
-        """out[t, rows] for BLOCK_N rows: BLOCK_W words of each row's codes a step. row_words (K's words) and groups
-        come as arguments, not K's quotients, so Triton sees their divisibility and reads the rows as vectors."""
-        t = tl.program_id(1).to(tl.int64)
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, SCALE_KIND: tl.constexpr,
+                          ASM: tl.constexpr):
+        """out[t, n] for BLOCK_N rows of W and ROWS activation rows t (the last ones masked past T): each step's codes
+        read once for all of them. row_words (K's words) and groups come as arguments, not K's quotients, so Triton
+        sees their divisibility and reads the codes as vectors."""
+        t0 = tl.program_id(1) * ROWS
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        r = tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for w0 in range(0, row_words, BLOCK_W):
-            acc += _dot4_step(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, words_ptr + t * row_words,
-                              odd_ptr + t * row_words, d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0,
-                              row_words,
-                              groups, BITS, GROUP, BLOCK_W, SCALE_KIND, ASM)
-        tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            word, scale, bias = _dot4_tile(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, w0, row_words,
+                                           groups, BITS, GROUP, BLOCK_W, SCALE_KIND)
+            for i in tl.static_range(ROWS):
+                t = (t0 + i).to(tl.int64)
+                part = _dot4_apply(word, scale, bias, words_ptr + t * row_words, odd_ptr + t * row_words,
+                                   d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0, groups, t, T, BITS, GROUP,
+                                   BLOCK_W, ASM, True)
+                acc = tl.where(r[:, None] == i, acc + part[None, :], acc)
+        rows_t = (t0 + r).to(tl.int64)
+        tl.store(out_ptr + rows_t[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows_t < T)[:, None] & n_mask[None, :])
 
 
 def interpreting() -> bool:
@@ -175,14 +217,16 @@ def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits:
               offsets: tuple[int, int, int], scale_bf16: bool, block_n: int = 16, block_w: int = 64,
               num_warps: int = 4) -> torch.Tensor:
     """x [T, K] @ W^T for a matrix stored as one uint8 blob (codes, scales and biases at `offsets`, as AffineMatrix
-    holds it; supported() must hold): the activations rounded to int8 per 32 values, the codes read as words."""
+    holds it; supported() must hold): the activations rounded to int8 per 32 values, the codes read as words, once
+    for every MAX_ROWS rows of x (a decode batch's)."""
     n, k = shape
     x = x.contiguous()
     words, odd, d, sums = quantize_rows(x, bits, group_size)
-    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _dot4_gemv_kernel[(triton.cdiv(n, block_n), x.shape[0])](
-        words, words if odd is None else odd, d, sums, blob, out, n, k, k * bits // 32, k // group_size, *offsets,
-        BITS=bits, GROUP=group_size,
-        BLOCK_N=block_n, BLOCK_W=block_w, SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16,
-        ASM=not interpreting(), num_warps=num_warps)
+    t = x.shape[0]
+    rows = min(MAX_ROWS, triton.next_power_of_2(t))
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    _dot4_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(t, rows))](
+        words, words if odd is None else odd, d, sums, blob, out, t, n, k, k * bits // 32, k // group_size, *offsets,
+        BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, ROWS=rows,
+        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, ASM=not interpreting(), num_warps=num_warps)
     return out
