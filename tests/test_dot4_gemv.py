@@ -130,3 +130,26 @@ def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built
     float_logits = decode_logits()
     monkeypatch.setenv(d4.ENV, "1")
     assert rel_error(decode_logits(), float_logits) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "gpt_oss", "deepseek_v3", "mixtral"])
+def test_on_the_gpu_every_layout_decodes_through_the_dot_products_near_the_float_kernels(built, arch, monkeypatch):
+    """What making FLASHMOE_GPU_DOT4 the default would change, family by family: a bf16 model's decode steps (4-bit
+    experts through the decode kernels, in graphs) against the same model's float kernels, token by token, within
+    the bf16 tolerance the GPU tests hold models to against transformers."""
+    import flashmoe
+    from test_reference import PROMPT
+
+    store = built.store(arch, 4)
+
+    def decode_logits():
+        model = flashmoe.load(store, device="cuda")
+        model.warm_cache()
+        state = model.new_state()
+        model.forward(PROMPT[:6], state)
+        return torch.cat([model.forward([t], state).float().cpu() for t in PROMPT[6:14]])
+
+    float_logits = decode_logits()
+    monkeypatch.setenv(d4.ENV, "1")
+    assert rel_error(decode_logits(), float_logits) < 3e-2
