@@ -47,6 +47,12 @@ def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -
     return bits in (4, 8) and group_size % BLOCK == 0 and step % group_size == 0 and in_features % step == 0
 
 
+def block_words(bits: int, group_size: int, in_features: int) -> int | None:
+    """Words a row per step for a matrix of these codes: the most of 64, 32, 16, 8 that supported() takes; None if
+    none (the float kernels then)."""
+    return next((w for w in (64, 32, 16, 8) if supported(bits, group_size, in_features, w)), None)
+
+
 if triton is not None:
 
     @triton.jit
