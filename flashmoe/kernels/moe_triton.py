@@ -722,7 +722,7 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
     act = torch.empty(slots.numel(), qb.intermediate, dtype=x.dtype, device=x.device)
     grid = (slots.numel(), triton.cdiv(qb.intermediate, block_n))
     step = gemv_block_bytes(qb, qb.hidden, block_b or DECODE_TILE["block_b"])
-    dot4 = _dot4_args(x.view(-1, qb.hidden), qb, qb.hidden, step)
+    dot4 = _dot4_args(x.reshape(-1, qb.hidden), qb, qb.hidden, step)
     _decode_gate_up_kernel[grid](x, slab, slab if host_slab is None else host_slab, slots, act, qb.hidden, qb.intermediate, qb.blob_bytes, qb.gate_up_packed,
                                  qb.gate_up_scales, qb.gate_up_biases, qb.gate_up_bias, qb.limit, qb.alpha,
                                  per_row or slots.numel(), *dot4["args"], BITS=qb.bits, GROUP=qb.group_size,
