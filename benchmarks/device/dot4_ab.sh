@@ -5,7 +5,7 @@
 # Outputs under $OUT: tests.log, gemv.md (resident matrices, 1 and 8 rows), kernels-*.txt (decode experts at the 397B
 # geometry, K=10 and a batch of 8 tokens' 80 pairs), profile-*.txt (a whole decode step, 4 layers, the 248k head).
 set -o pipefail
-cd "$(git rev-parse --show-toplevel)"
+cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
 t0=$(date +%s)
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_dot4_gemv.py tests/test_quantized_residents.py \
