@@ -113,25 +113,26 @@ def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden
         assert torch.equal(got, want)
 
 
+def decode_logits(store, **load_kwargs) -> torch.Tensor:
+    """A fresh GPU model's logits for PROMPT[6:14] decoded a token at a step (in its graphs) after PROMPT[:6]."""
+    import flashmoe
+    from test_reference import PROMPT
+
+    model = flashmoe.load(store, device="cuda", **load_kwargs)
+    model.warm_cache()
+    state = model.new_state()
+    model.forward(PROMPT[:6], state)
+    return torch.cat([model.forward([t], state).float().cpu() for t in PROMPT[6:14]])
+
+
 @pytest.mark.gpu
 def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built, monkeypatch):
     """With FLASHMOE_GPU_DOT4=1 a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay
     within the activations' rounding of the float kernels' logits, token by token."""
-    import flashmoe
-    from test_reference import PROMPT
-
     store = built.store("qwen3_5_moe", 4)
-
-    def decode_logits():
-        model = flashmoe.load(store, device="cuda", resident_format="int4")
-        model.warm_cache()
-        state = model.new_state()
-        model.forward(PROMPT[:6], state)
-        return torch.cat([model.forward([t], state).float().cpu() for t in PROMPT[6:14]])
-
-    float_logits = decode_logits()
+    float_logits = decode_logits(store, resident_format="int4")
     monkeypatch.setenv(d4.ENV, "1")
-    assert 0 < rel_error(decode_logits(), float_logits) < 0.05  # > 0: the dot products did run
+    assert 0 < rel_error(decode_logits(store, resident_format="int4"), float_logits) < 0.05  # > 0: they did run
 
 
 @pytest.mark.gpu
@@ -140,18 +141,7 @@ def test_on_the_gpu_every_layout_decodes_through_the_dot_products_near_the_float
     """What making FLASHMOE_GPU_DOT4 the default would change, family by family: a bf16 model's decode steps (4-bit
     experts through the decode kernels, in graphs) against the same model's float kernels, token by token, within
     the bf16 tolerance the GPU tests hold models to against transformers."""
-    import flashmoe
-    from test_reference import PROMPT
-
     store = built.store(arch, 4)
-
-    def decode_logits():
-        model = flashmoe.load(store, device="cuda")
-        model.warm_cache()
-        state = model.new_state()
-        model.forward(PROMPT[:6], state)
-        return torch.cat([model.forward([t], state).float().cpu() for t in PROMPT[6:14]])
-
-    float_logits = decode_logits()
+    float_logits = decode_logits(store)
     monkeypatch.setenv(d4.ENV, "1")
-    assert 0 < rel_error(decode_logits(), float_logits) < 3e-2  # > 0: the dot products did run
+    assert 0 < rel_error(decode_logits(store), float_logits) < 3e-2  # > 0: the dot products did run
