@@ -68,7 +68,7 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when
     outs = []
     for asm in (True, False):
         out = torch.empty(2, 300, device="cuda", dtype=torch.float32)
-        d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](words, words if odd is None else odd, d, sums, m.blob, out, 2, 300,
+        d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](words, odd, d, sums, m.blob, out, 2, 300,
                                                  1024, 1024 * bits // 32, 1024 // 32, *m.offsets, BITS=bits, GROUP=32,
                                                  BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm)
         outs.append(out)

@@ -97,9 +97,9 @@ if triton is not None:
 
     @triton.jit
     def _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
-        """One activation row (quantize_rows' pointers at that row) against a _dot4_tile -> [rows] float32. MASKED:
-        row t of T, a padding row (read as zeros) where t >= T."""
+                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr):
+        """Activation row t of T (quantize_rows' pointers at that row; t >= T: a padding row, read as zeros) against
+        a _dot4_tile -> [rows] float32."""
         codes_per_word: tl.constexpr = 32 // BITS
         words_per_block: tl.constexpr = 32 // codes_per_word
         blocks: tl.constexpr = BLOCK_W // words_per_block
@@ -107,23 +107,15 @@ if triton is not None:
         w = w0 + tl.arange(0, BLOCK_W)
         b = w0 // words_per_block + tl.arange(0, blocks)
         g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
-        if MASKED:
-            # masks compared as vectors (the interpreter takes no scalar mask)
-            xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
-            xo = tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)
-            d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
-            x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
-            lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
-        else:
-            xa = tl.load(words_ptr + w)
-            xo = tl.load(odd_ptr + w)
-            d = tl.load(d_ptr + b)
-            x_sum = tl.load(sums_ptr + g)
-            lost = tl.load(sums_ptr + groups + g)
+        # masks compared as vectors (the interpreter takes no scalar mask), constant along each: loads stay vectors
+        xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
+        d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
+        x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
+        lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
         xa = tl.broadcast_to(xa[None, :], word.shape)
         zero = tl.zeros(word.shape, dtype=tl.int32)
         if BITS == 4:
-            xo = tl.broadcast_to(xo[None, :], word.shape)
+            xo = tl.broadcast_to(tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)[None, :], word.shape)
             dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
             dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
         else:
@@ -143,7 +135,7 @@ if triton is not None:
         word, scale, bias = _dot4_tile(base, packed_off, scales_off, biases_off, rows, row_mask, w0, row_words, groups,
                                        BITS, GROUP, BLOCK_W, SCALE_KIND)
         return _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, 0, 1, BITS, GROUP,
-                           BLOCK_W, ASM, False)
+                           BLOCK_W, ASM)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
@@ -195,7 +187,7 @@ if triton is not None:
                 t = (t0 + i).to(tl.int64)
                 part = _dot4_apply(word, scale, bias, words_ptr + t * row_words, odd_ptr + t * row_words,
                                    d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0, groups, t, T, BITS, GROUP,
-                                   BLOCK_W, ASM, True)
+                                   BLOCK_W, ASM)
                 acc = tl.where(r[:, None] == i, acc + part[None, :], acc)
         rows_t = (t0 + r).to(tl.int64)
         tl.store(out_ptr + rows_t[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -207,8 +199,9 @@ def interpreting() -> bool:
 
 
 def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
-    """x [T, K] -> (words, odd words (4-bit) or None, scales [T, K/32] float32, sums [T, 2 * K/group] float32: each
-    group's exact sum, then what rounding took from it): the activations as the dot-product kernels read them."""
+    """x [T, K] -> (words, odd words (4-bit; at 8 bits the words again, never read), scales [T, K/32] float32, sums
+    [T, 2 * K/group] float32: each group's exact sum, then what rounding took from it): the activations as the
+    dot-product kernels read them."""
     t, k = x.shape
     per_word = 32 // bits
     words = torch.empty(t, k // per_word, dtype=torch.int32, device=x.device)
@@ -216,7 +209,7 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
     d = torch.empty(t, k // BLOCK, dtype=torch.float32, device=x.device)
     sums = torch.empty(t, 2 * (k // group_size), dtype=torch.float32, device=x.device)
     _quantize_rows_kernel[(k // group_size, t)](x, words, odd, d, sums, k, BITS=bits, GROUP=group_size, num_warps=1)
-    return words, (odd if bits == 4 else None), d, sums
+    return words, odd, d, sums
 
 
 def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
@@ -232,7 +225,7 @@ def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits:
     rows = min(MAX_ROWS, triton.next_power_of_2(t))
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     _dot4_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(t, rows))](
-        words, words if odd is None else odd, d, sums, blob, out, t, n, k, k * bits // 32, k // group_size, *offsets,
+        words, odd, d, sums, blob, out, t, n, k, k * bits // 32, k // group_size, *offsets,
         BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, ROWS=rows,
         SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, ASM=not interpreting(), num_warps=num_warps)
     return out

@@ -738,12 +738,12 @@ def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
     (dot4_gemv.quantize_rows) and each row's words and groups; else (float32 activations too: a model run in
     float32 asks for exact products) placeholders the float path never reads."""
     on = (dot4_gemv.enabled() and x.dtype != torch.float32 and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
-          and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))  # float32: the exact products asked for
+          and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))
     if not on:
         return {"on": False, "asm": True, "args": (x, x, x, x, 0, 0)}
     words, odd, d, sums = dot4_gemv.quantize_rows(x.contiguous(), qb.bits, qb.group_size)
     return {"on": True, "asm": not dot4_gemv.interpreting(),
-            "args": (words, words if odd is None else odd, d, sums, k * qb.bits // 32, k // qb.group_size)}
+            "args": (words, odd, d, sums, k * qb.bits // 32, k // qb.group_size)}
 
 
 # programs a decode step of the down projection should have to keep HBM busy. One per block of output rows is only
@@ -904,8 +904,7 @@ WIDE_GEMV_TILE, WIDE_GEMV_MIN_ROWS = dict(block_n=32, block_b=256, num_warps=4),
 def affine_gemv_tile(bits: int, group_size: int, shape: tuple[int, int]) -> tuple[int, int, int] | None:
     """(block_n, block_b, num_warps) of affine_gemv for a resident matrix [N, K], None where no step fits."""
     wide = bits == 8 and shape[0] >= WIDE_GEMV_MIN_ROWS
-    tile = WIDE_GEMV_TILE if wide else dict(block_n=DECODE_TILE["block_n"], block_b=512,
-                                            num_warps=DECODE_TILE["num_warps"])
+    tile = WIDE_GEMV_TILE if wide else DECODE_TILE
     block_b = affine_gemv_block_bytes(bits, group_size, shape[1], tile["block_b"])
     return None if block_b is None else (tile["block_n"], block_b, tile["num_warps"])
 
