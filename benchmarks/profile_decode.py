@@ -110,7 +110,7 @@ def main() -> None:
     # every matrix of the store's layers (its resident names), one of each shape
     shapes = {}
     for name, t in model.model.w.items():
-        if name.startswith("model.layers.") and t.dim() == 2 and tuple(t.shape) not in shapes.values():
+        if name.startswith("model.layers.") and len(t.shape) == 2 and tuple(t.shape) not in shapes.values():
             shapes[name.split(".", 3)[3]] = tuple(t.shape)
     for name, (r, c) in shapes.items():
         us = gemv_us(r, c)

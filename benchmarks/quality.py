@@ -43,14 +43,21 @@ def store_for(checkpoint: Path, work: Path, bits: int | None, group: int | None)
 
 
 def measure(store: Path, k: int | None, windows: list[list[int]], reference: list[torch.Tensor] | None,
-            resident_format: str = "float"):
-    """(perplexity, agreement with `reference`'s argmax or None, the argmax per window, expert MB per token)."""
+            resident_format: str = "float", device: str = "cpu", one_token: bool = False):
+    """(perplexity, agreement with `reference`'s argmax or None, the argmax per window, expert MB per token).
+    one_token: each window read a token a step, as decode reads it (its kernels and graphs), not as one prompt."""
     import flashmoe
 
-    model = flashmoe.load(store, experts_per_token=k, resident_format=resident_format)
+    model = flashmoe.load(store, device=device, experts_per_token=k, resident_format=resident_format)
+    if device != "cpu":
+        model.warm_cache()
     loss, agree, positions, argmax = 0.0, 0, 0, []
     for w in windows:
-        logits = model.logits(w[:-1])
+        if one_token:
+            state = model.new_state()
+            logits = torch.cat([model.forward([t], state).float().cpu() for t in w[:-1]])
+        else:
+            logits = model.logits(w[:-1]).float().cpu()
         target = torch.tensor(w[1:])
         loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
         argmax.append(logits.argmax(-1))

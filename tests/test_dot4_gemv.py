@@ -59,9 +59,9 @@ def test_unsupported_shapes_are_said_so():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 8])
-def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when_asked(bits, monkeypatch):
+def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_by_default(bits, monkeypatch):
     """The PTX dp4a gives the emulation's integers (bit for bit: the same int32 sums, the same float epilogue), and
-    FLASHMOE_GPU_DOT4=1 sends a resident matrix's one or two rows through the kernel."""
+    a resident matrix's one or two rows go through the kernel unless FLASHMOE_GPU_DOT4=0."""
     m = matrix(300, 1024, bits, 32, torch.float16, seed=bits)
     x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
     words, odd, d, sums = d4.quantize_rows(x, bits, 32)
@@ -73,16 +73,18 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_when
                                                  BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
-    monkeypatch.setenv("FLASHMOE_GPU_DOT4", "1")
     q = m.q
-    asked = AffineMatrix(QuantizedTensor(q.packed, q.scales, q.biases, bits, 32), torch.bfloat16)
-    assert asked.dot4
-    assert rel_error(asked(x).float(), F.linear(x.float(), m.dequantize(torch.float32))) < 0.02
+    monkeypatch.setenv(d4.ENV, "0")
+    assert AffineMatrix(QuantizedTensor(q.packed, q.scales, q.biases, bits, 32), torch.bfloat16).dot4 is None
+    monkeypatch.delenv(d4.ENV)
+    default = AffineMatrix(QuantizedTensor(q.packed, q.scales, q.biases, bits, 32), torch.bfloat16)
+    assert default.dot4
+    assert rel_error(default(x).float(), F.linear(x.float(), m.dequantize(torch.float32))) < 0.02
 
 
 @pytest.mark.parametrize("bits,hidden,inter,bias", [(4, 512, 512, False), (8, 256, 256, True), (4, 512, 160, False)])
-def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden, inter, bias, monkeypatch):
-    """FLASHMOE_GPU_DOT4=1: the decode gate_up and down kernels read the codes through integer dot products over the
+def test_the_decode_expert_kernels_take_the_dot_products_by_default(bits, hidden, inter, bias, monkeypatch):
+    """Unless FLASHMOE_GPU_DOT4=0, the decode gate_up and down kernels read the codes through integer dot products over the
     rounded activations (x per token, act per pair), with several tokens' pairs, a skipped slot, GPT-OSS's biases;
     within the activations' rounding of the float kernels. A width the integer kernel does not take (inter 320) stays
     on the float path for that projection; float32 activations keep the exact products. (The rounding costs up to
@@ -97,10 +99,11 @@ def test_the_decode_expert_kernels_take_the_dot_products_when_asked(bits, hidden
     slots = i32([3, mt.SKIP, 4, 1])
     weights = torch.rand(4, generator=gen).to(DEVICE)
     step = 128  # bytes a row per step (the decode tile's 512 needs rows of 1024 4-bit codes: slow in the interpreter)
+    monkeypatch.setenv(d4.ENV, "0")
     want_act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=step)
     want = mt.down_partials(want_act, slab, slots, weights, qb, block_b=step)
     exact32 = mt.decode_gate_up_swiglu(x.float(), slab, slots, qb, per_row=2, block_b=step)
-    monkeypatch.setenv(d4.ENV, "1")
+    monkeypatch.delenv(d4.ENV)
     assert d4.supported(bits, 32, hidden, step // 4)
     act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=step)
     assert torch.equal(act[1], torch.zeros_like(act[1]))  # the skipped pair
@@ -127,21 +130,23 @@ def decode_logits(store, **load_kwargs) -> torch.Tensor:
 
 @pytest.mark.gpu
 def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built, monkeypatch):
-    """With FLASHMOE_GPU_DOT4=1 a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay
-    within the activations' rounding of the float kernels' logits, token by token."""
+    """By default a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay within the
+    activations' rounding of the float kernels' logits (FLASHMOE_GPU_DOT4=0), token by token."""
     store = built.store("qwen3_5_moe", 4)
+    monkeypatch.setenv(d4.ENV, "0")
     float_logits = decode_logits(store, resident_format="int4")
-    monkeypatch.setenv(d4.ENV, "1")
+    monkeypatch.delenv(d4.ENV)
     assert 0 < rel_error(decode_logits(store, resident_format="int4"), float_logits) < 0.05  # > 0: they did run
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "gpt_oss", "deepseek_v3", "mixtral"])
 def test_on_the_gpu_every_layout_decodes_through_the_dot_products_near_the_float_kernels(built, arch, monkeypatch):
-    """What making FLASHMOE_GPU_DOT4 the default would change, family by family: a bf16 model's decode steps (4-bit
-    experts through the decode kernels, in graphs) against the same model's float kernels, token by token, within
-    the bf16 tolerance the GPU tests hold models to against transformers."""
+    """What the dot products (the default) change, family by family: a bf16 model's decode steps (4-bit experts
+    through the decode kernels, in graphs) against the same model's float kernels (FLASHMOE_GPU_DOT4=0), token by
+    token, within the bf16 tolerance the GPU tests hold models to against transformers."""
     store = built.store(arch, 4)
+    monkeypatch.setenv(d4.ENV, "0")
     float_logits = decode_logits(store)
-    monkeypatch.setenv(d4.ENV, "1")
+    monkeypatch.delenv(d4.ENV)
     assert 0 < rel_error(decode_logits(store), float_logits) < 3e-2  # > 0: the dot products did run

@@ -168,8 +168,8 @@ def test_the_dot_product_gemv_compiles_with_its_dp4a():
 
 @pytest.mark.parametrize("bits,kind", [(4, mt.SCALE_FP16), (8, mt.SCALE_FP16), (4, mt.SCALE_BF16)])
 def test_decode_kernels_compile_with_integer_dot_products(bits, kind):
-    """The decode gate_up and down kernels' DOT4 branch (FLASHMOE_GPU_DOT4=1) with the real dp4a, the 397B geometry's
-    shapes, GPT-OSS's biases too."""
+    """The decode gate_up and down kernels' DOT4 branch (the default; FLASHMOE_GPU_DOT4=0 leaves it) with the real
+    dp4a, the 397B geometry's shapes, GPT-OSS's biases too."""
     pointers = {"xd_ptr": "*fp32", "xs_ptr": "*fp32", "ad_ptr": "*fp32", "as_ptr": "*fp32"}
     cases = []
     for gpt_oss in (False, True):

@@ -46,8 +46,7 @@ class AffineMatrix:
         self.gemv_tile = (mt.affine_gemv_tile(bits, group_size, self.shape)
                           if self.device.type == "cuda" and mt.triton_available() else None)
         # up to dot4_gemv.MAX_ROWS rows through integer dot products over int8-rounded activations (dot4_gemv.py;
-        # its words a step, or None): opt-in until the device measures it against the float kernel
-        # (FLASHMOE_GPU_DOT4=1)
+        # its words a step, or None); FLASHMOE_GPU_DOT4=0 keeps the float kernel
         self.dot4 = (dot4_gemv.block_words(bits, group_size, self.shape[1])
                      if self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32 else None)
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more

@@ -33,11 +33,13 @@ except ImportError:
 BLOCK = 32  # activations per int8 scale
 MAX_ROWS = 16  # activation rows a program applies to each step's codes (more rows: more programs, the codes re-read)
 SCALE_FP16, SCALE_BF16 = 0, 1  # moe_triton's SCALE_KIND values of affine blobs (it imports these kernels' pieces)
-ENV = "FLASHMOE_GPU_DOT4"  # "1": resident matrices and decode experts through these kernels (off until measured)
+# "0" keeps resident matrices and decode experts on the float kernels. On by default: in CUDA graphs on an H200 a
+# 397B decode step took 0.629 ms against 0.812 (benchmarks/device/dot4_ab.sh, RESULTS.md)
+ENV = "FLASHMOE_GPU_DOT4"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV) == "1"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -> bool:

@@ -14,9 +14,9 @@ GPT-OSS's experts (QuantBlob.bias, .act): each projection's float32 output bias 
 (ACT 1: gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)), as constexpr branches of the same
 kernels.
 
-With FLASHMOE_GPU_DOT4=1 the decode kernels read affine 4/8-bit codes through integer dot products over the
-activations rounded to int8 (dot4_gemv.py: the float path's per-code work caps 4-bit reads near 2.3 TB/s); off by
-default until the device measures it.
+The decode kernels read affine 4/8-bit codes through integer dot products over the activations rounded to int8
+(dot4_gemv.py: the float path's per-code work caps 4-bit reads near 2.3 TB/s); FLASHMOE_GPU_DOT4=0 keeps the float
+path (float32 activations always take it).
 
 The torch references are reference_* below; tests compare both over awkward shapes.
 """
@@ -733,8 +733,8 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
 
 
 def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
-    """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: with
-    FLASHMOE_GPU_DOT4=1 and an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
+    """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: unless
+    FLASHMOE_GPU_DOT4=0, for an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
     (dot4_gemv.quantize_rows) and each row's words and groups; else (float32 activations too: a model run in
     float32 asks for exact products) placeholders the float path never reads."""
     on = (dot4_gemv.enabled() and x.dtype != torch.float32 and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
