@@ -4,11 +4,13 @@ loop, as eager decode runs it (small matrices are then bound by launches, not by
 
     python benchmarks/resident_gemv.py [--out benchmarks/RESULTS.md]
     python benchmarks/resident_gemv.py --sweep     # the kernel's tiles on resident_format int8/int4 matrices
-    python benchmarks/resident_gemv.py --dot4      # the integer dot-product kernel (dot4_gemv.py) against it
+    python benchmarks/resident_gemv.py --dot4 [--bits 4]  # the integer dot-product kernel (dot4_gemv.py): tiles,
+                                                         # K splits, every resident shape of a 397B step, in graphs
 
 --sweep: the matrices `load(resident_format=...)` makes at the Qwen3.5-397B geometry (group 32, fp16 scales: the
 248k-row head, a fused DeltaNet input projection, an output projection), each tile (rows per program, bytes a row
-per step, warps) timed with CUDA events over many launches, every tile's result checked against the default's.
+per step, warps) timed in a CUDA graph of many launches over copies of the matrix (so each reads HBM, not L2),
+every tile's result checked against the default's.
 """
 
 from __future__ import annotations
@@ -38,30 +40,43 @@ def time_us(fn, reps: int = 200) -> float:
 
 
 SWEEP_SHAPES = [(248320, 4096), (20608, 4096), (4096, 8192)]  # 397B: the head, DeltaNet's fused in_proj, out_proj
+# every resident matrix of a 397B decode step (int4/int8 residents): the head, DeltaNet's fused in_proj, attention's
+# fused qkv, both output projections, the MoE input (router + shared gate/up + its gate), the shared expert's down
+DOT4_SHAPES = [(248320, 4096), (20608, 4096), (17408, 4096), (4096, 8192), (2561, 4096), (4096, 1024)]
+L2_BYTES = 256 << 20  # copies of a matrix cycled until this many bytes: none of them still in the 60 MB L2
 
 
 DEVICE = "cuda"
 
 
-def gpu_us(fn, reps: int = 50) -> float:
-    """Mean GPU time of fn over reps launches, CUDA events (no host gaps between large kernels to count)."""
-    for _ in range(3):
-        fn()
+def gpu_us(fn, reps: int = 50, copies: int = 1) -> float:
+    """Mean GPU time of fn(i) over reps launches captured in one CUDA graph (as decode runs them: no host time
+    between kernels), i cycling over `copies` matrices so that each launch reads its own from HBM."""
+    for i in range(min(copies, 3)):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i % copies)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps * 1e3
 
 
 def _case(n: int, k: int, bits: int):
-    """A random [n, k] matrix as resident_format makes it, a token, and the kernels' common arguments."""
-    m = AffineMatrix.quantized(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), bits, torch.bfloat16)
+    """Random [n, k] matrices as resident_format makes them (copies of one, L2_BYTES in all), a token, and the
+    kernels' common arguments."""
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+    m = AffineMatrix.quantized(w, bits, torch.bfloat16)
+    ms = [m] + [AffineMatrix.quantized(w, bits, torch.bfloat16) for _ in range(L2_BYTES // m.blob.numel())]
     x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-    return m, x, dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
-                      scale_bf16=m.q.scales.dtype == torch.bfloat16)
+    return ms, x, dict(shape=m.shape, bits=bits, group_size=32, offsets=m.offsets,
+                       scale_bf16=m.q.scales.dtype == torch.bfloat16), w
 
 
 def sweep() -> list[str]:
@@ -70,21 +85,22 @@ def sweep() -> list[str]:
     rows = []
     for bits in (4, 8):
         for n, k in SWEEP_SHAPES:
-            m, x, base = _case(n, k, bits)
-            nbytes = m.blob.numel()
+            ms, x, base, _ = _case(n, k, bits)
+            nbytes = ms[0].blob.numel()
             chosen = mt.affine_gemv_tile(bits, 32, (n, k))  # what AffineMatrix uses on a GPU
-            want = mt.affine_gemv(x, m.blob, block_b=chosen[1], block_n=chosen[0], num_warps=chosen[2], **base)
+            want = mt.affine_gemv(x, ms[0].blob, block_b=chosen[1], block_n=chosen[0], num_warps=chosen[2], **base)
             results = []
             for block_b in (256, 512):
                 if k % (block_b * 8 // bits):
                     continue
                 for block_n in (8, 16, 32, 64):
                     for warps in (4, 8):
-                        def run(block_b=block_b, block_n=block_n, warps=warps):
-                            return mt.affine_gemv(x, m.blob, block_b=block_b, block_n=block_n, num_warps=warps, **base)
+                        def run(i=0, block_b=block_b, block_n=block_n, warps=warps):
+                            return mt.affine_gemv(x, ms[i].blob, block_b=block_b, block_n=block_n, num_warps=warps,
+                                                  **base)
                         if not torch.allclose(run().float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                             raise SystemExit(f"tile {block_n}/{block_b}/{warps} disagrees with the default")
-                        results.append((gpu_us(run), block_n, block_b, warps))
+                        results.append((gpu_us(run, copies=len(ms)), block_n, block_b, warps))
             default = next(r[0] for r in results if (r[1], r[2], r[3]) == chosen)
             best = min(results)
             rows.append(f"| {n}x{k} | {bits} | {default:.1f} ({nbytes / default / 1e3:.0f} GB/s) | {best[0]:.1f} "
@@ -94,44 +110,62 @@ def sweep() -> list[str]:
     return rows
 
 
-def dot4_sweep() -> list[str]:
-    """The integer dot-product kernel (kernels/dot4_gemv.py) beside the float one's chosen tile, same matrices."""
+def dot4_sweep(bits_list=(4, 8)) -> list[str]:
+    """The integer dot-product kernel (kernels/dot4_gemv.py) at its tiles and K splits beside the float kernel's
+    chosen tile and bf16 through cuBLAS, every resident matrix shape of a 397B decode step, one token and a decode
+    batch's 8, in CUDA graphs."""
     from flashmoe.kernels import dot4_gemv as d4
     from flashmoe.kernels import moe_triton as mt
 
     rows = []
-    for bits in (4, 8):
-        for n, k in SWEEP_SHAPES:
-            m, x, base = _case(n, k, bits)
+    for bits in bits_list:
+        for n, k in DOT4_SHAPES:
+            ms, x, base, w = _case(n, k, bits)
+            copies, nbytes = len(ms), ms[0].blob.numel()
+            dense = [w] + [w.clone() for _ in range(L2_BYTES // w.numel() // 2)]
+            bf16_us = gpu_us(lambda i: F.linear(x, dense[i]), copies=len(dense))
             block_n, block_b, warps = mt.affine_gemv_tile(bits, 32, (n, k))
-            float_us = gpu_us(lambda: mt.affine_gemv(x, m.blob, block_b=block_b, block_n=block_n, num_warps=warps,
-                                                     **base))
-            want = F.linear(x.float(), m.dequantize(torch.float32))
+            float_us = gpu_us(lambda i: mt.affine_gemv(x, ms[i].blob, block_b=block_b, block_n=block_n,
+                                                       num_warps=warps, **base), copies=copies)
+            chosen = ms[0].dot4  # AffineMatrix's words a step (its call: 16 rows, 4 warps, no split)
+            chosen_us = gpu_us(lambda i: ms[i](x), copies=copies)
+            want = F.linear(x.float(), ms[0].dequantize(torch.float32))
             results = []
-            for block_n in (8, 16, 32):
-                for block_w in (32, 64, 128):
-                    if k % (block_w * 32 // bits):
+            steps_max = k * bits // 32
+            for block_n in (4, 8, 16, 32):
+                for block_w in (32, 64, 128, 256):
+                    if not d4.supported(bits, 32, k, block_w):
                         continue
-                    for warps in (4, 8):
-                        def run(block_n=block_n, block_w=block_w, warps=warps):
-                            return d4.dot4_gemv(x, m.blob, block_n=block_n, block_w=block_w, num_warps=warps, **base)
-                        err = float((run().float() - want).norm() / want.norm())
-                        if err > 0.02:
-                            raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}: relative error {err:.4f}")
-                        results.append((gpu_us(run), block_n, block_w, warps))
+                    for split in (1, 2, 4, 8):
+                        if split > steps_max // block_w or (split > 1 and n > 32768):
+                            continue
+                        for warps in (4, 8) if block_n * block_w >= 2048 else (4,):
+                            def run(i=0, block_n=block_n, block_w=block_w, warps=warps, split=split):
+                                return d4.dot4_gemv(x, ms[i].blob, block_n=block_n, block_w=block_w,
+                                                    num_warps=warps, split=split, **base)
+                            err = float((run().float() - want).norm() / want.norm())
+                            if err > 0.02:
+                                raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}/{split}: error {err:.4f}")
+                            results.append((gpu_us(run, copies=copies), block_n, block_w, warps, split))
             best = min(results)
-            rows.append(f"| {n}x{k} | {bits} | 1 | {float_us:.1f} ({m.blob.numel() / float_us / 1e3:.0f} GB/s) | "
-                        f"{best[0]:.1f} ({m.blob.numel() / best[0] / 1e3:.0f} GB/s) | {best[1]} / {best[2]} / {best[3]} | "
-                        f"{float_us / best[0]:.2f}x |")
+            gbps = lambda us: f"{nbytes / us / 1e3:.0f} GB/s"  # noqa: E731
+            rows.append(f"| {n}x{k} | {bits} | 1 | {bf16_us:.1f} | {float_us:.1f} ({gbps(float_us)}) | "
+                        f"{chosen_us:.1f} ({gbps(chosen_us)}; 16 / {chosen} / 4 / 1) | {best[0]:.1f} ({gbps(best[0])}) "
+                        f"| {' / '.join(map(str, best[1:]))} | {float_us / best[0]:.2f}x |")
             print(rows[-1], flush=True)
-            # a decode batch's 8 rows: the grouped kernel AffineMatrix uses today against dot4 at the best tile
+            print("  all:", " ".join(f"{'/'.join(map(str, r[1:]))}:{r[0]:.1f}" for r in sorted(results)[:10]),
+                  flush=True)
+            # a decode batch's 8 rows: through AffineMatrix (dot4, its tile) and at the best one-row tile
             x8 = torch.randn(8, k, device=DEVICE, dtype=torch.bfloat16)
-            grouped_us = gpu_us(lambda: mt.affine_gemm(x8, m.blob, **base))
-            dot_us = gpu_us(lambda: d4.dot4_gemv(x8, m.blob, block_n=best[1], block_w=best[2], num_warps=best[3],
-                                                 **base))
-            rows.append(f"| {n}x{k} | {bits} | 8 | {grouped_us:.1f} (grouped kernel) | {dot_us:.1f} | "
-                        f"{best[1]} / {best[2]} / {best[3]} | {grouped_us / dot_us:.2f}x |")
+            bf16_8 = gpu_us(lambda i: F.linear(x8, dense[i]), copies=len(dense))
+            chosen_8 = gpu_us(lambda i: ms[i](x8), copies=copies)
+            best_8 = gpu_us(lambda i: d4.dot4_gemv(x8, ms[i].blob, block_n=best[1], block_w=best[2],
+                                                   num_warps=best[3], split=best[4], **base), copies=copies)
+            rows.append(f"| {n}x{k} | {bits} | 8 | {bf16_8:.1f} | | {chosen_8:.1f} | {best_8:.1f} | "
+                        f"{' / '.join(map(str, best[1:]))} | |")
             print(rows[-1], flush=True)
+            ms.clear(), dense.clear()  # the copies, before the next shape
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -140,14 +174,17 @@ def main() -> None:
     parser.add_argument("--out", type=str, default=None)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--dot4", action="store_true", help="the integer dot-product kernel against the float one")
+    parser.add_argument("--bits", type=lambda v: tuple(int(b) for b in v.split(",")), default=(4, 8))
     args = parser.parse_args()
     if args.dot4:
-        publish(section("Resident matrices through integer dot products (kernels/dot4_gemv.py)",
-                        torch.cuda.get_device_name(), "One token, CUDA events over 50 launches; the float kernel at "
-                        "its chosen tile; dot4: activations rounded to int8 per 32, best of 18 tiles (rows / words a "
-                        "step / warps), each within 2% of the float product.",
-                        ["matrix", "bits", "rows", "float kernel, us", "dot4, us", "dot4 tile", "speed-up"],
-                        dot4_sweep()),
+        publish(section("Resident matrices through integer dot products (kernels/dot4_gemv.py), in CUDA graphs",
+                        torch.cuda.get_device_name(), "us per product: 50 launches captured in one CUDA graph, "
+                        "cycling over copies of the matrix (256 MB in all: each read from HBM). bf16: cuBLAS on the "
+                        "float matrix; float kernel: affine_gemv at its chosen tile; AffineMatrix: what decode runs "
+                        "(dot4 at its tile: rows / words a step / warps / K splits); best: the sweep's fastest "
+                        "within 2% of the float product. GB/s: the quantized matrix's bytes (codes, scales, biases).",
+                        ["matrix", "bits", "rows", "bf16, us", "float kernel, us", "AffineMatrix, us", "best dot4, us",
+                         "best tile", "best vs float kernel"], dot4_sweep(args.bits)),
                 args.out)
         return
     if args.sweep:

@@ -49,6 +49,18 @@ def test_the_dot_product_kernel_is_the_product_of_rounded_activations(n, k, bits
     assert rel_error(y, F.linear(x, w)) < 0.01  # int8 activations against centred codes
 
 
+@pytest.mark.parametrize("split", [2, 3, 64])  # 3: splits of unequal steps; 64: more splits than steps
+def test_a_split_matrix_sums_to_the_unsplit_product(split):
+    """K's steps divided among programs (more reads in flight for matrices of few rows): the float32 partials sum
+    to the one-program product, for one row and a decode batch's."""
+    m = matrix(40, 1024, 4, 32, torch.float16, seed=split)
+    for rows in (1, 5):
+        x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+        args = (m.blob, m.shape, 4, 32, m.offsets, False)
+        whole = d4.dot4_gemv(x, *args, block_n=8, block_w=16)  # 8 steps of 16 words
+        assert rel_error(d4.dot4_gemv(x, *args, block_n=8, block_w=16, split=split), whole) < 1e-5
+
+
 def test_unsupported_shapes_are_said_so():
     assert not d4.supported(4, 16, 512)  # groups smaller than an activation block
     assert not d4.supported(4, 32, 2880)  # GPT-OSS's rows: no whole steps of 64 words
@@ -69,7 +81,8 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_by_d
     for asm in (True, False):
         out = torch.empty(2, 300, device="cuda", dtype=torch.float32)
         d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](words, odd, d, sums, m.blob, out, 2, 300,
-                                                 1024, 1024 * bits // 32, 1024 // 32, *m.offsets, BITS=bits, GROUP=32,
+                                                 1024, 1024 * bits // 32, 1024 // 32, 1024 * bits // 32, *m.offsets,
+                                                 BITS=bits, GROUP=32,
                                                  BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])

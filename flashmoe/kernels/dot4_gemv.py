@@ -171,18 +171,21 @@ if triton is not None:
 
     @triton.jit
     def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, T, N, K, row_words, groups,
-                          packed_off, scales_off, biases_off, BITS: tl.constexpr, GROUP: tl.constexpr,
+                          split_words, packed_off, scales_off, biases_off, BITS: tl.constexpr, GROUP: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, SCALE_KIND: tl.constexpr,
                           ASM: tl.constexpr):
-        """out[t, n] for BLOCK_N rows of W and ROWS activation rows t (the last ones masked past T): each step's codes
-        read once for all of them. row_words (K's words) and groups come as arguments, not K's quotients, so Triton
-        sees their divisibility and reads the codes as vectors."""
+        """out[s, t, n] for BLOCK_N rows of W, ROWS activation rows t (the last ones masked past T) and the s-th
+        split_words of K's words (program axis 2; one split: all of them): each step's codes read once for all
+        rows. row_words (K's words), groups and split_words come as arguments, not K's quotients, so Triton sees
+        their divisibility and reads the codes as vectors."""
         t0 = tl.program_id(1) * ROWS
+        split = tl.program_id(2)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
         r = tl.arange(0, ROWS)
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for w0 in range(0, row_words, BLOCK_W):
+        w_end = tl.minimum(split * split_words + split_words, row_words)
+        for w0 in range(split * split_words, w_end, BLOCK_W):
             word, scale, bias = _dot4_tile(blob_ptr, packed_off, scales_off, biases_off, n, n_mask, w0, row_words,
                                            groups, BITS, GROUP, BLOCK_W, SCALE_KIND)
             for i in tl.static_range(ROWS):
@@ -192,6 +195,7 @@ if triton is not None:
                                    BLOCK_W, ASM)
                 acc = tl.where(r[:, None] == i, acc + part[None, :], acc)
         rows_t = (t0 + r).to(tl.int64)
+        out_ptr += split.to(tl.int64) * T * N
         tl.store(out_ptr + rows_t[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rows_t < T)[:, None] & n_mask[None, :])
 
@@ -216,18 +220,25 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
 
 def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
               offsets: tuple[int, int, int], scale_bf16: bool, block_n: int = 16, block_w: int = 64,
-              num_warps: int = 4) -> torch.Tensor:
+              num_warps: int = 4, split: int = 1) -> torch.Tensor:
     """x [T, K] @ W^T for a matrix stored as one uint8 blob (codes, scales and biases at `offsets`, as AffineMatrix
     holds it; supported() must hold): the activations rounded to int8 per 32 values, the codes read as words, once
-    for every MAX_ROWS rows of x (a decode batch's)."""
+    for every MAX_ROWS rows of x (a decode batch's). split > 1 divides K's steps among that many programs per
+    block of rows (more reads in flight for a matrix of few rows), their float32 partials summed after."""
     n, k = shape
     x = x.contiguous()
     words, odd, d, sums = quantize_rows(x, bits, group_size)
     t = x.shape[0]
     rows = min(MAX_ROWS, triton.next_power_of_2(t))
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    _dot4_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(t, rows))](
-        words, odd, d, sums, blob, out, t, n, k, k * bits // 32, k // group_size, *offsets,
+    row_words = k * bits // 32
+    steps = row_words // block_w
+    split = max(1, min(split, steps))
+    split_words = -(-steps // split) * block_w
+    split = -(-row_words // split_words)  # splits that have steps
+    out = torch.empty((split, t, n) if split > 1 else (t, n), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    _dot4_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(t, rows), split)](
+        words, odd, d, sums, blob, out, t, n, k, row_words, k // group_size, split_words, *offsets,
         BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, ROWS=rows,
         SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, ASM=not interpreting(), num_warps=num_warps)
-    return out
+    return out.sum(0).to(x.dtype) if split > 1 else out
