@@ -136,7 +136,8 @@ CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up 
                                                   "decayed-lfu")
 RESIDENT_FORMAT = typer.Option(None, help="the resident projections as float, bf16 (CPU), int8 or int4 (quantized at "
                                           "load; on the CPU int8 is the default for a quantized store, on a GPU "
-                                          "float: int8/int4 there leave more VRAM for experts)")
+                                          "the first of float, int8, int4 that takes at most half of the free "
+                                          "VRAM: int8/int4 leave more VRAM for experts)")
 CPU_SHARE = typer.Option("0", help="GPU: of the experts read from pinned RAM, the share the CPU computes meanwhile "
                                    "(0 to 1, or auto: set by measured times; default 0)")
 

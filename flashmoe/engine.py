@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import placement
+from . import placement, residents
 from .distributed import Pipeline, local_device_index
 from .errors import FlashMoeError
 from .eviction import POLICIES
@@ -59,6 +59,21 @@ GPU_RESIDENT_BITS = {"int8": 8, "int4": 4}
 # a quantized store on the CPU: resident projections quantized to 8 bits at load (llama.cpp's Q8_0 does the same).
 # benchmarks/cpu_paths.py, 35B-A3B geometry, 16 Xeon cores: 22.9 tok/s vs 15.8 in bf16 and 7.2 before (RESULTS.md)
 DEFAULT_CPU_RESIDENT_FORMAT = "int8"
+
+
+def _gpu_resident_format(store: Store, gpus: list[torch.device], dtype: torch.dtype, asked: str | None) -> str:
+    """The resident format on these GPUs: `asked` if it fits their free VRAM (else one line), or residents.choose's
+    when none was asked for."""
+    free = sum(torch.cuda.mem_get_info(d)[0] for d in gpus)
+    sizes = residents.gpu_bytes(store, dtype.itemsize)
+    where = ", ".join(map(str, gpus))
+    chosen = asked or residents.choose(sizes, free)
+    residents.check(sizes, chosen or "int4", free, where)
+    if asked is None and chosen != "float":
+        print(f"flashmoe: resident weights quantized to {chosen} at load ({sizes[chosen] / 1e9:.1f} GB; in {dtype} "
+              f"they would take {sizes['float'] / 1e9:.1f} of the {free / 1e9:.1f} GB free on {where}); "
+              f"--resident-format float keeps them exact", file=sys.stderr)
+    return chosen
 
 
 def _on(device: torch.device):
@@ -255,8 +270,9 @@ class Model:
         "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format: how the resident
         projections are kept: "float" (as `dtype`), "bf16" (CPU), or quantized at load to "int8" / "int4" (group 32;
         on the CPU read by our kernels, default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an
-        exact one; on a GPU by kernels/affine.py's, default "float": loaded in `dtype` first, so the GPU must hold
-        the float residents once at load).
+        exact one; on a GPU by kernels/affine.py's, quantized from RAM a slice at a time; default there: the first
+        of float, int8, int4 that takes at most half of the free VRAM, said on stderr when not float
+        (residents.py); a format that does not fit is refused in one line before anything loads).
         devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
         its experts (placement.py), instead of `device`; vram_cache_gb is then the total over them. distributed: this
         process is one rank of a torch.distributed group (torchrun's environment; distributed.py) and holds one block
@@ -311,8 +327,11 @@ class Model:
                                 "default there), or int8 / int4")
         dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         store = Store(path)
+        if on_gpu and not distributed:  # a rank of several holds one block: its share is not known here
+            resident_format = _gpu_resident_format(store, parsed if devices is not None else [torch.device(device)],
+                                                   dtype, resident_format)
         if resident_format is None:
-            resident_format = "float" if on_gpu or store.quantization["bits"] is None else DEFAULT_CPU_RESIDENT_FORMAT
+            resident_format = "float" if store.quantization["bits"] is None or on_gpu else DEFAULT_CPU_RESIDENT_FORMAT
         # None: memory.default_cache_bytes (CPU) / default_pinned_cache_bytes (GPU), once the experts' form is known
         cache_bytes = None if cache_gb is None else int(cache_gb * 1e9)
         vram_bytes = None if vram_cache_gb is None else int(vram_cache_gb * 1e9)

@@ -23,6 +23,7 @@ from .qwen3_moe import EXPERT_PROJECTIONS, ZERO_CENTRED_NORMS, expert_prefix
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3"}
 FLOAT32_RESIDENTS = glm4_moe.FLOAT32_RESIDENTS
+FLOAT_MATRICES = ("kv_b_proj.weight",)  # absorbed into W_uk / W_uv at load: float whatever the resident format
 ROPE_TYPES = ("default", "yarn")
 
 

@@ -1,0 +1,81 @@
+"""The resident weights' size per format on a GPU (residents.py) and the format a GPU load picks when none is asked
+for: the estimate from the files' headers against what a family's model holds after load's quantization, the choice
+by free VRAM, and the one-line refusal of a format that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmoe import residents
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.kernels.affine import AffineMatrix
+from flashmoe.kernels.linear import held_bytes
+from flashmoe.models import family_of
+from flashmoe.store import Store
+
+GB = 10**9
+
+
+def held_as(store: Store, fmt: str) -> int:
+    """Bytes a family's model over the store's residents holds in `fmt`, quantized as load quantizes them on a GPU
+    (here on the CPU: the same codes, scales and biases in one buffer per matrix)."""
+    family = family_of(store.config.architecture)
+    loaded = store.load_resident(torch.bfloat16, float32=getattr(family, "FLOAT32_RESIDENTS", ()))
+    model = family.Model(store.config, loaded)
+    if fmt != "float":
+        model.compress_matrices(lambda w: AffineMatrix.quantized(w, residents.BITS[fmt], torch.bfloat16))
+    return held_bytes(model.w) + (held_bytes(model.lm_head) if fmt != "float" and model.lm_head is not None
+                                  and model.lm_head is not model.w.get("lm_head.weight") else 0)
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen3_5_moe", {}), ("qwen3_moe", {"tie_word_embeddings": True}),
+                                            ("mixtral", {}), ("gpt_oss", {}), ("deepseek_v3", {})])
+def test_the_estimate_is_what_the_model_holds_in_each_format(built, tmp_path, arch, overrides):
+    store = Store(convert(built.checkpoint(arch, **overrides), tmp_path / "store", bits=4))
+    sizes = residents.gpu_bytes(store)
+    assert sizes["float"] > sizes["int8"] > sizes["int4"]
+    for fmt in residents.FORMATS:
+        held = held_as(store, fmt)
+        assert abs(sizes[fmt] - held) <= 0.03 * held, (fmt, sizes[fmt], held)
+
+
+def test_a_gpu_load_takes_the_first_format_that_leaves_half_the_vram():
+    sizes = {"float": 20 * GB, "int8": 11 * GB, "int4": 6 * GB}  # Qwen3.5-397B's, roughly
+    assert residents.choose(sizes, 140 * GB) == "float"  # an H200
+    assert residents.choose(sizes, 23 * GB) == "int8"  # a 24 GB card
+    assert residents.choose(sizes, 15 * GB) == "int4"  # a 16 GB card: int4 leaves less than half, but enough
+    assert residents.choose(sizes, 7 * GB) is None  # not even int4 with the headroom
+
+
+def test_a_format_that_does_not_fit_is_refused_in_one_line_naming_one_that_does():
+    sizes = {"float": 20 * GB, "int8": 11 * GB, "int4": 6 * GB}
+    residents.check(sizes, "float", 40 * GB, "cuda:0")  # fits: nothing said
+    with pytest.raises(FlashMoeError) as e:
+        residents.check(sizes, "float", 15 * GB, "cuda:0")
+    message = str(e.value)
+    assert "\n" not in message and "20.0 GB as float" in message and "cuda:0 has 15.0 GB free" in message
+    assert "--resident-format int8" in message and "int4 (6.0 GB)" in message
+    with pytest.raises(FlashMoeError, match=r"--devices\) or run on the CPU"):
+        residents.check(sizes, "int4", 7 * GB, "cuda:0")
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_load_quantizes_residents_that_would_fill_the_vram(built, monkeypatch, capsys):
+    """With little VRAM free (mem_get_info reporting a small GPU), a load with no resident_format quantizes the
+    residents and says so; one that asks for float is refused before anything loads."""
+    import flashmoe
+
+    store = built.store("qwen3_5_moe", 4)
+    sizes = residents.gpu_bytes(Store(store))
+    total = torch.cuda.mem_get_info()[1]
+    free = sizes["float"] + residents.HEADROOM + 1  # float fits with the headroom, but not in half of it
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    model = flashmoe.load(store, device="cuda", vram_cache_gb=0.01)
+    assert model.resident_format == ("int8" if sizes["int8"] <= free // 2 else "int4")
+    assert "resident weights quantized to" in capsys.readouterr().err
+    model.close()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (sizes["float"], total))
+    with pytest.raises(FlashMoeError, match="as float"):
+        flashmoe.load(store, device="cuda", resident_format="float")
