@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_regimes.py --root /data/bench [--geometry 397b] [--expert-gb 35] [--tokens 32] [--out benchmarks/RESULTS.md]
     python benchmarks/gpu_regimes.py --root /data/bench --regime cold-buffered   # one regime (used for the cgroup run)
+    python benchmarks/gpu_regimes.py --root /data/bench --trace calibrated --k 10 --regimes ram,cold-cgroup
 
 Writes a random-weight store with the geometry (397b: hidden 4096, 512 experts of 1024, shared expert, its
 attention and DeltaNet sizes, K=4; qwen3-235b: Qwen3-235B-A22B, 128 experts of 1536, K=8, full attention only;
@@ -15,6 +16,7 @@ O_DIRECT at the queue depth one layer's reads have), then decodes in each regime
   cold       page cache dropped, O_DIRECT reads, a 1 GB VRAM cache
   cold-buffered  page cache dropped, buffered reads, a 1 GB VRAM cache; run it inside a memory-limited cgroup
              to see what a machine with little RAM sees
+  cold-cgroup    cold-buffered in a child process inside a cgroup v2 with memory.max=16G (page cache included)
 
 For each: ms per layer (the GPU timeline from the first layer's start to the last layer's end, CUDA events, no
 synchronisation inside: the per-token work around the layers, head and sampling and the host, is not spread over
@@ -224,6 +226,7 @@ def main() -> None:
                     help="route by the model's router (random weights: uniform) or by a trace (flashmoe.traces)")
     ap.add_argument("--expert-gb", type=float, default=35.0)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--k", type=int, default=None, help="experts per token (default: the geometry's)")
     ap.add_argument("--regime", choices=list(REGIMES), default=None, help="run one regime, print its JSON")
     ap.add_argument("--regimes", default="vram,ram,cold")
     ap.add_argument("--json", type=Path, default=None)
@@ -231,6 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     global K, LAYERS_OF_REAL_MODEL
     geometry, K, LAYERS_OF_REAL_MODEL, _ = GEOMETRIES[args.geometry]
+    K = args.k or K
     store_path = args.root / f"store-{args.geometry}"
     if args.regime:  # a child run (e.g. inside a cgroup)
         print(json.dumps(decode(store_path, args.regime, args.tokens, args.trace)))
@@ -279,7 +283,7 @@ def cgroup_run(args, regime: str, memory_max: str) -> dict:
     group.mkdir(exist_ok=True)
     (group / "memory.max").write_text(memory_max)
     cmd = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {Path(__file__).resolve()} --root {args.root} "
-           f"--geometry {args.geometry} --regime {regime} --tokens {args.tokens} --trace {args.trace}")
+           f"--geometry {args.geometry} --regime {regime} --tokens {args.tokens} --trace {args.trace} --k {K}")
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise SystemExit(f"cgroup run failed:\n{out.stderr[-3000:]}")
