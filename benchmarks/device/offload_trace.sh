@@ -15,7 +15,7 @@ for k in 4 10; do
         regimes=cold-cgroup
         [ "$trace" = calibrated ] && regimes=ram,cold-cgroup
         echo "== K=$k, $trace trace: $regimes $(( $(date +%s) - t0 ))s"
-        timeout 200 python3 gpu_regimes.py --root /root/g --expert-gb 35 --tokens 96 --k $k --trace $trace \
+        timeout 200 python3 gpu_regimes.py --root /root/g --expert-gb 35 --tokens 64 --k $k --trace $trace \
             --regimes $regimes --json "$OUT/k$k-$trace.json" --out "$OUT/regimes.md" 2>&1 | grep -v '^{' | tail -4
     done
 done
