@@ -127,8 +127,9 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
             block_n, block_b, warps = mt.affine_gemv_tile(bits, 32, (n, k))
             float_us = gpu_us(lambda i: mt.affine_gemv(x, ms[i].blob, block_b=block_b, block_n=block_n,
                                                        num_warps=warps, **base), copies=copies)
-            chosen = ms[0].dot4  # AffineMatrix's words a step (its call: 16 rows, 4 warps, no split)
+            chosen = ms[0].dot4  # AffineMatrix's tile (dot4_gemv.resident_tile)
             chosen_us = gpu_us(lambda i: ms[i](x), copies=copies)
+            tile = lambda t: " / ".join(str(t[k]) for k in ("block_n", "block_w", "num_warps", "split", "fused"))  # noqa: E731
             want = F.linear(x.float(), ms[0].dequantize(torch.float32))
             results = []
             steps_max = k * bits // 32
@@ -136,21 +137,23 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
                 for block_w in (32, 64, 128, 256):
                     if not d4.supported(bits, 32, k, block_w):
                         continue
-                    for split in (1, 2, 4, 8):
+                    for split in (1, 2, 4):
                         if split > steps_max // block_w or (split > 1 and n > 32768):
                             continue
                         for warps in (4, 8) if block_n * block_w >= 2048 else (4,):
-                            def run(i=0, block_n=block_n, block_w=block_w, warps=warps, split=split):
-                                return d4.dot4_gemv(x, ms[i].blob, block_n=block_n, block_w=block_w,
-                                                    num_warps=warps, split=split, **base)
-                            err = float((run().float() - want).norm() / want.norm())
-                            if err > 0.02:
-                                raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}/{split}: error {err:.4f}")
-                            results.append((gpu_us(run, copies=copies), block_n, block_w, warps, split))
+                            for fused in (False, True):
+                                def run(i=0, block_n=block_n, block_w=block_w, warps=warps, split=split, fused=fused):
+                                    return d4.dot4_gemv(x, ms[i].blob, block_n=block_n, block_w=block_w,
+                                                        num_warps=warps, split=split, fused=fused, **base)
+                                err = float((run().float() - want).norm() / want.norm())
+                                if err > 0.02:
+                                    raise SystemExit(f"dot4 tile {block_n}/{block_w}/{warps}/{split}/{fused}: "
+                                                     f"error {err:.4f}")
+                                results.append((gpu_us(run, copies=copies), block_n, block_w, warps, split, fused))
             best = min(results)
             gbps = lambda us: f"{nbytes / us / 1e3:.0f} GB/s"  # noqa: E731
             rows.append(f"| {n}x{k} | {bits} | 1 | {bf16_us:.1f} | {float_us:.1f} ({gbps(float_us)}) | "
-                        f"{chosen_us:.1f} ({gbps(chosen_us)}; 16 / {chosen} / 4 / 1) | {best[0]:.1f} ({gbps(best[0])}) "
+                        f"{chosen_us:.1f} ({gbps(chosen_us)}; {tile(chosen)}) | {best[0]:.1f} ({gbps(best[0])}) "
                         f"| {' / '.join(map(str, best[1:]))} | {float_us / best[0]:.2f}x |")
             print(rows[-1], flush=True)
             print("  all:", " ".join(f"{'/'.join(map(str, r[1:]))}:{r[0]:.1f}" for r in sorted(results)[:10]),
@@ -160,7 +163,8 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
             bf16_8 = gpu_us(lambda i: F.linear(x8, dense[i]), copies=len(dense))
             chosen_8 = gpu_us(lambda i: ms[i](x8), copies=copies)
             best_8 = gpu_us(lambda i: d4.dot4_gemv(x8, ms[i].blob, block_n=best[1], block_w=best[2],
-                                                   num_warps=best[3], split=best[4], **base), copies=copies)
+                                                   num_warps=best[3], split=best[4], fused=best[5], **base),
+                            copies=copies)
             rows.append(f"| {n}x{k} | {bits} | 8 | {bf16_8:.1f} | | {chosen_8:.1f} | {best_8:.1f} | "
                         f"{' / '.join(map(str, best[1:]))} | |")
             print(rows[-1], flush=True)
@@ -181,7 +185,7 @@ def main() -> None:
                         torch.cuda.get_device_name(), "us per product: 50 launches captured in one CUDA graph, "
                         "cycling over copies of the matrix (256 MB in all: each read from HBM). bf16: cuBLAS on the "
                         "float matrix; float kernel: affine_gemv at its chosen tile; AffineMatrix: what decode runs "
-                        "(dot4 at its tile: rows / words a step / warps / K splits); best: the sweep's fastest "
+                        "(dot4 at its tile: rows / words a step / warps / K splits / rounded in the kernel); best: the sweep's fastest "
                         "within 2% of the float product. GB/s: the quantized matrix's bytes (codes, scales, biases).",
                         ["matrix", "bits", "rows", "bf16, us", "float kernel, us", "AffineMatrix, us", "best dot4, us",
                          "best tile", "best vs float kernel"], dot4_sweep(args.bits)),

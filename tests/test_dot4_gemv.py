@@ -61,6 +61,19 @@ def test_a_split_matrix_sums_to_the_unsplit_product(split):
         assert rel_error(d4.dot4_gemv(x, *args, block_n=8, block_w=16, split=split), whole) < 1e-5
 
 
+@pytest.mark.parametrize("bits,group,block_w", [(4, 32, 16), (4, 64, 32), (8, 32, 8), (8, 64, 16)])
+def test_activations_rounded_in_the_kernel_are_the_ones_quantize_rows_makes(bits, group, block_w):
+    """fused: every program rounds the float activations of its steps itself (no quantize_rows launch) into the same
+    int8 words, scales and sums, so the product is the unfused one (to float summation order), padding rows too."""
+    m = matrix(24, 512, bits, group, torch.bfloat16, seed=bits + group)
+    x = (torch.randn(3, 512, generator=torch.Generator().manual_seed(block_w)) * 2).to(DEVICE, torch.bfloat16)
+    x[1, 32:96] = 0  # zero blocks: a zero scale
+    args = (m.blob, m.shape, bits, group, m.offsets, True)
+    for rows in (x[:1], x):  # one row; three, padded to a program of four
+        want = d4.dot4_gemv(rows, *args, block_n=8, block_w=block_w)
+        assert rel_error(d4.dot4_gemv(rows, *args, block_n=8, block_w=block_w, fused=True).float(), want.float()) < 1e-5
+
+
 def test_unsupported_shapes_are_said_so():
     assert not d4.supported(4, 16, 512)  # groups smaller than an activation block
     assert not d4.supported(4, 32, 2880)  # GPT-OSS's rows: no whole steps of 64 words
@@ -80,10 +93,11 @@ def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_by_d
     outs = []
     for asm in (True, False):
         out = torch.empty(2, 300, device="cuda", dtype=torch.float32)
-        d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](words, odd, d, sums, m.blob, out, 2, 300,
+        d4._dot4_gemv_kernel[(300 // 16 + 1, 1)](x, words, odd, d, sums, m.blob, out, 2, 300,
                                                  1024, 1024 * bits // 32, 1024 // 32, 1024 * bits // 32, *m.offsets,
                                                  BITS=bits, GROUP=32,
-                                                 BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm)
+                                                 BLOCK_N=16, BLOCK_W=64, ROWS=2, SCALE_KIND=0, ASM=asm,
+                                                 ROUND=False)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     q = m.q

@@ -155,14 +155,18 @@ def test_gpt_oss_decode_and_resident_gemv_compile():
 def test_the_dot_product_gemv_compiles_with_its_dp4a():
     """kernels/dot4_gemv.py with the real PTX dp4a (the interpreter runs an emulation): 4- and 8-bit codes, both
     scale dtypes, and the activations' rounding kernel."""
-    pointers = {"blob_ptr": "*u8", "out_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}
+    pointers = {"x_ptr": "*bf16", "blob_ptr": "*u8", "out_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}
     cases = [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=group, BLOCK_N=16, BLOCK_W=64, ROWS=rows,
-                                                  SCALE_KIND=kind, ASM=asm, num_warps=4), pointers)
+                                                  SCALE_KIND=kind, ASM=asm, ROUND=False, num_warps=4), pointers)
              for bits, group, kind, asm, rows in ((4, 32, 0, True, 1), (4, 64, 1, True, 16), (8, 32, 0, True, 8),
                                                   (4, 32, 0, False, 2), (8, 32, 0, False, 2))]
-    # split K: float32 partials
+    # split K: float32 partials; the activations rounded in the kernel (ROUND), both widths
     cases.append(("dot4_gemv:_dot4_gemv_kernel", dict(BITS=4, GROUP=32, BLOCK_N=4, BLOCK_W=128, ROWS=1, SCALE_KIND=0,
-                                                      ASM=True, num_warps=4), dict(pointers, out_ptr="*fp32")))
+                                                      ASM=True, ROUND=False, num_warps=4),
+                  dict(pointers, out_ptr="*fp32")))
+    cases += [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=32, BLOCK_N=16, BLOCK_W=64, ROWS=rows,
+                                                   SCALE_KIND=0, ASM=True, ROUND=True, num_warps=4), pointers)
+              for bits, rows in ((4, 1), (8, 1), (4, 8))]
     # ASM False: the emulation the GPU test compares; ROWS: activation rows applied to each step's codes
     cases += [("dot4_gemv:_quantize_rows_kernel", dict(BITS=bits, GROUP=32, num_warps=1),
                {"x_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}) for bits in (4, 8)]

@@ -45,9 +45,9 @@ class AffineMatrix:
         self.dtype, self.shape, self.offsets = dtype, self.q.shape, tuple(offsets)
         self.gemv_tile = (mt.affine_gemv_tile(bits, group_size, self.shape)
                           if self.device.type == "cuda" and mt.triton_available() else None)
-        # up to dot4_gemv.MAX_ROWS rows through integer dot products over int8-rounded activations (dot4_gemv.py;
-        # its words a step, or None); FLASHMOE_GPU_DOT4=0 keeps the float kernel
-        self.dot4 = (dot4_gemv.block_words(bits, group_size, self.shape[1])
+        # up to dot4_gemv.MAX_ROWS rows through integer dot products over int8-rounded activations (dot4_gemv.py:
+        # its tile, or None); FLASHMOE_GPU_DOT4=0 keeps the float kernel
+        self.dot4 = (dot4_gemv.resident_tile(bits, group_size, self.shape)
                      if self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32 else None)
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
         self.gemm = self.gemv_tile is not None and group_size % 16 == 0
@@ -99,7 +99,7 @@ class AffineMatrix:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
         if self.dot4 and rows.shape[0] <= dot4_gemv.MAX_ROWS:  # the codes read once for a decode batch's rows
             y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
-                                    self.q.scales.dtype == torch.bfloat16, block_w=self.dot4)
+                                    self.q.scales.dtype == torch.bfloat16, **self.dot4)
         elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
             block_n, block_b, warps = self.gemv_tile
             y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,

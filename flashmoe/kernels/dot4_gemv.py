@@ -49,6 +49,15 @@ def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -
     return bits in (4, 8) and group_size % BLOCK == 0 and step % group_size == 0 and in_features % step == 0
 
 
+def resident_tile(bits: int, group_size: int, shape: tuple[int, int]) -> dict | None:
+    """dot4_gemv's tile for a resident matrix of `shape` (AffineMatrix's): rows a program, words a step, warps, K
+    splits, activations rounded in the kernel or not; None where supported() takes no width. The first H200 run
+    (RESULTS.md) used 16 rows, the widest step, 4 warps, one split, quantize_rows: kept until
+    `resident_gemv.py --dot4` has swept them in graphs."""
+    words = block_words(bits, group_size, shape[1])
+    return None if words is None else dict(block_n=16, block_w=words, num_warps=4, split=1, fused=False)
+
+
 def block_words(bits: int, group_size: int, in_features: int) -> int | None:
     """Words a row per step for a matrix of these codes: the most of 64, 32, 16, 8 that supported() takes; None if
     none (the float kernels then)."""
@@ -98,26 +107,65 @@ if triton is not None:
         return word, scale.to(tl.float32), bias.to(tl.float32)
 
     @triton.jit
-    def _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr):
-        """Activation row t of T (quantize_rows' pointers at that row; t >= T: a padding row, read as zeros) against
-        a _dot4_tile -> [rows] float32."""
+    def _dot4_load_x(words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+        """Activation row t of T as quantize_rows left it (its pointers at that row; t >= T: a padding row, read as
+        zeros), words w0 .. w0 + BLOCK_W: (words, odd words (4-bit), block scales, group sums, what rounding took)."""
+        codes_per_word: tl.constexpr = 32 // BITS
+        blocks: tl.constexpr = BLOCK_W * codes_per_word // 32
+        groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
+        w = w0 + tl.arange(0, BLOCK_W)
+        b = w0 * codes_per_word // 32 + tl.arange(0, blocks)
+        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
+        # masks compared as vectors (the interpreter takes no scalar mask), constant along each: loads stay vectors
+        xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
+        if BITS == 4:
+            xo = tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)
+        else:  # 8-bit codes: one word of four activations each
+            xo = xa
+        d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
+        x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
+        lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
+        return xa, xo, d, x_sum, lost
+
+    @triton.jit
+    def _dot4_round_x(x_ptr, w0, t, T, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The same five as _dot4_load_x, rounded here from the float activations of row t (x_ptr at that row), as
+        _quantize_rows_kernel rounds them: no kernel before, no round trip through memory."""
+        codes_per_word: tl.constexpr = 32 // BITS
+        values: tl.constexpr = BLOCK_W * codes_per_word
+        blocks: tl.constexpr = values // 32
+        groups_per_step: tl.constexpr = values // GROUP
+        k = w0 * codes_per_word + tl.arange(0, values)
+        x = tl.reshape(tl.load(x_ptr + k, mask=k * 0 + t < T, other=0.0).to(tl.float32), (blocks, 32))
+        d = tl.max(tl.abs(x), axis=1) / 127.0
+        q = tl.floor(x / tl.where(d == 0.0, 1.0, d)[:, None] + 0.5).to(tl.int32)  # in -127..127
+        x_sum = tl.sum(tl.reshape(tl.sum(x, axis=1), (groups_per_step, GROUP // 32)), axis=1)
+        rounded = tl.sum(q, axis=1).to(tl.float32) * d
+        lost = x_sum - tl.sum(tl.reshape(rounded, (groups_per_step, GROUP // 32)), axis=1)
+        byte = q & 0xFF
+        shift = tl.arange(0, 4)[None, :] * 8
+        if BITS == 4:  # codes 8w..8w+7 of word w: evens in one word, odds in the other
+            even, odd = tl.split(tl.reshape(byte, (BLOCK_W, 4, 2)))
+            xa = tl.sum(even << shift, axis=1)
+            xo = tl.sum(odd << shift, axis=1)
+        else:
+            xa = tl.sum(tl.reshape(byte, (BLOCK_W, 4)) << shift, axis=1)
+            xo = xa
+        return xa, xo, d, x_sum, lost
+
+    @triton.jit
+    def _dot4_sum(word, scale, bias, xa, xo, d, x_sum, lost, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_W: tl.constexpr, ASM: tl.constexpr):
+        """A _dot4_tile against one activation row's step (_dot4_load_x or _dot4_round_x) -> [rows] float32."""
         codes_per_word: tl.constexpr = 32 // BITS
         words_per_block: tl.constexpr = 32 // codes_per_word
         blocks: tl.constexpr = BLOCK_W // words_per_block
         groups_per_step: tl.constexpr = BLOCK_W * codes_per_word // GROUP
-        w = w0 + tl.arange(0, BLOCK_W)
-        b = w0 // words_per_block + tl.arange(0, blocks)
-        g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
-        # masks compared as vectors (the interpreter takes no scalar mask), constant along each: loads stay vectors
-        xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
-        d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
-        x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
-        lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
         xa = tl.broadcast_to(xa[None, :], word.shape)
         zero = tl.zeros(word.shape, dtype=tl.int32)
         if BITS == 4:
-            xo = tl.broadcast_to(tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)[None, :], word.shape)
+            xo = tl.broadcast_to(xo[None, :], word.shape)
             dots = _dot4(word & 0x0F0F0F0F, xa, zero, ASM)
             dots = _dot4((word >> 4) & 0x0F0F0F0F, xo, dots, ASM)
         else:
@@ -127,6 +175,15 @@ if triton is not None:
         # the codes' middle meets the exact sums, not the rounded ones: only the centred codes carry the rounding
         residual = lost * (1 << (BITS - 1))
         return tl.sum((per_group + residual[None, :]) * scale + bias * x_sum[None, :], axis=1)
+
+    @triton.jit
+    def _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr):
+        """Activation row t of T (quantize_rows' pointers at that row; t >= T: a padding row, read as zeros) against
+        a _dot4_tile -> [rows] float32."""
+        xa, xo, d, x_sum, lost = _dot4_load_x(words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS, GROUP,
+                                              BLOCK_W)
+        return _dot4_sum(word, scale, bias, xa, xo, d, x_sum, lost, BITS, GROUP, BLOCK_W, ASM)
 
     @triton.jit
     def _dot4_step(base, packed_off, scales_off, biases_off, rows, row_mask, words_ptr, odd_ptr, d_ptr, sums_ptr, w0,
@@ -170,14 +227,15 @@ if triton is not None:
         tl.store(sums_ptr + t * 2 * groups + groups + grp, exact - rounded)
 
     @triton.jit
-    def _dot4_gemv_kernel(words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, T, N, K, row_words, groups,
+    def _dot4_gemv_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, T, N, K, row_words, groups,
                           split_words, packed_off, scales_off, biases_off, BITS: tl.constexpr, GROUP: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, SCALE_KIND: tl.constexpr,
-                          ASM: tl.constexpr):
+                          ASM: tl.constexpr, ROUND: tl.constexpr):
         """out[s, t, n] for BLOCK_N rows of W, ROWS activation rows t (the last ones masked past T) and the s-th
         split_words of K's words (program axis 2; one split: all of them): each step's codes read once for all
-        rows. row_words (K's words), groups and split_words come as arguments, not K's quotients, so Triton sees
-        their divisibility and reads the codes as vectors."""
+        rows. The activations as quantize_rows left them (words_ptr ...), or with ROUND the float ones (x_ptr [T, K])
+        rounded here, step by step, in every program. row_words (K's words), groups and split_words come as
+        arguments, not K's quotients, so Triton sees their divisibility and reads the codes as vectors."""
         t0 = tl.program_id(1) * ROWS
         split = tl.program_id(2)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,9 +248,13 @@ if triton is not None:
                                            groups, BITS, GROUP, BLOCK_W, SCALE_KIND)
             for i in tl.static_range(ROWS):
                 t = (t0 + i).to(tl.int64)
-                part = _dot4_apply(word, scale, bias, words_ptr + t * row_words, odd_ptr + t * row_words,
-                                   d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0, groups, t, T, BITS, GROUP,
-                                   BLOCK_W, ASM)
+                if ROUND:
+                    xa, xo, d, x_sum, lost = _dot4_round_x(x_ptr + t * K, w0, t, T, BITS, GROUP, BLOCK_W)
+                else:
+                    xa, xo, d, x_sum, lost = _dot4_load_x(words_ptr + t * row_words, odd_ptr + t * row_words,
+                                                          d_ptr + t * (K // 32), sums_ptr + t * 2 * groups, w0,
+                                                          groups, t, T, BITS, GROUP, BLOCK_W)
+                part = _dot4_sum(word, scale, bias, xa, xo, d, x_sum, lost, BITS, GROUP, BLOCK_W, ASM)
                 acc = tl.where(r[:, None] == i, acc + part[None, :], acc)
         rows_t = (t0 + r).to(tl.int64)
         out_ptr += split.to(tl.int64) * T * N
@@ -220,14 +282,15 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int):
 
 def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
               offsets: tuple[int, int, int], scale_bf16: bool, block_n: int = 16, block_w: int = 64,
-              num_warps: int = 4, split: int = 1) -> torch.Tensor:
+              num_warps: int = 4, split: int = 1, fused: bool = False) -> torch.Tensor:
     """x [T, K] @ W^T for a matrix stored as one uint8 blob (codes, scales and biases at `offsets`, as AffineMatrix
     holds it; supported() must hold): the activations rounded to int8 per 32 values, the codes read as words, once
     for every MAX_ROWS rows of x (a decode batch's). split > 1 divides K's steps among that many programs per
-    block of rows (more reads in flight for a matrix of few rows), their float32 partials summed after."""
+    block of rows (more reads in flight for a matrix of few rows), their float32 partials summed after. fused: each
+    program rounds the float activations itself (one launch, no quantize_rows), the same integers."""
     n, k = shape
     x = x.contiguous()
-    words, odd, d, sums = quantize_rows(x, bits, group_size)
+    words, odd, d, sums = (x, x, x, x) if fused else quantize_rows(x, bits, group_size)
     t = x.shape[0]
     rows = min(MAX_ROWS, triton.next_power_of_2(t))
     row_words = k * bits // 32
@@ -238,7 +301,8 @@ def dot4_gemv(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits:
     out = torch.empty((split, t, n) if split > 1 else (t, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
     _dot4_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(t, rows), split)](
-        words, odd, d, sums, blob, out, t, n, k, row_words, k // group_size, split_words, *offsets,
+        x, words, odd, d, sums, blob, out, t, n, k, row_words, k // group_size, split_words, *offsets,
         BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, ROWS=rows,
-        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, ASM=not interpreting(), num_warps=num_warps)
+        SCALE_KIND=SCALE_BF16 if scale_bf16 else SCALE_FP16, ASM=not interpreting(), ROUND=fused,
+        num_warps=num_warps)
     return out.sum(0).to(x.dtype) if split > 1 else out
