@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .errors import FlashMoeError
+from .errors import FlashMoeError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts models larger than memory by streaming experts from SSD.")
@@ -528,10 +528,13 @@ def demo(
 def main() -> None:
     try:
         app()  # usage errors are typer's: a message and exit code 2
-    except FlashMoeError as exc:
+    except Exception as exc:
+        error = exc if isinstance(exc, FlashMoeError) else out_of_memory(exc)
+        if error is None:
+            raise
         from rich.text import Text  # the message as written: a path with [brackets] in it is not Rich markup
 
-        console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
+        console.print(Text.assemble(("error:", "bold red"), f" {error}"))
         sys.exit(1)
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .errors import FlashMoeError
+from .errors import FlashMoeError, out_of_memory
 from .sampling import TokenConstraint
 
 TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this many seconds
@@ -281,6 +281,7 @@ class Scheduler:
         return True
 
     def _fail(self, job: Job, exc: Exception) -> None:
+        exc = out_of_memory(exc) or exc
         message = str(exc) if isinstance(exc, FlashMoeError) else f"{type(exc).__name__}: {exc}"
         self._end(job, Finished("error", message))
 

@@ -35,6 +35,24 @@ def test_bad_load_and_sampling_options(run_cli, built, option, value, message):
     assert message in (err if usage_error else error_line(err))
 
 
+def test_a_gpu_out_of_memory_is_one_line_saying_what_to_free(run_cli, built, monkeypatch):
+    import torch
+
+    from flashmoe.engine import Model
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+            "is free. Including non-PyTorch memory, this process has 78.1 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+    monkeypatch.setattr(Model, "generate", no_room)
+    code, _, err = run_cli("generate", built.store("qwen3_5_moe", 4), "--prompt", "hi", "--max-tokens", "2")
+    line = error_line(err)
+    assert code == 1 and "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB" in line
+    assert "1.06 GiB is free)" in line and "--vram-cache-gb" in line and "PYTORCH_CUDA_ALLOC_CONF" not in line
+
+
 def test_top_p_help_matches_what_is_accepted(run_cli, built):
     code, _, err = run_cli("generate", built.store("qwen3_5_moe", 4), "--prompt", "hi", "--top-p", "0")
     assert code == 2 and "must be > 0 and <= 1" in err

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
 import pytest
+import torch
 
 import flashmoe
 from conftest import strict_json
@@ -298,13 +300,21 @@ def test_malformed_json_and_unknown_routes(server):
     assert r.usage.completion_tokens >= 1
 
 
-def test_a_failure_inside_generation_fails_that_request_only(server, monkeypatch):
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is "
+       "free. Including non-PyTorch memory, this process has 78.1 GiB memory in use. Of the allocated memory ...")
+
+
+@pytest.mark.parametrize("error,said", [
+    (flashmoe.FlashMoeError("corrupt store: layer 1 expert 3 fails its checksum"), "corrupt store"),
+    (torch.cuda.OutOfMemoryError(OOM), "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_a_failure_inside_generation_fails_that_request_only(server, monkeypatch, error, said):
     failed = metric(server, 'flashmoe_requests_total{outcome="failed"}')
     real_step = server.model.step
 
     def broken_step(sequences):  # the worker's forward fails once a request has two tokens
         if any(seq.generated == 2 for seq in sequences):
-            raise flashmoe.FlashMoeError("corrupt store: layer 1 expert 3 fails its checksum")
+            raise error
         return real_step(sequences)
 
     monkeypatch.setattr(server.model, "step", broken_step)
@@ -312,8 +322,9 @@ def test_a_failure_inside_generation_fails_that_request_only(server, monkeypatch
     ask = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8, extra_body=NO_THINKING)
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(**ask)
-    assert "corrupt store" in info.value.body["message"] and info.value.body["type"] == "server_error"
-    with pytest.raises(openai.APIError, match="corrupt store"):  # streamed: an error event ends the stream
+    assert said in info.value.body["message"] and info.value.body["type"] == "server_error"
+    assert "\n" not in info.value.body["message"]
+    with pytest.raises(openai.APIError, match=re.escape(said)):  # streamed: an error event ends the stream
         list(client.chat.completions.create(stream=True, **ask))
     monkeypatch.undo()
     assert client.chat.completions.create(**ask).usage.completion_tokens >= 1
