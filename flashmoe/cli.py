@@ -424,6 +424,7 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="re-read every expert and check its checksum"),
 ):
     """Describe a store: architecture, resident vs expert bytes, quantization, K."""
+    from . import residents
     from .models import family_of
     from .store import Store
 
@@ -457,6 +458,9 @@ def info(
         ("hidden / expert intermediate", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
         ("quantization", quant),
         ("resident", resident),
+        ("resident on a GPU", ", ".join(f"{human_bytes(n)} {'bf16' if fmt == 'float' else fmt}"
+                                        for fmt, n in residents.gpu_bytes(s).items())
+         + " (--resident-format; default: the first within half the free VRAM)"),
         ("expert weights", f"{human_bytes(s.expert_bytes)} ({human_bytes(s.expert_blob_bytes)} per expert)"),
         ("read per token", f"{human_bytes(s.expert_blob_bytes * cfg.num_experts_per_tok * len(cfg.moe_layers))} "
                            f"of experts at K={cfg.num_experts_per_tok} (before caching)"),

@@ -22,6 +22,9 @@ def test_convert_info_generate(run_cli, built, tmp_path):
     assert code == 0, err
     assert "Qwen3_5MoeForConditionalGeneration" in out and "8-bit affine, group 64" in out
     assert "all 64 expert checksums match" in out
+    # what the residents take on a GPU in each format (residents.gpu_bytes), smallest last
+    sizes = re.search(r"resident on a GPU: ([\d.]+) KB bf16, ([\d.]+) KB int8, ([\d.]+) KB int4", out)
+    assert sizes and float(sizes[1]) > float(sizes[2]) > float(sizes[3]), out
 
     code, out, err = run_cli("generate", store, "--prompt", "Hello world", "--chat",
                          "--max-tokens", "6", "--cache-gb", "0.001", "--experts-per-token", "2")
