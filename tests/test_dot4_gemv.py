@@ -143,6 +143,29 @@ def test_the_decode_expert_kernels_take_the_dot_products_by_default(bits, hidden
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("bits,inter,bias", [(4, 256, False), (8, 128, True)])
+def test_decode_expert_kernels_round_in_the_kernel_as_quantize_rows_does(bits, inter, bias, monkeypatch):
+    """FLASHMOE_GPU_DOT4=fused: gate_up rounds x and down rounds act inside their programs (no quantize_rows launch,
+    x rounded once a step for both gate and up): the products of the default path, to float summation order."""
+    from flashmoe.kernels.moe import ExpertMath
+    from test_moe_kernels import i32, make_slab
+
+    math = ExpertMath(bias=True, limit=7.0, alpha=1.702) if bias else None
+    slab, layout, qb = make_slab(5, 256, inter, bits, 32, seed=bits, math=math)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 256, generator=gen).to(DEVICE, torch.bfloat16)
+    slots, weights = i32([3, mt.SKIP, 4, 1]), torch.rand(4, generator=gen).to(DEVICE)
+    runs = {}
+    for mode in ("1", "fused"):
+        monkeypatch.setenv(d4.ENV, mode)
+        act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=128)
+        runs[mode] = act, mt.down_partials(act, slab, slots, weights, qb, block_b=128)
+    assert d4.mode() == "fused" and torch.equal(runs["fused"][0][1], torch.zeros_like(runs["fused"][0][1]))
+    assert rel_error(runs["fused"][0], runs["1"][0]) < 1e-2 * 2**-7  # within bf16 rounding of act
+    monkeypatch.setenv(d4.ENV, "1")  # down alone, over the same act both ways
+    assert rel_error(mt.down_partials(runs["fused"][0], slab, slots, weights, qb, block_b=128), runs["fused"][1]) < 1e-5
+
+
 def decode_logits(store, **load_kwargs) -> torch.Tensor:
     """A fresh GPU model's logits for PROMPT[6:14] decoded a token at a step (in its graphs) after PROMPT[:6]."""
     import flashmoe
@@ -158,12 +181,16 @@ def decode_logits(store, **load_kwargs) -> torch.Tensor:
 @pytest.mark.gpu
 def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built, monkeypatch):
     """By default a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay within the
-    activations' rounding of the float kernels' logits (FLASHMOE_GPU_DOT4=0), token by token."""
+    activations' rounding of the float kernels' logits (FLASHMOE_GPU_DOT4=0), token by token; rounded inside the
+    kernels (FLASHMOE_GPU_DOT4=fused) they are the default's to bf16 noise."""
     store = built.store("qwen3_5_moe", 4)
     monkeypatch.setenv(d4.ENV, "0")
     float_logits = decode_logits(store, resident_format="int4")
     monkeypatch.delenv(d4.ENV)
-    assert 0 < rel_error(decode_logits(store, resident_format="int4"), float_logits) < 0.05  # > 0: they did run
+    dot4_logits = decode_logits(store, resident_format="int4")
+    assert 0 < rel_error(dot4_logits, float_logits) < 0.05  # > 0: they did run
+    monkeypatch.setenv(d4.ENV, "fused")
+    assert rel_error(decode_logits(store, resident_format="int4"), dot4_logits) < 0.01
 
 
 @pytest.mark.gpu

@@ -2,10 +2,11 @@
 # One device call (~9.5 min) for the resident matrices now that dot4 is the default: the GPU tests of what is new
 # (K splits, activations rounded inside the kernel, the resident format chosen by free VRAM), int8 residents against
 # bf16 and int4 in a decode step and in a batch of 8 (whether int8 could be the GPU default for quantized stores),
+# activations rounded inside every dot4 kernel (FLASHMOE_GPU_DOT4=fused) against quantize_rows launches,
 # then the dot4 tile / K-split / in-kernel rounding sweep over every resident shape of a 397B step in CUDA graphs,
 # with whatever time is left (its rows print as they come: a cut-short sweep keeps them).
 #   run(command="bash benchmarks/device/dot4_tiles.sh", carry=["scratch/tfslim", "scratch/whl-fla", "scratch/whl-sm"])
-# Outputs under $OUT: tests.log, profile-{float,int8,int4}.txt, batch-{float,int8}.txt, gemv4.txt.
+# Outputs under $OUT: tests.log, profile-{float,int8,int4,int4-fused}.txt, batch-{float,int8}.txt, gemv4.txt.
 set -o pipefail
 cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
@@ -17,6 +18,14 @@ for fmt in float int8 int4; do
     echo "== a decode step, residents $fmt $(( $(date +%s) - t0 ))s"
     timeout 100 python3 profile_decode.py --root /root/q --layers 4 --resident-format $fmt > "$OUT/profile-$fmt.txt" 2>&1
     grep -A5 'one graph a step' "$OUT/profile-$fmt.txt"
+done
+echo "== in-kernel rounding (FLASHMOE_GPU_DOT4=fused): a decode step, int4 residents $(( $(date +%s) - t0 ))s"
+FLASHMOE_GPU_DOT4=fused timeout 70 python3 profile_decode.py --root /root/q --layers 4 --resident-format int4 \
+    > "$OUT/profile-int4-fused.txt" 2>&1
+grep -A5 'one graph a step' "$OUT/profile-int4-fused.txt"
+for mode in 1 fused; do
+    echo "== decode experts K=10, FLASHMOE_GPU_DOT4=$mode $(( $(date +%s) - t0 ))s"
+    FLASHMOE_GPU_DOT4=$mode timeout 45 python3 kernels.py --k 10 --no-sweep 2>&1 | head -4
 done
 for fmt in float int8; do
     echo "== 8 sequences, residents $fmt $(( $(date +%s) - t0 ))s"

@@ -34,12 +34,19 @@ BLOCK = 32  # activations per int8 scale
 MAX_ROWS = 16  # activation rows a program applies to each step's codes (more rows: more programs, the codes re-read)
 SCALE_FP16, SCALE_BF16 = 0, 1  # moe_triton's SCALE_KIND values of affine blobs (it imports these kernels' pieces)
 # "0" keeps resident matrices and decode experts on the float kernels. On by default: in CUDA graphs on an H200 a
-# 397B decode step took 0.629 ms against 0.812 (benchmarks/device/dot4_ab.sh, RESULTS.md)
+# 397B decode step took 0.629 ms against 0.812 (benchmarks/device/dot4_ab.sh, RESULTS.md). "fused": every kernel
+# rounds its activations itself instead of a quantize_rows launch before it (the same integers; to be measured)
 ENV = "FLASHMOE_GPU_DOT4"
 
 
+def mode() -> str:
+    """"off", "rows" (activations rounded by quantize_rows, the default) or "fused" (inside the kernels)."""
+    value = os.environ.get(ENV, "1")
+    return "off" if value == "0" else "fused" if value == "fused" else "rows"
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return mode() != "off"
 
 
 def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -> bool:
@@ -52,10 +59,10 @@ def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -
 def resident_tile(bits: int, group_size: int, shape: tuple[int, int]) -> dict | None:
     """dot4_gemv's tile for a resident matrix of `shape` (AffineMatrix's): rows a program, words a step, warps, K
     splits, activations rounded in the kernel or not; None where supported() takes no width. The first H200 run
-    (RESULTS.md) used 16 rows, the widest step, 4 warps, one split, quantize_rows: kept until
-    `resident_gemv.py --dot4` has swept them in graphs."""
+    (RESULTS.md) used 16 rows, the widest step, 4 warps, one split, quantize_rows (in-kernel rounding with
+    FLASHMOE_GPU_DOT4=fused): kept until `resident_gemv.py --dot4` has swept them in graphs."""
     words = block_words(bits, group_size, shape[1])
-    return None if words is None else dict(block_n=16, block_w=words, num_warps=4, split=1, fused=False)
+    return None if words is None else dict(block_n=16, block_w=words, num_warps=4, split=1, fused=mode() == "fused")
 
 
 def block_words(bits: int, group_size: int, in_features: int) -> int | None:
@@ -175,26 +182,6 @@ if triton is not None:
         # the codes' middle meets the exact sums, not the rounded ones: only the centred codes carry the rounding
         residual = lost * (1 << (BITS - 1))
         return tl.sum((per_group + residual[None, :]) * scale + bias * x_sum[None, :], axis=1)
-
-    @triton.jit
-    def _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr):
-        """Activation row t of T (quantize_rows' pointers at that row; t >= T: a padding row, read as zeros) against
-        a _dot4_tile -> [rows] float32."""
-        xa, xo, d, x_sum, lost = _dot4_load_x(words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, t, T, BITS, GROUP,
-                                              BLOCK_W)
-        return _dot4_sum(word, scale, bias, xa, xo, d, x_sum, lost, BITS, GROUP, BLOCK_W, ASM)
-
-    @triton.jit
-    def _dot4_step(base, packed_off, scales_off, biases_off, rows, row_mask, words_ptr, odd_ptr, d_ptr, sums_ptr, w0,
-                   row_words, groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr,
-                   SCALE_KIND: tl.constexpr, ASM: tl.constexpr):
-        """sum over words w0 .. w0 + BLOCK_W of W[rows] x for an affine blob at `base`, x as quantize_rows left one
-        row of it (the pointers at that row) -> [rows] float32."""
-        word, scale, bias = _dot4_tile(base, packed_off, scales_off, biases_off, rows, row_mask, w0, row_words, groups,
-                                       BITS, GROUP, BLOCK_W, SCALE_KIND)
-        return _dot4_apply(word, scale, bias, words_ptr, odd_ptr, d_ptr, sums_ptr, w0, groups, 0, 1, BITS, GROUP,
-                           BLOCK_W, ASM)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):

@@ -35,7 +35,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .dot4_gemv import _affine_pointers, _dot4_step
+    from .dot4_gemv import _affine_pointers, _dot4_load_x, _dot4_round_x, _dot4_sum, _dot4_tile
 except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
@@ -325,9 +325,11 @@ if triton is not None:
                                gu_biases, gu_bias, limit, alpha, per_row, xw_ptr, xo_ptr, xd_ptr, xs_ptr, h_words,
                                h_groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
-                               EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True):
+                               EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True,
+                               ROUND: tl.constexpr = False):
         """act[e] = swiglu(gate_e x, up_e x) for pair e's expert. DOT4: x as dot4_gemv.quantize_rows left it (xw..xs,
-        h_words / h_groups a token), the codes through integer dot products a step of BLOCK_B bytes."""
+        h_words / h_groups a token), or with ROUND rounded here from x, once a step for gate and up; the codes
+        through integer dot products a step of BLOCK_B bytes."""
         e = tl.program_id(0)
         x_ptr += (e // per_row).to(tl.int64) * H  # pair e is token e // per_row's (several tokens' experts at once)
         slot = tl.load(slot_ptr + e)
@@ -342,10 +344,17 @@ if triton is not None:
             xw, xo, xd, xs = xw_ptr + token * h_words, xo_ptr + token * h_words, xd_ptr + token * (H // 32), \
                 xs_ptr + token * 2 * h_groups
             for w0 in range(0, h_words, BLOCK_B // 4):
-                gate += _dot4_step(base, gu_packed, gu_scales, gu_biases, n, read, xw, xo, xd, xs, w0, h_words,
-                                   h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
-                up += _dot4_step(base, gu_packed, gu_scales, gu_biases, I + n, read, xw, xo, xd, xs, w0, h_words,
-                                 h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+                if ROUND:
+                    xa, xb, d, x_sum, lost = _dot4_round_x(x_ptr, w0, 0, 1, BITS, GROUP, BLOCK_B // 4)
+                else:
+                    xa, xb, d, x_sum, lost = _dot4_load_x(xw, xo, xd, xs, w0, h_groups, 0, 1, BITS, GROUP,
+                                                          BLOCK_B // 4)
+                word, scale, bias = _dot4_tile(base, gu_packed, gu_scales, gu_biases, n, read, w0, h_words, h_groups,
+                                               BITS, GROUP, BLOCK_B // 4, SCALE_KIND)
+                gate += _dot4_sum(word, scale, bias, xa, xb, d, x_sum, lost, BITS, GROUP, BLOCK_B // 4, ASM)
+                word, scale, bias = _dot4_tile(base, gu_packed, gu_scales, gu_biases, I + n, read, w0, h_words,
+                                               h_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND)
+                up += _dot4_sum(word, scale, bias, xa, xb, d, x_sum, lost, BITS, GROUP, BLOCK_B // 4, ASM)
         else:
             for k0 in range(0, H, BLOCK_B * (8 // BITS)):
                 gate += _gemv_tile(base, gu_packed, gu_scales, gu_biases, n, read, x_ptr, k0, H, BITS, GROUP,
@@ -476,10 +485,12 @@ if triton is not None:
                              d_packed, d_scales, d_biases, d_bias, chunk, n_chunks, aw_ptr, ao_ptr, ad_ptr, as_ptr,
                              i_words, i_groups, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_B: tl.constexpr, SCALE_KIND: tl.constexpr, BIAS: tl.constexpr,
-                             EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True):
+                             EVEN_K: tl.constexpr, DOT4: tl.constexpr = False, ASM: tl.constexpr = True,
+                             ROUND: tl.constexpr = False):
         """partial[e * n_chunks + c] = weights[e] * down_e[:, chunk c] act[e, chunk c]: one program per block of
         output rows per (expert, chunk of I), so a layer's few experts still fill the GPU. DOT4: act as
-        dot4_gemv.quantize_rows left it (aw..as, i_words / i_groups a pair), through integer dot products."""
+        dot4_gemv.quantize_rows left it (aw..as, i_words / i_groups a pair), or with ROUND rounded here from act,
+        through integer dot products."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < H
         j = tl.program_id(1)
@@ -493,9 +504,15 @@ if triton is not None:
             pair = e.to(tl.int64)
             per_word: tl.constexpr = 32 // BITS
             for w0 in range(k_start // per_word, tl.minimum(k_start + chunk, I) // per_word, BLOCK_B // 4):
-                part += _dot4_step(base, d_packed, d_scales, d_biases, n, read, aw_ptr + pair * i_words,
-                                   ao_ptr + pair * i_words, ad_ptr + pair * (I // 32), as_ptr + pair * 2 * i_groups,
-                                   w0, i_words, i_groups, BITS, GROUP, BLOCK_B // 4, SCALE_KIND, ASM)
+                if ROUND:
+                    xa, xb, d, x_sum, lost = _dot4_round_x(act_ptr + e * I, w0, 0, 1, BITS, GROUP, BLOCK_B // 4)
+                else:
+                    xa, xb, d, x_sum, lost = _dot4_load_x(aw_ptr + pair * i_words, ao_ptr + pair * i_words,
+                                                          ad_ptr + pair * (I // 32), as_ptr + pair * 2 * i_groups,
+                                                          w0, i_groups, 0, 1, BITS, GROUP, BLOCK_B // 4)
+                word, scale, bias = _dot4_tile(base, d_packed, d_scales, d_biases, n, read, w0, i_words, i_groups,
+                                               BITS, GROUP, BLOCK_B // 4, SCALE_KIND)
+                part += _dot4_sum(word, scale, bias, xa, xb, d, x_sum, lost, BITS, GROUP, BLOCK_B // 4, ASM)
         else:
             for k0 in range(k_start, tl.minimum(k_start + chunk, I), BLOCK_B * (8 // BITS)):
                 part += _gemv_tile(base, d_packed, d_scales, d_biases, n, read, act_ptr + e * I, k0, I, BITS, GROUP,
@@ -728,22 +745,25 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
                                  per_row or slots.numel(), *dot4["args"], BITS=qb.bits, GROUP=qb.group_size,
                                  BLOCK_N=block_n, BLOCK_B=step, num_warps=num_warps or DECODE_TILE["num_warps"],
                                  SCALE_KIND=qb.scale_kind, BIAS=qb.bias, ACT=qb.act,
-                                 EVEN_K=gemv_even(qb, qb.hidden, step), DOT4=dot4["on"], ASM=dot4["asm"])
+                                 EVEN_K=gemv_even(qb, qb.hidden, step), DOT4=dot4["on"], ASM=dot4["asm"],
+                                 ROUND=dot4["round"])
     return act
 
 
 def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
     """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: unless
     FLASHMOE_GPU_DOT4=0, for an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
-    (dot4_gemv.quantize_rows) and each row's words and groups; else (float32 activations too: a model run in
-    float32 asks for exact products) placeholders the float path never reads."""
-    on = (dot4_gemv.enabled() and x.dtype != torch.float32 and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
+    (dot4_gemv.quantize_rows; with FLASHMOE_GPU_DOT4=fused the kernels round x themselves) and each row's words
+    and groups; else (float32 activations too: a model run in float32 asks for exact products) placeholders the
+    float path never reads."""
+    mode = dot4_gemv.mode()
+    on = (mode != "off" and x.dtype != torch.float32 and qb.scale_kind in (SCALE_FP16, SCALE_BF16)
           and dot4_gemv.supported(qb.bits, qb.group_size, k, step // 4))
     if not on:
-        return {"on": False, "asm": True, "args": (x, x, x, x, 0, 0)}
-    words, odd, d, sums = dot4_gemv.quantize_rows(x.contiguous(), qb.bits, qb.group_size)
-    return {"on": True, "asm": not dot4_gemv.interpreting(),
-            "args": (words, odd, d, sums, k * qb.bits // 32, k // qb.group_size)}
+        return {"on": False, "asm": True, "round": False, "args": (x, x, x, x, 0, 0)}
+    rows = (x, x, x, x) if mode == "fused" else dot4_gemv.quantize_rows(x.contiguous(), qb.bits, qb.group_size)
+    return {"on": True, "asm": not dot4_gemv.interpreting(), "round": mode == "fused",
+            "args": (*rows, k * qb.bits // 32, k // qb.group_size)}
 
 
 # programs a decode step of the down projection should have to keep HBM busy. One per block of output rows is only
@@ -808,7 +828,7 @@ def down_partials(act, slab, slots, weights, qb: QuantBlob, block_n: int | None 
         qb.blob_bytes, qb.down_packed, qb.down_scales, qb.down_biases, qb.down_bias, chunk, n_chunks, *dot4["args"],
         BITS=qb.bits, GROUP=qb.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
         num_warps=num_warps or DECODE_TILE["num_warps"], SCALE_KIND=qb.scale_kind, BIAS=qb.bias,
-        EVEN_K=gemv_even(qb, qb.intermediate, block_b), DOT4=dot4["on"], ASM=dot4["asm"])
+        EVEN_K=gemv_even(qb, qb.intermediate, block_b), DOT4=dot4["on"], ASM=dot4["asm"], ROUND=dot4["round"])
     return partial
 
 
