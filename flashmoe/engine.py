@@ -64,7 +64,7 @@ DEFAULT_CPU_RESIDENT_FORMAT = "int8"
 def _gpu_resident_format(store: Store, gpus: list[torch.device], dtype: torch.dtype, asked: str | None) -> str:
     """The resident format on these GPUs: `asked` if it fits their free VRAM (else one line), or residents.choose's
     when none was asked for."""
-    free = sum(torch.cuda.mem_get_info(d)[0] for d in gpus)
+    free = residents.free_vram(gpus)
     sizes = residents.gpu_bytes(store, dtype.itemsize)
     where = ", ".join(map(str, gpus))
     chosen = asked or residents.choose(sizes, free)

@@ -62,6 +62,13 @@ def _itemsize(dtype: str) -> int:
         dtype, 1)
 
 
+def free_vram(gpus) -> int:
+    """Bytes free on these GPUs together, as the driver reports them now."""
+    import torch
+
+    return sum(torch.cuda.mem_get_info(d)[0] for d in gpus)
+
+
 def choose(sizes: dict[str, int], free: int) -> str | None:
     """The format a load takes when none is asked for: the first of FORMATS whose residents take at most half of
     the `free` VRAM (the other half for the expert cache and the KV cache); else the smallest that leaves HEADROOM;

@@ -63,19 +63,20 @@ def test_a_format_that_does_not_fit_is_refused_in_one_line_naming_one_that_does(
 
 @pytest.mark.gpu
 def test_on_the_gpu_a_load_quantizes_residents_that_would_fill_the_vram(built, monkeypatch, capsys):
-    """With little VRAM free (mem_get_info reporting a small GPU), a load with no resident_format quantizes the
-    residents and says so; one that asks for float is refused before anything loads."""
+    """With little VRAM free (as residents.free_vram reports it: a GPU the size of the tiny model's residents, no
+    headroom), a load with no resident_format quantizes the residents and says so; one that asks for float is
+    refused before anything loads."""
     import flashmoe
 
     store = built.store("qwen3_5_moe", 4)
     sizes = residents.gpu_bytes(Store(store))
-    total = torch.cuda.mem_get_info()[1]
-    free = sizes["float"] + residents.HEADROOM + 1  # float fits with the headroom, but not in half of it
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    free = sizes["float"] + 1  # float fits, but not in half of it
+    monkeypatch.setattr(residents, "HEADROOM", 0)
+    monkeypatch.setattr(residents, "free_vram", lambda gpus: free)
     model = flashmoe.load(store, device="cuda", vram_cache_gb=0.01)
     assert model.resident_format == ("int8" if sizes["int8"] <= free // 2 else "int4")
     assert "resident weights quantized to" in capsys.readouterr().err
     model.close()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (sizes["float"], total))
+    monkeypatch.setattr(residents, "free_vram", lambda gpus: sizes["float"] - 1)
     with pytest.raises(FlashMoeError, match="as float"):
         flashmoe.load(store, device="cuda", resident_format="float")
