@@ -32,6 +32,8 @@ for name, meta, pointers in json.loads(sys.stdin.read()):
     module, _, name = name.rpartition(":")  # "module:kernel" for a kernel outside moe_triton
     kernel = getattr(importlib.import_module("flashmoe.kernels." + (module or "moe_triton")), name)
     consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+    # a constexpr left out takes its default, as a launch does (compiled as a runtime value, both its branches would be)
+    consts.update({p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default and p.name not in consts})
     signature = {}
     for arg in kernel.arg_names:
         if arg in consts:

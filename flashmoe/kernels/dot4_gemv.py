@@ -124,15 +124,16 @@ if triton is not None:
         w = w0 + tl.arange(0, BLOCK_W)
         b = w0 * codes_per_word // 32 + tl.arange(0, blocks)
         g = w0 * codes_per_word // GROUP + tl.arange(0, groups_per_step)
-        # masks compared as vectors (the interpreter takes no scalar mask), constant along each: loads stay vectors
-        xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0)
+        # masks compared as vectors (the interpreter takes no scalar mask), constant along each: loads stay vectors.
+        # Cast to _dot4_round_x's types: a kernel whose branch on ROUND is compiled both ways must see one type
+        xa = tl.load(words_ptr + w, mask=w * 0 + t < T, other=0).to(tl.int32)
         if BITS == 4:
-            xo = tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0)
+            xo = tl.load(odd_ptr + w, mask=w * 0 + t < T, other=0).to(tl.int32)
         else:  # 8-bit codes: one word of four activations each
             xo = xa
-        d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0)
-        x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0)
-        lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0)
+        d = tl.load(d_ptr + b, mask=b * 0 + t < T, other=0.0).to(tl.float32)
+        x_sum = tl.load(sums_ptr + g, mask=g * 0 + t < T, other=0.0).to(tl.float32)
+        lost = tl.load(sums_ptr + groups + g, mask=g * 0 + t < T, other=0.0).to(tl.float32)
         return xa, xo, d, x_sum, lost
 
     @triton.jit
