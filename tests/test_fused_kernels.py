@@ -109,6 +109,21 @@ def test_route_picks_the_same_experts_sorted_with_their_weights_and_slots(expert
         torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(3))
 
 
+def test_route_breaks_ties_to_the_lowest_id_and_orders_negative_scores():
+    """The top-k's packed keys (a float's bits in integer order, the id below them): among equal logits the lowest
+    ids win; negative choosing scores (a sigmoid router's bias below zero) rank as the floats do."""
+    logits = torch.zeros(1, 40, device=DEVICE)
+    logits[0, [31, 9, 5, 22]] = 3.0  # four tied best
+    logits[0, 17] = 2.0
+    assert fused.route_triton(logits, 2, 2, True)[0].tolist() == [[5, 9]]
+    assert fused.route_triton(logits, 5, 5, True)[0].tolist() == [[5, 9, 17, 22, 31]]
+    gen = torch.Generator().manual_seed(3)
+    logits = randn(4, 64, dtype=torch.float32, gen=gen)
+    bias = torch.full((64,), -2.5, device=DEVICE)  # every choosing score below zero
+    args = (logits, bias, 6, 1, 1, True, 1.0)
+    assert torch.equal(fused.route_sigmoid_triton(*args)[0], fused.reference_route_sigmoid(*args)[0])
+
+
 @pytest.mark.parametrize("experts,top_k,n_group,topk_group,normalize,scale", [
     (256, 8, 8, 4, True, 2.5),   # DeepSeek-V3's
     (160, 8, 1, 1, True, 2.5),   # GLM-4.5's

@@ -43,7 +43,7 @@ for name, meta, pointers in json.loads(sys.stdin.read()):
         elif arg.endswith("_ptr"):
             signature[arg] = "*i32"
         else:
-            signature[arg] = "fp32" if arg in ("limit", "alpha") else "i32"
+            signature[arg] = "fp32" if arg in ("limit", "alpha", "scale", "eps") else "i32"
     options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
     compiled = triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
     shared.append(compiled.metadata.shared)
@@ -187,3 +187,15 @@ def test_decode_kernels_compile_with_integer_dot_products(bits, kind):
             if not gpt_oss:  # FLASHMOE_GPU_DOT4=fused: the activations rounded inside
                 cases.append((name, dict(meta, DOT4=True, ASM=True, ROUND=True), {**types, **pointers}))
     _fit(cases)
+
+
+def test_the_routers_compile_with_their_packed_top_k():
+    """fused.py's softmax and sigmoid routers (their top-k packs a float's bits and an id into one int64 key a
+    reduction) at the 397B and DeepSeek-V3 shapes, counting tiers."""
+    common = dict(HAS_SLOTS=True, COUNT=True, num_warps=4)
+    pointers = {"logits_ptr": "*bf16", "ids_ptr": "*i64", "weights_ptr": "*fp32", "counts_ptr": "*i64"}
+    _compile([("fused:_route_kernel", dict(common, TOP_K=10, DEFAULT_K=10, K_MAX=10, KPAD=16, NORMALIZE=True,
+                                           BLOCK_E=512), pointers),
+              ("fused:_route_sigmoid_kernel", dict(common, TOP_K=8, KPAD=8, N_GROUP=8, GPAD=8, TOPK_GROUP=4,
+                                                   NORMALIZE=True, BLOCK_E=256),
+               {**pointers, "logits_ptr": "*fp32", "bias_ptr": "*fp32"})])

@@ -199,17 +199,21 @@ if triton is not None:
 
     @triton.jit
     def _top_k(choice, values, e, slot, K: tl.constexpr, KPAD: tl.constexpr, BLOCK_E: tl.constexpr):
-        """The K largest of `choice` by repeated argmax (K is small), the lowest id among ties: their ids, and
-        `values` at them, in pick order in the first K of KPAD slots."""
+        """The K largest of `choice` (float32) by repeated argmax (K is small), the lowest id among ties: their ids,
+        and `values` at them, in pick order in the first K of KPAD slots (zeros after). Each pick is one reduction:
+        the value's bits made to order as integers do, the id below them, in one int64 key (a max, an argmin of the
+        ties and a sum a pick took three block-wide reductions)."""
+        bits = choice.to(tl.int32, bitcast=True)
+        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats' magnitude bits flipped: ints in float order
+        key = (order.to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)  # ties: the lowest id the largest key
         top_ids = tl.zeros((KPAD,), dtype=tl.int32)
-        top_values = tl.zeros((KPAD,), dtype=tl.float32)
         for j in tl.static_range(K):
-            best = tl.max(choice, axis=0)
-            pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+            best = tl.max(key, axis=0)
+            pick = (BLOCK_E - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
             top_ids = tl.where(slot == j, pick, top_ids)
-            top_values = tl.where(slot == j, tl.sum(tl.where(e == pick, values, 0.0), axis=0), top_values)
-            choice = tl.where(e == pick, float("-inf"), choice)
-        return top_ids, top_values
+            key = tl.where(e == pick, -9223372036854775807 - 1, key)  # int64's least: never picked again
+        picked = (e[None, :] == top_ids[:, None]) & (slot < K)[:, None]
+        return top_ids, tl.sum(tl.where(picked, values[None, :], 0.0), axis=1)
 
     @triton.jit
     def _store_route(row, top_ids, top_w, kept, ids_ptr, weights_ptr, table_ptr, slots_ptr, counts_ptr,
