@@ -214,9 +214,10 @@ class DecodeGraphs:
         padding rows stepping a blank state) serves any set of sequences, whatever their caches' capacities: a
         request that comes or goes costs nothing but the table's copy. Otherwise (MLA's latent caches) the
         graph belongs to the set and their capacities, and one is kept. Either way a new graph first runs eagerly
-        (compiling its kernels) and is captured at its second use."""
+        (compiling its kernels) and is captured at its second use. With a CPU share (cpu_share.py) the batch's
+        graph reads every RAM-held expert over PCIe itself: the share is a lone sequence's."""
         resident = self.routed.fetcher.resident_slots()
-        if not self.enabled or resident is None or self.cpu_share is not None:
+        if not self.enabled or resident is None:
             return None
         m = self.model
         caches = [c for s in states for c in (m.kv_cache(s, layer) for layer in layers) if c is not None]

@@ -282,8 +282,10 @@ class Model:
         cpu_share (GPU): while experts are read from pinned RAM (zero_copy), the share of them the CPU computes
         instead, at the same time as the GPU reads the rest (cpu_share.py): 0 (default) leaves the CPU out, a
         number up to 1 fixes the share, "auto" follows the measured times of both (and shares only while that is
-        faster). On the H200 machine it gained nothing (RESULTS.md: the two paths share the host's memory
-        bandwidth, and a shared layer costs a sync), hence off by default."""
+        faster). A lone sequence's steps share; a batch's graph reads every RAM-held expert over PCIe. On the H200
+        machine auto made one sequence's decode 1.24x at the 397B geometry and 0.98x at 35B-A3B's (RESULTS.md:
+        the two paths share the host's memory bandwidth, and a shared layer costs a sync); off by default until
+        its batches are measured."""
         if distributed and devices is not None:
             raise FlashMoeError("distributed runs one block per process: give each rank one device, not devices")
         if devices is not None:
@@ -660,9 +662,10 @@ class Model:
         several sequences need is read once; the attention and the recurrences themselves per sequence
         (the family's mix_many). On one GPU holding every expert the decode tokens
         step as one CUDA graph (_graphed_batch), else eagerly; one sequence (decoding through its own graph:
-        graph_per_sequence), a model over several ranks or a routing trace take forward() one sequence at a time."""
+        graph_per_sequence, or sharing its experts with the CPU), a model over several ranks or a routing trace take
+        forward() one sequence at a time."""
         graphs = self.pipeline is None and not self.trace_routing and self._batch_graphs
-        alone = len(inputs) == 1 and (self.graph_per_sequence or len(inputs[0][0]) > 1 or not graphs)
+        alone = len(inputs) == 1 and (self._lone_graphs or len(inputs[0][0]) > 1 or not graphs)
         if alone or self.pipeline is not None or self.trace_routing:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
         if graphs and (rows := self._graphed_batch(inputs)) is not None:
@@ -703,11 +706,17 @@ class Model:
 
     @property
     def _batch_graphs(self) -> bool:
-        """A batch's decode step may be one graph: step graphs apply, every expert is resident and the CPU computes
-        no share of them (cpu_share's steps are graphs of one sequence)."""
+        """A batch's decode step may be one graph: step graphs apply and every expert is resident. With a CPU share
+        (cpu_share.py) the batch's graph reads every RAM-held expert over PCIe; a lone sequence shares them."""
         stage = self.stages[0]
-        return (self._step_graphs and stage.graphs.cpu_share is None
-                and stage.fetcher.resident_slots() is not None)
+        return self._step_graphs and stage.fetcher.resident_slots() is not None
+
+    @property
+    def _lone_graphs(self) -> bool:
+        """A lone decoding sequence steps through its own graphs, not the batch's of one: graph_per_sequence, or
+        the CPU computes a share of its RAM-held experts (per-layer graphs around the host's part)."""
+        graphs = self.stages[0].graphs
+        return self.graph_per_sequence or (graphs is not None and graphs.cpu_share is not None)
 
     def _graphed_batch(self, inputs: list[tuple[list[int], object]]) -> list[torch.Tensor] | None:
         """forward_batch where decode steps are graphs (every expert resident on one GPU): the decode tokens in one
@@ -716,7 +725,7 @@ class Model:
         decode steps). Asked only where _batch_graphs holds; None where the step graph does not apply after all."""
         decoding = [i for i, (ids, _) in enumerate(inputs) if len(ids) == 1]
         rows: list = [None] * len(inputs)
-        if len(decoding) > 1 or (decoding and not self.graph_per_sequence):
+        if len(decoding) > 1 or (decoding and not self._lone_graphs):
             stage = self.stages[0]
             tokens, states = [inputs[i][0][0] for i in decoding], [inputs[i][1] for i in decoding]
             self._check_tokens(tokens)
@@ -775,10 +784,10 @@ class Model:
     def warm_batches(self, max_sequences: int) -> list[int]:
         """Compile and capture, before any request, the batch graphs that up to `max_sequences` decoding sequences
         will use (one per power-of-two batch size, from one where no sequence has a graph of its own:
-        graph_per_sequence; DecodeGraphs.batched_step), so no request pays for them (at the 397B geometry two
+        _lone_graphs; DecodeGraphs.batched_step), so no request pays for them (at the 397B geometry two
         streams through the server made 187 tok/s while their batch size was new, 705 warmed). Throwaway sequences;
         the batch sizes warmed, none where batches are not graphs (the CPU, experts not all resident)."""
-        sizes, first = [], 1 if self.graph_per_sequence else 0  # a bucket of one too
+        sizes, first = [], 1 if self._lone_graphs else 0  # a bucket of one too
         with self._throwaway():
             while self.pipeline is None and self._batch_graphs and (n := 1 << len(sizes) + first) < 2 * max_sequences:
                 # the prompts, then eager, captured and replayed batch steps

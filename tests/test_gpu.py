@@ -252,6 +252,35 @@ def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
         assert list(shared.generate(PROMPT[:8], 12, stop_token_ids=[])) == expected
 
 
+def test_with_a_cpu_share_batches_step_in_their_graph_and_a_lone_sequence_shares(built):
+    """cpu_share and batches: two sequences decode through the batch graph (the GPU reading every RAM-held expert
+    over PCIe), a lone one through its own graphs with the CPU's share, as the server steps them (no graph per
+    sequence); all equal to a model with every expert in VRAM."""
+    store = built.store("qwen3_5_moe", 4)
+    blob = Store(store).expert_blob_bytes
+    everything = flashmoe.load(store, device="cuda", dtype=torch.float32)
+    everything.warm_cache()
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32, vram_cache_gb=10 * blob / 1e9,
+                          cache_gb=(everything.fetcher.every_expert + 1) * blob / 1e9, cpu_share=1.0)
+    model.warm_cache()
+    model.graph_per_sequence = False  # as the server sets it
+    assert model.batches_well
+    prompts = [PROMPT[:8], PROMPT[3:9]]
+    want = [list(everything.generate(p, 6, stop_token_ids=[])) for p in prompts]
+    seqs, made = [model.sequence(p, 6, stop_token_ids=[]) for p in prompts], [[], []]
+    while not all(s.done for s in seqs):
+        for s, out, row in zip(seqs, made, model.step(seqs)):
+            out += [t for t in [s.advance(row)] if t is not None]
+    assert made == want
+    graphs = model.stages[0].graphs
+    assert graphs.batch_captures >= 1 and 2 in graphs.bucket_graphs
+    model.reset_stats()
+    seq, alone = model.sequence(PROMPT[:8], 6, stop_token_ids=[]), []  # alone, stepped as the server steps it
+    while not seq.done:
+        alone += [t for t in [seq.advance(model.step([seq])[0])] if t is not None]
+    assert alone == want[0] and model.stats["tokens_shared_with_cpu"] > 0 and 1 not in graphs.bucket_graphs
+
+
 @pytest.mark.parametrize("arch", LAYOUTS)
 def test_batched_steps_on_the_gpu_match_alone_and_graphs_resume_after_them(built, arch):
     """Sequences stepped together (eager, grouped kernels) give the logits each gets alone (graphs, decode kernels),
