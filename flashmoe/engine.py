@@ -94,17 +94,29 @@ class Stage:
     graphs: DecodeGraphs | None
 
 
-def _resident(name: str, t, device: str, dtype: torch.dtype, staged: bool):
-    """A resident tensor as a family's model takes it: codes the store keeps as an AffineMatrix, on `device`. With
-    `staged`, everything was read into RAM and goes to `device` here but the float matrices other than the
-    embedding (a lookup table, kept in float), which wait for compress_matrices to quantize them onto it."""
+def _resident(t, device: str, dtype: torch.dtype):
+    """A resident tensor as a family's model takes it: codes the store keeps as an AffineMatrix on `device`; the
+    rest as the store's load left it."""
     if isinstance(t, QuantizedTensor):
         t = QuantizedTensor(*(None if x is None else x.to(device) for x in (t.packed, t.scales, t.biases)), t.bits,
                             t.group_size)
         return AffineMatrix(t, dtype)
-    if staged and not (t.dim() == 2 and t.is_floating_point() and not name.startswith(placement.EMBEDDING)):
-        return t.to(device)
     return t
+
+
+def _quantize_as_read(home, bits: int, dtype: torch.dtype, keep_float: tuple[str, ...]):
+    """Store.load_resident's `each` for residents quantized on a GPU: a float matrix (not the embedding, a lookup
+    table kept in float, nor a family's FLOAT_MATRICES) onto its GPU quantized, a slice at a time, as it is read, so
+    neither RAM nor the GPU ever holds the float residents all at once (Qwen3.5-397B's: 19.6 GB in bf16, 7.5 at
+    int4); the rest to its device. Rows split alike whether quantized before or after a family fuses them."""
+    def each(name: str, t: torch.Tensor):
+        device = torch.device(home(name))
+        if t.dim() == 2 and t.is_floating_point() and not name.startswith(placement.EMBEDDING) \
+                and not name.endswith(keep_float):
+            with _on(device):  # rows the group does not divide: t as it is (settle() moves it)
+                return AffineMatrix.quantized(t, bits, dtype, device=device)
+        return t.to(device)
+    return each
 
 
 class Model:
@@ -143,12 +155,11 @@ class Model:
             return str(blocks[last].device) if tied and last in mine and name.startswith(placement.EMBEDDING) else None
 
         gpu_bits = GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
-        # quantized on a GPU: the float matrices wait in RAM and reach it quantized, a slice at a time, so the GPU
-        # never holds the float residents (a 397B model's: 19.6 GB in bf16, 7.5 at int4)
-        staged = gpu_bits is not None
-        loaded = store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()),
-                                     device_of=(lambda name: home(name) and "cpu") if staged else home)
-        weights = {name: _resident(name, t, home(name), dtype, staged) for name, t in loaded.items()}
+        staged = gpu_bits is not None  # quantized on a GPU as they are read (_quantize_as_read)
+        each = _quantize_as_read(home, gpu_bits, dtype, getattr(family, "FLOAT_MATRICES", ())) if staged else None
+        loaded = store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=home,
+                                     each=each)
+        weights = {name: _resident(t, home(name), dtype) for name, t in loaded.items()}
         del loaded
         parts = {i: {} for i in mine}
         for name, t in weights.items():

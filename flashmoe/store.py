@@ -210,32 +210,43 @@ class Store:
         return self.manifest["resident"].get("quantized", {})
 
     def load_resident(self, dtype: torch.dtype, device: str = "cpu", float32: tuple[str, ...] = (),
-                      device_of: Callable[[str], str | None] | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
+                      device_of: Callable[[str], str | None] | None = None,
+                      each: Callable[[str, torch.Tensor], object] | None = None) -> dict[str, object]:
         """All resident tensors, floats cast to `dtype` (those whose names end with one of `float32` to float32: values
         a bf16 rounding would change decisions with, like a router's bias); a matrix kept quantized is one
         QuantizedTensor (codes, scales and biases as stored). Names, shapes and dtypes were checked against the config
         when the store opened. device_of(name): where each tensor goes instead of `device` (a model over several
-        devices); None leaves it unread (another process holds it)."""
+        devices); None leaves it unread (another process holds it). each(name, tensor): what to keep of each tensor
+        (the codes kept quantized aside), called as it is read, in RAM: by default the tensor on its device. RAM
+        then holds one float tensor at a time beside what `each` keeps (a GPU load quantizing its residents)."""
         where = device_of or (lambda name: device)
-        raw = {}
+        each = each or (lambda key, t: t.to(where(key)))
+        kept = {part for name in self.resident_quantized for part in quantized_parts(name)}
+        tensors, parts = {}, {}
+        for key, t in self._resident_reads(lambda key: where(key) is not None):
+            if key in kept:
+                parts[key] = t
+                continue
+            want = torch.float32 if key.endswith(float32) else dtype
+            tensors[key] = each(key, t.to(want) if t.is_floating_point() else t)
+        for name, q in self.resident_quantized.items():
+            if where(name) is None:
+                continue
+            packed, scales, biases = (parts.pop(part).to(where(name)) for part in quantized_parts(name))
+            tensors[name] = QuantizedTensor(packed, scales, biases, q["bits"], q["group_size"])
+        return tensors
+
+    def _resident_reads(self, wanted: Callable[[str], bool]):
+        """(name, tensor) of each resident tensor `wanted` takes, read one at a time from the files."""
         for name in self.manifest["resident"]["files"]:
             try:
                 with safe_open(str(self.path / name), "pt") as f:
                     for key in f.keys():
-                        if where(key) is not None:
-                            raw[key] = f.get_tensor(key)
-            except Exception as exc:  # safetensors raises its own types for truncated files
+                        if wanted(key):
+                            yield key, f.get_tensor(key)
+            except Exception as exc:  # safetensors raises its own types for truncated files (the caller's errors
+                # do not come here: they are raised in its frame, not at the yield)
                 raise FlashMoeError(f"corrupt store: cannot read resident file {name}: {' '.join(str(exc).split())}") from None
-        tensors = {}
-        for name, q in self.resident_quantized.items():
-            if where(name) is None:
-                continue
-            packed, scales, biases = (raw.pop(part).to(where(name)) for part in quantized_parts(name))
-            tensors[name] = QuantizedTensor(packed, scales, biases, q["bits"], q["group_size"])
-        for key, t in raw.items():
-            want = torch.float32 if key.endswith(float32) else dtype
-            tensors[key] = (t.to(want) if t.is_floating_point() else t).to(where(key))
-        return tensors
 
     def verify(self, progress=None) -> list[str]:
         """Re-read every expert blob and every checksummed resident file; returns a list of problems (empty if

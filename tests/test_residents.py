@@ -41,6 +41,60 @@ def test_the_estimate_is_what_the_model_holds_in_each_format(built, tmp_path, ar
         assert abs(sizes[fmt] - held) <= 0.01 * held, (fmt, sizes[fmt], held)
 
 
+def quantized_model(store: Store, bits: int, as_read: bool):
+    """A family's model over the store's residents quantized as a GPU load does it (here on the CPU): each float
+    matrix as it is read (engine._quantize_as_read), or (as_read False) all read in float, then quantized after the
+    family fused them."""
+    from flashmoe.engine import _quantize_as_read, _resident
+
+    family = family_of(store.config.architecture)
+    each = _quantize_as_read(lambda name: "cpu", bits, torch.bfloat16, getattr(family, "FLOAT_MATRICES", ()))
+    loaded = store.load_resident(torch.bfloat16, float32=getattr(family, "FLOAT32_RESIDENTS", ()),
+                                 each=each if as_read else None)
+    model = family.Model(store.config, {name: _resident(t, "cpu", torch.bfloat16) for name, t in loaded.items()})
+    model.compress_matrices(lambda w: AffineMatrix.quantized(w, bits, torch.bfloat16))
+    model.settle()
+    return model
+
+
+def same_weight(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return all(torch.equal(x, y) for x, y in zip((a.q.packed, a.q.scales, a.q.biases), (b.q.packed, b.q.scales,
+                                                                                         b.q.biases)))
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen3_5_moe", {}), ("qwen3_moe", {"tie_word_embeddings": True}),
+                                            ("gpt_oss", {}), ("deepseek_v3", {}), ("glm4_moe", {})])
+def test_residents_quantized_as_read_are_those_quantized_after_fusion(built, tmp_path, arch, overrides):
+    """A GPU load quantizes each float matrix as it is read (RAM never holds the float residents at once): the
+    same codes, bit for bit, as quantizing the family's fused matrices afterwards; DeepSeek-V3's kv_b absorbed from
+    its float rows; a tied head its own copy."""
+    store = Store(convert(built.checkpoint(arch, **overrides), tmp_path / "store", bits=4))
+    new, old = quantized_model(store, 4, as_read=True), quantized_model(store, 4, as_read=False)
+    assert new.w.keys() == old.w.keys()
+    assert any(isinstance(w, AffineMatrix) for w in new.w.values())
+    for name in new.w:
+        assert type(new.w[name]) is type(old.w[name]) and same_weight(new.w[name], old.w[name]), name
+    assert same_weight(new.lm_head, old.lm_head)
+
+
+def test_the_store_hands_each_resident_over_as_it_is_read(built):
+    """load_resident(each=...): each tensor reaches `each` right after it is read, the one before already gone
+    (nothing else kept it): RAM holds one float tensor at a time, not the residents."""
+    import weakref
+
+    seen = []
+
+    def each(name, t):
+        assert all(ref() is None for ref in seen), name
+        seen.append(weakref.ref(t))
+        return t.shape
+
+    shapes = Store(built.store("qwen3_5_moe", 4)).load_resident(torch.bfloat16, each=each)
+    assert len(seen) == len(shapes) > 10 and all(isinstance(v, torch.Size) for v in shapes.values())
+
+
 def test_a_gpu_load_takes_the_first_format_that_leaves_half_the_vram():
     sizes = {"float": 20 * GB, "int8": 11 * GB, "int4": 6 * GB}  # Qwen3.5-397B's, roughly
     assert residents.choose(sizes, 140 * GB) == "float"  # an H200
