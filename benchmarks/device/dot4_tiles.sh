@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (~9.5 min) for the resident matrices now that dot4 is the default: the GPU tests of what is new
-# (K splits, activations rounded inside the kernel, the resident format chosen by free VRAM, the routers' top-k,
+# (K splits, activations rounded inside the kernel, the resident format chosen by free VRAM and residents quantized
+# as they are read, the routers' top-k,
 # cpu_share's batches in their graph), int8 residents against
 # bf16 and int4 in a decode step and in a batch of 8 (whether int8 could be the GPU default for quantized stores),
 # activations rounded inside every dot4 kernel (FLASHMOE_GPU_DOT4=fused) against quantize_rows launches,
@@ -12,7 +13,8 @@ set -o pipefail
 cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
 t0=$(date +%s)
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_residents.py tests/test_dot4_gemv.py -m gpu 2>&1 \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_residents.py tests/test_dot4_gemv.py \
+    tests/test_quantized_residents.py -m gpu 2>&1 \
     | tee "$OUT/tests.log" | tail -3
 # the routers' packed top-k on the GPU; cpu_share's batches through their graph
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu.py \
