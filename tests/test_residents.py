@@ -65,7 +65,8 @@ def same_weight(a, b) -> bool:
 
 
 @pytest.mark.parametrize("arch,overrides", [("qwen3_5_moe", {}), ("qwen3_moe", {"tie_word_embeddings": True}),
-                                            ("gpt_oss", {}), ("deepseek_v3", {}), ("glm4_moe", {})])
+                                            ("gpt_oss", {}), ("deepseek_v3", {}), ("glm4_moe", {}), ("mixtral", {}),
+                                            ("minimax_m2", {}), ("qwen3_next", {})])
 def test_residents_quantized_as_read_are_those_quantized_after_fusion(built, tmp_path, arch, overrides):
     """A GPU load quantizes each float matrix as it is read (RAM never holds the float residents at once): the
     same codes, bit for bit, as quantizing the family's fused matrices afterwards; DeepSeek-V3's kv_b absorbed from
