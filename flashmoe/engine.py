@@ -107,7 +107,7 @@ def _resident(t, device: str, dtype: torch.dtype):
 def _quantize_as_read(home, bits: int, dtype: torch.dtype, keep_float: tuple[str, ...]):
     """Store.load_resident's `each` for residents quantized on a GPU: a float matrix (not the embedding, a lookup
     table kept in float, nor a family's FLOAT_MATRICES) onto its GPU quantized, a slice at a time, as it is read, so
-    neither RAM nor the GPU ever holds the float residents all at once (Qwen3.5-397B's: 19.6 GB in bf16, 7.5 at
+    neither RAM nor the GPU ever holds the float residents all at once (a 397B model's: 19.6 GB in bf16, 7.5 at
     int4); the rest to its device. Rows split alike whether quantized before or after a family fuses them."""
     def each(name: str, t: torch.Tensor):
         device = torch.device(home(name))
