@@ -53,9 +53,6 @@ def default_vram_cache_bytes(store: Store, device: torch.device) -> int:
     return max(0, min(store.expert_bytes, int(free * 0.9) - (4 << 30)))
 
 
-# resident_format on a GPU: the projections quantized at load to these bits (group 32), read by kernels/affine.py's
-# kernels; "float" keeps them in `dtype`
-GPU_RESIDENT_BITS = {"int8": 8, "int4": 4}
 # a quantized store on the CPU: resident projections quantized to 8 bits at load (llama.cpp's Q8_0 does the same).
 # benchmarks/cpu_paths.py, 35B-A3B geometry, 16 Xeon cores: 22.9 tok/s vs 15.8 in bf16 and 7.2 before (RESULTS.md)
 DEFAULT_CPU_RESIDENT_FORMAT = "int8"
@@ -111,10 +108,9 @@ def _quantize_as_read(home, bits: int, dtype: torch.dtype, keep_float: tuple[str
     int4); the rest to its device. Rows split alike whether quantized before or after a family fuses them."""
     def each(name: str, t: torch.Tensor):
         device = torch.device(home(name))
-        if t.dim() == 2 and t.is_floating_point() and not name.startswith(placement.EMBEDDING) \
-                and not name.endswith(keep_float):
+        if residents.quantized_at_load(name, t.dim(), t.is_floating_point(), keep_float):
             with _on(device):  # rows the group does not divide: t as it is (settle() moves it)
-                return AffineMatrix.quantized(t, bits, dtype, device=device)
+                return AffineMatrix.quantized(t, bits, dtype, residents.GROUP, device=device)
         return t.to(device)
     return each
 
@@ -154,7 +150,7 @@ class Model:
                 return str(blocks[i].device)
             return str(blocks[last].device) if tied and last in mine and name.startswith(placement.EMBEDDING) else None
 
-        gpu_bits = GPU_RESIDENT_BITS.get(resident_format) if on_gpu else None
+        gpu_bits = residents.BITS.get(resident_format) if on_gpu else None  # read by kernels/affine.py's kernels
         staged = gpu_bits is not None  # quantized on a GPU as they are read (_quantize_as_read)
         each = _quantize_as_read(home, gpu_bits, dtype, getattr(family, "FLOAT_MATRICES", ())) if staged else None
         loaded = store.load_resident(dtype, float32=getattr(family, "FLOAT32_RESIDENTS", ()), device_of=home,
@@ -176,7 +172,8 @@ class Model:
                     models[i].compress_matrices(lambda w: compress_matrix(w, resident_format))
                 elif staged:
                     device = blocks[i].device
-                    models[i].compress_matrices(lambda w: AffineMatrix.quantized(w, gpu_bits, dtype, device=device))
+                    models[i].compress_matrices(
+                        lambda w: AffineMatrix.quantized(w, gpu_bits, dtype, residents.GROUP, device=device))
                     models[i].settle()
         if staged:
             torch.cuda.empty_cache()  # quantize's temporaries back to the driver, for the VRAM expert cache
