@@ -186,33 +186,23 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, K, BITS: tl.constexpr, GROUP: tl.constexpr):
-        """One weight group of one row: each block of 32 activations as int8 values packed into words (4-bit: evens
-        and odds apart) and its scale; the group's exact float sum and what rounding took from it."""
+        """One weight group of one row, rounded as every dot4 kernel rounds (_dot4_round_x): its blocks' int8 values
+        packed into words (4-bit: evens and odds apart) and their scales; the group's exact float sum and what
+        rounding took from it."""
         t = tl.program_id(1)
         grp = tl.program_id(0)
-        exact = 0.0
-        rounded = 0.0
-        for i in tl.static_range(GROUP // 32):
-            blk = grp * (GROUP // 32) + i
-            k = blk * 32 + tl.arange(0, 32)
-            x = tl.load(x_ptr + t * K + k).to(tl.float32)
-            d = tl.max(tl.abs(x), axis=0) / 127.0
-            q = tl.floor(x / tl.where(d == 0.0, 1.0, d) + 0.5).to(tl.int32)  # in -127..127
-            exact += tl.sum(x, axis=0)
-            rounded += tl.sum(q, axis=0).to(tl.float32) * d
-            byte = q & 0xFF
-            shift = tl.arange(0, 4)[None, :] * 8
-            if BITS == 4:  # word w of the block: codes 8w..8w+7, evens in one word, odds in the other
-                even, odd = tl.split(tl.reshape(byte, (4, 4, 2)))
-                tl.store(words_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(even << shift, axis=1))
-                tl.store(odd_ptr + t * (K // 8) + blk * 4 + tl.arange(0, 4), tl.sum(odd << shift, axis=1))
-            else:  # word w: codes 4w..4w+3
-                quads = tl.reshape(byte, (8, 4))
-                tl.store(words_ptr + t * (K // 4) + blk * 8 + tl.arange(0, 8), tl.sum(quads << shift, axis=1))
-            tl.store(d_ptr + t * (K // 32) + blk, d)
+        words_per_group: tl.constexpr = GROUP * BITS // 32
+        blocks: tl.constexpr = GROUP // 32
+        xa, xo, d, x_sum, lost = _dot4_round_x(x_ptr + t * K, grp * words_per_group, 0, 1, BITS, GROUP,
+                                               words_per_group)
+        w = t * (K * BITS // 32) + grp * words_per_group + tl.arange(0, words_per_group)
+        tl.store(words_ptr + w, xa)
+        if BITS == 4:
+            tl.store(odd_ptr + w, xo)
+        tl.store(d_ptr + t * (K // 32) + grp * blocks + tl.arange(0, blocks), d)
         groups = K // GROUP
-        tl.store(sums_ptr + t * 2 * groups + grp, exact)
-        tl.store(sums_ptr + t * 2 * groups + groups + grp, exact - rounded)
+        tl.store(sums_ptr + t * 2 * groups + grp + tl.arange(0, 1), x_sum)
+        tl.store(sums_ptr + t * 2 * groups + groups + grp + tl.arange(0, 1), lost)
 
     @triton.jit
     def _dot4_gemv_kernel(x_ptr, words_ptr, odd_ptr, d_ptr, sums_ptr, blob_ptr, out_ptr, T, N, K, row_words, groups,
