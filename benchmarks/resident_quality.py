@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", type=Path, default=ROOT / "flashmoe" / "data" / "small-moe")
     ap.add_argument("--text", type=Path, nargs="*", default=None,
-                    help="files to read (default: the docstrings of Python's own json, argparse and pathlib modules)")
+                    help="files to read (default: the source of Python's own json, argparse and pathlib modules)")
     ap.add_argument("--formats", default="float,int8,int4")
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--window", type=int, default=256)
@@ -39,14 +39,13 @@ def main() -> None:
     ap.add_argument("--dot4", default=None, help="off,on: each format with FLASHMOE_GPU_DOT4=0 and with its default")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    import argparse as a
     import json
     import os
     import pathlib
 
     from tokenizers import Tokenizer
 
-    files = args.text or [Path(m.__file__) for m in (json, a, pathlib)]
+    files = args.text or [Path(m.__file__) for m in (json, argparse, pathlib)]
     text = "\n".join(f.read_text() for f in files)
     ids = np.array(Tokenizer.from_file(str(args.store / "tokenizer.json")).encode(text).ids)
     windows = windows_of(ids, args.windows, args.window)
