@@ -43,7 +43,7 @@ SWEEP_SHAPES = [(248320, 4096), (20608, 4096), (4096, 8192)]  # 397B: the head, 
 # every resident matrix of a 397B decode step (int4/int8 residents): the head, DeltaNet's fused in_proj, attention's
 # fused qkv, both output projections, the MoE input (router + shared gate/up + its gate), the shared expert's down
 DOT4_SHAPES = [(248320, 4096), (20608, 4096), (17408, 4096), (4096, 8192), (2561, 4096), (4096, 1024)]
-L2_BYTES = 256 << 20  # copies of a matrix cycled until this many bytes: none of them still in the 60 MB L2
+L2_BYTES = 256 << 20  # copies of a matrix cycled until this many bytes: none still in the H200's L2 (~50 MB)
 
 
 DEVICE = "cuda"
@@ -129,7 +129,7 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
                                                        num_warps=warps, **base), copies=copies)
             chosen = ms[0].dot4  # AffineMatrix's tile (dot4_gemv.resident_tile)
             chosen_us = gpu_us(lambda i: ms[i](x), copies=copies)
-            tile = lambda t: " / ".join(str(t[k]) for k in ("block_n", "block_w", "num_warps", "split", "fused"))  # noqa: E731
+            tile = " / ".join(str(chosen[key]) for key in ("block_n", "block_w", "num_warps", "split", "fused"))
             want = F.linear(x.float(), ms[0].dequantize(torch.float32))
             results = []
             steps_max = k * bits // 32
@@ -153,7 +153,7 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
             best = min(results)
             gbps = lambda us: f"{nbytes / us / 1e3:.0f} GB/s"  # noqa: E731
             rows.append(f"| {n}x{k} | {bits} | 1 | {bf16_us:.1f} | {float_us:.1f} ({gbps(float_us)}) | "
-                        f"{chosen_us:.1f} ({gbps(chosen_us)}; {tile(chosen)}) | {best[0]:.1f} ({gbps(best[0])}) "
+                        f"{chosen_us:.1f} ({gbps(chosen_us)}; {tile}) | {best[0]:.1f} ({gbps(best[0])}) "
                         f"| {' / '.join(map(str, best[1:]))} | {float_us / best[0]:.2f}x |")
             print(rows[-1], flush=True)
             print("  all:", " ".join(f"{'/'.join(map(str, r[1:]))}:{r[0]:.1f}" for r in sorted(results)[:10]),
