@@ -252,6 +252,15 @@ def test_cpu_share_computes_ram_experts_on_the_cpu_and_matches(built, arch):
         assert list(shared.generate(PROMPT[:8], 12, stop_token_ids=[])) == expected
 
 
+def stepped(model, seqs) -> list[list[int]]:
+    """Each sequence's new tokens, the sequences stepped together through model.step until all are done."""
+    made = [[] for _ in seqs]
+    while not all(s.done for s in seqs):
+        for s, out, row in zip(seqs, made, model.step(seqs)):
+            out += [t for t in [s.advance(row)] if t is not None]
+    return made
+
+
 def test_with_a_cpu_share_batches_step_in_their_graph_and_a_lone_sequence_shares(built):
     """cpu_share and batches: two sequences decode through the batch graph (the GPU reading every RAM-held expert
     over PCIe), a lone one through its own graphs with the CPU's share, as the server steps them (no graph per
@@ -267,17 +276,11 @@ def test_with_a_cpu_share_batches_step_in_their_graph_and_a_lone_sequence_shares
     assert model.batches_well
     prompts = [PROMPT[:8], PROMPT[3:9]]
     want = [list(everything.generate(p, 6, stop_token_ids=[])) for p in prompts]
-    seqs, made = [model.sequence(p, 6, stop_token_ids=[]) for p in prompts], [[], []]
-    while not all(s.done for s in seqs):
-        for s, out, row in zip(seqs, made, model.step(seqs)):
-            out += [t for t in [s.advance(row)] if t is not None]
-    assert made == want
+    assert stepped(model, [model.sequence(p, 6, stop_token_ids=[]) for p in prompts]) == want
     graphs = model.stages[0].graphs
     assert graphs.batch_captures >= 1 and 2 in graphs.bucket_graphs
     model.reset_stats()
-    seq, alone = model.sequence(PROMPT[:8], 6, stop_token_ids=[]), []  # alone, stepped as the server steps it
-    while not seq.done:
-        alone += [t for t in [seq.advance(model.step([seq])[0])] if t is not None]
+    alone = stepped(model, [model.sequence(PROMPT[:8], 6, stop_token_ids=[])])[0]  # as the server steps it
     assert alone == want[0] and model.stats["tokens_shared_with_cpu"] > 0 and 1 not in graphs.bucket_graphs
 
 
@@ -397,10 +400,8 @@ def test_warm_batches_captures_every_batch_size_a_server_will_use(built):
     graphs = model.stages[0].graphs
     assert model.warm_batches(5) == [2, 4, 8] and sorted(graphs.bucket_graphs) == [2, 4, 8]
     captured, prompts = graphs.batch_captures, [PROMPT[:6], PROMPT[2:9], PROMPT[1:4]]
-    seqs, made = [model.sequence(p, 4, stop_token_ids=[]) for p in prompts], [[] for _ in prompts]
-    while not all(s.done for s in seqs):
-        for s, out, row in zip(seqs, made, model.step(seqs)):
-            out += [t for t in [s.advance(row)] if t is not None]
+    seqs = [model.sequence(p, 4, stop_token_ids=[]) for p in prompts]
+    made = stepped(model, seqs)
     assert graphs.batch_captures == captured
     for s in seqs:
         s.close()
@@ -438,9 +439,8 @@ def test_warm_prompts_leaves_nothing_to_tune_for_a_prompt_and_its_continuation(b
     assert len(model.prefix_cache) == 0 and model.stats["tokens"] == 0
     tuned = tunings()
     assert tuned > 0 or not gated_delta.fla_available()
-    seq, made = model.sequence(prompt, 4, stop_token_ids=[], prefill_chunk=16), []
-    while not seq.done:
-        made += [t for t in [seq.advance(model.step([seq])[0])] if t is not None]
+    seq = model.sequence(prompt, 4, stop_token_ids=[], prefill_chunk=16)
+    made = stepped(model, [seq])[0]
     seq.close()
     assert made == cold and tunings() == tuned
 
