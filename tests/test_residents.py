@@ -19,13 +19,9 @@ GB = 10**9
 
 
 def held_as(store: Store, fmt: str) -> int:
-    """Bytes a family's model over the store's residents holds in `fmt`, quantized as load quantizes them on a GPU
-    (here on the CPU: the same codes, scales and biases in one buffer per matrix)."""
-    family = family_of(store.config.architecture)
-    loaded = store.load_resident(torch.bfloat16, float32=getattr(family, "FLOAT32_RESIDENTS", ()))
-    model = family.Model(store.config, loaded)
-    if fmt != "float":
-        model.compress_matrices(lambda w: AffineMatrix.quantized(w, residents.BITS[fmt], torch.bfloat16))
+    """Bytes a family's model over the store's residents holds in `fmt`, quantized as a GPU load quantizes them
+    (quantized_model; here on the CPU: the same codes, scales and biases in one buffer per matrix)."""
+    model = quantized_model(store, residents.BITS.get(fmt), as_read=True)
     return held_bytes(model.w) + (held_bytes(model.lm_head) if fmt != "float" and model.lm_head is not None
                                   and model.lm_head is not model.w.get("lm_head.weight") else 0)
 
@@ -41,19 +37,20 @@ def test_the_estimate_is_what_the_model_holds_in_each_format(built, tmp_path, ar
         assert abs(sizes[fmt] - held) <= 0.01 * held, (fmt, sizes[fmt], held)
 
 
-def quantized_model(store: Store, bits: int, as_read: bool):
+def quantized_model(store: Store, bits: int | None, as_read: bool):
     """A family's model over the store's residents quantized as a GPU load does it (here on the CPU): each float
     matrix as it is read (engine._quantize_as_read), or (as_read False) all read in float, then quantized after the
-    family fused them."""
+    family fused them; bits None: kept in float."""
     from flashmoe.engine import _quantize_as_read, _resident
 
     family = family_of(store.config.architecture)
     each = _quantize_as_read(lambda name: "cpu", bits, torch.bfloat16, getattr(family, "FLOAT_MATRICES", ()))
     loaded = store.load_resident(torch.bfloat16, float32=getattr(family, "FLOAT32_RESIDENTS", ()),
-                                 each=each if as_read else None)
+                                 each=each if as_read and bits else None)
     model = family.Model(store.config, {name: _resident(t, "cpu", torch.bfloat16) for name, t in loaded.items()})
-    model.compress_matrices(lambda w: AffineMatrix.quantized(w, bits, torch.bfloat16))
-    model.settle()
+    if bits:
+        model.compress_matrices(lambda w: AffineMatrix.quantized(w, bits, torch.bfloat16, residents.GROUP))
+        model.settle()
     return model
 
 
