@@ -278,7 +278,7 @@ class Model:
         "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format: how the resident
         projections are kept: "float" (as `dtype`), "bf16" (CPU), or quantized at load to "int8" / "int4" (group 32;
         on the CPU read by our kernels, default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an
-        exact one; on a GPU by kernels/affine.py's, quantized from RAM a slice at a time; default there: the first
+        exact one; on a GPU by kernels/affine.py's, each quantized onto it as it is read; default there: the first
         of float, int8, int4 that takes at most half of the free VRAM, said on stderr when not float
         (residents.py); a format that does not fit is refused in one line before anything loads).
         devices: several GPUs ("cuda:0,cuda:1" or a list) to spread the layers over, each holding a block of layers and
