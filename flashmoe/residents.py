@@ -1,10 +1,10 @@
 """What the resident weights take on a GPU in each format, and the format a load picks when none is asked for.
 
-A GPU holds every resident weight (attention or DeltaNet projections, routers, shared experts, embedding, head).
-Qwen3.5-397B's are 19.6 GB in bf16: more than a 16 GB GPU has, most of a 24 GB one, and what they take is VRAM the
-expert cache does not get. Quantized at load (engine._quantize_as_read: each float matrix as it is read, so they never reach the GPU nor
-wait in RAM together) they
-take about 9/16 (int8) or 5/16 (int4) of that, at +0.2% / +1.5% perplexity on the shipped model (RESULTS.md).
+A GPU holds every resident weight (the token mixers' projections, routers, shared experts, embedding, head). A 397B
+model's are 19.6 GB in bf16: more than a 16 GB GPU has, most of a 24 GB one, and what they take is VRAM the expert
+cache does not get. Quantized at load (engine._quantize_as_read: each float matrix as it is read, so they never
+reach the GPU nor wait in RAM together) they take about 9/16 (int8) or 5/16 (int4) of that, at +0.2% / +1.5%
+perplexity on the shipped model (RESULTS.md).
 """
 
 from __future__ import annotations
