@@ -78,7 +78,8 @@ def test_unsupported_shapes_are_said_so():
     assert not d4.supported(4, 16, 512)  # groups smaller than an activation block
     assert not d4.supported(4, 32, 2880)  # GPT-OSS's rows: no whole steps of 64 words
     assert not d4.supported(2, 32, 512)
-    assert d4.block_words(4, 32, 4096) == 64 and d4.block_words(4, 32, 2880) == 8  # 2880 = 45 steps of 64 codes
+    assert d4.block_words(4, 32, 4096) == 256 and d4.block_words(4, 32, 1024) == 128  # a row is 512 / 128 words
+    assert d4.block_words(4, 32, 2880) == 8  # 2880 = 45 steps of 64 codes
     assert d4.block_words(8, 64, 96) is None and d4.block_words(4, 32, 128) == 16
 
 
@@ -145,8 +146,8 @@ def test_the_decode_expert_kernels_take_the_dot_products_by_default(bits, hidden
 
 @pytest.mark.parametrize("bits,inter,bias", [(4, 256, False), (8, 128, True)])
 def test_decode_expert_kernels_round_in_the_kernel_as_quantize_rows_does(bits, inter, bias, monkeypatch):
-    """FLASHMOE_GPU_DOT4=fused: gate_up rounds x and down rounds act inside their programs (no quantize_rows launch,
-    x rounded once a step for both gate and up): the products of the default path, to float summation order."""
+    """By default (FLASHMOE_GPU_DOT4=fused) gate_up rounds x and down rounds act inside their programs (no quantize_rows launch,
+    x rounded once a step for both gate and up): the products of FLASHMOE_GPU_DOT4=rows, to float summation order."""
     from flashmoe.kernels.moe import ExpertMath
     from test_moe_kernels import i32, make_slab
 
@@ -156,13 +157,13 @@ def test_decode_expert_kernels_round_in_the_kernel_as_quantize_rows_does(bits, i
     x = torch.randn(2, 256, generator=gen).to(DEVICE, torch.bfloat16)
     slots, weights = i32([3, mt.SKIP, 4, 1]), torch.rand(4, generator=gen).to(DEVICE)
     runs = {}
-    for mode in ("1", "fused"):
+    for mode in ("rows", "fused"):
         monkeypatch.setenv(d4.ENV, mode)
         act = mt.decode_gate_up_swiglu(x, slab, slots, qb, per_row=2, block_b=128)
         runs[mode] = act, mt.down_partials(act, slab, slots, weights, qb, block_b=128)
     assert d4.mode() == "fused" and torch.equal(runs["fused"][0][1], torch.zeros_like(runs["fused"][0][1]))
-    assert rel_error(runs["fused"][0], runs["1"][0]) < 1e-2 * 2**-7  # within bf16 rounding of act
-    monkeypatch.setenv(d4.ENV, "1")  # down alone, over the same act both ways
+    assert rel_error(runs["fused"][0], runs["rows"][0]) < 1e-2 * 2**-7  # within bf16 rounding of act
+    monkeypatch.setenv(d4.ENV, "rows")  # down alone, over the same act both ways
     assert rel_error(mt.down_partials(runs["fused"][0], slab, slots, weights, qb, block_b=128), runs["fused"][1]) < 1e-5
 
 
@@ -181,15 +182,15 @@ def decode_logits(store, **load_kwargs) -> torch.Tensor:
 @pytest.mark.gpu
 def test_on_the_gpu_a_model_decodes_through_the_dot_products_in_its_graphs(built, monkeypatch):
     """By default a 4-bit store's decode steps (experts and int4 residents, whole-step graphs) stay within the
-    activations' rounding of the float kernels' logits (FLASHMOE_GPU_DOT4=0), token by token; rounded inside the
-    kernels (FLASHMOE_GPU_DOT4=fused) they are the default's to bf16 noise."""
+    activations' rounding of the float kernels' logits (FLASHMOE_GPU_DOT4=0), token by token; rounded by
+    quantize_rows launches (FLASHMOE_GPU_DOT4=rows) they are the default's to bf16 noise."""
     store = built.store("qwen3_5_moe", 4)
     monkeypatch.setenv(d4.ENV, "0")
     float_logits = decode_logits(store, resident_format="int4")
     monkeypatch.delenv(d4.ENV)
     dot4_logits = decode_logits(store, resident_format="int4")
     assert 0 < rel_error(dot4_logits, float_logits) < 0.05  # > 0: they did run
-    monkeypatch.setenv(d4.ENV, "fused")
+    monkeypatch.setenv(d4.ENV, "rows")
     assert rel_error(decode_logits(store, resident_format="int4"), dot4_logits) < 0.01
 
 

@@ -183,9 +183,8 @@ def test_decode_kernels_compile_with_integer_dot_products(bits, kind):
     cases = []
     for gpt_oss in (False, True):
         for name, meta, types in _decode_cases(_quant_blob(bits, kind, gpt_oss))[:2]:
-            cases.append((name, dict(meta, DOT4=True, ASM=True), {**types, **pointers}))
-            if not gpt_oss:  # FLASHMOE_GPU_DOT4=fused: the activations rounded inside
-                cases.append((name, dict(meta, DOT4=True, ASM=True, ROUND=True), {**types, **pointers}))
+            for round_x in (False, True):  # FLASHMOE_GPU_DOT4=rows, and the default: activations rounded inside
+                cases.append((name, dict(meta, DOT4=True, ASM=True, ROUND=round_x), {**types, **pointers}))
     _fit(cases)
 
 

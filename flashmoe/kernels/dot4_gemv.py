@@ -34,15 +34,17 @@ BLOCK = 32  # activations per int8 scale
 MAX_ROWS = 16  # activation rows a program applies to each step's codes (more rows: more programs, the codes re-read)
 SCALE_FP16, SCALE_BF16 = 0, 1  # moe_triton's SCALE_KIND values of affine blobs (it imports these kernels' pieces)
 # "0" keeps resident matrices and decode experts on the float kernels. On by default: in CUDA graphs on an H200 a
-# 397B decode step took 0.629 ms against 0.812 (benchmarks/device/dot4_ab.sh, RESULTS.md). "fused": every kernel
-# rounds its activations itself instead of a quantize_rows launch before it (the same integers; to be measured)
+# 397B decode step took 0.629 ms against 0.812 (benchmarks/device/dot4_ab.sh, RESULTS.md). By default every kernel
+# rounds its activations itself (the same integers as a quantize_rows launch before it, which "rows" keeps): with
+# resident_tile's tiles the faster of the two for every resident shape and both decode expert kernels (RESULTS.md)
 ENV = "FLASHMOE_GPU_DOT4"
 
 
 def mode() -> str:
-    """"off", "rows" (activations rounded by quantize_rows, the default) or "fused" (inside the kernels)."""
-    value = os.environ.get(ENV, "1")
-    return "off" if value == "0" else "fused" if value == "fused" else "rows"
+    """"off" (FLASHMOE_GPU_DOT4=0), "rows" (activations rounded by quantize_rows launches) or "fused" (inside the
+    kernels: the default, also "1" or "fused")."""
+    value = os.environ.get(ENV, "fused")
+    return "off" if value == "0" else "rows" if value == "rows" else "fused"
 
 
 def enabled() -> bool:
@@ -58,17 +60,22 @@ def supported(bits: int, group_size: int, in_features: int, block_w: int = 64) -
 
 def resident_tile(bits: int, group_size: int, shape: tuple[int, int]) -> dict | None:
     """dot4_gemv's tile for a resident matrix of `shape` (AffineMatrix's): rows a program, words a step, warps, K
-    splits, activations rounded in the kernel or not; None where supported() takes no width. The first H200 run
-    (RESULTS.md) used 16 rows, the widest step, 4 warps, one split, quantize_rows (in-kernel rounding with
-    FLASHMOE_GPU_DOT4=fused): kept until `resident_gemv.py --dot4` has swept them in graphs."""
+    splits, activations rounded in the kernel or not; None where supported() takes no width. From the sweep in CUDA
+    graphs over every resident shape of a 397B step (`resident_gemv.py --dot4`, H200, RESULTS.md): 8 rows and the
+    widest step won or came within 2% everywhere, 8 warps where few rows leave few programs (2561 and 4096 rows: 4.8
+    and 8.9 us against 9.4 and 16.3 at the first run's 16 rows / 64 words), K splits never, in-kernel rounding in
+    all but the 248k head (equal there)."""
     words = block_words(bits, group_size, shape[1])
-    return None if words is None else dict(block_n=16, block_w=words, num_warps=4, split=1, fused=mode() == "fused")
+    if words is None:
+        return None
+    warps = 8 if shape[0] <= 8192 and 8 * words >= 2048 else 4
+    return dict(block_n=8, block_w=words, num_warps=warps, split=1, fused=mode() == "fused")
 
 
 def block_words(bits: int, group_size: int, in_features: int) -> int | None:
-    """Words a row per step for a matrix of these codes: the most of 64, 32, 16, 8 that supported() takes; None if
-    none (the float kernels then)."""
-    return next((w for w in (64, 32, 16, 8) if supported(bits, group_size, in_features, w)), None)
+    """Words a row per step for a matrix of these codes: the most of 256, 128, 64, 32, 16, 8 that supported() takes;
+    None if none (the float kernels then)."""
+    return next((w for w in (256, 128, 64, 32, 16, 8) if supported(bits, group_size, in_features, w)), None)
 
 
 if triton is not None:

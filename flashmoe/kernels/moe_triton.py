@@ -753,7 +753,7 @@ def decode_gate_up_swiglu(x, slab, slots, qb: QuantBlob, block_n: int | None = N
 def _dot4_args(x: torch.Tensor, qb: QuantBlob, k: int, step: int) -> dict:
     """The decode kernels' DOT4 arguments for activations x [rows, k] read by steps of `step` bytes: unless
     FLASHMOE_GPU_DOT4=0, for an affine blob the integer kernels take (dot4_gemv.supported), x rounded to int8 words
-    (dot4_gemv.quantize_rows; with FLASHMOE_GPU_DOT4=fused the kernels round x themselves) and each row's words
+    (by the kernels themselves; by dot4_gemv.quantize_rows with FLASHMOE_GPU_DOT4=rows) and each row's words
     and groups; else (float32 activations too: a model run in float32 asks for exact products) placeholders the
     float path never reads."""
     mode = dot4_gemv.mode()
