@@ -158,16 +158,19 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
             print(rows[-1], flush=True)
             print("  all:", " ".join(f"{'/'.join(map(str, r[1:]))}:{r[0]:.1f}" for r in sorted(results)[:10]),
                   flush=True)
-            # a decode batch's 8 rows: through AffineMatrix (dot4, its tile) and at the best one-row tile
-            x8 = torch.randn(8, k, device=DEVICE, dtype=torch.bfloat16)
-            bf16_8 = gpu_us(lambda i: F.linear(x8, dense[i]), copies=len(dense))
-            chosen_8 = gpu_us(lambda i: ms[i](x8), copies=copies)
-            best_8 = gpu_us(lambda i: d4.dot4_gemv(x8, ms[i].blob, block_n=best[1], block_w=best[2],
-                                                   num_warps=best[3], split=best[4], fused=best[5], **base),
-                            copies=copies)
-            rows.append(f"| {n}x{k} | {bits} | 8 | {bf16_8:.1f} | | {chosen_8:.1f} | {best_8:.1f} | "
-                        f"{' / '.join(map(str, best[1:]))} | |")
-            print(rows[-1], flush=True)
+            # a decode batch's rows: through AffineMatrix (dot4, its tile), at the best one-row tile, and through
+            # the grouped tensor-core kernel that reads the matrix once (what rows past dot4's reach take)
+            for batch in (4, 8, 16):
+                xb = torch.randn(batch, k, device=DEVICE, dtype=torch.bfloat16)
+                bf16_b = gpu_us(lambda i: F.linear(xb, dense[i]), copies=len(dense))
+                grouped_b = gpu_us(lambda i: mt.affine_gemm(xb, ms[i].blob, **base), copies=copies)
+                chosen_b = gpu_us(lambda i: ms[i](xb), copies=copies)
+                best_b = gpu_us(lambda i: d4.dot4_gemv(xb, ms[i].blob, block_n=best[1], block_w=best[2],
+                                                       num_warps=best[3], split=best[4], fused=best[5], **base),
+                                copies=copies)
+                rows.append(f"| {n}x{k} | {bits} | {batch} | {bf16_b:.1f} | {grouped_b:.1f} (grouped) | "
+                            f"{chosen_b:.1f} | {best_b:.1f} | {' / '.join(map(str, best[1:]))} | |")
+                print(rows[-1], flush=True)
             ms.clear(), dense.clear()  # the copies, before the next shape
             torch.cuda.empty_cache()
     return rows
@@ -184,7 +187,8 @@ def main() -> None:
         publish(section("Resident matrices through integer dot products (kernels/dot4_gemv.py), in CUDA graphs",
                         torch.cuda.get_device_name(), "us per product: 50 launches captured in one CUDA graph, "
                         "cycling over copies of the matrix (256 MB in all: each read from HBM). bf16: cuBLAS on the "
-                        "float matrix; float kernel: affine_gemv at its chosen tile; AffineMatrix: what decode runs "
+                        "float matrix; float kernel: affine_gemv at its chosen tile (past one row: the grouped tensor-core kernel, "
+                        "affine_gemm, reading the matrix once); AffineMatrix: what decode runs "
                         "(dot4 at its tile: rows / words a step / warps / K splits / rounded in the kernel); best: the sweep's fastest "
                         "within 2% of the float product. GB/s: the quantized matrix's bytes (codes, scales, biases).",
                         ["matrix", "bits", "rows", "bf16, us", "float kernel, us", "AffineMatrix, us", "best dot4, us",
