@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
 # One device call (~8 min) after the swept tiles became the default: the dot4 GPU tests under the new defaults
-# (8-row tiles, activations rounded inside the kernels), a decode step with them, the resident shapes at 1/4/8/16
+# (8-row tiles, activations rounded inside the kernels), the resident shapes at 1/4/8/16
 # rows against the grouped tensor-core kernel and bf16 (which a decode batch should take), and issue 14's cold regime
 # at K=4 again with the bound priced from the bytes that reached the disk.
 #   run(command="bash benchmarks/device/rows_bound.sh", carry=["scratch/tfslim", "scratch/whl-fla"])
-# Outputs under $OUT: tests.log, profile-int4.txt, gemv4.txt, k4-*.json, regimes.md.
+# Outputs under $OUT: tests.log, gemv4.txt, k4-*.json, regimes.md.
 set -o pipefail
 cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
 t0=$(date +%s)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_dot4_gemv.py tests/test_quantized_residents.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dot4_gemv.py tests/test_quantized_residents.py \
     -m gpu 2>&1 | tee "$OUT/tests.log" | tail -3
 cd benchmarks
-echo "== a decode step, int4 residents, the defaults $(( $(date +%s) - t0 ))s"
-timeout 80 python3 profile_decode.py --root /root/q --layers 4 --resident-format int4 > "$OUT/profile-int4.txt" 2>&1
-grep -A5 'one graph a step' "$OUT/profile-int4.txt"
 echo "== resident shapes at 1/4/8/16 rows $(( $(date +%s) - t0 ))s"
-timeout 150 python3 resident_gemv.py --dot4 --bits 4 > "$OUT/gemv4.txt" 2>&1
+timeout 130 python3 resident_gemv.py --dot4 --bits 4 > "$OUT/gemv4.txt" 2>&1
 grep '^|' "$OUT/gemv4.txt" | tail -24
 for trace in uniform calibrated; do
     left=$(( 570 - ($(date +%s) - t0) ))
