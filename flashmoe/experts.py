@@ -99,6 +99,9 @@ class ExpertFetcher:
         # no cache needs more slots than this
         every_expert = self.every_expert = len(self.layers) * store.config.num_experts
         slot_bytes = blob if kernel_form is None else kernel_form.slot_bytes
+        if self.on_gpu:  # before anything is allocated there
+            check_fits("VRAM", "vram_cache_gb", (min(vram_cache_bytes // blob, every_expert) + batch_experts) * blob,
+                       torch.cuda.mem_get_info(device)[0])
         self.zero_copy = zero_copy and self.on_gpu
         self._slot_table: torch.Tensor | None = None  # on the device; rewritten in place (graphs hold its address)
         self._slot_table_current = False
@@ -106,9 +109,6 @@ class ExpertFetcher:
         # experts the GPU used through the slot table: [in VRAM, in pinned RAM], counted by the router's kernel
         self.resident_counts = torch.zeros(2, dtype=torch.int64, device=device) if self.on_gpu else None
         self._counts_taken = [0, 0]  # only ever grows on the GPU: a reader on another thread (metrics) loses nothing
-        if self.on_gpu:
-            check_fits("VRAM", "vram_cache_gb", (min(vram_cache_bytes // blob, every_expert) + batch_experts) * blob,
-                       torch.cuda.mem_get_info(device)[0])
         self.owns_host = host is None
         if host is not None:
             self.ram, self._ram_backing, self.ram_slab = host.ram, host._ram_backing, host.ram_slab

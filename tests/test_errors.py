@@ -205,3 +205,20 @@ def test_bad_cache_options(built):
         flashmoe.load(store, device="cuda" if torch.cuda.is_available() else "cpu", vram_cache_gb=-2)
     with pytest.raises(FlashMoeError, match="vram_cache_gb needs device='cuda'"):
         flashmoe.load(store, vram_cache_gb=1)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_vram_cache_larger_than_free_vram_is_refused_before_anything_is_allocated(built, monkeypatch):
+    """The VRAM tier is checked against what the driver says is free before its slab is allocated: one line naming
+    vram_cache_gb and what would fit (the tiny model's experts fit any real GPU, so the driver is made to say 1 MB)."""
+    from flashmoe.experts import ExpertFetcher
+    from flashmoe.store import Store
+
+    store = Store(built.store("qwen3_5_moe", 4))
+    total = torch.cuda.mem_get_info()[1]
+    allocated = torch.cuda.memory_allocated()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, total))
+    with pytest.raises(FlashMoeError, match=r"vram_cache_gb asks for .* GB of VRAM for experts, but 0\.0 GB is free; "
+                                            r"pass at most vram_cache_gb=0\.0"):
+        ExpertFetcher(store, torch.device("cuda"), ram_cache_bytes=0, vram_cache_bytes=store.expert_bytes)
+    assert torch.cuda.memory_allocated() == allocated

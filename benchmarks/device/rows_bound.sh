@@ -9,7 +9,7 @@ set -o pipefail
 cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
 t0=$(date +%s)
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dot4_gemv.py tests/test_quantized_residents.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dot4_gemv.py tests/test_quantized_residents.py tests/test_errors.py \
     -m gpu 2>&1 | tee "$OUT/tests.log" | tail -3
 cd benchmarks
 echo "== resident shapes at 1/4/8/16 rows $(( $(date +%s) - t0 ))s"
