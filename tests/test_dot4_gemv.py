@@ -83,6 +83,21 @@ def test_unsupported_shapes_are_said_so():
     assert d4.block_words(8, 64, 96) is None and d4.block_words(4, 32, 128) == 16
 
 
+def test_the_resident_tiles_are_the_sweeps(monkeypatch):
+    """resident_tile gives each resident shape of a 397B step the tile its docstring says the H200 sweep chose: 8 rows,
+    the widest step, 8 warps on matrices of at most 8192 rows, no K split, activations rounded in the kernel unless
+    FLASHMOE_GPU_DOT4=rows."""
+    monkeypatch.delenv(d4.ENV, raising=False)
+    tile = lambda n, k: tuple(d4.resident_tile(4, 32, (n, k)).values())  # noqa: E731
+    assert tile(248320, 4096) == tile(20608, 4096) == tile(17408, 4096) == (8, 256, 4, 1, True)
+    assert tile(4096, 8192) == tile(2561, 4096) == (8, 256, 8, 1, True)
+    assert tile(4096, 1024) == (8, 128, 4, 1, True)
+    assert d4.resident_tile(4, 32, (4096, 2880)) == dict(block_n=8, block_w=8, num_warps=4, split=1, fused=True)
+    assert d4.resident_tile(8, 64, (64, 96)) is None
+    monkeypatch.setenv(d4.ENV, "rows")
+    assert tile(4096, 8192) == (8, 256, 8, 1, False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 8])
 def test_on_the_gpu_the_dp4a_is_its_emulation_and_resident_matrices_take_it_by_default(bits, monkeypatch):
