@@ -267,9 +267,6 @@ class Converter:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
             self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
         elif self.mlx:
-            if not getattr(family, "MLX_IMPORT", True):
-                raise FlashMoeError(f"{self.src} is an MLX checkpoint of {self.cfg.architecture}, which flashmoe does "
-                                    "not import yet; convert the Hugging Face release instead")
             # families whose mlx-lm sanitize() changes nothing but the experts' stacking have no from_mlx
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, getattr(family, "from_mlx", lambda name, t: t),
                                       self.remote)

@@ -226,7 +226,7 @@ def hf_as_mlx_lm_reads_it(src, dst):
     """A copy of a tiny checkpoint in the layout mlx-lm's converter reads: Qwen3.5's experts fused
     (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I], as the official releases hold them; mlx-lm 0.32 reads
     no other), the rope settings at the top of config.json (where transformers 4 wrote them), Qwen3-MoE's expert count
-    as num_experts."""
+    as num_experts, GPT-OSS's experts as its release holds them ([E, out, in]) with its clamp at mlx-lm's fixed 7."""
     import json
     import shutil
 
@@ -256,6 +256,13 @@ def hf_as_mlx_lm_reads_it(src, dst):
         cfg.setdefault("rope_scaling", None)
     if cfg.get("model_type") == "qwen3_moe":  # the released configs' name, which mlx-lm reads (transformers 5 renames it)
         cfg.setdefault("num_experts", cfg.get("num_local_experts"))
+    if cfg.get("model_type") == "gpt_oss":  # the release's expert layout ([E, out, in], gate/up rows alternating)
+        for name in [n for n in out if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            out[name + ".weight"] = out.pop(name).transpose(-1, -2).contiguous()  # mlx-lm's sanitize reads X.weight
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type") == "yarn":
+            cfg["rope_scaling"] = rope
+        cfg["swiglu_limit"] = 7.0  # mlx-lm's SwigluOAI clamps at 7 whatever config.json says
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     return dst

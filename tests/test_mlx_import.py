@@ -32,7 +32,8 @@ def to_torch(a) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch,bits,group", [("qwen3_5_moe_vl", 4, 32), ("qwen3_next", 4, 64), ("qwen3_5_moe_vl", 8, 64),
                                              ("qwen3_moe", 4, 32), ("mixtral", 8, 64), ("glm4_moe", 4, 64),
-                                             ("deepseek_v3", 4, 64), ("minimax_m2", 4, 32)])
+                                             ("deepseek_v3", 4, 64), ("minimax_m2", 4, 32),
+                                             ("gpt_oss", 4, 32)])
 def test_mlx_checkpoint_runs_as_mlx_lm_runs_it(built, arch, bits, group):
     ours = flashmoe.load(built.mlx_store(arch, bits, group)).logits(PROMPT)
     ref = mlx_logits(built.mlx_checkpoint(arch, bits, group), PROMPT)
@@ -69,6 +70,39 @@ def test_codes_and_scales_are_repacked_not_requantized(built):
             assert torch.equal(ours.contiguous().view(torch.uint8).flatten(),
                                torch.cat([mlx_bytes(proj, part).flatten() for proj in projs])), (name, field)
     assert views["gate_up.scales"].dtype == torch.bfloat16  # not rounded to float16
+
+
+def test_gpt_oss_experts_keep_their_codes_and_their_biases(built):
+    """mlx-lm's GPT-OSS keeps its experts under `experts.` (not `switch_mlp.`), gate and up split, each with a float
+    bias: the blob holds the codes as mlx-lm wrote them and the biases gate first, then up, then down's."""
+    folder = built.mlx_checkpoint("gpt_oss", 4, 32)
+    store = Store(built.mlx_store("gpt_oss", 4, 32))
+    assert store.manifest["source"]["experts"] == "repacked"
+    weights = mx.load(str(folder / "model.safetensors"))
+    layer, expert = 1, 6
+    p = f"model.layers.{layer}.mlp.experts."
+    views = blob_views(store, layer, expert)
+
+    def mlx(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(weights[p + name][expert].astype(mx.float32) if name.endswith("bias")
+                                         else weights[p + name][expert].view(mx.uint8)))
+
+    assert torch.equal(views["gate_up.packed"].contiguous().view(torch.uint8).flatten(),
+                       torch.cat([mlx("gate_proj.weight").flatten(), mlx("up_proj.weight").flatten()]))
+    assert torch.equal(views["gate_up.bias"].float(), torch.cat([mlx("gate_proj.bias"), mlx("up_proj.bias")]))
+    assert torch.equal(views["down.bias"].float(), mlx("down_proj.bias"))
+
+
+def test_mlx_mxfp4_mode_is_refused_in_one_line(built, tmp_path):
+    """mlx-community's `-MXFP4` checkpoints (mlx-lm's q_mode mxfp4: E8M0 scales, no biases) are not read: one line
+    naming the mode and what to convert instead."""
+    from mlx_lm.convert import convert as mlx_convert
+
+    hf_copy = hf_as_mlx_lm_reads_it(built.checkpoint("gpt_oss"), tmp_path / "hf")
+    mlx_convert(str(hf_copy), str(tmp_path / "mxfp4"), quantize=True, q_bits=4, q_group_size=32, q_mode="mxfp4")
+    with pytest.raises(FlashMoeError, match="MLX quantization mode 'mxfp4' is not supported yet"):
+        convert(tmp_path / "mxfp4", tmp_path / "store")
+    assert not (tmp_path / "store" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe_vl", "qwen3_next"])

@@ -27,7 +27,6 @@ GATE_UP_INTERLEAVED = True
 EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
 FLOAT32_RESIDENTS = ("self_attn.sinks",)
 MLP = "mlp."
-MLX_IMPORT = False  # mlx-lm's GPT-OSS layout (its experts' biases and split gate/up) is not read yet
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -151,6 +150,6 @@ class Model(qwen3_moe.AttentionMoEModel):
 
 
 __all__ = ["ARCHITECTURES", "ZERO_CENTRED_NORMS", "EXPERT_PROJECTIONS", "FUSED_EXPERTS_TRANSPOSED",
-           "GATE_UP_INTERLEAVED", "EXPERT_BIASES", "FLOAT32_RESIDENTS", "MLX_IMPORT", "config_from_hf", "resident_shapes",
+           "GATE_UP_INTERLEAVED", "EXPERT_BIASES", "FLOAT32_RESIDENTS", "config_from_hf", "resident_shapes",
            "resident_sources", "expert_prefix", "describe", "Model", "GGUF_NAMES", "GGUF_LAYER_NAMES", "from_gguf",
            "gguf_rows_only", "config_from_gguf"]

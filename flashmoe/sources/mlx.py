@@ -208,12 +208,15 @@ class MlxCheckpoint:
 
 
 class MlxExpertSource:
-    """One layer's routed experts from mlx-lm's stacked `switch_mlp` tensors: an expert's gate and up rows stacked into
-    one [2I, H] matrix, as flashmoe's blobs hold them, codes and scales untouched."""
+    """One layer's routed experts from mlx-lm's stacked `switch_mlp` tensors (GPT-OSS's sanitize keeps them under
+    `experts.`, gate and up split, each with its bias): an expert's gate and up rows stacked into one [2I, H] matrix,
+    as flashmoe's blobs hold them, codes and scales untouched."""
 
     def __init__(self, ckpt: MlxCheckpoint, expert_prefix: str, layer: int, hidden: int, inter: int, num_experts: int):
         self.ckpt = ckpt
-        self.names = {p: f"{switch_mlp_prefix(expert_prefix)}{p}.weight" for p in PROJECTIONS}
+        stacked = expert_prefix if ckpt.has(f"{expert_prefix}gate_proj.weight") else switch_mlp_prefix(expert_prefix)
+        self.names = {p: f"{stacked}{p}.weight" for p in PROJECTIONS}
+        self.bias_names = {p: f"{stacked}{p}.bias" for p in PROJECTIONS if ckpt.has(f"{stacked}{p}.bias")}
         self.source_names = list(self.names.values())
         want = {"gate_proj": (num_experts, inter, hidden), "up_proj": (num_experts, inter, hidden),
                 "down_proj": (num_experts, hidden, inter)}
@@ -240,7 +243,11 @@ class MlxExpertSource:
         return torch.cat([gate, up]), down
 
     def read_biases(self, expert: int) -> dict[str, torch.Tensor]:
-        return {}  # no family mlx-lm imports here has expert biases
+        """The expert's output biases as the blob holds them (float32, gate rows first), where it has any."""
+        if not self.bias_names:
+            return {}
+        gate, up, down = (self.ckpt.get(self.bias_names[p], expert).float() for p in PROJECTIONS)
+        return {"gate_up.bias": torch.cat([gate, up]), "down.bias": down}
 
     def read_quantized(self, expert: int) -> dict[str, torch.Tensor]:
         """The expert's blob tensors, repacked: gate_up.packed / .scales / .biases, down.*."""
