@@ -169,6 +169,10 @@ def test_the_dot_product_gemv_compiles_with_its_dp4a():
     cases += [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=32, BLOCK_N=16, BLOCK_W=64, ROWS=rows,
                                                    SCALE_KIND=0, ASM=True, ROUND=True, num_warps=4), pointers)
               for bits, rows in ((4, 1), (8, 1), (4, 8))]
+    # resident_tile's tiles (8 rows, 256 words a step, 4 or 8 warps, rounded inside) for one row and a batch's 16
+    cases += [("dot4_gemv:_dot4_gemv_kernel", dict(BITS=bits, GROUP=32, BLOCK_N=8, BLOCK_W=256, ROWS=rows,
+                                                   SCALE_KIND=0, ASM=True, ROUND=True, num_warps=warps), pointers)
+              for bits, rows, warps in ((4, 1, 4), (4, 16, 8), (8, 16, 4))]
     # ASM False: the emulation the GPU test compares; ROWS: activation rows applied to each step's codes
     cases += [("dot4_gemv:_quantize_rows_kernel", dict(BITS=bits, GROUP=32, num_warps=1),
                {"x_ptr": "*bf16", "d_ptr": "*fp32", "sums_ptr": "*fp32"}) for bits in (4, 8)]
