@@ -24,10 +24,11 @@ GEOMETRIES = {
 }
 
 
-def timed_decode(model, prompt: list[int], tokens: int, warm_steps: int = 2) -> float:
+def timed_decode(model, prompt: list[int], tokens: int, warm_steps: int = 2, on_start=None) -> float:
     """Milliseconds for `tokens` greedy decode steps of a fresh sequence, after prefilling `prompt` and
     `warm_steps` untimed steps (on a GPU the first compiles kernels eagerly, the second captures the CUDA
-    graphs); the model's stats are reset before the timed steps, so they describe those alone."""
+    graphs); the model's stats are reset before the timed steps, so they describe those alone. on_start() is
+    called just before the timed steps (to start other counters there)."""
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     state = model.new_state()
     logits = model.forward(prompt, state, all_logits=False)
@@ -35,6 +36,8 @@ def timed_decode(model, prompt: list[int], tokens: int, warm_steps: int = 2) -> 
         logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)
     model.reset_stats()
     sync()
+    if on_start is not None:
+        on_start()
     t0 = time.perf_counter()
     for _ in range(tokens):
         logits = model.forward([int(logits[-1].argmax())], state, all_logits=False)

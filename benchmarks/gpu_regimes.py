@@ -179,10 +179,11 @@ def decode(store_path: Path, regime: str, tokens: int, trace: str = "router") ->
         model.layer_events = [] if timing == "wall" else None
         if spec["cold"]:
             drop_page_cache()
-        disk0 = disk_read_bytes()
-        results[timing] = (timed_decode(model, prompt, tokens), model.stats)
+        disk0 = []  # counted from the first timed step: the prompt's and the warm steps' reads are not the decode's
+        results[timing] = (timed_decode(model, prompt, tokens, on_start=lambda: disk0.append(disk_read_bytes())),
+                           model.stats)
         if timing == "wall":
-            disk_bytes = disk_read_bytes() - disk0  # the prompt's reads too: an upper count for the decode's
+            disk_bytes = disk_read_bytes() - disk0[0]
             layers_ms = model.layers_gpu_ms()
     head = head_ms(model)
     model.close()
