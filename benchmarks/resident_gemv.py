@@ -176,13 +176,72 @@ def dot4_sweep(bits_list=(4, 8)) -> list[str]:
     return rows
 
 
+def rows_sweep(bits_list=(4,), counts=(4, 8, 16, 32, 64)) -> list[str]:
+    """A decode batch's rows through every resident shape of a 397B step: bf16 through cuBLAS, dot4 (AffineMatrix's
+    one-row tile), the grouped MoE kernel (moe_triton.affine_gemm) and resident_mm at its tiles, in CUDA graphs."""
+    from flashmoe.kernels import affine
+    from flashmoe.kernels import dot4_gemv as d4
+    from flashmoe.kernels import moe_triton as mt
+    from flashmoe.kernels import resident_mm as rm
+
+    tiles = [rm.MMTile(block_n, groups, warps) for block_n in (16, 32, 64, 128) for groups in (2, 4, 8)
+             for warps in (4, 8)]
+    rows = []
+    for bits in bits_list:
+        for n, k in DOT4_SHAPES:
+            ms, _, base, w = _case(n, k, bits)
+            copies, nbytes = len(ms), ms[0].blob.numel()
+            dense = [w] + [w.clone() for _ in range(L2_BYTES // w.numel() // 2)]
+            for count in counts:
+                xb = torch.randn(count, k, device=DEVICE, dtype=torch.bfloat16)
+                want = F.linear(xb.float(), ms[0].dequantize(torch.float32))
+                bf16_us = gpu_us(lambda i: F.linear(xb, dense[i]), copies=len(dense))
+                dot4_us = (gpu_us(lambda i: d4.dot4_gemv(xb, ms[i].blob, **base, **ms[i].dot4), copies=copies)
+                           if count <= d4.MAX_ROWS and ms[0].dot4 else float("nan"))
+                grouped_us = gpu_us(lambda i: mt.affine_gemm(xb, ms[i].blob, **base), copies=copies)
+                timed = []
+                for tile in tiles:
+                    def run(i=0, tile=tile):
+                        return rm.resident_mm(xb, ms[i].blob, tile=tile, **base)
+                    err = float((run().float() - want).norm() / want.norm())
+                    if err > 0.01:
+                        raise SystemExit(f"resident_mm {tile}: error {err:.4f}")
+                    timed.append((gpu_us(run, copies=copies), tile))
+                best_us, best = min(timed, key=lambda t: t[0])
+                chosen = rm.tile_for((n, k))
+                chosen_us = next(us for us, tile in timed if tile == chosen)
+                path_us = gpu_us(lambda i: ms[i](xb), copies=copies)
+                rows.append(f"| {n}x{k} | {bits} | {count} | {bf16_us:.1f} | {dot4_us:.1f} | {grouped_us:.1f} | "
+                            f"{best_us:.1f} ({nbytes / best_us / 1e3:.0f} GB/s) | {best.block_n} / {best.groups} / "
+                            f"{best.num_warps} | {chosen_us:.1f} | {path_us:.1f} | {bf16_us / best_us:.2f}x |")
+                print(rows[-1], flush=True)
+                print("  all:", " ".join(f"{t.block_n}/{t.groups}/{t.num_warps}:{us:.1f}"
+                                         for us, t in sorted(timed, key=lambda t: t[0])[:8]), flush=True)
+            ms.clear(), dense.clear()
+            torch.cuda.empty_cache()
+    print(f"AffineMatrix: dot4 up to {affine.DOT4_MAX_ROWS} rows, resident_mm past it", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=str, default=None)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--dot4", action="store_true", help="the integer dot-product kernel against the float one")
     parser.add_argument("--bits", type=lambda v: tuple(int(b) for b in v.split(",")), default=(4, 8))
+    parser.add_argument("--rows", action="store_true", help="a decode batch's rows: resident_mm's tiles against the rest")
     args = parser.parse_args()
+    if args.rows:
+        publish(section("A decode batch's rows times quantized resident matrices (kernels/resident_mm.py), in CUDA graphs",
+                        torch.cuda.get_device_name(), "us per product: 50 launches in one CUDA graph over copies of the "
+                        "matrix (each read from HBM). bf16: cuBLAS; dot4: dot4_gemv at AffineMatrix's tile; grouped: "
+                        "moe_triton.affine_gemm; resident_mm: the sweep's best (output rows a program / groups a step "
+                        "/ warps) and resident_mm.tile_for's; AffineMatrix: what decode runs (dot4 up to "
+                        "affine.DOT4_MAX_ROWS rows). GB/s: the quantized matrix's bytes.",
+                        ["matrix", "bits", "rows", "bf16", "dot4", "grouped", "resident_mm best", "best tile",
+                         "tile_for", "AffineMatrix", "bf16 / best"], rows_sweep(args.bits if args.bits != (4, 8) else (4,))),
+                args.out)
+        return
     if args.dot4:
         publish(section("Resident matrices through integer dot products (kernels/dot4_gemv.py), in CUDA graphs",
                         torch.cuda.get_device_name(), "us per product: 50 launches captured in one CUDA graph, "

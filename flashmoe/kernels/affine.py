@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import SCALE_DTYPE, QuantizedTensor, dequantize, quantize
-from . import dot4_gemv
+from . import dot4_gemv, resident_mm
 from . import moe_triton as mt
 
 GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
-# (a decode batch) one grouped kernel reads it once for all (mt.affine_gemm); past it (prompts), dequantized slices
+# (a decode batch) one tensor-core kernel reads it once for all (resident_mm; mt.affine_gemm where it cannot);
+# past it (prompts), dequantized slices
+DOT4_MAX_ROWS = 4  # dot4's reach in a batch: at 8 rows bf16 beat it on every large matrix (RESULTS.md)
 DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
 QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
 ALIGN = 64
@@ -21,9 +23,9 @@ ALIGN = 64
 
 class AffineMatrix:
     """A [N, K] matrix as codes, scales and biases, held in one buffer (a kernel reads all three from one pointer);
-    multiplies itself. `dtype` is what it hands back: products and dequantized rows. On a GPU one or two rows of x
-    go through a Triton matrix-vector kernel that reads the codes (moe_triton.affine_gemv), up to mt.GEMM_MAX_ROWS
-    through one grouped kernel (moe_triton.affine_gemm), more dequantize a slice at a time into one GEMM."""
+    multiplies itself. `dtype` is what it hands back: products and dequantized rows. On a GPU a few rows of x go
+    through a matrix-vector kernel that reads the codes (dot4_gemv, or moe_triton.affine_gemv), up to
+    mt.GEMM_MAX_ROWS through one tensor-core kernel (resident_mm), more dequantize a slice at a time into one GEMM."""
 
     def __init__(self, q: QuantizedTensor, dtype: torch.dtype):
         parts = (q.packed, q.scales, q.biases)
@@ -49,8 +51,9 @@ class AffineMatrix:
         # its tile, or None); FLASHMOE_GPU_DOT4=0 keeps the float kernel
         self.dot4 = (dot4_gemv.resident_tile(bits, group_size, self.shape)
                      if self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32 else None)
+        self.mm = self.gemv_tile is not None and resident_mm.supported(bits, group_size)
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
-        self.gemm = self.gemv_tile is not None and group_size % 16 == 0
+        self.gemm = self.gemv_tile is not None and not self.mm and group_size % 16 == 0
         if self.gemm:
             mt.resident_tables(self.device)
 
@@ -97,13 +100,16 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.dot4 and rows.shape[0] <= dot4_gemv.MAX_ROWS:  # the codes read once for a decode batch's rows
+        if self.dot4 and rows.shape[0] <= (DOT4_MAX_ROWS if self.mm else dot4_gemv.MAX_ROWS):
             y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                     self.q.scales.dtype == torch.bfloat16, **self.dot4)
         elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
             block_n, block_b, warps = self.gemv_tile
             y = mt.affine_gemv(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                self.q.scales.dtype == torch.bfloat16, block_b, block_n, warps)
+        elif self.mm and rows.shape[0] <= mt.GEMM_MAX_ROWS:
+            y = resident_mm.resident_mm(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
+                                        self.q.scales.dtype == torch.bfloat16, resident_mm.tile_for(self.shape))
         elif self.gemm and rows.shape[0] <= mt.GEMM_MAX_ROWS:
             y = mt.affine_gemm(rows.contiguous(), self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                self.q.scales.dtype == torch.bfloat16)

@@ -1,0 +1,63 @@
+"""A decode batch's rows times a quantized resident matrix on the tensor cores (kernels/resident_mm.py): against
+the dequantized product on odd shapes (output rows past a program's block, rows past a program's 64, a row of
+groups the step does not divide evenly into its widest), both widths, both scale dtypes, float32 and bf16 inputs;
+AffineMatrix routes a batch's rows to it on a GPU. On a CPU machine in Triton's interpreter; compiled for Hopper in
+test_triton_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_error
+from flashmoe.kernels import affine
+from flashmoe.kernels import moe_triton as mt
+from flashmoe.kernels import resident_mm as rm
+from flashmoe.kernels.affine import AffineMatrix
+from flashmoe.quant import QuantizedTensor, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
+
+
+def matrix(n, k, bits, group, scale_dtype, dtype, seed):
+    q = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), bits, group)
+    q = QuantizedTensor(*(t.to(DEVICE) for t in (q.packed, q.scales.to(scale_dtype), q.biases.to(scale_dtype))),
+                        bits, group)
+    return AffineMatrix(q, dtype)
+
+
+@pytest.mark.parametrize("n,k,bits,group,rows", [(37, 96, 4, 32, 3), (70, 320, 4, 32, 17), (33, 256, 8, 64, 5),
+                                                 (40, 256, 4, 16, 70), (64, 512, 8, 128, 9), (19, 224, 4, 32, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_batch_kernel_is_the_dequantized_product(n, k, bits, group, rows, scale_dtype, dtype):
+    m = matrix(n, k, bits, group, scale_dtype, dtype, seed=n + k + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE, dtype)
+    want = F.linear(x.float(), m.dequantize(torch.float32))
+    for tile in (rm.MMTile(block_n=16, groups=4), rm.MMTile(block_n=32, groups=8)):
+        y = rm.resident_mm(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, tile)
+        assert y.dtype == dtype and y.shape == (rows, n)
+        # float32: the order of a sum; bf16: the output's own rounding (products exact, sums in float32)
+        assert rel_error(y, want) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_a_step_takes_the_most_groups_that_divide_the_row():
+    assert rm.step_groups(4096, 32, 4) == 4
+    assert rm.step_groups(2880, 32, 8) == 2  # GPT-OSS's 90 groups a row
+    assert rm.step_groups(224, 32, 4) == 1  # 7 groups
+    assert rm.supported(4, 32) and rm.supported(8, 128) and not rm.supported(2, 32) and not rm.supported(4, 48)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="AffineMatrix takes its kernels on a GPU only")
+@pytest.mark.parametrize("rows", [1, affine.DOT4_MAX_ROWS, affine.DOT4_MAX_ROWS + 1, 33, mt.GEMM_MAX_ROWS])
+def test_affine_matrix_sends_a_batch_past_dot4_to_the_batch_kernel(rows):
+    m = matrix(300, 512, 4, 32, torch.float16, torch.bfloat16, seed=rows)
+    assert m.mm and not m.gemm
+    x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
+    want = F.linear(x.float(), m.dequantize(torch.float32))
+    assert rel_error(m(x), want) < 3e-2  # dot4's rounded activations at few rows, within bf16's rounding past them
+    if rows > affine.DOT4_MAX_ROWS:
+        tile = rm.tile_for(m.shape)
+        assert torch.equal(m(x), rm.resident_mm(x, m.blob, m.shape, 4, 32, m.offsets, False, tile))
