@@ -29,14 +29,14 @@ def matrix(n, k, bits, group, scale_dtype, dtype, seed):
 
 
 @pytest.mark.parametrize("n,k,bits,group,rows", [(37, 96, 4, 32, 3), (70, 320, 4, 32, 17), (33, 256, 8, 64, 5),
-                                                 (40, 256, 4, 16, 70), (64, 512, 8, 128, 9), (19, 224, 4, 32, 64)])
+                                                 (40, 256, 4, 32, 70), (64, 512, 8, 128, 9), (19, 224, 4, 32, 64)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_batch_kernel_is_the_dequantized_product(n, k, bits, group, rows, scale_dtype, dtype):
     m = matrix(n, k, bits, group, scale_dtype, dtype, seed=n + k + rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE, dtype)
     want = F.linear(x.float(), m.dequantize(torch.float32))
-    for tile in (rm.MMTile(block_n=16, groups=4), rm.MMTile(block_n=32, groups=8)):
+    for tile in (rm.MMTile(block_n=16, groups=4), rm.MMTile(block_n=32, groups=8), rm.tile_for(m.shape)):
         y = rm.resident_mm(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, tile)
         assert y.dtype == dtype and y.shape == (rows, n)
         # float32: the order of a sum; bf16: the output's own rounding (products exact, sums in float32)
@@ -48,6 +48,7 @@ def test_a_step_takes_the_most_groups_that_divide_the_row():
     assert rm.step_groups(2880, 32, 8) == 2  # GPT-OSS's 90 groups a row
     assert rm.step_groups(224, 32, 4) == 1  # 7 groups
     assert rm.supported(4, 32) and rm.supported(8, 128) and not rm.supported(2, 32) and not rm.supported(4, 48)
+    assert not rm.supported(4, 16)  # wrong in bf16 on the H200: the grouped kernel takes them
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="AffineMatrix takes its kernels on a GPU only")

@@ -35,20 +35,22 @@ class MMTile:
     pipeline stages."""
 
     block_n: int = 64
-    groups: int = 4
+    groups: int = 2
     num_warps: int = 4
     num_stages: int = 3
 
 
 def supported(bits: int, group_size: int) -> bool:
-    """4- or 8-bit affine codes in groups the matrix units take as their K (16 or more, a power of two)."""
-    return bits in (4, 8) and group_size >= 16 and group_size & (group_size - 1) == 0
+    """4- or 8-bit affine codes in groups of 32 or more, a power of two (the matrix units' K; groups of 16 with bf16
+    activations gave wrong products on the H200, undiagnosed: they stay on moe_triton.affine_gemm)."""
+    return bits in (4, 8) and group_size >= 32 and group_size & (group_size - 1) == 0
 
 
 def tile_for(shape: tuple[int, int]) -> MMTile:
-    """The tile for a matrix [N, K]: wide programs where there are rows enough to fill the GPU, narrow ones else.
-    Provisional until the device sweep (benchmarks/resident_gemv.py --rows) chooses."""
-    return MMTile(block_n=64) if shape[0] >= 16384 else MMTile(block_n=32)
+    """The tile for a matrix [N, K], from the sweep over every resident shape of a 397B step at 4-64 rows
+    (`resident_gemv.py --rows`, H200, RESULTS.md): two groups a step won everywhere, wider programs on more rows."""
+    n = shape[0]
+    return MMTile(block_n=128 if n >= 65536 else 64 if n >= 4096 else 32, groups=2)
 
 
 def step_groups(in_features: int, group_size: int, want: int) -> int:
