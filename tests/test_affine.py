@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import rel_error
 from flashmoe.kernels import moe_triton as mt
+from flashmoe.kernels import resident_mm
 from flashmoe.kernels.affine import AffineMatrix, RowStack
 from flashmoe.kernels.linear import cat_rows, embedding, linear
 from flashmoe.quant import QuantizedTensor, quantize
@@ -62,7 +63,8 @@ def test_a_few_rows_read_the_matrix_once_through_the_grouped_kernel(n, k, bits, 
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
     y = mt.affine_gemm(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16)
     assert rel_error(y, F.linear(x, m.dequantize(torch.float32))) < 1e-5
-    assert m.gemm == (DEVICE == "cuda" and bits == 2)  # on a GPU AffineMatrix's product of 2-bit rows is this kernel's
+    # on a GPU AffineMatrix takes this kernel for what resident_mm does not take (2 bits, groups of 16)
+    assert m.gemm == (DEVICE == "cuda" and not resident_mm.supported(bits, group))
     assert rel_error(m(x), F.linear(x, m.dequantize(torch.float32))) < 1e-5
 
 
