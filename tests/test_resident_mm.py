@@ -49,16 +49,19 @@ def test_a_step_takes_the_most_groups_that_divide_the_row():
     assert rm.step_groups(224, 32, 4) == 1  # 7 groups
     assert rm.supported(4, 32) and rm.supported(8, 128) and not rm.supported(2, 32) and not rm.supported(4, 48)
     assert not rm.supported(4, 16)  # wrong in bf16 on the H200: the grouped kernel takes them
+    assert affine.dot4_max_rows((8192, 4096)) == 8 and affine.dot4_max_rows((8193, 4096)) == 4
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="AffineMatrix takes its kernels on a GPU only")
-@pytest.mark.parametrize("rows", [1, affine.DOT4_MAX_ROWS, affine.DOT4_MAX_ROWS + 1, 33, mt.GEMM_MAX_ROWS])
-def test_affine_matrix_sends_a_batch_past_dot4_to_the_batch_kernel(rows):
-    m = matrix(300, 512, 4, 32, torch.float16, torch.bfloat16, seed=rows)
+@pytest.mark.parametrize("n,rows", [(300, 1), (300, 8), (300, 9), (9000, 4), (9000, 5), (300, 33), (300, mt.GEMM_MAX_ROWS)])
+def test_affine_matrix_sends_a_batch_past_dot4_to_the_batch_kernel(n, rows):
+    """dot4 takes up to 8 rows of a matrix of at most 8192 rows, up to 4 of a larger one; resident_mm the rest."""
+    m = matrix(n, 512, 4, 32, torch.float16, torch.bfloat16, seed=rows)
     assert m.mm and not m.gemm
     x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
     want = F.linear(x.float(), m.dequantize(torch.float32))
     assert rel_error(m(x), want) < 3e-2  # dot4's rounded activations at few rows, within bf16's rounding past them
-    if rows > affine.DOT4_MAX_ROWS:
+    assert affine.dot4_max_rows(m.shape) == (8 if n <= 8192 else 4)
+    if rows > affine.dot4_max_rows(m.shape):
         tile = rm.tile_for(m.shape)
         assert torch.equal(m(x), rm.resident_mm(x, m.blob, m.shape, 4, 32, m.offsets, False, tile))

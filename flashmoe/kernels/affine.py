@@ -15,7 +15,13 @@ from . import moe_triton as mt
 GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
 # (a decode batch) one tensor-core kernel reads it once for all (resident_mm; mt.affine_gemm where it cannot);
 # past it (prompts), dequantized slices
-DOT4_MAX_ROWS = 4  # dot4's reach in a batch: at 8 rows bf16 beat it on every large matrix (RESULTS.md)
+# dot4's reach in a batch (resident_gemv.py --rows, H200, RESULTS.md): at 8 rows resident_mm beat it on the matrices
+# of more than 8192 rows (the 397B head 594 against 976 us) and lost on the smaller ones (4096x8192: 91 against 57)
+DOT4_MAX_ROWS, DOT4_MAX_ROWS_SMALL, SMALL_ROWS = 4, 8, 8192
+
+
+def dot4_max_rows(shape: tuple[int, int]) -> int:
+    return DOT4_MAX_ROWS_SMALL if shape[0] <= SMALL_ROWS else DOT4_MAX_ROWS
 DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
 QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
 ALIGN = 64
@@ -100,7 +106,7 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.dot4 and rows.shape[0] <= (DOT4_MAX_ROWS if self.mm else dot4_gemv.MAX_ROWS):
+        if self.dot4 and rows.shape[0] <= (dot4_max_rows(self.shape) if self.mm else dot4_gemv.MAX_ROWS):
             y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                     self.q.scales.dtype == torch.bfloat16, **self.dot4)
         elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:
