@@ -184,8 +184,11 @@ def rows_sweep(bits_list=(4,), counts=(4, 8, 16, 32, 64)) -> list[str]:
     from flashmoe.kernels import moe_triton as mt
     from flashmoe.kernels import resident_mm as rm
 
-    tiles = [rm.MMTile(block_n, groups, warps) for block_n in (16, 32, 64, 128) for groups in (2, 4, 8)
-             for warps in (4, 8)]
+    # two groups a step won every shape and row count of the first sweep (RESULTS.md); the grouped kernel's own
+    # tiles with K steps of several groups (WIDE) and the weights as the matrix units' M side (swap) beside them
+    tiles = [rm.MMTile(block_n, 2, warps) for block_n in (16, 32, 64, 128) for warps in (4, 8)]
+    grouped = [mt.PromptTile(block_n=block_n, block_k=block_k, swap=swap) for block_n in (32, 64, 128)
+               for block_k in (64, 128, 256) for swap in (False, True)]
     rows = []
     for bits in bits_list:
         for n, k in DOT4_SHAPES:
@@ -199,6 +202,15 @@ def rows_sweep(bits_list=(4,), counts=(4, 8, 16, 32, 64)) -> list[str]:
                 dot4_us = (gpu_us(lambda i: d4.dot4_gemv(xb, ms[i].blob, **base, **ms[i].dot4), copies=copies)
                            if count <= d4.MAX_ROWS and ms[0].dot4 else float("nan"))
                 grouped_us = gpu_us(lambda i: mt.affine_gemm(xb, ms[i].blob, **base), copies=copies)
+                wide = []
+                for tile in grouped:
+                    def run_grouped(i=0, tile=tile):
+                        return mt.affine_gemm(xb, ms[i].blob, **base, tile=tile)
+                    err = float((run_grouped().float() - want).norm() / want.norm())
+                    if err > 0.01:
+                        raise SystemExit(f"affine_gemm {tile}: error {err:.4f}")
+                    wide.append((gpu_us(run_grouped, copies=copies), tile))
+                wide_us, wide_tile = min(wide, key=lambda t: t[0])
                 timed = []
                 for tile in tiles:
                     def run(i=0, tile=tile):
@@ -212,6 +224,7 @@ def rows_sweep(bits_list=(4,), counts=(4, 8, 16, 32, 64)) -> list[str]:
                 chosen_us = next(us for us, tile in timed if tile == chosen)
                 path_us = gpu_us(lambda i: ms[i](xb), copies=copies)
                 rows.append(f"| {n}x{k} | {bits} | {count} | {bf16_us:.1f} | {dot4_us:.1f} | {grouped_us:.1f} | "
+                            f"{wide_us:.1f} ({wide_tile.block_n} / {wide_tile.block_k} / {wide_tile.swap}) | "
                             f"{best_us:.1f} ({nbytes / best_us / 1e3:.0f} GB/s) | {best.block_n} / {best.groups} / "
                             f"{best.num_warps} | {chosen_us:.1f} | {path_us:.1f} | {bf16_us / best_us:.2f}x |")
                 print(rows[-1], flush=True)
@@ -219,7 +232,8 @@ def rows_sweep(bits_list=(4,), counts=(4, 8, 16, 32, 64)) -> list[str]:
                                          for us, t in sorted(timed, key=lambda t: t[0])[:8]), flush=True)
             ms.clear(), dense.clear()
             torch.cuda.empty_cache()
-    print(f"AffineMatrix: dot4 up to {affine.DOT4_MAX_ROWS} rows, resident_mm past it", flush=True)
+    print(f"AffineMatrix: dot4 up to {affine.DOT4_MAX_ROWS_SMALL} rows on matrices of at most {affine.SMALL_ROWS} "
+          f"rows, {affine.DOT4_MAX_ROWS} on larger ones, resident_mm past them", flush=True)
     return rows
 
 
@@ -235,10 +249,11 @@ def main() -> None:
         publish(section("A decode batch's rows times quantized resident matrices (kernels/resident_mm.py), in CUDA graphs",
                         torch.cuda.get_device_name(), "us per product: 50 launches in one CUDA graph over copies of the "
                         "matrix (each read from HBM). bf16: cuBLAS; dot4: dot4_gemv at AffineMatrix's tile; grouped: "
-                        "moe_triton.affine_gemm; resident_mm: the sweep's best (output rows a program / groups a step "
+                        "moe_triton.affine_gemm at RESIDENT_TILE and at the best of its wider tiles; resident_mm: the sweep's best (output rows a program / groups a step "
                         "/ warps) and resident_mm.tile_for's; AffineMatrix: what decode runs (dot4 up to "
                         "affine.DOT4_MAX_ROWS rows). GB/s: the quantized matrix's bytes.",
-                        ["matrix", "bits", "rows", "bf16", "dot4", "grouped", "resident_mm best", "best tile",
+                        ["matrix", "bits", "rows", "bf16", "dot4", "grouped", "grouped, best tile (rows / K step / "
+                         "swap)", "resident_mm best", "best tile",
                          "tile_for", "AffineMatrix", "bf16 / best"], rows_sweep(args.bits if args.bits != (4, 8) else (4,))),
                 args.out)
         return

@@ -888,19 +888,19 @@ def resident_tables(device: torch.device) -> dict[int, tuple]:
 
 
 def affine_gemm(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
-                offsets: tuple[int, int, int], scale_bf16: bool) -> torch.Tensor:
+                offsets: tuple[int, int, int], scale_bf16: bool, tile: PromptTile = RESIDENT_TILE) -> torch.Tensor:
     """x [T, K] @ W^T for a quantized resident matrix W [N, K] (affine_gemv's blob) and up to GEMM_MAX_ROWS rows: W
     read once for all of them, dequantized in the tile loop of the grouped down kernel (the matrix its one expert,
-    x's rows its pairs, weights 1)."""
+    x's rows its pairs, weights 1). tile: RESIDENT_TILE's, or one that resident_gemv.py --rows tries."""
     n, k = shape
     slot, start, ones, tile_expert, tile_row, block_t = resident_tables(x.device)[x.shape[0]]
     qb = QuantBlob(hidden=n, intermediate=k, bits=bits, group_size=group_size, blob_bytes=0, gate_up_packed=0,
                    gate_up_scales=0, gate_up_biases=0, down_packed=offsets[0], down_scales=offsets[1],
                    down_biases=offsets[2], scale_kind=SCALE_BF16 if scale_bf16 else SCALE_FP16)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _down_grouped_kernel[(tile_expert.numel(), triton.cdiv(n, RESIDENT_TILE.block_n))](
+    _down_grouped_kernel[(tile_expert.numel(), triton.cdiv(n, tile.block_n))](
         x, blob, slot, ones, tile_expert, tile_row, start, y, n, k, 0, *offsets, 0, IEEE=x.dtype == torch.float32,
-        **_grouped_meta(RESIDENT_TILE, qb, k, block_t))
+        **_grouped_meta(tile, qb, k, block_t))
     return y
 
 
