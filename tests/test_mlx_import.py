@@ -93,16 +93,36 @@ def test_gpt_oss_experts_keep_their_codes_and_their_biases(built):
     assert torch.equal(views["down.bias"].float(), mlx("down_proj.bias"))
 
 
-def test_mlx_mxfp4_mode_is_refused_in_one_line(built, tmp_path):
-    """mlx-community's `-MXFP4` checkpoints (mlx-lm's q_mode mxfp4: E8M0 scales, no biases) are not read: one line
-    naming the mode and what to convert instead."""
+def test_mlx_mxfp4_checkpoint_keeps_its_codes_and_runs_as_mlx_lm_runs_it(built, tmp_path):
+    """mlx-community's `-MXFP4` checkpoints (mlx-lm's q_mode mxfp4: e2m1 codes, uint8 e8m0 scales, no biases; the
+    routers affine at 8 bits): the experts' bytes become the store's mxfp4 blobs as they are, the MXFP4 residents
+    are dequantized (the affine router stays quantized), and the model runs as mlx-lm runs it."""
     from mlx_lm.convert import convert as mlx_convert
 
     hf_copy = hf_as_mlx_lm_reads_it(built.checkpoint("gpt_oss"), tmp_path / "hf")
-    mlx_convert(str(hf_copy), str(tmp_path / "mxfp4"), quantize=True, q_bits=4, q_group_size=32, q_mode="mxfp4")
-    with pytest.raises(FlashMoeError, match="MLX quantization mode 'mxfp4' is not supported yet"):
-        convert(tmp_path / "mxfp4", tmp_path / "store")
-    assert not (tmp_path / "store" / "manifest.json").exists()
+    folder = tmp_path / "mxfp4"
+    mlx_convert(str(hf_copy), str(folder), quantize=True, q_bits=4, q_group_size=32, q_mode="mxfp4")
+    store = Store(convert(folder, tmp_path / "store"))
+    q = store.manifest["quantization"]
+    assert (q["scheme"], q["bits"], q["group_size"]) == ("mxfp4", 4, 32)
+    assert store.manifest["source"]["experts"] == "repacked"
+    quantized = store.resident_quantized
+    assert quantized["model.layers.0.mlp.router.weight"] == {"bits": 8, "group_size": 64}
+    assert "model.layers.0.self_attn.o_proj.weight" not in quantized and "lm_head.weight" not in quantized
+
+    weights = mx.load(str(folder / "model.safetensors"))
+    layer, expert = 2, 3
+    views = blob_views(store, layer, expert)
+    p = f"model.layers.{layer}.mlp.experts."
+    for name, projs in (("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+        for part, field in ((".weight", "packed"), (".scales", "scales")):
+            mlx_bytes = [np.array(weights[p + proj + part][expert].view(mx.uint8)).reshape(-1) for proj in projs]
+            assert torch.equal(views[f"{name}.{field}"].contiguous().view(torch.uint8).flatten(),
+                               torch.from_numpy(np.concatenate(mlx_bytes))), (name, field)
+
+    ours = flashmoe.load(store.path).logits(PROMPT)
+    ref = mlx_logits(folder, PROMPT)
+    assert rel_error(ours, ref) < 0.01  # the CPU runs MXFP4 experts as exact 8-bit affine; bf16 activations
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe_vl", "qwen3_next"])
@@ -172,7 +192,8 @@ def _edited_copy(folder, tmp_path, edit) -> object:
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c["quantization"].update(mode="mxfp4"), "mode 'mxfp4' is not supported"),
+    (lambda c: c["quantization"].update(mode="nvfp4"), "mode 'nvfp4' is not supported"),
+    (lambda c: c["quantization"].update(mode="mxfp4"), "MLX mxfp4 is 4 bits in groups of 32 .* does not match the file"),
     (lambda c: c["quantization"].update(group_size=64), "does not match the file"),
 ])
 def test_an_mlx_config_we_cannot_read_is_one_clear_line(built, tmp_path, edit, message):

@@ -10,6 +10,10 @@ the layout; each change is undone here or by the family (`models/<family>.py: fr
   - family layout (Qwen3.5 / Qwen3-Next: conv1d as [C, K, 1], zero-centred norms stored as 1 + w) -> `from_mlx`
 Quantized tensors are handed over as they are (QuantizedTensor: uint8 codes, the source's scales), so experts and
 resident matrices are repacked, never requantized; `get` dequantizes for what must be float.
+mlx-lm's `mxfp4` mode (mlx-community's `-MXFP4` checkpoints) packs OCP MXFP4 as flashmoe's mxfp4 scheme holds it
+(e2m1 codes low nibble first, a uint8 e8m0 exponent per 32, no biases): its experts are repacked into mxfp4 blobs,
+its resident matrices dequantized (MXFP4 runs in the expert kernels only), its affine overrides (the routers at 8
+bits) read as affine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .. import mxfp4
 from ..errors import FlashMoeError
 from ..quant import SUPPORTED_BITS, QuantizedTensor, blob_tensors, dequantize, unpack_codes
 from ..store import SOURCE_DTYPES
@@ -30,6 +35,7 @@ PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm
 LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision tower",
                      "language_model.vision_tower.": "vision tower", "mtp.": "multi-token-prediction head"}
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # switch_mlp's, whatever the family calls its experts'
+MODES = ("affine", "mxfp4")  # mlx-lm's quantization modes read here (its nvfp4 and mxfp8 are not)
 
 
 def switch_mlp_prefix(expert_prefix: str) -> str:
@@ -78,6 +84,8 @@ def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.flo
                    ) -> torch.Tensor:
     """Dense [rows, cols] of a QuantizedTensor of any MLX width; odd widths a slice of rows at a time (their bit
     stream is 8 bytes a bit: a 248k-row embedding at once would take 6 GB)."""
+    if q.biases is None:  # mxfp4
+        return mxfp4.dequantize(q.packed, q.scales, dtype)
     if q.bits in REPACKED_BITS:
         return dequantize(q, dtype)
     out = torch.empty(q.packed.shape[0], cols, dtype=dtype)
@@ -99,10 +107,11 @@ class MlxCheckpoint:
         self.folder, self.from_mlx = folder, from_mlx
         self.shards = Shards(folder, remote)
         q = mlx_quantization(raw_config) or {}
-        mode = q.get("mode", "affine")
-        if mode != "affine":
-            raise FlashMoeError(f"{folder}: MLX quantization mode {mode!r} is not supported yet (flashmoe imports "
-                                "'affine'); convert the original checkpoint instead")
+        self.default_mode = q.get("mode", "affine")
+        if self.default_mode not in MODES:
+            raise FlashMoeError(f"{folder}: MLX quantization mode {self.default_mode!r} is not supported yet "
+                                f"(flashmoe imports {' and '.join(map(repr, MODES))}); convert the original checkpoint "
+                                "instead")
         self.default_quant = (q["bits"], q["group_size"]) if q else None
         self.overrides = {path: v for path, v in q.items() if isinstance(v, (dict, bool))}
         self.tensors: dict[str, TensorInfo] = {}
@@ -126,15 +135,20 @@ class MlxCheckpoint:
             out[key] = info
         return out
 
-    def _quant_of(self, key: str) -> tuple[int, int]:
-        """(bits, group_size) of the module whose weight is `key`, from its override or the default."""
+    def _quant_of(self, key: str) -> tuple[int, int, str]:
+        """(bits, group_size, mode) of the module whose weight is `key`, from its override (mlx-lm writes none of
+        mode for an affine one inside an mxfp4 model) or the default."""
         module = key.removesuffix(".weight")
         override = self.overrides.get(module)
         if isinstance(override, dict):
-            return override["bits"], override["group_size"]
+            mode = override.get("mode", "affine")
+            if mode not in MODES:
+                raise FlashMoeError(f"{self.folder}: module {module} is quantized in MLX mode {mode!r}, which flashmoe "
+                                    "does not read; convert the original checkpoint instead")
+            return override["bits"], override["group_size"], mode
         if self.default_quant is None:
             raise FlashMoeError(f"{self.folder}: tensor {key} is quantized but config.json has no 'quantization' block")
-        return self.default_quant
+        return (*self.default_quant, self.default_mode)
 
     def _assemble(self, raw: dict[str, TensorInfo]) -> None:
         for key, info in raw.items():
@@ -150,20 +164,28 @@ class MlxCheckpoint:
                 hf_shape = tuple(self.from_mlx(name, torch.empty(info.shape, device="meta")).shape)
                 self.tensors[name] = TensorInfo(info.file, key, info.dtype, hf_shape)
                 continue
-            if biases is None or info.dtype != "U32":
+            bits, group_size, mode = self._quant_of(key)
+            if mode == "mxfp4":
+                if (bits, group_size) != (4, mxfp4.GROUP) or scales.dtype != "U8" or biases is not None:
+                    raise FlashMoeError(f"tensor {key} in {info.file.name}: MLX mxfp4 is 4 bits in groups of 32 with "
+                                        f"uint8 scales and no biases; this one is {bits} bits, group {group_size}, "
+                                        f"{scales.dtype} scales{' and biases' if biases is not None else ''}: "
+                                        "config.json's quantization does not match the file")
+            elif biases is None or info.dtype != "U32":
                 raise FlashMoeError(f"tensor {key} in {info.file.name} has scales but is {info.dtype}"
                                     f"{' and has no biases' if biases is None else ''}: only MLX affine "
-                                    "quantization (uint32 codes, scales, biases) is supported")
-            bits, group_size = self._quant_of(key)
+                                    "quantization (uint32 codes, scales, biases) and mxfp4 are supported")
             cols = info.shape[-1] * 32 // bits
-            if scales.shape[-1] * group_size != cols or scales.shape != biases.shape:
+            if scales.shape[-1] * group_size != cols or (biases is not None and scales.shape != biases.shape):
                 raise FlashMoeError(f"tensor {key}: {info.shape[-1]} uint32 words at {bits} bits hold {cols} weights, "
                                     f"but its scales {list(scales.shape)} at group size {group_size} cover "
                                     f"{scales.shape[-1] * group_size}: config.json's quantization does not match the file")
-            stored = sum(t.nbytes for t in (info, scales, biases))
-            self.tensors[name] = TensorInfo(info.file, key, scales.dtype, (*info.shape[:-1], cols), stored)
+            stored = sum(t.nbytes for t in (info, scales, biases) if t is not None)
+            # the float it stands for: an affine tensor's scales' dtype; mxfp4's (uint8 exponents) in bf16
+            dtype = "BF16" if mode == "mxfp4" else scales.dtype
+            self.tensors[name] = TensorInfo(info.file, key, dtype, (*info.shape[:-1], cols), stored)
             self.quantized[name] = (bits, group_size)
-            self._parts[name] = {"weight": info, "scales": scales, "biases": biases}
+            self._parts[name] = {"weight": info, "scales": scales, **({"biases": biases} if biases is not None else {})}
 
     # ---- the Checkpoint interface ----------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -182,13 +204,17 @@ class MlxCheckpoint:
         return {t.file for t in self._parts.get(name, {"weight": self.tensors[name]}).values()}
 
     def scale_dtype_of(self, name: str) -> torch.dtype:
-        return SOURCE_DTYPES[self._parts[name]["scales"].dtype]
+        """bf16 or fp16 (affine), uint8 (mxfp4's exponents: the store's mxfp4 scheme, store.UNBIASED)."""
+        dtype = self._parts[name]["scales"].dtype
+        return torch.uint8 if dtype == "U8" else SOURCE_DTYPES[dtype]
 
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
-        """A quantized matrix (or row `index` of a stacked one) as uint8 codes in MLX's packing, scales, biases."""
+        """A quantized matrix (or row `index` of a stacked one) as uint8 codes in MLX's packing, scales, biases (None:
+        mxfp4)."""
         parts = self._parts[name]
         bits, group_size = self.quantized[name]
-        words, scales, biases = (self._read(parts[k], index) for k in ("weight", "scales", "biases"))
+        words, scales = (self._read(parts[k], index) for k in ("weight", "scales"))
+        biases = self._read(parts["biases"], index) if "biases" in parts else None
         packed = words.contiguous().view(torch.uint8).reshape(*words.shape[:-1], -1)
         return QuantizedTensor(packed, scales, biases, bits, group_size)
 
