@@ -84,24 +84,24 @@ class Built:
         return self._done[key]
 
 
-    def mlx_checkpoint(self, arch: str, bits: int, group_size: int):
+    def mlx_checkpoint(self, arch: str, bits: int, group_size: int, mode: str = "affine"):
         """The tiny checkpoint quantized by mlx-lm's own converter (skips where mlx-lm is not installed)."""
-        key = ("mlx", arch, bits, group_size)
+        key = ("mlx", arch, bits, group_size, mode)
         if key not in self._done:
             pytest.importorskip("mlx_lm")
             from mlx_lm.convert import convert as mlx_convert
 
             hf = hf_as_mlx_lm_reads_it(self.checkpoint(arch), self.root / f"hf-for-mlx-{arch}")
-            out = self.root / f"mlx-{arch}-{bits}-g{group_size}"
-            mlx_convert(str(hf), str(out), quantize=True, q_bits=bits, q_group_size=group_size)
+            out = self.root / f"mlx-{arch}-{bits}-g{group_size}-{mode}"
+            mlx_convert(str(hf), str(out), quantize=True, q_bits=bits, q_group_size=group_size, q_mode=mode)
             self._done[key] = out
         return self._done[key]
 
-    def mlx_store(self, arch: str, bits: int, group_size: int):
-        key = ("mlx-store", arch, bits, group_size)
+    def mlx_store(self, arch: str, bits: int, group_size: int, mode: str = "affine"):
+        key = ("mlx-store", arch, bits, group_size, mode)
         if key not in self._done:
-            self._done[key] = convert(self.mlx_checkpoint(arch, bits, group_size),
-                                      self.root / f"store-mlx-{arch}-{bits}-g{group_size}")
+            self._done[key] = convert(self.mlx_checkpoint(arch, bits, group_size, mode),
+                                      self.root / f"store-mlx-{arch}-{bits}-g{group_size}-{mode}")
         return self._done[key]
 
 

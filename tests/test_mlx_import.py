@@ -93,16 +93,12 @@ def test_gpt_oss_experts_keep_their_codes_and_their_biases(built):
     assert torch.equal(views["down.bias"].float(), mlx("down_proj.bias"))
 
 
-def test_mlx_mxfp4_checkpoint_keeps_its_codes_and_runs_as_mlx_lm_runs_it(built, tmp_path):
+def test_mlx_mxfp4_checkpoint_keeps_its_codes_and_runs_as_mlx_lm_runs_it(built):
     """mlx-community's `-MXFP4` checkpoints (mlx-lm's q_mode mxfp4: e2m1 codes, uint8 e8m0 scales, no biases; the
     routers affine at 8 bits): the experts' bytes become the store's mxfp4 blobs as they are, the MXFP4 residents
     are dequantized (the affine router stays quantized), and the model runs as mlx-lm runs it."""
-    from mlx_lm.convert import convert as mlx_convert
-
-    hf_copy = hf_as_mlx_lm_reads_it(built.checkpoint("gpt_oss"), tmp_path / "hf")
-    folder = tmp_path / "mxfp4"
-    mlx_convert(str(hf_copy), str(folder), quantize=True, q_bits=4, q_group_size=32, q_mode="mxfp4")
-    store = Store(convert(folder, tmp_path / "store"))
+    folder = built.mlx_checkpoint("gpt_oss", 4, 32, "mxfp4")
+    store = Store(built.mlx_store("gpt_oss", 4, 32, "mxfp4"))
     q = store.manifest["quantization"]
     assert (q["scheme"], q["bits"], q["group_size"]) == ("mxfp4", 4, 32)
     assert store.manifest["source"]["experts"] == "repacked"
@@ -211,6 +207,19 @@ def test_mlx_store_on_the_gpu_runs_as_mlx_lm(built):
     ref = mlx_logits(built.mlx_checkpoint(arch, bits, group), PROMPT)
     for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
         model = flashmoe.load(built.mlx_store(arch, bits, group), device="cuda", dtype=dtype)
+        assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
+        state = model.new_state()
+        parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
+        assert rel_error(torch.cat(parts), ref) < bound
+
+
+@pytest.mark.gpu
+def test_mlx_mxfp4_store_on_the_gpu_runs_as_mlx_lm(built):
+    """GPT-OSS's MXFP4 experts from an MLX checkpoint through the GPU's expert kernels (e8m0 scales, the clamped
+    SwiGLU, expert biases), prompt and decode, as mlx-lm's forward pass."""
+    ref = mlx_logits(built.mlx_checkpoint("gpt_oss", 4, 32, "mxfp4"), PROMPT)
+    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(built.mlx_store("gpt_oss", 4, 32, "mxfp4"), device="cuda", dtype=dtype)
         assert rel_error(model.logits(PROMPT).cpu(), ref) < bound
         state = model.new_state()
         parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
