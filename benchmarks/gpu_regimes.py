@@ -17,6 +17,8 @@ O_DIRECT at the queue depth one layer's reads have), then decodes in each regime
   cold-buffered  page cache dropped, buffered reads, a 1 GB VRAM cache; run it inside a memory-limited cgroup
              to see what a machine with little RAM sees
   cold-cgroup    cold-buffered in a child process inside a cgroup v2 with memory.max=16G (page cache included)
+  cold-ram-cgroup  the same cgroup, but O_DIRECT reads into flashmoe's own pinned RAM cache of 10 GB (its eviction
+             policy, frequency-LRU, instead of the kernel's page cache): which of the two caches the RAM better
 
 For each: ms per layer (the GPU timeline from the first layer's start to the last layer's end, CUDA events, no
 synchronisation inside: the per-token work around the layers, head and sampling and the host, is not spread over
@@ -141,6 +143,11 @@ REGIMES = {
     "ram": dict(vram=0.2, cache_gb="all", direct_io=False, cold=False),
     "cold": dict(vram=1.0, cache_gb=0, direct_io=True, cold=True),
     "cold-buffered": dict(vram=1.0, cache_gb=0, direct_io=False, cold=True),
+    "cold-ram": dict(vram=1.0, cache_gb=10.0, direct_io=True, cold=True),
+}
+CGROUP_REGIMES = {  # name: (the regime run inside the cgroup, memory.max, its label)
+    "cold-cgroup": ("cold-buffered", "16G", "cold, buffered reads, cgroup memory.max=16G"),
+    "cold-ram-cgroup": ("cold-ram", "16G", "cold, O_DIRECT into a 10 GB pinned RAM cache, cgroup memory.max=16G"),
 }
 
 
@@ -219,9 +226,11 @@ def bound_ms(r: dict, bw: dict, store: Store) -> float:
     hbm = (resident_per_layer + K * blob) / (bw["hbm_read_gbps"] * 1e9)
     misses = r["misses_per_layer"] * blob
     if r["ssd_reads_per_layer"] > 0:
+        # every VRAM miss crosses PCIe (from the page cache or the pinned RAM cache), those that reached the disk
+        # come from it first (pipelined per expert: one extra blob's copy)
         disk = min(r.get("disk_reads_per_layer", r["ssd_reads_per_layer"]), r["ssd_reads_per_layer"])
-        cached = r["ssd_reads_per_layer"] - disk
-        io = (disk * blob / (bw["ssd_gbps_qd"] * 1e9) + (cached + 1) * blob / (bw["h2d_gbps"] * 1e9))
+        io = disk * blob / (bw["ssd_gbps_qd"] * 1e9) + (max(r["misses_per_layer"], disk) - disk + 1) * blob / (
+            bw["h2d_gbps"] * 1e9)
     else:
         io = misses / (bw["h2d_gbps"] * 1e9)
     return (hbm + io) * 1e3
@@ -275,9 +284,10 @@ def main() -> None:
     rows = []
     for regime in args.regimes.split(","):
         try:
-            if regime == "cold-cgroup":
-                r = cgroup_run(args, "cold-buffered", "16G")
-                r["regime"] = "cold, buffered reads, cgroup memory.max=16G"
+            if regime in CGROUP_REGIMES:
+                inner, memory_max, label = CGROUP_REGIMES[regime]
+                r = cgroup_run(args, inner, memory_max)
+                r["regime"] = label
             else:
                 r = decode(store_path, regime, args.tokens, args.trace)
         except (OSError, SystemExit, RuntimeError) as exc:  # e.g. no cgroup v2 memory controller: report, go on
