@@ -11,7 +11,9 @@ whole trace from a cold cache: each expert's first use is a miss for every polic
 --zero-copy asks what zero-copy decode (every expert in pinned RAM, a share in VRAM; experts.py) would gain if its
 VRAM tier followed the routing: the VRAM set a prompt of --prompt tokens leaves (its most used experts, counts
 decayed by half every ~105 tokens) kept for the rest of the trace, against the same set chosen again from the running
-counts every 1, 16 or 64 tokens; beside them, a per-lookup frequency-LRU and Belady's bound on the same tokens.
+counts every 1, 16 or 64 tokens (or only experts 4x hotter than those they replace); each cell is the VRAM hit rate /
+blobs over PCIe per lookup (misses read in place plus the promoted experts' copies); beside them, a per-lookup
+frequency-LRU and Belady's bound on the same tokens.
 """
 
 from __future__ import annotations
@@ -38,42 +40,54 @@ def table(traces: dict, sizes: list[float], experts_total: int) -> list[str]:
     return rows
 
 
-def zero_copy_hits(trace, capacity: int, prompt: int, every: int, decay: float = 0.9 ** (1 / 16)) -> float:
-    """VRAM hit rate after `prompt` tokens when the VRAM set is the `capacity` most used experts (decayed counts),
-    chosen after the prompt and again every `every` tokens (0: never)."""
+def zero_copy_hits(trace, capacity: int, prompt: int, every: int, margin: float = 1.0,
+                   decay: float = 0.9 ** (1 / 16)) -> tuple[float, float]:
+    """(VRAM hit rate, blobs over PCIe per lookup) after `prompt` tokens when the VRAM set is the `capacity` most used
+    experts (decayed counts), chosen after the prompt, then every `every` tokens (0: never) the hottest expert outside
+    it swapped for the coldest inside while its count is above `margin` times that one's (1: the hottest set again).
+    PCIe carries each miss (read in place, zero-copy) and each promoted expert's copy into VRAM."""
     tokens, layers, _ = trace.shape
-    counts = np.zeros((layers, int(trace.max()) + 1))
-
-    def hottest() -> np.ndarray:
-        chosen = np.zeros(counts.size, bool)
-        chosen[np.argsort(-counts.ravel(), kind="stable")[:capacity]] = True
-        return chosen.reshape(counts.shape)
-
-    hits = lookups = 0
+    experts = int(trace.max()) + 1
+    counts = np.zeros(layers * experts)
+    vram = np.zeros(layers * experts, bool)
+    hits = lookups = copies = 0
     for t in range(tokens):
-        if t == prompt or (every and t > prompt and (t - prompt) % every == 0):
-            vram = hottest()
+        if t == prompt:
+            vram[np.argsort(-counts, kind="stable")[:capacity]] = True
+        elif every and t > prompt and (t - prompt) % every == 0:
+            outside, inside = np.flatnonzero(~vram), np.flatnonzero(vram)
+            hot = outside[np.argsort(-counts[outside], kind="stable")]
+            cold = inside[np.argsort(counts[inside], kind="stable")]
+            n = 0
+            while n < min(len(hot), len(cold)) and counts[hot[n]] > margin * counts[cold[n]]:
+                n += 1
+            vram[hot[:n]], vram[cold[:n]] = True, False
+            copies += n
         for layer in range(layers):
-            ids = trace[t, layer]
+            ids = trace[t, layer] + layer * experts
             if t >= prompt:
-                hits += int(vram[layer, ids].sum())
+                hits += int(vram[ids].sum())
                 lookups += len(ids)
-            counts[layer, ids] += 1
+            counts[ids] += 1
         counts *= decay
-    return hits / lookups
+    return hits / lookups, (lookups - hits + copies) / lookups
+
+
+REFRESH = ((0, 1.0), (1, 1.0), (16, 1.0), (64, 1.0), (64, 4.0))  # (every, margin) of the --zero-copy columns
 
 
 def zero_copy_table(traces: dict, sizes: list[float], prompt: int) -> list[str]:
     rows = ["| trace | VRAM (share of experts) | set after the prompt, kept | refreshed every token | every 16 | every 64 "
-            "| frequency-LRU per lookup | Belady (bound) |", "|---|---|---|---|---|---|---|---|"]
+            "| every 64, only 4x hotter | frequency-LRU per lookup | Belady (bound) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, trace in traces.items():
         rest = trace[prompt:]
         for share in sizes:
             capacity = max(1, int(share * trace.shape[1] * (int(trace.max()) + 1)))
-            rates = [zero_copy_hits(trace, capacity, prompt, every) for every in (0, 1, 16, 64)]
-            rates += [replay(rest, capacity, POLICIES["frequency-lru"]()) / rest.size,
-                      optimal_hits(rest, capacity) / rest.size]
-            rows.append(f"| {name} | {share:.0%} ({capacity}) | " + " | ".join(f"{r:.1%}" for r in rates) + " |")
+            cells = [f"{hit:.1%} / {pcie:.3f}" for hit, pcie in
+                     (zero_copy_hits(trace, capacity, prompt, every, margin) for every, margin in REFRESH)]
+            cells += [f"{replay(rest, capacity, POLICIES['frequency-lru']()) / rest.size:.1%}",
+                      f"{optimal_hits(rest, capacity) / rest.size:.1%}"]
+            rows.append(f"| {name} | {share:.0%} ({capacity}) | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -55,3 +55,22 @@ def test_sequences_of_one_model_share_its_popularity_and_a_batch_reads_less():
     same = np.repeat(calibrated[:1], 4, axis=0)
     assert batch_reads(same, 4, 0.0, 10) == batch_reads(same, 1, 0.0, 10) / 4
     assert batch_reads(calibrated, 8, 1.0, 10) == 0  # every expert in VRAM: nothing over PCIe
+
+
+def test_a_refreshed_vram_set_pays_for_its_copies():
+    """cache_sim --zero-copy: when the routing moves to other experts, refreshing the VRAM set by use counts finds
+    them, and each promotion is counted as a blob over PCIe beside the misses; a margin holds back swaps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cache_sim import zero_copy_hits
+
+    trace = np.array([[[0, 1]]] * 100 + [[[2, 3]]] * 100)  # [tokens, 1 layer, K=2]: the hot pair moves at token 100
+    kept = zero_copy_hits(trace, 2, 50, every=0)
+    assert kept == (100 / 300, 200 / 300)  # the prompt's pair: every lookup after token 100 a miss
+    hit, pcie = zero_copy_hits(trace, 2, 50, every=16)
+    assert kept[0] + 0.2 < hit < 1  # found once the new pair's decayed counts pass the old one's
+    copies = pcie * 300 - (300 - hit * 300)
+    assert round(copies) == 2  # the new pair, copied once
+    assert zero_copy_hits(trace, 2, 50, every=16, margin=1e9) == kept  # no expert that much hotter: no swap
