@@ -323,13 +323,15 @@ class Converter:
             return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
         quants = {source.quant for source in self.expert_sources.values()}
         source_quant = quants.pop() if len(quants) == 1 else "mixed"
+        mxfp4_experts = getattr(next(iter(self.expert_sources.values())), "scale_dtype", None) == torch.uint8
         described = ("float" if source_quant is None else "of mixed quantization" if source_quant == "mixed"
-                     else f"{source_quant[0]}-bit (group {source_quant[1]})")
+                     else "MXFP4" if mxfp4_experts else f"{source_quant[0]}-bit (group {source_quant[1]})")
         if requantize or source_quant is None:
             bits = DEFAULT_BITS if bits == "auto" else bits
             return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
         if bits != "auto" or group_size is not None:
-            raise FlashMoeError(f"{self.src} is a {self.quantized_source} checkpoint whose experts are {described}; "
+            article = "an" if self.quantized_source[0] in "AEFIMO" else "a"  # an MLX, an MXFP4, a GGUF
+            raise FlashMoeError(f"{self.src} is {article} {self.quantized_source} checkpoint whose experts are {described}; "
                                 "flashmoe imports them as they are: drop --bits/--group-size/--no-quant, or add "
                                 "--requantize to quantize them again")
         if source_quant == "mixed":
