@@ -1,0 +1,134 @@
+"""GPTQ checkpoints (`quantization_config.quant_method == "gptq"`: AutoGPTQ / GPTQModel exports, the `-GPTQ-Int4` and
+`-GPTQ-Int8` releases).
+
+A quantized Linear X is `X.qweight` (int32 [in * bits / 32, out]: codes packed along the input, little end first),
+`X.qzeros` (int32 [groups, out * bits / 32], packed along the output), `X.scales` ([groups, out], fp16) and `X.g_idx`
+(int32 [in]: each input's group): w[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]. checkpoint_format "gptq"
+(v1, AutoGPTQ's) stores each zero less one; "gptq_v2" as it is. A symmetric scheme's zeros are all 2^(bits-1), so
+with inputs in their own order (g_idx[i] = i // group_size: desc_act false) a 4- or 8-bit weight imports losslessly
+as flashmoe's affine: its codes transposed into rows, scale as stored, bias = -2^(bits-1) * scale (a power-of-two
+multiple of a stored value: exact). Anything else (asymmetric zeros, activation order, 2 bits) is dequantized as read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FlashMoeError
+from ..quant import QuantizedTensor, pack, unpack_codes
+from .fp8 import quantization_config
+
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+FORMATS = ("gptq", "gptq_v2")
+READ_BITS = (2, 4, 8)  # widths whose words hold whole codes (3-bit words run across each other: not read)
+REPACKED_BITS = (4, 8)
+EXACT_SCALES = ("BF16", "F16")
+
+
+@dataclass(frozen=True)
+class GptqScheme:
+    bits: int
+    group_size: int  # -1: one group over the whole input
+    desc_act: bool
+    symmetric: bool
+    v1: bool  # zeros stored less one
+
+
+def gptq_scheme(raw: dict, where: str) -> GptqScheme | None:
+    """config.json's GPTQ quantization_config as a scheme (None for another checkpoint); one clear line for what
+    flashmoe does not read."""
+    q = quantization_config(raw)
+    if q is None or q.get("quant_method") != "gptq":
+        return None
+    fmt = q.get("checkpoint_format", "gptq")
+    if fmt not in FORMATS:
+        raise FlashMoeError(f"{where}: GPTQ checkpoint_format {fmt!r} is not read (flashmoe reads 'gptq' and "
+                            "'gptq_v2'); convert the GPTQ or the original release instead")
+    bits, group = q.get("bits"), q.get("group_size", -1)
+    if bits not in READ_BITS:
+        raise FlashMoeError(f"{where}: GPTQ at {bits!r} bits is not read (flashmoe reads 2, 4 and 8); convert the "
+                            "original release instead")
+    if type(group) is not int or not (group == -1 or group > 0):
+        raise FlashMoeError(f"{where}: GPTQ group_size {group!r} is not a positive integer or -1")
+    return GptqScheme(bits, group, bool(q.get("desc_act", False)), bool(q.get("sym", True)), fmt == "gptq")
+
+
+def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 [rows, n] -> uint8 codes [rows, count], each row's words little end first."""
+    b = words.contiguous().view(torch.uint8).reshape(words.shape[0], -1)
+    return unpack_codes(b, bits, count)
+
+
+@dataclass
+class GptqTensor:
+    """One GPTQ weight's parts (TensorInfos inside the files) and the checkpoint's scheme; [out, in] = shape."""
+    qweight: object
+    qzeros: object
+    scales: object
+    g_idx: object | None
+    scheme: GptqScheme
+    shape: tuple[int, int]
+
+    @property
+    def group(self) -> int:
+        return self.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
+
+    def lossless(self) -> bool:
+        s = self.scheme
+        return (s.symmetric and not s.desc_act and s.bits in REPACKED_BITS and self.scales.dtype in EXACT_SCALES
+                and self.shape[1] % self.group == 0)
+
+    def codes(self, qweight: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [out, in]: the words unpacked along the input, then transposed into rows."""
+        return _unpack_words(qweight.t().contiguous(), self.scheme.bits, self.shape[1])
+
+    def zeros(self, qzeros: torch.Tensor) -> torch.Tensor:
+        """float [groups, out], the stored offset undone."""
+        z = _unpack_words(qzeros, self.scheme.bits, self.shape[0]).float()
+        return z + 1 if self.scheme.v1 else z
+
+    def quantized(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None) -> QuantizedTensor:
+        """A symmetric weight in input order as flashmoe's affine (lossless; checked against the parts read)."""
+        bits, cols = self.scheme.bits, self.shape[1]
+        middle = 1 << (bits - 1)
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(cols) // self.group):
+            raise FlashMoeError(f"GPTQ tensor {self.qweight.source_name}: its g_idx is not the input order, though "
+                                "config.json says desc_act false: the checkpoint does not match its config")
+        if not torch.all(self.zeros(qzeros) == middle):
+            raise FlashMoeError(f"GPTQ tensor {self.qweight.source_name}: its zeros are not {middle}, though "
+                                "config.json says sym true: the checkpoint does not match its config")
+        s = scales.t().contiguous()  # [out, groups]
+        return QuantizedTensor(pack(self.codes(qweight), bits), s, s * -middle, bits, self.group)
+
+    def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor | None) -> torch.Tensor:
+        """The float [out, in] weight, in the scales' dtype: any zeros, any input order."""
+        cols = self.shape[1]
+        groups = g_idx.long() if g_idx is not None else torch.arange(cols) // self.group
+        q = self.codes(qweight).float()  # [out, in]
+        z, s = self.zeros(qzeros).t(), scales.float().t()  # [out, groups]
+        return ((q - z[:, groups]) * s[:, groups]).to(scales.dtype)
+
+
+def check_parts(name: str, parts: dict, scheme: GptqScheme) -> tuple[int, int]:
+    """The [out, in] shape a GPTQ weight's parts hold, or one clear line on what does not fit."""
+    qweight, qzeros, scales, g_idx = (parts.get(p) for p in PARTS)
+    missing = [p for p in PARTS[:3] if parts.get(p) is None]
+    if missing:
+        raise FlashMoeError(f"GPTQ tensor {name}.qweight has no {name}.{missing[0]} beside it: the checkpoint is "
+                            "incomplete")
+    per_word = 32 // scheme.bits
+    cols, rows = qweight.shape[0] * per_word, qweight.shape[1]
+    group = cols if scheme.group_size == -1 else scheme.group_size
+    groups = -(-cols // group)
+    if (qweight.dtype != "I32" or qzeros.dtype != "I32" or len(qweight.shape) != 2
+            or scales.shape != (groups, rows) or qzeros.shape != (groups, -(-rows // per_word))
+            or (g_idx is not None and g_idx.shape != (cols,))):
+        raise FlashMoeError(f"GPTQ tensor {name}: qweight {qweight.dtype}{list(qweight.shape)}, qzeros "
+                            f"{qzeros.dtype}{list(qzeros.shape)}, scales {list(scales.shape)} do not hold a weight at "
+                            f"{scheme.bits} bits in groups of {scheme.group_size}: config.json's quantization_config "
+                            "does not match the file")
+    return rows, cols

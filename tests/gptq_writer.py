@@ -1,0 +1,146 @@
+"""A GPTQ checkpoint from a tiny float one, packed as AutoGPTQ packs it (the writer of the `-GPTQ-Int4` releases).
+
+`pack` is AutoGPTQ 0.7.1's `QuantLinear.pack` (auto_gptq/nn_modules/qlinear/qlinear_exllama.py and qlinear_cuda_old.py,
+MIT License, Copyright (c) 2023 潘其威(William)), and `find_params` its `Quantizer.find_params` without the MSE
+search (auto_gptq/quantization/quantizer.py), kept line for line where they compute so that the bytes are theirs;
+AutoGPTQ itself does not install here without its CUDA build and training dependencies. GPTQ's error-compensating
+updates are left out: they choose other codes, not another layout, and each weight is first replaced by its
+quantized value (as GPTQ leaves it) so that packing recovers the codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import weights_elsewhere
+from safetensors.torch import save_file
+
+
+def find_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x [rows, cols]: (scale, zero), Quantizer.find_params(x, weight=True) with perchannel, no mse."""
+    maxq = torch.tensor(2 ** bits - 1)
+    tmp = torch.zeros(x.shape[0])
+    xmin = torch.minimum(x.min(1)[0], tmp)
+    xmax = torch.maximum(x.max(1)[0], tmp)
+    if sym:
+        xmax = torch.maximum(torch.abs(xmin), xmax)
+        tmp = xmin < 0
+        if torch.any(tmp):
+            xmin[tmp] = -xmax[tmp]
+    tmp = (xmin == 0) & (xmax == 0)
+    xmin[tmp] = -1
+    xmax[tmp] = +1
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def pack(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int) -> dict:
+    """QuantLinear.pack for a Linear weight W [out, in] with scales and zeros [out, groups] (the layer's per-group
+    parameters stacked as GPTQ stacks them): qweight, qzeros, scales (fp16), g_idx."""
+    infeatures = W.shape[1]
+    scales = scales.t().contiguous()
+    zeros = zeros.t().contiguous()
+    scale_zeros = zeros * scales
+    half_scales = scales.clone().half()
+    intweight = []
+    for idx in range(infeatures):
+        intweight.append(
+            torch.round((W[:, idx] + scale_zeros[g_idx[idx]]) / half_scales[g_idx[idx]]).to(torch.int)[:, None])
+    intweight = torch.cat(intweight, dim=1)
+    intweight = intweight.t().contiguous()
+    intweight = intweight.numpy().astype(np.uint32)
+
+    i = 0
+    row = 0
+    qweight = np.zeros((intweight.shape[0] // 32 * bits, intweight.shape[1]), dtype=np.uint32)
+    while row < qweight.shape[0]:
+        for j in range(i, i + (32 // bits)):
+            qweight[row] |= intweight[j] << (bits * (j - i))
+        i += 32 // bits
+        row += 1
+    qweight = qweight.astype(np.int32)
+
+    zeros -= 1
+    zeros = zeros.numpy().astype(np.uint32)
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 32 * bits), dtype=np.uint32)
+    i = 0
+    col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + (32 // bits)):
+            qzeros[:, col] |= zeros[:, j] << (bits * (j - i))
+        i += 32 // bits
+        col += 1
+    qzeros = qzeros.astype(np.int32)
+    return {"qweight": torch.from_numpy(qweight), "qzeros": torch.from_numpy(qzeros), "scales": half_scales,
+            "g_idx": g_idx.to(torch.int32)}
+
+
+def quantize_linear(w: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool, seed: int
+                    ) -> tuple[dict, torch.Tensor]:
+    """One Linear as GPTQ leaves it: groups over the inputs (in a random activation order with desc_act), each
+    weight replaced by its quantized value, then packed; and the float weight the packed parts stand for (with the
+    fp16 scales the file keeps), computed here without unpacking anything."""
+    w = w.float().clone()
+    out_features, in_features = w.shape
+    group = in_features if group_size == -1 else group_size
+    order = (torch.randperm(in_features, generator=torch.Generator().manual_seed(seed)) if desc_act
+             else torch.arange(in_features))
+    g_idx = torch.empty(in_features, dtype=torch.long)
+    g_idx[order] = torch.arange(in_features) // group
+    groups = int(g_idx.max()) + 1
+    scales, zeros = torch.empty(out_features, groups), torch.empty(out_features, groups)
+    reference = torch.empty_like(w)
+    maxq = 2 ** bits - 1
+    for g in range(groups):
+        cols = (g_idx == g).nonzero()[:, 0]
+        scale, zero = find_params(w[:, cols], bits, sym)
+        q = torch.clamp(torch.round(w[:, cols] / scale[:, None]) + zero[:, None], 0, maxq)
+        w[:, cols] = scale[:, None] * (q - zero[:, None])
+        reference[:, cols] = scale.half().float()[:, None] * (q - zero[:, None])
+        scales[:, g], zeros[:, g] = scale, zero
+    return pack(w, scales, zeros, g_idx, bits), reference
+
+
+def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_size: int = 32, sym: bool = True,
+                    desc_act: bool = False, checkpoint_format: str = "gptq") -> Path:
+    """The tiny checkpoint at src as a GPTQ export at dst: every Linear of the decoder layers quantized but the
+    routers, the embedding and head kept float; config.json's quantization_config as AutoGPTQ writes it.
+    checkpoint_format "gptq_v2" stores the zeros without v1's -1. At `reference`, the float checkpoint of the weights
+    the export stands for (float32), for transformers to run."""
+    tensors = weights_elsewhere(src, dst, reference)
+    out, ref = {}, {}
+    for n, (name, t) in enumerate(sorted(tensors.items())):
+        module = name.removesuffix(".weight")
+        # (a Linear of fewer than 32 outputs, or not a multiple of 32, as the tiny models' 4-output DeltaNet gates,
+        # stays float: AutoGPTQ sizes qzeros as outputs // 32 * bits words, none or too few for those)
+        linear = (".layers." in name and name.endswith(".weight") and t.dim() == 2 and t.shape[0] % 32 == 0
+                  and not module.endswith(("mlp.gate", "shared_expert_gate")) and "norm" not in module)
+        if not linear:
+            out[name], ref[name] = t, t.float()
+            continue
+        parts, ref[name] = quantize_linear(t, bits, group_size, sym, desc_act, seed=n)
+        if checkpoint_format == "gptq_v2":  # zeros as they are: repack the v1 words with one added back
+            from flashmoe.sources.gptq import _unpack_words
+            rows = t.shape[0]
+            z = _unpack_words(parts["qzeros"], bits, rows).to(torch.int64) + 1
+            words = np.zeros((z.shape[0], parts["qzeros"].shape[1]), dtype=np.uint32)
+            for j in range(rows):
+                words[:, j * bits // 32] |= (z[:, j].numpy().astype(np.uint32) << (bits * (j % (32 // bits))))
+            parts["qzeros"] = torch.from_numpy(words.astype(np.int32))
+        for part, value in parts.items():
+            out[f"{module}.{part}"] = value.contiguous()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
+                                  "static_groups": False, "sym": sym, "true_sequential": True,
+                                  "model_name_or_path": None, "model_file_base_name": "model",
+                                  "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst

@@ -1,0 +1,118 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel exports: the `-GPTQ-Int4` / `-Int8` releases), packed here by AutoGPTQ's own
+packing code (gptq_writer.py) and checked against transformers on the float weights they stand for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import blob_views, load_reference, rel_error
+from gptq_writer import gptq_checkpoint
+from safetensors.torch import load_file, save_file
+
+import flashmoe
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.quant import QuantizedTensor, dequantize
+from flashmoe.store import Store
+
+PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42]
+LOSSLESS = {"int4": dict(bits=4, group_size=32), "int8 per channel": dict(bits=8, group_size=-1),
+            "int4 gptq_v2": dict(bits=4, group_size=64, checkpoint_format="gptq_v2")}
+
+
+@pytest.fixture(scope="module")
+def exports(built, tmp_path_factory):
+    """(arch, kind) -> (GPTQ folder, its float reference), made once."""
+    root, done = tmp_path_factory.mktemp("gptq"), {}
+
+    def make(arch: str, kind: str, **args):
+        if (arch, kind) not in done:
+            tag = f"{arch}-{kind.replace(' ', '-')}"
+            done[arch, kind] = (gptq_checkpoint(built.checkpoint(arch), root / tag, root / f"{tag}-float", **args),
+                                root / f"{tag}-float")
+        return done[arch, kind]
+    return make
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe_vl"])
+@pytest.mark.parametrize("kind", LOSSLESS)
+def test_symmetric_gptq_imports_losslessly_and_matches_transformers(exports, arch, kind, tmp_path):
+    args = LOSSLESS[kind]
+    folder, reference = exports(arch, kind, **args)
+    store = Store(convert(folder, tmp_path / "store"))
+    q, source = store.manifest["quantization"], store.manifest["source"]
+    float_weights = load_file(reference / "model.safetensors")
+    layers = "model.language_model.layers" if arch.endswith("_vl") else "model.layers"
+    attention = next(n for n in store.resident_quantized if n.endswith("self_attn.o_proj.weight"))
+    # per channel (-1): one group over each matrix's inputs (the tiny experts' 64; attention's output projection 128)
+    inputs = float_weights[attention.replace("model.layers", layers)].shape[1]
+    group, attention_group = (64, inputs) if args["group_size"] == -1 else (args["group_size"],) * 2
+    assert (q["bits"], q["group_size"], q["scale_dtype"]) == (args["bits"], group, "float16")
+    assert source["experts"] == "repacked" and source["quantization"]["method"] == "gptq"
+    # the attention and shared-expert matrices stay quantized; the routers were never quantized
+    assert store.resident_quantized[attention] == {"bits": args["bits"], "group_size": attention_group}
+    assert not any(n.endswith("mlp.gate.weight") for n in store.resident_quantized)
+
+    # an expert's blob is exactly the weights the export stands for: codes transposed into rows, bias -2^(b-1) x scale
+    views = blob_views(store, 1, 5)
+    down = QuantizedTensor(views["down.packed"], views["down.scales"], views["down.biases"], args["bits"], group)
+    assert torch.equal(dequantize(down), float_weights[f"{layers}.1.mlp.experts.5.down_proj.weight"])
+
+    with torch.no_grad():
+        expected = load_reference(reference, arch)(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-2  # the CPU kernels' bf16 activations
+
+
+@pytest.mark.parametrize("kind,args", [("asymmetric", dict(bits=4, group_size=32, sym=False)),
+                                       ("activation order", dict(bits=4, group_size=32, desc_act=True)),
+                                       ("2-bit", dict(bits=2, group_size=32))])
+def test_what_cannot_be_kept_is_dequantized_then_quantized(exports, kind, args, tmp_path):
+    """Zeros other than the middle, inputs in activation order (g_idx) and 2-bit codes: read as the float weights
+    they stand for, the experts quantized to --bits as a float source's would be."""
+    folder, reference = exports("qwen3_moe", kind, **args)
+    store = Store(convert(folder, tmp_path / "store"))
+    assert store.manifest["source"]["experts"] == "requantized" and not store.resident_quantized
+    from_float = flashmoe.load(convert(reference, tmp_path / "from-float")).logits(PROMPT)
+    # the same weights (dequantized to the scales' fp16 here, float32 there), the same requantization
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), from_float) < 1e-2
+
+
+def _edited(folder, tmp_path, edit_config=None, edit_tensors=None):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    if edit_config:
+        cfg = json.loads((copy / "config.json").read_text())
+        edit_config(cfg["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(copy / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def _first(tensors, suffix):
+    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
+
+
+@pytest.mark.parametrize("source,edit_config,edit_tensors,message", [
+    ("int4", lambda q: q.update(checkpoint_format="marlin"), None, "checkpoint_format 'marlin' is not read"),
+    ("int4", lambda q: q.update(bits=3), None, "GPTQ at 3 bits is not read"),
+    ("int4", lambda q: q.update(group_size=64), None, "does not match the file"),
+    ("int4", None, lambda t: t.pop(_first(t, ".scales")), "has no .*scales beside it"),
+    ("int4", None, lambda t: t.update({_first(t, "qweight"): t[_first(t, "qweight")][:4].contiguous()}),
+     "does not match the file"),
+    ("asymmetric", lambda q: q.update(sym=True), None, "its zeros are not 8, though config.json says sym true"),
+    ("activation order", lambda q: q.update(desc_act=False), None, "its g_idx is not the input order"),
+])
+def test_a_gptq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, source, edit_config, edit_tensors,
+                                                            message):
+    args = {"int4": LOSSLESS["int4"], "asymmetric": dict(bits=4, group_size=32, sym=False),
+            "activation order": dict(bits=4, group_size=32, desc_act=True)}[source]
+    copy = _edited(exports("qwen3_moe", source, **args)[0], tmp_path, edit_config, edit_tensors)
+    with pytest.raises(FlashMoeError, match=message):
+        convert(copy, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
