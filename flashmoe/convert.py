@@ -325,7 +325,9 @@ class Converter:
             return bits, (group_size or DEFAULT_GROUP_SIZE) if bits else None, False
         quants = {source.quant for source in self.expert_sources.values()}
         source_quant = quants.pop() if len(quants) == 1 else "mixed"
-        mxfp4_experts = getattr(next(iter(self.expert_sources.values())), "scale_dtype", None) == torch.uint8
+        # an MLX mxfp4 checkpoint's experts are named MXFP4 (an HF MXFP4 source says so already)
+        mxfp4_experts = (self.quantized_source != "MXFP4"
+                         and getattr(next(iter(self.expert_sources.values())), "scale_dtype", None) == torch.uint8)
         described = ("float" if source_quant is None else "of mixed quantization" if source_quant == "mixed"
                      else "MXFP4" if mxfp4_experts else f"{source_quant[0]}-bit (group {source_quant[1]})")
         if requantize or source_quant is None:
