@@ -4,10 +4,12 @@
 A quantized Linear X is `X.qweight` (int32 [in * bits / 32, out]: codes packed along the input, little end first),
 `X.qzeros` (int32 [groups, out * bits / 32], packed along the output), `X.scales` ([groups, out], fp16) and `X.g_idx`
 (int32 [in]: each input's group): w[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]. checkpoint_format "gptq"
-(v1, AutoGPTQ's) stores each zero less one; "gptq_v2" as it is. A symmetric scheme's zeros are all 2^(bits-1), so
-with inputs in their own order (g_idx[i] = i // group_size: desc_act false) a 4- or 8-bit weight imports losslessly
-as flashmoe's affine: its codes transposed into rows, scale as stored, bias = -2^(bits-1) * scale (a power-of-two
-multiple of a stored value: exact). Anything else (asymmetric zeros, activation order, 2 bits) is dequantized as read.
+(v1, AutoGPTQ's) stores each zero less one; "gptq_v2" as it is. With inputs in their own order (g_idx[i] =
+i // group_size: desc_act false) a 4- or 8-bit weight is repacked as flashmoe's affine (affine_from_zeros): its codes
+transposed into rows, scale as stored, bias = -zero * scale. A symmetric scheme's zeros are all 2^(bits-1), so its
+bias is a power-of-two multiple of a stored value: exact, the import lossless; an asymmetric one's is rounded to the
+scales' dtype (in fp16 within 2^-11 of it: at 4 bits under 1% of a quantization step, at 8 under 13%). Activation
+order and 2-bit codes are dequantized as read.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def gptq_scheme(raw: dict, where: str) -> GptqScheme | None:
     return GptqScheme(bits, group, bool(q.get("desc_act", False)), bool(q.get("sym", True)), fmt == "gptq")
 
 
+def affine_from_zeros(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int
+                      ) -> QuantizedTensor:
+    """Codes [out, in] with integer zeros and scales [groups, out] (w = (q - zero) * scale) as flashmoe's affine
+    matrix: scale as stored, bias = -zero * scale in the scales' dtype (exact for a power-of-two zero)."""
+    s = scales.t().contiguous()
+    bias = (-(zeros.t().float() * s.float())).to(s.dtype)
+    return QuantizedTensor(pack(codes, bits), s, bias.contiguous(), bits, group)
+
+
 def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """int32 [rows, n] -> uint8 codes [rows, count], each row's words little end first."""
     b = words.contiguous().view(torch.uint8).reshape(words.shape[0], -1)
@@ -75,9 +86,9 @@ class GptqTensor:
     def group(self) -> int:
         return self.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
 
-    def lossless(self) -> bool:
+    def repackable(self) -> bool:
         s = self.scheme
-        return (s.symmetric and not s.desc_act and s.bits in REPACKED_BITS and self.scales.dtype in EXACT_SCALES
+        return (not s.desc_act and s.bits in REPACKED_BITS and self.scales.dtype in EXACT_SCALES
                 and self.shape[1] % self.group == 0)
 
     def codes(self, qweight: torch.Tensor) -> torch.Tensor:
@@ -91,17 +102,17 @@ class GptqTensor:
 
     def quantized(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                   g_idx: torch.Tensor | None) -> QuantizedTensor:
-        """A symmetric weight in input order as flashmoe's affine (lossless; checked against the parts read)."""
+        """A weight in input order as flashmoe's affine (the order, and a symmetric scheme's zeros, checked here)."""
         bits, cols = self.scheme.bits, self.shape[1]
         middle = 1 << (bits - 1)
         if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(cols) // self.group):
             raise FlashMoeError(f"GPTQ tensor {self.qweight.source_name}: its g_idx is not the input order, though "
                                 "config.json says desc_act false: the checkpoint does not match its config")
-        if not torch.all(self.zeros(qzeros) == middle):
+        zeros = self.zeros(qzeros)
+        if self.scheme.symmetric and not torch.all(zeros == middle):
             raise FlashMoeError(f"GPTQ tensor {self.qweight.source_name}: its zeros are not {middle}, though "
                                 "config.json says sym true: the checkpoint does not match its config")
-        s = scales.t().contiguous()  # [out, groups]
-        return QuantizedTensor(pack(self.codes(qweight), bits), s, s * -middle, bits, self.group)
+        return affine_from_zeros(self.codes(qweight), zeros, scales, bits, self.group)
 
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                    g_idx: torch.Tensor | None) -> torch.Tensor:

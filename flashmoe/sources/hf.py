@@ -157,7 +157,7 @@ class Checkpoint:
             return 8, self.fp8_block[1]
         g = self.gptq.get(name)
         if g is not None:
-            return (g.scheme.bits, g.group) if g.lossless() else None
+            return (g.scheme.bits, g.group) if g.repackable() else None
         p = self.packed.get(name)
         return (p.scheme.bits, p.scheme.group_size) if p and p.scheme.lossless(p.scale.dtype) else None
 
