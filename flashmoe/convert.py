@@ -31,6 +31,7 @@ from .quant import SCALE_DTYPE, QuantizedTensor, blob_tensors, check_quant_param
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
+from .sources.awq import awq_scheme
 from .sources.gptq import gptq_scheme
 from .sources.hub import SOURCE_DIR, HubRepo, download_gguf, hub_gguf, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
@@ -261,10 +262,13 @@ class Converter:
                         else compressed_schemes(self.raw_config, str(self.src / "config.json")))
         method = (quantization_config(self.raw_config) or {}).get("quant_method") if not self.mlx else None
         self.mxfp4 = method == "mxfp4"
-        self.gptq = None if self.mlx or self.gguf else gptq_scheme(self.raw_config, str(self.src / "config.json"))
+        where = str(self.src / "config.json")
+        # GPTQ's or AWQ's scheme (their X.qweight / qzeros / scales)
+        self.qweights = None if self.mlx or self.gguf else (gptq_scheme(self.raw_config, where)
+                                                            or awq_scheme(self.raw_config, where))
         # a source whose codes flashmoe can take as they are (experts repacked, residents kept quantized)
         self.quantized_source = ("MLX" if self.mlx else "compressed-tensors" if self.schemes
-                                 else "MXFP4" if self.mxfp4 else "GPTQ" if self.gptq else None)
+                                 else "MXFP4" if self.mxfp4 else method.upper() if self.qweights else None)
         if self.gguf:
             self.ckpt = GgufCheckpoint(self.gguf, self.cfg, family)
             self.quantized_source = "GGUF" if self.ckpt.expert_scheme else None
@@ -273,7 +277,7 @@ class Converter:
             self.ckpt = MlxCheckpoint(self.src, self.raw_config, getattr(family, "from_mlx", lambda name, t: t),
                                       self.remote)
         else:
-            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4, self.gptq)
+            self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4, self.qweights)
             self.ckpt.keep_fp8 = bits == "fp8" and self.fp8_block is not None
         try:
             leave_out_extra_layers(self.ckpt, self.cfg.num_hidden_layers)
@@ -598,8 +602,8 @@ class Converter:
                                       "schemes": [dataclasses.asdict(x) for x in self.schemes]}
         if self.mxfp4:
             source["quantization"] = {"method": "mxfp4"}
-        if self.gptq:
-            source["quantization"] = {"method": "gptq", **dataclasses.asdict(self.gptq)}
+        if self.qweights:
+            source["quantization"] = {"method": self.quantized_source.lower(), **dataclasses.asdict(self.qweights)}
         if self.quantized_source:
             source["experts"] = "repacked" if self.repack else "requantized"
         if self.gguf:  # the experts' ggml types, counted over tensors: repacked as they are, or requantized

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import blob_views, load_reference, rel_error
-from gptq_writer import gptq_checkpoint
+from qweight_writers import gptq_checkpoint
 from safetensors.torch import load_file, save_file
 
 import flashmoe

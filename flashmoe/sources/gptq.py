@@ -86,6 +86,10 @@ class GptqTensor:
     def group(self) -> int:
         return self.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
 
+    @property
+    def parts(self) -> tuple:
+        return self.qweight, self.qzeros, self.scales, self.g_idx
+
     def repackable(self) -> bool:
         s = self.scheme
         return (not s.desc_act and s.bits in REPACKED_BITS and self.scales.dtype in EXACT_SCALES

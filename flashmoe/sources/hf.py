@@ -12,7 +12,7 @@ from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor
 from ..store import SOURCE_DTYPES
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
-from .gptq import PARTS as GPTQ_PARTS, GptqScheme, GptqTensor, check_parts
+from . import awq, gptq
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
 from .shards import Remote, Shards
 
@@ -55,11 +55,12 @@ class Checkpoint:
     """The tensors of a checkpoint folder, by canonical name, read on demand. An FP8 block-scaled checkpoint
     (fp8_block: its weight_block_size) reads as bf16: each FP8 weight is dequantized with its scales as it is read.
     A compressed-tensors one (schemes: its config groups) reads the same way, and `quant(name)` / `get_quantized`
-    hand over the codes of a weight that imports losslessly (sources/compressed.py); a GPTQ one (gptq: its scheme)
-    likewise (sources/gptq.py)."""
+    hand over the codes of a weight that imports losslessly (sources/compressed.py); a GPTQ or AWQ one (qweights:
+    its scheme) likewise (sources/gptq.py, sources/awq.py)."""
 
     def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None,
-                 remote: Remote | None = None, mxfp4: bool = False, gptq: GptqScheme | None = None):
+                 remote: Remote | None = None, mxfp4: bool = False,
+                 qweights: gptq.GptqScheme | awq.AwqScheme | None = None):
         self.folder, self.fp8_block = folder, fp8_block
         self.shards = Shards(folder, remote)
         self.tensors: dict[str, TensorInfo] = {}
@@ -68,32 +69,35 @@ class Checkpoint:
         self.fp8_dtypes: dict[str, str] = {}  # FP8 weight -> F8_E4M3 or F8_E5M2
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
         self.mx: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> its blocks and scales
-        self.gptq: dict[str, GptqTensor] = {}  # GPTQ weight -> its parts
+        self.qweights: dict[str, gptq.GptqTensor | awq.AwqTensor] = {}  # GPTQ / AWQ weight -> its parts
         self.keep_fp8 = False  # --bits fp8: FP8 weights hand over their codes (quant, get_quantized) as they are
         for file in self.shards.files:
             self._index_file(file)
         self._pair_fp8_scales()
         self._pair_packed(schemes)
         self._pair_mxfp4(mxfp4)
-        self._pair_gptq(gptq)
+        self._pair_qweights(qweights)
 
-    def _pair_gptq(self, scheme: GptqScheme | None) -> None:
-        """Each GPTQ `X.qweight` with its qzeros, scales and g_idx (in any shard); it then reads as `X.weight`."""
+    def _pair_qweights(self, scheme: gptq.GptqScheme | awq.AwqScheme | None) -> None:
+        """Each GPTQ / AWQ `X.qweight` with its qzeros, scales (and GPTQ's g_idx), in any shard; it then reads as
+        `X.weight`."""
         names = [n for n in self.tensors if n.endswith(".qweight")]
         if names and scheme is None:
-            raise FlashMoeError(f"tensor {self.tensors[names[0]].source_name} is a GPTQ qweight, but config.json has "
-                                "no GPTQ quantization_config to read it with")
+            raise FlashMoeError(f"tensor {self.tensors[names[0]].source_name} is a GPTQ/AWQ qweight, but config.json "
+                                "has no GPTQ or AWQ quantization_config to read it with")
+        kind = gptq if isinstance(scheme, gptq.GptqScheme) else awq
+        make = gptq.GptqTensor if kind is gptq else awq.AwqTensor
         for name in names:
             base = name.removesuffix(".qweight")
-            parts = {p: self.tensors.pop(f"{base}.{p}", None) for p in GPTQ_PARTS}
-            shape = check_parts(base, parts, scheme)
-            self.gptq[base + ".weight"] = GptqTensor(*(parts[p] for p in GPTQ_PARTS), scheme, shape)
+            parts = {p: self.tensors.pop(f"{base}.{p}", None) for p in kind.PARTS}
+            shape = kind.check_parts(base, parts, scheme)
+            self.qweights[base + ".weight"] = make(*(parts[p] for p in kind.PARTS), scheme, shape)
             stored = sum(t.nbytes for t in parts.values() if t is not None)
             self.tensors[base + ".weight"] = TensorInfo(parts["qweight"].file, parts["qweight"].source_name,
                                                         parts["scales"].dtype, shape, stored)
 
-    def _gptq_parts(self, g: GptqTensor, index: int | None) -> list:
-        return [None if t is None else self._read(t, index) for t in (g.qweight, g.qzeros, g.scales, g.g_idx)]
+    def _qweight_parts(self, name: str, index: int | None) -> list:
+        return [None if t is None else self._read(t, index) for t in self.qweights[name].parts]
 
     def _pair_mxfp4(self, expected: bool) -> None:
         """Each MXFP4 `X_blocks` (uint8 [..., rows, cols / 32, 16]) with its `X_scales` ([..., rows, cols / 32]); it
@@ -155,7 +159,7 @@ class Checkpoint:
             return 4, mxfp4.GROUP
         if self.keep_fp8 and name in self.fp8_scales:
             return 8, self.fp8_block[1]
-        g = self.gptq.get(name)
+        g = self.qweights.get(name)
         if g is not None:
             return (g.scheme.bits, g.group) if g.repackable() else None
         p = self.packed.get(name)
@@ -167,7 +171,7 @@ class Checkpoint:
             return torch.uint8
         if name in self.fp8_scales:
             return torch.float32
-        # (a GPTQ weight's TensorInfo carries its scales' dtype)
+        # (a GPTQ / AWQ weight's TensorInfo carries its scales' dtype)
         return SOURCE_DTYPES[self.packed[name].scale.dtype if name in self.packed else self.tensors[name].dtype]
 
     def get_quantized(self, name: str, index: int | None = None) -> QuantizedTensor:
@@ -177,8 +181,8 @@ class Checkpoint:
         if name in self.fp8_scales:  # FP8 kept: e4m3 bytes, each row's block scales
             return fp8block.from_blocks(self._read(self._fp8_info(name), index),
                                         self._read(self.fp8_scales[name], index), self.fp8_block)
-        if name in self.gptq:
-            return self.gptq[name].quantized(*self._gptq_parts(self.gptq[name], index))
+        if name in self.qweights:
+            return self.qweights[name].quantized(*self._qweight_parts(name, index))
         p = self.packed[name]
         return p.quantized(self._read(p.packed, index), self._read(p.scale, index))
 
@@ -235,9 +239,8 @@ class Checkpoint:
         if name in self.packed:
             p = self.packed[name]
             parts += [p.packed, p.scale, p.zero_point]
-        if name in self.gptq:
-            g = self.gptq[name]
-            parts += [g.qweight, g.qzeros, g.scales, g.g_idx]
+        if name in self.qweights:
+            parts += list(self.qweights[name].parts)
         return {t.file for t in parts if t is not None}
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
@@ -247,8 +250,8 @@ class Checkpoint:
             q = self.get_quantized(name, index)
             return mxfp4.dequantize(q.packed.reshape(-1, q.packed.shape[-1]), q.scales.reshape(-1, q.scales.shape[-1]),
                                     torch.bfloat16).reshape(info.shape if index is None else info.shape[1:])
-        if name in self.gptq:
-            return self.gptq[name].dequantize(*self._gptq_parts(self.gptq[name], index))
+        if name in self.qweights:
+            return self.qweights[name].dequantize(*self._qweight_parts(name, index))
         if name in self.packed:
             p = self.packed[name]
             zero_point = None if p.zero_point is None else self._read(p.zero_point, index)

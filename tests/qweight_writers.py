@@ -1,11 +1,15 @@
-"""A GPTQ checkpoint from a tiny float one, packed as AutoGPTQ packs it (the writer of the `-GPTQ-Int4` releases).
+"""GPTQ and AWQ checkpoints from a tiny float one, packed as AutoGPTQ and AutoAWQ pack them (the writers of the
+`-GPTQ-Int4` and `-AWQ` releases).
 
 `pack` is AutoGPTQ 0.7.1's `QuantLinear.pack` (auto_gptq/nn_modules/qlinear/qlinear_exllama.py and qlinear_cuda_old.py,
 MIT License, Copyright (c) 2023 潘其威(William)), and `find_params` its `Quantizer.find_params` without the MSE
-search (auto_gptq/quantization/quantizer.py), kept line for line where they compute so that the bytes are theirs;
-AutoGPTQ itself does not install here without its CUDA build and training dependencies. GPTQ's error-compensating
-updates are left out: they choose other codes, not another layout, and each weight is first replaced by its
-quantized value (as GPTQ leaves it) so that packing recovers the codes."""
+search (auto_gptq/quantization/quantizer.py); `awq_pack` is AutoAWQ 0.2.9's `WQLinear_GEMM.from_linear`
+(awq/modules/linear/gemm.py, MIT License, Copyright (c) 2023 MIT HAN Lab) and `awq_params` its
+`AwqQuantizer.pseudo_quantize_tensor` with zero points (awq/quantize/quantizer.py). They are kept line for line where
+they compute, so that the bytes are theirs; neither library installs here without its CUDA build and training
+dependencies. GPTQ's error-compensating updates and AWQ's activation-aware scaling are left out: they choose other
+codes and weights, not another layout, and each weight is first replaced by its quantized value (as both leave it)
+so that packing recovers the codes."""
 
 from __future__ import annotations
 
@@ -142,5 +146,81 @@ def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_
                                   "static_groups": False, "sym": sym, "true_sequential": True,
                                   "model_name_or_path": None, "model_file_base_name": "model",
                                   "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def awq_params(w: torch.Tensor, group_size: int, w_bit: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pseudo_quantize_tensor with zero points: (the weight as quantized, scales [out, groups], zeros [out, groups])."""
+    org_w_shape = w.shape
+    w = w.reshape(-1, group_size)
+    max_val = w.amax(dim=1, keepdim=True)
+    min_val = w.amin(dim=1, keepdim=True)
+    max_int = 2**w_bit - 1
+    min_int = 0
+    scales = (max_val - min_val).clamp(min=1e-5) / max_int
+    zeros = (-torch.round(min_val / scales)).clamp_(min_int, max_int)
+    w = (torch.clamp(torch.round(w / scales) + zeros, min_int, max_int) - zeros) * scales
+    zeros = zeros.view(org_w_shape[0], -1)
+    scales = scales.view(org_w_shape[0], -1)
+    w = w.reshape(org_w_shape)
+    return w, scales, zeros
+
+
+def awq_pack(weight: torch.Tensor, group_size: int, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int = 4) -> dict:
+    """WQLinear_GEMM.from_linear for a Linear weight [out, in], scales and zeros [groups, out] (the quantizer's,
+    transposed as AutoAWQ passes them): qweight, qzeros, scales (fp16)."""
+    in_features = weight.shape[1]
+    scale_zeros = zeros * scales
+    half_scales = scales.clone().half()
+    pack_num = 32 // w_bit
+    intweight = []
+    for idx in range(in_features):
+        intweight.append(
+            torch.round((weight[:, idx] + scale_zeros[idx // group_size]) / half_scales[idx // group_size]
+                        ).to(torch.int)[:, None])
+    intweight = torch.cat(intweight, dim=1)
+    intweight = intweight.t().contiguous()
+    intweight = intweight.to(dtype=torch.int32)
+    qweight = torch.zeros((intweight.shape[0], intweight.shape[1] // 32 * w_bit), dtype=torch.int32)
+    for col in range(intweight.shape[1] // pack_num):
+        order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+        for i in range(pack_num):
+            qweight_col = intweight[:, col * pack_num + order_map[i]]
+            qweight[:, col] |= qweight_col << (i * w_bit)
+    zeros = zeros.to(dtype=torch.int32)
+    qzeros = torch.zeros((zeros.shape[0], zeros.shape[1] // 32 * w_bit), dtype=torch.int32)
+    for col in range(zeros.shape[1] // pack_num):
+        order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+        for i in range(pack_num):
+            qzero_col = zeros[:, col * pack_num + order_map[i]]
+            qzeros[:, col] |= qzero_col << (i * w_bit)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": half_scales}
+
+
+def awq_checkpoint(src: Path, dst: Path, reference: Path, group_size: int = 32, version: str = "gemm") -> Path:
+    """The tiny checkpoint at src as an AutoAWQ export at dst (every Linear of the decoder layers at 4 bits with zero
+    points but the routers and those of fewer than 32 outputs), and at `reference` the float weights it stands for."""
+    tensors = weights_elsewhere(src, dst, reference)
+    out, ref = {}, {}
+    for name, t in sorted(tensors.items()):
+        module = name.removesuffix(".weight")
+        linear = (".layers." in name and name.endswith(".weight") and t.dim() == 2 and t.shape[0] % 32 == 0
+                  and not module.endswith(("mlp.gate", "shared_expert_gate")) and "norm" not in module)
+        if not linear:
+            out[name], ref[name] = t, t.float()
+            continue
+        w, scales, zeros = awq_params(t.float(), group_size)
+        parts = awq_pack(w, group_size, scales.t().contiguous(), zeros.t().contiguous())
+        for part, value in parts.items():
+            out[f"{module}.{part}"] = value.contiguous()
+        groups = torch.arange(t.shape[1]) // group_size  # the float weight: codes against the fp16 scales kept
+        codes = torch.clamp(torch.round(w / scales[:, groups]) + zeros[:, groups], 0, 15)
+        ref[name] = (codes - zeros[:, groups]) * scales.half().float()[:, groups]
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "zero_point": True, "group_size": group_size, "bits": 4,
+                                  "version": version, "modules_to_not_convert": None}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst

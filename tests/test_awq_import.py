@@ -1,0 +1,90 @@
+"""AWQ checkpoints (AutoAWQ's GEMM exports, the `-AWQ` releases), packed here by AutoAWQ's own packing code
+(qweight_writers.py) and checked against transformers on the float weights they stand for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import blob_views, load_reference, rel_error
+from qweight_writers import awq_checkpoint
+from safetensors.torch import load_file, save_file
+
+import flashmoe
+from flashmoe.convert import convert
+from flashmoe.errors import FlashMoeError
+from flashmoe.quant import QuantizedTensor, dequantize
+from flashmoe.store import Store
+
+PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42]
+
+
+@pytest.fixture(scope="module")
+def exports(built, tmp_path_factory):
+    root, done = tmp_path_factory.mktemp("awq"), {}
+
+    def make(arch: str):
+        if arch not in done:
+            done[arch] = (awq_checkpoint(built.checkpoint(arch), root / arch, root / f"{arch}-float"),
+                          root / f"{arch}-float")
+        return done[arch]
+    return make
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe_vl"])
+def test_awq_is_repacked_and_matches_transformers(exports, arch, tmp_path):
+    folder, reference = exports(arch)
+    store = Store(convert(folder, tmp_path / "store"))
+    q, source = store.manifest["quantization"], store.manifest["source"]
+    assert (q["bits"], q["group_size"], q["scale_dtype"]) == (4, 32, "float16")
+    assert source["experts"] == "repacked" and source["quantization"]["method"] == "awq"
+    attention = next(n for n in store.resident_quantized if n.endswith("self_attn.o_proj.weight"))
+    assert store.resident_quantized[attention] == {"bits": 4, "group_size": 32}
+    assert not any(n.endswith("mlp.gate.weight") for n in store.resident_quantized)
+
+    # an expert's blob is the weights the export stands for, within the bias's fp16 rounding (2^-11 of it)
+    layers = "model.language_model.layers" if arch.endswith("_vl") else "model.layers"
+    views = blob_views(store, 2, 7)
+    down = QuantizedTensor(views["down.packed"], views["down.scales"], views["down.biases"], 4, 32)
+    error = (dequantize(down) - load_file(reference / "model.safetensors")[f"{layers}.2.mlp.experts.7.down_proj.weight"]).abs()
+    assert (error <= views["down.biases"].float().abs().repeat_interleave(32, dim=1) * 2 ** -11).all()
+
+    with torch.no_grad():
+        expected = load_reference(reference, arch)(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-2  # the CPU kernels' bf16 activations
+
+
+def _edited(folder, tmp_path, edit_config=None, edit_tensors=None):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    if edit_config:
+        cfg = json.loads((copy / "config.json").read_text())
+        edit_config(cfg["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(copy / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def _first(tensors, suffix):
+    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
+
+
+@pytest.mark.parametrize("edit_config,edit_tensors,message", [
+    (lambda q: q.update(version="gemv"), None, "AWQ version 'gemv' is not read"),
+    (lambda q: q.update(bits=8), None, "AWQ at 8 bits is not read"),
+    (lambda q: q.update(zero_point=False), None, "without zero points is not read"),
+    (lambda q: q.update(group_size=64), None, "does not match the file"),
+    (None, lambda t: t.pop(_first(t, ".qzeros")), "has no .*qzeros beside it"),
+    (None, lambda t: t.update({_first(t, "qweight"): t[_first(t, "qweight")][:, :2].contiguous()}),
+     "does not match the file"),
+])
+def test_an_awq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, edit_config, edit_tensors, message):
+    copy = _edited(exports("qwen3_moe")[0], tmp_path, edit_config, edit_tensors)
+    with pytest.raises(FlashMoeError, match=message):
+        convert(copy, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
