@@ -439,7 +439,7 @@ def info(
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
     imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4",
-                "fp8": "FP8"}.get(
+                "fp8": "FP8", "gptq": "GPTQ", "awq": "AWQ"}.get(
         source.get("format") if source.get("format") in ("mlx", "gguf")
         else (source.get("quantization") or {}).get("method"))
     if imported:

@@ -34,9 +34,11 @@ def exports(built, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe_vl"])
-def test_awq_is_repacked_and_matches_transformers(exports, arch, tmp_path):
+def test_awq_is_repacked_and_matches_transformers(exports, arch, tmp_path, run_cli):
     folder, reference = exports(arch)
     store = Store(convert(folder, tmp_path / "store"))
+    code, out, _ = run_cli("info", store.path)
+    assert code == 0 and "4-bit affine, group 32 (AWQ checkpoint, experts repacked)" in out
     q, source = store.manifest["quantization"], store.manifest["source"]
     assert (q["bits"], q["group_size"], q["scale_dtype"]) == (4, 32, "float16")
     assert source["experts"] == "repacked" and source["quantization"]["method"] == "awq"
@@ -88,3 +90,18 @@ def test_an_awq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, e
     with pytest.raises(FlashMoeError, match=message):
         convert(copy, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.gpu
+def test_awq_store_on_the_gpu_matches_transformers(exports, tmp_path):
+    """The repacked codes through the GPU's kernels (resident products and the experts', prompt and decode)."""
+    folder, reference = exports("qwen3_moe")
+    store = convert(folder, tmp_path / "store")
+    with torch.no_grad():
+        expected = load_reference(reference, "qwen3_moe")(torch.tensor([PROMPT])).logits[0]
+    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(store, device="cuda", dtype=dtype)
+        assert rel_error(model.logits(PROMPT).cpu(), expected) < bound
+        state = model.new_state()
+        steps = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
+        assert rel_error(torch.cat(steps), expected) < bound

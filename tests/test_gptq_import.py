@@ -40,10 +40,12 @@ def exports(built, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe_vl"])
 @pytest.mark.parametrize("kind", REPACKED)
-def test_gptq_in_input_order_is_repacked_and_matches_transformers(exports, arch, kind, tmp_path):
+def test_gptq_in_input_order_is_repacked_and_matches_transformers(exports, arch, kind, tmp_path, run_cli):
     args = REPACKED[kind]
     folder, reference = exports(arch, kind, **args)
     store = Store(convert(folder, tmp_path / "store"))
+    code, out, _ = run_cli("info", store.path)
+    assert code == 0 and "(GPTQ checkpoint, experts repacked)" in out
     q, source = store.manifest["quantization"], store.manifest["source"]
     float_weights = load_file(reference / "model.safetensors")
     layers = "model.language_model.layers" if arch.endswith("_vl") else "model.layers"
@@ -122,3 +124,18 @@ def test_a_gptq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, s
     with pytest.raises(FlashMoeError, match=message):
         convert(copy, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.gpu
+def test_gptq_store_on_the_gpu_matches_transformers(exports, tmp_path):
+    """The repacked codes through the GPU's kernels (resident products and the experts', prompt and decode)."""
+    folder, reference = exports("qwen3_moe", "int4", **REPACKED["int4"])
+    store = convert(folder, tmp_path / "store")
+    with torch.no_grad():
+        expected = load_reference(reference, "qwen3_moe")(torch.tensor([PROMPT])).logits[0]
+    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(store, device="cuda", dtype=dtype)
+        assert rel_error(model.logits(PROMPT).cpu(), expected) < bound
+        state = model.new_state()
+        steps = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
+        assert rel_error(torch.cat(steps), expected) < bound
