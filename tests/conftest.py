@@ -181,6 +181,43 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+def edited_copy(folder, tmp_path, edit_config=None, edit_tensors=None):
+    """A copy of a quantized checkpoint folder with its quantization_config and/or its tensors edited in place (the
+    quantized-import tests' broken files)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    if edit_config:
+        cfg = json.loads((copy / "config.json").read_text())
+        edit_config(cfg["quantization_config"])
+        (copy / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(copy / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def first_expert_tensor(tensors, suffix: str) -> str:
+    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
+
+
+def runs_on_the_gpu_as(store, expected: torch.Tensor, prompt: list[int]) -> None:
+    """The store on the GPU, float32 and bf16, a prompt at once and token by token, against reference logits."""
+    import flashmoe
+
+    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
+        model = flashmoe.load(store, device="cuda", dtype=dtype)
+        assert rel_error(model.logits(prompt).cpu(), expected) < bound
+        state = model.new_state()
+        steps = [model.forward(prompt[:6], state).cpu()] + [model.forward([t], state).cpu() for t in prompt[6:]]
+        assert rel_error(torch.cat(steps), expected) < bound
+
+
 def weights_elsewhere(src, *dsts) -> dict[str, torch.Tensor]:
     """Copies of a checkpoint folder without its weights (config, tokenizer), for a test to write them in another
     format; returns the source's tensors."""

@@ -22,6 +22,15 @@ from conftest import weights_elsewhere
 from safetensors.torch import save_file
 
 
+def quantized_linear(name: str, t: torch.Tensor) -> bool:
+    """Whether a tensor is a decoder layer's Linear weight both writers quantize: not a router, and of a multiple of
+    32 outputs (the tiny models' 4-output DeltaNet gates stay float: AutoGPTQ sizes qzeros as outputs // 32 * bits
+    words, none for those, and AutoAWQ likewise)."""
+    module = name.removesuffix(".weight")
+    return (".layers." in name and name.endswith(".weight") and t.dim() == 2 and t.shape[0] % 32 == 0
+            and not module.endswith(("mlp.gate", "shared_expert_gate")) and "norm" not in module)
+
+
 def find_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of x [rows, cols]: (scale, zero), Quantizer.find_params(x, weight=True) with perchannel, no mse."""
     maxq = torch.tensor(2 ** bits - 1)
@@ -121,11 +130,7 @@ def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_
     out, ref = {}, {}
     for n, (name, t) in enumerate(sorted(tensors.items())):
         module = name.removesuffix(".weight")
-        # (a Linear of fewer than 32 outputs, or not a multiple of 32, as the tiny models' 4-output DeltaNet gates,
-        # stays float: AutoGPTQ sizes qzeros as outputs // 32 * bits words, none or too few for those)
-        linear = (".layers." in name and name.endswith(".weight") and t.dim() == 2 and t.shape[0] % 32 == 0
-                  and not module.endswith(("mlp.gate", "shared_expert_gate")) and "norm" not in module)
-        if not linear:
+        if not quantized_linear(name, t):
             out[name], ref[name] = t, t.float()
             continue
         parts, ref[name] = quantize_linear(t, bits, group_size, sym, desc_act, seed=n)
@@ -205,9 +210,7 @@ def awq_checkpoint(src: Path, dst: Path, reference: Path, group_size: int = 32, 
     out, ref = {}, {}
     for name, t in sorted(tensors.items()):
         module = name.removesuffix(".weight")
-        linear = (".layers." in name and name.endswith(".weight") and t.dim() == 2 and t.shape[0] % 32 == 0
-                  and not module.endswith(("mlp.gate", "shared_expert_gate")) and "norm" not in module)
-        if not linear:
+        if not quantized_linear(name, t):
             out[name], ref[name] = t, t.float()
             continue
         w, scales, zeros = awq_params(t.float(), group_size)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import blob_views, load_reference, rel_error, weights_elsewhere
+from conftest import blob_views, edited_copy, first_expert_tensor, load_reference, rel_error, weights_elsewhere
 from safetensors.torch import load_file, save_file
 
 import flashmoe
@@ -115,22 +114,6 @@ def test_asymmetric_checkpoint_is_dequantized_then_quantized(built, tmp_path):
     assert rel_error(flashmoe.load(store.path).logits(PROMPT), exact) < 1e-2  # the same weights, the same requantization
 
 
-def _edited(ct_dir, tmp_path, edit_config=None, edit_tensors=None):
-    copy = tmp_path / "edited"
-    shutil.copytree(ct_dir, copy)
-    if edit_config:
-        cfg = json.loads((copy / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (copy / "config.json").write_text(json.dumps(cfg))
-    if edit_tensors:
-        tensors = load_file(copy / "model.safetensors")
-        edit_tensors(tensors)
-        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
-    return copy
-
-
-def _first(tensors, suffix):
-    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
 
 
 @pytest.mark.parametrize("edit_config,edit_tensors,message", [
@@ -141,15 +124,15 @@ def _first(tensors, suffix):
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}), None,
      "also quantizes activations"),
     (lambda q: q["config_groups"]["group_1"].update(targets=["re:nothing"]), None, "no config_groups entry targets it"),
-    (None, lambda t: t.pop(_first(t, "weight_scale")), "has no .*weight_scale beside it"),
-    (None, lambda t: t.update({_first(t, "weight_packed"): t[_first(t, "weight_packed")][:, :4].contiguous()}),
+    (None, lambda t: t.pop(first_expert_tensor(t, "weight_scale")), "has no .*weight_scale beside it"),
+    (None, lambda t: t.update({first_expert_tensor(t, "weight_packed"): t[first_expert_tensor(t, "weight_packed")][:, :4].contiguous()}),
      "does not match the file"),
 ])
 def test_a_compressed_checkpoint_we_cannot_read_is_one_clear_line(kimi_style, tmp_path, edit_config, edit_tensors,
                                                                   message):
     _, ct_dir, _ = kimi_style
     with pytest.raises(FlashMoeError, match=message):
-        convert(_edited(ct_dir, tmp_path, edit_config, edit_tensors), tmp_path / "store")
+        convert(edited_copy(ct_dir, tmp_path, edit_config, edit_tensors), tmp_path / "store")
 
 
 def test_bits_on_an_int4_source_needs_requantize(kimi_style, tmp_path):

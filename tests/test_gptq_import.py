@@ -3,14 +3,12 @@ packing code (gptq_writer.py) and checked against transformers on the float weig
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
-from conftest import blob_views, load_reference, rel_error
+from conftest import blob_views, edited_copy, first_expert_tensor, load_reference, rel_error, runs_on_the_gpu_as
 from qweight_writers import gptq_checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import flashmoe
 from flashmoe.convert import convert
@@ -88,30 +86,14 @@ def test_what_cannot_be_kept_is_dequantized_then_quantized(exports, kind, args, 
     assert rel_error(flashmoe.load(store.path).logits(PROMPT), from_float) < 1e-2
 
 
-def _edited(folder, tmp_path, edit_config=None, edit_tensors=None):
-    copy = tmp_path / "edited"
-    shutil.copytree(folder, copy)
-    if edit_config:
-        cfg = json.loads((copy / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (copy / "config.json").write_text(json.dumps(cfg))
-    if edit_tensors:
-        tensors = load_file(copy / "model.safetensors")
-        edit_tensors(tensors)
-        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
-    return copy
-
-
-def _first(tensors, suffix):
-    return next(k for k in tensors if ".mlp.experts." in k and k.endswith(suffix))
 
 
 @pytest.mark.parametrize("source,edit_config,edit_tensors,message", [
     ("int4", lambda q: q.update(checkpoint_format="marlin"), None, "checkpoint_format 'marlin' is not read"),
     ("int4", lambda q: q.update(bits=3), None, "GPTQ at 3 bits is not read"),
     ("int4", lambda q: q.update(group_size=64), None, "does not match the file"),
-    ("int4", None, lambda t: t.pop(_first(t, ".scales")), "has no .*scales beside it"),
-    ("int4", None, lambda t: t.update({_first(t, "qweight"): t[_first(t, "qweight")][:4].contiguous()}),
+    ("int4", None, lambda t: t.pop(first_expert_tensor(t, ".scales")), "has no .*scales beside it"),
+    ("int4", None, lambda t: t.update({first_expert_tensor(t, "qweight"): t[first_expert_tensor(t, "qweight")][:4].contiguous()}),
      "does not match the file"),
     ("int4 asymmetric", lambda q: q.update(sym=True), None, "its zeros are not 8, though config.json says sym true"),
     ("activation order", lambda q: q.update(desc_act=False), None, "its g_idx is not the input order"),
@@ -120,7 +102,7 @@ def test_a_gptq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, s
                                                             message):
     args = {"int4": REPACKED["int4"], "int4 asymmetric": REPACKED["int4 asymmetric"],
             "activation order": dict(bits=4, group_size=32, desc_act=True)}[source]
-    copy = _edited(exports("qwen3_moe", source, **args)[0], tmp_path, edit_config, edit_tensors)
+    copy = edited_copy(exports("qwen3_moe", source, **args)[0], tmp_path, edit_config, edit_tensors)
     with pytest.raises(FlashMoeError, match=message):
         convert(copy, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -133,9 +115,4 @@ def test_gptq_store_on_the_gpu_matches_transformers(exports, tmp_path):
     store = convert(folder, tmp_path / "store")
     with torch.no_grad():
         expected = load_reference(reference, "qwen3_moe")(torch.tensor([PROMPT])).logits[0]
-    for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.03)):
-        model = flashmoe.load(store, device="cuda", dtype=dtype)
-        assert rel_error(model.logits(PROMPT).cpu(), expected) < bound
-        state = model.new_state()
-        steps = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
-        assert rel_error(torch.cat(steps), expected) < bound
+    runs_on_the_gpu_as(store, expected, PROMPT)
