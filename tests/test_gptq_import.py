@@ -1,5 +1,5 @@
 """GPTQ checkpoints (AutoGPTQ / GPTQModel exports: the `-GPTQ-Int4` / `-Int8` releases), packed here by AutoGPTQ's own
-packing code (gptq_writer.py) and checked against transformers on the float weights they stand for."""
+packing code (qweight_writers.py) and checked against transformers on the float weights they stand for."""
 
 from __future__ import annotations
 
