@@ -32,7 +32,7 @@ from .sources.compressed import compressed_schemes
 from .sources.fp8 import fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
 from .sources.awq import awq_scheme
-from .sources.gptq import gptq_scheme
+from .sources.gptq import gptq_scheme, with_quantize_config
 from .sources.hub import SOURCE_DIR, HubRepo, download_gguf, hub_gguf, hub_repo
 from .sources.mlx import REPACKED_BITS, MlxCheckpoint, MlxExpertSource, is_mlx_checkpoint, mlx_quantization
 from .store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SOURCE_DTYPES, BlobLayout, crc32, scale_dtype_name, scheme_of,
@@ -253,6 +253,7 @@ class Converter:
             self.cfg = ModelConfig.from_hf(self.raw_config)
         else:
             self.cfg, self.raw_config = read_hf_config(self.src)
+            self.raw_config = with_quantize_config(self.raw_config, self.src)
         if self.cfg.hidden_act != "silu":
             raise FlashMoeError(f"hidden_act {self.cfg.hidden_act!r} is not supported (only silu)")
         family = family_of(self.cfg.architecture)

@@ -121,11 +121,13 @@ def quantize_linear(w: torch.Tensor, bits: int, group_size: int, sym: bool, desc
 
 
 def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_size: int = 32, sym: bool = True,
-                    desc_act: bool = False, checkpoint_format: str = "gptq") -> Path:
+                    desc_act: bool = False, checkpoint_format: str = "gptq", quantize_config_json: bool = False
+                    ) -> Path:
     """The tiny checkpoint at src as a GPTQ export at dst: every Linear of the decoder layers quantized but the
     routers, the embedding and head kept float; config.json's quantization_config as AutoGPTQ writes it.
     checkpoint_format "gptq_v2" stores the zeros without v1's -1. At `reference`, the float checkpoint of the weights
-    the export stands for (float32), for transformers to run."""
+    the export stands for (float32), for transformers to run. quantize_config_json: the settings in
+    quantize_config.json instead, as older AutoGPTQ exports keep them (config.json then has none)."""
     tensors = weights_elsewhere(src, dst, reference)
     out, ref = {}, {}
     for n, (name, t) in enumerate(sorted(tensors.items())):
@@ -146,11 +148,14 @@ def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_
             out[f"{module}.{part}"] = value.contiguous()
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     save_file(ref, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    settings = {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
+                "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
+                "model_file_base_name": "model"}
+    if quantize_config_json:
+        (dst / "quantize_config.json").write_text(json.dumps(settings, indent=2))
+        return dst
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
-                                  "static_groups": False, "sym": sym, "true_sequential": True,
-                                  "model_name_or_path": None, "model_file_base_name": "model",
-                                  "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    cfg["quantization_config"] = {**settings, "quant_method": "gptq", "checkpoint_format": checkpoint_format}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 

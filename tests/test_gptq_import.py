@@ -18,6 +18,7 @@ from flashmoe.store import Store
 
 PROMPT = [7, 300, 12, 45, 99, 3, 250, 18, 77, 401, 5, 66, 129, 88, 42]
 REPACKED = {"int4": dict(bits=4, group_size=32), "int8 per channel": dict(bits=8, group_size=-1),
+            "int4 in quantize_config.json": dict(bits=4, group_size=32, quantize_config_json=True),
             "int4 gptq_v2": dict(bits=4, group_size=64, checkpoint_format="gptq_v2"),
             "int4 asymmetric": dict(bits=4, group_size=32, sym=False)}
 

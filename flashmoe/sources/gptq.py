@@ -14,7 +14,9 @@ order and 2-bit codes are dequantized as read.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,7 @@ from ..quant import QuantizedTensor, pack, unpack_codes
 from .fp8 import quantization_config
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+QUANTIZE_CONFIG = "quantize_config.json"
 FORMATS = ("gptq", "gptq_v2")
 READ_BITS = (2, 4, 8)  # widths whose words hold whole codes (3-bit words run across each other: not read)
 REPACKED_BITS = (4, 8)
@@ -36,6 +39,19 @@ class GptqScheme:
     desc_act: bool
     symmetric: bool
     v1: bool  # zeros stored less one
+
+
+def with_quantize_config(raw: dict, folder: Path) -> dict:
+    """config.json's fields, with an older AutoGPTQ export's quantize_config.json beside it (TheBloke's releases keep
+    their GPTQ settings there, not in config.json) as its quantization_config."""
+    path = folder / QUANTIZE_CONFIG
+    if quantization_config(raw) is not None or not path.is_file():
+        return raw
+    try:
+        q = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlashMoeError(f"cannot read {path}: {exc}") from None
+    return {**raw, "quantization_config": {"quant_method": "gptq", **q}}
 
 
 def gptq_scheme(raw: dict, where: str) -> GptqScheme | None:

@@ -23,7 +23,7 @@ HUB_GGUF = re.compile(r"^(?:hf:/?/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/(.+\.gguf)$")  
 SOURCE_DIR = ".source"  # inside the destination: config, tokenizer, the shards in flight, partial downloads
 SMALL_FILES = ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
-               "tokenizer.model", "added_tokens.json")
+               "tokenizer.model", "added_tokens.json", "quantize_config.json")
 ATTEMPTS = 4  # a dropped connection resumes where it stopped
 
 
