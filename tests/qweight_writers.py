@@ -137,9 +137,9 @@ def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_
             continue
         parts, ref[name] = quantize_linear(t, bits, group_size, sym, desc_act, seed=n)
         if checkpoint_format == "gptq_v2":  # zeros as they are: repack the v1 words with one added back
-            from flashmoe.sources.gptq import _unpack_words
+            from flashmoe.sources.compressed import unpack_words
             rows = t.shape[0]
-            z = _unpack_words(parts["qzeros"], bits, rows).to(torch.int64) + 1
+            z = unpack_words(parts["qzeros"], bits, rows).to(torch.int64) + 1
             words = np.zeros((z.shape[0], parts["qzeros"].shape[1]), dtype=np.uint32)
             for j in range(rows):
                 words[:, j * bits // 32] |= (z[:, j].numpy().astype(np.uint32) << (bits * (j % (32 // bits))))

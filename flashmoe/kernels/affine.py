@@ -18,13 +18,13 @@ GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per ro
 # dot4's reach in a batch (resident_gemv.py --rows, H200, RESULTS.md): at 8 rows resident_mm beat it on the matrices
 # of more than 8192 rows (the 397B head 594 against 976 us) and lost on the smaller ones (4096x8192: 91 against 57)
 DOT4_MAX_ROWS, DOT4_MAX_ROWS_SMALL, SMALL_ROWS = 4, 8, 8192
+DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
+QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
+ALIGN = 64
 
 
 def dot4_max_rows(shape: tuple[int, int]) -> int:
     return DOT4_MAX_ROWS_SMALL if shape[0] <= SMALL_ROWS else DOT4_MAX_ROWS
-DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
-QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
-ALIGN = 64
 
 
 class AffineMatrix:
@@ -58,6 +58,8 @@ class AffineMatrix:
         self.dot4 = (dot4_gemv.resident_tile(bits, group_size, self.shape)
                      if self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32 else None)
         self.mm = self.gemv_tile is not None and resident_mm.supported(bits, group_size)
+        # the rows dot4 takes: past them resident_mm, or (where it cannot) all dot4's
+        self.dot4_rows = dot4_max_rows(self.shape) if self.mm else dot4_gemv.MAX_ROWS
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
         self.gemm = self.gemv_tile is not None and not self.mm and group_size % 16 == 0
         if self.gemm:
@@ -106,7 +108,7 @@ class AffineMatrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (n, k), rows = self.shape, x.reshape(-1, x.shape[-1])
-        if self.dot4 and rows.shape[0] <= (dot4_max_rows(self.shape) if self.mm else dot4_gemv.MAX_ROWS):
+        if self.dot4 and rows.shape[0] <= self.dot4_rows:
             y = dot4_gemv.dot4_gemv(rows, self.blob, self.shape, self.q.bits, self.q.group_size, self.offsets,
                                     self.q.scales.dtype == torch.bfloat16, **self.dot4)
         elif self.gemv_tile is not None and rows.shape[0] <= GEMV_MAX_ROWS:

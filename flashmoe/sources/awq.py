@@ -17,7 +17,8 @@ import torch
 from ..errors import FlashMoeError
 from ..quant import QuantizedTensor
 from .fp8 import quantization_config
-from .gptq import EXACT_SCALES, _unpack_words, affine_from_zeros
+from .compressed import EXACT_SCALES, unpack_words
+from .gptq import affine_from_zeros, weights_from_zeros
 
 PARTS = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output j of a word's 8 sits at nibble ORDER.index(j)
@@ -39,9 +40,10 @@ def awq_scheme(raw: dict, where: str) -> AwqScheme | None:
     if version != "gemm":
         raise FlashMoeError(f"{where}: AWQ version {version!r} is not read (flashmoe reads 'gemm', AutoAWQ's default); "
                             "convert the original release instead")
-    if q.get("bits", q.get("w_bit")) != 4 or not q.get("zero_point", True):
-        raise FlashMoeError(f"{where}: AWQ at {q.get('bits')!r} bits{'' if q.get('zero_point', True) else ' without zero points'} "
-                            "is not read (flashmoe reads AutoAWQ's 4-bit GEMM format with zero points)")
+    bits, zero_point = q.get("bits", q.get("w_bit")), q.get("zero_point", True)
+    if bits != 4 or not zero_point:
+        raise FlashMoeError(f"{where}: AWQ at {bits!r} bits{'' if zero_point else ' without zero points'} is not read "
+                            "(flashmoe reads AutoAWQ's 4-bit GEMM format with zero points)")
     group = q.get("group_size", q.get("q_group_size"))
     if type(group) is not int or group <= 0:
         raise FlashMoeError(f"{where}: AWQ group_size {group!r} is not a positive integer")
@@ -50,7 +52,7 @@ def awq_scheme(raw: dict, where: str) -> AwqScheme | None:
 
 def _in_output_order(words: torch.Tensor, count: int) -> torch.Tensor:
     """int32 [rows, n] of AWQ-ordered 4-bit codes -> uint8 [rows, count] in output order."""
-    codes = _unpack_words(words, 4, count)  # nibble order
+    codes = unpack_words(words, 4, count)  # nibble order
     back = torch.tensor([ORDER.index(j) for j in range(8)])
     return codes.view(codes.shape[0], -1, 8)[:, :, back].reshape(codes.shape[0], count)
 
@@ -85,9 +87,8 @@ class AwqTensor:
         return affine_from_zeros(codes, zeros, scales, 4, self.group)
 
     def dequantize(self, qweight, qzeros, scales) -> torch.Tensor:
-        codes, zeros = self.codes_and_zeros(qweight, qzeros)
-        groups = torch.arange(self.shape[1]) // self.group
-        return ((codes.float() - zeros.t()[:, groups]) * scales.float().t()[:, groups]).to(scales.dtype)
+        return weights_from_zeros(*self.codes_and_zeros(qweight, qzeros), scales,
+                                  torch.arange(self.shape[1]) // self.group)
 
 
 def check_parts(name: str, parts: dict, scheme: AwqScheme) -> tuple[int, int]:

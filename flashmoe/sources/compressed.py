@@ -86,8 +86,9 @@ def scheme_for(schemes: list[IntScheme], module: str) -> IntScheme:
     raise FlashMoeError(f"tensor {module}.weight_packed is quantized, but no config_groups entry targets it")
 
 
-def _codes(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """int32 words [..., n] -> uint8 codes [rows, cols] (the little-end bit stream of each row)."""
+def unpack_words(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """int32 words [..., n] -> uint8 codes [rows, cols] (the little-end bit stream of each row; GPTQ and AWQ pack
+    their words the same way)."""
     b = words.contiguous().view(torch.uint8).reshape(-1, words.shape[-1] * 4)
     return unpack_codes(b, bits, cols)
 
@@ -109,9 +110,9 @@ class PackedTensor:
     def dequantize(self, words: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, cols: int
                    ) -> torch.Tensor:
         bits, rows = self.scheme.bits, words.shape[-2]
-        q = _codes(words, bits, cols).float() - (1 << (bits - 1))
+        q = unpack_words(words, bits, cols).float() - (1 << (bits - 1))
         if zero_point is not None:  # packed along the output axis, with the same offset
-            zp = _codes(zero_point.t(), bits, rows).t().float() - (1 << (bits - 1))
+            zp = unpack_words(zero_point.t(), bits, rows).t().float() - (1 << (bits - 1))
             zp = zp.reshape(rows, -1)
         group = cols if self.scheme.group_size is None else self.scheme.group_size
         q = q.reshape(rows, cols // group, group)

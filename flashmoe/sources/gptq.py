@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashMoeError
-from ..quant import QuantizedTensor, pack, unpack_codes
+from ..quant import QuantizedTensor, pack
+from .compressed import EXACT_SCALES, unpack_words
 from .fp8 import quantization_config
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -29,7 +30,6 @@ QUANTIZE_CONFIG = "quantize_config.json"
 FORMATS = ("gptq", "gptq_v2")
 READ_BITS = (2, 4, 8)  # widths whose words hold whole codes (3-bit words run across each other: not read)
 REPACKED_BITS = (4, 8)
-EXACT_SCALES = ("BF16", "F16")
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,12 @@ def affine_from_zeros(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Te
     return QuantizedTensor(pack(codes, bits), s, bias.contiguous(), bits, group)
 
 
-def _unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 [rows, n] -> uint8 codes [rows, count], each row's words little end first."""
-    b = words.contiguous().view(torch.uint8).reshape(words.shape[0], -1)
-    return unpack_codes(b, bits, count)
+def weights_from_zeros(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor
+                       ) -> torch.Tensor:
+    """The float [out, in] weight of codes [out, in] with zeros and scales [groups, out], input i in group groups[i],
+    in the scales' dtype."""
+    z, s = zeros.t(), scales.float().t()
+    return ((codes.float() - z[:, groups]) * s[:, groups]).to(scales.dtype)
 
 
 @dataclass
@@ -113,11 +115,11 @@ class GptqTensor:
 
     def codes(self, qweight: torch.Tensor) -> torch.Tensor:
         """uint8 codes [out, in]: the words unpacked along the input, then transposed into rows."""
-        return _unpack_words(qweight.t().contiguous(), self.scheme.bits, self.shape[1])
+        return unpack_words(qweight.t().contiguous(), self.scheme.bits, self.shape[1])
 
     def zeros(self, qzeros: torch.Tensor) -> torch.Tensor:
         """float [groups, out], the stored offset undone."""
-        z = _unpack_words(qzeros, self.scheme.bits, self.shape[0]).float()
+        z = unpack_words(qzeros, self.scheme.bits, self.shape[0]).float()
         return z + 1 if self.scheme.v1 else z
 
     def quantized(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -137,11 +139,8 @@ class GptqTensor:
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                    g_idx: torch.Tensor | None) -> torch.Tensor:
         """The float [out, in] weight, in the scales' dtype: any zeros, any input order."""
-        cols = self.shape[1]
-        groups = g_idx.long() if g_idx is not None else torch.arange(cols) // self.group
-        q = self.codes(qweight).float()  # [out, in]
-        z, s = self.zeros(qzeros).t(), scales.float().t()  # [out, groups]
-        return ((q - z[:, groups]) * s[:, groups]).to(scales.dtype)
+        groups = g_idx.long() if g_idx is not None else torch.arange(self.shape[1]) // self.group
+        return weights_from_zeros(self.codes(qweight), self.zeros(qzeros), scales, groups)
 
 
 def check_parts(name: str, parts: dict, scheme: GptqScheme) -> tuple[int, int]:
