@@ -6,7 +6,8 @@
     python benchmarks/cache_sim.py --batch 1 2 4 8 16 --sizes 0.2   # what batching saves in reads over PCIe
 
 Hit rate = cache hits / expert lookups, one budget over all layers (a share of every expert of the model), over the
-whole trace from a cold cache: each expert's first use is a miss for every policy, Belady's included.
+whole trace from a cold cache: each expert's first use is a miss for every policy, Belady's included (--warm N:
+over the tokens from N on, the ones before warming the cache: a server's cache after its first requests).
 
 --zero-copy asks what zero-copy decode (every expert in pinned RAM, a share in VRAM; experts.py) would gain if its
 VRAM tier followed the routing: the VRAM set a prompt of --prompt tokens leaves (its most used experts, counts
@@ -27,14 +28,15 @@ from flashmoe.eviction import POLICIES, optimal_hits, replay
 from flashmoe.traces import TraceShape, calibrated_sequences, calibrated_trace, load, uniform_trace
 
 
-def table(traces: dict, sizes: list[float], experts_total: int) -> list[str]:
+def table(traces: dict, sizes: list[float], experts_total: int, warm: int = 0) -> list[str]:
     rows = ["| trace | cache (share of experts) | " + " | ".join(POLICIES) + " | Belady (bound) |",
             "|---|---|" + "---|" * (len(POLICIES) + 1)]
     for name, trace in traces.items():
+        lookups = trace[warm:].size
         for share in sizes:
             capacity = max(1, int(share * experts_total))
-            rates = [replay(trace, capacity, make()) / trace.size for make in POLICIES.values()]
-            bound = optimal_hits(trace, capacity) / trace.size
+            rates = [replay(trace, capacity, make(), warm) / lookups for make in POLICIES.values()]
+            bound = optimal_hits(trace, capacity, warm) / lookups
             rows.append(f"| {name} | {share:.0%} ({capacity}) | " + " | ".join(f"{r:.1%}" for r in rates)
                         + f" | {bound:.1%} |")
     return rows
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=500)
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--trace", help="a recorded trace (.npy) instead of the generated ones")
+    ap.add_argument("--warm", type=int, default=0, help="count hits from this token on (a cache that has served "
+                    "requests before), not from a cold cache")
     ap.add_argument("--zero-copy", action="store_true", help="the VRAM tier of zero-copy decode, static or refreshed")
     ap.add_argument("--prompt", type=int, default=200, help="--zero-copy: tokens before the VRAM set is chosen")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="sequences stepping together (e.g. 1 2 4 8 "
@@ -158,7 +162,8 @@ def main() -> None:
             traces[f"calibrated, K={k}"] = calibrated_trace(shape)
             traces[f"uniform, K={k}"] = uniform_trace(shape)
         total = args.layers * args.experts
-    rows = zero_copy_table(traces, args.sizes, args.prompt) if args.zero_copy else table(traces, args.sizes, total)
+    rows = (zero_copy_table(traces, args.sizes, args.prompt) if args.zero_copy
+            else table(traces, args.sizes, total, args.warm))
     print("\n".join(rows))
     print(f"\n{sum(t.size for t in traces.values())} lookups per policy and size, {time.perf_counter() - t0:.0f} s")
 

@@ -171,6 +171,8 @@ def decode(store_path: Path, regime: str, tokens: int, trace: str = "router") ->
     vram_gb = experts_gb * 1.01 if spec["vram"] == "all" else (
         experts_gb * spec["vram"] if spec["vram"] < 1 else spec["vram"])
     cache_gb = experts_gb * 1.01 if spec["cache_gb"] == "all" else spec["cache_gb"]
+    if spec["cold"]:  # before the load too: a cgroup keeps the last run's page cache charged to it
+        drop_page_cache()
     model = flashmoe.load(store_path, device="cuda", experts_per_token=K, vram_cache_gb=vram_gb, cache_gb=cache_gb,
                           direct_io=spec["direct_io"], io_threads=16)
     if trace != "router":  # routing by a trace (replay.py) instead of the random weights' uniform router

@@ -7,7 +7,9 @@ to first token with and without the prefix cache, through the HTTP API with the 
 
 `flashmoe serve` runs as its own process on 127.0.0.1 (a free port), as users run it; the load comes from threads
 here. Streams: N clients each ask /v1/completions for --tokens tokens at once (the server runs up to N at a time);
-aggregate tok/s = all completion tokens / wall time from the first request to the last answer. Turns: one chat of
+aggregate tok/s = all completion tokens / wall time from the first request to the last answer; steady decode tok/s
+= the tokens streamed while every stream was decoding (after the last one's first token, up to the first one's end) /
+that window. Turns: one chat of
 --turns turns (--words-word user messages, --reply-token replies, thinking off, greedy), streamed; TTFT = time to
 the first chunk that carries text; once on a server with --prefix-cache-gb 0, once with the default.
 """
@@ -104,24 +106,34 @@ def stream_rows(server: Server, counts: list[int], tokens: int, how: str = "") -
     streams(server, 1, 4)  # warm-up: kernels, caches
     rows, base = [], None
     for n in counts:
-        rate = streams(server, n, tokens)
-        base = base or rate
-        rows.append(f"| {n} streams{how} | {rate:.1f} tok/s | {rate / base:.2f}x |")
+        rate, decode = streams(server, n, tokens)
+        base = base or (rate, decode)
+        rows.append(f"| {n} streams{how} | {rate:.1f} tok/s | {rate / base[0]:.2f}x | {decode:.1f} tok/s | "
+                    f"{decode / base[1]:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
 
-def streams(server: Server, n: int, tokens: int) -> float:
-    """Aggregate completion tok/s of n clients at once, from their release together to the last answer (the client
-    and the model's id made before: an openai client took 17-34 ms to make, as long as a short request's decode)."""
+def streams(server: Server, n: int, tokens: int) -> tuple[float, float]:
+    """n clients at once, streamed: (completion tok/s, from their release together to the last answer; steady decode
+    tok/s, the tokens that arrived while all n were decoding over that window: from the last stream's first token to
+    the first stream's last). Each chunk's tokens are its stream's usage over its chunks (a chunk is a step's text;
+    one whose text is not yet whole is held back and sent with the next). The client and the model's id are made
+    before: an openai client took 17-34 ms to make, as long as a short request's decode."""
     client, model, done = server.client(), server_model(server), []
     barrier = threading.Barrier(n + 1)
 
     def one(i: int) -> None:
         barrier.wait()
-        r = client.completions.create(model=model, prompt=f"Story {i}: the {WORDS[i % len(WORDS)]}",
-                                      max_tokens=tokens, temperature=0)
-        done.append((time.perf_counter(), r.usage.completion_tokens))
+        arrivals, used = [], None
+        for chunk in client.completions.create(model=model, prompt=f"Story {i}: the {WORDS[i % len(WORDS)]}",
+                                               max_tokens=tokens, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].text:
+                arrivals.append(time.perf_counter())
+            if chunk.usage is not None:
+                used = chunk.usage.completion_tokens
+        done.append((arrivals, used))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -130,7 +142,10 @@ def streams(server: Server, n: int, tokens: int) -> float:
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return sum(c for _, c in done) / (max(t for t, _ in done) - t0)
+    rate = sum(used for _, used in done) / (max(a[-1] for a, _ in done) - t0)
+    start, end = max(a[0] for a, _ in done), min(a[-1] for a, _ in done)
+    inside = sum(sum(start < t <= end for t in a) * used / len(a) for a, used in done)
+    return rate, (inside / (end - start) if end > start else float("nan"))
 
 
 def server_model(server: Server) -> str:
@@ -247,7 +262,7 @@ def main() -> None:
             publish(section("The server's own work per token (no engine)", f"device {args.device}, "
                             f"{os.cpu_count()} CPU cores", f"`python serve.py {' '.join(sys.argv[1:])}`: /v1/completions "
                             f"of {args.tokens} tokens per stream, every forward a fixed row of logits.",
-                            ["load", "result", "vs one stream"], rows), args.out)
+                            ["load", "completion", "vs one stream", "steady decode", "vs one stream"], rows), args.out)
             return
         if args.batch_steps:  # the streams both ways, one server each, side by side
             for batch in (False, True):
@@ -273,12 +288,12 @@ def main() -> None:
             finally:
                 server.close()
     for i, (off, on) in enumerate(zip(ttft.get("none", []), ttft.get("cache", []))):
-        rows.append(f"| turn {i + 1} TTFT | {off:.0f} ms without the prefix cache, {on:.0f} ms with | {off / on:.1f}x |")
+        rows.append(f"| turn {i + 1} TTFT | {off:.0f} ms without the prefix cache, {on:.0f} ms with | {off / on:.1f}x | | |")
         print(rows[-1], flush=True)
     text = section(f"Serving under load, {store_name(args)}", f"device {args.device}, {os.cpu_count()} CPU cores",
                    f"/v1/completions of {args.tokens} tokens per stream, all streams at once; then a {args.turns}-turn "
                    f"chat ({args.words}-word messages, {args.reply}-token replies), streamed.",
-                   ["load", "result", "vs one stream / speed-up"], rows)
+                   ["load", "completion / TTFT", "vs one stream / speed-up", "steady decode", "vs one stream"], rows)
     publish(text, args.out)
 
 

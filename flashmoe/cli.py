@@ -132,8 +132,8 @@ WARM = typer.Option(True, "--warm/--no-warm", help="where one expert cache has r
 VRAM_CACHE_GB = typer.Option(None, min=0.0, help="VRAM for cached experts, with --device cuda (default: what the "
                                                  "resident weights leave, less 4 GB)")
 DIRECT_IO = typer.Option(False, "--direct-io", help="read experts with O_DIRECT, bypassing the page cache")
-CACHE_POLICY = typer.Option("frequency-lru", help="which cached expert gives up its slot: frequency-lru, lru or "
-                                                  "decayed-lfu")
+CACHE_POLICY = typer.Option("reuse-frequency", help="which cached expert gives up its slot: reuse-frequency, "
+                                                    "frequency-lru, lru or decayed-lfu")
 RESIDENT_FORMAT = typer.Option(None, help="the resident projections as float, bf16 (CPU), int8 or int4 (quantized at "
                                           "load; on the CPU int8 is the default for a quantized store, on a GPU "
                                           "the first of float, int8, int4 that takes at most half of the free "

@@ -274,8 +274,8 @@ class Model:
         the page cache. cuda_graphs: replay the fixed part of each layer's decode step as CUDA graphs.
         zero_copy: once every expert is in VRAM or the pinned RAM cache, decode reads the RAM ones over PCIe from
         inside the expert kernels (whole-layer graphs, no copies) instead of copying them into the VRAM cache.
-        cache_policy: which cached expert gives up its slot, in both tiers: "frequency-lru" (default), "lru" or
-        "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format: how the resident
+        cache_policy: which cached expert gives up its slot, in both tiers: "reuse-frequency" (default),
+        "frequency-lru", "lru" or "decayed-lfu" (eviction.py; benchmarks/cache_sim.py compares them). resident_format: how the resident
         projections are kept: "float" (as `dtype`), "bf16" (CPU), or quantized at load to "int8" / "int4" (group 32;
         on the CPU read by our kernels, default DEFAULT_CPU_RESIDENT_FORMAT for a quantized store, "float" for an
         exact one; on a GPU by kernels/affine.py's, each quantized onto it as it is read; default there: the first

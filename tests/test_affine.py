@@ -68,19 +68,6 @@ def test_a_few_rows_read_the_matrix_once_through_the_grouped_kernel(n, k, bits, 
     assert rel_error(m(x), F.linear(x, m.dequantize(torch.float32))) < 1e-5
 
 
-@pytest.mark.skipif(not mt.triton_available(), reason="needs triton")
-@pytest.mark.parametrize("tile", [mt.PromptTile(block_n=64, block_k=128, swap=True),
-                                  mt.PromptTile(block_n=32, block_k=256, swap=False)])
-@pytest.mark.parametrize("n,k,bits,group,rows", [(70, 256, 4, 32, 5), (33, 512, 8, 64, 17), (100, 384, 4, 32, 40)])
-def test_the_grouped_kernel_s_wider_tiles_give_the_same_product(tile, n, k, bits, group, rows):
-    """affine_gemm at the tiles resident_gemv.py --rows tries for a batch: K steps of several groups (each column its
-    group's scale and bias), the weights as the matrix units' M side; a row of 384 takes the widest step dividing it."""
-    m = matrix(n, k, bits, group, torch.float16, seed=n + rows)
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
-    y = mt.affine_gemm(x, m.blob, m.shape, bits, group, m.offsets, False, tile=tile)
-    assert rel_error(y, F.linear(x, m.dequantize(torch.float32))) < 1e-5
-
-
 def test_product_rows_and_stacks_agree_with_the_dense_matrix():
     a, b = matrix(24, 64, 4, 32, seed=1), matrix(8, 64, 4, 32, seed=2)
     router = matrix(6, 64, 8, 64, seed=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashmoe.eviction import LRU, POLICIES, DecayedLFU, FrequencyLRU, optimal_hits, replay
+from flashmoe.eviction import LRU, POLICIES, DecayedLFU, FrequencyLRU, ReuseFrequency, optimal_hits, replay
 from flashmoe.expert_cache import SlotCache
 from flashmoe.traces import TraceShape, calibrated_trace, uniform_trace
 
@@ -50,6 +50,46 @@ def test_decayed_lfu_forgets_and_survives_a_long_run():
         p.tick()
     p.hit("new")
     assert p.victim(lambda k: False) == "old" and p.victim(lambda k: k == "old") == "new"
+
+
+def test_reuse_frequency_keeps_the_latest_tokens_experts_by_their_layers_reuse():
+    p = ReuseFrequency(reuse_weight=1.0)
+    # layer 0 reuses: token 1 picks again both experts token 0 picked; layer 1 never does
+    for _ in range(2):
+        p.hit((0, "a"))
+        p.hit((0, "b"))
+        p.tick()
+    for e in ("x", "y", "z", "w"):
+        p.insert((1, e))
+        p.tick()
+    for _ in range(3):  # a popular expert of layer 1, not used at the latest token
+        p.hit((1, "hot"))
+    p.tick()
+    p.insert((0, "c"))  # layer 0's reuse rate is 2/5: c scores 1 + 0.4 x 7 tokens = 3.8 while the latest token used it
+    p.insert((1, "v"))  # layer 1's is 0: v scores 1, as the other once-used experts of layer 1
+    assert p.victim(lambda k: False) == (1, "x")  # the oldest of the once-used, no reuse to speak for them
+    assert p.victim(lambda k: k[0] == 1) == (0, "a")  # a and b: 2 uses and no longer the latest; c's reuse beats them
+    p.tick()  # the next token's layers may still pick c again: its reuse stays a token
+    assert p.victim(lambda k: k[1] in "xyzw") == (1, "v")
+    p.tick()  # then it falls back to its one use, older than v's
+    assert p.victim(lambda k: k[1] in "xyzw") == (0, "c")
+    p.remove((0, "c"))
+    p.insert((0, "c"))  # back after an eviction: its earlier use still counts (2 uses, plus reuse now)
+    assert p.victim(lambda k: k[1] in "xyzw") == (1, "v")
+
+
+def test_hits_counted_after_a_warm_start():
+    trace = calibrated_trace(TraceShape(tokens=80, layers=3, experts=32, top_k=4), seed=5)
+    for capacity in (8, 24):
+        assert replay(trace, capacity, LRU(), count_from=0) == replay(trace, capacity, LRU())
+        late = replay(trace, capacity, LRU(), count_from=40)
+        assert late == replay(trace, capacity, LRU()) - replay(trace[:40], capacity, LRU())
+        assert late <= optimal_hits(trace, capacity, count_from=40) <= optimal_hits(trace, capacity)
+    # every key seen in the first half and room for all: the second half hits every time, Belady's too
+    full = 3 * 32
+    seen = all(set(trace[40:, layer].ravel()) <= set(trace[:40, layer].ravel()) for layer in range(3))
+    if seen:
+        assert optimal_hits(trace, full, count_from=40) == trace[40:].size
 
 
 def test_no_policy_beats_belady_and_full_capacity_misses_only_the_first_uses():

@@ -7,6 +7,7 @@ import torch
 
 import flashmoe
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import POLICIES
 from flashmoe.expert_cache import SlotCache, host_slab
 from flashmoe.store import BLOCK_BYTES
 from test_reference import PROMPT
@@ -87,7 +88,7 @@ def test_the_policy_picks_the_victim_and_forgotten_entries_leave_it():
     assert len(cache) == 2 and (0, 1) in cache
 
 
-@pytest.mark.parametrize("policy", ["lru", "frequency-lru", "decayed-lfu"])
+@pytest.mark.parametrize("policy", list(POLICIES))
 def test_policies_change_what_is_cached_never_the_answer(built, policy):
     store = built.store("qwen3_5_moe", 4)
     with flashmoe.load(store, cache_gb=0) as uncached:
@@ -192,6 +193,10 @@ def test_the_default_ram_cache_holds_every_expert_when_they_fit_and_counts_a_cgr
                         else real_read_text(self))
     assert memory._cgroup_room() == 3_000_000
     assert memory.ram_available() == min(3_000_000, memory.psutil.virtual_memory().available)
+    # its usage is mostly page cache the kernel would give back: that counts as free
+    (root / "box" / "memory.stat").write_text("anon 1000000\nfile 5800000\nactive_file 2000000\n"
+                                              "inactive_file 3500000\nshmem 300000\n")
+    assert memory._cgroup_room() == 3_000_000 + 5_500_000
     # cgroup v1's memory controller, "no limit" written as a huge number at the top
     (root / "memory" / "slice").mkdir(parents=True)
     (root / "memory" / "memory.limit_in_bytes").write_text(f"{2 ** 63 - 4096}\n")
@@ -200,3 +205,6 @@ def test_the_default_ram_cache_holds_every_expert_when_they_fit_and_counts_a_cgr
     monkeypatch.setattr(memory.Path, "read_text", lambda self: "4:memory:/slice\n3:cpu:/\n"
                         if str(self) == "/proc/self/cgroup" else real_read_text(self))
     assert memory._cgroup_room() == 1_500_000
+    (root / "memory" / "slice" / "memory.stat").write_text("cache 4000000\ninactive_file 10\n"
+                                                          "total_inactive_file 3000000\ntotal_active_file 500000\n")
+    assert memory._cgroup_room() == 1_500_000 + 3_500_000

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashmoe.eviction import POLICIES
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -99,7 +101,7 @@ def test_routing_traces_of_a_model_agree_with_transformers_routing(built, tmp_pa
         assert abs(p["previous_token"] - layer["reuse"]) < 1e-9
         assert max(p["router_ahead"], p["previous_token"]) <= p["both"] <= 1.0
     for c in got["cache"]:
-        assert all(c[name] <= c["belady"] + 1e-12 for name in ("lru", "frequency-lru", "decayed-lfu"))
+        assert all(c[name] <= c["belady"] + 1e-12 for name in POLICIES)
 
 
 def test_the_quality_plot_draws_a_line_per_format(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # resident_mm (a decode batch's rows over quantized residents on the tensor cores), in two device calls of ~8 min:
 #   run(command="bash benchmarks/device/batch_rows.sh sweep", carry=["scratch/tfslim", "scratch/whl-fla"])
-#     its GPU tests and the quantized residents', then its tiles and the grouped kernel's wider ones swept against
-#     bf16 and dot4 at 4-64 rows (resident_gemv.py --rows)
+#     its GPU tests and the quantized residents', then its tiles swept against bf16 and dot4 at 8-64 rows
+#     (resident_gemv.py --rows)
 #   run(command="bash benchmarks/device/batch_rows.sh decode", ...)
 #     batched decode through the engine over bf16 residents and over int4 ones (batch_decode.py, 4 layers of 397B)
 # Outputs under $OUT: tests.log, rows.txt; batch-bf16.txt, batch-int4.txt.

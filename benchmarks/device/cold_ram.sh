@@ -15,6 +15,6 @@ for trace in calibrated uniform; do
     echo "== K=4, $trace trace, ${left}s left"
     timeout $left python3 gpu_regimes.py --root /root/g --expert-gb 35 --tokens 64 --k 4 --trace $trace \
         --regimes cold-cgroup,cold-ram-cgroup --json "$OUT/k4-$trace.json" --out "$OUT/regimes.md" 2>&1 \
-        | grep -v '^{' | tail -4
+        | grep -v '^{' | grep -E '^\||failed|Error' | tail -8
 done
 echo "== end $(( $(date +%s) - t0 ))s"

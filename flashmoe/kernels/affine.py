@@ -15,16 +15,12 @@ from . import moe_triton as mt
 GEMV_MAX_ROWS = 2  # the GPU's matrix-vector kernel reads the matrix once per row of x; up to mt.GEMM_MAX_ROWS
 # (a decode batch) one tensor-core kernel reads it once for all (resident_mm; mt.affine_gemm where it cannot);
 # past it (prompts), dequantized slices
-# dot4's reach in a batch (resident_gemv.py --rows, H200, RESULTS.md): at 8 rows resident_mm beat it on the matrices
-# of more than 8192 rows (the 397B head 594 against 976 us) and lost on the smaller ones (4096x8192: 91 against 57)
-DOT4_MAX_ROWS, DOT4_MAX_ROWS_SMALL, SMALL_ROWS = 4, 8, 8192
+# dot4's reach in a batch (resident_gemv.py --rows, H200, RESULTS.md): at 8 rows resident_mm beat it on the 397B
+# step's matrices but one (the head 427 against 977 us, 4096x8192 41 against 56; 2561x4096 25 against 18)
+DOT4_MAX_ROWS = 4
 DEQUANT_CHUNK_ELEMENTS = 1 << 26  # a GEMM's dequantized float32 slice at most 256 MB (a 248k-row head is 4 GB)
 QUANTIZE_SLICE_ELEMENTS = 1 << 24  # quantize's float32 temporaries of a slice: a few 64 MB ones at a time
 ALIGN = 64
-
-
-def dot4_max_rows(shape: tuple[int, int]) -> int:
-    return DOT4_MAX_ROWS_SMALL if shape[0] <= SMALL_ROWS else DOT4_MAX_ROWS
 
 
 class AffineMatrix:
@@ -59,7 +55,7 @@ class AffineMatrix:
                      if self.gemv_tile is not None and dot4_gemv.enabled() and dtype != torch.float32 else None)
         self.mm = self.gemv_tile is not None and resident_mm.supported(bits, group_size)
         # the rows dot4 takes: past them resident_mm, or (where it cannot) all dot4's
-        self.dot4_rows = dot4_max_rows(self.shape) if self.mm else dot4_gemv.MAX_ROWS
+        self.dot4_rows = DOT4_MAX_ROWS if self.mm else dot4_gemv.MAX_ROWS
         # the grouped kernel's K step stays within a group and tl.dot needs 16 columns or more
         self.gemm = self.gemv_tile is not None and not self.mm and group_size % 16 == 0
         if self.gemm:

@@ -888,10 +888,12 @@ def resident_tables(device: torch.device) -> dict[int, tuple]:
 
 
 def affine_gemm(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bits: int, group_size: int,
-                offsets: tuple[int, int, int], scale_bf16: bool, tile: PromptTile = RESIDENT_TILE) -> torch.Tensor:
+                offsets: tuple[int, int, int], scale_bf16: bool) -> torch.Tensor:
     """x [T, K] @ W^T for a quantized resident matrix W [N, K] (affine_gemv's blob) and up to GEMM_MAX_ROWS rows: W
     read once for all of them, dequantized in the tile loop of the grouped down kernel (the matrix its one expert,
-    x's rows its pairs, weights 1). tile: RESIDENT_TILE's, or one that resident_gemv.py --rows tries."""
+    x's rows its pairs, weights 1). What resident_mm does not take (2 bits, groups of 16): its wider and swapped
+    tiles ran 10x slower than resident_mm at 8-64 rows on the H200 (RESULTS.md, seventeenth session)."""
+    tile = RESIDENT_TILE
     n, k = shape
     slot, start, ones, tile_expert, tile_row, block_t = resident_tables(x.device)[x.shape[0]]
     qb = QuantBlob(hidden=n, intermediate=k, bits=bits, group_size=group_size, blob_bytes=0, gate_up_packed=0,
