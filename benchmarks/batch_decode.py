@@ -6,10 +6,14 @@ the batch: on a GPU holding every expert, one CUDA graph for the batch).
     python benchmarks/batch_decode.py --geometry 35b --layers 4 --experts 64 ...   # a random checkpoint, made here
     python benchmarks/batch_decode.py ... --churn   # also: sequences ending at random lengths, each replaced
     python benchmarks/batch_decode.py ... --server-graphs   # batched as serve runs it: one alone in a graph of one
+    python benchmarks/batch_decode.py ... --trace calibrated   # each sequence routed by its own calibrated trace
 
 Each count runs twice per way; the second run's numbers are kept (the first compiles kernels and captures graphs for
 its set of sequences). Steady = the last half of the steps (graphs replaying); whole = prompt to last token, with
-every capture. Greedy sampling, as Sequence.advance does it.
+every capture. Greedy sampling, as Sequence.advance does it. --trace calibrated routes each sequence by its own trace
+of one model (traces.calibrated_sequences: the layers' popularity shared, the picks each sequence's own), so a
+batch's tokens share experts as a trained model's concurrent requests do; random weights route uniformly (a batch
+of 8 at K=10 over 512 experts picks ~77 distinct experts a layer: ~7.7x one token's expert bytes).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import flashmoe
 from common import publish, section
+from flashmoe.traces import TraceShape, calibrated_sequences, uniform_trace
 from serve import load_args, random_store, store_args, store_name
 
 
@@ -119,6 +125,8 @@ def main() -> None:
                     help="batched as the server steps them: a lone sequence through a batch graph of one, not its own")
     ap.add_argument("--profile", type=int, default=0,
                     help="also: the GPU kernels of 10 batched steps of this many sequences (torch.profiler), top 25")
+    ap.add_argument("--trace", choices=("router", "calibrated", "uniform"), default="router",
+                    help="route each sequence by its own trace (16 of them, taken in turn) instead of the router")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -126,6 +134,11 @@ def main() -> None:
         store = args.store or random_store(Path(tmp), args.geometry, args.layers, args.experts, args.bits,
                                            args.group_size)
         model = flashmoe.load(store, device=args.device, **load_args(args))
+        if args.trace != "router":
+            cfg = model.config
+            shape = TraceShape(args.tokens + 16, len(cfg.moe_layers), cfg.num_experts, model.experts_per_token)
+            model.route_by_trace(calibrated_sequences(shape, 16) if args.trace == "calibrated"
+                                 else np.stack([uniform_trace(shape, seed=i) for i in range(16)]))
         model.warm_cache()
         rows, base, churned = [], None, []
         for count in [int(n) for n in args.counts.split(",")]:
@@ -150,7 +163,8 @@ def main() -> None:
         model.close()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     text = section(f"Batched decode through the engine, {store_name(args)}", f"{machine}",
-                   f"`python batch_decode.py --counts {args.counts} --tokens {args.tokens} --device {args.device}`: "
+                   f"`python batch_decode.py --counts {args.counts} --tokens {args.tokens} --device {args.device} "
+                   f"--trace {args.trace}`: "
                    f"sequences of {args.tokens} greedy tokens each, all at once; steady = the last half of the steps.",
                    ["sequences", "a forward each, tok/s", "one forward for all, tok/s", "batched / each",
                     "batched / one sequence", "whole run (prompt to last token), each / batched",

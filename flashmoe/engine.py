@@ -399,8 +399,9 @@ class Model:
 
     def route_by_trace(self, trace) -> None:
         """From now on each token picks the experts a routing trace gives (replay.py; int [tokens, MoE layers, K],
-        K replacing experts_per_token): for measuring caches under realistic routing. Sequences made before keep
-        their graphs, so call it before generating."""
+        K replacing experts_per_token; or a set [sequences, tokens, layers, K], each sequence its own): for measuring
+        caches and batches under realistic routing. Sequences made before keep their graphs, so call it before
+        generating."""
         self.trace_routing = [TraceRouting(trace, self.config, s.device) for s in self.stages]
         for s, routing in zip(self.stages, self.trace_routing):
             replaying(s.model, routing)
@@ -484,6 +485,8 @@ class Model:
         pipe = self.pipeline
         # graphs from the second one-token step on: the first compiles every kernel eagerly
         graphed = len(token_ids) == 1 and state.decode_steps >= 1
+        for routing in self.trace_routing:
+            routing.begin(state.position, len(token_ids), state)
         if graphed and (logits := self._whole_step(token_ids[0], state)) is not None:
             self._forwarded(state, 1)
             return logits
@@ -494,8 +497,6 @@ class Model:
                 x = self.model.embed(torch.tensor(token_ids, dtype=torch.long, device=self.device))
             else:  # the hidden state from the rank before
                 x = pipe.receive((len(token_ids), self.config.hidden_size), self.model.dtype, self.device)
-        for routing in self.trace_routing:
-            routing.begin(state.position, len(token_ids))
         for stage in self.stages:
             with _on(stage.device):
                 x = x.to(stage.device)  # the hidden state crosses to the next device: a few KB, once per block
@@ -523,8 +524,8 @@ class Model:
     @property
     def _step_graphs(self) -> bool:
         """A decode step may be one graph from token to logits (every expert resident is checked per step): not
-        with several blocks, routing traced or layers timed one by one."""
-        return (self.whole_step_graphs and len(self.stages) == 1 and self.pipeline is None and not self.trace_routing
+        with several blocks or layers timed one by one."""
+        return (self.whole_step_graphs and len(self.stages) == 1 and self.pipeline is None
                 and self.layer_events is None and self.stages[0].graphs is not None)
 
     def _whole_step(self, token: int, state) -> torch.Tensor | None:
@@ -670,11 +671,11 @@ class Model:
         several sequences need is read once; the attention and the recurrences themselves per sequence
         (the family's mix_many). On one GPU holding every expert the decode tokens
         step as one CUDA graph (_graphed_batch), else eagerly; one sequence (decoding through its own graph:
-        graph_per_sequence, or sharing its experts with the CPU), a model over several ranks or a routing trace take
-        forward() one sequence at a time."""
-        graphs = self.pipeline is None and not self.trace_routing and self._batch_graphs
+        graph_per_sequence, or sharing its experts with the CPU) and a model over several ranks take forward() one
+        sequence at a time."""
+        graphs = self.pipeline is None and self._batch_graphs
         alone = len(inputs) == 1 and (self._lone_graphs or len(inputs[0][0]) > 1 or not graphs)
-        if alone or self.pipeline is not None or self.trace_routing:
+        if alone or self.pipeline is not None:
             return [self.forward(ids, state, all_logits=False) for ids, state in inputs]
         if graphs and (rows := self._graphed_batch(inputs)) is not None:
             return rows
@@ -686,6 +687,8 @@ class Model:
             self._check_tokens(ids)
         sizes = [len(ids) for ids, _ in inputs]
         states = [state for _, state in inputs]
+        for routing in self.trace_routing:
+            routing.begin_batch(list(zip(states, sizes)))
         with _on(self.device):
             x = self.model.embed(torch.tensor([t for ids, _ in inputs for t in ids], dtype=torch.long,
                                               device=self.device))
@@ -737,6 +740,8 @@ class Model:
             stage = self.stages[0]
             tokens, states = [inputs[i][0][0] for i in decoding], [inputs[i][1] for i in decoding]
             self._check_tokens(tokens)
+            for routing in self.trace_routing:
+                routing.begin_batch([(state, 1) for state in states])
             with _on(stage.device):
                 t0 = time.perf_counter()
                 logits = stage.graphs.batched_step(tokens, states, stage.layers)

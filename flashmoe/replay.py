@@ -4,8 +4,11 @@ caching and prefetch under realistic routing.
 A trace (traces.py: int [tokens, MoE layers, K]) says which experts token t picks in each MoE layer; the model's
 own router still runs (its logits give the kept experts' weights: a softmax over the trace's choices), and
 everything after it is unchanged: reads, caches, kernels, CUDA graphs. Position p of a sequence takes trace row
-p mod tokens. A one-token step reads its row from a static device buffer that the engine fills before the step
-(`begin`), so a captured graph replays the new row.
+p mod tokens. A set of traces [sequences, tokens, layers, K] (traces.calibrated_sequences: sequences of one model)
+gives each sequence its own: the n-th sequence the routing meets replays trace n mod sequences, so a batch's
+tokens share experts as a model's concurrent requests do. A one-token step, and a batch of them, read their rows
+from static device buffers that the engine fills before the step (`begin`, `begin_batch`), so a captured graph
+replays the new rows.
 """
 
 from __future__ import annotations
@@ -17,39 +20,69 @@ from .config import ModelConfig
 from .errors import FlashMoeError
 from .kernels import fused
 
+MAX_BATCH = 64  # rows of the batch buffer: a batch graph's padded size at most (more rows go eagerly)
+
 
 class TraceRouting:
     def __init__(self, trace: np.ndarray, cfg: ModelConfig, device: torch.device):
         trace = np.asarray(trace)
         layers = len(cfg.moe_layers)
-        if trace.ndim != 3 or trace.shape[1] != layers or trace.shape[0] < 1 or trace.shape[2] < 1:
-            raise FlashMoeError(f"a routing trace is [tokens, {layers} MoE layers, K]; this one is {list(trace.shape)}")
+        sets = trace if trace.ndim == 4 else trace[None]
+        if sets.ndim != 4 or sets.shape[2] != layers or min(sets.shape[:2]) < 1 or sets.shape[3] < 1:
+            raise FlashMoeError(f"a routing trace is [tokens, {layers} MoE layers, K] (or [sequences, tokens, "
+                                f"{layers}, K]); this one is {list(trace.shape)}")
         if not np.issubdtype(trace.dtype, np.integer) or trace.min() < 0 or trace.max() >= cfg.num_experts:
             raise FlashMoeError(f"a routing trace holds expert ids 0..{cfg.num_experts - 1}")
-        ascending = np.sort(trace, axis=2)  # as routers give them; equal neighbours are an expert picked twice
-        if (np.diff(ascending, axis=2) == 0).any():
+        ascending = np.sort(sets, axis=3)  # as routers give them; equal neighbours are an expert picked twice
+        if (np.diff(ascending, axis=3) == 0).any():
             raise FlashMoeError("a routing trace picks an expert twice for one token in one layer")
-        self.top_k = trace.shape[2]
-        self.ids = torch.as_tensor(ascending, dtype=torch.long, device=device)
+        self.top_k = sets.shape[3]
+        self.ids = torch.as_tensor(ascending, dtype=torch.long, device=device)  # [sequences, tokens, layers, K]
         self.layer_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         self.num_experts = cfg.num_experts
-        self.step_ids = self.ids[0].clone()  # [layers, K]: a one-token step's rows, at a fixed address for graphs
-        self.rows: torch.Tensor | None = None  # [T, layers, K]: this forward's rows
+        self._sequences = 0  # sequences met so far: the next one replays trace _sequences mod len(ids)
+        # a one-token step's rows [layers, K] and a batch's [MAX_BATCH, layers, K], at fixed addresses for graphs
+        # (a batch graph's padding rows read whatever valid ids are there)
+        self.step_ids = self.ids[0, 0].clone()
+        self.batch_ids = self.ids[0, 0].expand(MAX_BATCH, *self.ids.shape[2:]).clone()
+        self.rows: torch.Tensor | None = None  # [rows, layers, K]: this forward's, the first rows of the logits'
 
-    def begin(self, position: int, tokens: int) -> None:
-        """Before a forward of `tokens` tokens at `position`: their rows of the trace."""
-        n = self.ids.shape[0]
-        index = torch.arange(position, position + tokens, device=self.ids.device) % n
+    def _trace_of(self, state) -> int:
+        """Which trace `state`'s sequence replays (the first in the order the routing meets sequences)."""
+        if state is None:
+            return 0
+        if state.trace_sequence is None:
+            state.trace_sequence = self._sequences
+            self._sequences += 1
+        return state.trace_sequence % self.ids.shape[0]
+
+    def _rows_of(self, state, position: int, tokens: int) -> torch.Tensor:
+        index = torch.arange(position, position + tokens, device=self.ids.device) % self.ids.shape[1]
+        return self.ids[self._trace_of(state), index]
+
+    def begin(self, position: int, tokens: int, state=None) -> None:
+        """Before a forward of `tokens` tokens of `state`'s sequence at `position`: their rows of its trace."""
         if tokens == 1:
-            self.step_ids.copy_(self.ids[index[0]])
+            self.step_ids.copy_(self._rows_of(state, position, 1)[0])
             self.rows = self.step_ids[None]
         else:
-            self.rows = self.ids[index]
+            self.rows = self._rows_of(state, position, tokens)
+
+    def begin_batch(self, entries: list[tuple[object, int]]) -> None:
+        """Before a forward of several sequences' tokens ((state, tokens) each, in the batch's row order, each at its
+        state's position): their rows, one after the other; one token each goes through the batch buffer."""
+        if all(n == 1 for _, n in entries) and len(entries) <= MAX_BATCH:
+            which = torch.tensor([[self._trace_of(state), state.position % self.ids.shape[1]] for state, _ in entries],
+                                 device=self.ids.device)
+            self.batch_ids[: len(entries)].copy_(self.ids[which[:, 0], which[:, 1]])
+            self.rows = self.batch_ids
+        else:
+            self.rows = torch.cat([self._rows_of(state, state.position, n) for state, n in entries])
 
     def route(self, layer: int, logits: torch.Tensor, slot_table: torch.Tensor | None = None,
               counts: torch.Tensor | None = None):
         """(ids [T, K] ascending, float32 weights, slots) as a router returns them, the ids from the trace."""
-        ids = self.rows[:, self.layer_index[layer]]
+        ids = self.rows[: logits.shape[0], self.layer_index[layer]]
         weights = torch.softmax(logits[:, : self.num_experts].float().gather(1, ids), dim=-1)
         slots = None if slot_table is None else slot_table[ids]
         if counts is not None:

@@ -483,3 +483,38 @@ def test_sampling_on_the_gpu_cuts_as_the_reference_and_repeats_with_a_seed(built
     runs = [list(model.generate(PROMPT[:6], 10, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[]))
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0] != list(model.generate(PROMPT[:6], 10, stop_token_ids=[]))
+
+
+def test_traced_sequences_step_in_graphs_as_each_alone_under_its_trace(built):
+    """Routing by a set of traces (replay.py): a lone sequence decodes through its whole-step graph, a batch through
+    the batch graph (its rows from the batch buffer), each getting the logits it gets alone under its own trace."""
+    from flashmoe.traces import TraceShape, calibrated_sequences
+
+    store = built.store("qwen3_5_moe", 4)
+    cfg = flashmoe.load(store).config
+    traces = calibrated_sequences(TraceShape(64, len(cfg.moe_layers), cfg.num_experts, 3), 3, seed=4)
+    prompts = [PROMPT[:8], PROMPT[3:7], PROMPT[:5]]
+    alone = []
+    for trace, prompt in zip(traces, prompts):
+        model = flashmoe.load(store, device="cuda", dtype=torch.float32)
+        model.warm_cache()
+        model.route_by_trace(trace)
+        state = model.new_state()
+        rows, tokens = [model.forward(prompt, state, all_logits=False).cpu()], []
+        for _ in range(6):
+            tokens.append(int(rows[-1].argmax()))
+            rows.append(model.forward(tokens[-1:], state, all_logits=False).cpu())
+        assert "step" in state.decode_graphs  # its whole-step graph, the trace's rows read from the step buffer
+        alone.append((rows, tokens))
+    model = flashmoe.load(store, device="cuda", dtype=torch.float32)
+    model.warm_cache()
+    model.route_by_trace(traces)
+    states = [model.new_state() for _ in prompts]
+    for (rows, _), prompt, state in zip(alone, prompts, states):
+        assert rel_error(model.forward(prompt, state, all_logits=False).cpu(), rows[0]) < 1e-4
+    for step in range(6):
+        got = model.forward_batch([(tokens[step : step + 1], s) for (_, tokens), s in zip(alone, states)])
+        for row, (rows, _) in zip(got, alone):
+            assert rel_error(row.cpu(), rows[step + 1]) < 1e-4, step
+    graphs = model.stages[0].graphs
+    assert graphs.batch_captures == 1 and list(graphs.bucket_graphs) == [4]

@@ -9,7 +9,7 @@ import torch
 import flashmoe
 from conftest import rel_error
 from flashmoe.errors import FlashMoeError
-from flashmoe.traces import TraceShape, calibrated_trace
+from flashmoe.traces import TraceShape, calibrated_sequences, calibrated_trace
 from test_reference import PROMPT
 
 
@@ -91,3 +91,28 @@ def test_recording_and_replaying_span_every_part_of_a_split_model(built):
     expected = [one.forward(PROMPT[:20], state_one)] + [one.forward([t], state_one) for t in PROMPT[20:26]]
     assert torch.equal(torch.cat(got), torch.cat(expected))
     assert recorded_routing(split, PROMPT[:4], []).shape[1] == len(split.config.moe_layers)
+
+
+def test_sequences_stepped_together_replay_their_own_traces(built):
+    """A set of traces [sequences, tokens, layers, K]: the n-th sequence the model meets replays trace n, alone or
+    stepped together (the server's steps, prompts in chunks beside the others' tokens): what each makes is what it
+    makes alone under its own trace."""
+    from test_batched import PROMPTS, alone, together
+
+    store = built.store("qwen3_5_moe", 4)
+    cfg = flashmoe.load(store).config
+    traces = calibrated_sequences(TraceShape(40, len(cfg.moe_layers), cfg.num_experts, 3), len(PROMPTS), seed=2)
+    expected = []
+    for trace, prompt in zip(traces, PROMPTS):
+        model = flashmoe.load(store, cache_gb=0.01)
+        model.route_by_trace(trace)
+        expected.append(alone(model, prompt, 8))
+    model = flashmoe.load(store, cache_gb=0.01)
+    model.route_by_trace(traces)
+    assert together(model, PROMPTS, 8) == expected
+    model = flashmoe.load(store, cache_gb=0.01)
+    model.route_by_trace(traces)
+    assert together(model, PROMPTS, 8, prefill_chunk=4) == expected
+    model = flashmoe.load(store, cache_gb=0.01)
+    model.route_by_trace(traces[0])  # one trace for all: the second sequence makes something else
+    assert together(model, PROMPTS, 8)[1] != expected[1]

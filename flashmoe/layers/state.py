@@ -18,3 +18,4 @@ class SequenceState:
     positions_t: dict = field(default_factory=dict)  # device -> its position_t, for a model over several devices
     pipeline_id: int | None = None  # how the ranks of a served distributed model name this sequence
     addresses: tuple | None = None  # (its KV caches' capacities, its row of a batch graph's table): decode_graphs
+    trace_sequence: int | None = None  # which trace of a set it replays under routing by traces (replay.py)
