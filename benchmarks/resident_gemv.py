@@ -184,6 +184,8 @@ def rows_sweep(bits_list=(4,), counts=(8, 16, 32, 64)) -> list[str]:
     from flashmoe.kernels import resident_mm as rm
 
     tiles = [rm.MMTile(block_n, block_k, warps) for block_n in (32, 64, 128) for block_k in (128, 256) for warps in (4, 8)]
+    tiles += [rm.MMTile(block_n, block_k, 4, split=split) for block_n in (32, 64) for block_k in (128, 256)
+              for split in (2, 4)]  # K splits: more programs for the matrices of few rows
     rows = []
     for bits in bits_list:
         for n, k in DOT4_SHAPES:
@@ -198,6 +200,9 @@ def rows_sweep(bits_list=(4,), counts=(8, 16, 32, 64)) -> list[str]:
                            if count <= d4.MAX_ROWS and ms[0].dot4 else float("nan"))
                 timed = []
                 for tile in tiles:
+                    if tile.split > 1 and n > 32768:  # the head: programs enough, and partials of 248k rows
+                        continue
+
                     def run(i=0, tile=tile):
                         return rm.resident_mm(xb, ms[i].blob, tile=tile, **base)
                     err = float((run().float() - want).norm() / want.norm())
@@ -208,10 +213,10 @@ def rows_sweep(bits_list=(4,), counts=(8, 16, 32, 64)) -> list[str]:
                 chosen_us = next(us for us, tile in timed if tile == rm.tile_for((n, k)))
                 path_us = gpu_us(lambda i: ms[i](xb), copies=copies)
                 rows.append(f"| {n}x{k} | {bits} | {count} | {bf16_us:.1f} | {dot4_us:.1f} | {best_us:.1f} "
-                            f"({nbytes / best_us / 1e3:.0f} GB/s) | {best.block_n} / {best.block_k} / {best.num_warps} | "
+                            f"({nbytes / best_us / 1e3:.0f} GB/s) | {best.block_n} / {best.block_k} / {best.num_warps} / {best.split} | "
                             f"{chosen_us:.1f} | {path_us:.1f} | {bf16_us / path_us:.2f}x |")
                 print(rows[-1], flush=True)
-                print("  all:", " ".join(f"{t.block_n}/{t.block_k}/{t.num_warps}:{us:.1f}"
+                print("  all:", " ".join(f"{t.block_n}/{t.block_k}/{t.num_warps}/{t.split}:{us:.1f}"
                                          for us, t in sorted(timed, key=lambda t: t[0])[:6]), flush=True)
             ms.clear(), dense.clear()
             torch.cuda.empty_cache()
@@ -233,7 +238,7 @@ def main() -> None:
         publish(section("A decode batch's rows times quantized resident matrices (kernels/resident_mm.py), in CUDA graphs",
                         torch.cuda.get_device_name(), "us per product: 50 launches in one CUDA graph over copies of the "
                         "matrix (each read from HBM). bf16: cuBLAS; dot4: dot4_gemv at AffineMatrix's tile; resident_mm: "
-                        "the sweep's best (output rows a program / columns a step / warps; GB/s: the quantized matrix's "
+                        "the sweep's best (output rows a program / columns a step / warps / K splits; GB/s: the quantized matrix's "
                         "bytes) and tile_for's; AffineMatrix: what decode runs.",
                         ["matrix", "bits", "rows", "bf16", "dot4", "resident_mm best", "best tile", "tile_for",
                          "AffineMatrix", "bf16 / AffineMatrix"],

@@ -37,6 +37,7 @@ def test_the_batch_kernel_is_the_dequantized_product(n, k, bits, group, rows, sc
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(DEVICE, dtype)
     want = F.linear(x.float(), m.dequantize(torch.float32))
     for tile in (rm.MMTile(block_n=16, block_k=128), rm.MMTile(block_n=32, block_k=256, num_warps=8),
+                 rm.MMTile(block_n=16, block_k=64, split=3), rm.MMTile(block_n=32, block_k=32, split=4),
                  rm.tile_for(m.shape)):
         y = rm.resident_mm(x, m.blob, m.shape, bits, group, m.offsets, scale_dtype == torch.bfloat16, tile)
         assert y.dtype == dtype and y.shape == (rows, n)

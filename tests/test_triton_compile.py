@@ -144,11 +144,13 @@ def test_the_resident_batch_kernel_compiles():
     """resident_mm's kernel at tiles its sweep tries: 4- and 8-bit codes, both scale dtypes, 16 to 64 rows a program,
     bf16 and float32 (IEEE) activations."""
     cases = []
-    for bits, kind, block_t, block_n, block_k, warps, x in ((4, 0, 16, 64, 128, 4, "*bf16"), (4, 1, 32, 128, 128, 8, "*bf16"),
-                                                           (8, 0, 64, 32, 256, 4, "*bf16"), (4, 0, 16, 32, 256, 4, "*fp32")):
+    for bits, kind, block_t, block_n, block_k, warps, x, out in (
+            (4, 0, 16, 64, 128, 4, "*bf16", "*bf16"), (4, 1, 32, 128, 128, 8, "*bf16", "*bf16"),
+            (8, 0, 64, 32, 256, 4, "*bf16", "*bf16"), (4, 0, 16, 32, 256, 4, "*fp32", "*fp32"),
+            (4, 0, 16, 32, 256, 4, "*bf16", "*fp32")):  # the last: K split, float32 partials
         meta = dict(BITS=bits, GROUP=32, BLOCK_K=block_k, BLOCK_T=block_t, BLOCK_N=block_n, SCALE_KIND=kind,
                     IEEE=x == "*fp32", num_warps=warps, num_stages=3)
-        cases.append(("resident_mm:_resident_mm_kernel", meta, {"x_ptr": x, "blob_ptr": "*u8", "out_ptr": x}))
+        cases.append(("resident_mm:_resident_mm_kernel", meta, {"x_ptr": x, "blob_ptr": "*u8", "out_ptr": out}))
     _fit(cases)
 
 

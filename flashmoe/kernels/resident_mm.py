@@ -28,12 +28,14 @@ MAX_ROWS = 64  # a program's rows at most (more rows: more programs along the ro
 @dataclass(frozen=True)
 class MMTile:
     """Output rows of the matrix a program, columns a K step (whole groups; the widest that divides the row, up to
-    this), warps and pipeline stages."""
+    this), warps, pipeline stages, and K splits: programs that each take a share of the row's steps, their float32
+    partials summed after (more programs for a matrix of few rows: 4096 rows in 32s are 128 programs for 132 SMs)."""
 
     block_n: int = 32
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    split: int = 1
 
 
 def supported(bits: int, group_size: int) -> bool:
@@ -60,9 +62,10 @@ def step_columns(in_features: int, group_size: int, want: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _resident_mm_kernel(x_ptr, blob_ptr, out_ptr, T, N, K, packed_off, scales_off, biases_off,
+    def _resident_mm_kernel(x_ptr, blob_ptr, out_ptr, T, N, K, split_k, packed_off, scales_off, biases_off,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr, SCALE_KIND: tl.constexpr, IEEE: tl.constexpr):
+        """Columns split_k * s .. split_k * (s + 1) of K for split s (program axis 2), into out's plane s."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -77,7 +80,8 @@ if triton is not None:
         x_rows = x_ptr + t[:, None].to(tl.int64) * K + tl.arange(0, BLOCK_K)[None, :]
         at = n[:, None] * groups + tl.arange(0, G)[None, :]  # the step's scales and biases, [rows, G]
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        split = tl.program_id(2)
+        for k0 in range(split * split_k, tl.minimum(split * split_k + split_k, K), BLOCK_K):
             packed = tl.load(codes_ptr + k0 // per_byte, mask=n_mask[:, None], other=0).to(tl.int32)
             if BITS == 4:  # column 2b + i is byte b's nibble i
                 codes = tl.interleave(packed & 15, packed >> 4)
@@ -93,6 +97,7 @@ if triton is not None:
             else:
                 acc += tl.dot(w.to(x.dtype), tl.trans(x))
         out = tl.trans(acc)
+        out_ptr += split.to(tl.int64) * T * N
         tl.store(out_ptr + t[:, None].to(tl.int64) * N + n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & n_mask[None, :])
 
@@ -104,11 +109,16 @@ def resident_mm(x: torch.Tensor, blob: torch.Tensor, shape: tuple[int, int], bit
     n, k = shape
     rows = x.shape[0]
     block_t = min(MAX_ROWS, max(16, triton.next_power_of_2(rows)))  # the matrix units' N: 16 at least
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _resident_mm_kernel[(triton.cdiv(n, tile.block_n), triton.cdiv(rows, block_t))](
-        x.contiguous(), blob, out, rows, n, k, *offsets, BITS=bits, GROUP=group_size,
-        BLOCK_K=step_columns(k, group_size, tile.block_k), BLOCK_T=block_t, BLOCK_N=tile.block_n,
+    block_k = step_columns(k, group_size, tile.block_k)
+    steps = k // block_k
+    split_k = -(-steps // max(1, min(tile.split, steps))) * block_k  # whole steps a split
+    split = -(-k // split_k)  # splits that have steps
+    out = torch.empty((split, rows, n) if split > 1 else (rows, n), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    _resident_mm_kernel[(triton.cdiv(n, tile.block_n), triton.cdiv(rows, block_t), split)](
+        x.contiguous(), blob, out, rows, n, k, split_k, *offsets, BITS=bits, GROUP=group_size, BLOCK_K=block_k,
+        BLOCK_T=block_t, BLOCK_N=tile.block_n,
         # Triton's CPU interpreter multiplies bf16 tiles wrongly (3.9): there the products run in float32
         SCALE_KIND=1 if scale_bf16 else 0, IEEE=x.dtype == torch.float32 or interpreting(), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
-    return out
+    return out.sum(0).to(x.dtype) if split > 1 else out
