@@ -35,7 +35,8 @@ def make_file(path: Path, size: int) -> None:
             f.write(chunk)
 
 
-def run(path: Path, blob: int, parts: int, concurrent: int, direct: bool, batches: int, seed: int) -> tuple[float, float]:
+def run(path: Path, blob: int, parts: int, concurrent: int, direct: bool, batches: int,
+        seed: int) -> tuple[float, float]:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     size = os.fstat(fd).st_size
     bufs = [mmap.mmap(-1, blob) for _ in range(concurrent)]  # page-aligned, as O_DIRECT wants

@@ -9,8 +9,10 @@ set -o pipefail
 cd "$(dirname "$0")/../.."  # the repository root (the device copy may have no .git)
 source benchmarks/device/setup.sh
 t0=$(date +%s)
-timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_gpu.py -k "traced or batch_of_decode" \
-    tests/test_resident_mm.py 2>&1 | tee "$OUT/tests.log" | tail -3
+timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_resident_mm.py 2>&1 \
+    | tee "$OUT/tests.log" | tail -2
+timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_gpu.py -k "traced or batch_of_decode" \
+    2>&1 | tee -a "$OUT/tests.log" | tail -2
 cd benchmarks && mkdir -p /root/s397
 [ -f /root/s397/store/manifest.json ] || timeout 200 python3 -c "
 from pathlib import Path; from serve import random_store
