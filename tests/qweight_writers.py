@@ -14,6 +14,7 @@ so that packing recovers the codes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,28 +122,35 @@ def quantize_linear(w: torch.Tensor, bits: int, group_size: int, sym: bool, desc
 
 
 def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_size: int = 32, sym: bool = True,
-                    desc_act: bool = False, checkpoint_format: str = "gptq", quantize_config_json: bool = False
-                    ) -> Path:
+                    desc_act: bool = False, checkpoint_format: str = "gptq", quantize_config_json: bool = False,
+                    dynamic: dict | None = None) -> Path:
     """The tiny checkpoint at src as a GPTQ export at dst: every Linear of the decoder layers quantized but the
     routers, the embedding and head kept float; config.json's quantization_config as AutoGPTQ writes it.
     checkpoint_format "gptq_v2" stores the zeros without v1's -1. At `reference`, the float checkpoint of the weights
     the export stands for (float32), for transformers to run. quantize_config_json: the settings in
-    quantize_config.json instead, as older AutoGPTQ exports keep them (config.json then has none)."""
+    quantize_config.json instead, as older AutoGPTQ exports keep them (config.json then has none). dynamic:
+    GPTQModel's per-module rules, applied as GPTQModel applies them (the first pattern that re.match-es a module's
+    name: "-:" keeps it float, else its settings override the defaults)."""
     tensors = weights_elsewhere(src, dst, reference)
     out, ref = {}, {}
     for n, (name, t) in enumerate(sorted(tensors.items())):
         module = name.removesuffix(".weight")
-        if not quantized_linear(name, t):
+        own = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+        for pattern, settings in (dynamic or {}).items():
+            if re.match(pattern[2:] if pattern[:2] in ("-:", "+:") else pattern, module):
+                own = None if pattern.startswith("-:") else {**own, **settings}
+                break
+        if not quantized_linear(name, t) or own is None:
             out[name], ref[name] = t, t.float()
             continue
-        parts, ref[name] = quantize_linear(t, bits, group_size, sym, desc_act, seed=n)
+        parts, ref[name] = quantize_linear(t, own["bits"], own["group_size"], own["sym"], own["desc_act"], seed=n)
         if checkpoint_format == "gptq_v2":  # zeros as they are: repack the v1 words with one added back
             from flashmoe.sources.compressed import unpack_words
-            rows = t.shape[0]
-            z = unpack_words(parts["qzeros"], bits, rows).to(torch.int64) + 1
+            rows, width = t.shape[0], own["bits"]
+            z = unpack_words(parts["qzeros"], width, rows).to(torch.int64) + 1
             words = np.zeros((z.shape[0], parts["qzeros"].shape[1]), dtype=np.uint32)
             for j in range(rows):
-                words[:, j * bits // 32] |= (z[:, j].numpy().astype(np.uint32) << (bits * (j % (32 // bits))))
+                words[:, j * width // 32] |= (z[:, j].numpy().astype(np.uint32) << (width * (j % (32 // width))))
             parts["qzeros"] = torch.from_numpy(words.astype(np.int32))
         for part, value in parts.items():
             out[f"{module}.{part}"] = value.contiguous()
@@ -155,7 +163,8 @@ def gptq_checkpoint(src: Path, dst: Path, reference: Path, bits: int = 4, group_
         (dst / "quantize_config.json").write_text(json.dumps(settings, indent=2))
         return dst
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {**settings, "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    cfg["quantization_config"] = {**settings, "quant_method": "gptq", "checkpoint_format": checkpoint_format,
+                                  **({"dynamic": dynamic} if dynamic else {})}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 

@@ -89,6 +89,36 @@ def test_what_cannot_be_kept_is_dequantized_then_quantized(exports, kind, args, 
 
 
 
+# GPTQModel's per-module settings: attention at 8 bits in groups of 64 but layer 0's output projection left float
+# (the "-:" rule comes first, so it wins); with the down projections at 8 bits too, the experts mix two schemes
+DYNAMIC = {r"-:.*layers\.0\.self_attn\.o_proj": {}, r"+:.*self_attn\..*": {"bits": 8, "group_size": 64}}
+DOWN_AT_8 = {**DYNAMIC, r".*down_proj": {"bits": 8, "group_size": 64, "damp_percent": 0.05}}
+
+
+def test_gptqmodel_dynamic_rules_give_modules_their_own_scheme(exports, tmp_path):
+    folder, reference = exports("qwen3_moe", "dynamic", bits=4, group_size=32, dynamic=DYNAMIC)
+    store = Store(convert(folder, tmp_path / "store"))
+    assert store.manifest["source"]["experts"] == "repacked"  # the experts' 4 bits in 32s, as the defaults say
+    kept = store.resident_quantized
+    assert kept["model.layers.1.self_attn.o_proj.weight"] == {"bits": 8, "group_size": 64}
+    assert "model.layers.0.self_attn.o_proj.weight" not in kept  # float in the file, float in the store
+    assert any(n.startswith("model.layers.0.self_attn.") and kept[n] == {"bits": 8, "group_size": 64} for n in kept)
+    with torch.no_grad():
+        expected = load_reference(reference, "qwen3_moe")(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-2
+
+    # gate/up at 4 bits and down at 8: one blob cannot keep both; refused in one line naming --requantize, and with
+    # it the experts are the float weights they stand for, quantized as a float source's
+    folder, reference = exports("qwen3_moe", "dynamic, down at 8 bits", bits=4, group_size=32, dynamic=DOWN_AT_8)
+    with pytest.raises(FlashMoeError, match="experts differ in quantization.*--requantize"):
+        convert(folder, tmp_path / "mixed")
+    store = Store(convert(folder, tmp_path / "mixed", bits=4, requantize=True))
+    assert store.manifest["source"]["experts"] == "requantized"
+    assert store.resident_quantized["model.layers.1.self_attn.o_proj.weight"] == {"bits": 8, "group_size": 64}
+    from_float = flashmoe.load(convert(reference, tmp_path / "from-float", bits=4)).logits(PROMPT)
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), from_float) < 1e-2
+
+
 @pytest.mark.parametrize("source,edit_config,edit_tensors,message", [
     ("int4", lambda q: q.update(checkpoint_format="marlin"), None, "checkpoint_format 'marlin' is not read"),
     ("int4", lambda q: q.update(bits=3), None, "GPTQ at 3 bits is not read"),
@@ -98,6 +128,10 @@ def test_what_cannot_be_kept_is_dequantized_then_quantized(exports, kind, args, 
      "does not match the file"),
     ("int4 asymmetric", lambda q: q.update(sym=True), None, "its zeros are not 8, though config.json says sym true"),
     ("activation order", lambda q: q.update(desc_act=False), None, "its g_idx is not the input order"),
+    ("int4", lambda q: q.update(dynamic={r"-:.*experts\.3\.up_proj": {}}), None,
+     "dynamic rules leave model.layers.0.mlp.experts.3.up_proj unquantized, but the file holds its qweight"),
+    ("int4", lambda q: q.update(dynamic={r".*down_proj": {"bits": 3}}), None, r"dynamic rule '.\*down_proj'.*3 bits"),
+    ("int4", lambda q: q.update(dynamic={"(unclosed": {}}), None, "dynamic rule '\\(unclosed' is not a regular"),
 ])
 def test_a_gptq_checkpoint_we_cannot_read_is_one_clear_line(exports, tmp_path, source, edit_config, edit_tensors,
                                                             message):

@@ -10,11 +10,18 @@ transposed into rows, scale as stored, bias = -zero * scale. A symmetric scheme'
 bias is a power-of-two multiple of a stored value: exact, the import lossless; an asymmetric one's is rounded to the
 scales' dtype (in fp16 within 2^-11 of it: at 4 bits under 1% of a quantization step, at 8 under 13%). Activation
 order and 2-bit codes are dequantized as read.
+
+GPTQModel's `dynamic` settings give modules their own bits, group size, symmetry and order, or leave them
+unquantized ("-:" rules), by regular expressions over the module's name; read as vLLM reads them: the first rule that
+re.match-es the name decides. Weights of one expert set or resident item with different schemes import as a float
+source's would (requantized).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,15 @@ class GptqScheme:
     desc_act: bool
     symmetric: bool
     v1: bool  # zeros stored less one
+    dynamic: tuple = ()  # GPTQModel's per-module rules, in order: (pattern, its overrides as (field, value)s or None)
+
+    def for_module(self, module: str) -> GptqScheme | None:
+        """The scheme of the module named so in the checkpoint: the first `dynamic` rule that matches decides
+        (None: left unquantized), else the checkpoint's."""
+        for pattern, overrides in self.dynamic:
+            if re.match(pattern, module):
+                return None if overrides is None else dataclasses.replace(self, **dict(overrides), dynamic=())
+        return self
 
 
 def with_quantize_config(raw: dict, folder: Path) -> dict:
@@ -65,12 +81,45 @@ def gptq_scheme(raw: dict, where: str) -> GptqScheme | None:
         raise FlashMoeError(f"{where}: GPTQ checkpoint_format {fmt!r} is not read (flashmoe reads 'gptq' and "
                             "'gptq_v2'); convert the GPTQ or the original release instead")
     bits, group = q.get("bits"), q.get("group_size", -1)
+    _check_width(bits, group, where)
+    return GptqScheme(bits, group, bool(q.get("desc_act", False)), bool(q.get("sym", True)), fmt == "gptq",
+                      _dynamic_rules(q.get("dynamic"), where))
+
+
+def _check_width(bits, group, where: str) -> None:
     if bits not in READ_BITS:
         raise FlashMoeError(f"{where}: GPTQ at {bits!r} bits is not read (flashmoe reads 2, 4 and 8); convert the "
                             "original release instead")
     if type(group) is not int or not (group == -1 or group > 0):
         raise FlashMoeError(f"{where}: GPTQ group_size {group!r} is not a positive integer or -1")
-    return GptqScheme(bits, group, bool(q.get("desc_act", False)), bool(q.get("sym", True)), fmt == "gptq")
+
+
+def _dynamic_rules(dynamic, where: str) -> tuple:
+    """GPTQModel's `dynamic` ({pattern: overrides}; "-:pattern" leaves a module unquantized, "+:" or no prefix
+    overrides its bits, group_size, sym, desc_act; other keys say how it was quantized, not how it is stored) as
+    GptqScheme.dynamic."""
+    if not dynamic:
+        return ()
+    if not isinstance(dynamic, dict):
+        raise FlashMoeError(f"{where}: GPTQ dynamic is {type(dynamic).__name__}, not an object of rules")
+    fields = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "desc_act": "desc_act"}
+    rules = []
+    for key, overrides in dynamic.items():
+        pattern = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise FlashMoeError(f"{where}: GPTQ dynamic rule {key!r} is not a regular expression ({exc})") from None
+        if key.startswith("-:"):
+            rules.append((pattern, None))
+            continue
+        if not isinstance(overrides, dict):
+            raise FlashMoeError(f"{where}: GPTQ dynamic rule {key!r} holds {overrides!r}, not an object of settings")
+        kept = {fields[k]: (bool(v) if k in ("sym", "desc_act") else v) for k, v in overrides.items() if k in fields}
+        if "bits" in kept or "group_size" in kept:
+            _check_width(kept.get("bits", READ_BITS[-1]), kept.get("group_size", -1), f"{where}, dynamic rule {key!r}")
+        rules.append((pattern, tuple(kept.items())))
+    return tuple(rules)
 
 
 def affine_from_zeros(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int

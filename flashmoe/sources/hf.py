@@ -90,8 +90,16 @@ class Checkpoint:
         for name in names:
             base = name.removesuffix(".qweight")
             parts = {p: self.tensors.pop(f"{base}.{p}", None) for p in kind.PARTS}
-            shape = kind.check_parts(base, parts, scheme)
-            self.qweights[base + ".weight"] = make(*(parts[p] for p in kind.PARTS), scheme, shape)
+            own = scheme
+            if kind is gptq:  # GPTQModel's dynamic rules, by the module's name in the checkpoint
+                module = parts["qweight"].source_name.removesuffix(".qweight")
+                own = scheme.for_module(module)
+                if own is None:
+                    raise FlashMoeError(f"GPTQ tensor {parts['qweight'].source_name}: config.json's dynamic rules leave "
+                                        f"{module} unquantized, but the file holds its qweight: the checkpoint does "
+                                        "not match its config")
+            shape = kind.check_parts(base, parts, own)
+            self.qweights[base + ".weight"] = make(*(parts[p] for p in kind.PARTS), own, shape)
             stored = sum(t.nbytes for t in parts.values() if t is not None)
             self.tensors[base + ".weight"] = TensorInfo(parts["qweight"].file, parts["qweight"].source_name,
                                                         parts["scales"].dtype, shape, stored)
