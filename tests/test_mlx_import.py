@@ -190,6 +190,7 @@ def _edited_copy(folder, tmp_path, edit) -> object:
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c["quantization"].update(mode="nvfp4"), "mode 'nvfp4' is not supported"),
     (lambda c: c["quantization"].update(mode="mxfp4"), "MLX mxfp4 is 4 bits in groups of 32 .* does not match the file"),
+    (lambda c: c["quantization"].update(mode="mxfp8", bits=8), "MLX mxfp8 is 8 bits in groups of 32 with uint8 scales"),
     (lambda c: c["quantization"].update(group_size=64), "does not match the file"),
 ])
 def test_an_mlx_config_we_cannot_read_is_one_clear_line(built, tmp_path, edit, message):
@@ -224,3 +225,30 @@ def test_mlx_mxfp4_store_on_the_gpu_runs_as_mlx_lm(built):
         state = model.new_state()
         parts = [model.forward(PROMPT[:6], state).cpu()] + [model.forward([t], state).cpu() for t in PROMPT[6:]]
         assert rel_error(torch.cat(parts), ref) < bound
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_mlx_mxfp8_checkpoint_keeps_its_codes_as_fp8_and_runs_as_mlx_lm_runs_it(built, arch):
+    """mlx-lm's q_mode mxfp8 (e4m3 codes, a uint8 e8m0 exponent per 32, no biases): the experts' codes become the
+    store's fp8 blobs byte for byte, each exponent the float32 scale 2^(e - 127), the residents dequantized; the
+    model runs as mlx-lm runs it."""
+    folder = built.mlx_checkpoint(arch, 8, 32, "mxfp8")
+    store = Store(built.mlx_store(arch, 8, 32, "mxfp8"))
+    q = store.manifest["quantization"]
+    assert (q["scheme"], q["bits"], q["group_size"]) == ("fp8", 8, 32)
+    assert store.manifest["source"]["experts"] == "repacked"
+
+    weights = mx.load(str(folder / "model.safetensors"))
+    layer, expert = 1, 3
+    views = blob_views(store, layer, expert)
+    prefix = next(k for k in weights if k.endswith(f"layers.{layer}.mlp.switch_mlp.down_proj.weight") or
+                  k.endswith(f"layers.{layer}.mlp.experts.down_proj.weight")).removesuffix("down_proj.weight")
+    codes = np.array(weights[prefix + "down_proj.weight"][expert].view(mx.uint8)).reshape(-1)
+    exponents = torch.from_numpy(np.array(weights[prefix + "down_proj.scales"][expert]).astype(np.int32))
+    assert torch.equal(views["down.packed"].contiguous().view(torch.uint8).flatten(), torch.from_numpy(codes))
+    assert torch.equal(views["down.scales"].float(), torch.ldexp(torch.ones(exponents.shape), exponents - 127))
+
+    # float residents: the CPU's default int8 residents would add their own rounding to the import's
+    ours = flashmoe.load(store.path, resident_format="float").logits(PROMPT)
+    ref = mlx_logits(folder, PROMPT)
+    assert rel_error(ours, ref) < 0.01

@@ -13,7 +13,9 @@ resident matrices are repacked, never requantized; `get` dequantizes for what mu
 mlx-lm's `mxfp4` mode (mlx-community's `-MXFP4` checkpoints) packs OCP MXFP4 as flashmoe's mxfp4 scheme holds it
 (e2m1 codes low nibble first, a uint8 e8m0 exponent per 32, no biases): its experts are repacked into mxfp4 blobs,
 its resident matrices dequantized (MXFP4 runs in the expert kernels only), its affine overrides (the routers at 8
-bits) read as affine.
+bits) read as affine. Its `mxfp8` mode (e4m3 codes, four to a uint32 word little end first, a uint8 e8m0 exponent per
+32, no biases) is the store's fp8 scheme at group 32: the codes kept byte for byte, each exponent as the float32
+scale 2^(e - 127) it stands for (exact). nvfp4 (e4m3 scales per 16) has no scheme in the store: refused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm
 LEFT_OUT_PREFIXES = {"vision_tower.": "vision tower", "model.visual.": "vision tower",
                      "language_model.vision_tower.": "vision tower", "mtp.": "multi-token-prediction head"}
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # switch_mlp's, whatever the family calls its experts'
-MODES = ("affine", "mxfp4")  # mlx-lm's quantization modes read here (its nvfp4 and mxfp8 are not)
+MODES = ("affine", "mxfp4", "mxfp8")  # mlx-lm's quantization modes read here (its nvfp4 is not)
+MX_GROUP = 32  # the mx modes' elements per e8m0 exponent
 
 
 def switch_mlp_prefix(expert_prefix: str) -> str:
@@ -84,6 +87,9 @@ def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.flo
                    ) -> torch.Tensor:
     """Dense [rows, cols] of a QuantizedTensor of any MLX width; odd widths a slice of rows at a time (their bit
     stream is 8 bytes a bit: a 248k-row embedding at once would take 6 GB)."""
+    if q.biases is None and q.bits == 8:  # mxfp8 as the fp8 scheme: e4m3 codes, float32 scales per group
+        codes = q.packed.view(torch.float8_e4m3fn).float().reshape(*q.packed.shape[:-1], -1, q.group_size)
+        return (codes * q.scales.float().unsqueeze(-1)).reshape(*q.packed.shape).to(dtype)
     if q.biases is None:  # mxfp4
         return mxfp4.dequantize(q.packed, q.scales, dtype)
     if q.bits in REPACKED_BITS:
@@ -116,6 +122,7 @@ class MlxCheckpoint:
         self.overrides = {path: v for path, v in q.items() if isinstance(v, (dict, bool))}
         self.tensors: dict[str, TensorInfo] = {}
         self.quantized: dict[str, tuple[int, int]] = {}  # HF name -> (bits, group_size)
+        self.mxfp8: set[str] = set()  # HF names in mlx-lm's mxfp8 mode
         self.left_out: dict[str, list[int]] = {}
         self._parts: dict[str, dict[str, TensorInfo]] = {}  # HF name -> {"weight"|"scales"|"biases": raw tensor}
         raw = {}
@@ -165,12 +172,15 @@ class MlxCheckpoint:
                 self.tensors[name] = TensorInfo(info.file, key, info.dtype, hf_shape)
                 continue
             bits, group_size, mode = self._quant_of(key)
-            if mode == "mxfp4":
-                if (bits, group_size) != (4, mxfp4.GROUP) or scales.dtype != "U8" or biases is not None:
-                    raise FlashMoeError(f"tensor {key} in {info.file.name}: MLX mxfp4 is 4 bits in groups of 32 with "
-                                        f"uint8 scales and no biases; this one is {bits} bits, group {group_size}, "
+            if mode != "affine":
+                width = 4 if mode == "mxfp4" else 8
+                if (bits, group_size) != (width, MX_GROUP) or scales.dtype != "U8" or biases is not None:
+                    raise FlashMoeError(f"tensor {key} in {info.file.name}: MLX {mode} is {width} bits in groups of 32 "
+                                        f"with uint8 scales and no biases; this one is {bits} bits, group {group_size}, "
                                         f"{scales.dtype} scales{' and biases' if biases is not None else ''}: "
                                         "config.json's quantization does not match the file")
+                if mode == "mxfp8":
+                    self.mxfp8.add(name)
             elif biases is None or info.dtype != "U32":
                 raise FlashMoeError(f"tensor {key} in {info.file.name} has scales but is {info.dtype}"
                                     f"{' and has no biases' if biases is None else ''}: only MLX affine "
@@ -181,8 +191,8 @@ class MlxCheckpoint:
                                     f"but its scales {list(scales.shape)} at group size {group_size} cover "
                                     f"{scales.shape[-1] * group_size}: config.json's quantization does not match the file")
             stored = sum(t.nbytes for t in (info, scales, biases) if t is not None)
-            # the float it stands for: an affine tensor's scales' dtype; mxfp4's (uint8 exponents) in bf16
-            dtype = "BF16" if mode == "mxfp4" else scales.dtype
+            # the float it stands for: an affine tensor's scales' dtype; the mx modes' (uint8 exponents) in bf16
+            dtype = scales.dtype if mode == "affine" else "BF16"
             self.tensors[name] = TensorInfo(info.file, key, dtype, (*info.shape[:-1], cols), stored)
             self.quantized[name] = (bits, group_size)
             self._parts[name] = {"weight": info, "scales": scales, **({"biases": biases} if biases is not None else {})}
@@ -204,7 +214,10 @@ class MlxCheckpoint:
         return {t.file for t in self._parts.get(name, {"weight": self.tensors[name]}).values()}
 
     def scale_dtype_of(self, name: str) -> torch.dtype:
-        """bf16 or fp16 (affine), uint8 (mxfp4's exponents: the store's mxfp4 scheme, store.UNBIASED)."""
+        """bf16 or fp16 (affine), uint8 (mxfp4's exponents: the store's mxfp4 scheme, store.UNBIASED), float32
+        (mxfp8's exponents as the scales they stand for: the store's fp8 scheme)."""
+        if name in self.mxfp8:
+            return torch.float32
         dtype = self._parts[name]["scales"].dtype
         return torch.uint8 if dtype == "U8" else SOURCE_DTYPES[dtype]
 
@@ -216,6 +229,8 @@ class MlxCheckpoint:
         words, scales = (self._read(parts[k], index) for k in ("weight", "scales"))
         biases = self._read(parts["biases"], index) if "biases" in parts else None
         packed = words.contiguous().view(torch.uint8).reshape(*words.shape[:-1], -1)
+        if name in self.mxfp8:  # e8m0 exponents -> the float32 scales they stand for (2^-127 .. 2^127: exact)
+            scales = torch.ldexp(torch.ones(scales.shape, dtype=torch.float32), scales.to(torch.int32) - 127)
         return QuantizedTensor(packed, scales, biases, bits, group_size)
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
