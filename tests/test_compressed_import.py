@@ -117,7 +117,8 @@ def test_asymmetric_checkpoint_is_dequantized_then_quantized(built, tmp_path):
 
 
 @pytest.mark.parametrize("edit_config,edit_tensors,message", [
-    (lambda q: q.update(format="float-quantized"), None, "format 'float-quantized' is not supported yet"),
+    (lambda q: q.update(format="nvfp4-pack-quantized"), None, "format 'nvfp4-pack-quantized' is not supported yet"),
+    (lambda q: q.update(format="float-quantized"), None, "float-quantized checkpoint quantizes weights as 'int' 4-bit"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"), None, "reads integer weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"), None, "activation-ordered"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64), None, "does not match the file"),
@@ -141,3 +142,78 @@ def test_bits_on_an_int4_source_needs_requantize(kimi_style, tmp_path):
         convert(ct_dir, tmp_path / "store", bits=8)
     store = Store(convert(ct_dir, tmp_path / "again", bits=8, requantize=True))
     assert (store.quantization["bits"], store.manifest["source"]["experts"]) == (8, "requantized")
+
+
+def write_fp8(src, ct_dir, float_dir, args: QuantizationArgs):
+    """The checkpoint as llm-compressor saves an FP8 W8A8 export (format float-quantized: every quantized Linear's
+    e4m3 weight and weight_scale, compressed by compressed-tensors itself; activations dynamic per token), and the
+    float checkpoint its decompressor gives back."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+
+    tokens = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=tokens)
+    tensors = weights_elsewhere(src, ct_dir, float_dir)
+    out, dense = {}, {}
+    for name, w in tensors.items():
+        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2:
+            out[name] = dense[name] = w
+            continue
+        if args.strategy == "channel":
+            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        elif args.strategy == "tensor":
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+        else:
+            br, bc = args.block_structure  # the last blocks of a small matrix are short: padded with zeros here
+            rows, cols = -(-w.shape[0] // br) * br, -(-w.shape[1] // bc) * bc
+            g = torch.nn.functional.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])).reshape(
+                rows // br, br, cols // bc, bc)
+            lo, hi = g.amin((1, 3)), g.amax((1, 3))
+        scale, zero_point = calculate_qparams(lo, hi, args)
+        parts = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale,
+                                                      "weight_zero_point": zero_point}, scheme)
+        out.update({name.removesuffix("weight") + k: v for k, v in parts.items()})
+        dense[name] = FloatQuantizationCompressor.decompress(parts, scheme)["weight"].to(w.dtype)
+    save_file(out, str(ct_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
+    q = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
+                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"], quantization_status="compressed")
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    cfg["quantization_config"] = q.model_dump()
+    (ct_dir / "config.json").write_text(json.dumps(cfg))
+    return ct_dir, float_dir
+
+
+FP8_STRATEGIES = {"channel": QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True),
+                  "tensor": QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True),
+                  "block": QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[16, 32],
+                                            symmetric=True)}
+
+
+@pytest.mark.parametrize("strategy", FP8_STRATEGIES)
+def test_fp8_float_quantized_checkpoint_dequantizes_as_read(built, tmp_path, strategy):
+    """llm-compressor's FP8 exports (the `-FP8-dynamic` releases): each weight dequantized by its channel's, the
+    tensor's or its block's scale as it is read; kept float it is compressed-tensors' own decompressed weight, the
+    model then transformers' on it; at --bits 4 the experts quantize as from that float checkpoint. The activation
+    quantization is not applied (float activations)."""
+    arch = "qwen3_5_moe_vl"
+    ct_dir, float_dir = write_fp8(built.checkpoint(arch), tmp_path / "ct", tmp_path / "float", FP8_STRATEGIES[strategy])
+    store = Store(convert(ct_dir, tmp_path / "exact", bits=None))
+    source = store.manifest["source"]
+    assert source["quantization"]["format"] == "float-quantized" and source["quantization"]["strategy"] == strategy
+    assert source["experts"] == "dequantized"
+    with torch.no_grad():
+        expected = load_reference(float_dir, arch)(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-3
+    ours = flashmoe.load(convert(ct_dir, tmp_path / "fp8-to-4", bits=4)).logits(PROMPT)
+    exact = flashmoe.load(convert(float_dir, tmp_path / "float-to-4", bits=4)).logits(PROMPT)
+    assert rel_error(ours, exact) < 1e-2  # the same weights quantized the same way: only the reads differ
+
+
+def test_an_fp8_scale_that_does_not_cover_its_weight_is_one_line(built, tmp_path):
+    ct_dir, _ = write_fp8(built.checkpoint("qwen3_5_moe_vl"), tmp_path / "ct", tmp_path / "float",
+                          FP8_STRATEGIES["channel"])
+    copy = edited_copy(ct_dir, tmp_path, lambda q: q["config_groups"]["group_0"]["weights"].update(
+        strategy="block", block_structure=[16, 16]), None)
+    with pytest.raises(FlashMoeError, match=r"weight_scale is \[\d+, 1\], but .* in blocks of \[16, 16\]"):
+        convert(copy, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -43,9 +43,11 @@ def compressed_schemes(raw: dict, where: str) -> list[IntScheme] | None:
     if q is None or q.get("quant_method") != "compressed-tensors":
         return None
     fmt = q.get("format")
+    if fmt == "float-quantized":  # FP8 weights: dequantized as read (fp8.compressed_fp8)
+        return None
     if fmt != "pack-quantized":
         raise FlashMoeError(f"{where}: compressed-tensors format {fmt!r} is not supported yet; flashmoe reads "
-                            "'pack-quantized' (integer weights, W4A16/W8A16)")
+                            "'pack-quantized' (integer weights, W4A16/W8A16) and 'float-quantized' (FP8 weights)")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise FlashMoeError(f"{where}: compressed-tensors quantization_config has no config_groups")

@@ -13,7 +13,7 @@ from ..quant import QuantizedTensor
 from ..store import SOURCE_DTYPES
 from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from . import awq, gptq
-from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, check_scale, dequantize_fp8
+from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, FloatScheme, check_scale, dequantize_fp8
 from .shards import Remote, Shards
 
 # prefixes of the multimodal Qwen3.5 layout and of parts a text decoder does not use
@@ -60,13 +60,14 @@ class Checkpoint:
 
     def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None,
                  remote: Remote | None = None, mxfp4: bool = False,
-                 qweights: gptq.GptqScheme | awq.AwqScheme | None = None):
-        self.folder, self.fp8_block = folder, fp8_block
+                 qweights: gptq.GptqScheme | awq.AwqScheme | None = None, fp8_float: FloatScheme | None = None):
+        self.folder, self.fp8_block, self.fp8_float = folder, fp8_block, fp8_float
         self.shards = Shards(folder, remote)
         self.tensors: dict[str, TensorInfo] = {}
         self.left_out: dict[str, list[int]] = {}  # what -> [tensor count, bytes]
         self.fp8_scales: dict[str, TensorInfo] = {}  # FP8 weight -> its scale_inv
         self.fp8_dtypes: dict[str, str] = {}  # FP8 weight -> F8_E4M3 or F8_E5M2
+        self.fp8_blocks: dict[str, tuple[int, int]] = {}  # FP8 weight -> the block one of its scales covers
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
         self.mx: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> its blocks and scales
         self.qweights: dict[str, gptq.GptqTensor | awq.AwqTensor] = {}  # GPTQ / AWQ weight -> its parts
@@ -202,15 +203,22 @@ class Checkpoint:
         for name, info in list(self.tensors.items()):
             if info.dtype not in FP8_DTYPES:
                 continue
-            if self.fp8_block is None:
+            if self.fp8_block is None and self.fp8_float is None:
                 raise FlashMoeError(f"tensor {info.source_name} is {info.dtype}, but config.json has no FP8 "
-                                    "quantization_config (quant_method 'fp8', weight_block_size) to read it with")
-            scale = scales.pop(name, None)
+                                    "quantization_config (quant_method 'fp8', weight_block_size; or compressed-tensors "
+                                    "float-quantized) to read it with")
+            if self.fp8_float is not None:  # compressed-tensors: X.weight_scale, its block by the strategy
+                suffix, block = "_scale", self.fp8_float.block_of(info.shape)
+                scale = self.tensors.pop(name + suffix, None)
+            else:
+                suffix, block = SCALE_SUFFIX, self.fp8_block
+                scale = scales.pop(name, None)
             if scale is None:
-                raise FlashMoeError(f"FP8 tensor {info.source_name} has no {info.source_name}{SCALE_SUFFIX} beside it: "
+                raise FlashMoeError(f"FP8 tensor {info.source_name} has no {info.source_name}{suffix} beside it: "
                                     "the checkpoint is incomplete")
-            check_scale(info.source_name, info.shape, scale.shape, self.fp8_block)
+            check_scale(info.source_name, info.shape, scale.shape, block, suffix)
             self.fp8_scales[name] = scale
+            self.fp8_blocks[name] = block
             self.fp8_dtypes[name] = info.dtype
             self.tensors[name] = TensorInfo(info.file, info.source_name, "BF16", info.shape, info.nbytes + scale.nbytes)
 
@@ -265,7 +273,8 @@ class Checkpoint:
             zero_point = None if p.zero_point is None else self._read(p.zero_point, index)
             return p.dequantize(self._read(p.packed, index), self._read(p.scale, index), zero_point, info.shape[-1])
         if name in self.fp8_scales:
-            return dequantize_fp8(self._read(info, index), self._read(self.fp8_scales[name], index), self.fp8_block)
+            return dequantize_fp8(self._read(info, index), self._read(self.fp8_scales[name], index),
+                                  self.fp8_blocks[name])
         return self._read(info, index)
 
     def get_row(self, name: str, index: int) -> torch.Tensor:
