@@ -176,7 +176,8 @@ def write_fp8(src, ct_dir, float_dir, args: QuantizationArgs):
     save_file(out, str(ct_dir / "model.safetensors"), metadata={"format": "pt"})
     save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
     q = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
-                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"], quantization_status="compressed")
+                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
+                           quantization_status="compressed")
     cfg = json.loads((ct_dir / "config.json").read_text())
     cfg["quantization_config"] = q.model_dump()
     (ct_dir / "config.json").write_text(json.dumps(cfg))
