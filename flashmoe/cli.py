@@ -82,7 +82,7 @@ def convert(
     src: Path = typer.Argument(..., help="a Hugging Face Hub model (owner/name or hf://owner/name: downloaded "
                                          "shard by shard, nothing kept), or a checkpoint folder: Hugging Face "
                                          "safetensors (bf16/fp16/fp32, FP8 "
-                                         "block-scaled, compressed-tensors INT4/INT8/FP8, GPTQ, AWQ), a llama.cpp "
+                                         "block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, GPTQ, AWQ), a llama.cpp "
                                          ".gguf file, or "
                                          "mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),

@@ -603,7 +603,8 @@ class Converter:
         if self.mlx:
             source["quantization"] = mlx_quantization(self.raw_config)
         if self.schemes:
-            source["quantization"] = {"method": "compressed-tensors", "format": "pack-quantized",
+            source["quantization"] = {"method": "compressed-tensors",
+                                      "format": quantization_config(self.raw_config).get("format"),
                                       "schemes": [dataclasses.asdict(x) for x in self.schemes]}
         if self.mxfp4:
             source["quantization"] = {"method": "mxfp4"}

@@ -117,7 +117,8 @@ def test_asymmetric_checkpoint_is_dequantized_then_quantized(built, tmp_path):
 
 
 @pytest.mark.parametrize("edit_config,edit_tensors,message", [
-    (lambda q: q.update(format="nvfp4-pack-quantized"), None, "format 'nvfp4-pack-quantized' is not supported yet"),
+    (lambda q: q.update(format="marlin-24"), None, "format 'marlin-24' is not supported yet"),
+    (lambda q: q.update(format="nvfp4-pack-quantized"), None, "nvfp4-pack-quantized checkpoint is not 4-bit float"),
     (lambda q: q.update(format="float-quantized"), None, "float-quantized checkpoint quantizes weights as 'int' 4-bit"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"), None, "reads integer weights"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"), None, "activation-ordered"),
@@ -142,6 +143,20 @@ def test_bits_on_an_int4_source_needs_requantize(kimi_style, tmp_path):
         convert(ct_dir, tmp_path / "store", bits=8)
     store = Store(convert(ct_dir, tmp_path / "again", bits=8, requantize=True))
     assert (store.quantization["bits"], store.manifest["source"]["experts"]) == (8, "requantized")
+
+
+def save_export(ct_dir, float_dir, out: dict, dense: dict, scheme: QuantizationScheme, fmt: str):
+    """An export's tensors and its decompressed float twin written, config.json's quantization_config as
+    compressed-tensors writes it for one scheme in format `fmt`."""
+    save_file(out, str(ct_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
+    q = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt,
+                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
+                           quantization_status="compressed")
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    cfg["quantization_config"] = q.model_dump()
+    (ct_dir / "config.json").write_text(json.dumps(cfg))
+    return ct_dir, float_dir
 
 
 def write_fp8(src, ct_dir, float_dir, args: QuantizationArgs):
@@ -173,15 +188,7 @@ def write_fp8(src, ct_dir, float_dir, args: QuantizationArgs):
                                                       "weight_zero_point": zero_point}, scheme)
         out.update({name.removesuffix("weight") + k: v for k, v in parts.items()})
         dense[name] = FloatQuantizationCompressor.decompress(parts, scheme)["weight"].to(w.dtype)
-    save_file(out, str(ct_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(dense, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
-    q = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
-                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
-                           quantization_status="compressed")
-    cfg = json.loads((ct_dir / "config.json").read_text())
-    cfg["quantization_config"] = q.model_dump()
-    (ct_dir / "config.json").write_text(json.dumps(cfg))
-    return ct_dir, float_dir
+    return save_export(ct_dir, float_dir, out, dense, scheme, "float-quantized")
 
 
 FP8_STRATEGIES = {"channel": QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True),
@@ -218,3 +225,47 @@ def test_an_fp8_scale_that_does_not_cover_its_weight_is_one_line(built, tmp_path
     with pytest.raises(FlashMoeError, match=r"weight_scale is \[\d+, 1\], but .* in blocks of \[16, 16\]"):
         convert(copy, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def write_nvfp4(src, ct_dir, float_dir):
+    """The checkpoint as llm-compressor saves an NVFP4 export (nvfp4-pack-quantized: every quantized Linear's e2m1
+    codes, e4m3 scales per 16 and global scale, compressed by compressed-tensors itself), and the float checkpoint its
+    decompressor gives back."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    tensors = weights_elsewhere(src, ct_dir, float_dir)
+    out, dense = {}, {}
+    for name, w in tensors.items():
+        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2 or w.shape[1] % 16:
+            out[name] = dense[name] = w
+            continue
+        global_scale = generate_gparam(w.float().amin().reshape(1), w.float().amax().reshape(1))
+        g = w.float().reshape(w.shape[0], -1, 16)
+        scale, _ = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=global_scale)
+        parts = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": global_scale},
+                                               scheme)
+        out.update({name.removesuffix("weight") + k: v for k, v in parts.items()})
+        dense[name] = NVFP4PackedCompressor.decompress(parts, scheme)["weight"].to(w.dtype)
+    return save_export(ct_dir, float_dir, out, dense, scheme, "nvfp4-pack-quantized")
+
+
+def test_nvfp4_checkpoint_dequantizes_as_read(built, tmp_path):
+    """llm-compressor's NVFP4 exports: e2m1 codes x e4m3 scale / global scale, dequantized as read (kept float, the
+    model is transformers' on compressed-tensors' own decompressed weights); at --bits 8 the experts quantize as from
+    those float weights."""
+    arch = "qwen3_5_moe_vl"
+    ct_dir, float_dir = write_nvfp4(built.checkpoint(arch), tmp_path / "ct", tmp_path / "float")
+    assert any(k.endswith("weight_global_scale") for k in load_file(ct_dir / "model.safetensors"))
+    store = Store(convert(ct_dir, tmp_path / "exact", bits=None))
+    source = store.manifest["source"]
+    assert source["quantization"]["format"] == "nvfp4-pack-quantized" and source["experts"] == "requantized"
+    assert not store.resident_quantized
+    with torch.no_grad():
+        expected = load_reference(float_dir, arch)(torch.tensor([PROMPT])).logits[0]
+    assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-3
+    ours = flashmoe.load(convert(ct_dir, tmp_path / "nvfp4-to-8", bits=8)).logits(PROMPT)
+    exact = flashmoe.load(convert(float_dir, tmp_path / "float-to-8", bits=8)).logits(PROMPT)
+    assert rel_error(ours, exact) < 1e-2

@@ -6,6 +6,9 @@ first), `X.weight_scale` (one per group of the input), `X.weight_shape` and, for
 `X.weight_zero_point`: w = (q - zero_point) * scale. For 4 and 8 bits the words' bytes are flashmoe's packing, so a
 symmetric group scheme with bf16/fp16 scales imports losslessly as affine: scale as stored, bias = -2^(bits-1) *
 scale (a power-of-two multiple of a stored value: exact). Anything else is dequantized as read, like FP8.
+Format "nvfp4-pack-quantized" (NVFP4: e2m1 codes two a byte, low nibble first, in `X.weight_packed` uint8, an e4m3
+`X.weight_scale` per 16 inputs and an fp32 `X.weight_global_scale`: w = e2m1 x scale / global_scale) has no scheme in
+the store: dequantized as read, its experts quantized to --bits (activations stay float).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..quant import QuantizedTensor, unpack_codes
 from .fp8 import quantization_config
 
 PACKED, SCALE, SHAPE, ZERO_POINT, G_IDX = "_packed", "_scale", "_shape", "_zero_point", "_g_idx"
+GLOBAL_SCALE = "_global_scale"  # NVFP4's per-tensor divisor of its group scales
+NVFP4_GROUP = 16
 REPACKED_BITS = (4, 8)  # widths whose words are flashmoe's packing (2-bit would be too, but no release uses it)
 EXACT_SCALES = ("BF16", "F16")
 
@@ -31,9 +36,11 @@ class IntScheme:
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
     targets: tuple[str, ...]
+    nvfp4: bool = False  # e2m1 codes, e4m3 group scales and a global scale (format nvfp4-pack-quantized)
 
     def lossless(self, scale_dtype: str) -> bool:
-        return self.symmetric and self.group_size is not None and self.bits in REPACKED_BITS and scale_dtype in EXACT_SCALES
+        return (not self.nvfp4 and self.symmetric and self.group_size is not None and self.bits in REPACKED_BITS
+                and scale_dtype in EXACT_SCALES)
 
 
 def compressed_schemes(raw: dict, where: str) -> list[IntScheme] | None:
@@ -45,9 +52,12 @@ def compressed_schemes(raw: dict, where: str) -> list[IntScheme] | None:
     fmt = q.get("format")
     if fmt == "float-quantized":  # FP8 weights: dequantized as read (fp8.compressed_fp8)
         return None
+    if fmt == "nvfp4-pack-quantized":
+        return _nvfp4_schemes(q, where)
     if fmt != "pack-quantized":
         raise FlashMoeError(f"{where}: compressed-tensors format {fmt!r} is not supported yet; flashmoe reads "
-                            "'pack-quantized' (integer weights, W4A16/W8A16) and 'float-quantized' (FP8 weights)")
+                            "'pack-quantized' (integer weights, W4A16/W8A16), 'nvfp4-pack-quantized' and "
+                            "'float-quantized' (FP8 weights)")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise FlashMoeError(f"{where}: compressed-tensors quantization_config has no config_groups")
@@ -76,6 +86,29 @@ def compressed_schemes(raw: dict, where: str) -> list[IntScheme] | None:
     return out
 
 
+def _nvfp4_schemes(q: dict, where: str) -> list[IntScheme]:
+    out = []
+    for name, group in (q.get("config_groups") or {}).items():
+        w = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(w, dict) or (w.get("type"), w.get("num_bits"), w.get("group_size")) != ("float", 4, NVFP4_GROUP):
+            raise FlashMoeError(f"{where}: config_groups.{name} of an nvfp4-pack-quantized checkpoint is not 4-bit float "
+                                f"weights in groups of 16 ({w!r}): flashmoe reads NVFP4 as compressed-tensors writes it")
+        out.append(IntScheme(4, NVFP4_GROUP, True, tuple(group.get("targets") or ()), nvfp4=True))
+    if not out:
+        raise FlashMoeError(f"{where}: compressed-tensors quantization_config has no config_groups")
+    return out
+
+
+def nvfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols / 2], e4m3 [rows, cols / 16], fp32 [1] -> float32 [rows, cols]."""
+    from ..mxfp4 import VALUES, codes
+
+    c = codes(packed.reshape(-1, packed.shape[-1]))
+    values = torch.tensor(VALUES, dtype=torch.float32)[c.long()]
+    s = scale.float().reshape(c.shape[0], -1, 1) / global_scale.float().reshape(())
+    return (values.view(c.shape[0], -1, NVFP4_GROUP) * s).reshape(*packed.shape[:-1], -1)
+
+
 def scheme_for(schemes: list[IntScheme], module: str) -> IntScheme:
     """The scheme whose targets name `module`: a `re:` pattern first (compressed-tensors' own order), then a class
     name (a packed tensor is always a Linear's)."""
@@ -102,6 +135,7 @@ class PackedTensor:
     scale: object
     zero_point: object | None
     scheme: IntScheme
+    global_scale: object | None = None  # NVFP4's
 
     def quantized(self, words: torch.Tensor, scale: torch.Tensor) -> QuantizedTensor:
         """Symmetric group codes as flashmoe's affine: the same bytes, bias = -2^(bits-1) * scale."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from ..errors import FlashMoeError
 from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor
 from ..store import SOURCE_DTYPES
-from .compressed import G_IDX, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
+from .compressed import (G_IDX, GLOBAL_SCALE, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor,
+                         nvfp4_dequantize, scheme_for)
 from . import awq, gptq
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, FloatScheme, check_scale, dequantize_fp8
 from .shards import Remote, Shards
@@ -142,10 +144,13 @@ class Checkpoint:
             if self.tensors.pop(base + G_IDX, None) is not None:
                 raise FlashMoeError(f"tensor {packed.source_name} has activation-ordered groups ({base}{G_IDX}); "
                                     "flashmoe does not read them yet")
+            scheme = scheme_for(schemes, packed.source_name.removesuffix(".weight" + PACKED))
+            if scheme.nvfp4:
+                self._pair_nvfp4(base, packed, scale, scheme)
+                continue
             if scale is None or shape is None:
                 raise FlashMoeError(f"tensor {packed.source_name} has no {base}{SCALE if scale is None else SHAPE} "
                                     "beside it: the checkpoint is incomplete")
-            scheme = scheme_for(schemes, packed.source_name.removesuffix(".weight" + PACKED))
             dims = tuple(int(d) for d in self._read(shape, None).tolist())
             rows, cols = dims[-2:]
             group = cols if scheme.group_size is None else scheme.group_size
@@ -161,6 +166,24 @@ class Checkpoint:
             self.packed[base] = PackedTensor(packed, scale, zero_point, scheme)
             stored = sum(t.nbytes for t in (packed, scale, zero_point) if t is not None)
             self.tensors[base] = TensorInfo(packed.file, packed.source_name, scale.dtype, dims, stored)
+
+    def _pair_nvfp4(self, base: str, packed: TensorInfo, scale: TensorInfo | None, scheme: IntScheme) -> None:
+        """An NVFP4 weight: uint8 codes [out, in / 2], its e4m3 scales [out, in / 16] and global scale; read as bf16."""
+        global_scale = self.tensors.pop(base + GLOBAL_SCALE, None)
+        if scale is None or global_scale is None:
+            missing = SCALE if scale is None else GLOBAL_SCALE
+            raise FlashMoeError(f"tensor {packed.source_name} has no {base}{missing} beside it: the checkpoint is "
+                                "incomplete")
+        dims = (*packed.shape[:-1], packed.shape[-1] * 2)
+        if (packed.dtype != "U8" or scale.dtype != "F8_E4M3" or scale.shape != (*dims[:-1], dims[-1] // 16)
+                or dims[-1] % 16 or math.prod(global_scale.shape) != 1):
+            raise FlashMoeError(f"tensor {packed.source_name} {packed.dtype}{list(packed.shape)} with scales "
+                                f"{scale.dtype}{list(scale.shape)} and global scale {list(global_scale.shape)} is not "
+                                "NVFP4 (uint8 codes, e4m3 scales per 16 inputs, one global scale): config.json's "
+                                "quantization_config does not match the file")
+        self.packed[base] = PackedTensor(packed, scale, None, scheme, global_scale)
+        stored = packed.nbytes + scale.nbytes + global_scale.nbytes
+        self.tensors[base] = TensorInfo(packed.file, packed.source_name, "BF16", dims, stored)
 
     def quant(self, name: str) -> tuple[int, int] | None:
         """(bits, group_size) of a weight whose codes import as they are, else None (float, or dequantized as read)."""
@@ -203,6 +226,8 @@ class Checkpoint:
         for name, info in list(self.tensors.items()):
             if info.dtype not in FP8_DTYPES:
                 continue
+            if name.endswith(SCALE) and name.removesuffix(SCALE) + PACKED in self.tensors:
+                continue  # an NVFP4 weight's e4m3 group scales (_pair_packed)
             if self.fp8_block is None and self.fp8_float is None:
                 raise FlashMoeError(f"tensor {info.source_name} is {info.dtype}, but config.json has no FP8 "
                                     "quantization_config (quant_method 'fp8', weight_block_size; or compressed-tensors "
@@ -254,7 +279,7 @@ class Checkpoint:
         parts = [self.tensors[name], self.fp8_scales.get(name), *self.mx.get(name, ())]
         if name in self.packed:
             p = self.packed[name]
-            parts += [p.packed, p.scale, p.zero_point]
+            parts += [p.packed, p.scale, p.zero_point, p.global_scale]
         if name in self.qweights:
             parts += list(self.qweights[name].parts)
         return {t.file for t in parts if t is not None}
@@ -268,6 +293,10 @@ class Checkpoint:
                                     torch.bfloat16).reshape(info.shape if index is None else info.shape[1:])
         if name in self.qweights:
             return self.qweights[name].dequantize(*self._qweight_parts(name, index))
+        if name in self.packed and self.packed[name].scheme.nvfp4:
+            p = self.packed[name]
+            return nvfp4_dequantize(self._read(p.packed, index), self._read(p.scale, index),
+                                    self._read(p.global_scale, None)).to(torch.bfloat16)
         if name in self.packed:
             p = self.packed[name]
             zero_point = None if p.zero_point is None else self._read(p.zero_point, index)
