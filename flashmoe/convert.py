@@ -28,6 +28,7 @@ from .errors import FlashMoeError
 from .manifest import manifest_crc32
 from .models import ResidentItem, family_of
 from .quant import SCALE_DTYPE, QuantizedTensor, blob_tensors, check_quant_params, quantize
+from .sources.bnb import bnb_scheme
 from .sources.compressed import compressed_schemes
 from .sources.fp8 import compressed_fp8, fp8_block_size, quantization_config
 from .sources.gguf import GgufCheckpoint, gguf_config, gguf_files, write_tokenizer
@@ -259,9 +260,10 @@ class Converter:
         family = family_of(self.cfg.architecture)
         self.mlx = not self.gguf and is_mlx_checkpoint(self.src, self.raw_config, self.remote)
         self.fp8_block = None if self.mlx or self.gguf else fp8_block_size(self.raw_config)
-        # compressed-tensors' FP8 (float-quantized): dequantized as read, like the block-scaled FP8 releases
+        # compressed-tensors' FP8 (float-quantized) and bitsandbytes' 4-bit: dequantized as read, like the FP8 releases
         self.fp8_float = (None if self.mlx or self.gguf
                           else compressed_fp8(self.raw_config, str(self.src / "config.json")))
+        self.bnb = None if self.mlx or self.gguf else bnb_scheme(self.raw_config, str(self.src / "config.json"))
         self.schemes = (None if self.mlx or self.gguf
                         else compressed_schemes(self.raw_config, str(self.src / "config.json")))
         method = (quantization_config(self.raw_config) or {}).get("quant_method") if not self.mlx else None
@@ -282,7 +284,7 @@ class Converter:
                                       self.remote)
         else:
             self.ckpt = Checkpoint(self.src, self.fp8_block, self.schemes, self.remote, self.mxfp4, self.qweights,
-                                   self.fp8_float)
+                                   self.fp8_float, self.bnb)
             self.ckpt.keep_fp8 = bits == "fp8" and self.fp8_block is not None
         try:
             leave_out_extra_layers(self.ckpt, self.cfg.num_hidden_layers)
@@ -622,6 +624,9 @@ class Converter:
         if self.fp8_float is not None:
             source["quantization"] = {"method": "compressed-tensors", "format": "float-quantized",
                                       **dataclasses.asdict(self.fp8_float)}
+            source["experts"] = "requantized" if self.bits else "dequantized"
+        if self.bnb is not None:
+            source["quantization"] = {"method": "bitsandbytes", **dataclasses.asdict(self.bnb)}
             source["experts"] = "requantized" if self.bits else "dequantized"
         resident = state["resident"]
         write_manifest(self.dst, self.cfg, self.bits, self.group_size, self.ckpt.info("model.embed_tokens.weight").dtype,

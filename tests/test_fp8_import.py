@@ -83,7 +83,8 @@ def _with_config(fp8_dir, tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c["quantization_config"].update(quant_method="bitsandbytes"), "bitsandbytes, which flashmoe does not convert yet"),
+    (lambda c: c["quantization_config"].update(quant_method="fbgemm_fp8"), "FBGEMM FP8, which flashmoe does not convert yet"),
+    (lambda c: c["quantization_config"].update(quant_method="hqq"), "'hqq', which flashmoe does not convert yet"),
     (lambda c: c["quantization_config"].update(quant_method="awq_marlin"), "'awq_marlin'.*does not convert yet"),
     (lambda c: c["quantization_config"].pop("weight_block_size"), "weight_block_size None.*never assumed"),
     (lambda c: c["quantization_config"].update(weight_block_size=[32, 32]), "does not match the file"),

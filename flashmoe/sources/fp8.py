@@ -21,9 +21,8 @@ FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_SUFFIX = "_scale_inv"
 # other tensors a static-activation FP8 checkpoint carries; flashmoe dequantizes weights and runs activations in float
 ACTIVATION_SUFFIXES = (".input_scale", ".activation_scale")
-READ_HERE = ("fp8", "compressed-tensors", "mxfp4", "gptq", "awq")  # the HF quant methods flashmoe converts (hf.py pairs their parts)
-KNOWN_ELSEWHERE = {"bitsandbytes": "bitsandbytes",
-                   "fbgemm_fp8": "FBGEMM FP8"}
+READ_HERE = ("fp8", "compressed-tensors", "mxfp4", "gptq", "awq", "bitsandbytes")  # the HF quant methods flashmoe converts (hf.py pairs their parts)
+KNOWN_ELSEWHERE = {"fbgemm_fp8": "FBGEMM FP8"}
 
 
 def quantization_config(raw: dict) -> dict | None:
@@ -41,8 +40,8 @@ def fp8_block_size(raw: dict) -> tuple[int, int] | None:
     if method not in READ_HERE:
         named = KNOWN_ELSEWHERE.get(method, repr(method))
         raise FlashMoeError(f"config.json's quantization_config.quant_method is {named}, which flashmoe does not convert "
-                            "yet; it converts bf16/fp16/fp32, FP8 block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, GPTQ, "
-                            "AWQ, MXFP4 and MLX checkpoints")
+                            "yet; it converts bf16/fp16/fp32, FP8 block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, "
+                            "GPTQ, AWQ, bitsandbytes 4-bit, MXFP4 and MLX checkpoints")
     if method != "fp8":
         return None
     block = q.get("weight_block_size")

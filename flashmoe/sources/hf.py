@@ -14,7 +14,7 @@ from ..quant import QuantizedTensor
 from ..store import SOURCE_DTYPES
 from .compressed import (G_IDX, GLOBAL_SCALE, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor,
                          nvfp4_dequantize, scheme_for)
-from . import awq, gptq
+from . import awq, bnb, gptq
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, FloatScheme, check_scale, dequantize_fp8
 from .shards import Remote, Shards
 
@@ -62,7 +62,8 @@ class Checkpoint:
 
     def __init__(self, folder: Path, fp8_block: tuple[int, int] | None = None, schemes: list[IntScheme] | None = None,
                  remote: Remote | None = None, mxfp4: bool = False,
-                 qweights: gptq.GptqScheme | awq.AwqScheme | None = None, fp8_float: FloatScheme | None = None):
+                 qweights: gptq.GptqScheme | awq.AwqScheme | None = None, fp8_float: FloatScheme | None = None,
+                 bnb_4bit: bnb.BnbScheme | None = None):
         self.folder, self.fp8_block, self.fp8_float = folder, fp8_block, fp8_float
         self.shards = Shards(folder, remote)
         self.tensors: dict[str, TensorInfo] = {}
@@ -73,6 +74,7 @@ class Checkpoint:
         self.packed: dict[str, PackedTensor] = {}  # compressed-tensors weight -> its parts
         self.mx: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> its blocks and scales
         self.qweights: dict[str, gptq.GptqTensor | awq.AwqTensor] = {}  # GPTQ / AWQ weight -> its parts
+        self.bnb: dict[str, bnb.BnbTensor] = {}  # bitsandbytes 4-bit weight -> its parts
         self.keep_fp8 = False  # --bits fp8: FP8 weights hand over their codes (quant, get_quantized) as they are
         for file in self.shards.files:
             self._index_file(file)
@@ -80,6 +82,7 @@ class Checkpoint:
         self._pair_packed(schemes)
         self._pair_mxfp4(mxfp4)
         self._pair_qweights(qweights)
+        self._pair_bnb(bnb_4bit)
 
     def _pair_qweights(self, scheme: gptq.GptqScheme | awq.AwqScheme | None) -> None:
         """Each GPTQ / AWQ `X.qweight` with its qzeros, scales (and GPTQ's g_idx), in any shard; it then reads as
@@ -106,6 +109,19 @@ class Checkpoint:
             stored = sum(t.nbytes for t in parts.values() if t is not None)
             self.tensors[base + ".weight"] = TensorInfo(parts["qweight"].file, parts["qweight"].source_name,
                                                         parts["scales"].dtype, shape, stored)
+
+    def _pair_bnb(self, scheme: bnb.BnbScheme | None) -> None:
+        """Each bitsandbytes 4-bit `X.weight` with its absmax, quant map, quant state (and nested ones): it then reads
+        as the float weight it stands for."""
+        states = [n for n in self.tensors if bnb.STATE in n]
+        if states and scheme is None:
+            raise FlashMoeError(f"tensor {self.tensors[states[0]].source_name} is a bitsandbytes quant state, but "
+                                "config.json has no bitsandbytes quantization_config to read it with")
+        for name in [n.split(bnb.STATE)[0] for n in states]:
+            t = bnb.pair(self.tensors, name, lambda info: self._read(info, None).numpy().tobytes(), scheme)
+            self.bnb[name] = t
+            stored = t.weight.nbytes + sum(p.nbytes for p in t.parts.values())
+            self.tensors[name] = TensorInfo(t.weight.file, t.weight.source_name, t.dtype, t.shape, stored)
 
     def _qweight_parts(self, name: str, index: int | None) -> list:
         return [None if t is None else self._read(t, index) for t in self.qweights[name].parts]
@@ -282,6 +298,8 @@ class Checkpoint:
             parts += [p.packed, p.scale, p.zero_point, p.global_scale]
         if name in self.qweights:
             parts += list(self.qweights[name].parts)
+        if name in self.bnb:
+            parts += list(self.bnb[name].parts.values())
         return {t.file for t in parts if t is not None}
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
@@ -293,6 +311,9 @@ class Checkpoint:
                                     torch.bfloat16).reshape(info.shape if index is None else info.shape[1:])
         if name in self.qweights:
             return self.qweights[name].dequantize(*self._qweight_parts(name, index))
+        if name in self.bnb:
+            t = self.bnb[name]
+            return t.dequantize(self._read(t.weight, None), {k: self._read(v, None) for k, v in t.parts.items()})
         if name in self.packed and self.packed[name].scheme.nvfp4:
             p = self.packed[name]
             return nvfp4_dequantize(self._read(p.packed, index), self._read(p.scale, index),
