@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from conftest import edited_copy, load_reference, rel_error, weights_elsewhere
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import flashmoe
 from flashmoe.convert import convert
@@ -58,6 +58,11 @@ def test_bnb_4bit_dequantizes_as_bitsandbytes_does(built, tmp_path, arch, quant_
     source = store.manifest["source"]
     assert source["quantization"] == {"method": "bitsandbytes", "quant_type": quant_type, "double_quant": double_quant}
     assert source["experts"] == "dequantized"
+    # a resident matrix is bit for bit what bitsandbytes' dequantize_4bit gives back (in the checkpoint's bf16)
+    resident = store.load_resident(torch.bfloat16)
+    reference = load_file(tmp_path / "float" / "model.safetensors")
+    o_proj = next(n for n in resident if n.endswith("self_attn.o_proj.weight"))
+    assert torch.equal(resident[o_proj], reference[next(k for k in reference if k.endswith(o_proj.removeprefix("model.")))])
     with torch.no_grad():
         expected = load_reference(tmp_path / "float", arch)(torch.tensor([PROMPT])).logits[0]
     assert rel_error(flashmoe.load(store.path).logits(PROMPT), expected) < 1e-3
