@@ -82,8 +82,8 @@ def convert(
     src: Path = typer.Argument(..., help="a Hugging Face Hub model (owner/name or hf://owner/name: downloaded "
                                          "shard by shard, nothing kept), or a checkpoint folder: Hugging Face "
                                          "safetensors (bf16/fp16/fp32, FP8 "
-                                         "block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, GPTQ, AWQ, bitsandbytes "
-                                         "4-bit), a llama.cpp "
+                                         "block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, GPTQ, AWQ, bitsandbytes), "
+                                         "a llama.cpp "
                                          ".gguf file, or "
                                          "mlx-lm's quantized ones (mlx-community/*-4bit, imported "
                                          "as they are)"),
@@ -441,7 +441,7 @@ def info(
         quant += f", {q['scale_dtype']} scales"
     source = s.manifest["source"]
     imported = {"mlx": "MLX", "gguf": "GGUF", "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4",
-                "fp8": "FP8", "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes 4-bit"}.get(
+                "fp8": "FP8", "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes"}.get(
         source.get("format") if source.get("format") in ("mlx", "gguf")
         else (source.get("quantization") or {}).get("method"))
     if imported:

@@ -1,5 +1,9 @@
-"""bitsandbytes 4-bit checkpoints (`quantization_config.quant_method == "bitsandbytes"`, load_in_4bit: the
-`-bnb-4bit` releases, NF4 or FP4, with or without double quantization), as transformers saves them.
+"""bitsandbytes checkpoints (`quantization_config.quant_method == "bitsandbytes"`: the `-bnb-4bit` releases, NF4 or
+FP4, with or without double quantization, and LLM.int8's 8-bit ones), as transformers saves them.
+
+8-bit: `X.weight` int8 [out, in] with `X.SCB` (float32 [out]: each row's absolute maximum) and `X.weight_format`
+(0: rows as they are; the GPU tile layouts are not read): w = q x SCB / 127, as bitsandbytes' int8_vectorwise_dequant
+computes it (q x SCB x 7.874015718698502e-3 in float32).
 
 A quantized Linear is `X.weight` (uint8 [n / 2, 1]: two 4-bit codes a byte, the first in the high nibble, over the
 weight flattened row by row) beside `X.weight.absmax` (one scale per `blocksize` weights), `X.weight.quant_map` (the
@@ -23,11 +27,12 @@ from .fp8 import quantization_config
 STATE = ".quant_state.bitsandbytes__"  # + nf4 / fp4
 PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+INT8_STEP = 7.874015718698502e-3  # bitsandbytes' 1 / 127, as its int8_vectorwise_dequant multiplies
 
 
 @dataclass(frozen=True)
 class BnbScheme:
-    quant_type: str  # nf4 or fp4
+    quant_type: str  # nf4, fp4 or int8 (LLM.int8)
     double_quant: bool
 
 
@@ -37,8 +42,9 @@ def bnb_scheme(raw: dict, where: str) -> BnbScheme | None:
     if q is None or q.get("quant_method") != "bitsandbytes":
         return None
     if not q.get("load_in_4bit", q.get("_load_in_4bit", False)):
-        raise FlashMoeError(f"{where}: bitsandbytes 8-bit (LLM.int8) checkpoints are not read; flashmoe reads its "
-                            "4-bit ones (NF4, FP4): convert the original release instead")
+        if not q.get("load_in_8bit", q.get("_load_in_8bit", False)):
+            raise FlashMoeError(f"{where}: a bitsandbytes quantization_config loads neither 4 nor 8 bits")
+        return BnbScheme("int8", False)
     kind = q.get("bnb_4bit_quant_type", "fp4")
     if kind not in ("nf4", "fp4"):
         raise FlashMoeError(f"{where}: bitsandbytes 4-bit quant type {kind!r} is not nf4 or fp4")
@@ -61,6 +67,9 @@ class BnbTensor:
         return DTYPES.get(self.state.get("dtype"), "BF16")
 
     def dequantize(self, packed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.state["quant_type"] == "int8":
+            w = packed * parts["SCB"].float().view(-1, 1) * INT8_STEP
+            return w.to(torch.bfloat16)
         codes = packed.reshape(-1)
         index = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
         absmax = parts["absmax"].float()
@@ -104,3 +113,22 @@ def pair(tensors: dict, name: str, read_state, scheme: BnbScheme) -> BnbTensor |
         raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} is {state.get('quant_type')}, but config.json "
                             f"says {scheme.quant_type}: the checkpoint does not match its config")
     return BnbTensor(weight, parts, state)
+
+
+def pair_int8(tensors: dict, name: str, read, scheme: BnbScheme) -> BnbTensor:
+    """The LLM.int8 weight `name` ("X.weight") with its SCB and weight_format popped from `tensors` (its base "X."
+    names them); read(info) -> the tensor."""
+    base = name.removesuffix("weight")
+    scb = tensors.pop(base + "SCB")
+    fmt = tensors.pop(name + "_format", None)
+    weight = tensors.get(name)
+    if scheme.quant_type != "int8":
+        raise FlashMoeError(f"bitsandbytes tensor {scb.source_name} is LLM.int8's, but config.json says 4-bit "
+                            f"{scheme.quant_type}: the checkpoint does not match its config")
+    if weight is None or weight.dtype != "I8" or len(weight.shape) != 2 or scb.shape != (weight.shape[0],):
+        raise FlashMoeError(f"bitsandbytes tensor {scb.source_name} {list(scb.shape)} has no int8 [rows, columns] "
+                            f"{name} of {scb.shape[0] if scb.shape else '?'} rows beside it: the checkpoint is damaged")
+    if fmt is not None and int(read(fmt)) != 0:
+        raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} is stored in a GPU tile layout "
+                            f"(weight_format {int(read(fmt))}); flashmoe reads the row layout (0) transformers saves")
+    return BnbTensor(weight, {"SCB": scb}, {"quant_type": "int8", "shape": list(weight.shape), "dtype": "bfloat16"})

@@ -41,7 +41,7 @@ def fp8_block_size(raw: dict) -> tuple[int, int] | None:
         named = KNOWN_ELSEWHERE.get(method, repr(method))
         raise FlashMoeError(f"config.json's quantization_config.quant_method is {named}, which flashmoe does not convert "
                             "yet; it converts bf16/fp16/fp32, FP8 block-scaled, compressed-tensors INT4/INT8/FP8/NVFP4, "
-                            "GPTQ, AWQ, bitsandbytes 4-bit, MXFP4 and MLX checkpoints")
+                            "GPTQ, AWQ, bitsandbytes, MXFP4 and MLX checkpoints")
     if method != "fp8":
         return None
     block = q.get("weight_block_size")

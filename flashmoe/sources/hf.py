@@ -113,12 +113,17 @@ class Checkpoint:
     def _pair_bnb(self, scheme: bnb.BnbScheme | None) -> None:
         """Each bitsandbytes 4-bit `X.weight` with its absmax, quant map, quant state (and nested ones): it then reads
         as the float weight it stands for."""
-        states = [n for n in self.tensors if bnb.STATE in n]
+        states = [n for n in self.tensors if bnb.STATE in n or n.endswith(".SCB")]
         if states and scheme is None:
             raise FlashMoeError(f"tensor {self.tensors[states[0]].source_name} is a bitsandbytes quant state, but "
                                 "config.json has no bitsandbytes quantization_config to read it with")
-        for name in [n.split(bnb.STATE)[0] for n in states]:
-            t = bnb.pair(self.tensors, name, lambda info: self._read(info, None).numpy().tobytes(), scheme)
+        for state in states:
+            if state.endswith(".SCB"):
+                name = state.removesuffix("SCB") + "weight"
+                t = bnb.pair_int8(self.tensors, name, lambda info: self._read(info, None), scheme)
+            else:
+                name = state.split(bnb.STATE)[0]
+                t = bnb.pair(self.tensors, name, lambda info: self._read(info, None).numpy().tobytes(), scheme)
             self.bnb[name] = t
             stored = t.weight.nbytes + sum(p.nbytes for p in t.parts.values())
             self.tensors[name] = TensorInfo(t.weight.file, t.weight.source_name, t.dtype, t.shape, stored)
