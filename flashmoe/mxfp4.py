@@ -25,11 +25,15 @@ def scale_values(scales: torch.Tensor) -> torch.Tensor:
     return torch.exp2(scales.float() - 127)
 
 
+def values(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols / 2] -> the e2m1 values float32 [rows, cols] (NVFP4 packs its codes the same way)."""
+    return torch.tensor(VALUES, dtype=torch.float32, device=packed.device)[codes(packed).long()]
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    c = codes(packed)
-    values = torch.tensor(VALUES, dtype=torch.float32, device=packed.device)[c.long()]
-    w = values.view(c.shape[0], -1, GROUP) * scale_values(scales).unsqueeze(-1)
-    return w.view(c.shape).to(dtype)
+    v = values(packed)
+    w = v.view(v.shape[0], -1, GROUP) * scale_values(scales).unsqueeze(-1)
+    return w.view(v.shape).to(dtype)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

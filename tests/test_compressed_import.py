@@ -32,17 +32,23 @@ LINEAR = re.compile(r".*(_proj|in_proj_\w+)\.weight$")
 IGNORED = re.compile(r".*(mlp\.gate|shared_expert_gate|lm_head)\.weight$")  # the routers stay bf16, as Kimi's do
 
 
+def quantized_linears(src, ct_dir, float_dir, out: dict, dense: dict, fits=lambda w: True):
+    """The checkpoint at src copied to ct_dir and float_dir without its weights; each tensor an export leaves as it
+    is goes into out and dense, each Linear it quantizes (that `fits` the format) is handed back, (name, weight)."""
+    for name, w in weights_elsewhere(src, ct_dir, float_dir).items():
+        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2 or not fits(w):
+            out[name] = dense[name] = w
+            continue
+        yield name, w
+
+
 def write_compressed(src, ct_dir, float_dir, groups: dict[str, QuantizationArgs]):
     """The checkpoint as llm-compressor saves it (every quantized Linear's weight_packed / weight_scale /
     weight_shape, compressed by compressed-tensors itself), and the float checkpoint its decompressor gives back."""
     schemes = {name: QuantizationScheme(targets=[EXPERTS] if name == "experts" else ["Linear"], weights=args)
                for name, args in groups.items()}
-    tensors = weights_elsewhere(src, ct_dir, float_dir)
     packed, dense = {}, {}
-    for name, w in tensors.items():
-        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2:
-            packed[name] = dense[name] = w
-            continue
+    for name, w in quantized_linears(src, ct_dir, float_dir, packed, dense):
         scheme = schemes["experts" if ".mlp.experts." in name and "experts" in schemes else "rest"]
         args = scheme.weights
         group = args.group_size or w.shape[1]
@@ -167,12 +173,8 @@ def write_fp8(src, ct_dir, float_dir, args: QuantizationArgs):
 
     tokens = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
     scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=tokens)
-    tensors = weights_elsewhere(src, ct_dir, float_dir)
     out, dense = {}, {}
-    for name, w in tensors.items():
-        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2:
-            out[name] = dense[name] = w
-            continue
+    for name, w in quantized_linears(src, ct_dir, float_dir, out, dense):
         if args.strategy == "channel":
             lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
         elif args.strategy == "tensor":
@@ -236,12 +238,8 @@ def write_nvfp4(src, ct_dir, float_dir):
 
     args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    tensors = weights_elsewhere(src, ct_dir, float_dir)
     out, dense = {}, {}
-    for name, w in tensors.items():
-        if not LINEAR.match(name) or IGNORED.match(name) or w.ndim != 2 or w.shape[1] % 16:
-            out[name] = dense[name] = w
-            continue
+    for name, w in quantized_linears(src, ct_dir, float_dir, out, dense, fits=lambda w: w.shape[1] % 16 == 0):
         global_scale = generate_gparam(w.float().amin().reshape(1), w.float().amax().reshape(1))
         g = w.float().reshape(w.shape[0], -1, 16)
         scale, _ = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=global_scale)

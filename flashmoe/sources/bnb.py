@@ -17,11 +17,13 @@ weights are dequantized as read and the experts quantized to --bits, as from a f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import FlashMoeError
+from ..store import SOURCE_DTYPES
 from .fp8 import quantization_config
 
 STATE = ".quant_state.bitsandbytes__"  # + nf4 / fp4
@@ -53,10 +55,11 @@ def bnb_scheme(raw: dict, where: str) -> BnbScheme | None:
 
 @dataclass
 class BnbTensor:
-    """One 4-bit weight's parts (TensorInfos) and its quant state."""
+    """One quantized weight's parts (TensorInfos) and its quant state."""
+    weight_name: str  # "X.weight"
     weight: object
-    parts: dict  # PARTS name -> TensorInfo (the nested two only when double-quantized)
-    state: dict  # the JSON: quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset
+    parts: dict  # PARTS name -> TensorInfo (the nested two only when double-quantized); int8: "SCB"
+    state: dict  # 4-bit, the JSON: quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,28 +72,26 @@ class BnbTensor:
     def dequantize(self, packed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.state["quant_type"] == "int8":
             w = packed * parts["SCB"].float().view(-1, 1) * INT8_STEP
-            return w.to(torch.bfloat16)
-        codes = packed.reshape(-1)
-        index = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
-        absmax = parts["absmax"].float()
-        if "nested_absmax" in parts:
-            nested = parts["nested_absmax"].float().repeat_interleave(self.state["nested_blocksize"])
-            absmax = parts["nested_quant_map"].float()[parts["absmax"].long()] * nested[: absmax.numel()]
-            absmax = absmax + self.state["nested_offset"]
-        scale = absmax.repeat_interleave(self.state["blocksize"])[: len(index)]  # the last block may be short
-        w = parts["quant_map"].float()[index] * scale
-        return w.reshape(self.shape).to({"BF16": torch.bfloat16, "F16": torch.float16}.get(self.dtype, torch.float32))
+        else:
+            codes = packed.reshape(-1)
+            index = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
+            absmax = parts["absmax"].float()
+            if "nested_absmax" in parts:
+                nested = parts["nested_absmax"].float().repeat_interleave(self.state["nested_blocksize"])
+                absmax = parts["nested_quant_map"].float()[parts["absmax"].long()] * nested[: absmax.numel()]
+                absmax = absmax + self.state["nested_offset"]
+            scale = absmax.repeat_interleave(self.state["blocksize"])[: len(index)]  # the last block may be short
+            w = parts["quant_map"].float()[index] * scale
+        return w.reshape(self.shape).to(SOURCE_DTYPES[self.dtype])
 
 
-def pair(tensors: dict, name: str, read_state, scheme: BnbScheme) -> BnbTensor | None:
-    """The 4-bit weight `name` ("X.weight") with its parts popped from `tensors`, or None when it has no quant state
-    (a float weight). read_state(info) -> the state tensor's bytes."""
-    state_info = next((tensors.pop(f"{name}{STATE}{kind}") for kind in ("nf4", "fp4")
-                       if f"{name}{STATE}{kind}" in tensors), None)
-    if state_info is None:
-        return None
+def pair(tensors: dict, state_name: str, read, scheme: BnbScheme) -> BnbTensor:
+    """The 4-bit weight whose quant state is `state_name` ("X.weight.quant_state.bitsandbytes__nf4"), with its parts
+    popped from `tensors`; read(info) -> the tensor."""
+    name = state_name.split(STATE)[0]
+    state_info = tensors.pop(state_name)
     try:
-        state = json.loads(bytes(read_state(state_info)).decode())
+        state = json.loads(read(state_info).numpy().tobytes().decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise FlashMoeError(f"tensor {state_info.source_name} is not a bitsandbytes quant state ({exc})") from None
     parts = {p: tensors.pop(f"{name}.{p}") for p in PARTS if f"{name}.{p}" in tensors}
@@ -100,11 +101,8 @@ def pair(tensors: dict, name: str, read_state, scheme: BnbScheme) -> BnbTensor |
         raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} has no {name}.{missing[0]} beside it: the "
                             "checkpoint is incomplete")
     shape, block = state.get("shape"), state.get("blocksize")
-    n = 1
-    for d in shape or []:
-        n *= d
-    if (weight.dtype != "U8" or not shape or not block or weight.shape[0] * (weight.shape[1] if len(weight.shape) > 1
-                                                                              else 1) * 2 != n
+    n = math.prod(shape or [0])
+    if (weight.dtype != "U8" or not n or not block or math.prod(weight.shape) * 2 != n
             or parts["absmax"].shape[0] != -(-n // block)):
         raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} {weight.dtype}{list(weight.shape)} with absmax "
                             f"{list(parts['absmax'].shape)} does not hold its quant state's {shape} in blocks of "
@@ -112,14 +110,14 @@ def pair(tensors: dict, name: str, read_state, scheme: BnbScheme) -> BnbTensor |
     if state.get("quant_type") != scheme.quant_type:
         raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} is {state.get('quant_type')}, but config.json "
                             f"says {scheme.quant_type}: the checkpoint does not match its config")
-    return BnbTensor(weight, parts, state)
+    return BnbTensor(name, weight, parts, state)
 
 
-def pair_int8(tensors: dict, name: str, read, scheme: BnbScheme) -> BnbTensor:
-    """The LLM.int8 weight `name` ("X.weight") with its SCB and weight_format popped from `tensors` (its base "X."
-    names them); read(info) -> the tensor."""
-    base = name.removesuffix("weight")
-    scb = tensors.pop(base + "SCB")
+def pair_int8(tensors: dict, scb_name: str, read, scheme: BnbScheme) -> BnbTensor:
+    """The LLM.int8 weight whose row scales are `scb_name` ("X.SCB"), with them and its weight_format popped from
+    `tensors`; read(info) -> the tensor."""
+    name = scb_name.removesuffix("SCB") + "weight"
+    scb = tensors.pop(scb_name)
     fmt = tensors.pop(name + "_format", None)
     weight = tensors.get(name)
     if scheme.quant_type != "int8":
@@ -131,4 +129,5 @@ def pair_int8(tensors: dict, name: str, read, scheme: BnbScheme) -> BnbTensor:
     if fmt is not None and int(read(fmt)) != 0:
         raise FlashMoeError(f"bitsandbytes tensor {weight.source_name} is stored in a GPU tile layout "
                             f"(weight_format {int(read(fmt))}); flashmoe reads the row layout (0) transformers saves")
-    return BnbTensor(weight, {"SCB": scb}, {"quant_type": "int8", "shape": list(weight.shape), "dtype": "bfloat16"})
+    return BnbTensor(name, weight, {"SCB": scb}, {"quant_type": "int8", "shape": list(weight.shape),
+                                                  "dtype": "bfloat16"})

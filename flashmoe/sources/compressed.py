@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import mxfp4
 from ..errors import FlashMoeError
 from ..quant import QuantizedTensor, unpack_codes
 from .fp8 import quantization_config
@@ -101,12 +102,9 @@ def _nvfp4_schemes(q: dict, where: str) -> list[IntScheme]:
 
 def nvfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, cols / 2], e4m3 [rows, cols / 16], fp32 [1] -> float32 [rows, cols]."""
-    from ..mxfp4 import VALUES, codes
-
-    c = codes(packed.reshape(-1, packed.shape[-1]))
-    values = torch.tensor(VALUES, dtype=torch.float32)[c.long()]
-    s = scale.float().reshape(c.shape[0], -1, 1) / global_scale.float().reshape(())
-    return (values.view(c.shape[0], -1, NVFP4_GROUP) * s).reshape(*packed.shape[:-1], -1)
+    v = mxfp4.values(packed.reshape(-1, packed.shape[-1]))
+    s = scale.float().reshape(v.shape[0], -1, 1) / global_scale.float().reshape(())
+    return (v.view(v.shape[0], -1, NVFP4_GROUP) * s).reshape(*packed.shape[:-1], -1)
 
 
 def scheme_for(schemes: list[IntScheme], module: str) -> IntScheme:
@@ -143,8 +141,10 @@ class PackedTensor:
         bias = scale * -(1 << (self.scheme.bits - 1))
         return QuantizedTensor(packed, scale.contiguous(), bias.contiguous(), self.scheme.bits, self.scheme.group_size)
 
-    def dequantize(self, words: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, cols: int
-                   ) -> torch.Tensor:
+    def dequantize(self, words: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, cols: int,
+                   global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scheme.nvfp4:  # uint8 codes, e4m3 scales: the float they stand for in bf16
+            return nvfp4_dequantize(words, scale, global_scale).to(torch.bfloat16)
         bits, rows = self.scheme.bits, words.shape[-2]
         q = unpack_words(words, bits, cols).float() - (1 << (bits - 1))
         if zero_point is not None:  # packed along the output axis, with the same offset

@@ -12,8 +12,7 @@ from ..errors import FlashMoeError
 from .. import fp8block, mxfp4
 from ..quant import QuantizedTensor
 from ..store import SOURCE_DTYPES
-from .compressed import (G_IDX, GLOBAL_SCALE, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor,
-                         nvfp4_dequantize, scheme_for)
+from .compressed import G_IDX, GLOBAL_SCALE, PACKED, SCALE, SHAPE, ZERO_POINT, IntScheme, PackedTensor, scheme_for
 from . import awq, bnb, gptq
 from .fp8 import ACTIVATION_SUFFIXES, FP8_DTYPES, SCALE_SUFFIX, FloatScheme, check_scale, dequantize_fp8
 from .shards import Remote, Shards
@@ -118,12 +117,9 @@ class Checkpoint:
             raise FlashMoeError(f"tensor {self.tensors[states[0]].source_name} is a bitsandbytes quant state, but "
                                 "config.json has no bitsandbytes quantization_config to read it with")
         for state in states:
-            if state.endswith(".SCB"):
-                name = state.removesuffix("SCB") + "weight"
-                t = bnb.pair_int8(self.tensors, name, lambda info: self._read(info, None), scheme)
-            else:
-                name = state.split(bnb.STATE)[0]
-                t = bnb.pair(self.tensors, name, lambda info: self._read(info, None).numpy().tobytes(), scheme)
+            pair = bnb.pair_int8 if state.endswith(".SCB") else bnb.pair
+            t = pair(self.tensors, state, lambda info: self._read(info, None), scheme)
+            name = t.weight_name
             self.bnb[name] = t
             stored = t.weight.nbytes + sum(p.nbytes for p in t.parts.values())
             self.tensors[name] = TensorInfo(t.weight.file, t.weight.source_name, t.dtype, t.shape, stored)
@@ -319,14 +315,12 @@ class Checkpoint:
         if name in self.bnb:
             t = self.bnb[name]
             return t.dequantize(self._read(t.weight, None), {k: self._read(v, None) for k, v in t.parts.items()})
-        if name in self.packed and self.packed[name].scheme.nvfp4:
-            p = self.packed[name]
-            return nvfp4_dequantize(self._read(p.packed, index), self._read(p.scale, index),
-                                    self._read(p.global_scale, None)).to(torch.bfloat16)
         if name in self.packed:
             p = self.packed[name]
             zero_point = None if p.zero_point is None else self._read(p.zero_point, index)
-            return p.dequantize(self._read(p.packed, index), self._read(p.scale, index), zero_point, info.shape[-1])
+            global_scale = None if p.global_scale is None else self._read(p.global_scale, None)
+            return p.dequantize(self._read(p.packed, index), self._read(p.scale, index), zero_point, info.shape[-1],
+                                global_scale)
         if name in self.fp8_scales:
             return dequantize_fp8(self._read(info, index), self._read(self.fp8_scales[name], index),
                                   self.fp8_blocks[name])

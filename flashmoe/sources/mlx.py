@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .. import mxfp4
+from .. import fp8block, mxfp4
 from ..errors import FlashMoeError
 from ..quant import SUPPORTED_BITS, QuantizedTensor, blob_tensors, dequantize, unpack_codes
 from ..store import SOURCE_DTYPES
@@ -88,8 +88,7 @@ def dequantize_any(q: QuantizedTensor, cols: int, dtype: torch.dtype = torch.flo
     """Dense [rows, cols] of a QuantizedTensor of any MLX width; odd widths a slice of rows at a time (their bit
     stream is 8 bytes a bit: a 248k-row embedding at once would take 6 GB)."""
     if q.biases is None and q.bits == 8:  # mxfp8 as the fp8 scheme: e4m3 codes, float32 scales per group
-        codes = q.packed.view(torch.float8_e4m3fn).float().reshape(*q.packed.shape[:-1], -1, q.group_size)
-        return (codes * q.scales.float().unsqueeze(-1)).reshape(*q.packed.shape).to(dtype)
+        return fp8block.dequantize(q.packed, q.scales, dtype)
     if q.biases is None:  # mxfp4
         return mxfp4.dequantize(q.packed, q.scales, dtype)
     if q.bits in REPACKED_BITS:
@@ -230,7 +229,7 @@ class MlxCheckpoint:
         biases = self._read(parts["biases"], index) if "biases" in parts else None
         packed = words.contiguous().view(torch.uint8).reshape(*words.shape[:-1], -1)
         if name in self.mxfp8:  # e8m0 exponents -> the float32 scales they stand for (2^-127 .. 2^127: exact)
-            scales = torch.ldexp(torch.ones(scales.shape, dtype=torch.float32), scales.to(torch.int32) - 127)
+            scales = mxfp4.scale_values(scales)
         return QuantizedTensor(packed, scales, biases, bits, group_size)
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
